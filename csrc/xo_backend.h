@@ -1,0 +1,110 @@
+/* The kernel table. The model graph (xo_model.c) calls only these entries, so it never
+ * knows whether it runs on the CPU or on a GPU. All activations are float32, row-major;
+ * weights are stored in whatever dtype the linear asks for. Every pointer named "device"
+ * below lives in the backend's memory. */
+#ifndef XO_BACKEND_H
+#define XO_BACKEND_H
+
+#include <stdint.h>
+
+#include "xo_status.h"
+#include "xo_tensor.h"
+
+typedef struct xo_backend xo_backend;
+
+/* A weight matrix W [out, in], applied as y = x @ W.T. */
+typedef struct {
+    int out, in;
+    xo_dtype dtype;  /* storage: F32, BF16, F16 or I8 (per-row scales) */
+    void *data;      /* device, [out, in] */
+    float *scales;   /* device, [out]; I8 only */
+} xo_linear;
+
+/* One SwiGLU FFN: gate and up stored as one [2*I, H] linear (gate rows first). */
+typedef struct {
+    xo_linear gate_up;
+    xo_linear down;
+} xo_ffn;
+
+/* Cache layout shared by the graph and the attention kernels. Per layer and batch row,
+ * `capacity` token slots; slot j of row b holds the token at sequence index j. */
+enum { XO_CACHE_LATENT = 0, XO_CACHE_KV = 1 };
+
+typedef struct {
+    int batch, new_tokens, past;   /* queries are sequence indices past .. past+new_tokens-1 */
+    int num_heads, num_kv_heads, head_dim, rank;
+    int capacity;                  /* slots per row in the cache arrays below */
+    int format;                    /* XO_CACHE_LATENT or XO_CACHE_KV */
+    const float *q;                /* [batch*new_tokens, nh*hd], rotated */
+    float *out;                    /* [batch*new_tokens, nh*hd] */
+    const float *latent;           /* LATENT: [batch, capacity, rank], normed c */
+    const xo_linear *kv_b;         /* LATENT: expands c to [K | V], [2*nkv*hd, rank] */
+    const float *k, *v;            /* KV: [batch, capacity, nkv*hd], K rotated */
+    const int32_t *key_pos;        /* [batch, capacity] position ids (LATENT: to rotate K) */
+    const uint8_t *key_mask;       /* [batch, capacity] 1 = may be attended */
+    const float *inv_freq;         /* [hd/2] */
+    float mscale;
+    float scale;                   /* 1/sqrt(hd) */
+    float denom_eps;               /* added to the softmax denominator (SPEC 4.4 ring formulation) */
+} xo_attention_args;
+
+typedef struct {
+    int tokens, hidden, num_experts, top_k;
+    const float *x;                /* [tokens, hidden] post-attention-normed input */
+    float *out;                    /* [tokens, hidden]; the routed experts' sum is ADDED here */
+    const int32_t *topk_idx;       /* [tokens, top_k] */
+    const float *topk_weight;      /* [tokens, top_k] */
+    const xo_ffn *experts;         /* [num_experts] */
+} xo_moe_args;
+
+struct xo_backend {
+    const char *name;
+    void *ctx;
+
+    /* memory */
+    void *(*alloc)(xo_backend *be, size_t bytes);             /* zero-filled; NULL on failure */
+    void (*release)(xo_backend *be, void *ptr);
+    xo_status (*upload)(xo_backend *be, void *dst, const void *host, size_t bytes);
+    xo_status (*download)(xo_backend *be, void *host, const void *src, size_t bytes);
+    xo_status (*copy)(xo_backend *be, void *dst, const void *src, size_t bytes);
+    xo_status (*synchronize)(xo_backend *be);
+
+    /* weights: rows [row_offset, row_offset+rows) of w (out, in, dtype set by the caller; storage
+     * allocated on first use) from host data [rows, in] of dtype src_t */
+    xo_status (*linear_init)(xo_backend *be, xo_linear *w, const void *host, xo_dtype src_t, int row_offset, int rows);
+    void (*linear_free)(xo_backend *be, xo_linear *w);
+    xo_status (*linear_to_host)(xo_backend *be, const xo_linear *w, float *host); /* dequantised */
+
+    /* y[m, w.out] = x[m, w.in] @ W.T */
+    xo_status (*matmul)(xo_backend *be, float *y, const float *x, const xo_linear *w, int m);
+    /* y[n, d] = w * x / sqrt(mean(x^2) + eps); x rows are x_stride apart */
+    xo_status (*rmsnorm)(xo_backend *be, float *y, const float *x, int x_stride, const float *w, int n, int d, float eps);
+    /* x[n, heads*hd] rotated in place; row i uses position pos[i] */
+    xo_status (*rope)(xo_backend *be, float *x, const int32_t *pos, int n, int heads, int hd,
+                      const float *inv_freq, float mscale);
+    /* h[n, H] = rows ids[i] of the embedding table */
+    xo_status (*embed)(xo_backend *be, float *h, const xo_linear *table, const int32_t *ids, int n);
+    /* y[n, d] += x[n, d] */
+    xo_status (*add)(xo_backend *be, float *y, const float *x, size_t n);
+    /* y[n, I] = silu(gu[:, :I]) * gu[:, I:] */
+    xo_status (*swiglu)(xo_backend *be, float *y, const float *gu, int n, int inter);
+    /* router: softmax over logits[n, E], top-k (ties: lower index), renormalised by sum + 1e-5 */
+    xo_status (*moe_route)(xo_backend *be, int32_t *idx, float *weight, const float *logits, int n, int experts, int k);
+    /* routed experts, each run once on the tokens routed to it */
+    xo_status (*moe_experts)(xo_backend *be, const xo_moe_args *a);
+    /* causal attention over the cache, chunked with an online softmax */
+    xo_status (*attention)(xo_backend *be, const xo_attention_args *a);
+    /* cache slots [row, start .. start+n) of a [batch, capacity, width] array <- src [n, width] */
+    xo_status (*cache_write)(xo_backend *be, float *cache, int capacity, int width, int row, int start,
+                             const float *src, int n, int src_stride);
+
+    void (*destroy)(xo_backend *be);
+};
+
+/* The CPU backend (oneDNN + OpenMP). */
+xo_status xo_cpu_backend_create(xo_backend **out);
+/* The CUDA backend, loaded from the plugin library (set by the binding) on first use. */
+xo_status xo_cuda_backend_create(xo_backend **out, int device);
+void xo_cuda_set_plugin_path(const char *path);
+
+#endif

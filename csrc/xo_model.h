@@ -1,0 +1,48 @@
+/* The model: config, weights and backend, and the forward pass of SPEC sections 3-6. */
+#ifndef XO_MODEL_H
+#define XO_MODEL_H
+
+#include <pthread.h>
+
+#include "xo_backend.h"
+#include "xo_cache.h"
+#include "xo_config.h"
+#include "xo_weights.h"
+
+typedef struct {
+    xo_config cfg;
+    xo_backend *be;          /* owned */
+    xo_weights w;
+    xo_dtype weight_dtype;
+    float *inv_freq;         /* device [hd/2], YaRN frequencies (SPEC section 5) */
+    float mscale;
+    pthread_mutex_t lock;    /* one call at a time: scratch and caches are not shared */
+} xo_model;
+
+/* Creates an empty model on a backend (takes ownership of be). Weights are filled by
+ * xo_model_load or xo_model_init_random. */
+xo_status xo_model_create(xo_model **out, const xo_config *cfg, xo_backend *be, xo_dtype weight_dtype);
+xo_status xo_model_load(xo_model *m, const xo_tensor_view *tensors, int n, const char *prefix);
+xo_status xo_model_init_random(xo_model *m, uint64_t seed);
+void xo_model_free(xo_model *m);
+
+typedef struct {
+    int batch, tokens;
+    const int32_t *ids;        /* host [batch, tokens]; or NULL with embeds */
+    const float *embeds;       /* host [batch, tokens, H] used instead of embed[ids], or NULL */
+    const int32_t *positions;  /* host [batch, tokens], or NULL for the defaults of SPEC section 7 */
+    const uint8_t *mask;       /* host [batch, mask_len] of 1/0, or NULL (all ones) */
+    int mask_len;              /* tokens, or cache length + tokens */
+    xo_cache *cache;           /* continued and extended; NULL: nothing kept */
+    float *logits;             /* host [batch, tokens, V] ([batch, V] with last_only), or NULL */
+    int last_only;
+    float *hidden;             /* host [L+1, batch, tokens, H], or NULL */
+} xo_forward_args;
+
+/* Runs the decoder on `tokens` new tokens per row. Caller holds m->lock. */
+xo_status xo_model_forward(xo_model *m, const xo_forward_args *a);
+
+/* Shifted cross-entropy of SPEC section 6 on host logits [b, t, V]. */
+xo_status xo_cross_entropy(const float *logits, const int64_t *labels, int b, int t, int V, double *loss);
+
+#endif

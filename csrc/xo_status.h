@@ -1,0 +1,28 @@
+/* Status codes and the per-thread error message every C entry point leaves behind. */
+#ifndef XO_STATUS_H
+#define XO_STATUS_H
+
+typedef enum {
+    XO_OK = 0,
+    XO_EINVAL,       /* bad argument or config value          -> ValueError   */
+    XO_EFORMAT,      /* corrupt or mismatched checkpoint       -> ValueError   */
+    XO_ENOMEM,       /* allocation failed                      -> MemoryError  */
+    XO_EIO,          /* file could not be opened or mapped     -> OSError      */
+    XO_EUNSUPPORTED, /* valid request this build cannot serve  -> RuntimeError */
+    XO_EDEVICE,      /* accelerator runtime failure            -> RuntimeError */
+} xo_status;
+
+/* Records a printf-style message for the calling thread and returns `code`. */
+xo_status xo_fail(xo_status code, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* The message of the last failure on this thread ("" if none). */
+const char *xo_last_error(void);
+
+#define XO_TRY(expr)                       \
+    do {                                   \
+        xo_status xo_try_s_ = (expr);      \
+        if (xo_try_s_ != XO_OK) return xo_try_s_; \
+    } while (0)
+
+#endif

@@ -1,0 +1,158 @@
+"""Build for xoron: the C extension `xoron._C` and, where nvcc exists, the CUDA plugin.
+
+oneDNN is found, in order, from
+  1. XORON_ONEDNN_ROOT (a directory holding include/oneapi/dnnl/dnnl.h and lib/libdnnl.so*),
+  2. the `onednn-devel-cpu-gomp` / `onednn-cpu-gomp` wheels in the build environment
+     (pyproject.toml asks for them, so a plain `pip install .` finds them).
+There is no fallback: without oneDNN the build stops and says how to fix it.
+
+Instruction sets: the extension is built for baseline x86-64; the hot kernels carry
+AVX2/FMA (and AVX-512) clones picked at run time, and oneDNN dispatches on its own.
+XORON_NATIVE=1 opts in to -march=native for a build that only runs on this CPU.
+
+CUDA: XORON_CUDA=1 forces the plugin on (the build fails without nvcc), XORON_CUDA=0 off;
+by default it is built when nvcc is found. It is a separate shared library
+(xoron/_xoron_cuda.so) that `_C` loads only when a CUDA device is asked for, so the
+CPU engine imports and runs on machines without CUDA.
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class BuildError(SystemExit):
+    pass
+
+
+def _dist_file(dist_name, suffix):
+    """Absolute path of the first file of an installed distribution ending in `suffix`."""
+    try:
+        from importlib import metadata
+        dist = metadata.distribution(dist_name)
+    except Exception:
+        return None
+    for f in dist.files or []:
+        if str(f).replace("\\", "/").endswith(suffix):
+            p = os.path.abspath(str(dist.locate_file(f)))
+            if os.path.exists(p):
+                return p
+    return None
+
+
+def find_onednn():
+    """Returns (include_dir, lib_dir)."""
+    root = os.environ.get("XORON_ONEDNN_ROOT")
+    if root:
+        inc = os.path.join(root, "include")
+        libs = glob.glob(os.path.join(root, "lib*", "libdnnl.so*"))
+        if not os.path.exists(os.path.join(inc, "oneapi", "dnnl", "dnnl.h")) or not libs:
+            raise BuildError(
+                f"xoron: XORON_ONEDNN_ROOT={root} holds no include/oneapi/dnnl/dnnl.h "
+                "and lib/libdnnl.so; point it at a oneDNN install root.")
+        return inc, os.path.dirname(sorted(libs)[0])
+    header = _dist_file("onednn-devel-cpu-gomp", "include/oneapi/dnnl/dnnl.h")
+    lib = _dist_file("onednn-cpu-gomp", "libdnnl.so") or _dist_file("onednn-cpu-gomp", "libdnnl.so.3")
+    if header and lib:
+        return os.path.dirname(os.path.dirname(os.path.dirname(header))), os.path.dirname(lib)
+    raise BuildError(
+        "xoron: oneDNN was not found. Install with `pip install .` (which fetches the "
+        "onednn-devel-cpu-gomp wheel as a build requirement), or `pip install "
+        "onednn-devel-cpu-gomp==2023.2.0` and build with --no-build-isolation, or set "
+        "XORON_ONEDNN_ROOT to a oneDNN install root.")
+
+
+def find_nvcc():
+    mode = os.environ.get("XORON_CUDA", "auto").lower()
+    if mode in ("0", "off", "no", "false"):
+        return None
+    cands = [shutil.which("nvcc")]
+    for env in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(env):
+            cands.insert(0, os.path.join(os.environ[env], "bin", "nvcc"))
+    cands.append("/usr/local/cuda/bin/nvcc")
+    nvcc = next((c for c in cands if c and os.path.exists(c)), None)
+    if nvcc is None and mode in ("1", "on", "yes", "true"):
+        raise BuildError("xoron: XORON_CUDA=1 but nvcc was not found (set CUDA_HOME).")
+    return nvcc
+
+
+class XoronBuildExt(build_ext):
+    def build_extensions(self):
+        super().build_extensions()
+        cu_sources = sorted(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
+        nvcc = find_nvcc() if cu_sources else None
+        if nvcc:
+            self._build_cuda_plugin(nvcc, cu_sources)
+
+    def _build_cuda_plugin(self, nvcc, sources):
+        ext_path = self.get_ext_fullpath("xoron._C")
+        out = os.path.join(os.path.dirname(ext_path), "_xoron_cuda.so")
+        tmp = os.path.join(self.build_temp, "cuda")
+        os.makedirs(tmp, exist_ok=True)
+        cuda_root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        archs = os.environ.get("XORON_CUDA_ARCHS", "80;90").split(";")
+        gencode = []
+        for a in archs:
+            gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+        objs = []
+        jobs = []
+        for src in sources:
+            obj = os.path.join(tmp, os.path.basename(src) + ".o")
+            cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
+                   "--expt-relaxed-constexpr", "-I", os.path.join(HERE, "csrc")] + gencode
+            jobs.append(subprocess.Popen(cmd))
+            objs.append(obj)
+        if any(j.wait() != 0 for j in jobs):
+            raise BuildError("xoron: compiling the CUDA plugin failed (see nvcc's output above). "
+                             "Set XORON_CUDA=0 to build the CPU engine alone.")
+        libdirs = [os.path.join(cuda_root, d) for d in ("lib64", "lib", "targets/x86_64-linux/lib")]
+        libdirs = [d for d in libdirs if os.path.isdir(d)]
+        cmd = [nvcc, "-shared", "-o", out] + objs + [f"-L{d}" for d in libdirs] + \
+              ["-lcublasLt", "-lcublas", "-lcudart"] + gencode + \
+              [f"-Xlinker=-rpath,{d}" for d in libdirs]
+        if subprocess.call(cmd) != 0:
+            raise BuildError("xoron: linking the CUDA plugin failed.")
+
+
+def make_extension():
+    import numpy
+    dnnl_inc, dnnl_lib = find_onednn()
+    sources = sorted(glob.glob(os.path.join("csrc", "*.c")))
+    cflags = ["-std=c11", "-O3", "-fopenmp", "-Wall", "-Wextra", "-fno-math-errno",
+              "-fvisibility=hidden", "-D_GNU_SOURCE"]
+    if os.environ.get("XORON_NATIVE") == "1":
+        cflags.append("-march=native")
+    if os.environ.get("XORON_SANITIZE") == "1":
+        cflags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1", "-g"]
+    ldflags = ["-fopenmp", "-ldl",
+               # lib/pythonX.Y/site-packages/xoron/_C.so -> lib/, where the oneDNN wheel
+               # puts libdnnl.so.3; plus the build-time location for in-place builds.
+               "-Wl,-rpath,$ORIGIN/../../..", f"-Wl,-rpath,{dnnl_lib}"]
+    if os.environ.get("XORON_SANITIZE") == "1":
+        ldflags.append("-fsanitize=address,undefined")
+    return Extension(
+        "xoron._C",
+        sources=sources,
+        include_dirs=["csrc", dnnl_inc, numpy.get_include()],
+        library_dirs=[dnnl_lib],
+        libraries=["dnnl"],
+        extra_compile_args=cflags,
+        extra_link_args=ldflags,
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    )
+
+
+try:
+    ext = make_extension()
+except BuildError as e:
+    sys.stderr.write(str(e) + "\n")
+    raise
+
+setup(ext_modules=[ext], cmdclass={"build_ext": XoronBuildExt})

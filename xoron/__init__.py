@@ -1,0 +1,52 @@
+"""xoron: a fast C/CUDA inference engine for the Xoron MoE-LLaMA language model."""
+import ctypes as _ctypes
+import glob as _glob
+import os as _os
+import sys as _sys
+
+
+def _preload_onednn():
+    """Make libdnnl.so.3 (installed by the onednn-cpu-gomp wheel under <prefix>/lib) loadable
+    even where the extension's rpath does not reach it (user installs, odd layouts)."""
+    import site
+    roots = [_sys.prefix, _sys.exec_prefix, getattr(site, "USER_BASE", None), _os.environ.get("XORON_ONEDNN_ROOT")]
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    roots.append(_os.path.abspath(_os.path.join(here, "..", "..", "..", "..")))
+    for root in roots:
+        if not root:
+            continue
+        for lib in sorted(_glob.glob(_os.path.join(root, "lib*", "libdnnl.so.3*"))):
+            try:
+                _ctypes.CDLL(lib, mode=_ctypes.RTLD_GLOBAL)
+                return
+            except OSError:
+                continue
+
+
+try:
+    from . import _C
+except ImportError as _e:  # libdnnl not found through rpath: look for it and retry once
+    if "libdnnl" not in str(_e):
+        raise
+    _preload_onednn()
+    from . import _C
+
+_cuda_plugin = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "_xoron_cuda.so")
+_C.set_cuda_plugin(_cuda_plugin)
+
+from .config import LlamaConfig  # noqa: E402
+from .modeling import CausalLMOutput, KVCache, MoELlamaForCausalLM  # noqa: E402
+
+__all__ = ["MoELlamaForCausalLM", "LlamaConfig", "CausalLMOutput", "KVCache", "load_tokenizer", "cuda_available"]
+__version__ = "0.1.0"
+
+
+def load_tokenizer(path):
+    """Reads a HuggingFace tokenizer.json (byte-level BPE) without extra dependencies."""
+    from .tokenizer import load_tokenizer as _load
+    return _load(path)
+
+
+def cuda_available() -> bool:
+    """True when this build has the CUDA plugin (a GPU is still needed to use it)."""
+    return _os.path.exists(_cuda_plugin)

@@ -1,0 +1,144 @@
+"""Model configuration: reading it the way the original module did (SPEC section 1)."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+# SPEC section 1 defaults.
+DEFAULTS = {
+    "vocab_size": 151643,
+    "hidden_size": 1024,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 16,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+    "use_ring_attention": True,
+    "ring_attention_chunk_size": 4096,
+    "kv_lora_rank": 512,
+    "q_lora_rank": 0,
+    "pad_token_id": None,
+    "bos_token_id": None,
+    "eos_token_id": None,
+}
+MOE_DEFAULTS = {"use_moe": False, "num_experts": 8, "num_experts_per_tok": 2, "moe_layer_freq": 2}
+MOE_FIELDS = ("use_moe", "num_experts", "num_experts_per_tok", "moe_layer_freq", "intermediate_size")
+
+# Xoron-Dev multimodal config.json names -> ours.
+XORON_DEV_RENAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads"}
+XORON_DEV_MOE = ("use_moe", "num_experts", "num_experts_per_tok", "moe_layer_freq")
+
+
+class LlamaConfig:
+    """The Xoron MoE-LLaMA configuration, with the field names of `transformers.LlamaConfig`.
+
+    Fields left out take the SPEC section 1 defaults (num_key_value_heads = num_attention_heads).
+    `moe_config` is a dict with use_moe, num_experts, num_experts_per_tok, moe_layer_freq and
+    intermediate_size.
+    """
+
+    def __init__(self, **kwargs):
+        values = dict(DEFAULTS)
+        values.update(kwargs)
+        if "num_key_value_heads" not in kwargs or kwargs["num_key_value_heads"] is None:
+            values["num_key_value_heads"] = values["num_attention_heads"]
+        values.setdefault("moe_config", None)
+        for k, v in values.items():
+            setattr(self, k, v)
+
+    def to_dict(self) -> dict:
+        d = {k: copy.deepcopy(v) for k, v in vars(self).items() if not k.startswith("_")}
+        return d
+
+    def __repr__(self):
+        return "LlamaConfig(" + ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items()) + ")"
+
+    def __eq__(self, other):
+        return isinstance(other, LlamaConfig) and self.to_dict() == other.to_dict()
+
+
+def resolve_config(config, moe_config=None, overrides=None) -> LlamaConfig:
+    """Reads a transformers/xoron LlamaConfig, any object with those attributes, or a dict
+    (config.json style, optionally in the Xoron-Dev layout) into a LlamaConfig."""
+    if config is None:
+        config = {}
+    if isinstance(config, LlamaConfig):
+        src = config.to_dict()
+        values = {k: src.get(k, v) for k, v in DEFAULTS.items()}
+        values["num_key_value_heads"] = src.get("num_key_value_heads", values["num_attention_heads"])
+        moe_src = src.get("moe_config")
+    elif isinstance(config, dict):
+        d = dict(config)
+        xoron_dev = "num_layers" in d and "num_hidden_layers" not in d
+        for old, new in XORON_DEV_RENAMES.items():
+            if old in d and new not in d:
+                d[new] = d.pop(old)
+        values = {k: d.get(k, v) for k, v in DEFAULTS.items()}
+        if xoron_dev:
+            values["num_key_value_heads"] = values["num_attention_heads"]
+            moe_src = {k: d[k] for k in XORON_DEV_MOE if k in d}
+            moe_src.setdefault("use_moe", False)
+            moe_src["intermediate_size"] = values["intermediate_size"]
+        else:
+            values["num_key_value_heads"] = d.get("num_key_value_heads", values["num_attention_heads"])
+            moe_src = d.get("moe_config")
+    else:  # a config object: getattr with the original's defaults
+        values = {k: getattr(config, k, v) for k, v in DEFAULTS.items()}
+        values["num_key_value_heads"] = getattr(config, "num_key_value_heads", None)
+        if values["num_key_value_heads"] is None:
+            values["num_key_value_heads"] = values["num_attention_heads"] // 4
+        values["rope_theta"] = getattr(config, "rope_theta", 500000.0)
+        moe_src = getattr(config, "moe_config", None)
+    if moe_config is not None:
+        moe_src = moe_config
+    if moe_src is None:
+        moe = dict(MOE_DEFAULTS, intermediate_size=values["intermediate_size"])
+    else:
+        if not isinstance(moe_src, dict):
+            moe_src = {k: getattr(moe_src, k) for k in MOE_FIELDS if hasattr(moe_src, k)}
+        moe = {k: moe_src.get(k, v) for k, v in MOE_DEFAULTS.items()}
+        moe["intermediate_size"] = moe_src.get("intermediate_size", values["intermediate_size"])
+    for k, v in (overrides or {}).items():
+        if k in MOE_FIELDS and k != "intermediate_size":
+            moe[k] = v
+        elif k == "moe_config":
+            moe.update(v)
+        elif k == "moe_intermediate_size":
+            moe["intermediate_size"] = v
+        elif k in values or k == "num_key_value_heads":
+            values[k] = v
+        else:
+            raise ValueError(f"unknown config field '{k}'")
+    values["moe_config"] = moe
+    return LlamaConfig(**values)
+
+
+def engine_dict(cfg: LlamaConfig) -> dict:
+    """The flat dict the C engine reads (xoron._C.Model)."""
+    moe = cfg.moe_config or {}
+    d = {k: getattr(cfg, k) for k in DEFAULTS if k not in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    d["num_key_value_heads"] = cfg.num_key_value_heads
+    d["use_moe"] = bool(moe.get("use_moe", False))
+    d["num_experts"] = moe.get("num_experts", 8)
+    d["num_experts_per_tok"] = moe.get("num_experts_per_tok", 2)
+    d["moe_layer_freq"] = moe.get("moe_layer_freq", 2)
+    d["moe_intermediate_size"] = moe.get("intermediate_size", cfg.intermediate_size)
+    return d
+
+
+def read_config_json(path: str) -> dict:
+    with open(path, "r", encoding="utf-8") as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return d
+
+
+def is_checkpoint_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json"))

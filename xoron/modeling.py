@@ -1,0 +1,376 @@
+"""MoELlamaForCausalLM: the drop-in replacement for the original PyTorch module.
+
+Everything here is argument handling; the compute happens in xoron._C.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from . import _C
+from ._safetensors_io import save_file
+from ._tensors import ids_array, int_array, output, scalar, to_numpy
+from .config import LlamaConfig, engine_dict, read_config_json, resolve_config
+
+DTYPES = ("float32", "bfloat16", "float16", "int8")
+CACHE_FORMATS = {"latent": 0, "kv": 1}
+
+
+@dataclass
+class CausalLMOutput:
+    loss: Any = None
+    logits: Any = None
+    past_key_values: Any = None
+    hidden_states: Any = None
+    aux_loss: Any = None
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def to_tuple(self):
+        return tuple(v for v in (self.loss, self.logits, self.past_key_values, self.hidden_states, self.aux_loss)
+                     if v is not None)
+
+
+class KVCache:
+    """The attention cache returned as `past_key_values`. By default it holds the compressed
+    latent (kv_lora_rank values per token per layer); `cache_format="kv"` holds K and V."""
+
+    def __init__(self, c_cache, model):
+        self._c = c_cache
+        self._model = model
+
+    @property
+    def length(self) -> int:
+        return self._c.length
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._c.length
+
+    def __len__(self):
+        return self._c.length
+
+    @property
+    def batch_size(self) -> int:
+        return self._c.batch_size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of cached state held for the stored tokens (all rows, all layers)."""
+        return self._c.nbytes
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self._c.bytes_per_token
+
+    @property
+    def format(self) -> str:
+        return self._c.format
+
+    def attention_mask(self) -> np.ndarray:
+        return self._c.attention_mask()
+
+    def __repr__(self):
+        return f"KVCache(format={self.format!r}, batch={self.batch_size}, length={self.length}, nbytes={self.nbytes})"
+
+
+def _parse_device(device) -> str:
+    d = str(device) if device is not None else "cpu"
+    if d == "cuda:0":
+        return "cuda:0"
+    return d
+
+
+class MoELlamaForCausalLM:
+    """Xoron MoE-LLaMA causal language model, computed by the xoron C engine.
+
+    MoELlamaForCausalLM(config, moe_config=None, *, dtype="float32", device="cpu", seed=None)
+
+    `config` may be a transformers.LlamaConfig, a xoron.LlamaConfig, any object with those
+    attributes, or a dict (config.json style). Weights are initialised like the original
+    (normal, std 0.02; norms 1), reproducibly when `seed` is given.
+    """
+
+    def __init__(self, config=None, moe_config=None, *, dtype="float32", device="cpu", seed=None,
+                 cache_format="latent", _init=True):
+        self.config: LlamaConfig = resolve_config(config, moe_config)
+        self._set_engine(dtype, device)
+        if cache_format not in CACHE_FORMATS:
+            raise ValueError(f"cache_format must be one of {sorted(CACHE_FORMATS)}, got {cache_format!r}")
+        self.cache_format = cache_format
+        self.training = False
+        if _init:
+            if seed is None:
+                seed = secrets.randbits(63)
+            self._engine.init_random(int(seed) & ((1 << 64) - 1))
+
+    def _set_engine(self, dtype, device):
+        dtype = _dtype_name(dtype)
+        device = _parse_device(device)
+        self._engine = _C.Model(engine_dict(self.config), dtype, device)
+        self._dtype = dtype
+
+    # ---- construction from files ----
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype="float32", device="cpu", cache_format="latent", **config_overrides):
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise ValueError(f"{path!r} is not a checkpoint directory")
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.exists(cfg_path):
+            raise ValueError(f"{path!r} is not a checkpoint: it has no config.json")
+        files = _weight_files(path)
+        raw = read_config_json(cfg_path)
+        config = resolve_config(raw, None, config_overrides)
+        prefix = _tensor_prefix(files[0])
+        model = cls(config, dtype=dtype, device=device, cache_format=cache_format, _init=False)
+        model._engine.load_safetensors(files, prefix)
+        return model
+
+    def save_pretrained(self, path, *, dtype: Optional[str] = None) -> None:
+        """Writes config.json (every field) and model.safetensors (float32, or `dtype`)."""
+        path = os.fspath(path)
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(self.config.to_dict(), f, indent=2)
+        sd = self._engine.state_dict()
+        if dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"save_pretrained dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        if dtype == "float16":
+            sd = {k: v.astype(np.float16) for k, v in sd.items()}
+        save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"}, bfloat16=dtype == "bfloat16")
+
+    def state_dict(self) -> dict:
+        """{SPEC name: float32 numpy array} (a copy)."""
+        return self._engine.state_dict()
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        """Loads numpy arrays or torch tensors named as in SPEC section 2. Returns
+        (missing_keys, unexpected_keys) like torch."""
+        expected = {name for name, _ in self._engine.tensor_shapes()}
+        given = set(state_dict)
+        missing = sorted(expected - given)
+        unexpected = sorted(given - expected)
+        if strict and (missing or unexpected):
+            raise ValueError(f"load_state_dict: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                             f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        arrays = {}
+        current = self._engine.state_dict() if missing else {}
+        for name in expected:
+            if name in state_dict:
+                a, _ = to_numpy(state_dict[name], name)
+                if not np.issubdtype(a.dtype, np.floating):
+                    raise ValueError(f"state_dict entry '{name}' has dtype {a.dtype}; expected floating point")
+                arrays[name] = a if a.dtype == np.float16 else np.ascontiguousarray(a, dtype=np.float32)
+            else:
+                arrays[name] = current[name]
+        self._engine.load_arrays(arrays)
+        return _IncompatibleKeys(missing, unexpected)
+
+    # ---- introspection and compatibility ----
+
+    @property
+    def dtype(self) -> str:
+        return self._dtype
+
+    @property
+    def device(self) -> str:
+        return self._engine.device
+
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        return int(sum(int(np.prod(shape)) for _, shape in self._engine.tensor_shapes()))
+
+    def eval(self):
+        self.training = False
+        return self
+
+    def train(self, mode: bool = True):
+        self.training = bool(mode)  # inference engine: no dropout, nothing changes
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True):
+        return self
+
+    def parameters(self):
+        return iter(self.state_dict().values())
+
+    def to(self, device=None, dtype=None):
+        """Moves/casts the weights (re-creating the engine). Returns self, like torch."""
+        if isinstance(device, str) and device in DTYPES or (device is not None and _is_dtype_like(device)):
+            device, dtype = None, device
+        new_device = _parse_device(device) if device is not None else self.device
+        new_dtype = _dtype_name(dtype) if dtype is not None else self._dtype
+        if new_device == self.device and new_dtype == self._dtype:
+            return self
+        sd = self._engine.state_dict()
+        engine = _C.Model(engine_dict(self.config), new_dtype, new_device)
+        engine.load_arrays(sd)
+        self._engine, self._dtype = engine, new_dtype
+        return self
+
+    def float(self):
+        return self.to(dtype="float32")
+
+    def bfloat16(self):
+        return self.to(dtype="bfloat16")
+
+    def half(self):
+        return self.to(dtype="float16")
+
+    def cpu(self):
+        return self.to(device="cpu")
+
+    def cuda(self, index: int = 0):
+        return self.to(device=f"cuda:{index}")
+
+    def __repr__(self):
+        c = self.config
+        return (f"MoELlamaForCausalLM(layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
+                f"experts={c.moe_config.get('num_experts') if c.moe_config.get('use_moe') else 0}, "
+                f"params={self.num_parameters():,}, dtype={self.dtype}, device={self.device})")
+
+    # ---- forward ----
+
+    def new_cache(self, batch_size: int, cache_format: Optional[str] = None) -> KVCache:
+        fmt = cache_format or self.cache_format
+        if fmt not in CACHE_FORMATS:
+            raise ValueError(f"cache_format must be one of {sorted(CACHE_FORMATS)}, got {fmt!r}")
+        return KVCache(self._engine.new_cache(int(batch_size), CACHE_FORMATS[fmt]), self)
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, past_key_values=None,
+                use_cache=False, output_hidden_states=False, return_dict=True, inputs_embeds=None, **unused):
+        torch_dev = None
+        if input_ids is not None and inputs_embeds is not None:
+            raise ValueError("give input_ids or inputs_embeds, not both")
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("input_ids is required")
+        if inputs_embeds is not None:
+            emb, torch_dev = to_numpy(inputs_embeds, "inputs_embeds")
+            if emb.ndim != 3:
+                raise ValueError(f"inputs_embeds must be 3-D [batch, tokens, hidden], got shape {list(emb.shape)}")
+            if emb.shape[0] == 0 or emb.shape[1] == 0:
+                raise ValueError("inputs_embeds is empty")
+            tokens = np.ascontiguousarray(emb, dtype=np.float32)
+            b, t = emb.shape[:2]
+        else:
+            _, torch_dev = to_numpy(input_ids, "input_ids") if not isinstance(input_ids, (list, tuple)) else (None, None)
+            tokens = ids_array(input_ids)
+            b, t = tokens.shape
+        cache = None
+        if past_key_values is not None:
+            if not isinstance(past_key_values, KVCache) or past_key_values._model is not self:
+                raise ValueError("past_key_values must be a cache returned by this model with use_cache=True")
+            cache = past_key_values
+        elif use_cache:
+            cache = self.new_cache(b)
+        past = cache.length if cache is not None else 0
+
+        pos = None
+        if position_ids is not None:
+            pos = int_array(position_ids, "position_ids")
+            if pos.shape[0] == 1 and b > 1:
+                pos = np.broadcast_to(pos, (b, pos.shape[1]))
+            if pos.shape != (b, t):
+                raise ValueError(f"position_ids has shape {list(pos.shape)}; expected {[b, t]} like input_ids")
+            pos = np.ascontiguousarray(pos, dtype=np.int32)
+        mask = None
+        if attention_mask is not None:
+            mask = int_array(attention_mask, "attention_mask")
+            if mask.shape[0] != b or mask.shape[1] not in (t, past + t):
+                want = [b, t] if past == 0 else f"[{b}, {t}] or [{b}, {past + t}]"
+                raise ValueError(f"attention_mask has shape {list(mask.shape)}; expected {want}")
+            if mask.size and (mask.min() < 0 or mask.max() > 1):
+                raise ValueError("attention_mask must hold only 0 and 1")
+            mask = np.ascontiguousarray(mask, dtype=np.uint8)
+        lab = None
+        if labels is not None:
+            lab = int_array(labels, "labels")
+            if lab.shape != (b, t):
+                raise ValueError(f"labels has shape {list(lab.shape)}; expected {[b, t]} like input_ids")
+            lab = np.ascontiguousarray(lab, dtype=np.int64)
+
+        logits, hidden = self._engine.forward(tokens, pos, mask, cache._c if cache is not None else None,
+                                              True, False, bool(output_hidden_states))
+        loss = None
+        if lab is not None:
+            loss = scalar(_C.cross_entropy(logits, lab), torch_dev)
+        hs = None
+        if hidden is not None:
+            hs = tuple(output(h, torch_dev) for h in hidden)
+        out = CausalLMOutput(loss=loss, logits=output(logits, torch_dev),
+                             past_key_values=cache if use_cache or past_key_values is not None else None,
+                             hidden_states=hs, aux_loss=scalar(0.0, torch_dev))
+        return out if return_dict else out.to_tuple()
+
+
+class _IncompatibleKeys:
+    def __init__(self, missing, unexpected):
+        self.missing_keys = missing
+        self.unexpected_keys = unexpected
+
+    def __iter__(self):
+        return iter((self.missing_keys, self.unexpected_keys))
+
+    def __repr__(self):
+        return f"<All keys matched successfully>" if not (self.missing_keys or self.unexpected_keys) else \
+            f"_IncompatibleKeys(missing_keys={self.missing_keys}, unexpected_keys={self.unexpected_keys})"
+
+
+def _is_dtype_like(x) -> bool:
+    return type(x).__module__.split(".")[0] in ("torch", "numpy") and "dtype" in type(x).__name__.lower() \
+        or isinstance(x, type) and issubclass(x, np.generic)
+
+
+def _dtype_name(dtype) -> str:
+    if dtype is None:
+        return "float32"
+    s = str(dtype)
+    s = s.replace("torch.", "")
+    aliases = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "half": "float16", "fp16": "float16",
+               "<class 'numpy.float32'>": "float32", "<class 'numpy.float16'>": "float16"}
+    s = aliases.get(s, s)
+    if s not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
+    return s
+
+
+def _weight_files(path: str) -> list:
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(single):
+        return [single]
+    if os.path.exists(index):
+        idx = read_config_json(index)
+        wm = idx.get("weight_map")
+        if not isinstance(wm, dict) or not wm:
+            raise ValueError(f"{index}: no weight_map")
+        files = []
+        for f in wm.values():
+            full = os.path.join(path, f)
+            if full not in files:
+                if not os.path.exists(full):
+                    raise ValueError(f"{index} names {f!r}, which does not exist")
+                files.append(full)
+        return files
+    raise ValueError(f"{path!r} is not a checkpoint: it has no model.safetensors or model.safetensors.index.json")
+
+
+def _tensor_prefix(first_file: str) -> str:
+    """'llm.' for Xoron-Dev multimodal checkpoints, '' otherwise."""
+    names = [n for n, _, _ in _C.read_safetensors_header(first_file)]
+    if any(n.startswith("model.") or n == "lm_head.weight" for n in names):
+        return ""
+    if any(n.startswith("llm.model.") for n in names):
+        return "llm."
+    return ""
