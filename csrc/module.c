@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "xo_cache.h"
+#include "xo_generate.h"
 #include "xo_model.h"
 #include "xo_safetensors.h"
 
@@ -405,6 +406,102 @@ exit:
     return result;
 }
 
+
+/* ---- generate ---- */
+
+typedef struct {
+    PyObject *callback;       /* called with an int64 array of the step's tokens, or NULL */
+    PyObject *exc_type, *exc_value, *exc_tb;
+} stream_ctx;
+
+static xo_status stream_token(void *p, const int32_t *tokens, int batch) {
+    stream_ctx *ctx = p;
+    PyGILState_STATE g = PyGILState_Ensure();
+    npy_intp dims[1] = { batch };
+    PyObject *arr = PyArray_SimpleNew(1, dims, NPY_INT64);
+    PyObject *res = NULL;
+    if (arr) {
+        int64_t *d = PyArray_DATA((PyArrayObject *)arr);
+        for (int i = 0; i < batch; i++) d[i] = tokens[i];
+        res = PyObject_CallOneArg(ctx->callback, arr);
+    }
+    Py_XDECREF(arr);
+    xo_status rc = XO_OK;
+    if (!res) {
+        PyErr_Fetch(&ctx->exc_type, &ctx->exc_value, &ctx->exc_tb);
+        rc = xo_fail(XO_EINVAL, "streamer raised");
+    }
+    Py_XDECREF(res);
+    PyGILState_Release(g);
+    return rc;
+}
+
+static PyObject *Model_generate(ModelObject *self, PyObject *args, PyObject *kw) {
+    static char *names[] = { "prompt", "mask", "max_new_tokens", "min_new_tokens", "do_sample", "temperature",
+                             "top_k", "top_p", "repetition_penalty", "eos_ids", "pad_id", "seed", "cache_format",
+                             "want_scores", "callback", NULL };
+    PyObject *prompt_o, *mask_o, *eos_o, *cb = Py_None;
+    int max_new, min_new, do_sample, top_k, pad_id, cache_format = XO_CACHE_LATENT, want_scores = 0;
+    float temperature, top_p, rep;
+    unsigned long long seed;
+    if (ensure_model(self) ||
+        !PyArg_ParseTupleAndKeywords(args, kw, "OOiipfiffOiK|ipO", names, &prompt_o, &mask_o, &max_new, &min_new,
+                                     &do_sample, &temperature, &top_k, &top_p, &rep, &eos_o, &pad_id, &seed,
+                                     &cache_format, &want_scores, &cb))
+        return NULL;
+    xo_model *m = self->model;
+    PyArrayObject *prompt = NULL, *mask = NULL, *eos = NULL;
+    PyObject *out = NULL, *scores = NULL, *result = NULL;
+    stream_ctx ctx = { cb == Py_None ? NULL : cb, NULL, NULL, NULL };
+    prompt = (PyArrayObject *)PyArray_FROMANY(prompt_o, NPY_INT32, 2, 2, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+    if (!prompt) goto exit;
+    int b = (int)PyArray_DIM(prompt, 0), t = (int)PyArray_DIM(prompt, 1);
+    if (b == 0 || t == 0) { PyErr_SetString(PyExc_ValueError, "input_ids is empty; give at least one token"); goto exit; }
+    if (mask_o != Py_None) {
+        mask = (PyArrayObject *)PyArray_FROMANY(mask_o, NPY_UINT8, 2, 2, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+        if (!mask) goto exit;
+        if (PyArray_DIM(mask, 0) != b || PyArray_DIM(mask, 1) != t) {
+            PyErr_Format(PyExc_ValueError, "attention_mask has shape [%zd, %zd]; expected [%d, %d] like input_ids",
+                         (Py_ssize_t)PyArray_DIM(mask, 0), (Py_ssize_t)PyArray_DIM(mask, 1), b, t);
+            goto exit;
+        }
+    }
+    eos = (PyArrayObject *)PyArray_FROMANY(eos_o, NPY_INT32, 1, 1, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+    if (!eos) goto exit;
+    if (max_new < 0) { PyErr_Format(PyExc_ValueError, "max_new_tokens must be >= 0 (got %d)", max_new); goto exit; }
+    npy_intp od[2] = { b, (npy_intp)t + max_new };
+    out = PyArray_SimpleNew(2, od, NPY_INT32);
+    if (!out) goto exit;
+    if (want_scores) {
+        npy_intp sd[3] = { max_new, b, m->cfg.vocab_size };
+        scores = PyArray_SimpleNew(3, sd, NPY_FLOAT32);
+        if (!scores) goto exit;
+    }
+    int steps = 0;
+    xo_generate_args ga = {
+        .batch = b, .prompt_len = t, .prompt = PyArray_DATA(prompt), .mask = mask ? PyArray_DATA(mask) : NULL,
+        .max_new_tokens = max_new, .min_new_tokens = min_new,
+        .sampling = { .do_sample = do_sample, .temperature = temperature, .top_k = top_k, .top_p = top_p,
+                      .repetition_penalty = rep },
+        .eos_ids = PyArray_DATA(eos), .num_eos = (int)PyArray_DIM(eos, 0), .pad_id = pad_id, .seed = seed,
+        .cache_format = cache_format, .out = PyArray_DATA((PyArrayObject *)out), .steps_done = &steps,
+        .scores = scores ? PyArray_DATA((PyArrayObject *)scores) : NULL,
+        .on_token = ctx.callback ? stream_token : NULL, .ctx = &ctx,
+    };
+    xo_status rc;
+    LOCKED_NOGIL(self, rc = xo_generate(m, &ga));
+    if (ctx.exc_type) { PyErr_Restore(ctx.exc_type, ctx.exc_value, ctx.exc_tb); goto exit; }
+    if (rc != XO_OK) { raise_status(rc); goto exit; }
+    result = Py_BuildValue("(OOi)", out, scores ? scores : Py_None, steps);
+exit:
+    Py_XDECREF(prompt);
+    Py_XDECREF(mask);
+    Py_XDECREF(eos);
+    Py_XDECREF(out);
+    Py_XDECREF(scores);
+    return result;
+}
+
 static PyObject *Model_new_cache(ModelObject *self, PyObject *args) {
     int batch, format = XO_CACHE_LATENT;
     if (ensure_model(self) || !PyArg_ParseTuple(args, "i|i", &batch, &format)) return NULL;
@@ -428,6 +525,10 @@ static PyMethodDef Model_methods[] = {
     { "tensor_shapes", (PyCFunction)Model_tensor_shapes, METH_NOARGS, "[(name, shape)] of every SPEC tensor" },
     { "forward", (PyCFunction)Model_forward, METH_VARARGS,
       "forward(ids, positions, mask, cache, want_logits, last_only, want_hidden) -> (logits, hidden)" },
+    { "generate", (PyCFunction)(void (*)(void))Model_generate, METH_VARARGS | METH_KEYWORDS,
+      "generate(prompt, mask, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, "
+      "repetition_penalty, eos_ids, pad_id, seed, cache_format=0, want_scores=False, callback=None) "
+      "-> (tokens [b, t+max_new], scores | None, steps)" },
     { "new_cache", (PyCFunction)Model_new_cache, METH_VARARGS, "new_cache(batch, format=0) -> Cache (0 latent, 1 K/V)" },
     { NULL, NULL, 0, NULL },
 };

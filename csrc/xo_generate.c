@@ -1,0 +1,85 @@
+#include "xo_generate.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int is_eos(const xo_generate_args *a, int32_t t) {
+    for (int i = 0; i < a->num_eos; i++)
+        if (a->eos_ids[i] == t) return 1;
+    return 0;
+}
+
+static xo_status check(const xo_model *m, const xo_generate_args *a) {
+    if (a->max_new_tokens < 0) return xo_fail(XO_EINVAL, "max_new_tokens must be >= 0 (got %d)", a->max_new_tokens);
+    if (a->min_new_tokens < 0) return xo_fail(XO_EINVAL, "min_new_tokens must be >= 0 (got %d)", a->min_new_tokens);
+    if ((long)a->prompt_len + a->max_new_tokens > m->cfg.max_position_embeddings)
+        return xo_fail(XO_EINVAL, "prompt (%d tokens) plus max_new_tokens (%d) exceeds max_position_embeddings (%d)",
+                       a->prompt_len, a->max_new_tokens, m->cfg.max_position_embeddings);
+    for (int i = 0; i < a->num_eos; i++)
+        if (a->eos_ids[i] < 0 || a->eos_ids[i] >= m->cfg.vocab_size)
+            return xo_fail(XO_EINVAL, "eos_token_id %d is outside [0, vocab_size=%d)", a->eos_ids[i], m->cfg.vocab_size);
+    if (a->pad_id < 0 || a->pad_id >= m->cfg.vocab_size)
+        return xo_fail(XO_EINVAL, "pad_token_id %d is outside [0, vocab_size=%d)", a->pad_id, m->cfg.vocab_size);
+    return xo_sampling_check(&a->sampling);
+}
+
+xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
+    XO_TRY(check(m, a));
+    const int b = a->batch, t0 = a->prompt_len, V = m->cfg.vocab_size, width = t0 + a->max_new_tokens;
+    for (int r = 0; r < b; r++) memcpy(a->out + (size_t)r * width, a->prompt + (size_t)r * t0, (size_t)t0 * sizeof(int32_t));
+    *a->steps_done = 0;
+    if (a->max_new_tokens == 0) return XO_OK;
+
+    xo_cache *cache = NULL;
+    XO_TRY(xo_cache_create(&cache, &m->cfg, m->be, b, a->cache_format));
+    float *logits = malloc((size_t)b * V * sizeof *logits);
+    void *work = calloc((size_t)V * 3, sizeof(float));
+    int32_t *next = malloc((size_t)b * sizeof *next);
+    int32_t *history = malloc((size_t)width * sizeof *history);
+    uint8_t *finished = calloc((size_t)b, 1);
+    xo_rng rng;
+    xo_rng_seed(&rng, a->seed);
+    xo_status rc = XO_OK;
+    if (!logits || !work || !next || !history || !finished) {
+        rc = xo_fail(XO_ENOMEM, "out of memory in generate");
+        goto out;
+    }
+    /* Prefill the whole prompt; logits of the last position only. */
+    xo_forward_args fa = { .batch = b, .tokens = t0, .ids = a->prompt, .mask = a->mask, .mask_len = a->mask ? t0 : 0,
+                           .cache = cache, .logits = logits, .last_only = 1 };
+    rc = xo_model_forward(m, &fa);
+    for (int step = 0; rc == XO_OK && step < a->max_new_tokens; step++) {
+        int all_done = 1;
+        for (int r = 0; r < b; r++) {
+            float *z = logits + (size_t)r * V;
+            if (step < a->min_new_tokens)  /* no EOS before min_new_tokens */
+                for (int i = 0; i < a->num_eos; i++) z[a->eos_ids[i]] = -INFINITY;
+            /* history for the repetition penalty: this row's prompt (unmasked) and output */
+            int n = 0;
+            const int32_t *row = a->out + (size_t)r * width;
+            for (int i = 0; i < t0 + step; i++)
+                if (i >= t0 || !a->mask || a->mask[(size_t)r * t0 + i]) history[n++] = row[i];
+            int32_t tok = xo_sample_row(z, V, &a->sampling, history, n, &rng, work);
+            if (a->scores) memcpy(a->scores + ((size_t)step * b + r) * V, z, (size_t)V * sizeof(float));
+            if (finished[r]) tok = a->pad_id;
+            else if (is_eos(a, tok)) finished[r] = 1;
+            next[r] = tok;
+            a->out[(size_t)r * width + t0 + step] = tok;
+            all_done &= finished[r];
+        }
+        *a->steps_done = step + 1;
+        if (a->on_token) rc = a->on_token(a->ctx, next, b);
+        if (rc != XO_OK || all_done || step + 1 == a->max_new_tokens) break;
+        xo_forward_args sa = { .batch = b, .tokens = 1, .ids = next, .cache = cache, .logits = logits, .last_only = 1 };
+        rc = xo_model_forward(m, &sa);
+    }
+out:
+    xo_cache_free(cache);
+    free(logits);
+    free(work);
+    free(next);
+    free(history);
+    free(finished);
+    return rc;
+}
