@@ -661,6 +661,50 @@ static PyObject *mod_read_header(PyObject *Py_UNUSED(m), PyObject *args) {
     return out;
 }
 
+
+/* sample_tokens(logits [V] float32, draws, do_sample, temperature, top_k, top_p, seed)
+ *   -> (processed logits [V], tokens [draws]). Exposes the C sampler to tests. */
+static PyObject *mod_sample_tokens(PyObject *Py_UNUSED(m), PyObject *args) {
+    PyObject *lo;
+    int draws, do_sample, top_k;
+    float temperature, top_p;
+    unsigned long long seed;
+    if (!PyArg_ParseTuple(args, "OipfifK", &lo, &draws, &do_sample, &temperature, &top_k, &top_p, &seed)) return NULL;
+    xo_sampling_params p = { .do_sample = do_sample, .temperature = temperature, .top_k = top_k, .top_p = top_p,
+                             .repetition_penalty = 1.0f };
+    xo_status rc = xo_sampling_check(&p);
+    if (rc != XO_OK) return raise_status(rc);
+    if (draws < 1) { PyErr_SetString(PyExc_ValueError, "draws must be >= 1"); return NULL; }
+    PyArrayObject *logits = (PyArrayObject *)PyArray_FROMANY(lo, NPY_FLOAT32, 1, 1, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+    if (!logits) return NULL;
+    int V = (int)PyArray_DIM(logits, 0);
+    npy_intp vd[1] = { V }, dd[1] = { draws };
+    PyObject *processed = V > 0 ? PyArray_SimpleNew(1, vd, NPY_FLOAT32) : NULL;
+    PyObject *tokens = processed ? PyArray_SimpleNew(1, dd, NPY_INT64) : NULL;
+    float *work = tokens ? calloc((size_t)V * 3, sizeof(float)) : NULL;
+    float *row = work ? malloc((size_t)V * sizeof(float)) : NULL;
+    PyObject *result = NULL;
+    if (V <= 0) PyErr_SetString(PyExc_ValueError, "logits must not be empty");
+    else if (tokens && (!work || !row)) PyErr_NoMemory();
+    else if (tokens) {
+        xo_rng rng;
+        xo_rng_seed(&rng, seed);
+        int64_t *out = PyArray_DATA((PyArrayObject *)tokens);
+        for (int i = 0; i < draws; i++) {
+            memcpy(row, PyArray_DATA(logits), (size_t)V * sizeof(float));
+            out[i] = xo_sample_row(row, V, &p, NULL, 0, &rng, work);
+        }
+        memcpy(PyArray_DATA((PyArrayObject *)processed), row, (size_t)V * sizeof(float));
+        result = Py_BuildValue("(OO)", processed, tokens);
+    }
+    free(work);
+    free(row);
+    Py_XDECREF(processed);
+    Py_XDECREF(tokens);
+    Py_DECREF(logits);
+    return result;
+}
+
 static PyObject *mod_set_cuda_plugin(PyObject *Py_UNUSED(m), PyObject *args) {
     const char *path;
     if (!PyArg_ParseTuple(args, "s", &path)) return NULL;
@@ -671,6 +715,8 @@ static PyObject *mod_set_cuda_plugin(PyObject *Py_UNUSED(m), PyObject *args) {
 static PyMethodDef module_methods[] = {
     { "cross_entropy", mod_cross_entropy, METH_VARARGS, "cross_entropy(logits[b,t,V], labels[b,t]) -> loss (SPEC 6)" },
     { "read_safetensors_header", mod_read_header, METH_VARARGS, "read_safetensors_header(path) -> [(name, dtype, shape)]" },
+    { "sample_tokens", mod_sample_tokens, METH_VARARGS,
+      "sample_tokens(logits, draws, do_sample, temperature, top_k, top_p, seed) -> (processed, tokens)" },
     { "set_cuda_plugin", mod_set_cuda_plugin, METH_VARARGS, "set_cuda_plugin(path): where the CUDA backend library is" },
     { NULL, NULL, 0, NULL },
 };
