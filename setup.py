@@ -115,7 +115,7 @@ class XoronBuildExt(build_ext):
         libdirs = [os.path.join(cuda_root, d) for d in ("lib64", "lib", "targets/x86_64-linux/lib")]
         libdirs = [d for d in libdirs if os.path.isdir(d)]
         cmd = [nvcc, "-shared", "-o", out] + objs + [f"-L{d}" for d in libdirs] + \
-              ["-lcublasLt", "-lcublas", "-lcudart"] + gencode + \
+              ["-lcudart"] + gencode + \
               [f"-Xlinker=-rpath,{d}" for d in libdirs]
         if subprocess.call(cmd) != 0:
             raise BuildError("xoron: linking the CUDA plugin failed.")

@@ -1,0 +1,121 @@
+/* Shared pieces of the CUDA backend (the plugin xoron/_xoron_cuda.so). Activations are
+ * float32 as the kernel table says; weights live in the linear's dtype (F32, BF16, F16).
+ * Everything runs on the backend's one stream; memory comes from the device's
+ * stream-ordered pool (cudaMallocAsync), so the graph's per-call scratch is cheap. */
+#ifndef XO_CU_COMMON_H
+#define XO_CU_COMMON_H
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+
+extern "C" {
+#include "xo_backend.h"
+}
+
+struct XoLt;  /* cuBLASLt state, cu_gemm.cu */
+
+struct CuCtx {
+    int device;
+    int num_sms;
+    cudaStream_t stream;
+    cudaMemPool_t pool;
+    XoLt *lt;             /* NULL: cuBLASLt unavailable, the built-in GEMM kernels are used */
+    void *act16;          /* scratch: activations converted to 16-bit for the GEMMs */
+    size_t act16_bytes;
+    int moe_host;         /* XORON_CUDA_MOE=host: per-expert GEMMs sized from host-read counts */
+    int attn_rows;        /* XORON_CUDA_ATTN=rows: never the tensor-core attention kernels */
+    int attn_wmma;        /* XORON_CUDA_ATTN=wmma: the WMMA prefill kernel instead of the mma.sync one */
+    int attn_q64;         /* XORON_CUDA_ATTN=q64: the mma.sync kernel with 64 queries a block instead of 128 */
+    int gemm_v1;          /* XORON_CUDA_GEMM=v1: the 64-row grouped MoE GEMM instead of the 128-row one */
+    int verbose;
+    char err[512];
+};
+
+static inline CuCtx *cu_ctx(xo_backend *be) { return (CuCtx *)be->ctx; }
+
+/* Records a failure message (also printed to stderr once per kind) and returns code. */
+xo_status cu_fail(CuCtx *c, xo_status code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* XO_OK, or XO_EDEVICE with the pending CUDA error recorded. */
+xo_status cu_check(CuCtx *c, cudaError_t e, const char *what);
+xo_status cu_check_launch(CuCtx *c, const char *what);
+
+#define CU_TRY(c, call, what)                                  \
+    do {                                                       \
+        cudaError_t cu_e_ = (call);                            \
+        if (cu_e_ != cudaSuccess) return cu_check((c), cu_e_, (what)); \
+    } while (0)
+
+/* stream-ordered device memory, zero-filled (cu_alloc) or not (cu_alloc_raw) */
+void *cu_alloc(CuCtx *c, size_t bytes);
+void *cu_alloc_raw(CuCtx *c, size_t bytes);
+void cu_free(CuCtx *c, void *p);
+/* grows ctx->act16 to at least `bytes` */
+xo_status cu_act16_reserve(CuCtx *c, size_t bytes);
+
+static inline size_t cu_dtype_size(xo_dtype t) {
+    return t == XO_F32 ? 4 : (t == XO_BF16 || t == XO_F16) ? 2 : t == XO_I8 ? 1 : 0;
+}
+
+/* ---- device conversion helpers ---- */
+__device__ __forceinline__ float cu_ld(const float *p, size_t i) { return p[i]; }
+__device__ __forceinline__ float cu_ld(const __nv_bfloat16 *p, size_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ float cu_ld(const __half *p, size_t i) { return __half2float(p[i]); }
+__device__ __forceinline__ void cu_st(float *p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void cu_st(__nv_bfloat16 *p, size_t i, float v) { p[i] = __float2bfloat16(v); }
+__device__ __forceinline__ void cu_st(__half *p, size_t i, float v) { p[i] = __float2half(v); }
+template <typename T> __device__ __forceinline__ T cu_from_f32(float v);
+template <> __device__ __forceinline__ float cu_from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 cu_from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half cu_from_f32<__half>(float v) { return __float2half(v); }
+
+static inline unsigned cu_blocks(size_t n, unsigned threads) {
+    size_t b = (n + threads - 1) / threads;
+    return (unsigned)(b > 0x7fffffff ? 0x7fffffff : (b ? b : 1));
+}
+
+/* ---- entry points, one concern per file ---- */
+/* cu_gemm.cu */
+XoLt *cu_lt_create(CuCtx *c);
+void cu_lt_destroy(XoLt *lt);
+xo_status cu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w, int m);
+/* y[m, out] = x16[m, k] @ W.T with x already 16-bit (the dtype of w) */
+xo_status cu_matmul16(CuCtx *c, float *y, const void *x16, const xo_linear *w, int m);
+/* f32 -> 16-bit conversion of n values (dtype t: XO_BF16 or XO_F16) */
+xo_status cu_convert_act(CuCtx *c, void *dst, const float *src, size_t n, xo_dtype t);
+
+/* grouped products for the MoE (cu_gemm.cu) */
+enum { CU_MAX_GROUPS = 128 };
+struct CuGroupPtrs { const void *p[CU_MAX_GROUPS]; };
+/* Y[rows of group g] = X[rows of group g] @ W_g.T; offsets/tile_start device [G+1] */
+/* bm: the row tile tile_start was counted in, 128 (the default kernel) or CU_GEMM_BM = 64 (XORON_CUDA_GEMM=v1) */
+xo_status cu_grouped_gemm16(CuCtx *c, float *y, const void *x16, const CuGroupPtrs *w, xo_dtype t, int out, int k,
+                            const int *offsets, const int *tile_start, int groups, int max_tiles, int bm);
+/* skinny version for few rows per group: f32 inputs, any weight dtype; offsets device [G+1] */
+xo_status cu_grouped_skinny(CuCtx *c, float *y, const float *x, const CuGroupPtrs *w, xo_dtype t, int out, int k,
+                            const int *offsets, int groups);
+enum { CU_GEMM_BM = 64 };
+
+/* cu_ops.cu */
+xo_status cu_rmsnorm(xo_backend *be, float *y, const float *x, int x_stride, const float *w, int n, int d, float eps);
+xo_status cu_rope(xo_backend *be, float *x, const int32_t *pos, int n, int heads, int hd, const float *inv_freq, float mscale);
+/* rows of x are row_stride floats apart; row i takes position pos[(i / rpb) * pcap + i % rpb] */
+xo_status cu_rope_rows(CuCtx *c, float *x, size_t row_stride, const int32_t *pos, int n, int heads, int hd,
+                       const float *inv_freq, float mscale, int rpb, int pcap);
+xo_status cu_embed(xo_backend *be, float *h, const xo_linear *table, const int32_t *ids, int n);
+xo_status cu_add(xo_backend *be, float *y, const float *x, size_t n);
+xo_status cu_swiglu(xo_backend *be, float *y, const float *gu, int n, int inter);
+xo_status cu_cache_write(xo_backend *be, float *cache, int capacity, int width, int row, int start,
+                         const float *src, int n, int src_stride);
+xo_status cu_convert(CuCtx *c, void *dst, xo_dtype dt, const void *src, xo_dtype st, size_t n);
+
+/* cu_moe.cu */
+xo_status cu_moe_route(xo_backend *be, int32_t *idx, float *weight, const float *logits, int n, int experts, int k);
+xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a);
+
+/* cu_attention.cu */
+xo_status cu_attention(xo_backend *be, const xo_attention_args *a);
+
+#endif

@@ -1,0 +1,183 @@
+/* Elementwise and row-wise kernels: dtype conversion, RMSNorm, rotary embedding, embedding
+ * lookup, residual add, SwiGLU, cache writes. Semantics as in csrc/cpu_ops.c. */
+#include "cu_common.h"
+
+template <typename S, typename D>
+__global__ void k_convert(D *__restrict__ dst, const S *__restrict__ src, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        cu_st(dst, i, cu_ld(src, i));
+}
+
+template <typename S>
+static void launch_convert_from(void *dst, xo_dtype dt, const S *src, size_t n, cudaStream_t st) {
+    unsigned b = cu_blocks(n, 256);
+    if (b > 65535u * 8) b = 65535u * 8;
+    if (dt == XO_F32) k_convert<S, float><<<b, 256, 0, st>>>((float *)dst, src, n);
+    else if (dt == XO_BF16) k_convert<S, __nv_bfloat16><<<b, 256, 0, st>>>((__nv_bfloat16 *)dst, src, n);
+    else k_convert<S, __half><<<b, 256, 0, st>>>((__half *)dst, src, n);
+}
+
+xo_status cu_convert(CuCtx *c, void *dst, xo_dtype dt, const void *src, xo_dtype st, size_t n) {
+    if (!n) return XO_OK;
+    if (st == XO_F32) launch_convert_from(dst, dt, (const float *)src, n, c->stream);
+    else if (st == XO_BF16) launch_convert_from(dst, dt, (const __nv_bfloat16 *)src, n, c->stream);
+    else launch_convert_from(dst, dt, (const __half *)src, n, c->stream);
+    return cu_check_launch(c, "convert");
+}
+
+xo_status cu_convert_act(CuCtx *c, void *dst, const float *src, size_t n, xo_dtype t) {
+    return cu_convert(c, dst, t, src, XO_F32, n);
+}
+
+/* ---- RMSNorm: one block per row ---- */
+
+template <int THREADS>
+__global__ void k_rmsnorm(float *y, const float *x, int x_stride, const float *__restrict__ w, int d, float eps) {
+    const float *xr = x + (size_t)blockIdx.x * x_stride;
+    float *yr = y + (size_t)blockIdx.x * d;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < d; j += THREADS) ss += xr[j] * xr[j];
+    __shared__ float red[THREADS / 32];
+    for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < THREADS / 32 ? red[threadIdx.x] : 0.0f;
+        for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (threadIdx.x == 0) red[0] = v;
+    }
+    __syncthreads();
+    const float inv = 1.0f / sqrtf(red[0] / (float)d + eps);
+    /* in place (y == x) is safe: each element is read before it is written by the same thread */
+    for (int j = threadIdx.x; j < d; j += THREADS) yr[j] = w[j] * (xr[j] * inv);
+}
+
+xo_status cu_rmsnorm(xo_backend *be, float *y, const float *x, int x_stride, const float *w, int n, int d, float eps) {
+    CuCtx *c = cu_ctx(be);
+    if (n <= 0) return XO_OK;
+    if (d <= 256) k_rmsnorm<128><<<n, 128, 0, c->stream>>>(y, x, x_stride, w, d, eps);
+    else k_rmsnorm<256><<<n, 256, 0, c->stream>>>(y, x, x_stride, w, d, eps);
+    return cu_check_launch(c, "rmsnorm");
+}
+
+/* ---- rotary embedding (SPEC section 5): pairs j and j + hd/2, theta = (float)pos * inv_freq ---- */
+
+/* one thread per (row, head group, pair j): cos/sin once per thread, applied to the heads
+ * hg, hg + hgroups, ... (hgroups = heads for few rows, 1 for many) */
+__global__ void k_rope(float *x, size_t row_stride, const int32_t *__restrict__ pos, int n, int heads, int hd,
+                       const float *__restrict__ inv_freq, float mscale, int rpb, int pcap, int hgroups) {
+    const int half = hd / 2;
+    const size_t total = (size_t)n * hgroups * half;
+    for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < total; t += (size_t)gridDim.x * blockDim.x) {
+        const int j = (int)(t % half);
+        const size_t rest = t / half;
+        const int hg = (int)(rest % hgroups);
+        const size_t i = rest / hgroups;
+        const float theta = (float)pos[(i / rpb) * (size_t)pcap + i % rpb] * inv_freq[j];
+        const float cs = cosf(theta) * mscale, sn = sinf(theta) * mscale;
+        float *v = x + i * row_stride + (size_t)hg * hd + j;
+        for (int h = hg; h < heads; h += hgroups, v += (size_t)hgroups * hd) {
+            const float a = v[0], b = v[half];
+            v[0] = a * cs - b * sn;
+            v[half] = b * cs + a * sn;
+        }
+    }
+}
+
+xo_status cu_rope_rows(CuCtx *c, float *x, size_t row_stride, const int32_t *pos, int n, int heads, int hd,
+                       const float *inv_freq, float mscale, int rpb, int pcap) {
+    if (n <= 0 || heads <= 0 || hd < 2) return XO_OK;
+    const int hgroups = (size_t)n * (hd / 2) < 16384 ? heads : 1;
+    const size_t total = (size_t)n * hgroups * (hd / 2);
+    unsigned b = cu_blocks(total, 256);
+    if (b > 65535u * 16) b = 65535u * 16;
+    k_rope<<<b, 256, 0, c->stream>>>(x, row_stride, pos, n, heads, hd, inv_freq, mscale, rpb, pcap, hgroups);
+    return cu_check_launch(c, "rope");
+}
+
+xo_status cu_rope(xo_backend *be, float *x, const int32_t *pos, int n, int heads, int hd, const float *inv_freq, float mscale) {
+    return cu_rope_rows(cu_ctx(be), x, (size_t)heads * hd, pos, n, heads, hd, inv_freq, mscale, n, 0);
+}
+
+/* ---- embedding lookup ---- */
+
+template <typename T>
+__global__ void k_embed(float *h, const T *__restrict__ table, const int32_t *__restrict__ ids, int H) {
+    const size_t src = (size_t)ids[blockIdx.x] * H;
+    float *dst = h + (size_t)blockIdx.x * H;
+    for (int j = threadIdx.x; j < H; j += blockDim.x) dst[j] = cu_ld(table, src + j);
+}
+
+xo_status cu_embed(xo_backend *be, float *h, const xo_linear *table, const int32_t *ids, int n) {
+    CuCtx *c = cu_ctx(be);
+    if (n <= 0) return XO_OK;
+    const int H = table->in;
+    if (table->dtype == XO_F32) k_embed<float><<<n, 256, 0, c->stream>>>(h, (const float *)table->data, ids, H);
+    else if (table->dtype == XO_BF16) k_embed<__nv_bfloat16><<<n, 256, 0, c->stream>>>(h, (const __nv_bfloat16 *)table->data, ids, H);
+    else if (table->dtype == XO_F16) k_embed<__half><<<n, 256, 0, c->stream>>>(h, (const __half *)table->data, ids, H);
+    else return cu_fail(c, XO_EUNSUPPORTED, "embedding table dtype %d unsupported", (int)table->dtype);
+    return cu_check_launch(c, "embed");
+}
+
+/* ---- y += x ---- */
+
+__global__ void k_add4(float4 *y, const float4 *__restrict__ x, size_t n4) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n4; i += (size_t)gridDim.x * blockDim.x) {
+        float4 a = y[i], b = x[i];
+        a.x += b.x; a.y += b.y; a.z += b.z; a.w += b.w;
+        y[i] = a;
+    }
+}
+
+__global__ void k_add(float *y, const float *__restrict__ x, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) y[i] += x[i];
+}
+
+xo_status cu_add(xo_backend *be, float *y, const float *x, size_t n) {
+    CuCtx *c = cu_ctx(be);
+    if (!n) return XO_OK;
+    unsigned cap = (unsigned)c->num_sms * 16;
+    if (n % 4 == 0 && ((uintptr_t)y & 15) == 0 && ((uintptr_t)x & 15) == 0) {
+        unsigned b = cu_blocks(n / 4, 256);
+        k_add4<<<b < cap ? b : cap, 256, 0, c->stream>>>((float4 *)y, (const float4 *)x, n / 4);
+    } else {
+        unsigned b = cu_blocks(n, 256);
+        k_add<<<b < cap ? b : cap, 256, 0, c->stream>>>(y, x, n);
+    }
+    return cu_check_launch(c, "add");
+}
+
+/* ---- SwiGLU: y[n, I] = silu(gu[:, :I]) * gu[:, I:] ---- */
+
+__global__ void k_swiglu(float *y, const float *__restrict__ gu, int n, int inter) {
+    const size_t total = (size_t)n * inter;
+    for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < total; t += (size_t)gridDim.x * blockDim.x) {
+        size_t i = t / inter;
+        int j = (int)(t - i * inter);
+        const float *row = gu + i * 2 * (size_t)inter;
+        float g = row[j];
+        y[t] = g / (1.0f + expf(-g)) * row[inter + j];
+    }
+}
+
+xo_status cu_swiglu(xo_backend *be, float *y, const float *gu, int n, int inter) {
+    CuCtx *c = cu_ctx(be);
+    size_t total = (size_t)n * inter;
+    if (!total) return XO_OK;
+    unsigned b = cu_blocks(total, 256), cap = (unsigned)c->num_sms * 16;
+    k_swiglu<<<b < cap ? b : cap, 256, 0, c->stream>>>(y, gu, n, inter);
+    return cu_check_launch(c, "swiglu");
+}
+
+/* ---- cache slots [row, start .. start+n) <- src [n, width] (rows src_stride apart) ---- */
+
+xo_status cu_cache_write(xo_backend *be, float *cache, int capacity, int width, int row, int start, const float *src, int n,
+                         int src_stride) {
+    CuCtx *c = cu_ctx(be);
+    if (n <= 0 || width <= 0) return XO_OK;
+    float *dst = cache + ((size_t)row * capacity + start) * width;
+    CU_TRY(c, cudaMemcpy2DAsync(dst, (size_t)width * sizeof(float), src, (size_t)src_stride * sizeof(float),
+                                (size_t)width * sizeof(float), (size_t)n, cudaMemcpyDeviceToDevice, c->stream),
+           "cache_write");
+    return XO_OK;
+}

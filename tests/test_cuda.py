@@ -1,0 +1,360 @@
+"""The CUDA backend (device="cuda") against the float64 numpy oracle and the CPU engine.
+
+Every test is marked `cuda`; all but the bad-device checks skip cleanly when this build
+has no CUDA plugin or no GPU is usable. SPEC section 8 tolerances: float32 on the GPU
+within 1e-4 (max|got-ref| / max|ref|), bfloat16 / float16 within 3e-2.
+
+16-bit models are compared with the oracle run on the weights rounded as the model stores them.
+Several tests run the model under the backend's switches (read when a model is created):
+XORON_CUDA_MOE=host (per-expert GEMMs sized from host-read counts instead of the device-side
+grouped kernels), XORON_CUDA_ATTN=rows (no tensor-core attention), XORON_CUDA_ATTN=wmma (the WMMA
+prefill attention instead of the mma.sync one), XORON_CUDA_ATTN=q64 (mma.sync with 64 queries a block), XORON_CUDA_GEMM=v1 (the 64-row grouped MoE GEMM),
+XORON_CUDA_NO_CUBLASLT=1
+(the built-in GEMM kernels instead of cuBLASLt), so every kernel path is checked.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import reference_impl as R  # noqa: E402
+import xoron  # noqa: E402
+
+TINY_RING = os.path.join(HERE, "data", "tiny_ring")
+TOL_F32 = 1e-4
+TOL_HALF = 3e-2
+
+BASE = {
+    "vocab_size": 97, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-6, "rope_theta": 500000.0, "tie_word_embeddings": True,
+    "use_ring_attention": True, "ring_attention_chunk_size": 4096, "kv_lora_rank": 16, "q_lora_rank": 0,
+    "moe_config": {"use_moe": False, "num_experts": 4, "num_experts_per_tok": 2, "moe_layer_freq": 2,
+                   "intermediate_size": 40},
+}
+MOE_KEYS = {"use_moe": "use_moe", "num_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
+            "moe_layer_freq": "moe_layer_freq", "moe_intermediate_size": "intermediate_size"}
+MOE = {"use_moe": True, "num_experts": 4, "num_experts_per_tok": 2, "moe_layer_freq": 2, "moe_intermediate_size": 40}
+# random_weights draws std 0.02; scale some up so attention and every layer matter (see conftest.BOOST),
+# and the router's gate so that routing is decisive (a near-uniform router flips between nearly
+# tied experts under any rounding, which no kernel can avoid in bfloat16)
+BOOST = {"q_proj": 10.0, "q_b_proj": 10.0, "kv_b_proj": 10.0, "o_proj": 4.0,
+         "gate_proj": 6.0, "up_proj": 6.0, "down_proj": 4.0, "gate": 10.0}
+
+
+def _config(overrides=None) -> dict:
+    d = copy.deepcopy(BASE)
+    for k, v in (overrides or {}).items():
+        if k in MOE_KEYS:
+            d["moe_config"][MOE_KEYS[k]] = v
+        else:
+            d[k] = v
+    return d
+
+
+def _weights(cfg: R.RefConfig, seed: int) -> dict:
+    w = R.random_weights(cfg, seed)
+    for name, a in w.items():
+        kind = name.rsplit(".", 2)[-2]
+        if kind in BOOST:
+            w[name] = (a * np.float32(BOOST[kind])).astype(np.float32)
+    return w
+
+
+def rounded(w: dict, dtype: str) -> dict:
+    """The weights as a model of `dtype` stores them (round to nearest even)."""
+    if dtype == "float32":
+        return w
+    out = {}
+    for k, a in w.items():
+        a = np.ascontiguousarray(a, np.float32)
+        if dtype == "float16":
+            out[k] = a.astype(np.float16).astype(np.float32)
+        else:
+            u = a.view(np.uint32).astype(np.uint64)
+            out[k] = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+    return out
+
+
+def rel_err(got, ref) -> float:
+    got = np.asarray(got, np.float64)
+    ref = np.asarray(ref, np.float64)
+    assert got.shape == ref.shape, f"shape {got.shape} != {ref.shape}"
+    return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+
+
+def _gpu_status():
+    if not xoron.cuda_available():
+        return False, "this xoron was built without the CUDA plugin"
+    try:
+        xoron.MoELlamaForCausalLM(_config(), device="cuda", seed=0)
+    except Exception as e:  # no GPU, no driver, ...
+        return False, f"no usable CUDA device: {e}"
+    return True, ""
+
+
+GPU_OK, GPU_WHY = _gpu_status()
+needs_gpu = pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)
+pytestmark = pytest.mark.cuda
+TOL = {"float32": TOL_F32, "bfloat16": TOL_HALF, "float16": TOL_HALF}
+
+
+def build(overrides=None, seed=0, dtype="float32", device="cuda", cache_format="latent"):
+    config = _config(overrides)
+    cfg = R.RefConfig.from_dict(config)
+    w = _weights(cfg, seed)
+    m = xoron.MoELlamaForCausalLM(config, dtype=dtype, device=device, seed=0, cache_format=cache_format)
+    m.load_state_dict(w, strict=True)
+    return m, cfg, w
+
+
+def ids_for(cfg, b, t, seed=0):
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(b, t), dtype=np.int64)
+
+
+# ------------------------------------------------------------------ the reference checkpoint
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_tiny_ring_reference(dtype):
+    model = xoron.MoELlamaForCausalLM.from_pretrained(TINY_RING, device="cuda", dtype=dtype)
+    assert model.device.startswith("cuda")
+    exp = dict(np.load(os.path.join(TINY_RING, "expected.npz")))
+    for i in range(3):
+        ids = exp[f"in{i}_ids"]
+        b, t = ids.shape
+        pos = np.broadcast_to(int(exp[f"in{i}_pos0"]) + np.arange(t), (b, t))
+        out = model(input_ids=ids, position_ids=pos, labels=exp[f"in{i}_labels"])
+        err = rel_err(out.logits, exp[f"in{i}_logits"])
+        assert err <= TOL[dtype], f"input {i}: {err}"
+        if dtype == "float32":
+            assert abs(float(out.loss) - float(exp[f"in{i}_loss"])) <= TOL_F32
+
+
+@needs_gpu
+@pytest.mark.parametrize("cache_format", ["latent", "kv"])
+def test_tiny_ring_greedy_with_cache(cache_format):
+    """float32 greedy decoding through the cache reproduces the original module's tokens."""
+    model = xoron.MoELlamaForCausalLM.from_pretrained(TINY_RING, device="cuda", cache_format=cache_format)
+    exp = dict(np.load(os.path.join(TINY_RING, "expected.npz")))
+    ids = exp["greedy_prompt"]
+    out = model(input_ids=ids, use_cache=True)
+    cache = out.past_key_values
+    while ids.shape[1] < exp["greedy_tokens"].shape[1]:
+        nxt = out.logits[:, -1].argmax(-1)
+        ids = np.concatenate([ids, nxt[:, None]], axis=1)
+        out = model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
+    np.testing.assert_array_equal(ids, exp["greedy_tokens"])
+
+
+# ------------------------------------------------------------------ random configurations
+
+# name -> (overrides, batch, tokens, first position id or None)
+CASES = {
+    "dense_hd8": ({}, 1, 12, None),
+    "untied_qlora_gqa": ({"q_lora_rank": 24, "num_key_value_heads": 2, "tie_word_embeddings": False}, 2, 9, None),
+    "gqa_hd16": ({"hidden_size": 64, "num_key_value_heads": 2}, 2, 20, None),
+    "gqa1_hd64_two_tiles": ({"hidden_size": 256, "num_key_value_heads": 1, "kv_lora_rank": 32}, 1, 70, None),
+    "hd32_partial_tile": ({"hidden_size": 128, "intermediate_size": 64}, 1, 33, None),
+    "hd128": ({"hidden_size": 256, "num_attention_heads": 2, "num_key_value_heads": 2}, 1, 24, None),
+    "moe_freq1_many_tokens": (dict(MOE, hidden_size=64, moe_layer_freq=1, moe_intermediate_size=48), 2, 40, None),
+    "moe_freq2_few_tokens": (dict(MOE, num_hidden_layers=4), 1, 8, None),
+    "moe_8x3": (dict(MOE, hidden_size=64, num_experts=8, num_experts_per_tok=3, moe_layer_freq=1,
+                     moe_intermediate_size=24), 2, 30, None),
+    "moe_odd_widths": (dict(MOE, hidden_size=36, num_attention_heads=3, num_key_value_heads=3,
+                            moe_layer_freq=1, moe_intermediate_size=20, intermediate_size=30), 2, 40, None),
+    "ring_chunk4": ({"ring_attention_chunk_size": 4, "hidden_size": 64}, 2, 40, None),
+    "no_ring_chunk4": ({"use_ring_attention": False, "ring_attention_chunk_size": 4}, 1, 20, None),
+    "kv_lora_80": ({"kv_lora_rank": 80}, 1, 12, None),
+    "kv_lora_4": ({"kv_lora_rank": 4}, 1, 12, None),
+    "pos_beyond_100000": ({"hidden_size": 64}, 2, 20, 100_000),
+    "pos_near_max": ({}, 1, 8, 131072 - 8),
+    "head_dim_2": ({"num_attention_heads": 16, "num_key_value_heads": 4}, 1, 9, None),
+    "batch4_moe": (dict(MOE, num_key_value_heads=2, hidden_size=64), 4, 18, None),
+    "single_token_batch3": ({}, 3, 1, None),
+    "everything": (dict(MOE, hidden_size=64, num_key_value_heads=2, q_lora_rank=12, tie_word_embeddings=False,
+                        ring_attention_chunk_size=8, kv_lora_rank=40, num_hidden_layers=3), 2, 30, 9000),
+}
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_random_config(name, dtype):
+    overrides, b, t, pos0 = CASES[name]
+    seed = list(CASES).index(name)
+    m, cfg, w = build(overrides, seed=seed, dtype=dtype)
+    ids = ids_for(cfg, b, t, seed=1)
+    labels = ids_for(cfg, b, t, seed=2)
+    pos = None if pos0 is None else np.broadcast_to(pos0 + np.arange(t), (b, t)).copy()
+    # a 16-bit model holds the rounded weights: the tolerance is for its compute
+    ref_logits, ref_loss = R.forward(cfg, rounded(w, dtype), ids, position_ids=pos, labels=labels)
+    out = m(input_ids=ids, position_ids=pos, labels=labels)
+    assert out.logits.shape == (b, t, cfg.vocab_size)
+    err = rel_err(out.logits, ref_logits)
+    assert err <= TOL[dtype], f"{name}/{dtype}: {err}"
+    if dtype == "float32":
+        assert abs(float(out.loss) - ref_loss) <= TOL_F32
+        cpu = xoron.MoELlamaForCausalLM(_config(overrides), device="cpu", seed=0)
+        cpu.load_state_dict(w)
+        assert rel_err(out.logits, cpu(input_ids=ids, position_ids=pos).logits) <= TOL_F32
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_left_padded_attention_mask(dtype):
+    over = dict(MOE, hidden_size=64, num_key_value_heads=2)
+    m, cfg, w = build(over, seed=11, dtype=dtype)
+    b, t = 3, 18
+    ids = ids_for(cfg, b, t, seed=4)
+    mask = np.ones((b, t), np.int64)
+    mask[1, :3] = 0
+    mask[2, :7] = 0
+    ref, _ = R.forward(cfg, rounded(w, dtype), ids, attention_mask=mask)
+    out = m(input_ids=ids, attention_mask=mask)
+    keep = mask.astype(bool)  # rows of pads attend to nothing real: compare the real tokens
+    assert rel_err(out.logits[keep], ref[keep]) <= TOL[dtype]
+
+
+# ------------------------------------------------------------------ the switches: every kernel path
+
+
+PATHS = {
+    "default": {},
+    "moe_host": {"XORON_CUDA_MOE": "host"},
+    "attn_rows": {"XORON_CUDA_ATTN": "rows"},
+    "attn_wmma": {"XORON_CUDA_ATTN": "wmma"},
+    "attn_q64": {"XORON_CUDA_ATTN": "q64"},
+    "gemm_v1": {"XORON_CUDA_GEMM": "v1"},
+    "no_cublaslt": {"XORON_CUDA_NO_CUBLASLT": "1"},
+}
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_kernel_paths(path, dtype, monkeypatch):
+    for k, v in PATHS[path].items():
+        monkeypatch.setenv(k, v)
+    over = dict(MOE, hidden_size=64, moe_layer_freq=1, moe_intermediate_size=48, num_key_value_heads=2)
+    m, cfg, w = build(over, seed=21, dtype=dtype)
+    ids = ids_for(cfg, 2, 40, seed=5)
+    wr = rounded(w, dtype)
+    ref, _ = R.forward(cfg, wr, ids)
+    assert rel_err(m(input_ids=ids).logits, ref) <= TOL[dtype]
+    ids1 = ids_for(cfg, 1, 5, seed=6)  # few tokens: skinny GEMMs and the row-wise attention
+    ref1, _ = R.forward(cfg, wr, ids1)
+    assert rel_err(m(input_ids=ids1).logits, ref1) <= TOL[dtype]
+
+
+# ------------------------------------------------------------------ caches
+
+
+def _cache_steps(m, ids, chunks, mask=None):
+    """Feeds ids in chunks through the cache; returns the concatenated logits."""
+    cache, outs, pos = None, [], 0
+    for n in chunks:
+        part = ids[:, pos:pos + n]
+        kw = {}
+        if mask is not None:
+            kw["attention_mask"] = mask[:, :pos + n]
+        out = m(input_ids=part, past_key_values=cache, use_cache=True, **kw)
+        cache = out.past_key_values
+        outs.append(out.logits)
+        pos += n
+    return np.concatenate(outs, axis=1)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("cache_format", ["latent", "kv"])
+def test_cache_matches_full_forward(cache_format, dtype):
+    over = dict(MOE, hidden_size=64, num_key_value_heads=2)
+    m, cfg, w = build(over, seed=3, dtype=dtype, cache_format=cache_format)
+    ids = ids_for(cfg, 2, 40, seed=7)
+    full = m(input_ids=ids).logits
+    stepped = _cache_steps(m, ids, [18, 1, 1, 16, 1, 3])  # a 16-token chunk after 20 cached ones
+    assert rel_err(stepped, full) <= TOL[dtype]
+    if dtype == "float32":
+        ref, _ = R.forward(cfg, w, ids)
+        assert rel_err(stepped, ref) <= TOL_F32
+
+
+@needs_gpu
+@pytest.mark.parametrize("cache_format", ["latent", "kv"])
+def test_cache_with_left_padding(cache_format):
+    over = dict(MOE, hidden_size=64)
+    m, cfg, w = build(over, seed=4, cache_format=cache_format)
+    b, t = 2, 16
+    ids = ids_for(cfg, b, t, seed=8)
+    mask = np.ones((b, t), np.int64)
+    mask[1, :5] = 0
+    full = m(input_ids=ids, attention_mask=mask).logits
+    stepped = _cache_steps(m, ids, [10, 1, 1, 4], mask=mask)
+    keep = mask.astype(bool)
+    assert rel_err(stepped[keep], full[keep]) <= TOL_F32
+
+
+@needs_gpu
+@pytest.mark.parametrize("cache_format", ["latent", "kv"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_long_context_split_decode(dtype, cache_format):
+    """600 cached keys: the decode step splits the keys over several blocks and merges."""
+    over = {"hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1, "ring_attention_chunk_size": 256}
+    m, cfg, w = build(over, seed=5, dtype=dtype, cache_format=cache_format)
+    ids = ids_for(cfg, 1, 603, seed=9)
+    full = m(input_ids=ids).logits
+    stepped = _cache_steps(m, ids, [600, 1, 1, 1])
+    assert rel_err(stepped[:, 600:], full[:, 600:]) <= TOL[dtype]
+    if dtype == "float32":
+        ref, _ = R.forward(cfg, w, ids)
+        assert rel_err(full, ref) <= TOL_F32
+
+
+# ------------------------------------------------------------------ moving, generating, devices
+
+
+@needs_gpu
+def test_to_cuda_and_back():
+    m, cfg, w = build({"hidden_size": 64}, seed=6, device="cpu")
+    ids = ids_for(cfg, 1, 10, seed=10)
+    cpu_logits = m(input_ids=ids).logits
+    m.to("cuda")
+    assert m.device.startswith("cuda")
+    assert rel_err(m(input_ids=ids).logits, cpu_logits) <= TOL_F32
+    m.to(dtype="bfloat16")
+    assert rel_err(m(input_ids=ids).logits, cpu_logits) <= TOL_HALF
+    sd = m.state_dict()
+    assert set(sd) == set(w)
+    m.to("cpu", dtype="float32")
+    assert rel_err(m(input_ids=ids).logits, cpu_logits) <= TOL_HALF
+
+
+@needs_gpu
+def test_greedy_generate_matches_cpu():
+    if not hasattr(xoron.MoELlamaForCausalLM, "generate"):
+        pytest.skip("generate() not available")
+    over = dict(MOE, hidden_size=64)
+    g, cfg, w = build(over, seed=8)
+    c = xoron.MoELlamaForCausalLM(_config(over), device="cpu", seed=0)
+    c.load_state_dict(w)
+    prompt = ids_for(cfg, 2, 6, seed=11)
+    kw = dict(max_new_tokens=12, do_sample=False, eos_token_id=None)
+    np.testing.assert_array_equal(g.generate(prompt, **kw), c.generate(prompt, **kw))
+
+
+@pytest.mark.parametrize("device", ["cuda:99", "cuda:-1", "cuda:x", "cudax", "gpu"])
+def test_bad_device_is_a_clear_error(device):
+    with pytest.raises((ValueError, RuntimeError)) as ei:
+        xoron.MoELlamaForCausalLM(_config(), device=device, seed=0)
+    msg = str(ei.value)
+    assert device in msg or "cuda" in msg.lower()
