@@ -119,6 +119,8 @@ class XoronBuildExt(build_ext):
               [f"-Xlinker=-rpath,{d}" for d in libdirs]
         if subprocess.call(cmd) != 0:
             raise BuildError("xoron: linking the CUDA plugin failed.")
+        if self.inplace:  # setuptools copies only the extensions back into the source tree
+            shutil.copy2(out, os.path.join(HERE, "xoron", "_xoron_cuda.so"))
 
 
 def make_extension():

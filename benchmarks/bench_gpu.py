@@ -214,7 +214,7 @@ def main():
         except Exception as e:
             log(f"xoron decode b={b} ctx={ctx} failed: {e}")
     if hasattr(m, "generate") and left() > 30:
-        for b in (1, 64):
+        for b in (1, 16, 64):
             try:
                 X[f"generate_b{b}_ctx32"] = r = xo_generate(m, b, 32, 32)
                 log(f"xoron generate() b={b} ctx=32: {r:,.0f} tok/s")

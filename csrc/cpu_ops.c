@@ -4,7 +4,7 @@
 
 #include "cpu_kernels.h"
 
-#define XO_CLONES __attribute__((target_clones("default", "arch=haswell", "arch=skylake-avx512")))
+#define XO_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 
 XO_CLONES
 static void rmsnorm_row(float *y, const float *x, const float *w, int d, float eps) {
@@ -62,10 +62,10 @@ xo_status xo_cpu_rope_rows(float *x, size_t row_stride, const int32_t *pos, int 
     return XO_OK;
 }
 
-xo_status xo_cpu_rope(xo_backend *be, float *x, const int32_t *pos, int n, int heads, int hd,
+xo_status xo_cpu_rope(xo_backend *be, float *x, size_t row_stride, const int32_t *pos, int n, int heads, int hd,
                       const float *inv_freq, float mscale) {
     (void)be;
-    return xo_cpu_rope_rows(x, (size_t)heads * hd, pos, n, heads, hd, inv_freq, mscale);
+    return xo_cpu_rope_rows(x, row_stride, pos, n, heads, hd, inv_freq, mscale);
 }
 
 XO_CLONES
@@ -101,10 +101,25 @@ xo_status xo_cpu_swiglu(xo_backend *be, float *y, const float *gu, int n, int in
     return XO_OK;
 }
 
-xo_status xo_cpu_cache_write(xo_backend *be, float *cache, int capacity, int width, int row, int start,
-                             const float *src, int n, int src_stride) {
+xo_status xo_cpu_cache_write(xo_backend *be, float *cache, int capacity, int width, int start,
+                             const float *src, int batch, int n, int src_stride) {
     (void)be;
-    float *dst = cache + ((size_t)row * capacity + start) * width;
-    for (int i = 0; i < n; i++) memcpy(dst + (size_t)i * width, src + (size_t)i * src_stride, (size_t)width * sizeof(float));
+    for (int r = 0; r < batch; r++) {
+        float *dst = cache + ((size_t)r * capacity + start) * width;
+        const float *s = src + (size_t)r * n * src_stride;
+        for (int i = 0; i < n; i++) memcpy(dst + (size_t)i * width, s + (size_t)i * src_stride, (size_t)width * sizeof(float));
+    }
+    return XO_OK;
+}
+
+xo_status xo_cpu_argmax_rows(xo_backend *be, int32_t *out, const float *logits, int rows, int cols) {
+    (void)be;
+    for (int r = 0; r < rows; r++) {
+        const float *z = logits + (size_t)r * cols;
+        int best = 0;
+        for (int v = 1; v < cols; v++)
+            if (z[v] > z[best]) best = v;
+        out[r] = best;
+    }
     return XO_OK;
 }

@@ -79,8 +79,8 @@ struct xo_backend {
     xo_status (*matmul)(xo_backend *be, float *y, const float *x, const xo_linear *w, int m);
     /* y[n, d] = w * x / sqrt(mean(x^2) + eps); x rows are x_stride apart */
     xo_status (*rmsnorm)(xo_backend *be, float *y, const float *x, int x_stride, const float *w, int n, int d, float eps);
-    /* x[n, heads*hd] rotated in place; row i uses position pos[i] */
-    xo_status (*rope)(xo_backend *be, float *x, const int32_t *pos, int n, int heads, int hd,
+    /* rows of x (row_stride floats apart) rotated in place, heads*hd each; row i uses pos[i] */
+    xo_status (*rope)(xo_backend *be, float *x, size_t row_stride, const int32_t *pos, int n, int heads, int hd,
                       const float *inv_freq, float mscale);
     /* h[n, H] = rows ids[i] of the embedding table */
     xo_status (*embed)(xo_backend *be, float *h, const xo_linear *table, const int32_t *ids, int n);
@@ -94,9 +94,12 @@ struct xo_backend {
     xo_status (*moe_experts)(xo_backend *be, const xo_moe_args *a);
     /* causal attention over the cache, chunked with an online softmax */
     xo_status (*attention)(xo_backend *be, const xo_attention_args *a);
-    /* cache slots [row, start .. start+n) of a [batch, capacity, width] array <- src [n, width] */
-    xo_status (*cache_write)(xo_backend *be, float *cache, int capacity, int width, int row, int start,
-                             const float *src, int n, int src_stride);
+    /* cache slots [r, start .. start+n) of a [batch, capacity, width] array, for every row r,
+     * <- src rows r*n .. r*n+n-1 (src rows are src_stride floats apart) */
+    xo_status (*cache_write)(xo_backend *be, float *cache, int capacity, int width, int start,
+                             const float *src, int batch, int n, int src_stride);
+    /* optional (NULL: the graph downloads logits): out[r] = argmax of logits row r, lower index on ties */
+    xo_status (*argmax_rows)(xo_backend *be, int32_t *out, const float *logits, int rows, int cols);
 
     void (*destroy)(xo_backend *be);
 };

@@ -38,17 +38,23 @@ xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
     int32_t *next = malloc((size_t)b * sizeof *next);
     int32_t *history = malloc((size_t)width * sizeof *history);
     uint8_t *finished = calloc((size_t)b, 1);
+    /* Plain greedy needs only each row's argmax, which the backend can compute where the
+     * logits live; everything else (sampling, penalties, scores, EOS masking) needs the logits. */
+    const int plain_greedy = !a->sampling.do_sample && a->sampling.repetition_penalty == 1.0f && !a->scores;
+    int32_t *best = malloc((size_t)b * sizeof *best);
     xo_rng rng;
     xo_rng_seed(&rng, a->seed);
     xo_status rc = XO_OK;
-    if (!logits || !work || !next || !history || !finished) {
+    if (!logits || !work || !next || !history || !finished || !best) {
         rc = xo_fail(XO_ENOMEM, "out of memory in generate");
         goto out;
     }
     /* Prefill the whole prompt; logits of the last position only. */
     xo_forward_args fa = { .batch = b, .tokens = t0, .ids = a->prompt, .mask = a->mask, .mask_len = a->mask ? t0 : 0,
-                           .cache = cache, .logits = logits, .last_only = 1 };
+                           .cache = cache, .logits = logits, .last_only = 1,
+                           .argmax = plain_greedy && (a->min_new_tokens == 0 || !a->num_eos) ? best : NULL };
     rc = xo_model_forward(m, &fa);
+    int have_argmax = fa.argmax != NULL;
     for (int step = 0; rc == XO_OK && step < a->max_new_tokens; step++) {
         int all_done = 1;
         for (int r = 0; r < b; r++) {
@@ -58,9 +64,9 @@ xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
             /* history for the repetition penalty: this row's prompt (unmasked) and output */
             int n = 0;
             const int32_t *row = a->out + (size_t)r * width;
-            for (int i = 0; i < t0 + step; i++)
+            for (int i = 0; a->sampling.repetition_penalty != 1.0f && i < t0 + step; i++)
                 if (i >= t0 || !a->mask || a->mask[(size_t)r * t0 + i]) history[n++] = row[i];
-            int32_t tok = xo_sample_row(z, V, &a->sampling, history, n, &rng, work);
+            int32_t tok = have_argmax ? best[r] : xo_sample_row(z, V, &a->sampling, history, n, &rng, work);
             if (a->scores) memcpy(a->scores + ((size_t)step * b + r) * V, z, (size_t)V * sizeof(float));
             if (finished[r]) tok = a->pad_id;
             else if (is_eos(a, tok)) finished[r] = 1;
@@ -71,7 +77,9 @@ xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
         *a->steps_done = step + 1;
         if (a->on_token) rc = a->on_token(a->ctx, next, b);
         if (rc != XO_OK || all_done || step + 1 == a->max_new_tokens) break;
-        xo_forward_args sa = { .batch = b, .tokens = 1, .ids = next, .cache = cache, .logits = logits, .last_only = 1 };
+        have_argmax = plain_greedy && (step + 1 >= a->min_new_tokens || !a->num_eos);
+        xo_forward_args sa = { .batch = b, .tokens = 1, .ids = next, .cache = cache, .logits = logits, .last_only = 1,
+                               .argmax = have_argmax ? best : NULL };
         rc = xo_model_forward(m, &sa);
     }
 out:
@@ -81,5 +89,6 @@ out:
     free(next);
     free(history);
     free(finished);
+    free(best);
     return rc;
 }

@@ -72,13 +72,13 @@ void xo_model_free(xo_model *m) {
 /* Activation buffers of one forward call, all on the backend. */
 typedef struct {
     float *h, *xn, *q, *qa, *c, *kv, *att, *tmp, *gu, *act, *router, *rw;
-    int32_t *ids, *pos, *ridx;
+    int32_t *ids, *pos, *ridx, *argmax;
     float *logits;
 } scratch;
 
 static void scratch_free(xo_backend *be, scratch *s) {
     void *all[] = { s->h, s->xn, s->q, s->qa, s->c, s->kv, s->att, s->tmp, s->gu, s->act, s->router, s->rw,
-                    s->ids, s->pos, s->ridx, s->logits };
+                    s->ids, s->pos, s->ridx, s->argmax, s->logits };
     for (size_t i = 0; i < sizeof all / sizeof *all; i++) be->release(be, all[i]);
 }
 
@@ -103,9 +103,10 @@ static xo_status scratch_alloc(xo_backend *be, const xo_config *c, int n, int lo
     s->ids = be->alloc(be, n * sizeof(int32_t));
     s->pos = be->alloc(be, n * sizeof(int32_t));
     s->ridx = be->alloc(be, n * K * sizeof(int32_t));
+    s->argmax = be->alloc(be, (size_t)logit_rows * sizeof(int32_t));
     s->logits = be->alloc(be, (size_t)logit_rows * c->vocab_size * f);
     if (!s->h || !s->xn || !s->q || !s->qa || !s->c || !s->kv || !s->att || !s->tmp || !s->gu || !s->act ||
-        !s->router || !s->rw || !s->ids || !s->pos || !s->ridx || !s->logits) {
+        !s->router || !s->rw || !s->ids || !s->pos || !s->ridx || !s->argmax || !s->logits) {
         scratch_free(be, s);
         return xo_fail(XO_ENOMEM, "out of memory for the activations of %d tokens", n);
     }
@@ -202,20 +203,14 @@ static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache 
         XO_TRY(be->matmul(be, s->c, s->xn, &lw->kv_a, n));                         /* c = (x @ Wkva.T)[:, :r] */
         XO_TRY(be->rmsnorm(be, s->c, s->c, r, lw->kv_a_norm, n, r, 1e-6f));        /* c = RMSNorm(c, 1e-6) */
         if (cache->format == XO_CACHE_LATENT) {
-            for (int row = 0; row < b; row++)
-                XO_TRY(be->cache_write(be, cache->latent[l], cache->capacity, r, row, past,
-                                       s->c + (size_t)row * t * r, t, r));
+            XO_TRY(be->cache_write(be, cache->latent[l], cache->capacity, r, past, s->c, b, t, r));
         } else {
             XO_TRY(be->matmul(be, s->kv, s->c, &lw->kv_b, n));                     /* [K | V] = c @ Wkvb.T */
-            for (int row = 0; row < b; row++) {
-                const float *src = s->kv + (size_t)row * t * 2 * kvw;
-                XO_TRY(be->cache_write(be, cache->k[l], cache->capacity, kvw, row, past, src, t, 2 * kvw));
-                XO_TRY(be->cache_write(be, cache->v[l], cache->capacity, kvw, row, past, src + kvw, t, 2 * kvw));
-                XO_TRY(be->rope(be, cache->k[l] + ((size_t)row * cache->capacity + past) * kvw, s->pos + (size_t)row * t,
-                                t, nkv, hd, m->inv_freq, m->mscale));
-            }
+            XO_TRY(be->rope(be, s->kv, 2 * (size_t)kvw, s->pos, n, nkv, hd, m->inv_freq, m->mscale));
+            XO_TRY(be->cache_write(be, cache->k[l], cache->capacity, kvw, past, s->kv, b, t, 2 * kvw));
+            XO_TRY(be->cache_write(be, cache->v[l], cache->capacity, kvw, past, s->kv + kvw, b, t, 2 * kvw));
         }
-        XO_TRY(be->rope(be, s->q, s->pos, n, c->num_heads, hd, m->inv_freq, m->mscale));
+        XO_TRY(be->rope(be, s->q, (size_t)c->num_heads * hd, s->pos, n, c->num_heads, hd, m->inv_freq, m->mscale));
         xo_attention_args at = {
             .batch = b, .new_tokens = t, .past = past,
             .num_heads = c->num_heads, .num_kv_heads = nkv, .head_dim = hd, .rank = r,
@@ -255,7 +250,7 @@ static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache 
     XO_TRY(be->rmsnorm(be, s->xn, s->h, H, m->w.final_norm, n, H, c->rms_norm_eps));
     if (a->hidden)
         XO_TRY(be->download(be, a->hidden + (size_t)c->num_layers * hsize, s->xn, hsize * sizeof(float)));
-    if (!a->logits) return XO_OK;
+    if (!a->logits && !a->argmax) return XO_OK;
     const float *rows = s->xn;
     int nrows = n;
     if (a->last_only) {
@@ -265,7 +260,19 @@ static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache 
         nrows = b;
     }
     XO_TRY(be->matmul(be, s->logits, rows, m->w.tied ? &m->w.embed : &m->w.lm_head, nrows));
-    return be->download(be, a->logits, s->logits, (size_t)nrows * c->vocab_size * sizeof(float));
+    if (a->argmax && be->argmax_rows) {  /* a few bytes back instead of the whole logits */
+        XO_TRY(be->argmax_rows(be, s->argmax, s->logits, nrows, c->vocab_size));
+        return be->download(be, a->argmax, s->argmax, (size_t)nrows * sizeof(int32_t));
+    }
+    XO_TRY(be->download(be, a->logits, s->logits, (size_t)nrows * c->vocab_size * sizeof(float)));
+    for (int row = 0; a->argmax && row < nrows; row++) {
+        const float *z = a->logits + (size_t)row * c->vocab_size;
+        int best = 0;
+        for (int v = 1; v < c->vocab_size; v++)
+            if (z[v] > z[best]) best = v;
+        a->argmax[row] = best;
+    }
+    return XO_OK;
 }
 
 xo_status xo_model_forward(xo_model *m, const xo_forward_args *a) {

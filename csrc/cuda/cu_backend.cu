@@ -201,15 +201,17 @@ static void be_destroy(xo_backend *be) {
     }
 WRAP(matmul, (xo_backend *be, float *y, const float *x, const xo_linear *w, int m), (be, y, x, w, m))
 WRAP(rmsnorm, (xo_backend *be, float *y, const float *x, int xs, const float *w, int n, int d, float eps), (be, y, x, xs, w, n, d, eps))
-WRAP(rope, (xo_backend *be, float *x, const int32_t *pos, int n, int heads, int hd, const float *f, float ms), (be, x, pos, n, heads, hd, f, ms))
+WRAP(rope, (xo_backend *be, float *x, size_t rs, const int32_t *pos, int n, int heads, int hd, const float *f, float ms),
+     (be, x, rs, pos, n, heads, hd, f, ms))
 WRAP(embed, (xo_backend *be, float *h, const xo_linear *t, const int32_t *ids, int n), (be, h, t, ids, n))
 WRAP(add, (xo_backend *be, float *y, const float *x, size_t n), (be, y, x, n))
 WRAP(swiglu, (xo_backend *be, float *y, const float *gu, int n, int inter), (be, y, gu, n, inter))
 WRAP(moe_route, (xo_backend *be, int32_t *idx, float *wt, const float *lg, int n, int e, int k), (be, idx, wt, lg, n, e, k))
 WRAP(moe_experts, (xo_backend *be, const xo_moe_args *a), (be, a))
 WRAP(attention, (xo_backend *be, const xo_attention_args *a), (be, a))
-WRAP(cache_write, (xo_backend *be, float *cache, int cap, int width, int row, int start, const float *src, int n, int ss),
-     (be, cache, cap, width, row, start, src, n, ss))
+WRAP(cache_write, (xo_backend *be, float *cache, int cap, int width, int start, const float *src, int b, int n, int ss),
+     (be, cache, cap, width, start, src, b, n, ss))
+WRAP(argmax_rows, (xo_backend *be, int32_t *out, const float *logits, int rows, int cols), (be, out, logits, rows, cols))
 
 extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_create(xo_backend **out, int device, char *err,
                                                                                    size_t err_len) {
@@ -291,6 +293,7 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
     be->moe_experts = w_moe_experts;
     be->attention = w_attention;
     be->cache_write = w_cache_write;
+    be->argmax_rows = w_argmax_rows;
     be->destroy = be_destroy;
     *out = be;
     return XO_OK;

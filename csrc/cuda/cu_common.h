@@ -100,15 +100,17 @@ enum { CU_GEMM_BM = 64 };
 
 /* cu_ops.cu */
 xo_status cu_rmsnorm(xo_backend *be, float *y, const float *x, int x_stride, const float *w, int n, int d, float eps);
-xo_status cu_rope(xo_backend *be, float *x, const int32_t *pos, int n, int heads, int hd, const float *inv_freq, float mscale);
+xo_status cu_rope(xo_backend *be, float *x, size_t row_stride, const int32_t *pos, int n, int heads, int hd,
+                  const float *inv_freq, float mscale);
 /* rows of x are row_stride floats apart; row i takes position pos[(i / rpb) * pcap + i % rpb] */
 xo_status cu_rope_rows(CuCtx *c, float *x, size_t row_stride, const int32_t *pos, int n, int heads, int hd,
                        const float *inv_freq, float mscale, int rpb, int pcap);
 xo_status cu_embed(xo_backend *be, float *h, const xo_linear *table, const int32_t *ids, int n);
 xo_status cu_add(xo_backend *be, float *y, const float *x, size_t n);
 xo_status cu_swiglu(xo_backend *be, float *y, const float *gu, int n, int inter);
-xo_status cu_cache_write(xo_backend *be, float *cache, int capacity, int width, int row, int start,
-                         const float *src, int n, int src_stride);
+xo_status cu_cache_write(xo_backend *be, float *cache, int capacity, int width, int start,
+                         const float *src, int batch, int n, int src_stride);
+xo_status cu_argmax_rows(xo_backend *be, int32_t *out, const float *logits, int rows, int cols);
 xo_status cu_convert(CuCtx *c, void *dst, xo_dtype dt, const void *src, xo_dtype st, size_t n);
 
 /* cu_moe.cu */

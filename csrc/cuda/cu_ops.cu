@@ -95,8 +95,9 @@ xo_status cu_rope_rows(CuCtx *c, float *x, size_t row_stride, const int32_t *pos
     return cu_check_launch(c, "rope");
 }
 
-xo_status cu_rope(xo_backend *be, float *x, const int32_t *pos, int n, int heads, int hd, const float *inv_freq, float mscale) {
-    return cu_rope_rows(cu_ctx(be), x, (size_t)heads * hd, pos, n, heads, hd, inv_freq, mscale, n, 0);
+xo_status cu_rope(xo_backend *be, float *x, size_t row_stride, const int32_t *pos, int n, int heads, int hd,
+                  const float *inv_freq, float mscale) {
+    return cu_rope_rows(cu_ctx(be), x, row_stride, pos, n, heads, hd, inv_freq, mscale, n, 0);
 }
 
 /* ---- embedding lookup ---- */
@@ -169,15 +170,59 @@ xo_status cu_swiglu(xo_backend *be, float *y, const float *gu, int n, int inter)
     return cu_check_launch(c, "swiglu");
 }
 
-/* ---- cache slots [row, start .. start+n) <- src [n, width] (rows src_stride apart) ---- */
+/* ---- cache slots [r, start .. start+n) <- src rows r*n .. r*n+n-1 (src_stride apart), every row r ---- */
 
-xo_status cu_cache_write(xo_backend *be, float *cache, int capacity, int width, int row, int start, const float *src, int n,
-                         int src_stride) {
+xo_status cu_cache_write(xo_backend *be, float *cache, int capacity, int width, int start, const float *src, int batch,
+                         int n, int src_stride) {
     CuCtx *c = cu_ctx(be);
-    if (n <= 0 || width <= 0) return XO_OK;
-    float *dst = cache + ((size_t)row * capacity + start) * width;
-    CU_TRY(c, cudaMemcpy2DAsync(dst, (size_t)width * sizeof(float), src, (size_t)src_stride * sizeof(float),
-                                (size_t)width * sizeof(float), (size_t)n, cudaMemcpyDeviceToDevice, c->stream),
-           "cache_write");
+    if (n <= 0 || width <= 0 || batch <= 0) return XO_OK;
+    const size_t row_bytes = (size_t)width * sizeof(float);
+    if (n == 1) { /* decode: one strided copy for the whole batch */
+        CU_TRY(c, cudaMemcpy2DAsync(cache + (size_t)start * width, (size_t)capacity * row_bytes, src,
+                                    (size_t)src_stride * sizeof(float), row_bytes, (size_t)batch,
+                                    cudaMemcpyDeviceToDevice, c->stream),
+               "cache_write");
+        return XO_OK;
+    }
+    for (int r = 0; r < batch; r++)
+        CU_TRY(c, cudaMemcpy2DAsync(cache + ((size_t)r * capacity + start) * width, row_bytes,
+                                    src + (size_t)r * n * src_stride, (size_t)src_stride * sizeof(float), row_bytes,
+                                    (size_t)n, cudaMemcpyDeviceToDevice, c->stream),
+               "cache_write");
     return XO_OK;
+}
+
+/* ---- out[r] = argmax of row r (lower index on ties): one block per row ---- */
+
+__device__ __forceinline__ void better(float &v, int &i, float ov, int oi) {
+    if (ov > v || (ov == v && oi < i)) { v = ov; i = oi; }
+}
+
+__global__ void k_argmax_rows(int32_t *out, const float *__restrict__ logits, int cols) {
+    const float *z = logits + (size_t)blockIdx.x * cols;
+    float v = -INFINITY;
+    int idx = 0x7fffffff;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) better(v, idx, z[j], j);
+    for (int off = 16; off > 0; off >>= 1)
+        better(v, idx, __shfl_down_sync(0xffffffffu, v, off), __shfl_down_sync(0xffffffffu, idx, off));
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) { sv[warp] = v; si[warp] = idx; }
+    __syncthreads();
+    if (warp == 0) {
+        const int nw = blockDim.x / 32;
+        v = lane < nw ? sv[lane] : -INFINITY;
+        idx = lane < nw ? si[lane] : 0x7fffffff;
+        for (int off = 16; off > 0; off >>= 1)
+            better(v, idx, __shfl_down_sync(0xffffffffu, v, off), __shfl_down_sync(0xffffffffu, idx, off));
+        if (lane == 0) out[blockIdx.x] = idx == 0x7fffffff ? 0 : idx; /* all-NaN row: 0, as the CPU */
+    }
+}
+
+xo_status cu_argmax_rows(xo_backend *be, int32_t *out, const float *logits, int rows, int cols) {
+    CuCtx *c = cu_ctx(be);
+    if (rows <= 0 || cols <= 0) return XO_OK;
+    k_argmax_rows<<<rows, 1024, 0, c->stream>>>(out, logits, cols);
+    return cu_check_launch(c, "argmax_rows");
 }
