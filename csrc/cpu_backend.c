@@ -54,6 +54,7 @@ xo_status xo_cpu_backend_create(xo_backend **out) {
     be->moe_experts = xo_cpu_moe_experts;
     be->attention = xo_cpu_attention;
     be->cache_write = xo_cpu_cache_write;
+    be->argmax_rows = xo_cpu_argmax_rows;
     be->destroy = cpu_destroy;
     *out = be;
     return XO_OK;
