@@ -160,7 +160,7 @@ def cmd_info(args):
     d = _model_dir(args.path)
     cfg = resolve_config(read_config_json(os.path.join(d, "config.json")))
     files = _weight_files(d)
-    prefix = _tensor_prefix(files[0])
+    prefix = _tensor_prefix(files)
     tensors = []
     for f in files:
         tensors += [(n, t, s) for n, t, s in _C.read_safetensors_header(f) if n.startswith(prefix)]

@@ -141,7 +141,7 @@ class MoELlamaForCausalLM:
         files = _weight_files(path)
         raw = read_config_json(cfg_path)
         config = resolve_config(raw, None, config_overrides)
-        prefix = _tensor_prefix(files[0])
+        prefix = _tensor_prefix(files)
         model = cls(config, dtype=dtype, device=device, cache_format=cache_format, _init=False)
         model._engine.load_safetensors(files, prefix)
         return model
@@ -236,6 +236,11 @@ class MoELlamaForCausalLM:
     def half(self):
         return self.to(dtype="float16")
 
+    def quantize(self, dtype="int8"):
+        """Re-stores the weights as `dtype` ("int8": weight-only, symmetric, one scale per output
+        row; or "bfloat16"/"float16"), computed with float32 accumulation. Returns self."""
+        return self.to(dtype=dtype)
+
     def cpu(self):
         return self.to(device="cpu")
 
@@ -294,6 +299,9 @@ class MoELlamaForCausalLM:
                 pos = np.broadcast_to(pos, (b, pos.shape[1]))
             if pos.shape != (b, t):
                 raise ValueError(f"position_ids has shape {list(pos.shape)}; expected {[b, t]} like input_ids")
+            if pos.size and (pos.min() < -2**31 or pos.max() >= 2**31):  # the C engine names in-range misfits
+                raise ValueError(f"position_ids must lie in [0, max_position_embeddings="
+                                 f"{self.config.max_position_embeddings}); got values in [{pos.min()}, {pos.max()}]")
             pos = np.ascontiguousarray(pos, dtype=np.int32)
         mask = None
         if attention_mask is not None:
@@ -492,11 +500,12 @@ def _weight_files(path: str) -> list:
     raise ValueError(f"{path!r} is not a checkpoint: it has no model.safetensors or model.safetensors.index.json")
 
 
-def _tensor_prefix(first_file: str) -> str:
-    """'llm.' for Xoron-Dev multimodal checkpoints, '' otherwise."""
-    names = [n for n, _, _ in _C.read_safetensors_header(first_file)]
-    if any(n.startswith("model.") or n == "lm_head.weight" for n in names):
-        return ""
-    if any(n.startswith("llm.model.") for n in names):
-        return "llm."
+def _tensor_prefix(files: list) -> str:
+    """'llm.' for Xoron-Dev multimodal checkpoints, '' otherwise (looks through every shard)."""
+    for f in files:
+        names = [n for n, _, _ in _C.read_safetensors_header(f)]
+        if any(n.startswith("model.") or n == "lm_head.weight" for n in names):
+            return ""
+        if any(n.startswith("llm.model.") for n in names):
+            return "llm."
     return ""
