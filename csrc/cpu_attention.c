@@ -54,8 +54,12 @@ xo_status xo_cpu_attention(xo_backend *be, const xo_attention_args *a) {
     float *l = malloc(states * sizeof *l);
     float *acc = calloc(states * hd, sizeof *acc);
     float *kvbuf = a->format == XO_CACHE_LATENT ? malloc((size_t)KEY_CHUNK * 2 * nkv * hd * sizeof *kvbuf) : NULL;
+    /* a 16-bit latent is widened one chunk at a time */
+    float *wide = a->format == XO_CACHE_LATENT && a->latent_dtype != XO_F32
+                      ? malloc((size_t)KEY_CHUNK * a->rank * sizeof *wide) : NULL;
     xo_status rc = XO_OK;
-    if (!m || !l || !acc || (a->format == XO_CACHE_LATENT && !kvbuf)) {
+    if (!m || !l || !acc || (a->format == XO_CACHE_LATENT && !kvbuf) || (a->latent_dtype != XO_F32 && !wide &&
+                                                                       a->format == XO_CACHE_LATENT)) {
         rc = xo_fail(XO_ENOMEM, "out of memory in attention (%d tokens)", t);
         goto out;
     }
@@ -68,7 +72,15 @@ xo_status xo_cpu_attention(xo_backend *be, const xo_attention_args *a) {
             const float *kbase, *vbase;
             size_t stride;
             if (a->format == XO_CACHE_LATENT) {
-                const float *c = a->latent + ((size_t)b * a->capacity + j0) * a->rank;
+                const size_t first = (size_t)b * a->capacity + j0;
+                const float *c;
+                if (a->latent_dtype == XO_F32) {
+                    c = (const float *)a->latent + first * a->rank;
+                } else {
+                    xo_convert_to_f32(wide, (const char *)a->latent + first * a->rank * 2, a->latent_dtype,
+                                      (size_t)(j1 - j0) * a->rank);
+                    c = wide;
+                }
                 rc = xo_cpu_matmul(be, kvbuf, c, a->kv_b, j1 - j0);
                 if (rc != XO_OK) break;
                 stride = (size_t)2 * nkv * hd;
@@ -112,5 +124,6 @@ out:
     free(l);
     free(acc);
     free(kvbuf);
+    free(wide);
     return rc;
 }

@@ -40,7 +40,7 @@ xo_status xo_cpu_rope_rows(float *x, size_t row_stride, const int32_t *pos, int 
                            const float *inv_freq, float mscale);
 xo_status xo_cpu_add(xo_backend *be, float *y, const float *x, size_t n);
 xo_status xo_cpu_swiglu(xo_backend *be, float *y, const float *gu, int n, int inter);
-xo_status xo_cpu_cache_write(xo_backend *be, float *cache, int capacity, int width, int start,
+xo_status xo_cpu_cache_write(xo_backend *be, void *cache, xo_dtype cache_t, int capacity, int width, int start,
                              const float *src, int batch, int n, int src_stride);
 xo_status xo_cpu_argmax_rows(xo_backend *be, int32_t *out, const float *logits, int rows, int cols);
 

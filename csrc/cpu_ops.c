@@ -101,13 +101,21 @@ xo_status xo_cpu_swiglu(xo_backend *be, float *y, const float *gu, int n, int in
     return XO_OK;
 }
 
-xo_status xo_cpu_cache_write(xo_backend *be, float *cache, int capacity, int width, int start,
+xo_status xo_cpu_cache_write(xo_backend *be, void *cache, xo_dtype cache_t, int capacity, int width, int start,
                              const float *src, int batch, int n, int src_stride) {
     (void)be;
+    const size_t es = xo_dtype_size(cache_t);
     for (int r = 0; r < batch; r++) {
-        float *dst = cache + ((size_t)r * capacity + start) * width;
-        const float *s = src + (size_t)r * n * src_stride;
-        for (int i = 0; i < n; i++) memcpy(dst + (size_t)i * width, s + (size_t)i * src_stride, (size_t)width * sizeof(float));
+        for (int i = 0; i < n; i++) {
+            const float *s = src + ((size_t)r * n + i) * src_stride;
+            char *dst = (char *)cache + ((size_t)r * capacity + start + i) * width * es;
+            if (cache_t == XO_F32) {
+                memcpy(dst, s, (size_t)width * sizeof(float));
+            } else {
+                uint16_t *d16 = (uint16_t *)dst;
+                for (int j = 0; j < width; j++) d16[j] = cache_t == XO_BF16 ? xo_f32_to_bf16(s[j]) : xo_f32_to_f16(s[j]);
+            }
+        }
     }
     return XO_OK;
 }

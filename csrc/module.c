@@ -137,11 +137,6 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
         return -1;
     }
     if (rc != XO_OK) { raise_status(rc); return -1; }
-    if (t != XO_F32 && !strcmp(device, "cpu")) {
-        be->destroy(be);
-        PyErr_Format(PyExc_ValueError, "dtype '%s' is not supported on the CPU yet (use float32)", dtype);
-        return -1;
-    }
     xo_model *m = NULL;
     rc = xo_model_create(&m, &cfg, be, t);
     if (rc != XO_OK) { raise_status(rc); return -1; }
@@ -506,7 +501,7 @@ static PyObject *Model_new_cache(ModelObject *self, PyObject *args) {
     int batch, format = XO_CACHE_LATENT;
     if (ensure_model(self) || !PyArg_ParseTuple(args, "i|i", &batch, &format)) return NULL;
     xo_cache *c = NULL;
-    xo_status rc = xo_cache_create(&c, &self->model->cfg, self->model->be, batch, format);
+    xo_status rc = xo_cache_create(&c, &self->model->cfg, self->model->be, batch, format, self->model->weight_dtype);
     if (rc != XO_OK) return raise_status(rc);
     CacheObject *obj = PyObject_New(CacheObject, &CacheType);
     if (!obj) { xo_cache_free(c); return NULL; }

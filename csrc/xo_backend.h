@@ -37,7 +37,8 @@ typedef struct {
     int format;                    /* XO_CACHE_LATENT or XO_CACHE_KV */
     const float *q;                /* [batch*new_tokens, nh*hd], rotated */
     float *out;                    /* [batch*new_tokens, nh*hd] */
-    const float *latent;           /* LATENT: [batch, capacity, rank], normed c */
+    const void *latent;            /* LATENT: [batch, capacity, rank], normed c, of latent_dtype */
+    xo_dtype latent_dtype;         /* F32, BF16 or F16 */
     const xo_linear *kv_b;         /* LATENT: expands c to [K | V], [2*nkv*hd, rank] */
     const float *k, *v;            /* KV: [batch, capacity, nkv*hd], K rotated */
     const int32_t *key_pos;        /* [batch, capacity] position ids (LATENT: to rotate K) */
@@ -94,9 +95,9 @@ struct xo_backend {
     xo_status (*moe_experts)(xo_backend *be, const xo_moe_args *a);
     /* causal attention over the cache, chunked with an online softmax */
     xo_status (*attention)(xo_backend *be, const xo_attention_args *a);
-    /* cache slots [r, start .. start+n) of a [batch, capacity, width] array, for every row r,
-     * <- src rows r*n .. r*n+n-1 (src rows are src_stride floats apart) */
-    xo_status (*cache_write)(xo_backend *be, float *cache, int capacity, int width, int start,
+    /* cache slots [r, start .. start+n) of a [batch, capacity, width] array of dtype cache_t
+     * (F32, BF16 or F16), for every row r, <- float src rows r*n .. r*n+n-1 (src_stride apart) */
+    xo_status (*cache_write)(xo_backend *be, void *cache, xo_dtype cache_t, int capacity, int width, int start,
                              const float *src, int batch, int n, int src_stride);
     /* optional (NULL: the graph downloads logits): out[r] = argmax of logits row r, lower index on ties */
     xo_status (*argmax_rows)(xo_backend *be, int32_t *out, const float *logits, int rows, int cols);

@@ -5,7 +5,8 @@
 
 static int arrays_per_layer(const xo_cache *c) { return c->format == XO_CACHE_KV ? 2 : 1; }
 
-xo_status xo_cache_create(xo_cache **out, const xo_config *cfg, xo_backend *be, int batch, int format) {
+xo_status xo_cache_create(xo_cache **out, const xo_config *cfg, xo_backend *be, int batch, int format,
+                          xo_dtype model_dtype) {
     if (batch <= 0) return xo_fail(XO_EINVAL, "cache batch size must be positive");
     if (format != XO_CACHE_LATENT && format != XO_CACHE_KV) return xo_fail(XO_EINVAL, "unknown cache format %d", format);
     xo_cache *c = calloc(1, sizeof *c);
@@ -16,6 +17,7 @@ xo_status xo_cache_create(xo_cache **out, const xo_config *cfg, xo_backend *be, 
     c->batch = batch;
     c->max_length = cfg->max_position_embeddings;
     c->width = format == XO_CACHE_LATENT ? cfg->kv_lora_rank : cfg->num_kv_heads * cfg->head_dim;
+    c->dtype = format == XO_CACHE_LATENT && (model_dtype == XO_BF16 || model_dtype == XO_F16) ? model_dtype : XO_F32;
     c->latent = calloc((size_t)c->num_layers, sizeof *c->latent);
     c->k = calloc((size_t)c->num_layers, sizeof *c->k);
     c->v = calloc((size_t)c->num_layers, sizeof *c->v);
@@ -63,10 +65,10 @@ xo_status xo_cache_reserve(xo_cache *c, int tokens) {
     if (want > c->max_length) want = c->max_length;
     int cap = (int)want, old = c->capacity, len = c->length;
     xo_backend *be = c->be;
-    size_t fbytes = (size_t)c->width * sizeof(float);
+    size_t fbytes = (size_t)c->width * xo_dtype_size(c->dtype);
     for (int l = 0; l < c->num_layers; l++) {
         if (c->format == XO_CACHE_LATENT) {
-            XO_TRY(regrow(be, (void **)&c->latent[l], c->batch, old, cap, len, fbytes));
+            XO_TRY(regrow(be, &c->latent[l], c->batch, old, cap, len, fbytes));
         } else {
             XO_TRY(regrow(be, (void **)&c->k[l], c->batch, old, cap, len, fbytes));
             XO_TRY(regrow(be, (void **)&c->v[l], c->batch, old, cap, len, fbytes));
@@ -99,7 +101,7 @@ void xo_cache_free(xo_cache *c) {
 }
 
 size_t xo_cache_bytes_per_token(const xo_cache *c) {
-    return (size_t)c->num_layers * arrays_per_layer(c) * c->width * sizeof(float);
+    return (size_t)c->num_layers * arrays_per_layer(c) * c->width * xo_dtype_size(c->dtype);
 }
 
 size_t xo_cache_bytes(const xo_cache *c) { return xo_cache_bytes_per_token(c) * c->length * c->batch; }

@@ -11,11 +11,12 @@ typedef struct {
     xo_backend *be;          /* not owned: the model's */
     int format;              /* XO_CACHE_LATENT or XO_CACHE_KV */
     int num_layers, batch;
-    int width;               /* floats per token per layer and array: r (latent) or nkv*hd (K, V) */
+    int width;               /* values per token per layer and array: r (latent) or nkv*hd (K, V) */
+    xo_dtype dtype;          /* latent: the model's dtype (float32 for int8 weights); K/V: float32 */
     int capacity;            /* token slots allocated per row */
     int length;              /* tokens stored per row */
     int max_length;          /* max_position_embeddings */
-    float **latent;          /* [L] device [batch, capacity, r] */
+    void **latent;           /* [L] device [batch, capacity, r] of dtype */
     float **k, **v;          /* [L] device [batch, capacity, nkv*hd] */
     int32_t *positions;      /* device [batch, capacity] */
     uint8_t *mask;           /* device [batch, capacity] */
@@ -24,7 +25,9 @@ typedef struct {
     int32_t *next_position;  /* host [batch]: position id of each row's next token */
 } xo_cache;
 
-xo_status xo_cache_create(xo_cache **out, const xo_config *cfg, xo_backend *be, int batch, int format);
+/* model_dtype: the weights' storage dtype; the latent is kept in it when it is 16-bit. */
+xo_status xo_cache_create(xo_cache **out, const xo_config *cfg, xo_backend *be, int batch, int format,
+                          xo_dtype model_dtype);
 /* Makes room for `tokens` slots per row. Grows in 256-token steps by at least half the
  * current size, so appending one token at a time copies the cache O(log n) times. */
 xo_status xo_cache_reserve(xo_cache *c, int tokens);

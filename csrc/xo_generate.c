@@ -32,7 +32,7 @@ xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
     if (a->max_new_tokens == 0) return XO_OK;
 
     xo_cache *cache = NULL;
-    XO_TRY(xo_cache_create(&cache, &m->cfg, m->be, b, a->cache_format));
+    XO_TRY(xo_cache_create(&cache, &m->cfg, m->be, b, a->cache_format, m->weight_dtype));
     float *logits = malloc((size_t)b * V * sizeof *logits);
     void *work = calloc((size_t)V * 3, sizeof(float));
     int32_t *next = malloc((size_t)b * sizeof *next);

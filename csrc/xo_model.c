@@ -203,12 +203,12 @@ static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache 
         XO_TRY(be->matmul(be, s->c, s->xn, &lw->kv_a, n));                         /* c = (x @ Wkva.T)[:, :r] */
         XO_TRY(be->rmsnorm(be, s->c, s->c, r, lw->kv_a_norm, n, r, 1e-6f));        /* c = RMSNorm(c, 1e-6) */
         if (cache->format == XO_CACHE_LATENT) {
-            XO_TRY(be->cache_write(be, cache->latent[l], cache->capacity, r, past, s->c, b, t, r));
+            XO_TRY(be->cache_write(be, cache->latent[l], cache->dtype, cache->capacity, r, past, s->c, b, t, r));
         } else {
             XO_TRY(be->matmul(be, s->kv, s->c, &lw->kv_b, n));                     /* [K | V] = c @ Wkvb.T */
             XO_TRY(be->rope(be, s->kv, 2 * (size_t)kvw, s->pos, n, nkv, hd, m->inv_freq, m->mscale));
-            XO_TRY(be->cache_write(be, cache->k[l], cache->capacity, kvw, past, s->kv, b, t, 2 * kvw));
-            XO_TRY(be->cache_write(be, cache->v[l], cache->capacity, kvw, past, s->kv + kvw, b, t, 2 * kvw));
+            XO_TRY(be->cache_write(be, cache->k[l], XO_F32, cache->capacity, kvw, past, s->kv, b, t, 2 * kvw));
+            XO_TRY(be->cache_write(be, cache->v[l], XO_F32, cache->capacity, kvw, past, s->kv + kvw, b, t, 2 * kvw));
         }
         XO_TRY(be->rope(be, s->q, (size_t)c->num_heads * hd, s->pos, n, c->num_heads, hd, m->inv_freq, m->mscale));
         xo_attention_args at = {
@@ -216,7 +216,7 @@ static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache 
             .num_heads = c->num_heads, .num_kv_heads = nkv, .head_dim = hd, .rank = r,
             .capacity = cache->capacity, .format = cache->format,
             .q = s->q, .out = s->att,
-            .latent = cache->latent[l], .kv_b = &lw->kv_b, .k = cache->k[l], .v = cache->v[l],
+            .latent = cache->latent[l], .latent_dtype = cache->dtype, .kv_b = &lw->kv_b, .k = cache->k[l], .v = cache->v[l],
             .key_pos = cache->positions, .key_mask = cache->mask,
             .inv_freq = m->inv_freq, .mscale = m->mscale, .scale = 1.0f / sqrtf((float)hd),
             /* SPEC 4.4: the original's ring path divides by (sum + 1e-5) once keys outnumber a chunk */
@@ -280,7 +280,7 @@ xo_status xo_model_forward(xo_model *m, const xo_forward_args *a) {
     XO_TRY(check_args(m, a, cache));
     xo_cache *own = NULL;
     if (!cache) {
-        XO_TRY(xo_cache_create(&own, &m->cfg, m->be, a->batch, XO_CACHE_LATENT));
+        XO_TRY(xo_cache_create(&own, &m->cfg, m->be, a->batch, XO_CACHE_LATENT, m->weight_dtype));
         cache = own;
     }
     const int n = a->batch * a->tokens;

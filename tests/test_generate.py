@@ -290,3 +290,20 @@ def test_sampled_frequencies_follow_filtered_distribution():
         chi2 = float((((counts[probs > 0] - expected) ** 2) / expected).sum())
         # 99.9% quantile of chi-square with <= 6 degrees of freedom is 22.5
         assert chi2 < 22.5, (kw, chi2)
+
+
+def test_bfloat16_model_keeps_its_latent_cache_in_bfloat16():
+    m = make_model(MOE, seed=1, dtype="bfloat16")
+    ids = m.ids(2, 12, seed=3)
+    full = m.model(input_ids=ids).logits
+    out = m.model(input_ids=ids[:, :5], use_cache=True)
+    got = [out.logits]
+    for i in range(5, 12):
+        out = m.model(input_ids=ids[:, i:i + 1], past_key_values=out.past_key_values, use_cache=True)
+        got.append(out.logits)
+    cache = out.past_key_values
+    assert cache.bytes_per_token == 3 * 16 * 2       # L * r * bfloat16
+    assert rel_err(np.concatenate(got, axis=1), full) <= 3e-2
+    assert rel_err(full, m.ref(ids)[0]) <= 3e-2
+    # the K/V format stays float32 whatever the weights
+    assert m.model.new_cache(1, "kv").bytes_per_token == 3 * 2 * 4 * 8 * 4

@@ -569,7 +569,8 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
     /* scratch: f32 expanded [K | V] (latent), f16 copies (mma), split partials (row-wise) */
     auto up = [](size_t b) { return (b + 255) & ~(size_t)255; };
     const size_t b_exp = a->format == XO_CACHE_LATENT ? up(krows * 2 * W * sizeof(float)) : 0;
-    const size_t b_lat = a->format == XO_CACHE_LATENT && B > 1 ? up(krows * (size_t)a->rank * sizeof(float)) : 0;
+    const bool gather = a->format == XO_CACHE_LATENT && (B > 1 || a->latent_dtype != XO_F32);
+    const size_t b_lat = gather ? up(krows * (size_t)a->rank * sizeof(float)) : 0;
     const size_t b_16 = use_mma ? up(krows * 2 * W * sizeof(__half)) : 0;
     int nsplit = 1;
     if (!tc) {
@@ -594,8 +595,11 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
 
     if (a->format == XO_CACHE_LATENT) {
         /* [K | V] = c @ Wkvb.T for the kv_len keys of each row (gathered compact), K rotated */
-        const float *src = a->latent;
-        if (B > 1) {
+        const float *src = (const float *)a->latent;
+        if (gather && a->latent_dtype != XO_F32) { /* widen a 16-bit latent while gathering */
+            rc = cu_gather_rows(c, lat, a->latent, a->latent_dtype, B, a->capacity, kv_len, a->rank);
+            src = lat;
+        } else if (gather) {
             const size_t rb = (size_t)a->rank * sizeof(float);
             rc = cu_check(c, cudaMemcpy2DAsync(lat, kv_len * rb, a->latent, (size_t)a->capacity * rb, kv_len * rb, (size_t)B,
                                                cudaMemcpyDeviceToDevice, c->stream), "attention (gather latents)");

@@ -209,8 +209,9 @@ WRAP(swiglu, (xo_backend *be, float *y, const float *gu, int n, int inter), (be,
 WRAP(moe_route, (xo_backend *be, int32_t *idx, float *wt, const float *lg, int n, int e, int k), (be, idx, wt, lg, n, e, k))
 WRAP(moe_experts, (xo_backend *be, const xo_moe_args *a), (be, a))
 WRAP(attention, (xo_backend *be, const xo_attention_args *a), (be, a))
-WRAP(cache_write, (xo_backend *be, float *cache, int cap, int width, int start, const float *src, int b, int n, int ss),
-     (be, cache, cap, width, start, src, b, n, ss))
+WRAP(cache_write, (xo_backend *be, void *cache, xo_dtype ct, int cap, int width, int start, const float *src, int b, int n,
+                   int ss),
+     (be, cache, ct, cap, width, start, src, b, n, ss))
 WRAP(argmax_rows, (xo_backend *be, int32_t *out, const float *logits, int rows, int cols), (be, out, logits, rows, cols))
 
 extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_create(xo_backend **out, int device, char *err,

@@ -108,8 +108,10 @@ xo_status cu_rope_rows(CuCtx *c, float *x, size_t row_stride, const int32_t *pos
 xo_status cu_embed(xo_backend *be, float *h, const xo_linear *table, const int32_t *ids, int n);
 xo_status cu_add(xo_backend *be, float *y, const float *x, size_t n);
 xo_status cu_swiglu(xo_backend *be, float *y, const float *gu, int n, int inter);
-xo_status cu_cache_write(xo_backend *be, float *cache, int capacity, int width, int start,
+xo_status cu_cache_write(xo_backend *be, void *cache, xo_dtype cache_t, int capacity, int width, int start,
                          const float *src, int batch, int n, int src_stride);
+/* dst [batch * len, width] f32 <- slots [r, 0 .. len) of a [batch, capacity, width] array of dtype t */
+xo_status cu_gather_rows(CuCtx *c, float *dst, const void *src, xo_dtype t, int batch, int capacity, int len, int width);
 xo_status cu_argmax_rows(xo_backend *be, int32_t *out, const float *logits, int rows, int cols);
 xo_status cu_convert(CuCtx *c, void *dst, xo_dtype dt, const void *src, xo_dtype st, size_t n);
 

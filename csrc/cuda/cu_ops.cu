@@ -172,10 +172,55 @@ xo_status cu_swiglu(xo_backend *be, float *y, const float *gu, int n, int inter)
 
 /* ---- cache slots [r, start .. start+n) <- src rows r*n .. r*n+n-1 (src_stride apart), every row r ---- */
 
-xo_status cu_cache_write(xo_backend *be, float *cache, int capacity, int width, int start, const float *src, int batch,
-                         int n, int src_stride) {
+template <typename D>
+__global__ void k_cache_write(D *cache, int capacity, int width, int start, const float *__restrict__ src, int batch,
+                              int n, int src_stride) {
+    const size_t total = (size_t)batch * n * width;
+    for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < total; t += (size_t)gridDim.x * blockDim.x) {
+        const int j = (int)(t % width);
+        const size_t ri = t / width; /* r * n + i */
+        const size_t r = ri / n, i = ri % n;
+        cu_st(cache, ((r * capacity + start + i) * width) + j, src[ri * src_stride + j]);
+    }
+}
+
+template <typename S>
+__global__ void k_gather_rows(float *dst, const S *__restrict__ src, int capacity, int len, int width, size_t total) {
+    for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < total; t += (size_t)gridDim.x * blockDim.x) {
+        const int j = (int)(t % width);
+        const size_t ri = t / width; /* r * len + i */
+        const size_t r = ri / len, i = ri % len;
+        dst[t] = cu_ld(src, (r * capacity + i) * width + j);
+    }
+}
+
+xo_status cu_gather_rows(CuCtx *c, float *dst, const void *src, xo_dtype t, int batch, int capacity, int len, int width) {
+    const size_t total = (size_t)batch * len * width;
+    if (!total) return XO_OK;
+    unsigned b = cu_blocks(total, 256), cap = (unsigned)c->num_sms * 16;
+    if (b > cap) b = cap;
+    if (t == XO_BF16) k_gather_rows<<<b, 256, 0, c->stream>>>(dst, (const __nv_bfloat16 *)src, capacity, len, width, total);
+    else if (t == XO_F16) k_gather_rows<<<b, 256, 0, c->stream>>>(dst, (const __half *)src, capacity, len, width, total);
+    else k_gather_rows<<<b, 256, 0, c->stream>>>(dst, (const float *)src, capacity, len, width, total);
+    return cu_check_launch(c, "cache gather");
+}
+
+xo_status cu_cache_write(xo_backend *be, void *cache_v, xo_dtype cache_t, int capacity, int width, int start,
+                         const float *src, int batch, int n, int src_stride) {
     CuCtx *c = cu_ctx(be);
     if (n <= 0 || width <= 0 || batch <= 0) return XO_OK;
+    if (cache_t != XO_F32) { /* 16-bit cache: convert while writing */
+        const size_t total = (size_t)batch * n * width;
+        unsigned b = cu_blocks(total, 256), cap = (unsigned)c->num_sms * 16;
+        if (b > cap) b = cap;
+        if (cache_t == XO_BF16)
+            k_cache_write<<<b, 256, 0, c->stream>>>((__nv_bfloat16 *)cache_v, capacity, width, start, src, batch, n,
+                                                    src_stride);
+        else
+            k_cache_write<<<b, 256, 0, c->stream>>>((__half *)cache_v, capacity, width, start, src, batch, n, src_stride);
+        return cu_check_launch(c, "cache_write");
+    }
+    float *cache = (float *)cache_v;
     const size_t row_bytes = (size_t)width * sizeof(float);
     if (n == 1) { /* decode: one strided copy for the whole batch */
         CU_TRY(c, cudaMemcpy2DAsync(cache + (size_t)start * width, (size_t)capacity * row_bytes, src,
