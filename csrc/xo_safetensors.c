@@ -196,6 +196,10 @@ static int span_cmp(const void *a, const void *b) {
     return x->begin < y->begin ? -1 : x->begin > y->begin ? 1 : (x->end < y->end ? -1 : x->end > y->end);
 }
 
+static int view_name_cmp(const void *a, const void *b) {
+    return strcmp((*(const xo_tensor_view *const *)a)->name, (*(const xo_tensor_view *const *)b)->name);
+}
+
 static xo_status parse_header(xo_safetensors *st, size_t data_start) {
     scanner s = { st->header, st->header + strlen(st->header), st->path };
     size_t data_size = st->size - data_start;
@@ -236,12 +240,18 @@ static xo_status parse_header(xo_safetensors *st, size_t data_start) {
                 break;
             }
             uint64_t count = 1;
+            int too_big = 0;
             for (int d = 0; d < t->ndim; d++) {
-                if (t->shape[d] && count > UINT64_MAX / (uint64_t)t->shape[d]) { count = UINT64_MAX; break; }
-                count *= (uint64_t)t->shape[d];
+                if (t->shape[d] && count > UINT64_MAX / (uint64_t)t->shape[d]) too_big = 1;
+                else count *= (uint64_t)t->shape[d];
             }
             size_t es = xo_dtype_size(t->dtype);
-            if (es && (count > (UINT64_MAX / es) || count * es != off[1] - off[0])) {
+            if (too_big || (es && count > UINT64_MAX / es)) {
+                rc = xo_fail(XO_EFORMAT, "%s: tensor '%s' has a shape too large for any file (corrupt header)",
+                             st->path, name);
+                break;
+            }
+            if (es && count * es != off[1] - off[0]) {
                 rc = xo_fail(XO_EFORMAT, "%s: tensor '%s' holds %llu bytes but its shape and dtype %s need %llu",
                              st->path, name, (unsigned long long)(off[1] - off[0]), t->dtype_name,
                              (unsigned long long)(count * es));
@@ -260,6 +270,24 @@ static xo_status parse_header(xo_safetensors *st, size_t data_start) {
         break;
     }
 done:
+    if (rc == XO_OK) {
+        skip_ws(&s);
+        if (s.p < s.end) rc = bad(&s, "unexpected characters after the JSON object");
+    }
+    if (rc == XO_OK && st->num_tensors > 1) {
+        /* The same name twice would make the later entry silently unreachable. */
+        const xo_tensor_view **byname = malloc((size_t)st->num_tensors * sizeof *byname);
+        if (!byname) {
+            rc = xo_fail(XO_ENOMEM, "out of memory reading %s", st->path);
+        } else {
+            for (int i = 0; i < st->num_tensors; i++) byname[i] = &st->tensors[i];
+            qsort(byname, (size_t)st->num_tensors, sizeof *byname, view_name_cmp);
+            for (int i = 1; i < st->num_tensors && rc == XO_OK; i++)
+                if (!strcmp(byname[i - 1]->name, byname[i]->name))
+                    rc = xo_fail(XO_EFORMAT, "%s: tensor '%s' appears twice in the header", st->path, byname[i]->name);
+            free(byname);
+        }
+    }
     if (rc == XO_OK) {
         qsort(spans, (size_t)st->num_tensors, sizeof *spans, span_cmp);
         uint64_t covered = 0; /* furthest end among the non-empty spans seen so far */

@@ -39,6 +39,17 @@ def int_array(x, name: str, ndim: int = 2) -> np.ndarray:
     return a
 
 
+def mask_array(x, name: str = "attention_mask") -> np.ndarray:
+    """A [batch, tokens] mask of 0/1 as uint8; integer, bool or float (0.0/1.0) input."""
+    a, _ = to_numpy(x, name)
+    if a.dtype.kind == "f" and a.size and np.all((a == 0) | (a == 1)):
+        a = a.astype(np.int64)
+    a = int_array(a, name)
+    if a.size and (a.min() < 0 or a.max() > 1):
+        raise ValueError(f"{name} must hold only 0 and 1")
+    return np.ascontiguousarray(a, dtype=np.uint8)
+
+
 def ids_array(x, name: str = "input_ids") -> np.ndarray:
     a = int_array(x, name)
     if a.shape[0] == 0 or a.shape[1] == 0:

@@ -60,11 +60,25 @@ class LlamaConfig:
         return isinstance(other, LlamaConfig) and self.to_dict() == other.to_dict()
 
 
+# Values that are certainly not a config object (getattr on them would silently give the
+# default 1024-wide, 12-layer model).
+_NOT_A_CONFIG = (str, bytes, bytearray, int, float, complex, list, tuple, set, frozenset)
+
+
+def _check_kind(obj, what: str, hint: str = "") -> None:
+    import numpy as np
+    if isinstance(obj, _NOT_A_CONFIG) or isinstance(obj, (np.generic, np.ndarray)):
+        raise TypeError(f"{what} must be a dict, a LlamaConfig or an object with its attributes, "
+                        f"got {type(obj).__name__} {obj!r:.60}{hint}")
+
+
 def resolve_config(config, moe_config=None, overrides=None) -> LlamaConfig:
     """Reads a transformers/xoron LlamaConfig, any object with those attributes, or a dict
     (config.json style, optionally in the Xoron-Dev layout) into a LlamaConfig."""
     if config is None:
         config = {}
+    _check_kind(config, "config", " (to load a checkpoint directory use MoELlamaForCausalLM.from_pretrained(path))"
+                if isinstance(config, (str, bytes)) else "")
     if isinstance(config, LlamaConfig):
         src = config.to_dict()
         values = {k: src.get(k, v) for k, v in DEFAULTS.items()}
@@ -98,6 +112,7 @@ def resolve_config(config, moe_config=None, overrides=None) -> LlamaConfig:
         moe = dict(MOE_DEFAULTS, intermediate_size=values["intermediate_size"])
     else:
         if not isinstance(moe_src, dict):
+            _check_kind(moe_src, "moe_config")
             moe_src = {k: getattr(moe_src, k) for k in MOE_FIELDS if hasattr(moe_src, k)}
         moe = {k: moe_src.get(k, v) for k, v in MOE_DEFAULTS.items()}
         moe["intermediate_size"] = moe_src.get("intermediate_size", values["intermediate_size"])
@@ -105,6 +120,9 @@ def resolve_config(config, moe_config=None, overrides=None) -> LlamaConfig:
         if k in MOE_FIELDS and k != "intermediate_size":
             moe[k] = v
         elif k == "moe_config":
+            if not isinstance(v, dict):
+                _check_kind(v, "moe_config")
+                v = {f: getattr(v, f) for f in MOE_FIELDS if hasattr(v, f)}
             moe.update(v)
         elif k == "moe_intermediate_size":
             moe["intermediate_size"] = v

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _C
 from ._safetensors_io import save_file
-from ._tensors import ids_array, int_array, output, scalar, to_numpy
+from ._tensors import ids_array, int_array, mask_array, output, scalar, to_numpy
 from .config import LlamaConfig, engine_dict, read_config_json, resolve_config
 
 DTYPES = ("float32", "bfloat16", "float16", "int8")
@@ -305,13 +305,10 @@ class MoELlamaForCausalLM:
             pos = np.ascontiguousarray(pos, dtype=np.int32)
         mask = None
         if attention_mask is not None:
-            mask = int_array(attention_mask, "attention_mask")
+            mask = mask_array(attention_mask)
             if mask.shape[0] != b or mask.shape[1] not in (t, past + t):
                 want = [b, t] if past == 0 else f"[{b}, {t}] or [{b}, {past + t}]"
                 raise ValueError(f"attention_mask has shape {list(mask.shape)}; expected {want}")
-            if mask.size and (mask.min() < 0 or mask.max() > 1):
-                raise ValueError("attention_mask must hold only 0 and 1")
-            mask = np.ascontiguousarray(mask, dtype=np.uint8)
         lab = None
         if labels is not None:
             lab = int_array(labels, "labels")
@@ -348,12 +345,9 @@ class MoELlamaForCausalLM:
         b, t = prompt.shape
         mask = None
         if attention_mask is not None:
-            mask = int_array(attention_mask, "attention_mask")
+            mask = mask_array(attention_mask)
             if mask.shape != (b, t):
                 raise ValueError(f"attention_mask has shape {list(mask.shape)}; expected {[b, t]} like input_ids")
-            if mask.size and (mask.min() < 0 or mask.max() > 1):
-                raise ValueError("attention_mask must hold only 0 and 1")
-            mask = np.ascontiguousarray(mask, dtype=np.uint8)
         max_new_tokens = _int_arg(max_new_tokens, "max_new_tokens")
         min_new_tokens = _int_arg(min_new_tokens, "min_new_tokens")
         top_k = _int_arg(top_k if top_k is not None else 0, "top_k")
