@@ -23,7 +23,24 @@ def _preload_onednn():
                 continue
 
 
+def _use_installed_build():
+    """Run from a source checkout (the repository root first on sys.path), this package
+    shadows the installed one and has no compiled modules: take them from the installed copy."""
+    here = _os.path.realpath(_os.path.dirname(__file__))
+    for entry in _sys.path:
+        cand = _os.path.join(entry or ".", "xoron")
+        if _os.path.realpath(cand) != here and _glob.glob(_os.path.join(cand, "_C.*")):
+            __path__.append(cand)  # noqa: F821  (the package's own search path)
+            return True
+    return False
+
+
 try:
+    from . import _C
+except ModuleNotFoundError:
+    if not _use_installed_build():
+        raise ImportError("xoron's C extension is not built: install with `pip install .`, or build in place "
+                          "with `python setup.py build_ext --inplace`") from None
     from . import _C
 except ImportError as _e:  # libdnnl not found through rpath: look for it and retry once
     if "libdnnl" not in str(_e):
@@ -31,7 +48,7 @@ except ImportError as _e:  # libdnnl not found through rpath: look for it and re
     _preload_onednn()
     from . import _C
 
-_cuda_plugin = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "_xoron_cuda.so")
+_cuda_plugin = _os.path.join(_os.path.dirname(_os.path.abspath(_C.__file__)), "_xoron_cuda.so")
 _C.set_cuda_plugin(_cuda_plugin)
 
 from .config import LlamaConfig  # noqa: E402
