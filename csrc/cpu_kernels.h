@@ -13,11 +13,11 @@ xo_status xo_cpu_embed(xo_backend *be, float *h, const xo_linear *table, const i
 /* crossover m between the matrix-vector kernels and the widened-tile sgemm (-1: the built-in
  * rule, below -1: unchanged), and the tile height (<= 0: unchanged); for tuning and tests */
 void xo_cpu_matmul_tuning(int gemv_max_m, int tile_rows);
-/* 64-byte aligned; 2 MB pages (madvise) from 2 MB up; release with free() */
+/* cpu_quant.c: weight storage. 64-byte aligned, on 2 MB pages (madvise) from 2 MB up, not
+ * zeroed; release with free(). */
 void *xo_cpu_weight_alloc(size_t bytes);
-
-/* cpu_quant.c: storage conversions. Rows [row_offset, row_offset+rows) of w (storage allocated,
- * w->scales too for I8) from host rows of dtype src_t; int8 is symmetric per row. */
+/* rows [row_offset, row_offset+rows) of w (storage allocated, w->scales too for I8) from host
+ * rows of dtype src_t; bf16/f16 round to nearest even, int8 is symmetric per row */
 xo_status xo_cpu_store_rows(xo_linear *w, const void *host, xo_dtype src_t, int row_offset, int rows);
 /* dst[rows, w->in] = rows row0.. of w, widened to float32 (int8: times its row scale); serial */
 void xo_cpu_dequant_rows(float *dst, const xo_linear *w, size_t row0, size_t rows);

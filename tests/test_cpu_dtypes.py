@@ -1,0 +1,261 @@
+"""CPU weight storage in bfloat16 / float16 / int8 (issue 5).
+
+- logits of the original module's checkpoint (tests/data/tiny_ring) within 3e-2 (bf16, f16)
+  and 5e-2 (int8) of its expected outputs (SPEC section 8 measure), full forward and cached
+  decoding (which runs the matrix-vector kernels);
+- the matrix-product kernels (every storage dtype, every kernel ISA this CPU has, both the
+  matrix-vector and the widened-tile path) against float64 numpy on odd shapes, through the
+  extension's C test hooks (ctypes);
+- int8 quantisation itself: per-row symmetric scales, the state_dict round trip, quantize();
+- int8 (and bf16) greedy top-1 agreement with float32 over 200 steps on a small random model.
+"""
+import ctypes
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from conftest import TINY_RING, make_model, rel_err  # noqa: E402
+
+import xoron  # noqa: E402
+from xoron import _C  # noqa: E402
+
+TOL = {"bfloat16": 3e-2, "float16": 3e-2, "int8": 5e-2}
+DTYPE_CODE = {"float32": 1, "float16": 2, "bfloat16": 3, "int8": 4}   # xo_dtype
+ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512"}
+
+
+# ---------------------------------------------------------------- C hooks
+
+
+@pytest.fixture(scope="module")
+def hooks():
+    lib = ctypes.CDLL(_C.__file__)
+    lib.xo_hook_matmul.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4
+    lib.xo_hook_embed.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    lib.xo_hook_set_isa.argtypes = [ctypes.c_int]
+    lib.xo_hook_tuning.argtypes = [ctypes.c_int] * 3
+    best = lib.xo_hook_set_isa(-1)
+    yield lib, best
+    lib.xo_hook_set_isa(-1)
+    lib.xo_hook_tuning(-1, 64, 1024)
+
+
+def hook_matmul(lib, dtype, w, x):
+    """(y = x @ stored(W).T, stored(W) widened back to float32)."""
+    w = np.ascontiguousarray(w, np.float32)
+    x = np.ascontiguousarray(x, np.float32)
+    y = np.full((x.shape[0], w.shape[0]), np.nan, np.float32)
+    back = np.full_like(w, np.nan)
+    rc = lib.xo_hook_matmul(DTYPE_CODE[dtype], w.shape[0], w.shape[1], x.shape[0],
+                            w.ctypes.data, x.ctypes.data, y.ctypes.data, back.ctypes.data)
+    assert rc == 0, f"xo_hook_matmul failed ({rc})"
+    return y, back
+
+
+STORE_TOL = {"float32": 0.0, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+
+
+def check_storage(dtype, w, back):
+    """Stored weights are w rounded to the storage type (int8: per-row symmetric, max|row|/127)."""
+    if dtype == "int8":
+        amax = np.abs(w).max(axis=1, keepdims=True)
+        scale = amax / 127.0
+        assert np.all(np.abs(back - w) <= scale * 0.5 * (1 + 1e-5) + 1e-30)
+        q = back / np.where(scale > 0, scale, 1)
+        assert np.allclose(q, np.round(q), atol=1e-3) and np.abs(q).max() <= 127 + 1e-3
+        np.testing.assert_allclose(np.abs(back).max(axis=1), amax[:, 0], rtol=1e-6)
+    else:
+        floor = 2.0 ** -25 if dtype == "float16" else 0.0   # half the spacing of f16 subnormals
+        assert np.all(np.abs(back - w) <= np.abs(w) * STORE_TOL[dtype] * (1 + 1e-6) + floor)
+
+
+SHAPES = [(37, 29), (70, 131), (5, 1000), (129, 67), (1, 8), (9, 3)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
+def test_matmul_kernels_vs_float64(hooks, dtype):
+    """Every kernel ISA available and both non-float32 paths (matrix-vector for small m,
+    widened tiles for large m), m in {1, 3, 8, 17, 64}, in/out not multiples of 8."""
+    lib, best = hooks
+    rng = np.random.default_rng(7)
+    cases = [(o, k, m) for (o, k) in SHAPES for m in (1, 2, 3, 5, 8, 17, 64)]
+    data = [(rng.standard_normal((o, k)).astype(np.float32), rng.standard_normal((m, k)).astype(np.float32))
+            for o, k, m in cases]
+    try:
+        for isa in range(best + 1):
+            assert lib.xo_hook_set_isa(isa) == isa
+            for crossover in (-1, 1000, 0):   # built-in rule, matrix-vector always, tiles always
+                lib.xo_hook_tuning(crossover, 0, -1)
+                for w, x in data:
+                    y, back = hook_matmul(lib, dtype, w, x)
+                    check_storage(dtype, w, back)
+                    ref = x.astype(np.float64) @ back.astype(np.float64).T
+                    err = np.abs(y - ref).max() / np.abs(ref).max()
+                    assert err <= 2e-6, (ISA_NAMES[isa], crossover, dtype, w.shape, x.shape[0], err)
+    finally:
+        lib.xo_hook_set_isa(-1)
+        lib.xo_hook_tuning(-1, 0, -1)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int8"])
+def test_embedding_rows_dequantised(hooks, dtype):
+    lib, _ = hooks
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((101, 45)).astype(np.float32)
+    _, back = hook_matmul(lib, dtype, w, np.zeros((1, 45), np.float32))
+    ids = np.array([0, 100, 7, 7, 55], np.int32)
+    h = np.full((len(ids), 45), np.nan, np.float32)
+    assert lib.xo_hook_embed(DTYPE_CODE[dtype], 101, 45, w.ctypes.data, ids.ctypes.data, len(ids), h.ctypes.data) == 0
+    np.testing.assert_array_equal(h, back[ids])
+
+
+def test_int8_zero_rows(hooks):
+    lib, _ = hooks
+    w = np.zeros((4, 19), np.float32)
+    w[2, 5] = -3.0
+    x = np.ones((2, 19), np.float32)
+    y, back = hook_matmul(lib, "int8", w, x)
+    np.testing.assert_array_equal(back, w)
+    np.testing.assert_array_equal(y, np.array([[0, 0, -3, 0]] * 2, np.float32))
+
+
+# ---------------------------------------------------------------- the original module's checkpoint
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return dict(np.load(os.path.join(TINY_RING, "expected.npz")))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int8"])
+def test_tiny_ring_logits(dtype, expected):
+    model = xoron.MoELlamaForCausalLM.from_pretrained(TINY_RING, dtype=dtype)
+    assert model.dtype == dtype
+    for i in range(3):
+        ids = expected[f"in{i}_ids"]
+        b, t = ids.shape
+        pos = np.broadcast_to(int(expected[f"in{i}_pos0"]) + np.arange(t), (b, t))
+        out = model(input_ids=ids, position_ids=pos, labels=expected[f"in{i}_labels"])
+        err = rel_err(out.logits, expected[f"in{i}_logits"])
+        assert err <= TOL[dtype], (dtype, i, err)
+        assert abs(float(out.loss) - float(expected[f"in{i}_loss"])) <= 10 * TOL[dtype]
+
+    # cached decoding: a prefill, then one token per step (m = batch rows: the matrix-vector kernels)
+    ids = expected["in0_ids"]
+    b, t = ids.shape
+    pos0 = int(expected["in0_pos0"])
+    ref = expected["in0_logits"]
+    cut = 28
+    out = model(input_ids=ids[:, :cut], position_ids=pos0 + np.broadcast_to(np.arange(cut), (b, cut)), use_cache=True)
+    cache = out.past_key_values
+    got = [np.asarray(out.logits)]
+    for j in range(cut, t):
+        out = model(input_ids=ids[:, j:j + 1], position_ids=np.full((b, 1), pos0 + j), past_key_values=cache,
+                    use_cache=True)
+        got.append(np.asarray(out.logits))
+    err = rel_err(np.concatenate(got, axis=1), ref)
+    assert err <= TOL[dtype], (dtype, "cached", err)
+
+
+def test_from_pretrained_int8_router_stays_float32():
+    f32 = xoron.MoELlamaForCausalLM.from_pretrained(TINY_RING)
+    q = xoron.MoELlamaForCausalLM.from_pretrained(TINY_RING, dtype="int8")
+    a, b = f32.state_dict(), q.state_dict()
+    for name in a:
+        if ".router.gate." in name or a[name].ndim == 1:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+# ---------------------------------------------------------------- quantize() and state_dict
+
+
+MOE = {"use_moe": True, "num_experts": 4, "num_experts_per_tok": 2, "moe_layer_freq": 2,
+       "moe_intermediate_size": 40}
+
+
+def test_quantize_and_state_dict_round_trip():
+    built = make_model(dict(MOE, num_hidden_layers=2, vocab_size=203, hidden_size=48,
+                            num_attention_heads=4, num_key_value_heads=2, intermediate_size=72), seed=5)
+    model, orig = built.model, built.weights
+    ids = built.ids(2, 11)
+    ref = model(input_ids=ids).logits
+    assert model.quantize("int8") is model and model.dtype == "int8"
+    got = model(input_ids=ids).logits
+    assert rel_err(got, ref) <= TOL["int8"]
+
+    sd = model.state_dict()
+    assert set(sd) == set(orig)
+    for name, w in orig.items():
+        if w.ndim == 2 and ".router.gate." not in name:
+            bound = np.abs(w).max(axis=1, keepdims=True) / 254.0 * (1 + 1e-5)
+            assert np.all(np.abs(sd[name] - w) <= bound + 1e-30), name
+        else:
+            np.testing.assert_array_equal(sd[name], w, err_msg=name)
+
+    # loading the dequantised weights into an int8 model stores the same values again
+    again = xoron.MoELlamaForCausalLM(built.config, dtype="int8", seed=1)
+    again.load_state_dict(sd)
+    sd2 = again.state_dict()
+    for name in sd:
+        np.testing.assert_allclose(sd2[name], sd[name], rtol=0, atol=1e-6 * max(1.0, float(np.abs(sd[name]).max())),
+                                   err_msg=name)
+    np.testing.assert_allclose(again(input_ids=ids).logits, got, rtol=0, atol=1e-4 * float(np.abs(got).max()))
+
+    # and back to float32: the dequantised values exactly
+    model.quantize("float32")
+    for name, a in model.state_dict().items():
+        np.testing.assert_array_equal(a, sd[name], err_msg=name)
+
+
+def test_bfloat16_state_dict_is_rounded_float32():
+    """bf16 storage = float32 rounded to nearest even; norms (and kv_a_proj's discarded tail
+    rows, kept aside in float32) are exact."""
+    built = make_model(dict(MOE, num_hidden_layers=2), seed=2)
+    sd = built.model.bfloat16().state_dict()
+    r = built.cfg.kv_lora_rank
+    for name, w in built.weights.items():
+        u = w.view(np.uint32).astype(np.uint64)
+        want = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+        if w.ndim == 1:
+            want = w
+        elif name.endswith("kv_a_proj.weight"):
+            want = np.concatenate([want[:r], w[r:]])
+        np.testing.assert_array_equal(sd[name], want, err_msg=name)
+
+
+# ---------------------------------------------------------------- greedy agreement
+
+
+def test_int8_greedy_agreement_200_steps():
+    """Top-1 agreement with float32 along float32's own 200-token greedy continuation
+    (teacher forced), and how long free-running int8 greedy decoding stays identical."""
+    cfg = dict(MOE, num_hidden_layers=4, vocab_size=512, hidden_size=64, num_attention_heads=4,
+               num_key_value_heads=4, intermediate_size=128, kv_lora_rank=32, moe_intermediate_size=96)
+    built = make_model(cfg, seed=11)
+    f32 = built.model
+    prompt = built.ids(1, 8, seed=3)
+    steps = 200
+    seq = f32.generate(prompt, max_new_tokens=steps, do_sample=False, eos_token_id=None)
+    seq = np.asarray(seq)
+    assert seq.shape == (1, 8 + steps)
+    top_f32 = np.asarray(f32(input_ids=seq).logits)[0, 7:7 + steps].argmax(-1)
+    np.testing.assert_array_equal(top_f32, seq[0, 8:])   # greedy == argmax of the full forward
+
+    rates = {}
+    for dtype in ("int8", "bfloat16"):
+        m = xoron.MoELlamaForCausalLM(built.config, dtype=dtype, seed=0)
+        m.load_state_dict(built.weights)
+        top = np.asarray(m(input_ids=seq).logits)[0, 7:7 + steps].argmax(-1)
+        rates[dtype] = float(np.mean(top == top_f32))
+        free = np.asarray(m.generate(prompt, max_new_tokens=steps, do_sample=False, eos_token_id=None))[0, 8:]
+        same = int(np.argmax(free != seq[0, 8:])) if np.any(free != seq[0, 8:]) else steps
+        print(f"\n{dtype}: top-1 agreement with float32 over {steps} greedy steps (teacher forced) "
+              f"= {rates[dtype]:.3f}; free-running greedy identical for the first {same} tokens")
+    assert rates["int8"] >= 0.8
+    assert rates["bfloat16"] >= 0.9
