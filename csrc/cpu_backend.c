@@ -35,6 +35,7 @@ xo_status xo_cpu_backend_create(xo_backend **out) {
     xo_backend *be = calloc(1, sizeof *be);
     if (!be) return xo_fail(XO_ENOMEM, "out of memory");
     be->name = "cpu";
+    be->host_memory = 1;
     be->alloc = cpu_alloc;
     be->release = cpu_release;
     be->upload = cpu_copy;

@@ -61,6 +61,7 @@ typedef struct {
 struct xo_backend {
     const char *name;
     void *ctx;
+    int host_memory;   /* 1: "device" pointers are host memory (the graph may write into caller arrays) */
 
     /* memory */
     void *(*alloc)(xo_backend *be, size_t bytes);             /* zero-filled; NULL on failure */
@@ -99,7 +100,7 @@ struct xo_backend {
      * (F32, BF16 or F16), for every row r, <- float src rows r*n .. r*n+n-1 (src_stride apart) */
     xo_status (*cache_write)(xo_backend *be, void *cache, xo_dtype cache_t, int capacity, int width, int start,
                              const float *src, int batch, int n, int src_stride);
-    /* optional (NULL: the graph downloads logits): out[r] = argmax of logits row r, lower index on ties */
+    /* out[r] = argmax of logits row r, lower index on ties */
     xo_status (*argmax_rows)(xo_backend *be, int32_t *out, const float *logits, int rows, int cols);
 
     void (*destroy)(xo_backend *be);

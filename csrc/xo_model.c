@@ -259,19 +259,14 @@ static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache 
         rows = s->tmp;
         nrows = b;
     }
-    XO_TRY(be->matmul(be, s->logits, rows, m->w.tied ? &m->w.embed : &m->w.lm_head, nrows));
-    if (a->argmax && be->argmax_rows) {  /* a few bytes back instead of the whole logits */
-        XO_TRY(be->argmax_rows(be, s->argmax, s->logits, nrows, c->vocab_size));
+    /* A backend working in host memory writes the logits straight into the caller's array. */
+    float *dst = be->host_memory && a->logits ? a->logits : s->logits;
+    XO_TRY(be->matmul(be, dst, rows, m->w.tied ? &m->w.embed : &m->w.lm_head, nrows));
+    if (a->argmax) {  /* a few bytes back instead of the whole logits */
+        XO_TRY(be->argmax_rows(be, s->argmax, dst, nrows, c->vocab_size));
         return be->download(be, a->argmax, s->argmax, (size_t)nrows * sizeof(int32_t));
     }
-    XO_TRY(be->download(be, a->logits, s->logits, (size_t)nrows * c->vocab_size * sizeof(float)));
-    for (int row = 0; a->argmax && row < nrows; row++) {
-        const float *z = a->logits + (size_t)row * c->vocab_size;
-        int best = 0;
-        for (int v = 1; v < c->vocab_size; v++)
-            if (z[v] > z[best]) best = v;
-        a->argmax[row] = best;
-    }
+    if (dst != a->logits) XO_TRY(be->download(be, a->logits, dst, (size_t)nrows * c->vocab_size * sizeof(float)));
     return XO_OK;
 }
 
@@ -293,7 +288,8 @@ xo_status xo_model_forward(xo_model *m, const xo_forward_args *a) {
     if (rc == XO_OK && !(saved_next = malloc((size_t)a->batch * sizeof *saved_next))) rc = xo_fail(XO_ENOMEM, "out of memory");
     if (rc == XO_OK) memcpy(saved_next, cache->next_position, (size_t)a->batch * sizeof *saved_next);
     if (rc == XO_OK) rc = prepare_positions(m, a, cache, pos);
-    if (rc == XO_OK) rc = scratch_alloc(m->be, &m->cfg, n, a->last_only ? a->batch : n, &s);
+    const int logit_rows = m->be->host_memory && a->logits ? 0 : a->last_only ? a->batch : n;
+    if (rc == XO_OK) rc = scratch_alloc(m->be, &m->cfg, n, logit_rows, &s);
     if (rc == XO_OK && a->ids) rc = m->be->upload(m->be, s.ids, a->ids, (size_t)n * sizeof(int32_t));
     if (rc == XO_OK) rc = m->be->upload(m->be, s.pos, pos, (size_t)n * sizeof(int32_t));
     if (rc == XO_OK) rc = forward_layers(m, a, cache, &s);

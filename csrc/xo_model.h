@@ -36,8 +36,8 @@ typedef struct {
     xo_cache *cache;           /* continued and extended; NULL: nothing kept */
     float *logits;             /* host [batch, tokens, V] ([batch, V] with last_only), or NULL */
     int last_only;
-    int32_t *argmax;           /* host [batch] or NULL: argmax of each row's last logits; with a backend
-                                * that computes it, `logits` is then left untouched (no download) */
+    int32_t *argmax;           /* host [batch] or NULL: argmax of each row's last logits, computed by the
+                                * backend; `logits` is then not downloaded (a GPU's stay on the GPU) */
     float *hidden;             /* host [L+1, batch, tokens, H], or NULL */
 } xo_forward_args;
 
