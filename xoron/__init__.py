@@ -35,18 +35,21 @@ def _use_installed_build():
     return False
 
 
-try:
+def _import_extension():
+    try:
+        from . import _C
+        return _C
+    except ImportError as e:
+        if "libdnnl" in str(e):  # libdnnl not found through the rpath: look for it and retry once
+            _preload_onednn()
+        elif not _use_installed_build():
+            raise ImportError("xoron's C extension is not built: install with `pip install .`, or build in "
+                              "place with `python setup.py build_ext --inplace`") from e
     from . import _C
-except ModuleNotFoundError:
-    if not _use_installed_build():
-        raise ImportError("xoron's C extension is not built: install with `pip install .`, or build in place "
-                          "with `python setup.py build_ext --inplace`") from None
-    from . import _C
-except ImportError as _e:  # libdnnl not found through rpath: look for it and retry once
-    if "libdnnl" not in str(_e):
-        raise
-    _preload_onednn()
-    from . import _C
+    return _C
+
+
+_C = _import_extension()
 
 _cuda_plugin = _os.path.join(_os.path.dirname(_os.path.abspath(_C.__file__)), "_xoron_cuda.so")
 _C.set_cuda_plugin(_cuda_plugin)
