@@ -82,7 +82,9 @@ static void scratch_free(xo_backend *be, scratch *s) {
     for (size_t i = 0; i < sizeof all / sizeof *all; i++) be->release(be, all[i]);
 }
 
-static xo_status scratch_alloc(xo_backend *be, const xo_config *c, int n, int logit_rows, scratch *s) {
+/* logit_rows: rows of logits staged on the backend (0 when they go straight to the caller);
+ * out_rows: rows of the output (argmax) */
+static xo_status scratch_alloc(xo_backend *be, const xo_config *c, int n, int logit_rows, int out_rows, scratch *s) {
     const size_t H = c->hidden_size, qw = (size_t)c->num_heads * c->head_dim;
     size_t inter = c->intermediate_size > c->moe_intermediate_size ? c->intermediate_size : c->moe_intermediate_size;
     size_t E = c->use_moe ? c->num_experts : 1, K = c->use_moe ? c->experts_per_tok : 1;
@@ -103,7 +105,7 @@ static xo_status scratch_alloc(xo_backend *be, const xo_config *c, int n, int lo
     s->ids = be->alloc(be, n * sizeof(int32_t));
     s->pos = be->alloc(be, n * sizeof(int32_t));
     s->ridx = be->alloc(be, n * K * sizeof(int32_t));
-    s->argmax = be->alloc(be, (size_t)logit_rows * sizeof(int32_t));
+    s->argmax = be->alloc(be, (size_t)out_rows * sizeof(int32_t));
     s->logits = be->alloc(be, (size_t)logit_rows * c->vocab_size * f);
     if (!s->h || !s->xn || !s->q || !s->qa || !s->c || !s->kv || !s->att || !s->tmp || !s->gu || !s->act ||
         !s->router || !s->rw || !s->ids || !s->pos || !s->ridx || !s->argmax || !s->logits) {
@@ -289,7 +291,7 @@ xo_status xo_model_forward(xo_model *m, const xo_forward_args *a) {
     if (rc == XO_OK) memcpy(saved_next, cache->next_position, (size_t)a->batch * sizeof *saved_next);
     if (rc == XO_OK) rc = prepare_positions(m, a, cache, pos);
     const int logit_rows = m->be->host_memory && a->logits ? 0 : a->last_only ? a->batch : n;
-    if (rc == XO_OK) rc = scratch_alloc(m->be, &m->cfg, n, logit_rows, &s);
+    if (rc == XO_OK) rc = scratch_alloc(m->be, &m->cfg, n, logit_rows, a->last_only ? a->batch : n, &s);
     if (rc == XO_OK && a->ids) rc = m->be->upload(m->be, s.ids, a->ids, (size_t)n * sizeof(int32_t));
     if (rc == XO_OK) rc = m->be->upload(m->be, s.pos, pos, (size_t)n * sizeof(int32_t));
     if (rc == XO_OK) rc = forward_layers(m, a, cache, &s);

@@ -307,3 +307,11 @@ def test_bfloat16_model_keeps_its_latent_cache_in_bfloat16():
     assert rel_err(full, m.ref(ids)[0]) <= 3e-2
     # the K/V format stays float32 whatever the weights
     assert m.model.new_cache(1, "kv").bytes_per_token == 3 * 2 * 4 * 8 * 4
+
+
+def test_greedy_generate_with_a_large_batch():
+    m = make_model(seed=3)
+    p = m.ids(40, 3, seed=5)
+    got = m.model.generate(p, max_new_tokens=3, do_sample=False)
+    for r in (0, 17, 39):
+        np.testing.assert_array_equal(got[r], m.model.generate(p[r:r + 1], max_new_tokens=3, do_sample=False)[0])
