@@ -12,6 +12,8 @@
 
 typedef struct xo_backend xo_backend;
 
+enum { XO_DEVICE_TOP_K_MAX = 1024 };
+
 /* A weight matrix W [out, in], applied as y = x @ W.T. */
 typedef struct {
     int out, in;
@@ -102,6 +104,11 @@ struct xo_backend {
                              const float *src, int batch, int n, int src_stride);
     /* out[r] = argmax of logits row r, lower index on ties */
     xo_status (*argmax_rows)(xo_backend *be, int32_t *out, const float *logits, int rows, int cols);
+    /* optional (NULL: sampling runs on the host): out[r] = a token drawn from row r after
+     * temperature, top-k (1 <= top_k <= XO_DEVICE_TOP_K_MAX) and nucleus filtering (SPEC 7), from
+     * a counter-based generator keyed by (seed, step, r) */
+    xo_status (*sample_rows)(xo_backend *be, int32_t *out, const float *logits, int rows, int cols,
+                             float temperature, int top_k, float top_p, uint64_t seed, uint64_t step);
 
     void (*destroy)(xo_backend *be);
 };

@@ -41,6 +41,12 @@ xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
     /* Plain greedy needs only each row's argmax, which the backend can compute where the
      * logits live; everything else (sampling, penalties, scores, EOS masking) needs the logits. */
     const int plain_greedy = !a->sampling.do_sample && a->sampling.repetition_penalty == 1.0f && !a->scores;
+    /* Sampling on the device: the same filters, drawn where the logits are (no logits copy). */
+    const int device_draw = a->sampling.do_sample && m->be->sample_rows && !m->be->host_memory &&
+                            a->sampling.repetition_penalty == 1.0f && !a->scores && a->sampling.top_k >= 1 &&
+                            a->sampling.top_k <= XO_DEVICE_TOP_K_MAX;
+    struct xo_device_draw draw = { a->sampling.temperature, a->sampling.top_p, a->sampling.top_k, a->seed, 0 };
+    const int fast = plain_greedy || device_draw;
     int32_t *best = malloc((size_t)b * sizeof *best);
     xo_rng rng;
     xo_rng_seed(&rng, a->seed);
@@ -52,7 +58,8 @@ xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
     /* Prefill the whole prompt; logits of the last position only. */
     xo_forward_args fa = { .batch = b, .tokens = t0, .ids = a->prompt, .mask = a->mask, .mask_len = a->mask ? t0 : 0,
                            .cache = cache, .logits = logits, .last_only = 1,
-                           .argmax = plain_greedy && (a->min_new_tokens == 0 || !a->num_eos) ? best : NULL };
+                           .argmax = fast && (a->min_new_tokens == 0 || !a->num_eos) ? best : NULL,
+                           .draw = device_draw ? &draw : NULL };
     rc = xo_model_forward(m, &fa);
     int have_argmax = fa.argmax != NULL;
     for (int step = 0; rc == XO_OK && step < a->max_new_tokens; step++) {
@@ -77,9 +84,10 @@ xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
         *a->steps_done = step + 1;
         if (a->on_token) rc = a->on_token(a->ctx, next, b);
         if (rc != XO_OK || all_done || step + 1 == a->max_new_tokens) break;
-        have_argmax = plain_greedy && (step + 1 >= a->min_new_tokens || !a->num_eos);
+        have_argmax = fast && (step + 1 >= a->min_new_tokens || !a->num_eos);
+        draw.step = (uint64_t)step + 1;
         xo_forward_args sa = { .batch = b, .tokens = 1, .ids = next, .cache = cache, .logits = logits, .last_only = 1,
-                               .argmax = have_argmax ? best : NULL };
+                               .argmax = have_argmax ? best : NULL, .draw = device_draw ? &draw : NULL };
         rc = xo_model_forward(m, &sa);
     }
 out:

@@ -265,7 +265,12 @@ static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache 
     float *dst = be->host_memory && a->logits ? a->logits : s->logits;
     XO_TRY(be->matmul(be, dst, rows, m->w.tied ? &m->w.embed : &m->w.lm_head, nrows));
     if (a->argmax) {  /* a few bytes back instead of the whole logits */
-        XO_TRY(be->argmax_rows(be, s->argmax, dst, nrows, c->vocab_size));
+        const struct xo_device_draw *d = a->draw;
+        if (d)
+            XO_TRY(be->sample_rows(be, s->argmax, dst, nrows, c->vocab_size, d->temperature, d->top_k, d->top_p,
+                                   d->seed, d->step));
+        else
+            XO_TRY(be->argmax_rows(be, s->argmax, dst, nrows, c->vocab_size));
         return be->download(be, a->argmax, s->argmax, (size_t)nrows * sizeof(int32_t));
     }
     if (dst != a->logits) XO_TRY(be->download(be, a->logits, dst, (size_t)nrows * c->vocab_size * sizeof(float)));

@@ -26,6 +26,13 @@ xo_status xo_model_load(xo_model *m, const xo_tensor_view *tensors, int n, const
 xo_status xo_model_init_random(xo_model *m, uint64_t seed);
 void xo_model_free(xo_model *m);
 
+/* Sampling done by the backend (xo_backend.sample_rows). */
+struct xo_device_draw {
+    float temperature, top_p;
+    int top_k;
+    uint64_t seed, step;
+};
+
 typedef struct {
     int batch, tokens;
     const int32_t *ids;        /* host [batch, tokens]; or NULL with embeds */
@@ -38,6 +45,7 @@ typedef struct {
     int last_only;
     int32_t *argmax;           /* host [batch] or NULL: argmax of each row's last logits, computed by the
                                 * backend; `logits` is then not downloaded (a GPU's stay on the GPU) */
+    const struct xo_device_draw *draw; /* with argmax: draw with these settings instead of argmax */
     float *hidden;             /* host [L+1, batch, tokens, H], or NULL */
 } xo_forward_args;
 

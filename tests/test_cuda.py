@@ -358,3 +358,38 @@ def test_bad_device_is_a_clear_error(device):
         xoron.MoELlamaForCausalLM(_config(), device=device, seed=0)
     msg = str(ei.value)
     assert device in msg or "cuda" in msg.lower()
+
+
+# ------------------------------------------------------------------ sampling on the GPU
+
+@needs_gpu
+def test_gpu_sampling_top_k_1_is_greedy_and_seeds_reproduce():
+    m, cfg, _ = build(dict(MOE), seed=4)
+    p = ids_for(cfg, 3, 5, seed=1)
+    greedy = m.generate(p, max_new_tokens=12, do_sample=False)
+    np.testing.assert_array_equal(m.generate(p, max_new_tokens=12, do_sample=True, top_k=1, seed=9), greedy)
+    a = m.generate(p, max_new_tokens=12, do_sample=True, top_k=50, top_p=0.95, temperature=2.0, seed=3)
+    b = m.generate(p, max_new_tokens=12, do_sample=True, top_k=50, top_p=0.95, temperature=2.0, seed=3)
+    np.testing.assert_array_equal(a, b)
+    others = {m.generate(p, max_new_tokens=12, do_sample=True, top_k=50, top_p=0.95, temperature=2.0,
+                         seed=s).tobytes() for s in range(4, 8)}
+    assert len(others | {a.tobytes()}) > 1
+
+
+@needs_gpu
+@pytest.mark.parametrize("kw", [dict(top_k=5, top_p=1.0, temperature=1.0), dict(top_k=40, top_p=0.7, temperature=1.5),
+                                dict(top_k=97, top_p=0.9, temperature=3.0)])
+def test_gpu_sampling_follows_the_filtered_distribution(kw):
+    m, cfg, _ = build(seed=6)
+    p = ids_for(cfg, 1, 4, seed=2)
+    logits = np.asarray(m(input_ids=p).logits)[0, -1].astype(np.float64)
+    probs = R.sample_filter(logits, kw["temperature"], kw["top_k"], kw["top_p"])
+    draws = 3000
+    toks = np.array([m.generate(p, max_new_tokens=1, do_sample=True, seed=s, **kw)[0, -1] for s in range(draws)])
+    counts = np.bincount(toks, minlength=cfg.vocab_size)
+    assert counts[probs == 0].sum() == 0, "drew a filtered-out token"
+    keep = probs * draws >= 5  # chi-square over the well-populated cells
+    expected = probs[keep] * draws
+    chi2 = float((((counts[keep] - expected) ** 2) / expected).sum())
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 6 * np.sqrt(2 * max(dof, 1)) + 10, (chi2, dof)

@@ -213,6 +213,9 @@ WRAP(cache_write, (xo_backend *be, void *cache, xo_dtype ct, int cap, int width,
                    int ss),
      (be, cache, ct, cap, width, start, src, b, n, ss))
 WRAP(argmax_rows, (xo_backend *be, int32_t *out, const float *logits, int rows, int cols), (be, out, logits, rows, cols))
+WRAP(sample_rows, (xo_backend *be, int32_t *out, const float *logits, int rows, int cols, float temp, int top_k, float top_p,
+                   uint64_t seed, uint64_t step),
+     (be, out, logits, rows, cols, temp, top_k, top_p, seed, step))
 
 extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_create(xo_backend **out, int device, char *err,
                                                                                    size_t err_len) {
@@ -295,6 +298,7 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
     be->attention = w_attention;
     be->cache_write = w_cache_write;
     be->argmax_rows = w_argmax_rows;
+    be->sample_rows = w_sample_rows;
     be->destroy = be_destroy;
     *out = be;
     return XO_OK;

@@ -115,6 +115,10 @@ xo_status cu_gather_rows(CuCtx *c, float *dst, const void *src, xo_dtype t, int 
 xo_status cu_argmax_rows(xo_backend *be, int32_t *out, const float *logits, int rows, int cols);
 xo_status cu_convert(CuCtx *c, void *dst, xo_dtype dt, const void *src, xo_dtype st, size_t n);
 
+/* cu_sample.cu */
+xo_status cu_sample_rows(xo_backend *be, int32_t *out, const float *logits, int rows, int cols, float temperature,
+                         int top_k, float top_p, uint64_t seed, uint64_t step);
+
 /* cu_moe.cu */
 xo_status cu_moe_route(xo_backend *be, int32_t *idx, float *weight, const float *logits, int n, int experts, int k);
 xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a);
