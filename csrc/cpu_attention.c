@@ -10,7 +10,6 @@
 
 enum { KEY_CHUNK = 256 };
 
-#define XO_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 
 /* One query row against keys [j0, jend) of one chunk: updates (m, l, acc). */
 XO_CLONES

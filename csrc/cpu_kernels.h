@@ -4,6 +4,10 @@
 
 #include "xo_backend.h"
 
+/* Hot loops get AVX2/FMA (x86-64-v3) and AVX-512 (v4) versions, picked at load time by CPU
+ * features (an "arch=haswell" clone would be picked by CPU model and never run on AMD). */
+#define XO_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+
 /* cpu_matmul.c */
 xo_status xo_cpu_linear_init(xo_backend *be, xo_linear *w, const void *host, xo_dtype src_t, int row_offset, int rows);
 void xo_cpu_linear_free(xo_backend *be, xo_linear *w);

@@ -4,7 +4,6 @@
 
 #include "cpu_kernels.h"
 
-#define XO_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 
 XO_CLONES
 static void rmsnorm_row(float *y, const float *x, const float *w, int d, float eps) {

@@ -10,7 +10,6 @@
 
 /* ISA-level clones: GCC dispatches "arch=haswell"-style clones on the CPU model (so never on
  * AMD), "arch=x86-64-v3/v4" on the features */
-#define XO_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 
 /* Weight storage: large matrices on 2 MB pages where the kernel allows (transparent huge pages
  * in "madvise" mode are common): streaming a matrix then costs no TLB misses, which lifts the
