@@ -38,6 +38,7 @@ xo_status xo_cpu_backend_create(xo_backend **out) {
     be->host_memory = 1;
     be->alloc = cpu_alloc;
     be->release = cpu_release;
+    be->release_shared = cpu_release;
     be->upload = cpu_copy;
     be->download = cpu_copy;
     be->copy = cpu_copy;

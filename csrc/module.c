@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "xo_cache.h"
+#include "xo_dlpack.h"
 #include "xo_generate.h"
 #include "xo_model.h"
 #include "xo_safetensors.h"
@@ -323,13 +324,64 @@ static int as_cache(PyObject *o, xo_cache **out, ModelObject *self) {
     return 0;
 }
 
+
+/* ---- logits handed to torch through DLPack (GPU memory, no host copy) ---- */
+
+typedef struct {
+    xo_dl_managed_tensor managed;
+    int64_t shape[3];
+    PyObject *owner;     /* the Model whose backend owns the memory */
+} dl_holder;
+
+static void dl_delete(xo_dl_managed_tensor *self) {
+    dl_holder *h = (dl_holder *)self;
+    PyGILState_STATE g = PyGILState_Ensure();
+    ModelObject *mo = (ModelObject *)h->owner;
+    if (mo->model) mo->model->be->release_shared(mo->model->be, h->managed.dl_tensor.data);
+    Py_DECREF(h->owner);
+    PyGILState_Release(g);
+    free(h);
+}
+
+static void dl_capsule_destructor(PyObject *capsule) {
+    /* a consumer renames the capsule "used_dltensor" and takes over the deleter */
+    if (PyCapsule_IsValid(capsule, "dltensor")) {
+        xo_dl_managed_tensor *t = PyCapsule_GetPointer(capsule, "dltensor");
+        if (t && t->deleter) t->deleter(t);
+    } else {
+        PyErr_Clear();
+    }
+}
+
+static PyObject *dl_capsule(ModelObject *self, float *data, int ndim, const int64_t *shape) {
+    dl_holder *h = calloc(1, sizeof *h);
+    if (!h) {
+        self->model->be->release(self->model->be, data);
+        return PyErr_NoMemory();
+    }
+    for (int i = 0; i < ndim; i++) h->shape[i] = shape[i];
+    h->managed.dl_tensor = (xo_dl_tensor){
+        .data = data,
+        .device = { self->model->be->host_memory ? XO_DL_CPU : XO_DL_CUDA,
+                    self->model->be->host_memory ? 0 : self->model->be->device_index },
+        .ndim = ndim, .dtype = { XO_DL_FLOAT, 32, 1 }, .shape = h->shape, .strides = NULL, .byte_offset = 0,
+    };
+    h->managed.manager_ctx = h;
+    h->managed.deleter = dl_delete;
+    h->owner = Py_NewRef((PyObject *)self);
+    PyObject *cap = PyCapsule_New(&h->managed, "dltensor", dl_capsule_destructor);
+    if (!cap) dl_delete(&h->managed);
+    return cap;
+}
+
 /* forward(ids int32 [b,t] | embeds float32 [b,t,H], positions int32 [b,t] | None, mask uint8 [b,m] | None, cache | None,
  *         want_logits, last_only, want_hidden) -> (logits | None, hidden | None) */
 static PyObject *Model_forward(ModelObject *self, PyObject *args) {
     PyObject *ids_o, *pos_o, *mask_o, *cache_o;
-    int want_logits, last_only, want_hidden;
+    int want_logits, last_only, want_hidden, device_logits = 0;
     if (ensure_model(self) ||
-        !PyArg_ParseTuple(args, "OOOOppp", &ids_o, &pos_o, &mask_o, &cache_o, &want_logits, &last_only, &want_hidden))
+        !PyArg_ParseTuple(args, "OOOOppp|p", &ids_o, &pos_o, &mask_o, &cache_o, &want_logits, &last_only, &want_hidden,
+                          &device_logits))
         return NULL;
     xo_model *m = self->model;
     PyArrayObject *ids = NULL, *pos = NULL, *mask = NULL;
@@ -366,7 +418,7 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args) {
         }
     }
     const int V = m->cfg.vocab_size, H = m->cfg.hidden_size, L = m->cfg.num_layers;
-    if (want_logits) {
+    if (want_logits && !device_logits) {
         npy_intp d3[3] = { b, t, V }, d2[2] = { b, V };
         logits = last_only ? PyArray_SimpleNew(2, d2, NPY_FLOAT32) : PyArray_SimpleNew(3, d3, NPY_FLOAT32);
         if (!logits) goto exit;
@@ -388,9 +440,20 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args) {
         .last_only = last_only,
         .hidden = hidden ? PyArray_DATA((PyArrayObject *)hidden) : NULL,
     };
+    float *dev_logits = NULL;
+    if (want_logits && device_logits) fa.device_logits = &dev_logits;
     xo_status rc;
     LOCKED_NOGIL(self, rc = xo_model_forward(m, &fa));
-    if (rc != XO_OK) { raise_status(rc); goto exit; }
+    if (rc != XO_OK) {
+        if (dev_logits) m->be->release(m->be, dev_logits);
+        raise_status(rc);
+        goto exit;
+    }
+    if (dev_logits) {
+        int64_t shape[3] = { b, t, V };
+        logits = last_only ? dl_capsule(self, dev_logits, 2, (int64_t[]){ b, V }) : dl_capsule(self, dev_logits, 3, shape);
+        if (!logits) goto exit;
+    }
     result = Py_BuildValue("(OO)", logits ? logits : Py_None, hidden ? hidden : Py_None);
 exit:
     Py_XDECREF(ids);

@@ -68,6 +68,9 @@ struct xo_backend {
     /* memory */
     void *(*alloc)(xo_backend *be, size_t bytes);             /* zero-filled; NULL on failure */
     void (*release)(xo_backend *be, void *ptr);
+    /* frees memory that another framework's streams may still read (waits for the device) */
+    void (*release_shared)(xo_backend *be, void *ptr);
+    int device_index;  /* for DLPack: the device the memory lives on */
     xo_status (*upload)(xo_backend *be, void *dst, const void *host, size_t bytes);
     xo_status (*download)(xo_backend *be, void *host, const void *src, size_t bytes);
     xo_status (*copy)(xo_backend *be, void *dst, const void *src, size_t bytes);

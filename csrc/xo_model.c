@@ -252,7 +252,7 @@ static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache 
     XO_TRY(be->rmsnorm(be, s->xn, s->h, H, m->w.final_norm, n, H, c->rms_norm_eps));
     if (a->hidden)
         XO_TRY(be->download(be, a->hidden + (size_t)c->num_layers * hsize, s->xn, hsize * sizeof(float)));
-    if (!a->logits && !a->argmax) return XO_OK;
+    if (!a->logits && !a->argmax && !a->device_logits) return XO_OK;
     const float *rows = s->xn;
     int nrows = n;
     if (a->last_only) {
@@ -272,6 +272,11 @@ static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache 
         else
             XO_TRY(be->argmax_rows(be, s->argmax, dst, nrows, c->vocab_size));
         return be->download(be, a->argmax, s->argmax, (size_t)nrows * sizeof(int32_t));
+    }
+    if (a->device_logits) {  /* hand the buffer over instead of copying it */
+        *a->device_logits = s->logits;
+        s->logits = NULL;
+        return XO_OK;
     }
     if (dst != a->logits) XO_TRY(be->download(be, a->logits, dst, (size_t)nrows * c->vocab_size * sizeof(float)));
     return XO_OK;

@@ -42,6 +42,8 @@ typedef struct {
     int mask_len;              /* tokens, or cache length + tokens */
     xo_cache *cache;           /* continued and extended; NULL: nothing kept */
     float *logits;             /* host [batch, tokens, V] ([batch, V] with last_only), or NULL */
+    float **device_logits;     /* or: receives the logits left on the backend (the caller releases
+                                * them with be->release); a GPU's logits then never reach the host */
     int last_only;
     int32_t *argmax;           /* host [batch] or NULL: argmax of each row's last logits, computed by the
                                 * backend; `logits` is then not downloaded (a GPU's stay on the GPU) */

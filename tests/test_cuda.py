@@ -393,3 +393,29 @@ def test_gpu_sampling_follows_the_filtered_distribution(kw):
     chi2 = float((((counts[keep] - expected) ** 2) / expected).sum())
     dof = int(keep.sum()) - 1
     assert chi2 < dof + 6 * np.sqrt(2 * max(dof, 1)) + 10, (chi2, dof)
+
+
+# ------------------------------------------------------------------ torch interop
+
+@needs_gpu
+def test_torch_cuda_inputs_get_gpu_logits_without_a_host_copy():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    m, cfg, _ = build(dict(MOE), seed=2)
+    ids = ids_for(cfg, 2, 9)
+    want = np.asarray(m(input_ids=ids).logits)
+    t = torch.from_numpy(ids).cuda()
+    out = m(input_ids=t)
+    assert out.logits.is_cuda and tuple(out.logits.shape) == (2, 9, cfg.vocab_size)
+    np.testing.assert_allclose(out.logits.cpu().numpy(), want, rtol=0, atol=1e-6)
+    kept = out.logits * 2                  # torch work queued on the logits
+    del out
+    import gc
+    gc.collect()                           # the DLPack deleter hands the memory back
+    again = m(input_ids=t, use_cache=True)
+    assert torch.allclose(kept / 2, again.logits)
+    step = m(input_ids=t[:, :1], past_key_values=again.past_key_values, use_cache=True)
+    assert step.logits.is_cuda and tuple(step.logits.shape) == (2, 1, cfg.vocab_size)
+    with_loss = m(input_ids=t, labels=t)   # the loss path still works, on the GPU too
+    assert with_loss.logits.is_cuda and with_loss.loss.is_cuda

@@ -316,15 +316,21 @@ class MoELlamaForCausalLM:
                 raise ValueError(f"labels has shape {list(lab.shape)}; expected {[b, t]} like input_ids")
             lab = np.ascontiguousarray(lab, dtype=np.int64)
 
+        # torch tensors on this model's GPU: the logits stay there and reach torch through DLPack
+        on_gpu = torch_dev is not None and lab is None and str(torch_dev).startswith("cuda") \
+            and self.device.startswith("cuda") and _same_cuda_device(torch_dev, self.device)
         logits, hidden = self._engine.forward(tokens, pos, mask, cache._c if cache is not None else None,
-                                              True, False, bool(output_hidden_states))
+                                              True, False, bool(output_hidden_states), on_gpu)
+        if on_gpu:
+            import torch.utils.dlpack
+            logits = torch.utils.dlpack.from_dlpack(logits)
         loss = None
         if lab is not None:
             loss = scalar(_C.cross_entropy(logits, lab), torch_dev)
         hs = None
         if hidden is not None:
             hs = tuple(output(h, torch_dev) for h in hidden)
-        out = CausalLMOutput(loss=loss, logits=output(logits, torch_dev),
+        out = CausalLMOutput(loss=loss, logits=logits if on_gpu else output(logits, torch_dev),
                              past_key_values=cache if use_cache or past_key_values is not None else None,
                              hidden_states=hs, aux_loss=scalar(0.0, torch_dev))
         return out if return_dict else out.to_tuple()
@@ -447,6 +453,11 @@ class _IncompatibleKeys:
     def __repr__(self):
         return f"<All keys matched successfully>" if not (self.missing_keys or self.unexpected_keys) else \
             f"_IncompatibleKeys(missing_keys={self.missing_keys}, unexpected_keys={self.unexpected_keys})"
+
+
+def _same_cuda_device(torch_device, ours: str) -> bool:
+    index = getattr(torch_device, "index", None)
+    return (index or 0) == (int(ours.split(":")[1]) if ":" in ours else 0)
 
 
 def _int_arg(v, name: str) -> int:

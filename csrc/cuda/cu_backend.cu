@@ -82,6 +82,14 @@ static void be_release(xo_backend *be, void *p) {
     cu_free(c, p);
 }
 
+static void be_release_shared(xo_backend *be, void *p) {
+    CuCtx *c = cu_ctx(be);
+    if (!p) return;
+    SETDEV(c);
+    cudaDeviceSynchronize(); /* torch may have queued work on its own streams that reads p */
+    cu_free(c, p);
+}
+
 static xo_status be_upload(xo_backend *be, void *dst, const void *host, size_t bytes) {
     CuCtx *c = cu_ctx(be);
     if (!bytes) return XO_OK;
@@ -280,6 +288,8 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
     be->ctx = c;
     be->alloc = be_alloc;
     be->release = be_release;
+    be->release_shared = be_release_shared;
+    be->device_index = device;
     be->upload = be_upload;
     be->download = be_download;
     be->copy = be_copy;
