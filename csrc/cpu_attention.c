@@ -14,47 +14,12 @@
 enum { KEY_CHUNK = 256 };
 
 
-/* One query row against keys [j0, jend) of one chunk: updates (m, l, acc). */
+/* One query row against keys [j0, jend) of one chunk: updates (m, l, acc). Key rows are
+ * k_stride floats apart; value rows (width floats: V, or the latent c) are v_stride apart. */
 XO_CLONES
-static void attend_chunk(const float *qv, const float *kbase, const float *vbase, size_t kv_stride,
-                         const uint8_t *mask, int j0, int jend, int hd, float scale,
+static void attend_chunk(const float *qv, const float *kbase, size_t k_stride, const float *vbase, size_t v_stride,
+                         int width, const uint8_t *mask, int j0, int jend, int hd, float scale,
                          float *m, float *l, float *acc) {
-    float s[KEY_CHUNK];
-    float mloc = -INFINITY;
-    for (int j = j0; j < jend; j++) {
-        if (!mask[j]) { s[j - j0] = -INFINITY; continue; }
-        const float *kv = kbase + (size_t)(j - j0) * kv_stride;
-        float d = 0.0f;
-        #pragma omp simd reduction(+ : d)
-        for (int x = 0; x < hd; x++) d += qv[x] * kv[x];
-        s[j - j0] = d * scale;
-        mloc = s[j - j0] > mloc ? s[j - j0] : mloc;
-    }
-    if (mloc == -INFINITY) return;
-    float mnew = *m > mloc ? *m : mloc;
-    float corr = *m == -INFINITY ? 0.0f : expf(*m - mnew);
-    float lsum = *l * corr;
-    #pragma omp simd
-    for (int x = 0; x < hd; x++) acc[x] *= corr;
-    for (int j = j0; j < jend; j++) {
-        if (s[j - j0] == -INFINITY) continue;
-        float p = expf(s[j - j0] - mnew);
-        lsum += p;
-        const float *vv = vbase + (size_t)(j - j0) * kv_stride;
-        #pragma omp simd
-        for (int x = 0; x < hd; x++) acc[x] += p * vv[x];
-    }
-    *m = mnew;
-    *l = lsum;
-}
-
-enum { DECODE_MAX_TOKENS = 8 };
-
-/* acc[r] = acc * corr + sum_j p_j c_j over one chunk, for one (query, head). */
-XO_CLONES
-static void attend_latent_chunk(const float *qv, const float *kbase, size_t k_stride, const float *c, int rank,
-                                const uint8_t *mask, int j0, int jend, int hd, float scale,
-                                float *m, float *l, float *acc) {
     float s[KEY_CHUNK];
     float mloc = -INFINITY;
     for (int j = j0; j < jend; j++) {
@@ -71,18 +36,20 @@ static void attend_latent_chunk(const float *qv, const float *kbase, size_t k_st
     float corr = *m == -INFINITY ? 0.0f : expf(*m - mnew);
     float lsum = *l * corr;
     #pragma omp simd
-    for (int x = 0; x < rank; x++) acc[x] *= corr;
+    for (int x = 0; x < width; x++) acc[x] *= corr;
     for (int j = j0; j < jend; j++) {
         if (s[j - j0] == -INFINITY) continue;
         float p = expf(s[j - j0] - mnew);
         lsum += p;
-        const float *cj = c + (size_t)(j - j0) * rank;
+        const float *vv = vbase + (size_t)(j - j0) * v_stride;
         #pragma omp simd
-        for (int x = 0; x < rank; x++) acc[x] += p * cj[x];
+        for (int x = 0; x < width; x++) acc[x] += p * vv[x];
     }
     *m = mnew;
     *l = lsum;
 }
+
+enum { DECODE_MAX_TOKENS = 8 };
 
 /* Decode over the latent cache: K expanded per chunk, values through the accumulated latents. */
 static xo_status attention_latent_decode(xo_backend *be, const xo_attention_args *a) {
@@ -127,9 +94,9 @@ static xo_status attention_latent_decode(xo_backend *be, const xo_attention_args
                 for (int i = i0; i < t; i++) {
                     int qi = a->past + i;
                     int jend = j1 < qi + 1 ? j1 : qi + 1;
-                    attend_latent_chunk(a->q + ((size_t)b * t + i) * nh * hd + (size_t)h * hd,
-                                        kbuf + (size_t)(h / group) * hd, (size_t)kw, c, r, mask, j0, jend, hd,
-                                        a->scale, &m[i * nh + h], &l[i * nh + h], &acc[((size_t)h * t + i) * r]);
+                    attend_chunk(a->q + ((size_t)b * t + i) * nh * hd + (size_t)h * hd,
+                                 kbuf + (size_t)(h / group) * hd, (size_t)kw, c, (size_t)r, r, mask, j0, jend, hd,
+                                 a->scale, &m[i * nh + h], &l[i * nh + h], &acc[((size_t)h * t + i) * r]);
                 }
             }
         }
@@ -222,7 +189,7 @@ xo_status xo_cpu_attention(xo_backend *be, const xo_attention_args *a) {
                     size_t st = ((size_t)b * t + i) * nh + h;
                     int g = h / group;
                     attend_chunk(a->q + ((size_t)b * t + i) * qw + (size_t)h * hd,
-                                 kbase + (size_t)g * hd, vbase + (size_t)g * hd, stride,
+                                 kbase + (size_t)g * hd, stride, vbase + (size_t)g * hd, stride, hd,
                                  mask, j0, jend, hd, a->scale, &m[st], &l[st], &acc[st * hd]);
                 }
             }
