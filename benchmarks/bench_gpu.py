@@ -9,10 +9,11 @@ Measures
            xoron: one forward computing the last position's logits (engine forward,
            last_only); PyTorch: the model's layers over T tokens, then norm + lm_head on
            the last position only (its forward would also compute all T x V logits).
-  decode   tokens/s for batch b at context c: one token per row per step through the cache,
-           a loop of forward calls from Python (tokens are fixed random ids, so no host
-           argmax enters the timing); xoron's forward returns the step's logits to the host
-           each step. Also xoron's generate() (greedy, the loop in C) where it works.
+  decode   tokens/s for batch b at context c: one token per row per step through the cache.
+           xoron: generate() (greedy; the loop in C, each step a replayed CUDA graph; the
+           prefill's time subtracted), with the latent cache and with cache_format="kv";
+           also generate() sampling (top_k=50, top_p=0.9). PyTorch: a loop of forward calls
+           with its working KV cache (fixed random tokens, no argmax or sampling timed).
   memory   peak GPU memory of each (xoron: device memory in use after its runs, measured
            with cudaMemGetInfo while nothing else is allocated; PyTorch: max_memory_allocated).
 Each figure is the best of a few timed repetitions after a warm-up.
@@ -96,35 +97,26 @@ def xo_prefill(m, T):
     return T / best_time(run, reps=reps, warm=1)
 
 
-def xo_decode(m, b, ctx, steps, cache_format="latent"):
-    rng = np.random.default_rng(b * 7 + ctx)
-    prompt = rng.integers(0, CONFIG["vocab_size"], size=(b, ctx), dtype=np.int64)
-    toks = rng.integers(0, CONFIG["vocab_size"], size=(steps + 2, b, 1), dtype=np.int64)
-    cache = m.new_cache(b, cache_format)
-    # the prompt through the engine directly: last-position logits only ([b, ctx, V] would not fit)
-    m._engine.forward(prompt.astype(np.int32), None, None, cache._c, True, True, False)
-    m(input_ids=toks[0], past_key_values=cache, use_cache=True)  # warm-up
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for s in range(steps):
-        m(input_ids=toks[s + 1], past_key_values=cache, use_cache=True)
-    dt = time.perf_counter() - t
-    del cache
-    return b * steps / dt
-
-
-def xo_generate(m, b, ctx, steps):
+def xo_generate(m, b, ctx, steps, cache_format="latent", **sampling):
+    """Decode tokens/s of generate() (the loop in C; steps replayed as CUDA graphs): the time of
+    generate(steps + 1 new tokens) less that of generate(1 new token), i.e. without the prefill."""
     prompt = np.random.default_rng(b + ctx).integers(0, CONFIG["vocab_size"], size=(b, ctx), dtype=np.int64)
-    kw = dict(do_sample=False, eos_token_id=None)
-    m.generate(prompt, max_new_tokens=2, **kw)
-    t = time.perf_counter()
-    m.generate(prompt, max_new_tokens=1, **kw)
-    t_prefill = time.perf_counter() - t
-    t = time.perf_counter()
-    out = m.generate(prompt, max_new_tokens=steps + 1, **kw)
-    dt = time.perf_counter() - t - t_prefill
-    assert out.shape == (b, ctx + steps + 1)
-    return b * steps / dt
+    kw = {"do_sample": False, "eos_token_id": None, **sampling}
+    m.cache_format = cache_format
+    try:
+        m.generate(prompt, max_new_tokens=4, **kw)  # warm-up
+        best_prefill = best_full = math.inf
+        for _ in range(2):
+            t = time.perf_counter()
+            m.generate(prompt, max_new_tokens=1, **kw)
+            best_prefill = min(best_prefill, time.perf_counter() - t)
+            t = time.perf_counter()
+            out = m.generate(prompt, max_new_tokens=steps + 1, **kw)
+            best_full = min(best_full, time.perf_counter() - t)
+        assert out.shape == (b, ctx + steps + 1)
+    finally:
+        m.cache_format = "latent"
+    return b * steps / (best_full - best_prefill)
 
 
 # ------------------------------------------------------------------ torch
@@ -202,24 +194,23 @@ def main():
     X["gpu_bytes_after_prefill"] = gpu_used() - base
     log(f"xoron GPU memory in use after the prefills (pool high-water): {X['gpu_bytes_after_prefill'] / 2**30:.2f} GiB")
     for b, ctx in decode:
+        steps = 128 if ctx <= 32 else 64
+        for fmt, suffix in (("latent", ""), ("kv", "_kv")):
+            if left() < 25:
+                break
+            try:
+                X[f"decode_b{b}_ctx{ctx}{suffix}"] = r = xo_generate(m, b, ctx, steps, fmt)
+                log(f"xoron generate() decode b={b} ctx={ctx} ({fmt} cache): {r:,.0f} tok/s")
+            except Exception as e:
+                log(f"xoron decode b={b} ctx={ctx} ({fmt}) failed: {e}")
+    for b in (1, 64):
         if left() < 25:
             break
-        steps = 32 if ctx <= 32 else 8
         try:
-            X[f"decode_b{b}_ctx{ctx}"] = r = xo_decode(m, b, ctx, steps)
-            log(f"xoron decode b={b} ctx={ctx} (latent cache): {r:,.0f} tok/s")
-            if left() > 40:
-                X[f"decode_kv_b{b}_ctx{ctx}"] = r = xo_decode(m, b, ctx, steps, cache_format="kv")
-                log(f"xoron decode b={b} ctx={ctx} (K/V cache): {r:,.0f} tok/s")
+            X[f"sample_b{b}_ctx32"] = r = xo_generate(m, b, 32, 128, do_sample=True, top_k=50, top_p=0.9, seed=0)
+            log(f"xoron generate() sampling top_k=50 top_p=0.9 b={b} ctx=32: {r:,.0f} tok/s")
         except Exception as e:
-            log(f"xoron decode b={b} ctx={ctx} failed: {e}")
-    if hasattr(m, "generate") and left() > 30:
-        for b in (1, 16, 64):
-            try:
-                X[f"generate_b{b}_ctx32"] = r = xo_generate(m, b, 32, 32)
-                log(f"xoron generate() b={b} ctx=32: {r:,.0f} tok/s")
-            except Exception as e:
-                log(f"xoron generate() b={b} failed: {e}")
+            log(f"xoron sampling b={b} failed: {e}")
     X["peak_gpu_bytes"] = gpu_used() - base
     log(f"xoron GPU memory in use (pool high-water): {X['peak_gpu_bytes'] / 2**30:.2f} GiB")
     del m

@@ -128,7 +128,15 @@ out:
     return rc;
 }
 
-xo_status xo_cpu_attention(xo_backend *be, const xo_attention_args *a) {
+xo_status xo_cpu_attention(xo_backend *be, const xo_attention_args *args) {
+    xo_attention_args exact;
+    const xo_attention_args *a = args;
+    if (args->past_device) {  /* host memory: the true past is known now */
+        exact = *args;
+        exact.past = *args->past_device;
+        exact.past_device = NULL;
+        a = &exact;
+    }
     if (a->format == XO_CACHE_LATENT && a->new_tokens <= DECODE_MAX_TOKENS)
         return attention_latent_decode(be, a);
     const int t = a->new_tokens, nh = a->num_heads, nkv = a->num_kv_heads, hd = a->head_dim;

@@ -48,6 +48,7 @@ xo_status xo_cpu_backend_create(xo_backend **out) {
     be->linear_to_host = xo_cpu_linear_to_host;
     be->matmul = xo_cpu_matmul;
     be->rmsnorm = xo_cpu_rmsnorm;
+    be->add_rmsnorm = xo_cpu_add_rmsnorm;
     be->rope = xo_cpu_rope;
     be->embed = xo_cpu_embed;
     be->add = xo_cpu_add;
@@ -57,6 +58,9 @@ xo_status xo_cpu_backend_create(xo_backend **out) {
     be->attention = xo_cpu_attention;
     be->cache_write = xo_cpu_cache_write;
     be->argmax_rows = xo_cpu_argmax_rows;
+    be->decode_begin = xo_cpu_decode_begin;
+    be->decode_end = xo_cpu_decode_end;
+    be->suppress_tokens = xo_cpu_suppress_tokens;
     be->destroy = cpu_destroy;
     *out = be;
     return XO_OK;

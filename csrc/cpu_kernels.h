@@ -43,10 +43,17 @@ xo_status xo_cpu_rope(xo_backend *be, float *x, size_t row_stride, const int32_t
 xo_status xo_cpu_rope_rows(float *x, size_t row_stride, const int32_t *pos, int n, int heads, int hd,
                            const float *inv_freq, float mscale);
 xo_status xo_cpu_add(xo_backend *be, float *y, const float *x, size_t n);
+xo_status xo_cpu_add_rmsnorm(xo_backend *be, float *h, const float *x, float *y, const float *w, int n, int d, float eps);
 xo_status xo_cpu_swiglu(xo_backend *be, float *y, const float *gu, int n, int inter);
 xo_status xo_cpu_cache_write(xo_backend *be, void *cache, xo_dtype cache_t, int capacity, int width, int start,
-                             const float *src, int batch, int n, int src_stride);
+                             const int32_t *start_device, const float *src, int batch, int n, int src_stride);
 xo_status xo_cpu_argmax_rows(xo_backend *be, int32_t *out, const float *logits, int rows, int cols);
+
+/* cpu_decode.c: the decode session's bookkeeping (xo_backend.h) */
+xo_status xo_cpu_decode_begin(xo_backend *be, const xo_decode_state *st);
+xo_status xo_cpu_decode_end(xo_backend *be, const xo_decode_state *st);
+xo_status xo_cpu_suppress_tokens(xo_backend *be, float *logits, int rows, int cols, const int32_t *ids, int n,
+                                 const int32_t *step_device, int below);
 
 /* cpu_moe.c */
 xo_status xo_cpu_moe_route(xo_backend *be, int32_t *idx, float *weight, const float *logits, int n, int experts, int k);

@@ -22,6 +22,12 @@ xo_status xo_cpu_rmsnorm(xo_backend *be, float *y, const float *x, int x_stride,
     return XO_OK;
 }
 
+xo_status xo_cpu_add_rmsnorm(xo_backend *be, float *h, const float *x, float *y, const float *w, int n, int d,
+                             float eps) {
+    XO_TRY(xo_cpu_add(be, h, x, (size_t)n * d));
+    return xo_cpu_rmsnorm(be, y, h, d, w, n, d, eps);
+}
+
 /* cos/sin for one position, in float32 as the reference computes them: theta = p * inv_freq. */
 static void rope_angles(float *cs, float *sn, int32_t pos, const float *inv_freq, int half, float mscale) {
     for (int j = 0; j < half; j++) {
@@ -101,8 +107,9 @@ xo_status xo_cpu_swiglu(xo_backend *be, float *y, const float *gu, int n, int in
 }
 
 xo_status xo_cpu_cache_write(xo_backend *be, void *cache, xo_dtype cache_t, int capacity, int width, int start,
-                             const float *src, int batch, int n, int src_stride) {
+                             const int32_t *start_device, const float *src, int batch, int n, int src_stride) {
     (void)be;
+    if (start_device) start = *start_device;
     const size_t es = xo_dtype_size(cache_t);
     for (int r = 0; r < batch; r++) {
         for (int i = 0; i < n; i++) {

@@ -1,5 +1,7 @@
 #include "xo_generate.h"
 
+#include "xo_decoder.h"
+
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +24,42 @@ static xo_status check(const xo_model *m, const xo_generate_args *a) {
     if (a->pad_id < 0 || a->pad_id >= m->cfg.vocab_size)
         return xo_fail(XO_EINVAL, "pad_token_id %d is outside [0, vocab_size=%d)", a->pad_id, m->cfg.vocab_size);
     return xo_sampling_check(&a->sampling);
+}
+
+/* Steps 1 .. max_new_tokens-1 as a decode session; next/finished: after step 0. The host
+ * reads the tokens every few steps and stops once every row has finished. */
+static xo_status run_session(xo_model *m, const xo_generate_args *a, xo_cache *cache, const int32_t *next,
+                             uint8_t *finished, const struct xo_device_draw *draw, int device_draw) {
+    const int b = a->batch, t0 = a->prompt_len, width = t0 + a->max_new_tokens;
+    /* Without EOS ids or a streamer nothing needs the tokens early: read them in long runs. */
+    const int ring = 64, every = a->num_eos || a->on_token ? 8 : ring;
+    xo_decoder_params p = { .tokens = next, .finished = finished, .first_step = 1, .ring = ring,
+                            .eos = a->eos_ids, .num_eos = a->num_eos, .pad_id = a->pad_id,
+                            .min_new_tokens = a->min_new_tokens, .draw = device_draw ? draw : NULL };
+    xo_decoder *d = NULL;
+    XO_TRY(xo_decoder_create(&d, m, cache, &p));
+    int32_t *tokens = malloc((size_t)every * b * sizeof *tokens);
+    xo_status rc = tokens ? XO_OK : xo_fail(XO_ENOMEM, "out of memory in generate");
+    int all_done = 0;
+    for (int step = 1; rc == XO_OK && !all_done && step < a->max_new_tokens; step += every) {
+        const int count = a->max_new_tokens - step < every ? a->max_new_tokens - step : every;
+        for (int i = 0; rc == XO_OK && i < count; i++) rc = xo_decoder_step(d);
+        if (rc == XO_OK) rc = xo_decoder_read(d, tokens, step, count);
+        for (int i = 0; rc == XO_OK && i < count && !all_done; i++) {
+            const int32_t *row_tokens = tokens + (size_t)i * b;
+            all_done = 1;
+            for (int r = 0; r < b; r++) {  /* the backend already wrote pads for finished rows */
+                if (is_eos(a, row_tokens[r])) finished[r] = 1;
+                a->out[(size_t)r * width + t0 + step + i] = row_tokens[r];
+                all_done &= finished[r];
+            }
+            *a->steps_done = step + i + 1;
+            if (a->on_token) rc = a->on_token(a->ctx, row_tokens, b);
+        }
+    }
+    xo_status free_rc = xo_decoder_free(d);
+    free(tokens);
+    return rc != XO_OK ? rc : free_rc;
 }
 
 xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
@@ -55,12 +93,16 @@ xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
         rc = xo_fail(XO_ENOMEM, "out of memory in generate");
         goto out;
     }
+    /* Every step after the prefill's can run as a decode session (bookkeeping on the backend,
+     * tokens read every few steps) when the tokens are drawn where the logits are. */
+    const int session = fast && m->be->decode_begin && a->max_new_tokens > 1;
+    if (session) rc = xo_cache_reserve(cache, t0 + a->max_new_tokens);
     /* Prefill the whole prompt; logits of the last position only. */
     xo_forward_args fa = { .batch = b, .tokens = t0, .ids = a->prompt, .mask = a->mask, .mask_len = a->mask ? t0 : 0,
                            .cache = cache, .logits = logits, .last_only = 1,
                            .argmax = fast && (a->min_new_tokens == 0 || !a->num_eos) ? best : NULL,
                            .draw = device_draw ? &draw : NULL };
-    rc = xo_model_forward(m, &fa);
+    if (rc == XO_OK) rc = xo_model_forward(m, &fa);
     int have_argmax = fa.argmax != NULL;
     for (int step = 0; rc == XO_OK && step < a->max_new_tokens; step++) {
         int all_done = 1;
@@ -84,6 +126,10 @@ xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
         *a->steps_done = step + 1;
         if (a->on_token) rc = a->on_token(a->ctx, next, b);
         if (rc != XO_OK || all_done || step + 1 == a->max_new_tokens) break;
+        if (session) {
+            rc = run_session(m, a, cache, next, finished, &draw, device_draw);
+            break;
+        }
         have_argmax = fast && (step + 1 >= a->min_new_tokens || !a->num_eos);
         draw.step = (uint64_t)step + 1;
         xo_forward_args sa = { .batch = b, .tokens = 1, .ids = next, .cache = cache, .logits = logits, .last_only = 1,

@@ -69,14 +69,7 @@ void xo_model_free(xo_model *m) {
     free(m);
 }
 
-/* Activation buffers of one forward call, all on the backend. */
-typedef struct {
-    float *h, *xn, *q, *qa, *c, *kv, *att, *tmp, *gu, *act, *router, *rw;
-    int32_t *ids, *pos, *ridx, *argmax;
-    float *logits;
-} scratch;
-
-static void scratch_free(xo_backend *be, scratch *s) {
+void xo_scratch_free(xo_backend *be, xo_scratch *s) {
     void *all[] = { s->h, s->xn, s->q, s->qa, s->c, s->kv, s->att, s->tmp, s->gu, s->act, s->router, s->rw,
                     s->ids, s->pos, s->ridx, s->argmax, s->logits };
     for (size_t i = 0; i < sizeof all / sizeof *all; i++) be->release(be, all[i]);
@@ -84,7 +77,7 @@ static void scratch_free(xo_backend *be, scratch *s) {
 
 /* logit_rows: rows of logits staged on the backend (0 when they go straight to the caller);
  * out_rows: rows of the output (argmax) */
-static xo_status scratch_alloc(xo_backend *be, const xo_config *c, int n, int logit_rows, int out_rows, scratch *s) {
+xo_status xo_scratch_alloc(xo_backend *be, const xo_config *c, int n, int logit_rows, int out_rows, xo_scratch *s) {
     const size_t H = c->hidden_size, qw = (size_t)c->num_heads * c->head_dim;
     size_t inter = c->intermediate_size > c->moe_intermediate_size ? c->intermediate_size : c->moe_intermediate_size;
     size_t E = c->use_moe ? c->num_experts : 1, K = c->use_moe ? c->experts_per_tok : 1;
@@ -109,16 +102,20 @@ static xo_status scratch_alloc(xo_backend *be, const xo_config *c, int n, int lo
     s->logits = be->alloc(be, (size_t)logit_rows * c->vocab_size * f);
     if (!s->h || !s->xn || !s->q || !s->qa || !s->c || !s->kv || !s->att || !s->tmp || !s->gu || !s->act ||
         !s->router || !s->rw || !s->ids || !s->pos || !s->ridx || !s->argmax || !s->logits) {
-        scratch_free(be, s);
+        xo_scratch_free(be, s);
         return xo_fail(XO_ENOMEM, "out of memory for the activations of %d tokens", n);
     }
     return XO_OK;
 }
 
 /* SwiGLU FFN(x) = down(silu(gate(x)) * up(x)); out = result. */
-static xo_status ffn(xo_backend *be, const xo_ffn *f, const float *x, float *out, int n, scratch *s) {
-    XO_TRY(be->matmul(be, s->gu, x, &f->gate_up, n));
-    XO_TRY(be->swiglu(be, s->act, s->gu, n, f->down.in));
+static xo_status ffn(xo_backend *be, const xo_ffn *f, const float *x, float *out, int n, xo_scratch *s) {
+    if (be->gate_up_swiglu) {
+        XO_TRY(be->gate_up_swiglu(be, s->act, x, s->gu, &f->gate_up, n));
+    } else {
+        XO_TRY(be->matmul(be, s->gu, x, &f->gate_up, n));
+        XO_TRY(be->swiglu(be, s->act, s->gu, n, f->down.in));
+    }
     return be->matmul(be, out, s->act, &f->down, n);
 }
 
@@ -176,13 +173,14 @@ static xo_status check_args(const xo_model *m, const xo_forward_args *a, const x
     return XO_OK;
 }
 
-static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache *cache, scratch *s) {
+xo_status xo_model_layers(xo_model *m, const xo_layers_args *a, xo_cache *cache, xo_scratch *s) {
     const xo_config *c = &m->cfg;
     xo_backend *be = m->be;
-    const int b = a->batch, t = a->tokens, n = b * t, past = cache->length;
+    const int b = a->batch, t = a->tokens, n = b * t, past = a->past;
     const int H = c->hidden_size, hd = c->head_dim, r = c->kv_lora_rank, nkv = c->num_kv_heads;
     const size_t hsize = (size_t)n * H;
     const int kvw = nkv * hd;
+    const int32_t *past_dev = a->past_device;
 
     /* h = embed[ids] */
     if (a->embeds)
@@ -191,10 +189,15 @@ static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache 
         XO_TRY(be->embed(be, s->h, &m->w.embed, s->ids, n));
     if (a->hidden) XO_TRY(be->download(be, a->hidden, s->h, hsize * sizeof(float)));
 
+    /* A residual branch left in s->tmp is added to h by the next norm (one pass over h). */
+    int pending = 0;
+#define NORM_H(weight)                                                                                   \
+    (pending ? (pending = 0, be->add_rmsnorm(be, s->h, s->tmp, s->xn, (weight), n, H, c->rms_norm_eps)) \
+             : be->rmsnorm(be, s->xn, s->h, H, (weight), n, H, c->rms_norm_eps))
     for (int l = 0; l < c->num_layers; l++) {
         const xo_layer_weights *lw = &m->w.layers[l];
         /* h = h + Attn(RMSNorm_in(h)) */
-        XO_TRY(be->rmsnorm(be, s->xn, s->h, H, lw->input_norm, n, H, c->rms_norm_eps));
+        XO_TRY(NORM_H(lw->input_norm));
         if (c->q_lora_rank == 0) {
             XO_TRY(be->matmul(be, s->q, s->xn, &lw->q, n));                       /* q = x @ Wq.T */
         } else {
@@ -205,38 +208,41 @@ static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache 
         XO_TRY(be->matmul(be, s->c, s->xn, &lw->kv_a, n));                         /* c = (x @ Wkva.T)[:, :r] */
         XO_TRY(be->rmsnorm(be, s->c, s->c, r, lw->kv_a_norm, n, r, 1e-6f));        /* c = RMSNorm(c, 1e-6) */
         if (cache->format == XO_CACHE_LATENT) {
-            XO_TRY(be->cache_write(be, cache->latent[l], cache->dtype, cache->capacity, r, past, s->c, b, t, r));
+            XO_TRY(be->cache_write(be, cache->latent[l], cache->dtype, cache->capacity, r, past, past_dev, s->c, b, t, r));
         } else {
             XO_TRY(be->matmul(be, s->kv, s->c, &lw->kv_b, n));                     /* [K | V] = c @ Wkvb.T */
             XO_TRY(be->rope(be, s->kv, 2 * (size_t)kvw, s->pos, n, nkv, hd, m->inv_freq, m->mscale));
-            XO_TRY(be->cache_write(be, cache->k[l], XO_F32, cache->capacity, kvw, past, s->kv, b, t, 2 * kvw));
-            XO_TRY(be->cache_write(be, cache->v[l], XO_F32, cache->capacity, kvw, past, s->kv + kvw, b, t, 2 * kvw));
+            XO_TRY(be->cache_write(be, cache->k[l], XO_F32, cache->capacity, kvw, past, past_dev, s->kv, b, t, 2 * kvw));
+            XO_TRY(be->cache_write(be, cache->v[l], XO_F32, cache->capacity, kvw, past, past_dev, s->kv + kvw, b, t, 2 * kvw));
         }
         XO_TRY(be->rope(be, s->q, (size_t)c->num_heads * hd, s->pos, n, c->num_heads, hd, m->inv_freq, m->mscale));
         xo_attention_args at = {
-            .batch = b, .new_tokens = t, .past = past,
+            .batch = b, .new_tokens = t, .past = past, .past_device = past_dev,
             .num_heads = c->num_heads, .num_kv_heads = nkv, .head_dim = hd, .rank = r,
             .capacity = cache->capacity, .format = cache->format,
             .q = s->q, .out = s->att,
             .latent = cache->latent[l], .latent_dtype = cache->dtype, .kv_b = &lw->kv_b, .k = cache->k[l], .v = cache->v[l],
             .key_pos = cache->positions, .key_mask = cache->mask,
             .inv_freq = m->inv_freq, .mscale = m->mscale, .scale = 1.0f / sqrtf((float)hd),
-            /* SPEC 4.4: the original's ring path divides by (sum + 1e-5) once keys outnumber a chunk */
-            .denom_eps = c->use_ring_attention && past + t > c->ring_chunk_size ? 1e-5f : 0.0f,
+            .denom_eps = xo_model_denom_eps(c, past + t),
         };
         XO_TRY(be->attention(be, &at));
         XO_TRY(be->matmul(be, s->tmp, s->att, &lw->o, n));                         /* @ Wo.T */
-        XO_TRY(be->add(be, s->h, s->tmp, hsize));
+        pending = 1;
 
         /* h = h + MLP(RMSNorm_post(h)) */
-        XO_TRY(be->rmsnorm(be, s->xn, s->h, H, lw->post_norm, n, H, c->rms_norm_eps));
+        XO_TRY(NORM_H(lw->post_norm));
         if (!lw->is_moe) {
             XO_TRY(ffn(be, &lw->mlp, s->xn, s->tmp, n, s));
         } else {
             /* z = RMSNorm(x; w_router_norm, 1e-6) @ Wgate.T; top-k of softmax(z), renormalised */
-            XO_TRY(be->rmsnorm(be, s->tmp, s->xn, H, lw->router_norm, n, H, 1e-6f));
-            XO_TRY(be->matmul(be, s->router, s->tmp, &lw->router, n));
-            XO_TRY(be->moe_route(be, s->ridx, s->rw, s->router, n, c->num_experts, c->experts_per_tok));
+            if (be->moe_router) {
+                XO_TRY(be->moe_router(be, s->ridx, s->rw, s->xn, lw->router_norm, &lw->router, n, c->experts_per_tok));
+            } else {
+                XO_TRY(be->rmsnorm(be, s->tmp, s->xn, H, lw->router_norm, n, H, 1e-6f));
+                XO_TRY(be->matmul(be, s->router, s->tmp, &lw->router, n));
+                XO_TRY(be->moe_route(be, s->ridx, s->rw, s->router, n, c->num_experts, c->experts_per_tok));
+            }
             /* out = SharedExpert(x) + sum_k pk[k] * Expert_ik[k](x) */
             XO_TRY(ffn(be, &lw->shared, s->xn, s->tmp, n, s));
             xo_moe_args ma = { .tokens = n, .hidden = H, .num_experts = c->num_experts, .top_k = c->experts_per_tok,
@@ -244,18 +250,37 @@ static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache 
                                .experts = lw->experts };
             XO_TRY(be->moe_experts(be, &ma));
         }
-        XO_TRY(be->add(be, s->h, s->tmp, hsize));
-        if (a->hidden && l + 1 < c->num_layers)
+        pending = 1;
+        if (a->hidden && l + 1 < c->num_layers) {
+            XO_TRY(be->add(be, s->h, s->tmp, hsize));
+            pending = 0;
             XO_TRY(be->download(be, a->hidden + (size_t)(l + 1) * hsize, s->h, hsize * sizeof(float)));
+        }
     }
-    /* h = RMSNorm(h; model.norm); logits = h @ lm_head.T */
-    XO_TRY(be->rmsnorm(be, s->xn, s->h, H, m->w.final_norm, n, H, c->rms_norm_eps));
+    /* h = RMSNorm(h; model.norm) */
+    XO_TRY(NORM_H(m->w.final_norm));
+#undef NORM_H
     if (a->hidden)
         XO_TRY(be->download(be, a->hidden + (size_t)c->num_layers * hsize, s->xn, hsize * sizeof(float)));
+    return XO_OK;
+}
+
+/* SPEC 4.4: the original's ring path divides by (sum + 1e-5) once keys outnumber a chunk */
+float xo_model_denom_eps(const xo_config *c, int keys) {
+    return c->use_ring_attention && keys > c->ring_chunk_size ? 1e-5f : 0.0f;
+}
+
+static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache *cache, xo_scratch *s) {
+    const xo_config *c = &m->cfg;
+    xo_backend *be = m->be;
+    const int b = a->batch, t = a->tokens, n = b * t, H = c->hidden_size;
+    xo_layers_args la = { .batch = b, .tokens = t, .past = cache->length, .embeds = a->embeds, .hidden = a->hidden };
+    XO_TRY(xo_model_layers(m, &la, cache, s));
+    /* logits = h @ lm_head.T */
     if (!a->logits && !a->argmax && !a->device_logits) return XO_OK;
     const float *rows = s->xn;
     int nrows = n;
-    if (a->last_only) {
+    if (a->last_only && t > 1) {
         for (int row = 0; row < b; row++)
             XO_TRY(be->copy(be, s->tmp + (size_t)row * H, s->xn + ((size_t)row * t + t - 1) * H, (size_t)H * sizeof(float)));
         rows = s->tmp;
@@ -268,7 +293,7 @@ static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache 
         const struct xo_device_draw *d = a->draw;
         if (d)
             XO_TRY(be->sample_rows(be, s->argmax, dst, nrows, c->vocab_size, d->temperature, d->top_k, d->top_p,
-                                   d->seed, d->step));
+                                   d->seed, d->step, NULL));
         else
             XO_TRY(be->argmax_rows(be, s->argmax, dst, nrows, c->vocab_size));
         return be->download(be, a->argmax, s->argmax, (size_t)nrows * sizeof(int32_t));
@@ -291,7 +316,7 @@ xo_status xo_model_forward(xo_model *m, const xo_forward_args *a) {
         cache = own;
     }
     const int n = a->batch * a->tokens;
-    scratch s = {0};
+    xo_scratch s = {0};
     int32_t *pos = malloc((size_t)n * sizeof *pos);
     xo_status rc = pos ? XO_OK : xo_fail(XO_ENOMEM, "out of memory");
     int saved_len = cache->length;
@@ -301,7 +326,7 @@ xo_status xo_model_forward(xo_model *m, const xo_forward_args *a) {
     if (rc == XO_OK) memcpy(saved_next, cache->next_position, (size_t)a->batch * sizeof *saved_next);
     if (rc == XO_OK) rc = prepare_positions(m, a, cache, pos);
     const int logit_rows = m->be->host_memory && a->logits ? 0 : a->last_only ? a->batch : n;
-    if (rc == XO_OK) rc = scratch_alloc(m->be, &m->cfg, n, logit_rows, a->last_only ? a->batch : n, &s);
+    if (rc == XO_OK) rc = xo_scratch_alloc(m->be, &m->cfg, n, logit_rows, a->last_only ? a->batch : n, &s);
     if (rc == XO_OK && a->ids) rc = m->be->upload(m->be, s.ids, a->ids, (size_t)n * sizeof(int32_t));
     if (rc == XO_OK) rc = m->be->upload(m->be, s.pos, pos, (size_t)n * sizeof(int32_t));
     if (rc == XO_OK) rc = forward_layers(m, a, cache, &s);
@@ -312,7 +337,7 @@ xo_status xo_model_forward(xo_model *m, const xo_forward_args *a) {
         cache->length = saved_len;
         memcpy(cache->next_position, saved_next, (size_t)a->batch * sizeof *saved_next);
     }
-    scratch_free(m->be, &s);
+    xo_scratch_free(m->be, &s);
     free(pos);
     free(saved_next);
     xo_cache_free(own);

@@ -54,6 +54,34 @@ typedef struct {
 /* Runs the decoder on `tokens` new tokens per row. Caller holds m->lock. */
 xo_status xo_model_forward(xo_model *m, const xo_forward_args *a);
 
+/* ---- pieces shared with the decode session (xo_decoder.c) ---- */
+
+/* Activation buffers of one forward call, all on the backend. */
+typedef struct {
+    float *h, *xn, *q, *qa, *c, *kv, *att, *tmp, *gu, *act, *router, *rw;
+    int32_t *ids, *pos, *ridx, *argmax;
+    float *logits;
+} xo_scratch;
+
+/* n: tokens; logit_rows: rows of logits staged on the backend; out_rows: rows of argmax */
+xo_status xo_scratch_alloc(xo_backend *be, const xo_config *c, int n, int logit_rows, int out_rows, xo_scratch *s);
+void xo_scratch_free(xo_backend *be, xo_scratch *s);
+
+typedef struct {
+    int batch, tokens;
+    int past;                   /* tokens already in the cache (with past_device: an upper bound) */
+    const int32_t *past_device; /* or NULL: see xo_attention_args */
+    const float *embeds;        /* host, or NULL: s->ids are embedded */
+    float *hidden;              /* host, or NULL */
+} xo_layers_args;
+
+/* The decoder layers and the final norm over s->ids (or embeds) at positions s->pos, the
+ * new keys written to the cache at slot past; leaves the normed states in s->xn. The cache's
+ * positions and mask for the new slots must already be on the backend. */
+xo_status xo_model_layers(xo_model *m, const xo_layers_args *a, xo_cache *cache, xo_scratch *s);
+/* The softmax denominator's epsilon when `keys` keys are visible (SPEC 4.4). */
+float xo_model_denom_eps(const xo_config *c, int keys);
+
 /* Shifted cross-entropy of SPEC section 6 on host logits [b, t, V]. */
 xo_status xo_cross_entropy(const float *logits, const int64_t *labels, int b, int t, int V, double *loss);
 

@@ -29,54 +29,100 @@ struct AttnP {
     int kcap;   /* key rows per batch row in K/V (the mask and the positions use cap) */
     const uint8_t *mask;
     float scale, eps;
+    /* the row-wise kernel only: */
+    const int32_t *past_dev; /* or NULL: the true past, read when the kernel runs (past is then a bound) */
+    const int32_t *kpos;     /* or NULL: K arrives unrotated, key (b, j) at position kpos[b * cap + j] */
+    const float *inv_freq;
+    float mscale;
 };
 
 /* ------------------------------------------------------------------ row-wise / split-K */
+
+/* Each warp takes KU keys at a time (their loads in flight together), so a block's latency
+ * chain is keys / (4 * KU) steps long. With p.kpos set, K arrives unrotated (expanded from
+ * the latent) and is rotated here: lane element c pairs with c + NC/2 (needs hd == 32 * NC). */
+enum { KU = 4 };
 
 template <int NC>
 __global__ __launch_bounds__(128) void k_attn_rows(AttnP p, int split_len, float *part) {
     const int row = blockIdx.x, h = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
     const int bb = row / p.t, i = row % p.t;
-    const int qi = p.past + i, kv_len = p.past + p.t;
+    const int past = p.past_dev ? *p.past_dev : p.past;
+    const int qi = past + i, kv_len = past + p.t;
     const int kend = min(qi + 1, kv_len);
     const int j0 = split * split_len, j1 = min(j0 + split_len, kend);
     const int g = h / p.group, hd = p.hd;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const float *qp = p.q + (size_t)row * p.nh * hd + (size_t)h * hd;
-    float qv[NC], acc[NC];
+    float qv[NC], acc[NC], fr[NC / 2 > 0 ? NC / 2 : 1];
 #pragma unroll
     for (int c = 0; c < NC; c++) {
         int d = lane + 32 * c;
         qv[c] = d < hd ? qp[d] : 0.0f;
         acc[c] = 0.0f;
     }
+    if (NC % 2 == 0 && p.kpos) {
+#pragma unroll
+        for (int c = 0; c < NC / 2; c++) fr[c] = p.inv_freq[lane + 32 * c];
+    }
     float m = -INFINITY, l = 0.0f;
     const uint8_t *mk = p.mask + (size_t)bb * p.cap;
-    for (int j = j0 + warp; j < j1; j += 4) {
-        if (!mk[j]) continue;
-        const size_t kr = ((size_t)bb * p.kcap + j) * p.kvs + (size_t)g * hd;
-        const float *kp = p.K + kr, *vp = p.V + kr;
-        float s = 0.0f;
+    for (int jb = j0 + warp * KU; jb < j1; jb += 4 * KU) {
+        float s[KU], kv[KU][NC];
+        bool ok[KU];
 #pragma unroll
-        for (int c = 0; c < NC; c++) {
-            int d = lane + 32 * c;
-            if (d < hd) s = fmaf(qv[c], kp[d], s);
-        }
-#pragma unroll
-        for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        s *= p.scale;
-        if (s > m) {
-            const float corr = expf(m - s); /* 0 when m is -inf */
-            l = l * corr + 1.0f;
+        for (int u = 0; u < KU; u++) {
+            const int j = jb + u;
+            ok[u] = j < j1 && mk[j];
+            const float *kp = p.K + ((size_t)bb * p.kcap + (ok[u] ? j : j0)) * p.kvs + (size_t)g * hd;
 #pragma unroll
             for (int c = 0; c < NC; c++) {
                 int d = lane + 32 * c;
-                acc[c] = acc[c] * corr + (d < hd ? vp[d] : 0.0f);
+                kv[u][c] = d < hd ? kp[d] : 0.0f;
             }
-            m = s;
-        } else {
-            const float e = expf(s - m);
+        }
+        if (NC % 2 == 0 && p.kpos) {
+#pragma unroll
+            for (int u = 0; u < KU; u++) {
+                const float pos = (float)p.kpos[(size_t)bb * p.cap + (ok[u] ? jb + u : j0)];
+#pragma unroll
+                for (int c = 0; c < NC / 2; c++) {
+                    const float th = pos * fr[c];
+                    const float cs = cosf(th) * p.mscale, sn = sinf(th) * p.mscale;
+                    const float a = kv[u][c], b = kv[u][c + NC / 2];
+                    kv[u][c] = a * cs - b * sn;
+                    kv[u][c + NC / 2] = b * cs + a * sn;
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < KU; u++) {
+            s[u] = 0.0f;
+#pragma unroll
+            for (int c = 0; c < NC; c++) s[u] = fmaf(qv[c], kv[u][c], s[u]);
+        }
+#pragma unroll
+        for (int o = 16; o; o >>= 1)
+#pragma unroll
+            for (int u = 0; u < KU; u++) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
+        float mn = m;
+#pragma unroll
+        for (int u = 0; u < KU; u++) {
+            s[u] *= p.scale;
+            if (ok[u]) mn = fmaxf(mn, s[u]);
+        }
+        if (mn == -INFINITY) continue; /* no visible key in this group (nor before) */
+        const float corr = expf(m - mn); /* 0 when m is -inf */
+        l *= corr;
+#pragma unroll
+        for (int c = 0; c < NC; c++) acc[c] *= corr;
+        m = mn;
+#pragma unroll
+        for (int u = 0; u < KU; u++) {
+            if (!ok[u]) continue;
+            const float e = expf(s[u] - m);
             l += e;
+            const float *vp = p.V + ((size_t)bb * p.kcap + jb + u) * p.kvs + (size_t)g * hd;
 #pragma unroll
             for (int c = 0; c < NC; c++) {
                 int d = lane + 32 * c;
@@ -354,7 +400,8 @@ struct AttnP16 {
 
 /* NW warps: NW * 16 queries per block share each K/V tile */
 template <int HD, int NW>
-__global__ __launch_bounds__(NW * 32) void k_attn_mma(AttnP16 a) {
+/* head_dim <= 64: at most 128 registers, two 8-warp blocks per SM (a few more halve the occupancy) */
+__global__ __launch_bounds__(NW * 32, HD <= 64 ? 512 / (NW * 32) : 1) void k_attn_mma(AttnP16 a) {
     const AttnP &p = a.p;
     constexpr int LK = HD + 8, LV = 64 + 8;
     __shared__ __align__(16) __half Ks[64 * LK];
@@ -547,6 +594,7 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
     AttnP p;
     p.t = t;
     p.past = a->past;
+    p.past_dev = a->past_device;
     p.nh = nh;
     p.hd = hd;
     p.cap = a->capacity;
@@ -556,32 +604,39 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
     p.mask = a->key_mask;
     p.scale = a->scale;
     p.eps = a->denom_eps;
+    p.kpos = NULL;
+    p.inv_freq = a->inv_freq;
+    p.mscale = a->mscale;
     const xo_dtype wt = a->kv_b ? a->kv_b->dtype : XO_F32;
     const int W = nkv * hd;
     const size_t krows = (size_t)B * kv_len; /* compact key rows b * kv_len + j */
 
     /* kernel choice: tensor cores for prefill of 16-bit models, the row-wise kernel otherwise */
     const bool hd_ok = hd == 16 || hd == 32 || hd == 64 || hd == 128;
-    const bool tc = !c->attn_rows && (wt == XO_BF16 || wt == XO_F16) && hd_ok && t >= 16;
+    const bool tc = !c->attn_rows && !a->past_device && (wt == XO_BF16 || wt == XO_F16) && hd_ok && t >= 16;
     const bool use_wmma = tc && c->attn_wmma;
     const bool use_mma = tc && !c->attn_wmma;
 
     /* scratch: f32 expanded [K | V] (latent), f16 copies (mma), split partials (row-wise) */
     auto up = [](size_t b) { return (b + 255) & ~(size_t)255; };
     const size_t b_exp = a->format == XO_CACHE_LATENT ? up(krows * 2 * W * sizeof(float)) : 0;
-    const bool gather = a->format == XO_CACHE_LATENT && (B > 1 || a->latent_dtype != XO_F32);
+    /* a 16-bit latent of the weights' type feeds the expansion GEMM as it is (rows gathered) */
+    const bool direct16 = a->format == XO_CACHE_LATENT && a->latent_dtype == wt && wt != XO_F32 && krows > 8;
+    const bool gather = a->format == XO_CACHE_LATENT && (B > 1 || (a->latent_dtype != XO_F32 && !direct16));
     const size_t b_lat = gather ? up(krows * (size_t)a->rank * sizeof(float)) : 0;
     const size_t b_16 = use_mma ? up(krows * 2 * W * sizeof(__half)) : 0;
     int nsplit = 1;
-    if (!tc) {
-        const long blocks = (long)rows * nh, want = 4L * c->num_sms;
+    if (!tc) { /* enough blocks to fill the GPU, each with at least 32 keys (two steps of its warps) */
+        const long blocks = (long)rows * nh, want = 8L * c->num_sms;
         if (blocks < want) {
             nsplit = (int)((want + blocks - 1) / blocks);
-            const int by_len = kv_len / 128 > 1 ? kv_len / 128 : 1;
+            const int by_len = kv_len / 32 > 1 ? kv_len / 32 : 1;
             if (nsplit > by_len) nsplit = by_len;
             if (nsplit > 64) nsplit = 64;
         }
     }
+    /* the row-wise kernel rotates expanded keys as it loads them (lane pairs c, c + NC/2) */
+    const bool fuse_rope = !tc && a->format == XO_CACHE_LATENT && (hd == 64 || hd == 128 || hd == 256 || hd == 512 || hd == 1024);
     const size_t b_part = nsplit > 1 ? up((size_t)rows * nh * nsplit * (hd + 2) * sizeof(float)) : 0;
     char *blk = NULL;
     if (b_exp + b_lat + b_16 + b_part) {
@@ -596,7 +651,16 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
     if (a->format == XO_CACHE_LATENT) {
         /* [K | V] = c @ Wkvb.T for the kv_len keys of each row (gathered compact), K rotated */
         const float *src = (const float *)a->latent;
-        if (gather && a->latent_dtype != XO_F32) { /* widen a 16-bit latent while gathering */
+        if (direct16) {
+            const void *x16 = a->latent;
+            if (B > 1) {
+                const size_t rb = (size_t)a->rank * 2;
+                rc = cu_check(c, cudaMemcpy2DAsync(lat, kv_len * rb, a->latent, (size_t)a->capacity * rb, kv_len * rb, (size_t)B,
+                                                   cudaMemcpyDeviceToDevice, c->stream), "attention (gather latents)");
+                x16 = lat;
+            }
+            if (rc == XO_OK) rc = cu_matmul16(c, kvbuf, x16, a->kv_b, (int)krows);
+        } else if (gather && a->latent_dtype != XO_F32) { /* widen a 16-bit latent while gathering */
             rc = cu_gather_rows(c, lat, a->latent, a->latent_dtype, B, a->capacity, kv_len, a->rank);
             src = lat;
         } else if (gather) {
@@ -605,14 +669,15 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
                                                cudaMemcpyDeviceToDevice, c->stream), "attention (gather latents)");
             src = lat;
         }
-        if (rc == XO_OK) rc = cu_matmul(be, kvbuf, src, a->kv_b, (int)krows);
-        if (rc == XO_OK)
+        if (rc == XO_OK && !direct16) rc = cu_matmul(be, kvbuf, src, a->kv_b, (int)krows);
+        if (rc == XO_OK && !fuse_rope)
             rc = cu_rope_rows(c, kvbuf, (size_t)2 * W, a->key_pos, (int)krows, nkv, hd, a->inv_freq, a->mscale, kv_len,
                               a->capacity);
         p.K = kvbuf;
         p.V = kvbuf + W;
         p.kvs = (size_t)2 * W;
         p.kcap = kv_len;
+        if (fuse_rope) p.kpos = a->key_pos;
     } else {
         p.K = a->k;
         p.V = a->v;

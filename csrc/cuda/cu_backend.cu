@@ -136,7 +136,8 @@ static xo_status be_linear_init(xo_backend *be, xo_linear *w, const void *host, 
     if (row_offset < 0 || rows < 0 || row_offset + rows > w->out)
         return cu_fail(c, XO_EINVAL, "linear_init: rows [%d, %d) outside a %d-row matrix", row_offset, row_offset + rows, w->out);
     const size_t es = cu_dtype_size(w->dtype), row_elems = (size_t)w->in;
-    if (!w->data && !(w->data = cu_alloc(c, (size_t)w->out * row_elems * es)))
+    /* rows rounded up to 8 (zeros): cuBLASLt then runs the product on aligned row counts */
+    if (!w->data && !(w->data = cu_alloc(c, (size_t)cu_padded_rows(w->out) * row_elems * es)))
         return cu_fail(c, XO_ENOMEM, "out of GPU memory for a [%d, %d] weight", w->out, w->in);
     const size_t n = (size_t)rows * row_elems;
     if (!n) return XO_OK;
@@ -209,21 +210,37 @@ static void be_destroy(xo_backend *be) {
     }
 WRAP(matmul, (xo_backend *be, float *y, const float *x, const xo_linear *w, int m), (be, y, x, w, m))
 WRAP(rmsnorm, (xo_backend *be, float *y, const float *x, int xs, const float *w, int n, int d, float eps), (be, y, x, xs, w, n, d, eps))
+WRAP(add_rmsnorm, (xo_backend *be, float *h, const float *x, float *y, const float *w, int n, int d, float eps),
+     (be, h, x, y, w, n, d, eps))
 WRAP(rope, (xo_backend *be, float *x, size_t rs, const int32_t *pos, int n, int heads, int hd, const float *f, float ms),
      (be, x, rs, pos, n, heads, hd, f, ms))
 WRAP(embed, (xo_backend *be, float *h, const xo_linear *t, const int32_t *ids, int n), (be, h, t, ids, n))
 WRAP(add, (xo_backend *be, float *y, const float *x, size_t n), (be, y, x, n))
+WRAP(gate_up_swiglu, (xo_backend *be, float *act, const float *x, float *gu, const xo_linear *w, int m), (be, act, x, gu, w, m))
 WRAP(swiglu, (xo_backend *be, float *y, const float *gu, int n, int inter), (be, y, gu, n, inter))
 WRAP(moe_route, (xo_backend *be, int32_t *idx, float *wt, const float *lg, int n, int e, int k), (be, idx, wt, lg, n, e, k))
+WRAP(moe_router, (xo_backend *be, int32_t *idx, float *wt, const float *x, const float *nw, const xo_linear *r, int n, int k),
+     (be, idx, wt, x, nw, r, n, k))
 WRAP(moe_experts, (xo_backend *be, const xo_moe_args *a), (be, a))
 WRAP(attention, (xo_backend *be, const xo_attention_args *a), (be, a))
-WRAP(cache_write, (xo_backend *be, void *cache, xo_dtype ct, int cap, int width, int start, const float *src, int b, int n,
-                   int ss),
-     (be, cache, ct, cap, width, start, src, b, n, ss))
+WRAP(cache_write, (xo_backend *be, void *cache, xo_dtype ct, int cap, int width, int start, const int32_t *sd, const float *src,
+                   int b, int n, int ss),
+     (be, cache, ct, cap, width, start, sd, src, b, n, ss))
 WRAP(argmax_rows, (xo_backend *be, int32_t *out, const float *logits, int rows, int cols), (be, out, logits, rows, cols))
 WRAP(sample_rows, (xo_backend *be, int32_t *out, const float *logits, int rows, int cols, float temp, int top_k, float top_p,
-                   uint64_t seed, uint64_t step),
-     (be, out, logits, rows, cols, temp, top_k, top_p, seed, step))
+                   uint64_t seed, uint64_t step, const int32_t *sd),
+     (be, out, logits, rows, cols, temp, top_k, top_p, seed, step, sd))
+WRAP(decode_begin, (xo_backend *be, const xo_decode_state *st), (be, st))
+WRAP(decode_end, (xo_backend *be, const xo_decode_state *st), (be, st))
+WRAP(suppress_tokens, (xo_backend *be, float *lg, int rows, int cols, const int32_t *ids, int n, const int32_t *sd, int below),
+     (be, lg, rows, cols, ids, n, sd, below))
+WRAP(capture_begin, (xo_backend *be), (be))
+WRAP(capture_end, (xo_backend *be, void **graph), (be, graph))
+WRAP(graph_launch, (xo_backend *be, void *graph), (be, graph))
+static void w_graph_free(xo_backend *be, void *graph) {
+    SETDEV(cu_ctx(be));
+    cu_graph_free(be, graph);
+}
 
 extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_create(xo_backend **out, int device, char *err,
                                                                                    size_t err_len) {
@@ -299,16 +316,28 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
     be->linear_to_host = be_linear_to_host;
     be->matmul = w_matmul;
     be->rmsnorm = w_rmsnorm;
+    be->add_rmsnorm = w_add_rmsnorm;
     be->rope = w_rope;
     be->embed = w_embed;
     be->add = w_add;
     be->swiglu = w_swiglu;
+    be->gate_up_swiglu = w_gate_up_swiglu;
     be->moe_route = w_moe_route;
     be->moe_experts = w_moe_experts;
+    be->moe_router = w_moe_router;
     be->attention = w_attention;
     be->cache_write = w_cache_write;
     be->argmax_rows = w_argmax_rows;
     be->sample_rows = w_sample_rows;
+    be->decode_begin = w_decode_begin;
+    be->decode_end = w_decode_end;
+    be->suppress_tokens = w_suppress_tokens;
+    if (!(getenv("XORON_CUDA_GRAPHS") && !strcmp(getenv("XORON_CUDA_GRAPHS"), "0"))) {
+        be->capture_begin = w_capture_begin;
+        be->capture_end = w_capture_end;
+        be->graph_launch = w_graph_launch;
+        be->graph_free = w_graph_free;
+    }
     be->destroy = be_destroy;
     *out = be;
     return XO_OK;

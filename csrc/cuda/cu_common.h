@@ -55,6 +55,9 @@ void cu_free(CuCtx *c, void *p);
 /* grows ctx->act16 to at least `bytes` */
 xo_status cu_act16_reserve(CuCtx *c, size_t bytes);
 
+/* weight storage holds this many rows (the extra ones zero) */
+static inline int cu_padded_rows(int out) { return (out + 7) & ~7; }
+
 static inline size_t cu_dtype_size(xo_dtype t) {
     return t == XO_F32 ? 4 : (t == XO_BF16 || t == XO_F16) ? 2 : t == XO_I8 ? 1 : 0;
 }
@@ -71,6 +74,32 @@ template <> __device__ __forceinline__ float cu_from_f32<float>(float v) { retur
 template <> __device__ __forceinline__ __nv_bfloat16 cu_from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half cu_from_f32<__half>(float v) { return __float2half(v); }
 
+/* eight consecutive elements widened to float (16-byte aligned loads) */
+__device__ __forceinline__ void load8(const float *p, float *v) {
+    float4 a = ((const float4 *)p)[0], b = ((const float4 *)p)[1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16 *p, float *v) {
+    uint4 r = *(const uint4 *)p;
+    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&r;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 f = __bfloat1622float2(h[i]);
+        v[2 * i] = f.x;
+        v[2 * i + 1] = f.y;
+    }
+}
+__device__ __forceinline__ void load8(const __half *p, float *v) {
+    uint4 r = *(const uint4 *)p;
+    const __half2 *h = (const __half2 *)&r;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 f = __half22float2(h[i]);
+        v[2 * i] = f.x;
+        v[2 * i + 1] = f.y;
+    }
+}
+
 static inline unsigned cu_blocks(size_t n, unsigned threads) {
     size_t b = (n + threads - 1) / threads;
     return (unsigned)(b > 0x7fffffff ? 0x7fffffff : (b ? b : 1));
@@ -81,6 +110,7 @@ static inline unsigned cu_blocks(size_t n, unsigned threads) {
 XoLt *cu_lt_create(CuCtx *c);
 void cu_lt_destroy(XoLt *lt);
 xo_status cu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w, int m);
+xo_status cu_gate_up_swiglu(xo_backend *be, float *act, const float *x, float *gu, const xo_linear *w, int m);
 /* y[m, out] = x16[m, k] @ W.T with x already 16-bit (the dtype of w) */
 xo_status cu_matmul16(CuCtx *c, float *y, const void *x16, const xo_linear *w, int m);
 /* f32 -> 16-bit conversion of n values (dtype t: XO_BF16 or XO_F16) */
@@ -100,6 +130,7 @@ enum { CU_GEMM_BM = 64 };
 
 /* cu_ops.cu */
 xo_status cu_rmsnorm(xo_backend *be, float *y, const float *x, int x_stride, const float *w, int n, int d, float eps);
+xo_status cu_add_rmsnorm(xo_backend *be, float *h, const float *x, float *y, const float *w, int n, int d, float eps);
 xo_status cu_rope(xo_backend *be, float *x, size_t row_stride, const int32_t *pos, int n, int heads, int hd,
                   const float *inv_freq, float mscale);
 /* rows of x are row_stride floats apart; row i takes position pos[(i / rpb) * pcap + i % rpb] */
@@ -109,7 +140,7 @@ xo_status cu_embed(xo_backend *be, float *h, const xo_linear *table, const int32
 xo_status cu_add(xo_backend *be, float *y, const float *x, size_t n);
 xo_status cu_swiglu(xo_backend *be, float *y, const float *gu, int n, int inter);
 xo_status cu_cache_write(xo_backend *be, void *cache, xo_dtype cache_t, int capacity, int width, int start,
-                         const float *src, int batch, int n, int src_stride);
+                         const int32_t *start_dev, const float *src, int batch, int n, int src_stride);
 /* dst [batch * len, width] f32 <- slots [r, 0 .. len) of a [batch, capacity, width] array of dtype t */
 xo_status cu_gather_rows(CuCtx *c, float *dst, const void *src, xo_dtype t, int batch, int capacity, int len, int width);
 xo_status cu_argmax_rows(xo_backend *be, int32_t *out, const float *logits, int rows, int cols);
@@ -117,9 +148,21 @@ xo_status cu_convert(CuCtx *c, void *dst, xo_dtype dt, const void *src, xo_dtype
 
 /* cu_sample.cu */
 xo_status cu_sample_rows(xo_backend *be, int32_t *out, const float *logits, int rows, int cols, float temperature,
-                         int top_k, float top_p, uint64_t seed, uint64_t step);
+                         int top_k, float top_p, uint64_t seed, uint64_t step, const int32_t *step_dev);
+
+/* cu_decode.cu: decode-session bookkeeping and step graphs */
+xo_status cu_decode_begin(xo_backend *be, const xo_decode_state *st);
+xo_status cu_decode_end(xo_backend *be, const xo_decode_state *st);
+xo_status cu_suppress_tokens(xo_backend *be, float *logits, int rows, int cols, const int32_t *ids, int n,
+                             const int32_t *step_dev, int below);
+xo_status cu_capture_begin(xo_backend *be);
+xo_status cu_capture_end(xo_backend *be, void **graph);
+xo_status cu_graph_launch(xo_backend *be, void *graph);
+void cu_graph_free(xo_backend *be, void *graph);
 
 /* cu_moe.cu */
+xo_status cu_moe_router(xo_backend *be, int32_t *idx, float *weight, const float *x, const float *norm_w,
+                        const xo_linear *router, int n, int k);
 xo_status cu_moe_route(xo_backend *be, int32_t *idx, float *weight, const float *logits, int n, int experts, int k);
 xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a);
 

@@ -258,14 +258,15 @@ static int lt_gemm_ld(CuCtx *c, float *y, int ldc, const void *x, const void *w,
 }
 
 /* Rows of n floats with n not a multiple of 8 (the vocabulary: 151643) push cuBLASLt onto
- * slow unaligned kernels: compute into rows padded to a multiple of 8, then copy. */
+ * slow unaligned kernels: compute all cu_padded_rows(n) outputs (the weight's storage has
+ * them, zero) into padded rows, then copy. */
 static int lt_gemm(CuCtx *c, float *y, const void *x, const void *w, xo_dtype t, int m, int n, int k, xo_status *rc) {
     if (!c->lt) return 0;
     if (n % 8 == 0 || m < 2) return lt_gemm_ld(c, y, n, x, w, t, m, n, k, rc);
-    const int ldc = (n + 7) & ~7;
+    const int ldc = cu_padded_rows(n);
     float *tmp = (float *)cu_alloc_raw(c, (size_t)m * ldc * sizeof(float));
     if (!tmp) return lt_gemm_ld(c, y, n, x, w, t, m, n, k, rc);
-    int done = lt_gemm_ld(c, tmp, ldc, x, w, t, m, n, k, rc);
+    int done = lt_gemm_ld(c, tmp, ldc, x, w, t, m, ldc, k, rc);
     if (done && *rc == XO_OK)
         *rc = cu_check(c, cudaMemcpy2DAsync(y, (size_t)n * sizeof(float), tmp, (size_t)ldc * sizeof(float),
                                             (size_t)n * sizeof(float), (size_t)m, cudaMemcpyDeviceToDevice, c->stream),
@@ -275,31 +276,6 @@ static int lt_gemm(CuCtx *c, float *y, const void *x, const void *w, xo_dtype t,
 }
 
 /* ------------------------------------------------------------------ skinny (few rows) */
-
-__device__ __forceinline__ void load8(const float *p, float *v) {
-    float4 a = ((const float4 *)p)[0], b = ((const float4 *)p)[1];
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-}
-__device__ __forceinline__ void load8(const __nv_bfloat16 *p, float *v) {
-    uint4 r = *(const uint4 *)p;
-    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&r;
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        float2 f = __bfloat1622float2(h[i]);
-        v[2 * i] = f.x;
-        v[2 * i + 1] = f.y;
-    }
-}
-__device__ __forceinline__ void load8(const __half *p, float *v) {
-    uint4 r = *(const uint4 *)p;
-    const __half2 *h = (const __half2 *)&r;
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        float2 f = __half22float2(h[i]);
-        v[2 * i] = f.x;
-        v[2 * i + 1] = f.y;
-    }
-}
 
 /* One warp per output row; rows [off, off+cnt) of x (group g) against W_g. */
 template <typename W, int MT, bool VEC>
@@ -324,6 +300,7 @@ __global__ __launch_bounds__(256) void k_skinny(float *__restrict__ y, const flo
 #pragma unroll
         for (int t = 0; t < MT; t++) acc[t] = 0.0f;
         if (VEC) {
+#pragma unroll 4
             for (int kk = lane * 8; kk < k; kk += 256) {
                 float wv[8];
                 load8(wr + kk, wv);
@@ -385,6 +362,73 @@ static xo_status skinny(CuCtx *c, float *y, const float *x, const CuGroupPtrs *w
 xo_status cu_grouped_skinny(CuCtx *c, float *y, const float *x, const CuGroupPtrs *w, xo_dtype t, int out, int k,
                             const int *offsets, int groups) {
     return skinny(c, y, x, w, t, out, k, offsets, groups, 0, 4);
+}
+
+/* act[m, I] = swiglu(x @ W.T) for a few rows, W = [gate; up] with 2I rows: one warp per
+ * activation column r takes gate row r and up row I + r, so gu never goes to memory
+ * (k % 8 == 0, 16-byte aligned). */
+template <typename W, int MT>
+__global__ __launch_bounds__(256) void k_skinny_gu(float *__restrict__ act, const float *__restrict__ x,
+                                                   const W *__restrict__ w, int inter, int k, int m) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int r = blockIdx.x * 8 + warp;
+    if (r >= inter) return;
+    const W *wg = w + (size_t)r * k, *wu = w + (size_t)(inter + r) * k;
+    float ag[MT], au[MT];
+#pragma unroll
+    for (int t = 0; t < MT; t++) ag[t] = au[t] = 0.0f;
+#pragma unroll 2
+    for (int kk = lane * 8; kk < k; kk += 256) {
+        float gv[8], uv[8];
+        load8(wg + kk, gv);
+        load8(wu + kk, uv);
+#pragma unroll
+        for (int t = 0; t < MT; t++) {
+            if (t < m) {
+                float xv[8];
+                load8(x + (size_t)t * k + kk, xv);
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    ag[t] = fmaf(gv[e], xv[e], ag[t]);
+                    au[t] = fmaf(uv[e], xv[e], au[t]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < MT; t++) {
+        float g = ag[t], u = au[t];
+        for (int o = 16; o; o >>= 1) {
+            g += __shfl_xor_sync(0xffffffffu, g, o);
+            u += __shfl_xor_sync(0xffffffffu, u, o);
+        }
+        if (lane == 0 && t < m) act[(size_t)t * inter + r] = g / (1.0f + expf(-g)) * u;
+    }
+}
+
+enum { GU_FUSED_MAX_M = 4 };
+
+template <typename W>
+static void launch_skinny_gu(CuCtx *c, float *act, const float *x, const void *w, int inter, int k, int m) {
+    const unsigned grid = (unsigned)((inter + 7) / 8);
+    if (m <= 1) k_skinny_gu<W, 1><<<grid, 256, 0, c->stream>>>(act, x, (const W *)w, inter, k, m);
+    else k_skinny_gu<W, GU_FUSED_MAX_M><<<grid, 256, 0, c->stream>>>(act, x, (const W *)w, inter, k, m);
+}
+
+xo_status cu_gate_up_swiglu(xo_backend *be, float *act, const float *x, float *gu, const xo_linear *w, int m) {
+    CuCtx *c = cu_ctx(be);
+    const int inter = w->out / 2, k = w->in;
+    if (m <= 0 || inter <= 0) return XO_OK;
+    const bool fused = m <= GU_FUSED_MAX_M && k > 0 && k % 8 == 0 && (((uintptr_t)x | (uintptr_t)w->data) & 15) == 0 &&
+                       (w->dtype == XO_BF16 || w->dtype == XO_F16 || w->dtype == XO_F32);
+    if (!fused) {
+        XO_TRY(cu_matmul(be, gu, x, w, m));
+        return cu_swiglu(be, act, gu, m, inter);
+    }
+    if (w->dtype == XO_BF16) launch_skinny_gu<__nv_bfloat16>(c, act, x, w->data, inter, k, m);
+    else if (w->dtype == XO_F16) launch_skinny_gu<__half>(c, act, x, w->data, inter, k, m);
+    else launch_skinny_gu<float>(c, act, x, w->data, inter, k, m);
+    return cu_check_launch(c, "gate_up swiglu");
 }
 
 /* ------------------------------------------------------------------ WMMA grouped GEMM (16-bit) */

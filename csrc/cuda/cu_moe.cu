@@ -8,16 +8,12 @@
 
 #include "cu_common.h"
 
-__global__ void k_moe_route(int32_t *idx, float *weight, const float *__restrict__ logits, int n, int E, int K) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    const float *z = logits + (size_t)i * E;
+/* softmax over z[E], top-k (ties: lower index), renormalised by sum + 1e-5 */
+__device__ void route_row(int32_t *ix, float *wt, const float *z, int E, int K) {
     float mx = z[0];
     for (int e = 1; e < E; e++) mx = z[e] > mx ? z[e] : mx;
     float sum = 0.0f;
     for (int e = 0; e < E; e++) sum += expf(z[e] - mx);
-    int32_t *ix = idx + (size_t)i * K;
-    float *wt = weight + (size_t)i * K;
     float picked = 0.0f;
     for (int j = 0; j < K; j++) {
         int best = -1;
@@ -34,6 +30,56 @@ __global__ void k_moe_route(int32_t *idx, float *weight, const float *__restrict
         picked += bp;
     }
     for (int j = 0; j < K; j++) wt[j] /= picked + 1e-5f;
+}
+
+__global__ void k_moe_route(int32_t *idx, float *weight, const float *__restrict__ logits, int n, int E, int K) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    route_row(idx + (size_t)i * K, weight + (size_t)i * K, logits + (size_t)i * E, E, K);
+}
+
+/* one block per token: the router's RMSNorm, its E logits (a warp each) and the routing */
+template <typename W>
+__global__ __launch_bounds__(256) void k_moe_router(int32_t *idx, float *weight, const float *__restrict__ x,
+                                                    const float *__restrict__ nw, const W *__restrict__ r, int H, int E,
+                                                    int K) {
+    __shared__ float red[8], z[CU_MAX_GROUPS];
+    const float *xr = x + (size_t)blockIdx.x * H;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < H; j += 256) ss += xr[j] * xr[j];
+    for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (lane == 0) red[warp] = ss;
+    __syncthreads();
+    float tot = 0.0f;
+    for (int w8 = 0; w8 < 8; w8++) tot += red[w8];
+    const float inv = 1.0f / sqrtf(tot / (float)H + 1e-6f);
+    for (int e = warp; e < E; e += 8) {
+        const W *re = r + (size_t)e * H;
+        float acc = 0.0f;
+        for (int j = lane; j < H; j += 32) acc = fmaf(nw[j] * (xr[j] * inv), cu_ld(re, j), acc);
+        for (int o = 16; o; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (lane == 0) z[e] = acc;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) route_row(idx + (size_t)blockIdx.x * K, weight + (size_t)blockIdx.x * K, z, E, K);
+}
+
+xo_status cu_moe_router(xo_backend *be, int32_t *idx, float *weight, const float *x, const float *norm_w,
+                        const xo_linear *router, int n, int k) {
+    CuCtx *c = cu_ctx(be);
+    const int E = router->out, H = router->in;
+    if (n <= 0) return XO_OK;
+    if (k > E || k <= 0 || E > CU_MAX_GROUPS) return cu_fail(c, XO_EINVAL, "top-%d of %d experts", k, E);
+    if (router->dtype == XO_BF16)
+        k_moe_router<<<n, 256, 0, c->stream>>>(idx, weight, x, norm_w, (const __nv_bfloat16 *)router->data, H, E, k);
+    else if (router->dtype == XO_F16)
+        k_moe_router<<<n, 256, 0, c->stream>>>(idx, weight, x, norm_w, (const __half *)router->data, H, E, k);
+    else if (router->dtype == XO_F32)
+        k_moe_router<<<n, 256, 0, c->stream>>>(idx, weight, x, norm_w, (const float *)router->data, H, E, k);
+    else
+        return cu_fail(c, XO_EUNSUPPORTED, "router weight dtype %d unsupported", (int)router->dtype);
+    return cu_check_launch(c, "moe router");
 }
 
 xo_status cu_moe_route(xo_backend *be, int32_t *idx, float *weight, const float *logits, int n, int experts, int k) {
@@ -104,7 +150,87 @@ __global__ void k_moe_combine(float *out, const float *__restrict__ yg, const in
     }
 }
 
+/* up to here the weight-streaming kernel beats the tile GEMM (rows per expert are few) */
 enum { SKINNY_MAX_SLOTS = 64 };
+
+/* ---- a few tokens (decode): no permutation, the experts read straight from the routing ---- */
+enum { INDEXED_MAX_SLOTS = 8 };
+
+/* one warp per activation column r of slot s: act[s, r] = swiglu of expert idx[s]'s gate row r
+ * and up row I + r against x[s / K] (H % 8 == 0) */
+template <typename W>
+__global__ __launch_bounds__(256) void k_moe_act_indexed(float *__restrict__ act, const float *__restrict__ x, CuGroupPtrs wp,
+                                                         const int32_t *__restrict__ idx, int E, int K, int inter, int H) {
+    const int s = blockIdx.y, r = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (r >= inter) return;
+    int e = idx[s];
+    e = e < 0 ? 0 : e >= E ? E - 1 : e;
+    const W *wg = (const W *)wp.p[e] + (size_t)r * H, *wu = (const W *)wp.p[e] + (size_t)(inter + r) * H;
+    const float *xr = x + (size_t)(s / K) * H;
+    float g = 0.0f, u = 0.0f;
+#pragma unroll 2
+    for (int kk = lane * 8; kk < H; kk += 256) {
+        float gv[8], uv[8], xv[8];
+        load8(wg + kk, gv);
+        load8(wu + kk, uv);
+        load8(xr + kk, xv);
+#pragma unroll
+        for (int q = 0; q < 8; q++) {
+            g = fmaf(gv[q], xv[q], g);
+            u = fmaf(uv[q], xv[q], u);
+        }
+    }
+    for (int o = 16; o; o >>= 1) {
+        g += __shfl_xor_sync(0xffffffffu, g, o);
+        u += __shfl_xor_sync(0xffffffffu, u, o);
+    }
+    if (lane == 0) act[(size_t)s * inter + r] = g / (1.0f + expf(-g)) * u;
+}
+
+/* one warp per output row r, every token i: out[i, r] += sum_k w[i, k] * (W_down[e_ik][r] . act[i * K + k])
+ * (inter % 8 == 0); the k terms added in order, as the combine does */
+template <typename W>
+__global__ __launch_bounds__(256) void k_moe_down_indexed(float *__restrict__ out, const float *__restrict__ act, CuGroupPtrs wp,
+                                                          const int32_t *__restrict__ idx, const float *__restrict__ wt, int n,
+                                                          int E, int K, int H, int inter) {
+    const int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= H) return;
+    for (int i = 0; i < n; i++) {
+        float v = out[(size_t)i * H + row];
+        for (int kx = 0; kx < K; kx++) {
+            const int s = i * K + kx;
+            int e = idx[s];
+            e = e < 0 ? 0 : e >= E ? E - 1 : e;
+            const W *wr = (const W *)wp.p[e] + (size_t)row * inter;
+            const float *ar = act + (size_t)s * inter;
+            float acc = 0.0f;
+#pragma unroll 4
+            for (int kk = lane * 8; kk < inter; kk += 256) {
+                float wv[8], av[8];
+                load8(wr + kk, wv);
+                load8(ar + kk, av);
+#pragma unroll
+                for (int q = 0; q < 8; q++) acc = fmaf(wv[q], av[q], acc);
+            }
+            for (int o = 16; o; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+            v += wt[s] * acc;
+        }
+        if (lane == 0) out[(size_t)i * H + row] = v;
+    }
+}
+
+template <typename W>
+static xo_status moe_indexed(CuCtx *c, const xo_moe_args *a, const CuGroupPtrs &gup, const CuGroupPtrs &dnp, int inter) {
+    const int n = a->tokens, K = a->top_k, E = a->num_experts, H = a->hidden, slots = n * K;
+    float *act = (float *)cu_alloc_raw(c, (size_t)slots * inter * sizeof(float));
+    if (!act) return cu_fail(c, XO_ENOMEM, "out of GPU memory in the MoE layer (%d tokens)", n);
+    k_moe_act_indexed<W><<<dim3((unsigned)((inter + 7) / 8), (unsigned)slots), 256, 0, c->stream>>>(act, a->x, gup, a->topk_idx,
+                                                                                                    E, K, inter, H);
+    k_moe_down_indexed<W><<<(unsigned)((H + 7) / 8), 256, 0, c->stream>>>(a->out, act, dnp, a->topk_idx, a->topk_weight, n, E,
+                                                                         K, H, inter);
+    cu_free(c, act);
+    return cu_check_launch(c, "moe (indexed experts)");
+}
 
 xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a) {
     CuCtx *c = cu_ctx(be);
@@ -119,6 +245,20 @@ xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a) {
                   a->experts[e].gate_up.out == 2 * inter && a->experts[e].down.out == H;
     if (!uniform) return cu_fail(c, XO_EUNSUPPORTED, "CUDA MoE: experts must share one shape and dtype (and be <= %d)", CU_MAX_GROUPS);
 
+    if (!c->moe_host && slots <= INDEXED_MAX_SLOTS && H % 8 == 0 && inter % 8 == 0 && ((uintptr_t)a->x & 15) == 0) {
+        CuGroupPtrs gup, dnp;
+        bool aligned = true;
+        for (int e = 0; e < E; e++) {
+            gup.p[e] = a->experts[e].gate_up.data;
+            dnp.p[e] = a->experts[e].down.data;
+            aligned &= (((uintptr_t)gup.p[e] | (uintptr_t)dnp.p[e]) & 15) == 0;
+        }
+        if (aligned) {
+            if (t == XO_BF16) return moe_indexed<__nv_bfloat16>(c, a, gup, dnp, inter);
+            if (t == XO_F16) return moe_indexed<__half>(c, a, gup, dnp, inter);
+            return moe_indexed<float>(c, a, gup, dnp, inter);
+        }
+    }
     enum { HOST, SKINNY, WMMA } mode;
     if (c->moe_host) mode = HOST;
     else if (slots <= SKINNY_MAX_SLOTS) mode = SKINNY;
@@ -148,7 +288,8 @@ xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a) {
     {
         int *counts = ib, *offsets = ib + E, *tile_start = offsets + E + 1, *rank = tile_start + E + 1, *slot_of = rank + slots;
         k_moe_count<<<cu_blocks((size_t)slots, 256), 256, 0, c->stream>>>(a->topk_idx, slots, E, counts, rank);
-        const int bm = c->gemm_v1 ? CU_GEMM_BM : 128; /* row tile of the grouped GEMM */
+        /* row tile of the grouped GEMM: 64 rows when experts get few (decode batches) */
+        const int bm = c->gemm_v1 || slots < 64 * E ? CU_GEMM_BM : 128;
         k_moe_offsets<<<1, 32, 0, c->stream>>>(counts, E, offsets, tile_start, bm);
         const int gth = H >= 256 ? 256 : 128;
         if (mode == WMMA) {

@@ -31,33 +31,77 @@ xo_status cu_convert_act(CuCtx *c, void *dst, const float *src, size_t n, xo_dty
 
 /* ---- RMSNorm: one block per row ---- */
 
+/* with add (then x_stride == d): x += add first, written back, and normed (the residual add fused).
+ * Rows of up to 8 * THREADS values stay in registers: one pass over memory, w loaded early. */
 template <int THREADS>
-__global__ void k_rmsnorm(float *y, const float *x, int x_stride, const float *__restrict__ w, int d, float eps) {
-    const float *xr = x + (size_t)blockIdx.x * x_stride;
+__global__ void k_rmsnorm(float *y, float *x, int x_stride, const float *__restrict__ w, int d, float eps,
+                          const float *__restrict__ add) {
+    enum { PER = 8 };
+    float *xr = x + (size_t)blockIdx.x * x_stride;
     float *yr = y + (size_t)blockIdx.x * d;
+    const float *ar = add ? add + (size_t)blockIdx.x * d : NULL;
+    const bool in_regs = d <= PER * THREADS;
+    float v[PER], wv[PER];
     float ss = 0.0f;
-    for (int j = threadIdx.x; j < d; j += THREADS) ss += xr[j] * xr[j];
+    if (in_regs) {
+#pragma unroll
+        for (int p = 0; p < PER; p++) {
+            const int j = threadIdx.x + p * THREADS;
+            if (j < d) {
+                wv[p] = w[j];
+                v[p] = ar ? xr[j] + ar[j] : xr[j];
+                ss += v[p] * v[p];
+            }
+        }
+        if (ar) {
+#pragma unroll
+            for (int p = 0; p < PER; p++)
+                if (threadIdx.x + p * THREADS < d) xr[threadIdx.x + p * THREADS] = v[p];
+        }
+    } else if (ar) {
+        for (int j = threadIdx.x; j < d; j += THREADS) {
+            const float a = xr[j] + ar[j];
+            xr[j] = a;
+            ss += a * a;
+        }
+    } else {
+        for (int j = threadIdx.x; j < d; j += THREADS) ss += xr[j] * xr[j];
+    }
     __shared__ float red[THREADS / 32];
     for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
     __syncthreads();
     if (threadIdx.x < 32) {
-        float v = threadIdx.x < THREADS / 32 ? red[threadIdx.x] : 0.0f;
-        for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (threadIdx.x == 0) red[0] = v;
+        float r = threadIdx.x < THREADS / 32 ? red[threadIdx.x] : 0.0f;
+        for (int o = 16; o; o >>= 1) r += __shfl_xor_sync(0xffffffffu, r, o);
+        if (threadIdx.x == 0) red[0] = r;
     }
     __syncthreads();
     const float inv = 1.0f / sqrtf(red[0] / (float)d + eps);
-    /* in place (y == x) is safe: each element is read before it is written by the same thread */
-    for (int j = threadIdx.x; j < d; j += THREADS) yr[j] = w[j] * (xr[j] * inv);
+    if (in_regs) {
+#pragma unroll
+        for (int p = 0; p < PER; p++)
+            if (threadIdx.x + p * THREADS < d) yr[threadIdx.x + p * THREADS] = wv[p] * (v[p] * inv);
+    } else {
+        /* in place (y == x) is safe: each element is read before it is written by the same thread */
+        for (int j = threadIdx.x; j < d; j += THREADS) yr[j] = w[j] * (xr[j] * inv);
+    }
 }
 
 xo_status cu_rmsnorm(xo_backend *be, float *y, const float *x, int x_stride, const float *w, int n, int d, float eps) {
     CuCtx *c = cu_ctx(be);
     if (n <= 0) return XO_OK;
-    if (d <= 256) k_rmsnorm<128><<<n, 128, 0, c->stream>>>(y, x, x_stride, w, d, eps);
-    else k_rmsnorm<256><<<n, 256, 0, c->stream>>>(y, x, x_stride, w, d, eps);
+    if (d <= 256) k_rmsnorm<128><<<n, 128, 0, c->stream>>>(y, (float *)x, x_stride, w, d, eps, NULL);
+    else k_rmsnorm<256><<<n, 256, 0, c->stream>>>(y, (float *)x, x_stride, w, d, eps, NULL);
     return cu_check_launch(c, "rmsnorm");
+}
+
+xo_status cu_add_rmsnorm(xo_backend *be, float *h, const float *x, float *y, const float *w, int n, int d, float eps) {
+    CuCtx *c = cu_ctx(be);
+    if (n <= 0) return XO_OK;
+    if (d <= 256) k_rmsnorm<128><<<n, 128, 0, c->stream>>>(y, h, d, w, d, eps, x);
+    else k_rmsnorm<256><<<n, 256, 0, c->stream>>>(y, h, d, w, d, eps, x);
+    return cu_check_launch(c, "add_rmsnorm");
 }
 
 /* ---- rotary embedding (SPEC section 5): pairs j and j + hd/2, theta = (float)pos * inv_freq ---- */
@@ -173,8 +217,9 @@ xo_status cu_swiglu(xo_backend *be, float *y, const float *gu, int n, int inter)
 /* ---- cache slots [r, start .. start+n) <- src rows r*n .. r*n+n-1 (src_stride apart), every row r ---- */
 
 template <typename D>
-__global__ void k_cache_write(D *cache, int capacity, int width, int start, const float *__restrict__ src, int batch,
-                              int n, int src_stride) {
+__global__ void k_cache_write(D *cache, int capacity, int width, int start, const int32_t *start_dev,
+                              const float *__restrict__ src, int batch, int n, int src_stride) {
+    if (start_dev) start = *start_dev;
     const size_t total = (size_t)batch * n * width;
     for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < total; t += (size_t)gridDim.x * blockDim.x) {
         const int j = (int)(t % width);
@@ -206,18 +251,22 @@ xo_status cu_gather_rows(CuCtx *c, float *dst, const void *src, xo_dtype t, int 
 }
 
 xo_status cu_cache_write(xo_backend *be, void *cache_v, xo_dtype cache_t, int capacity, int width, int start,
-                         const float *src, int batch, int n, int src_stride) {
+                         const int32_t *start_dev, const float *src, int batch, int n, int src_stride) {
     CuCtx *c = cu_ctx(be);
     if (n <= 0 || width <= 0 || batch <= 0) return XO_OK;
-    if (cache_t != XO_F32) { /* 16-bit cache: convert while writing */
+    if (cache_t != XO_F32 || start_dev) { /* a 16-bit cache (converted while writing) or a slot read on the device */
         const size_t total = (size_t)batch * n * width;
         unsigned b = cu_blocks(total, 256), cap = (unsigned)c->num_sms * 16;
         if (b > cap) b = cap;
         if (cache_t == XO_BF16)
-            k_cache_write<<<b, 256, 0, c->stream>>>((__nv_bfloat16 *)cache_v, capacity, width, start, src, batch, n,
+            k_cache_write<<<b, 256, 0, c->stream>>>((__nv_bfloat16 *)cache_v, capacity, width, start, start_dev, src, batch,
+                                                    n, src_stride);
+        else if (cache_t == XO_F16)
+            k_cache_write<<<b, 256, 0, c->stream>>>((__half *)cache_v, capacity, width, start, start_dev, src, batch, n,
                                                     src_stride);
         else
-            k_cache_write<<<b, 256, 0, c->stream>>>((__half *)cache_v, capacity, width, start, src, batch, n, src_stride);
+            k_cache_write<<<b, 256, 0, c->stream>>>((float *)cache_v, capacity, width, start, start_dev, src, batch, n,
+                                                    src_stride);
         return cu_check_launch(c, "cache_write");
     }
     float *cache = (float *)cache_v;
@@ -243,11 +292,8 @@ __device__ __forceinline__ void better(float &v, int &i, float ov, int oi) {
     if (ov > v || (ov == v && oi < i)) { v = ov; i = oi; }
 }
 
-__global__ void k_argmax_rows(int32_t *out, const float *__restrict__ logits, int cols) {
-    const float *z = logits + (size_t)blockIdx.x * cols;
-    float v = -INFINITY;
-    int idx = 0x7fffffff;
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) better(v, idx, z[j], j);
+/* block-wide (value, index) reduction; the result is valid in thread 0 */
+__device__ __forceinline__ void block_best(float &v, int &idx) {
     for (int off = 16; off > 0; off >>= 1)
         better(v, idx, __shfl_down_sync(0xffffffffu, v, off), __shfl_down_sync(0xffffffffu, idx, off));
     __shared__ float sv[32];
@@ -261,13 +307,52 @@ __global__ void k_argmax_rows(int32_t *out, const float *__restrict__ logits, in
         idx = lane < nw ? si[lane] : 0x7fffffff;
         for (int off = 16; off > 0; off >>= 1)
             better(v, idx, __shfl_down_sync(0xffffffffu, v, off), __shfl_down_sync(0xffffffffu, idx, off));
-        if (lane == 0) out[blockIdx.x] = idx == 0x7fffffff ? 0 : idx; /* all-NaN row: 0, as the CPU */
     }
+}
+
+/* pass 1: block (s, r) takes columns [s * span, (s + 1) * span) of row r */
+__global__ void k_argmax_part(float *pv, int *pi, const float *__restrict__ logits, int cols, int span) {
+    const float *z = logits + (size_t)blockIdx.y * cols;
+    const int end = min(cols, (int)(blockIdx.x + 1) * span);
+    float v = -INFINITY;
+    int idx = 0x7fffffff;
+    for (int j = blockIdx.x * span + threadIdx.x; j < end; j += blockDim.x) better(v, idx, z[j], j);
+    block_best(v, idx);
+    if (threadIdx.x == 0) {
+        pv[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = v;
+        pi[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = idx;
+    }
+}
+
+/* pass 2: one block per row over its parts */
+__global__ void k_argmax_final(int32_t *out, const float *__restrict__ pv, const int *__restrict__ pi, int parts) {
+    float v = -INFINITY;
+    int idx = 0x7fffffff;
+    for (int s = threadIdx.x; s < parts; s += blockDim.x)
+        better(v, idx, pv[(size_t)blockIdx.x * parts + s], pi[(size_t)blockIdx.x * parts + s]);
+    block_best(v, idx);
+    if (threadIdx.x == 0) out[blockIdx.x] = idx == 0x7fffffff ? 0 : idx; /* all-NaN row: 0, as the CPU */
 }
 
 xo_status cu_argmax_rows(xo_backend *be, int32_t *out, const float *logits, int rows, int cols) {
     CuCtx *c = cu_ctx(be);
     if (rows <= 0 || cols <= 0) return XO_OK;
-    k_argmax_rows<<<rows, 1024, 0, c->stream>>>(out, logits, cols);
+    /* enough parts to spread a few rows over the GPU, 4096 columns at least each */
+    int parts = (cols + 4095) / 4096;
+    const int cap = (8 * c->num_sms + rows - 1) / rows;
+    if (parts > cap) parts = cap > 0 ? cap : 1;
+    if (parts > 1024) parts = 1024;
+    const int span = (cols + parts - 1) / parts;
+    char *buf = (char *)cu_alloc_raw(c, (size_t)rows * parts * 8);
+    if (!buf) return cu_fail(c, XO_ENOMEM, "out of GPU memory in argmax");
+    float *pv = (float *)buf;
+    int *pi = (int *)(buf + (size_t)rows * parts * 4);
+    for (int r0 = 0; r0 < rows; r0 += 65535) { /* grid.y is at most 65535 */
+        const int nr = rows - r0 < 65535 ? rows - r0 : 65535;
+        k_argmax_part<<<dim3((unsigned)parts, (unsigned)nr), 256, 0, c->stream>>>(pv + (size_t)r0 * parts, pi + (size_t)r0 * parts,
+                                                                              logits + (size_t)r0 * cols, cols, span);
+    }
+    k_argmax_final<<<rows, 128, 0, c->stream>>>(out, pv, pi, parts);
+    cu_free(c, buf);
     return cu_check_launch(c, "argmax_rows");
 }

@@ -35,7 +35,8 @@ __device__ __forceinline__ uint64_t mix64(uint64_t z) {
 }
 
 __global__ void k_sample_rows(int32_t *out, const float *__restrict__ logits, int cols, float inv_temp, int top_k,
-                              float top_p, uint64_t seed, uint64_t step) {
+                              float top_p, uint64_t seed, uint64_t step, const int32_t *step_dev) {
+    if (step_dev) step = (uint64_t)*step_dev;
     __shared__ unsigned red[32];
     __shared__ float val[SAMPLE_CAP];
     __shared__ int idx[SAMPLE_CAP];
@@ -111,11 +112,12 @@ __global__ void k_sample_rows(int32_t *out, const float *__restrict__ logits, in
 }
 
 xo_status cu_sample_rows(xo_backend *be, int32_t *out, const float *logits, int rows, int cols, float temperature,
-                         int top_k, float top_p, uint64_t seed, uint64_t step) {
+                         int top_k, float top_p, uint64_t seed, uint64_t step, const int32_t *step_dev) {
     CuCtx *c = cu_ctx(be);
     if (rows <= 0 || cols <= 0) return XO_OK;
     if (top_k < 1 || top_k > XO_DEVICE_TOP_K_MAX || !(temperature > 0.0f))
         return cu_fail(c, XO_EINVAL, "device sampling needs 1 <= top_k <= %d and temperature > 0", XO_DEVICE_TOP_K_MAX);
-    k_sample_rows<<<rows, SAMPLE_THREADS, 0, c->stream>>>(out, logits, cols, 1.0f / temperature, top_k, top_p, seed, step);
+    k_sample_rows<<<rows, SAMPLE_THREADS, 0, c->stream>>>(out, logits, cols, 1.0f / temperature, top_k, top_p, seed, step,
+                                                          step_dev);
     return cu_check_launch(c, "sample_rows");
 }
