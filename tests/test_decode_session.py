@@ -147,3 +147,23 @@ def test_graphs_off_gives_the_same_tokens(monkeypatch, cache_format):
     monkeypatch.setenv("XORON_CUDA_GRAPHS", "0")  # read when a backend is made
     eager = built("cuda", cache_format)
     np.testing.assert_array_equal(eager.model.generate(prompt, max_new_tokens=140, do_sample=False), with_graphs)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not GPU, reason="no usable CUDA device")
+def test_gpu_top_k_over_a_large_vocabulary():
+    # 20000 columns: the k-th logit is found by histograms over several blocks per row
+    cfg = {"vocab_size": 20000, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+           "num_attention_heads": 4, "kv_lora_rank": 16}
+    m = xoron.MoELlamaForCausalLM(cfg, device="cuda", seed=1)
+    p = np.random.default_rng(0).integers(0, 20000, size=(3, 4))
+    logits = np.asarray(m(input_ids=p).logits)[:, -1]
+    np.testing.assert_array_equal(m.generate(p, max_new_tokens=1, do_sample=True, top_k=1, seed=5)[:, -1],
+                                  logits.argmax(axis=1))
+    for k in (7, 1000):
+        kth = np.sort(logits, axis=1)[:, -k]
+        drawn = np.stack([m.generate(p, max_new_tokens=1, do_sample=True, top_k=k, top_p=1.0, seed=s)[:, -1]
+                          for s in range(40)], axis=1)
+        for r in range(3):
+            assert (logits[r, drawn[r]] >= kth[r]).all(), (k, r)
+        assert len(set(drawn[0])) > 1  # draws do spread over the kept set

@@ -38,26 +38,43 @@ __global__ void k_moe_route(int32_t *idx, float *weight, const float *__restrict
     route_row(idx + (size_t)i * K, weight + (size_t)i * K, logits + (size_t)i * E, E, K);
 }
 
-/* one block per token: the router's RMSNorm, its E logits (a warp each) and the routing */
+/* one block per token: the router's RMSNorm into shared memory, then its E logits (a warp
+ * each, 16-byte weight loads when H % 8 == 0) and the routing */
 template <typename W>
 __global__ __launch_bounds__(256) void k_moe_router(int32_t *idx, float *weight, const float *__restrict__ x,
                                                     const float *__restrict__ nw, const W *__restrict__ r, int H, int E,
                                                     int K) {
+    extern __shared__ float xs[];
     __shared__ float red[8], z[CU_MAX_GROUPS];
     const float *xr = x + (size_t)blockIdx.x * H;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float ss = 0.0f;
-    for (int j = threadIdx.x; j < H; j += 256) ss += xr[j] * xr[j];
+    for (int j = threadIdx.x; j < H; j += 256) {
+        const float v = xr[j];
+        xs[j] = v;
+        ss += v * v;
+    }
     for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
     if (lane == 0) red[warp] = ss;
     __syncthreads();
     float tot = 0.0f;
     for (int w8 = 0; w8 < 8; w8++) tot += red[w8];
     const float inv = 1.0f / sqrtf(tot / (float)H + 1e-6f);
+    for (int j = threadIdx.x; j < H; j += 256) xs[j] = nw[j] * (xs[j] * inv);
+    __syncthreads();
     for (int e = warp; e < E; e += 8) {
         const W *re = r + (size_t)e * H;
         float acc = 0.0f;
-        for (int j = lane; j < H; j += 32) acc = fmaf(nw[j] * (xr[j] * inv), cu_ld(re, j), acc);
+        if (H % 8 == 0) {
+            for (int kk = lane * 8; kk < H; kk += 256) {
+                float wv[8];
+                load8(re + kk, wv);
+#pragma unroll
+                for (int q = 0; q < 8; q++) acc = fmaf(xs[kk + q], wv[q], acc);
+            }
+        } else {
+            for (int j = lane; j < H; j += 32) acc = fmaf(xs[j], cu_ld(re, j), acc);
+        }
         for (int o = 16; o; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
         if (lane == 0) z[e] = acc;
     }
@@ -65,18 +82,30 @@ __global__ __launch_bounds__(256) void k_moe_router(int32_t *idx, float *weight,
     if (threadIdx.x == 0) route_row(idx + (size_t)blockIdx.x * K, weight + (size_t)blockIdx.x * K, z, E, K);
 }
 
+enum { ROUTER_MAX_H = 12288 }; /* the normed row in 48 KB of shared memory */
+
 xo_status cu_moe_router(xo_backend *be, int32_t *idx, float *weight, const float *x, const float *norm_w,
                         const xo_linear *router, int n, int k) {
     CuCtx *c = cu_ctx(be);
     const int E = router->out, H = router->in;
     if (n <= 0) return XO_OK;
     if (k > E || k <= 0 || E > CU_MAX_GROUPS) return cu_fail(c, XO_EINVAL, "top-%d of %d experts", k, E);
+    if (H > ROUTER_MAX_H || (((uintptr_t)router->data) & 15)) { /* the three steps, through scratch */
+        float *tmp = (float *)cu_alloc_raw(c, (size_t)n * (H + E) * sizeof(float));
+        if (!tmp) return cu_fail(c, XO_ENOMEM, "out of GPU memory in the MoE router");
+        xo_status rc = cu_rmsnorm(be, tmp, x, H, norm_w, n, H, 1e-6f);
+        if (rc == XO_OK) rc = cu_matmul(be, tmp + (size_t)n * H, tmp, router, n);
+        if (rc == XO_OK) rc = cu_moe_route(be, idx, weight, tmp + (size_t)n * H, n, E, k);
+        cu_free(c, tmp);
+        return rc;
+    }
+    const size_t smem = (size_t)H * sizeof(float);
     if (router->dtype == XO_BF16)
-        k_moe_router<<<n, 256, 0, c->stream>>>(idx, weight, x, norm_w, (const __nv_bfloat16 *)router->data, H, E, k);
+        k_moe_router<<<n, 256, smem, c->stream>>>(idx, weight, x, norm_w, (const __nv_bfloat16 *)router->data, H, E, k);
     else if (router->dtype == XO_F16)
-        k_moe_router<<<n, 256, 0, c->stream>>>(idx, weight, x, norm_w, (const __half *)router->data, H, E, k);
+        k_moe_router<<<n, 256, smem, c->stream>>>(idx, weight, x, norm_w, (const __half *)router->data, H, E, k);
     else if (router->dtype == XO_F32)
-        k_moe_router<<<n, 256, 0, c->stream>>>(idx, weight, x, norm_w, (const float *)router->data, H, E, k);
+        k_moe_router<<<n, 256, smem, c->stream>>>(idx, weight, x, norm_w, (const float *)router->data, H, E, k);
     else
         return cu_fail(c, XO_EUNSUPPORTED, "router weight dtype %d unsupported", (int)router->dtype);
     return cu_check_launch(c, "moe router");

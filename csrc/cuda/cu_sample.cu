@@ -1,5 +1,7 @@
-/* Next-token draws on the GPU (SPEC section 7): temperature, top-k, nucleus, draw, one block per
- * row, so that sampling needs no copy of the logits to the host. Semantics as xo_sample_row in
+/* Next-token draws on the GPU (SPEC section 7): temperature, top-k, nucleus, draw, so that
+ * sampling needs no copy of the logits to the host. The k-th largest logit of each row is
+ * found by a radix select of 8 bits a pass, each pass a histogram over many blocks; then one
+ * block per row gathers the survivors, sorts them and draws. Semantics as xo_sample_row in
  * csrc/xo_sampling.c: top-k keeps every value tied with the k-th; the nucleus keeps the top-1 and
  * the token that crosses top_p. The generator is counter-based (seed, step, row), so a seed gives
  * the same draws on the GPU every time (they differ from the CPU's stream). */
@@ -13,45 +15,74 @@ __device__ __forceinline__ unsigned order_key(float x) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-__device__ __forceinline__ unsigned block_count(unsigned mine, unsigned *red) {
-    for (int off = 16; off > 0; off >>= 1) mine += __shfl_down_sync(0xffffffffu, mine, off);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    __syncthreads();
-    if (lane == 0) red[warp] = mine;
-    __syncthreads();
-    if (warp == 0) {
-        unsigned v = lane < (int)(blockDim.x / 32) ? red[lane] : 0;
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-        if (lane == 0) red[0] = v;
-    }
-    __syncthreads();
-    return red[0];
-}
-
 __device__ __forceinline__ uint64_t mix64(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
     return z ^ (z >> 31);
 }
 
-__global__ void k_sample_rows(int32_t *out, const float *__restrict__ logits, int cols, float inv_temp, int top_k,
-                              float top_p, uint64_t seed, uint64_t step, const int32_t *step_dev) {
+/* The k-th largest key of each row by radix select, 8 bits a pass, spread over many blocks:
+ * sel[r] = {prefix of the k-th key so far, how many keys still to skip inside it}. */
+struct TopkSel {
+    unsigned prefix, remaining;
+};
+
+enum { HIST_BLOCKS_PER_ROW = 64 };
+
+/* pass `shift` (24, 16, 8, 0): count the digit (key >> shift) & 255 of the keys whose higher
+ * bits equal the prefix found so far */
+__global__ void k_topk_hist(unsigned *hist, const TopkSel *__restrict__ sel, const float *__restrict__ logits, int cols,
+                            int shift) {
+    __shared__ unsigned h[256];
+    const int r = blockIdx.y;
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) h[i] = 0;
+    __syncthreads();
+    const float *z = logits + (size_t)r * cols;
+    const unsigned want = sel[r].prefix;
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < cols; j += gridDim.x * blockDim.x) {
+        const unsigned key = order_key(z[j]);
+        if (shift == 24 || (key >> (shift + 8)) == want) atomicAdd(&h[(key >> shift) & 255u], 1u);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < 256; i += blockDim.x)
+        if (h[i]) atomicAdd(&hist[(size_t)r * 256 + i], h[i]);
+}
+
+/* one warp per row: the digit holding the k-th key, from the top; the histogram is cleared */
+__global__ void k_topk_pick(unsigned *hist, TopkSel *sel, int rows) {
+    const int r = blockIdx.x;
+    if (r >= rows || threadIdx.x) return;
+    unsigned *hr = hist + (size_t)r * 256;
+    TopkSel t = sel[r];
+    unsigned cum = 0;
+    int b = 255;
+    for (; b > 0; b--) {
+        if (cum + hr[b] >= t.remaining) break;
+        cum += hr[b];
+    }
+    t.remaining -= cum;
+    t.prefix = (t.prefix << 8) | (unsigned)b;
+    sel[r] = t;
+    for (int i = 0; i < 256; i++) hr[i] = 0;
+}
+
+__global__ void k_topk_init(TopkSel *sel, unsigned *hist, int rows, int k) {
+    for (int i = threadIdx.x; i < rows; i += blockDim.x) {
+        sel[i].prefix = 0;
+        sel[i].remaining = (unsigned)k;
+    }
+    for (int i = threadIdx.x; i < rows * 256; i += blockDim.x) hist[i] = 0;
+}
+
+__global__ void k_sample_rows(int32_t *out, const float *__restrict__ logits, int cols, float inv_temp, float top_p, uint64_t seed, uint64_t step, const int32_t *step_dev,
+                              const TopkSel *__restrict__ sel) {
     if (step_dev) step = (uint64_t)*step_dev;
-    __shared__ unsigned red[32];
     __shared__ float val[SAMPLE_CAP];
     __shared__ int idx[SAMPLE_CAP];
     __shared__ unsigned taken;
     const float *z = logits + (size_t)blockIdx.x * cols;
-    const int k = top_k < cols ? top_k : cols;
-
-    /* 1. the k-th largest value, by a most-significant-bit-first radix select on the keys */
-    unsigned prefix = 0;
-    for (int bit = 31; bit >= 0; bit--) {
-        const unsigned cand = prefix | (1u << bit);
-        unsigned mine = 0;
-        for (int j = threadIdx.x; j < cols; j += blockDim.x) mine += order_key(z[j]) >= cand;
-        if (block_count(mine, red) >= (unsigned)k) prefix = cand;
-    }
+    /* 1. the k-th largest key, found by the passes before */
+    const unsigned prefix = sel[blockIdx.x].prefix;
     /* 2. gather the survivors (values >= the k-th; ties included) */
     if (threadIdx.x == 0) taken = 0;
     __syncthreads();
@@ -117,7 +148,21 @@ xo_status cu_sample_rows(xo_backend *be, int32_t *out, const float *logits, int 
     if (rows <= 0 || cols <= 0) return XO_OK;
     if (top_k < 1 || top_k > XO_DEVICE_TOP_K_MAX || !(temperature > 0.0f))
         return cu_fail(c, XO_EINVAL, "device sampling needs 1 <= top_k <= %d and temperature > 0", XO_DEVICE_TOP_K_MAX);
-    k_sample_rows<<<rows, SAMPLE_THREADS, 0, c->stream>>>(out, logits, cols, 1.0f / temperature, top_k, top_p, seed, step,
-                                                          step_dev);
+    if (rows > 65535) return cu_fail(c, XO_EINVAL, "device sampling takes at most 65535 rows at once (got %d)", rows);
+    const int k = top_k < cols ? top_k : cols;
+    char *buf = (char *)cu_alloc_raw(c, (size_t)rows * (256 * sizeof(unsigned) + sizeof(TopkSel)));
+    if (!buf) return cu_fail(c, XO_ENOMEM, "out of GPU memory for sampling");
+    unsigned *hist = (unsigned *)buf;
+    TopkSel *sel = (TopkSel *)(buf + (size_t)rows * 256 * sizeof(unsigned));
+    k_topk_init<<<1, 256, 0, c->stream>>>(sel, hist, rows, k);
+    int per_row = (cols + 4095) / 4096;
+    if (per_row > HIST_BLOCKS_PER_ROW) per_row = HIST_BLOCKS_PER_ROW;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        k_topk_hist<<<dim3((unsigned)per_row, (unsigned)rows), 256, 0, c->stream>>>(hist, sel, logits, cols, shift);
+        k_topk_pick<<<rows, 32, 0, c->stream>>>(hist, sel, rows);
+    }
+    k_sample_rows<<<rows, SAMPLE_THREADS, 0, c->stream>>>(out, logits, cols, 1.0f / temperature, top_p, seed, step,
+                                                          step_dev, sel);
+    cu_free(c, buf);
     return cu_check_launch(c, "sample_rows");
 }
