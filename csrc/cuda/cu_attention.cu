@@ -653,13 +653,16 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
         const float *src = (const float *)a->latent;
         if (direct16) {
             const void *x16 = a->latent;
-            if (B > 1) {
+            int batched = 0;
+            if (B > 1) /* each row's slots straight from the cache, one strided-batch product */
+                batched = cu_matmul16_batched(c, kvbuf, a->latent, (long long)a->capacity * a->rank, a->kv_b, kv_len, B, &rc);
+            if (B > 1 && !batched) {
                 const size_t rb = (size_t)a->rank * 2;
                 rc = cu_check(c, cudaMemcpy2DAsync(lat, kv_len * rb, a->latent, (size_t)a->capacity * rb, kv_len * rb, (size_t)B,
                                                    cudaMemcpyDeviceToDevice, c->stream), "attention (gather latents)");
                 x16 = lat;
             }
-            if (rc == XO_OK) rc = cu_matmul16(c, kvbuf, x16, a->kv_b, (int)krows);
+            if (rc == XO_OK && !batched) rc = cu_matmul16(c, kvbuf, x16, a->kv_b, (int)krows);
         } else if (gather && a->latent_dtype != XO_F32) { /* widen a 16-bit latent while gathering */
             rc = cu_gather_rows(c, lat, a->latent, a->latent_dtype, B, a->capacity, kv_len, a->rank);
             src = lat;

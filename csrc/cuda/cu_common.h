@@ -113,6 +113,10 @@ xo_status cu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w
 xo_status cu_gate_up_swiglu(xo_backend *be, float *act, const float *x, float *gu, const xo_linear *w, int m);
 /* y[m, out] = x16[m, k] @ W.T with x already 16-bit (the dtype of w) */
 xo_status cu_matmul16(CuCtx *c, float *y, const void *x16, const xo_linear *w, int m);
+/* batch products of m rows each, y[b] = x16[b] @ W.T, x16 batches x_stride elements apart, y compact;
+ * returns 0 when cuBLASLt cannot (the caller does it another way), else 1 with *rc set */
+int cu_matmul16_batched(CuCtx *c, float *y, const void *x16, long long x_stride, const xo_linear *w, int m, int batch,
+                        xo_status *rc);
 /* f32 -> 16-bit conversion of n values (dtype t: XO_BF16 or XO_F16) */
 xo_status cu_convert_act(CuCtx *c, void *dst, const float *src, size_t n, xo_dtype t);
 

@@ -40,6 +40,8 @@ enum {
     LT_DESC_TRANSB = 4,          /* CUBLASLT_MATMUL_DESC_TRANSB */
     LT_PREF_MAX_WORKSPACE = 1,   /* CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES */
     LT_PREF_MIN_ALIGN_A = 5,     /* CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_{A,B,C,D}_BYTES = 5..8 */
+    LT_LAYOUT_BATCH_COUNT = 5,   /* CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT */
+    LT_LAYOUT_BATCH_STRIDE = 6,  /* CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET */
     LT_OP_N = 0,
     LT_OP_T = 1,
 };
@@ -52,6 +54,7 @@ struct LtApi {
     lt_status (*desc_set)(void *, int, const void *, size_t);
     lt_status (*layout_create)(void **, int, uint64_t, uint64_t, int64_t);
     lt_status (*layout_destroy)(void *);
+    lt_status (*layout_set)(void *, int, const void *, size_t); /* optional: strided batches */
     lt_status (*pref_create)(void **);
     lt_status (*pref_destroy)(void *);
     lt_status (*pref_set)(void *, int, const void *, size_t);
@@ -108,6 +111,7 @@ static int lt_load(void) {
             SYM(desc_set, "cublasLtMatmulDescSetAttribute");
             SYM(layout_create, "cublasLtMatrixLayoutCreate");
             SYM(layout_destroy, "cublasLtMatrixLayoutDestroy");
+            SYM(layout_set, "cublasLtMatrixLayoutSetAttribute");
             SYM(pref_create, "cublasLtMatmulPreferenceCreate");
             SYM(pref_destroy, "cublasLtMatmulPreferenceDestroy");
             SYM(pref_set, "cublasLtMatmulPreferenceSetAttribute");
@@ -127,6 +131,8 @@ static int lt_load(void) {
 /* A cached plan per (m, n, k, type): descriptors and the heuristic's algorithm. */
 struct LtPlan {
     int m, n, k, ldc, type, align, used;
+    int batch;               /* > 1: strided batches of x (xstride elements apart) and y (m * ldc apart) */
+    long long xstride;
     void *desc, *a, *b, *cd;
     lt_algo algo;
 };
@@ -179,7 +185,8 @@ void cu_lt_destroy(XoLt *lt) {
     free(lt);
 }
 
-static int plan_build(XoLt *lt, LtPlan *p, int m, int n, int k, int ldc, xo_dtype t, int align) {
+static int plan_build(XoLt *lt, LtPlan *p, int m, int n, int k, int ldc, xo_dtype t, int align, int batch,
+                      long long xstride) {
     memset(p, 0, sizeof *p);
     const int ab = cuda_type(t);
     int opT = LT_OP_T, opN = LT_OP_N;
@@ -190,6 +197,18 @@ static int plan_build(XoLt *lt, LtPlan *p, int m, int n, int k, int ldc, xo_dtyp
     if (g_lt.layout_create(&p->a, ab, (uint64_t)k, (uint64_t)n, k) != 0) goto fail;
     if (g_lt.layout_create(&p->b, ab, (uint64_t)k, (uint64_t)m, k) != 0) goto fail;
     if (g_lt.layout_create(&p->cd, 0, (uint64_t)n, (uint64_t)m, ldc) != 0) goto fail;
+    if (batch > 1) {
+        const int32_t count = batch;
+        const int64_t zero = 0, xs = xstride, ys = (int64_t)m * ldc;
+        if (!g_lt.layout_set) goto fail;
+        if (g_lt.layout_set(p->a, LT_LAYOUT_BATCH_COUNT, &count, sizeof count) != 0 ||
+            g_lt.layout_set(p->a, LT_LAYOUT_BATCH_STRIDE, &zero, sizeof zero) != 0 ||
+            g_lt.layout_set(p->b, LT_LAYOUT_BATCH_COUNT, &count, sizeof count) != 0 ||
+            g_lt.layout_set(p->b, LT_LAYOUT_BATCH_STRIDE, &xs, sizeof xs) != 0 ||
+            g_lt.layout_set(p->cd, LT_LAYOUT_BATCH_COUNT, &count, sizeof count) != 0 ||
+            g_lt.layout_set(p->cd, LT_LAYOUT_BATCH_STRIDE, &ys, sizeof ys) != 0)
+            goto fail;
+    }
     {
         void *pref = NULL;
         if (g_lt.pref_create(&pref) != 0) goto fail;
@@ -210,6 +229,8 @@ static int plan_build(XoLt *lt, LtPlan *p, int m, int n, int k, int ldc, xo_dtyp
     p->ldc = ldc;
     p->type = (int)t;
     p->align = align;
+    p->batch = batch;
+    p->xstride = xstride;
     p->used = 1;
     return 1;
 fail:
@@ -220,28 +241,30 @@ fail:
 /* y[m, n] (rows ldc apart) = x[m, k] @ W[n, k]^T through cuBLASLt; x has the weight's type.
  * Returns 0 when cuBLASLt cannot do it (the caller falls back). */
 static int lt_gemm_ld(CuCtx *c, float *y, int ldc, const void *x, const void *w, xo_dtype t, int m, int n, int k,
-                      xo_status *rc) {
+                      xo_status *rc, int batch = 1, long long xstride = 0) {
     XoLt *lt = c->lt;
     if (!lt) return 0;
     uintptr_t bits = (uintptr_t)y | (uintptr_t)x | (uintptr_t)w | 256;
     const int align = (int)(bits & (~bits + 1)); /* lowest set bit: the common alignment, at most 256 */
-    unsigned hsh = ((unsigned)m * 2654435761u) ^ ((unsigned)n * 40503u) ^ ((unsigned)k * 97u) ^ (unsigned)t ^ ((unsigned)align << 20);
+    unsigned hsh = ((unsigned)m * 2654435761u) ^ ((unsigned)n * 40503u) ^ ((unsigned)k * 97u) ^ (unsigned)t ^ ((unsigned)align << 20) ^
+                   ((unsigned)batch * 7919u) ^ (unsigned)(xstride * 31);
     LtPlan *p = NULL, tmp;
     for (int probe = 0; probe < 8; probe++) {
         LtPlan *q = &lt->plans[(hsh + probe) % LT_PLANS];
-        if (q->used && q->m == m && q->n == n && q->k == k && q->ldc == ldc && q->type == (int)t && q->align == align) {
+        if (q->used && q->m == m && q->n == n && q->k == k && q->ldc == ldc && q->type == (int)t && q->align == align &&
+            q->batch == batch && q->xstride == xstride) {
             p = q;
             break;
         }
         if (!q->used) {
-            if (!plan_build(lt, q, m, n, k, ldc, t, align)) return 0;
+            if (!plan_build(lt, q, m, n, k, ldc, t, align, batch, xstride)) return 0;
             p = q;
             break;
         }
     }
     int temp = 0;
     if (!p) {
-        if (!plan_build(lt, &tmp, m, n, k, ldc, t, align)) return 0;
+        if (!plan_build(lt, &tmp, m, n, k, ldc, t, align, batch, xstride)) return 0;
         p = &tmp;
         temp = 1;
     }
@@ -720,6 +743,12 @@ xo_status cu_matmul16(CuCtx *c, float *y, const void *x16, const xo_linear *w, i
     }
     if (w->dtype == XO_BF16) return gemm_simt(c, y, (const __nv_bfloat16 *)x16, w->data, w->dtype, m, w->out, w->in);
     return gemm_simt(c, y, (const __half *)x16, w->data, w->dtype, m, w->out, w->in);
+}
+
+int cu_matmul16_batched(CuCtx *c, float *y, const void *x16, long long x_stride, const xo_linear *w, int m, int batch,
+                        xo_status *rc) {
+    if (!c->lt || batch < 2 || m < 1 || w->out % 8) return 0;
+    return lt_gemm_ld(c, y, w->out, x16, w->data, w->dtype, m, w->out, w->in, rc, batch, x_stride);
 }
 
 xo_status cu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w, int m) {
