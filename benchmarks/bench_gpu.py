@@ -56,6 +56,7 @@ VARIANTS = {  # see csrc/cuda/cu_common.h
     "attn_q64": {"XORON_CUDA_ATTN": "q64"},        # mma.sync attention, 64 instead of 128 queries a block
     "gemm_v1": {"XORON_CUDA_GEMM": "v1"},          # the 64-row grouped MoE GEMM
     "no_cublaslt": {"XORON_CUDA_NO_CUBLASLT": "1"},  # the built-in WMMA GEMM for every product
+    "no_pdl": {"XORON_CUDA_PDL": "0"},             # no programmatic dependent launches
 }
 
 

@@ -45,6 +45,7 @@ enum { KU = 4 };
 
 template <int NC>
 __global__ __launch_bounds__(128) void k_attn_rows(AttnP p, int split_len, float *part) {
+    CU_PDL_ENTRY();
     const int row = blockIdx.x, h = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
     const int bb = row / p.t, i = row % p.t;
     const int past = p.past_dev ? *p.past_dev : p.past;
@@ -171,6 +172,7 @@ __global__ __launch_bounds__(128) void k_attn_rows(AttnP p, int split_len, float
 }
 
 __global__ void k_attn_merge(AttnP p, int nsplit, const float *__restrict__ part) {
+    CU_PDL_ENTRY();
     const int row = blockIdx.x, h = blockIdx.y, hd = p.hd;
     const float *base = part + ((size_t)row * p.nh + h) * nsplit * (hd + 2);
     float M = -INFINITY;
@@ -195,7 +197,7 @@ __global__ void k_attn_merge(AttnP p, int nsplit, const float *__restrict__ part
 template <int NC>
 static void launch_rows(CuCtx *c, const AttnP &p, int rows, int nsplit, int split_len, float *part) {
     dim3 grid((unsigned)rows, (unsigned)p.nh, (unsigned)nsplit);
-    k_attn_rows<NC><<<grid, 128, 0, c->stream>>>(p, split_len, part);
+    cu_launch(c, k_attn_rows<NC>, grid, 128, 0, p, split_len, part);
 }
 
 /* ------------------------------------------------------------------ tensor-core tiles */
@@ -712,7 +714,7 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
         else launch_rows<32>(c, p, rows, nsplit, split_len, part);
         rc = cu_check_launch(c, "attention");
         if (rc == XO_OK && nsplit > 1) {
-            k_attn_merge<<<dim3((unsigned)rows, (unsigned)nh), hd >= 128 ? 128 : 64, 0, c->stream>>>(p, nsplit, part);
+            cu_launch(c, k_attn_merge, dim3((unsigned)rows, (unsigned)nh), hd >= 128 ? 128 : 64, 0, p, nsplit, part);
             rc = cu_check_launch(c, "attention (merge)");
         }
     }

@@ -276,6 +276,7 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
     c->attn_q64 = am && !strcmp(am, "q64");
     const char *gm = getenv("XORON_CUDA_GEMM");
     c->gemm_v1 = gm && !strcmp(gm, "v1");
+    const char *pd = getenv("XORON_CUDA_PDL");
     int major = 0;
     if ((e = cudaSetDevice(device)) != cudaSuccess ||
         (e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device)) != cudaSuccess ||
@@ -295,6 +296,7 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
         free(be);
         return XO_EUNSUPPORTED;
     }
+    c->pdl = major >= 9 && !(pd && !strcmp(pd, "0"));
     /* Keep freed blocks in the pool: the graph allocates its scratch on every call. */
     uint64_t keep = UINT64_MAX;
     cudaMemPoolSetAttribute(c->pool, cudaMemPoolAttrReleaseThreshold, &keep);

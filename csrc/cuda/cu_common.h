@@ -11,6 +11,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <utility>
+
 extern "C" {
 #include "xo_backend.h"
 }
@@ -30,6 +32,7 @@ struct CuCtx {
     int attn_wmma;        /* XORON_CUDA_ATTN=wmma: the WMMA prefill kernel instead of the mma.sync one */
     int attn_q64;         /* XORON_CUDA_ATTN=q64: the mma.sync kernel with 64 queries a block instead of 128 */
     int gemm_v1;          /* XORON_CUDA_GEMM=v1: the 64-row grouped MoE GEMM instead of the 128-row one */
+    int pdl;              /* programmatic dependent launch (compute capability 9.0+; XORON_CUDA_PDL=0: off) */
     int verbose;
     char err[512];
 };
@@ -98,6 +101,42 @@ __device__ __forceinline__ void load8(const __half *p, float *v) {
         v[2 * i] = f.x;
         v[2 * i + 1] = f.y;
     }
+}
+
+/* Programmatic dependent launch (Hopper): a small kernel started by cu_launch may begin while
+ * the kernel before it drains, so its launch and prologue overlap that tail (decode steps are
+ * chains of such kernels; large grids gain nothing and are launched plainly). Every kernel
+ * starts with CU_PDL_ENTRY (or prefetches constant data, then CU_PDL_ENTRY): the wait, in
+ * every block before any return, holds it until the earlier work is complete and visible. */
+__device__ __forceinline__ void cu_pdl_entry() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+#define CU_PDL_ENTRY() cu_pdl_entry()
+
+/* L2 prefetch of data no earlier kernel writes (weights), before CU_PDL_ENTRY */
+__device__ __forceinline__ void cu_prefetch_l2(const void *p) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#endif
+}
+
+template <typename... KArgs, typename... Args>
+static inline void cu_launch(CuCtx *c, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args &&...args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = c->stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
+    cfg.numAttrs = c->pdl && blocks <= 8ull * (unsigned)c->num_sms ? 1 : 0;
+    cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...); /* errors: cu_check_launch */
 }
 
 static inline unsigned cu_blocks(size_t n, unsigned threads) {

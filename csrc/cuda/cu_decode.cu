@@ -6,6 +6,7 @@
 
 /* One block: every row's input token and position, its cache slot's position and mask. */
 __global__ void k_decode_begin(xo_decode_state st) {
+    CU_PDL_ENTRY();
     const int32_t past = st.state[0];
     for (int r = threadIdx.x; r < st.batch; r += blockDim.x) {
         const int32_t p = st.next_pos[r];
@@ -20,6 +21,7 @@ __global__ void k_decode_begin(xo_decode_state st) {
 /* One block: finished rows get the pad token, an EOS finishes its row, the tokens go to the
  * ring, then the counters advance (after every thread has read them). */
 __global__ void k_decode_end(xo_decode_state st) {
+    CU_PDL_ENTRY();
     const int32_t step = st.state[1];
     int32_t *out = st.out + (size_t)(step % st.ring) * st.batch;
     for (int r = threadIdx.x; r < st.batch; r += blockDim.x) {
@@ -41,19 +43,20 @@ __global__ void k_decode_end(xo_decode_state st) {
 }
 
 __global__ void k_suppress(float *logits, int rows, int cols, const int32_t *ids, int n, const int32_t *step_dev, int below) {
+    CU_PDL_ENTRY();
     if (*step_dev >= below) return;
     for (int t = threadIdx.x; t < rows * n; t += blockDim.x) logits[(size_t)(t / n) * cols + ids[t % n]] = -INFINITY;
 }
 
 xo_status cu_decode_begin(xo_backend *be, const xo_decode_state *st) {
     CuCtx *c = cu_ctx(be);
-    k_decode_begin<<<1, 256, 0, c->stream>>>(*st);
+    cu_launch(c, k_decode_begin, 1, 256, 0, *st);
     return cu_check_launch(c, "decode step (begin)");
 }
 
 xo_status cu_decode_end(xo_backend *be, const xo_decode_state *st) {
     CuCtx *c = cu_ctx(be);
-    k_decode_end<<<1, 256, 0, c->stream>>>(*st);
+    cu_launch(c, k_decode_end, 1, 256, 0, *st);
     return cu_check_launch(c, "decode step (end)");
 }
 
@@ -61,7 +64,7 @@ xo_status cu_suppress_tokens(xo_backend *be, float *logits, int rows, int cols, 
                              const int32_t *step_dev, int below) {
     CuCtx *c = cu_ctx(be);
     if (rows <= 0 || n <= 0) return XO_OK;
-    k_suppress<<<1, 256, 0, c->stream>>>(logits, rows, cols, ids, n, step_dev, below);
+    cu_launch(c, k_suppress, 1, 256, 0, logits, rows, cols, ids, n, step_dev, below);
     return cu_check_launch(c, "suppress tokens");
 }
 

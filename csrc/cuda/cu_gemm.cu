@@ -305,6 +305,12 @@ template <typename W, int MT, bool VEC>
 __global__ __launch_bounds__(256) void k_skinny(float *__restrict__ y, const float *__restrict__ x, CuGroupPtrs wp, int out,
                                                 int k, const int *__restrict__ offsets, int dense_m) {
     const int g = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row = blockIdx.x * 8 + warp;
+    const W *wr = (const W *)wp.p[g] + (size_t)row * k;
+    if (!offsets && row < out) /* dense: this row's weights are needed whatever came before */
+        for (int kk = lane * 8; kk < k; kk += 256) cu_prefetch_l2(wr + kk);
+    CU_PDL_ENTRY();
     int off, cnt;
     if (offsets) {
         off = offsets[g];
@@ -314,10 +320,7 @@ __global__ __launch_bounds__(256) void k_skinny(float *__restrict__ y, const flo
         cnt = dense_m;
     }
     if (cnt <= 0) return;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int row = blockIdx.x * 8 + warp;
     if (row >= out) return;
-    const W *wr = (const W *)wp.p[g] + (size_t)row * k;
     for (int t0 = 0; t0 < cnt; t0 += MT) {
         float acc[MT];
 #pragma unroll
@@ -360,8 +363,8 @@ static void launch_skinny_t(CuCtx *c, float *y, const float *x, const CuGroupPtr
     dim3 grid((unsigned)((out + 7) / 8), (unsigned)groups);
     bool vec = k % 8 == 0 && ((uintptr_t)x & 15) == 0;
     for (int g = 0; g < groups && vec; g++) vec = ((uintptr_t)wp->p[g] & 15) == 0;
-    if (vec) k_skinny<W, MT, true><<<grid, 256, 0, c->stream>>>(y, x, *wp, out, k, offsets, dense_m);
-    else k_skinny<W, MT, false><<<grid, 256, 0, c->stream>>>(y, x, *wp, out, k, offsets, dense_m);
+    if (vec) cu_launch(c, k_skinny<W, MT, true>, grid, 256, 0, y, x, *wp, out, k, offsets, dense_m);
+    else cu_launch(c, k_skinny<W, MT, false>, grid, 256, 0, y, x, *wp, out, k, offsets, dense_m);
 }
 
 template <int MT>
@@ -395,8 +398,14 @@ __global__ __launch_bounds__(256) void k_skinny_gu(float *__restrict__ act, cons
                                                    const W *__restrict__ w, int inter, int k, int m) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int r = blockIdx.x * 8 + warp;
-    if (r >= inter) return;
     const W *wg = w + (size_t)r * k, *wu = w + (size_t)(inter + r) * k;
+    if (r < inter)
+        for (int kk = lane * 8; kk < k; kk += 256) {
+            cu_prefetch_l2(wg + kk);
+            cu_prefetch_l2(wu + kk);
+        }
+    CU_PDL_ENTRY();
+    if (r >= inter) return;
     float ag[MT], au[MT];
 #pragma unroll
     for (int t = 0; t < MT; t++) ag[t] = au[t] = 0.0f;
@@ -434,8 +443,8 @@ enum { GU_FUSED_MAX_M = 4 };
 template <typename W>
 static void launch_skinny_gu(CuCtx *c, float *act, const float *x, const void *w, int inter, int k, int m) {
     const unsigned grid = (unsigned)((inter + 7) / 8);
-    if (m <= 1) k_skinny_gu<W, 1><<<grid, 256, 0, c->stream>>>(act, x, (const W *)w, inter, k, m);
-    else k_skinny_gu<W, GU_FUSED_MAX_M><<<grid, 256, 0, c->stream>>>(act, x, (const W *)w, inter, k, m);
+    if (m <= 1) cu_launch(c, k_skinny_gu<W, 1>, grid, 256, 0, act, x, (const W *)w, inter, k, m);
+    else cu_launch(c, k_skinny_gu<W, GU_FUSED_MAX_M>, grid, 256, 0, act, x, (const W *)w, inter, k, m);
 }
 
 xo_status cu_gate_up_swiglu(xo_backend *be, float *act, const float *x, float *gu, const xo_linear *w, int m) {

@@ -33,6 +33,7 @@ __device__ void route_row(int32_t *ix, float *wt, const float *z, int E, int K) 
 }
 
 __global__ void k_moe_route(int32_t *idx, float *weight, const float *__restrict__ logits, int n, int E, int K) {
+    CU_PDL_ENTRY();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     route_row(idx + (size_t)i * K, weight + (size_t)i * K, logits + (size_t)i * E, E, K);
@@ -44,6 +45,7 @@ template <typename W>
 __global__ __launch_bounds__(256) void k_moe_router(int32_t *idx, float *weight, const float *__restrict__ x,
                                                     const float *__restrict__ nw, const W *__restrict__ r, int H, int E,
                                                     int K) {
+    CU_PDL_ENTRY();
     extern __shared__ float xs[];
     __shared__ float red[8], z[CU_MAX_GROUPS];
     const float *xr = x + (size_t)blockIdx.x * H;
@@ -101,11 +103,11 @@ xo_status cu_moe_router(xo_backend *be, int32_t *idx, float *weight, const float
     }
     const size_t smem = (size_t)H * sizeof(float);
     if (router->dtype == XO_BF16)
-        k_moe_router<<<n, 256, smem, c->stream>>>(idx, weight, x, norm_w, (const __nv_bfloat16 *)router->data, H, E, k);
+        cu_launch(c, k_moe_router<__nv_bfloat16>, n, 256, smem, idx, weight, x, norm_w, (const __nv_bfloat16 *)router->data, H, E, k);
     else if (router->dtype == XO_F16)
-        k_moe_router<<<n, 256, smem, c->stream>>>(idx, weight, x, norm_w, (const __half *)router->data, H, E, k);
+        cu_launch(c, k_moe_router<__half>, n, 256, smem, idx, weight, x, norm_w, (const __half *)router->data, H, E, k);
     else if (router->dtype == XO_F32)
-        k_moe_router<<<n, 256, smem, c->stream>>>(idx, weight, x, norm_w, (const float *)router->data, H, E, k);
+        cu_launch(c, k_moe_router<float>, n, 256, smem, idx, weight, x, norm_w, (const float *)router->data, H, E, k);
     else
         return cu_fail(c, XO_EUNSUPPORTED, "router weight dtype %d unsupported", (int)router->dtype);
     return cu_check_launch(c, "moe router");
@@ -115,13 +117,14 @@ xo_status cu_moe_route(xo_backend *be, int32_t *idx, float *weight, const float 
     CuCtx *c = cu_ctx(be);
     if (n <= 0) return XO_OK;
     if (k > experts || k <= 0) return cu_fail(c, XO_EINVAL, "top-%d of %d experts", k, experts);
-    k_moe_route<<<cu_blocks((size_t)n, 128), 128, 0, c->stream>>>(idx, weight, logits, n, experts, k);
+    cu_launch(c, k_moe_route, cu_blocks((size_t)n, 128), 128, 0, idx, weight, logits, n, experts, k);
     return cu_check_launch(c, "moe_route");
 }
 
 /* ---- permutation ---- */
 
 __global__ void k_moe_count(const int32_t *__restrict__ idx, int slots, int E, int *counts, int *rank) {
+    CU_PDL_ENTRY();
     const int s = blockIdx.x * blockDim.x + threadIdx.x;
     if (s >= slots) return;
     int e = idx[s];
@@ -130,6 +133,7 @@ __global__ void k_moe_count(const int32_t *__restrict__ idx, int slots, int E, i
 }
 
 __global__ void k_moe_offsets(const int *counts, int E, int *offsets, int *tile_start, int bm) {
+    CU_PDL_ENTRY();
     if (threadIdx.x || blockIdx.x) return;
     int o = 0, t = 0;
     for (int e = 0; e < E; e++) {
@@ -146,6 +150,7 @@ __global__ void k_moe_offsets(const int *counts, int E, int *offsets, int *tile_
 template <typename T>
 __global__ void k_moe_gather(T *xg, const float *__restrict__ x, const int32_t *__restrict__ idx, const int *__restrict__ rank,
                              const int *__restrict__ offsets, int *slot_of, int E, int K, int H) {
+    CU_PDL_ENTRY();
     const int s = blockIdx.x;
     int e = idx[s];
     e = e < 0 ? 0 : e >= E ? E - 1 : e;
@@ -158,6 +163,7 @@ __global__ void k_moe_gather(T *xg, const float *__restrict__ x, const int32_t *
 
 template <typename T>
 __global__ void k_swiglu_to(T *y, const float *__restrict__ gu, size_t rows, int inter) {
+    CU_PDL_ENTRY();
     const size_t total = rows * inter;
     for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < total; t += (size_t)gridDim.x * blockDim.x) {
         size_t i = t / inter;
@@ -170,6 +176,7 @@ __global__ void k_swiglu_to(T *y, const float *__restrict__ gu, size_t rows, int
 
 __global__ void k_moe_combine(float *out, const float *__restrict__ yg, const int *__restrict__ slot_of,
                               const float *__restrict__ w, int K, int H) {
+    CU_PDL_ENTRY();
     const int i = blockIdx.x;
     float *o = out + (size_t)i * H;
     for (int j = threadIdx.x; j < H; j += blockDim.x) {
@@ -190,6 +197,7 @@ enum { INDEXED_MAX_SLOTS = 8 };
 template <typename W>
 __global__ __launch_bounds__(256) void k_moe_act_indexed(float *__restrict__ act, const float *__restrict__ x, CuGroupPtrs wp,
                                                          const int32_t *__restrict__ idx, int E, int K, int inter, int H) {
+    CU_PDL_ENTRY();
     const int s = blockIdx.y, r = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (r >= inter) return;
     int e = idx[s];
@@ -222,6 +230,7 @@ template <typename W>
 __global__ __launch_bounds__(256) void k_moe_down_indexed(float *__restrict__ out, const float *__restrict__ act, CuGroupPtrs wp,
                                                           const int32_t *__restrict__ idx, const float *__restrict__ wt, int n,
                                                           int E, int K, int H, int inter) {
+    CU_PDL_ENTRY();
     const int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= H) return;
     for (int i = 0; i < n; i++) {
@@ -253,9 +262,9 @@ static xo_status moe_indexed(CuCtx *c, const xo_moe_args *a, const CuGroupPtrs &
     const int n = a->tokens, K = a->top_k, E = a->num_experts, H = a->hidden, slots = n * K;
     float *act = (float *)cu_alloc_raw(c, (size_t)slots * inter * sizeof(float));
     if (!act) return cu_fail(c, XO_ENOMEM, "out of GPU memory in the MoE layer (%d tokens)", n);
-    k_moe_act_indexed<W><<<dim3((unsigned)((inter + 7) / 8), (unsigned)slots), 256, 0, c->stream>>>(act, a->x, gup, a->topk_idx,
+    cu_launch(c, k_moe_act_indexed<W>, dim3((unsigned)((inter + 7) / 8), (unsigned)slots), 256, 0, act, a->x, gup, a->topk_idx,
                                                                                                     E, K, inter, H);
-    k_moe_down_indexed<W><<<(unsigned)((H + 7) / 8), 256, 0, c->stream>>>(a->out, act, dnp, a->topk_idx, a->topk_weight, n, E,
+    cu_launch(c, k_moe_down_indexed<W>, (unsigned)((H + 7) / 8), 256, 0, a->out, act, dnp, a->topk_idx, a->topk_weight, n, E,
                                                                          K, H, inter);
     cu_free(c, act);
     return cu_check_launch(c, "moe (indexed experts)");
@@ -316,19 +325,19 @@ xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a) {
     if ((rc = cu_check(c, cudaMemsetAsync(ib, 0, (size_t)E * sizeof(int), c->stream), "moe scratch")) != XO_OK) goto out;
     {
         int *counts = ib, *offsets = ib + E, *tile_start = offsets + E + 1, *rank = tile_start + E + 1, *slot_of = rank + slots;
-        k_moe_count<<<cu_blocks((size_t)slots, 256), 256, 0, c->stream>>>(a->topk_idx, slots, E, counts, rank);
+        cu_launch(c, k_moe_count, cu_blocks((size_t)slots, 256), 256, 0, a->topk_idx, slots, E, counts, rank);
         /* row tile of the grouped GEMM: 64 rows when experts get few (decode batches) */
         const int bm = c->gemm_v1 || slots < 64 * E ? CU_GEMM_BM : 128;
-        k_moe_offsets<<<1, 32, 0, c->stream>>>(counts, E, offsets, tile_start, bm);
+        cu_launch(c, k_moe_offsets, 1, 32, 0, counts, E, offsets, tile_start, bm);
         const int gth = H >= 256 ? 256 : 128;
         if (mode == WMMA) {
             if (t == XO_BF16)
-                k_moe_gather<__nv_bfloat16><<<slots, gth, 0, c->stream>>>((__nv_bfloat16 *)xg, a->x, a->topk_idx, rank, offsets,
+                cu_launch(c, k_moe_gather<__nv_bfloat16>, slots, gth, 0, (__nv_bfloat16 *)xg, a->x, a->topk_idx, rank, offsets,
                                                                           slot_of, E, K, H);
             else
-                k_moe_gather<__half><<<slots, gth, 0, c->stream>>>((__half *)xg, a->x, a->topk_idx, rank, offsets, slot_of, E, K, H);
+                cu_launch(c, k_moe_gather<__half>, slots, gth, 0, (__half *)xg, a->x, a->topk_idx, rank, offsets, slot_of, E, K, H);
         } else {
-            k_moe_gather<float><<<slots, gth, 0, c->stream>>>((float *)xg, a->x, a->topk_idx, rank, offsets, slot_of, E, K, H);
+            cu_launch(c, k_moe_gather<float>, slots, gth, 0, (float *)xg, a->x, a->topk_idx, rank, offsets, slot_of, E, K, H);
         }
         if ((rc = cu_check_launch(c, "moe permute")) != XO_OK) goto out;
 
@@ -347,9 +356,9 @@ xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a) {
             if (rc == XO_OK) {
                 unsigned b = cu_blocks((size_t)slots * inter, 256), cap = (unsigned)c->num_sms * 16;
                 if (t == XO_BF16)
-                    k_swiglu_to<__nv_bfloat16><<<b < cap ? b : cap, 256, 0, c->stream>>>((__nv_bfloat16 *)act, gu, slots, inter);
+                    cu_launch(c, k_swiglu_to<__nv_bfloat16>, b < cap ? b : cap, 256, 0, (__nv_bfloat16 *)act, gu, slots, inter);
                 else
-                    k_swiglu_to<__half><<<b < cap ? b : cap, 256, 0, c->stream>>>((__half *)act, gu, slots, inter);
+                    cu_launch(c, k_swiglu_to<__half>, b < cap ? b : cap, 256, 0, (__half *)act, gu, slots, inter);
                 rc = cu_check_launch(c, "moe swiglu");
             }
             if (rc == XO_OK) rc = cu_grouped_gemm16(c, yg, act, &dnp, t, H, inter, offsets, tile_start, E, max_tiles, bm);
@@ -373,7 +382,7 @@ xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a) {
             free(hc);
         }
         if (rc == XO_OK) {
-            k_moe_combine<<<n, H >= 256 ? 256 : 128, 0, c->stream>>>(a->out, yg, slot_of, a->topk_weight, K, H);
+            cu_launch(c, k_moe_combine, n, H >= 256 ? 256 : 128, 0, a->out, yg, slot_of, a->topk_weight, K, H);
             rc = cu_check_launch(c, "moe combine");
         }
     }

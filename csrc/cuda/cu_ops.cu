@@ -4,24 +4,25 @@
 
 template <typename S, typename D>
 __global__ void k_convert(D *__restrict__ dst, const S *__restrict__ src, size_t n) {
+    CU_PDL_ENTRY();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         cu_st(dst, i, cu_ld(src, i));
 }
 
 template <typename S>
-static void launch_convert_from(void *dst, xo_dtype dt, const S *src, size_t n, cudaStream_t st) {
+static void launch_convert_from(CuCtx *c, void *dst, xo_dtype dt, const S *src, size_t n) {
     unsigned b = cu_blocks(n, 256);
     if (b > 65535u * 8) b = 65535u * 8;
-    if (dt == XO_F32) k_convert<S, float><<<b, 256, 0, st>>>((float *)dst, src, n);
-    else if (dt == XO_BF16) k_convert<S, __nv_bfloat16><<<b, 256, 0, st>>>((__nv_bfloat16 *)dst, src, n);
-    else k_convert<S, __half><<<b, 256, 0, st>>>((__half *)dst, src, n);
+    if (dt == XO_F32) cu_launch(c, k_convert<S, float>, b, 256, 0, (float *)dst, src, n);
+    else if (dt == XO_BF16) cu_launch(c, k_convert<S, __nv_bfloat16>, b, 256, 0, (__nv_bfloat16 *)dst, src, n);
+    else cu_launch(c, k_convert<S, __half>, b, 256, 0, (__half *)dst, src, n);
 }
 
 xo_status cu_convert(CuCtx *c, void *dst, xo_dtype dt, const void *src, xo_dtype st, size_t n) {
     if (!n) return XO_OK;
-    if (st == XO_F32) launch_convert_from(dst, dt, (const float *)src, n, c->stream);
-    else if (st == XO_BF16) launch_convert_from(dst, dt, (const __nv_bfloat16 *)src, n, c->stream);
-    else launch_convert_from(dst, dt, (const __half *)src, n, c->stream);
+    if (st == XO_F32) launch_convert_from(c, dst, dt, (const float *)src, n);
+    else if (st == XO_BF16) launch_convert_from(c, dst, dt, (const __nv_bfloat16 *)src, n);
+    else launch_convert_from(c, dst, dt, (const __half *)src, n);
     return cu_check_launch(c, "convert");
 }
 
@@ -36,6 +37,7 @@ xo_status cu_convert_act(CuCtx *c, void *dst, const float *src, size_t n, xo_dty
 template <int THREADS>
 __global__ void k_rmsnorm(float *y, float *x, int x_stride, const float *__restrict__ w, int d, float eps,
                           const float *__restrict__ add) {
+    CU_PDL_ENTRY();
     enum { PER = 8 };
     float *xr = x + (size_t)blockIdx.x * x_stride;
     float *yr = y + (size_t)blockIdx.x * d;
@@ -91,16 +93,16 @@ __global__ void k_rmsnorm(float *y, float *x, int x_stride, const float *__restr
 xo_status cu_rmsnorm(xo_backend *be, float *y, const float *x, int x_stride, const float *w, int n, int d, float eps) {
     CuCtx *c = cu_ctx(be);
     if (n <= 0) return XO_OK;
-    if (d <= 256) k_rmsnorm<128><<<n, 128, 0, c->stream>>>(y, (float *)x, x_stride, w, d, eps, NULL);
-    else k_rmsnorm<256><<<n, 256, 0, c->stream>>>(y, (float *)x, x_stride, w, d, eps, NULL);
+    if (d <= 256) cu_launch(c, k_rmsnorm<128>, n, 128, 0, y, (float *)x, x_stride, w, d, eps, (const float *)NULL);
+    else cu_launch(c, k_rmsnorm<256>, n, 256, 0, y, (float *)x, x_stride, w, d, eps, (const float *)NULL);
     return cu_check_launch(c, "rmsnorm");
 }
 
 xo_status cu_add_rmsnorm(xo_backend *be, float *h, const float *x, float *y, const float *w, int n, int d, float eps) {
     CuCtx *c = cu_ctx(be);
     if (n <= 0) return XO_OK;
-    if (d <= 256) k_rmsnorm<128><<<n, 128, 0, c->stream>>>(y, h, d, w, d, eps, x);
-    else k_rmsnorm<256><<<n, 256, 0, c->stream>>>(y, h, d, w, d, eps, x);
+    if (d <= 256) cu_launch(c, k_rmsnorm<128>, n, 128, 0, y, h, d, w, d, eps, x);
+    else cu_launch(c, k_rmsnorm<256>, n, 256, 0, y, h, d, w, d, eps, x);
     return cu_check_launch(c, "add_rmsnorm");
 }
 
@@ -110,6 +112,7 @@ xo_status cu_add_rmsnorm(xo_backend *be, float *h, const float *x, float *y, con
  * hg, hg + hgroups, ... (hgroups = heads for few rows, 1 for many) */
 __global__ void k_rope(float *x, size_t row_stride, const int32_t *__restrict__ pos, int n, int heads, int hd,
                        const float *__restrict__ inv_freq, float mscale, int rpb, int pcap, int hgroups) {
+    CU_PDL_ENTRY();
     const int half = hd / 2;
     const size_t total = (size_t)n * hgroups * half;
     for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < total; t += (size_t)gridDim.x * blockDim.x) {
@@ -135,7 +138,7 @@ xo_status cu_rope_rows(CuCtx *c, float *x, size_t row_stride, const int32_t *pos
     const size_t total = (size_t)n * hgroups * (hd / 2);
     unsigned b = cu_blocks(total, 256);
     if (b > 65535u * 16) b = 65535u * 16;
-    k_rope<<<b, 256, 0, c->stream>>>(x, row_stride, pos, n, heads, hd, inv_freq, mscale, rpb, pcap, hgroups);
+    cu_launch(c, k_rope, b, 256, 0, x, row_stride, pos, n, heads, hd, inv_freq, mscale, rpb, pcap, hgroups);
     return cu_check_launch(c, "rope");
 }
 
@@ -148,6 +151,7 @@ xo_status cu_rope(xo_backend *be, float *x, size_t row_stride, const int32_t *po
 
 template <typename T>
 __global__ void k_embed(float *h, const T *__restrict__ table, const int32_t *__restrict__ ids, int H) {
+    CU_PDL_ENTRY();
     const size_t src = (size_t)ids[blockIdx.x] * H;
     float *dst = h + (size_t)blockIdx.x * H;
     for (int j = threadIdx.x; j < H; j += blockDim.x) dst[j] = cu_ld(table, src + j);
@@ -157,9 +161,9 @@ xo_status cu_embed(xo_backend *be, float *h, const xo_linear *table, const int32
     CuCtx *c = cu_ctx(be);
     if (n <= 0) return XO_OK;
     const int H = table->in;
-    if (table->dtype == XO_F32) k_embed<float><<<n, 256, 0, c->stream>>>(h, (const float *)table->data, ids, H);
-    else if (table->dtype == XO_BF16) k_embed<__nv_bfloat16><<<n, 256, 0, c->stream>>>(h, (const __nv_bfloat16 *)table->data, ids, H);
-    else if (table->dtype == XO_F16) k_embed<__half><<<n, 256, 0, c->stream>>>(h, (const __half *)table->data, ids, H);
+    if (table->dtype == XO_F32) cu_launch(c, k_embed<float>, n, 256, 0, h, (const float *)table->data, ids, H);
+    else if (table->dtype == XO_BF16) cu_launch(c, k_embed<__nv_bfloat16>, n, 256, 0, h, (const __nv_bfloat16 *)table->data, ids, H);
+    else if (table->dtype == XO_F16) cu_launch(c, k_embed<__half>, n, 256, 0, h, (const __half *)table->data, ids, H);
     else return cu_fail(c, XO_EUNSUPPORTED, "embedding table dtype %d unsupported", (int)table->dtype);
     return cu_check_launch(c, "embed");
 }
@@ -167,6 +171,7 @@ xo_status cu_embed(xo_backend *be, float *h, const xo_linear *table, const int32
 /* ---- y += x ---- */
 
 __global__ void k_add4(float4 *y, const float4 *__restrict__ x, size_t n4) {
+    CU_PDL_ENTRY();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n4; i += (size_t)gridDim.x * blockDim.x) {
         float4 a = y[i], b = x[i];
         a.x += b.x; a.y += b.y; a.z += b.z; a.w += b.w;
@@ -175,6 +180,7 @@ __global__ void k_add4(float4 *y, const float4 *__restrict__ x, size_t n4) {
 }
 
 __global__ void k_add(float *y, const float *__restrict__ x, size_t n) {
+    CU_PDL_ENTRY();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) y[i] += x[i];
 }
 
@@ -184,10 +190,10 @@ xo_status cu_add(xo_backend *be, float *y, const float *x, size_t n) {
     unsigned cap = (unsigned)c->num_sms * 16;
     if (n % 4 == 0 && ((uintptr_t)y & 15) == 0 && ((uintptr_t)x & 15) == 0) {
         unsigned b = cu_blocks(n / 4, 256);
-        k_add4<<<b < cap ? b : cap, 256, 0, c->stream>>>((float4 *)y, (const float4 *)x, n / 4);
+        cu_launch(c, k_add4, b < cap ? b : cap, 256, 0, (float4 *)y, (const float4 *)x, n / 4);
     } else {
         unsigned b = cu_blocks(n, 256);
-        k_add<<<b < cap ? b : cap, 256, 0, c->stream>>>(y, x, n);
+        cu_launch(c, k_add, b < cap ? b : cap, 256, 0, y, x, n);
     }
     return cu_check_launch(c, "add");
 }
@@ -195,6 +201,7 @@ xo_status cu_add(xo_backend *be, float *y, const float *x, size_t n) {
 /* ---- SwiGLU: y[n, I] = silu(gu[:, :I]) * gu[:, I:] ---- */
 
 __global__ void k_swiglu(float *y, const float *__restrict__ gu, int n, int inter) {
+    CU_PDL_ENTRY();
     const size_t total = (size_t)n * inter;
     for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < total; t += (size_t)gridDim.x * blockDim.x) {
         size_t i = t / inter;
@@ -210,7 +217,7 @@ xo_status cu_swiglu(xo_backend *be, float *y, const float *gu, int n, int inter)
     size_t total = (size_t)n * inter;
     if (!total) return XO_OK;
     unsigned b = cu_blocks(total, 256), cap = (unsigned)c->num_sms * 16;
-    k_swiglu<<<b < cap ? b : cap, 256, 0, c->stream>>>(y, gu, n, inter);
+    cu_launch(c, k_swiglu, b < cap ? b : cap, 256, 0, y, gu, n, inter);
     return cu_check_launch(c, "swiglu");
 }
 
@@ -219,6 +226,7 @@ xo_status cu_swiglu(xo_backend *be, float *y, const float *gu, int n, int inter)
 template <typename D>
 __global__ void k_cache_write(D *cache, int capacity, int width, int start, const int32_t *start_dev,
                               const float *__restrict__ src, int batch, int n, int src_stride) {
+    CU_PDL_ENTRY();
     if (start_dev) start = *start_dev;
     const size_t total = (size_t)batch * n * width;
     for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < total; t += (size_t)gridDim.x * blockDim.x) {
@@ -231,6 +239,7 @@ __global__ void k_cache_write(D *cache, int capacity, int width, int start, cons
 
 template <typename S>
 __global__ void k_gather_rows(float *dst, const S *__restrict__ src, int capacity, int len, int width, size_t total) {
+    CU_PDL_ENTRY();
     for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < total; t += (size_t)gridDim.x * blockDim.x) {
         const int j = (int)(t % width);
         const size_t ri = t / width; /* r * len + i */
@@ -244,9 +253,9 @@ xo_status cu_gather_rows(CuCtx *c, float *dst, const void *src, xo_dtype t, int 
     if (!total) return XO_OK;
     unsigned b = cu_blocks(total, 256), cap = (unsigned)c->num_sms * 16;
     if (b > cap) b = cap;
-    if (t == XO_BF16) k_gather_rows<<<b, 256, 0, c->stream>>>(dst, (const __nv_bfloat16 *)src, capacity, len, width, total);
-    else if (t == XO_F16) k_gather_rows<<<b, 256, 0, c->stream>>>(dst, (const __half *)src, capacity, len, width, total);
-    else k_gather_rows<<<b, 256, 0, c->stream>>>(dst, (const float *)src, capacity, len, width, total);
+    if (t == XO_BF16) cu_launch(c, k_gather_rows<__nv_bfloat16>, b, 256, 0, dst, (const __nv_bfloat16 *)src, capacity, len, width, total);
+    else if (t == XO_F16) cu_launch(c, k_gather_rows<__half>, b, 256, 0, dst, (const __half *)src, capacity, len, width, total);
+    else cu_launch(c, k_gather_rows<float>, b, 256, 0, dst, (const float *)src, capacity, len, width, total);
     return cu_check_launch(c, "cache gather");
 }
 
@@ -259,13 +268,13 @@ xo_status cu_cache_write(xo_backend *be, void *cache_v, xo_dtype cache_t, int ca
         unsigned b = cu_blocks(total, 256), cap = (unsigned)c->num_sms * 16;
         if (b > cap) b = cap;
         if (cache_t == XO_BF16)
-            k_cache_write<<<b, 256, 0, c->stream>>>((__nv_bfloat16 *)cache_v, capacity, width, start, start_dev, src, batch,
+            cu_launch(c, k_cache_write<__nv_bfloat16>, b, 256, 0, (__nv_bfloat16 *)cache_v, capacity, width, start, start_dev, src, batch,
                                                     n, src_stride);
         else if (cache_t == XO_F16)
-            k_cache_write<<<b, 256, 0, c->stream>>>((__half *)cache_v, capacity, width, start, start_dev, src, batch, n,
+            cu_launch(c, k_cache_write<__half>, b, 256, 0, (__half *)cache_v, capacity, width, start, start_dev, src, batch, n,
                                                     src_stride);
         else
-            k_cache_write<<<b, 256, 0, c->stream>>>((float *)cache_v, capacity, width, start, start_dev, src, batch, n,
+            cu_launch(c, k_cache_write<float>, b, 256, 0, (float *)cache_v, capacity, width, start, start_dev, src, batch, n,
                                                     src_stride);
         return cu_check_launch(c, "cache_write");
     }
@@ -312,6 +321,7 @@ __device__ __forceinline__ void block_best(float &v, int &idx) {
 
 /* pass 1: block (s, r) takes columns [s * span, (s + 1) * span) of row r */
 __global__ void k_argmax_part(float *pv, int *pi, const float *__restrict__ logits, int cols, int span) {
+    CU_PDL_ENTRY();
     const float *z = logits + (size_t)blockIdx.y * cols;
     const int end = min(cols, (int)(blockIdx.x + 1) * span);
     float v = -INFINITY;
@@ -326,6 +336,7 @@ __global__ void k_argmax_part(float *pv, int *pi, const float *__restrict__ logi
 
 /* pass 2: one block per row over its parts */
 __global__ void k_argmax_final(int32_t *out, const float *__restrict__ pv, const int *__restrict__ pi, int parts) {
+    CU_PDL_ENTRY();
     float v = -INFINITY;
     int idx = 0x7fffffff;
     for (int s = threadIdx.x; s < parts; s += blockDim.x)
@@ -349,10 +360,10 @@ xo_status cu_argmax_rows(xo_backend *be, int32_t *out, const float *logits, int 
     int *pi = (int *)(buf + (size_t)rows * parts * 4);
     for (int r0 = 0; r0 < rows; r0 += 65535) { /* grid.y is at most 65535 */
         const int nr = rows - r0 < 65535 ? rows - r0 : 65535;
-        k_argmax_part<<<dim3((unsigned)parts, (unsigned)nr), 256, 0, c->stream>>>(pv + (size_t)r0 * parts, pi + (size_t)r0 * parts,
+        cu_launch(c, k_argmax_part, dim3((unsigned)parts, (unsigned)nr), 256, 0, pv + (size_t)r0 * parts, pi + (size_t)r0 * parts,
                                                                               logits + (size_t)r0 * cols, cols, span);
     }
-    k_argmax_final<<<rows, 128, 0, c->stream>>>(out, pv, pi, parts);
+    cu_launch(c, k_argmax_final, rows, 128, 0, out, pv, pi, parts);
     cu_free(c, buf);
     return cu_check_launch(c, "argmax_rows");
 }

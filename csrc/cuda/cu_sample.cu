@@ -33,6 +33,7 @@ enum { HIST_BLOCKS_PER_ROW = 64 };
  * bits equal the prefix found so far */
 __global__ void k_topk_hist(unsigned *hist, const TopkSel *__restrict__ sel, const float *__restrict__ logits, int cols,
                             int shift) {
+    CU_PDL_ENTRY();
     __shared__ unsigned h[256];
     const int r = blockIdx.y;
     for (int i = threadIdx.x; i < 256; i += blockDim.x) h[i] = 0;
@@ -50,6 +51,7 @@ __global__ void k_topk_hist(unsigned *hist, const TopkSel *__restrict__ sel, con
 
 /* one warp per row: the digit holding the k-th key, from the top; the histogram is cleared */
 __global__ void k_topk_pick(unsigned *hist, TopkSel *sel, int rows) {
+    CU_PDL_ENTRY();
     const int r = blockIdx.x;
     if (r >= rows || threadIdx.x) return;
     unsigned *hr = hist + (size_t)r * 256;
@@ -67,6 +69,7 @@ __global__ void k_topk_pick(unsigned *hist, TopkSel *sel, int rows) {
 }
 
 __global__ void k_topk_init(TopkSel *sel, unsigned *hist, int rows, int k) {
+    CU_PDL_ENTRY();
     for (int i = threadIdx.x; i < rows; i += blockDim.x) {
         sel[i].prefix = 0;
         sel[i].remaining = (unsigned)k;
@@ -76,6 +79,7 @@ __global__ void k_topk_init(TopkSel *sel, unsigned *hist, int rows, int k) {
 
 __global__ void k_sample_rows(int32_t *out, const float *__restrict__ logits, int cols, float inv_temp, float top_p, uint64_t seed, uint64_t step, const int32_t *step_dev,
                               const TopkSel *__restrict__ sel) {
+    CU_PDL_ENTRY();
     if (step_dev) step = (uint64_t)*step_dev;
     __shared__ float val[SAMPLE_CAP];
     __shared__ int idx[SAMPLE_CAP];
@@ -154,14 +158,14 @@ xo_status cu_sample_rows(xo_backend *be, int32_t *out, const float *logits, int 
     if (!buf) return cu_fail(c, XO_ENOMEM, "out of GPU memory for sampling");
     unsigned *hist = (unsigned *)buf;
     TopkSel *sel = (TopkSel *)(buf + (size_t)rows * 256 * sizeof(unsigned));
-    k_topk_init<<<1, 256, 0, c->stream>>>(sel, hist, rows, k);
+    cu_launch(c, k_topk_init, 1, 256, 0, sel, hist, rows, k);
     int per_row = (cols + 4095) / 4096;
     if (per_row > HIST_BLOCKS_PER_ROW) per_row = HIST_BLOCKS_PER_ROW;
     for (int shift = 24; shift >= 0; shift -= 8) {
-        k_topk_hist<<<dim3((unsigned)per_row, (unsigned)rows), 256, 0, c->stream>>>(hist, sel, logits, cols, shift);
-        k_topk_pick<<<rows, 32, 0, c->stream>>>(hist, sel, rows);
+        cu_launch(c, k_topk_hist, dim3((unsigned)per_row, (unsigned)rows), 256, 0, hist, sel, logits, cols, shift);
+        cu_launch(c, k_topk_pick, rows, 32, 0, hist, sel, rows);
     }
-    k_sample_rows<<<rows, SAMPLE_THREADS, 0, c->stream>>>(out, logits, cols, 1.0f / temperature, top_p, seed, step,
+    cu_launch(c, k_sample_rows, rows, SAMPLE_THREADS, 0, out, logits, cols, 1.0f / temperature, top_p, seed, step,
                                                           step_dev, sel);
     cu_free(c, buf);
     return cu_check_launch(c, "sample_rows");
