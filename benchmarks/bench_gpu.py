@@ -228,6 +228,10 @@ def main():
                 mv = xoron.MoELlamaForCausalLM(CONFIG, dtype="bfloat16", device="cuda", seed=0)
                 X[f"prefill_T4096_{name}"] = r = xo_prefill(mv, 4096)
                 log(f"xoron prefill T=4096 with {env}: {r:,.0f} tok/s")
+                if name == "no_pdl":
+                    for b in (1, 64):
+                        X[f"decode_b{b}_ctx32_{name}"] = r = xo_generate(mv, b, 32, 128)
+                        log(f"xoron generate() decode b={b} ctx=32 with {env}: {r:,.0f} tok/s")
                 del mv
                 gc.collect()
             except Exception as e:
