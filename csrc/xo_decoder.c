@@ -17,6 +17,7 @@ struct xo_decoder {
     xo_decoder_params p;
     struct xo_device_draw draw;
     int past;                    /* host mirror of st.state[0] */
+    int steps;                   /* steps queued so far */
     void *graph;                 /* the recorded step, or NULL */
     int graph_bound;             /* the key bound it was recorded for */
     int warm_bound;              /* the bound of the last eager step (one runs before each recording) */
@@ -108,10 +109,25 @@ xo_status xo_decoder_create(xo_decoder **out, xo_model *m, xo_cache *cache, cons
     return XO_OK;
 }
 
+/* The cache is full: let it grow (its arrays move, so the recorded step is dropped). */
+static xo_status grow_cache(xo_decoder *d) {
+    xo_backend *be = d->m->be;
+    xo_cache *c = d->cache;
+    XO_TRY(be->synchronize(be));
+    c->length = d->past;  /* the slots the regrow keeps; the host mirrors are refreshed at the end */
+    XO_TRY(xo_cache_reserve(c, d->past + 1));
+    d->st.capacity = c->capacity;
+    d->st.cache_pos = c->positions;
+    d->st.cache_mask = c->mask;
+    if (d->graph) be->graph_free(be, d->graph);
+    d->graph = NULL;
+    d->warm_bound = 0;
+    return XO_OK;
+}
+
 xo_status xo_decoder_step(xo_decoder *d) {
     xo_backend *be = d->m->be;
-    if (d->past + 1 > d->cache->capacity)
-        return xo_fail(XO_EINVAL, "decode session: the cache holds %d tokens per row, full", d->cache->capacity);
+    if (d->past + 1 > d->cache->capacity) XO_TRY(grow_cache(d));
     const int bound = key_bound(d, d->past + 1);
     xo_status rc = XO_OK;
     const int can_record = be->capture_begin && !d->no_graph;
@@ -142,7 +158,10 @@ xo_status xo_decoder_step(xo_decoder *d) {
         rc = queue_step(d, bound);
         d->warm_bound = bound;
     }
-    if (rc == XO_OK) d->past++;
+    if (rc == XO_OK) {
+        d->past++;
+        d->steps++;
+    }
     return rc;
 }
 
@@ -165,7 +184,7 @@ xo_status xo_decoder_free(xo_decoder *d) {
     xo_status rc = be->synchronize(be);
     if (d->graph) be->graph_free(be, d->graph);
     /* the cache now holds the session's tokens: bring its host mirrors up to date */
-    if (rc == XO_OK && d->past != c->length) {
+    if (rc == XO_OK && d->steps > 0) {
         const size_t cells = (size_t)c->batch * c->capacity;
         rc = be->download(be, c->next_position, d->st.next_pos, (size_t)c->batch * sizeof(int32_t));
         if (rc == XO_OK) rc = be->download(be, c->host_positions, c->positions, cells * sizeof(int32_t));

@@ -23,7 +23,7 @@ typedef struct {
     const struct xo_device_draw *draw; /* NULL: greedy (argmax); its step is ignored */
 } xo_decoder_params;
 
-/* The cache must already have room for every step the session will make. */
+/* Steps grow the cache when it is full (up to max_position_embeddings). */
 xo_status xo_decoder_create(xo_decoder **out, xo_model *m, xo_cache *cache, const xo_decoder_params *p);
 /* Queues one step. */
 xo_status xo_decoder_step(xo_decoder *d);

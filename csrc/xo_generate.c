@@ -96,7 +96,8 @@ xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
     /* Every step after the prefill's can run as a decode session (bookkeeping on the backend,
      * tokens read every few steps) when the tokens are drawn where the logits are. */
     const int session = fast && m->be->decode_begin && a->max_new_tokens > 1;
-    if (session) rc = xo_cache_reserve(cache, t0 + a->max_new_tokens);
+    /* room for the first steps; the session grows the cache as it goes (EOS may come early) */
+    if (session) rc = xo_cache_reserve(cache, t0 + (a->max_new_tokens < 512 ? a->max_new_tokens : 512));
     /* Prefill the whole prompt; logits of the last position only. */
     xo_forward_args fa = { .batch = b, .tokens = t0, .ids = a->prompt, .mask = a->mask, .mask_len = a->mask ? t0 : 0,
                            .cache = cache, .logits = logits, .last_only = 1,

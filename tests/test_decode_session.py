@@ -72,6 +72,19 @@ def test_long_greedy_run_equals_stepwise_loop(device, cache_format):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cache_format", ["latent", "kv"])
+def test_session_grows_the_cache_past_its_first_reservation(device, cache_format):
+    # generate() reserves room for 512 new tokens (768 slots here); the session grows the cache
+    # (and records its step again) when it is full
+    m = built(device, cache_format, **dict(MOE, num_hidden_layers=2))
+    prompt = m.ids(2, 5, seed=7)
+    got = m.model.generate(prompt, max_new_tokens=900, do_sample=False)
+    want = stepwise_greedy(m.model, prompt, 900)
+    assert got.shape == (2, 905)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_rows_finish_at_different_steps(device):
     m = built(device)
     prompt = m.ids(3, 4, seed=8)
