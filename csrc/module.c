@@ -374,7 +374,41 @@ static PyObject *dl_capsule(ModelObject *self, float *data, int ndim, const int6
     return cap;
 }
 
-/* forward(ids int32 [b,t] | embeds float32 [b,t,H], positions int32 [b,t] | None, mask uint8 [b,m] | None, cache | None,
+/* A DLPack capsule of token ids [b, t] (int64 or int32, compact) on this model's GPU: taken
+ * over (renamed "used_dltensor"); the caller hands it back with its deleter. NULL and an
+ * exception when it does not fit. */
+static xo_dl_managed_tensor *device_ids(ModelObject *self, PyObject *capsule, int *b, int *t, int *wide) {
+    xo_dl_managed_tensor *mt = PyCapsule_GetPointer(capsule, "dltensor");
+    if (!mt) return NULL;
+    const xo_dl_tensor *d = &mt->dl_tensor;
+    const xo_backend *be = self->model->be;
+    if (be->host_memory || d->device.device_type != XO_DL_CUDA || d->device.device_id != be->device_index) {
+        PyErr_Format(PyExc_ValueError, "input_ids on device type %d:%d; this model runs on %s", (int)d->device.device_type,
+                     (int)d->device.device_id, be->name);
+        return NULL;
+    }
+    if (d->ndim != 2 || d->dtype.code != XO_DL_INT || (d->dtype.bits != 64 && d->dtype.bits != 32) || d->dtype.lanes != 1) {
+        PyErr_SetString(PyExc_ValueError, "input_ids on the GPU must be a 2-D int64 or int32 tensor");
+        return NULL;
+    }
+    if (d->shape[0] <= 0 || d->shape[1] <= 0 || d->shape[0] > INT32_MAX || d->shape[1] > INT32_MAX ||
+        d->shape[0] * d->shape[1] > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "input_ids has shape [%lld, %lld]; give at least one token (and fewer than 2^31)",
+                     (long long)d->shape[0], (long long)d->shape[1]);
+        return NULL;
+    }
+    if (d->strides && !(d->strides[1] == 1 && (d->strides[0] == d->shape[1] || d->shape[0] == 1))) {
+        PyErr_SetString(PyExc_ValueError, "input_ids on the GPU must be contiguous (call .contiguous())");
+        return NULL;
+    }
+    if (PyCapsule_SetName(capsule, "used_dltensor") < 0) return NULL;
+    *b = (int)d->shape[0];
+    *t = (int)d->shape[1];
+    *wide = d->dtype.bits == 64;
+    return mt;
+}
+
+/* forward(ids int32 [b,t] | DLPack capsule of GPU ids | embeds float32 [b,t,H], positions int32 [b,t] | None, mask uint8 [b,m] | None, cache | None,
  *         want_logits, last_only, want_hidden) -> (logits | None, hidden | None) */
 static PyObject *Model_forward(ModelObject *self, PyObject *args) {
     PyObject *ids_o, *pos_o, *mask_o, *cache_o;
@@ -390,10 +424,17 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args) {
     xo_cache *cache = NULL;
     if (as_cache(cache_o, &cache, self)) return NULL;
     int is_embeds = PyArray_Check(ids_o) && PyArray_NDIM((PyArrayObject *)ids_o) == 3;
-    ids = (PyArrayObject *)PyArray_FROMANY(ids_o, is_embeds ? NPY_FLOAT32 : NPY_INT32, is_embeds ? 3 : 2,
-                                           is_embeds ? 3 : 2, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
-    if (!ids) goto exit;
-    int b = (int)PyArray_DIM(ids, 0), t = (int)PyArray_DIM(ids, 1);
+    int b, t, wide = 0;
+    xo_dl_managed_tensor *dev_ids = NULL;
+    if (PyCapsule_CheckExact(ids_o)) {
+        if (!(dev_ids = device_ids(self, ids_o, &b, &t, &wide))) goto exit;
+    } else {
+        ids = (PyArrayObject *)PyArray_FROMANY(ids_o, is_embeds ? NPY_FLOAT32 : NPY_INT32, is_embeds ? 3 : 2,
+                                               is_embeds ? 3 : 2, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+        if (!ids) goto exit;
+        b = (int)PyArray_DIM(ids, 0);
+        t = (int)PyArray_DIM(ids, 1);
+    }
     if (is_embeds && PyArray_DIM(ids, 2) != m->cfg.hidden_size) {
         PyErr_Format(PyExc_ValueError, "inputs_embeds has width %zd; expected hidden_size %d",
                      (Py_ssize_t)PyArray_DIM(ids, 2), m->cfg.hidden_size);
@@ -430,7 +471,9 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args) {
     }
     xo_forward_args fa = {
         .batch = b, .tokens = t,
-        .ids = is_embeds ? NULL : PyArray_DATA(ids),
+        .ids = is_embeds || dev_ids ? NULL : PyArray_DATA(ids),
+        .ids_device = dev_ids ? (const char *)dev_ids->dl_tensor.data + dev_ids->dl_tensor.byte_offset : NULL,
+        .ids_wide = wide,
         .embeds = is_embeds ? PyArray_DATA(ids) : NULL,
         .positions = pos ? PyArray_DATA(pos) : NULL,
         .mask = mask ? PyArray_DATA(mask) : NULL,
@@ -456,6 +499,7 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args) {
     }
     result = Py_BuildValue("(OO)", logits ? logits : Py_None, hidden ? hidden : Py_None);
 exit:
+    if (dev_ids && dev_ids->deleter) dev_ids->deleter(dev_ids);
     Py_XDECREF(ids);
     Py_XDECREF(pos);
     Py_XDECREF(mask);
@@ -575,6 +619,13 @@ static PyObject *Model_new_cache(ModelObject *self, PyObject *args) {
 
 static PyObject *Model_get_device(ModelObject *self, void *Py_UNUSED(c)) { return PyUnicode_FromString(self->device); }
 
+/* the CUDA stream the model's kernels run on, as an integer (DLPack's `stream`), or None */
+static PyObject *Model_get_stream(ModelObject *self, void *Py_UNUSED(c)) {
+    if (ensure_model(self)) return NULL;
+    void *s = self->model->be->native_stream;
+    return s ? PyLong_FromVoidPtr(s) : Py_NewRef(Py_None);
+}
+
 static PyMethodDef Model_methods[] = {
     { "init_random", (PyCFunction)Model_init_random, METH_VARARGS, "init_random(seed): normal(0, 0.02) weights, norms 1." },
     { "load_safetensors", (PyCFunction)Model_load_safetensors, METH_VARARGS, "load_safetensors(files, prefix='')" },
@@ -582,7 +633,8 @@ static PyMethodDef Model_methods[] = {
     { "state_dict", (PyCFunction)Model_state_dict, METH_NOARGS, "state_dict() -> {name: float32 ndarray}" },
     { "tensor_shapes", (PyCFunction)Model_tensor_shapes, METH_NOARGS, "[(name, shape)] of every SPEC tensor" },
     { "forward", (PyCFunction)Model_forward, METH_VARARGS,
-      "forward(ids, positions, mask, cache, want_logits, last_only, want_hidden) -> (logits, hidden)" },
+      "forward(ids | GPU ids DLPack capsule, positions, mask, cache, want_logits, last_only, want_hidden, "
+      "device_logits=False) -> (logits, hidden)" },
     { "generate", (PyCFunction)(void (*)(void))Model_generate, METH_VARARGS | METH_KEYWORDS,
       "generate(prompt, mask, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, "
       "repetition_penalty, eos_ids, pad_id, seed, cache_format=0, want_scores=False, callback=None) "
@@ -593,6 +645,7 @@ static PyMethodDef Model_methods[] = {
 
 static PyGetSetDef Model_getset[] = {
     { "device", (getter)Model_get_device, NULL, "device string", NULL },
+    { "cuda_stream", (getter)Model_get_stream, NULL, "the CUDA stream the model runs on (int), or None", NULL },
     { NULL, NULL, NULL, NULL, NULL },
 };
 

@@ -91,6 +91,7 @@ struct xo_backend {
     /* frees memory that another framework's streams may still read (waits for the device) */
     void (*release_shared)(xo_backend *be, void *ptr);
     int device_index;  /* for DLPack: the device the memory lives on */
+    void *native_stream; /* CUDA: the cudaStream_t the kernels run on (a DLPack producer waits for it); else NULL */
     xo_status (*upload)(xo_backend *be, void *dst, const void *host, size_t bytes);
     xo_status (*download)(xo_backend *be, void *host, const void *src, size_t bytes);
     xo_status (*copy)(xo_backend *be, void *dst, const void *src, size_t bytes);
@@ -111,6 +112,10 @@ struct xo_backend {
     /* rows of x (row_stride floats apart) rotated in place, heads*hd each; row i uses pos[i] */
     xo_status (*rope)(xo_backend *be, float *x, size_t row_stride, const int32_t *pos, int n, int heads, int hd,
                       const float *inv_freq, float mscale);
+    /* optional (NULL: ids come from the host): dst[i] = src[i] for n token ids in the backend's
+     * memory (int64 when wide, else int32); an id outside [0, vocab) becomes 0 and the first such
+     * is reported in bad[0] (its flat index; UINT64_MAX when none) and bad[1] (its value) */
+    xo_status (*load_ids)(xo_backend *be, int32_t *dst, const void *src, int wide, size_t n, int vocab, uint64_t *bad);
     /* h[n, H] = rows ids[i] of the embedding table */
     xo_status (*embed)(xo_backend *be, float *h, const xo_linear *table, const int32_t *ids, int n);
     /* y[n, d] += x[n, d] */

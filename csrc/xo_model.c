@@ -156,7 +156,9 @@ static xo_status prepare_positions(xo_model *m, const xo_forward_args *a, xo_cac
 static xo_status check_args(const xo_model *m, const xo_forward_args *a, const xo_cache *cache) {
     if (a->batch <= 0 || a->tokens <= 0)
         return xo_fail(XO_EINVAL, "input_ids must have at least one row and one token (got [%d, %d])", a->batch, a->tokens);
-    if (!a->ids && !a->embeds) return xo_fail(XO_EINVAL, "give input_ids or inputs_embeds");
+    if (!a->ids && !a->embeds && !a->ids_device) return xo_fail(XO_EINVAL, "give input_ids or inputs_embeds");
+    if (a->ids_device && !m->be->load_ids)
+        return xo_fail(XO_EUNSUPPORTED, "backend %s cannot read input_ids from device memory", m->be->name);
     for (size_t i = 0; a->ids && i < (size_t)a->batch * a->tokens; i++)
         if (a->ids[i] < 0 || a->ids[i] >= m->cfg.vocab_size)
             return xo_fail(XO_EINVAL, "token id %d at flat index %zu is outside [0, vocab_size=%d)",
@@ -328,9 +330,24 @@ xo_status xo_model_forward(xo_model *m, const xo_forward_args *a) {
     const int logit_rows = m->be->host_memory && a->logits ? 0 : a->last_only ? a->batch : n;
     if (rc == XO_OK) rc = xo_scratch_alloc(m->be, &m->cfg, n, logit_rows, a->last_only ? a->batch : n, &s);
     if (rc == XO_OK && a->ids) rc = m->be->upload(m->be, s.ids, a->ids, (size_t)n * sizeof(int32_t));
+    /* ids already on the device are checked there; a bad one is reported after the pass */
+    uint64_t *bad = NULL;
+    if (rc == XO_OK && a->ids_device) {
+        if (!(bad = m->be->alloc(m->be, 2 * sizeof(uint64_t)))) rc = xo_fail(XO_ENOMEM, "out of memory");
+        if (rc == XO_OK)
+            rc = m->be->load_ids(m->be, s.ids, a->ids_device, a->ids_wide, (size_t)n, m->cfg.vocab_size, bad);
+    }
     if (rc == XO_OK) rc = m->be->upload(m->be, s.pos, pos, (size_t)n * sizeof(int32_t));
     if (rc == XO_OK) rc = forward_layers(m, a, cache, &s);
     if (rc == XO_OK) rc = m->be->synchronize(m->be);
+    if (rc == XO_OK && bad) {
+        uint64_t hb[2];
+        rc = m->be->download(m->be, hb, bad, sizeof hb);
+        if (rc == XO_OK && hb[0] != UINT64_MAX)
+            rc = xo_fail(XO_EINVAL, "token id %lld at flat index %llu is outside [0, vocab_size=%d)", (long long)hb[1],
+                         (unsigned long long)hb[0], m->cfg.vocab_size);
+    }
+    m->be->release(m->be, bad);
     if (rc == XO_OK) {
         cache->length += a->tokens;
     } else if (saved_next) {  /* a failed call leaves the cache as it was */

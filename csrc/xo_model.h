@@ -35,7 +35,9 @@ struct xo_device_draw {
 
 typedef struct {
     int batch, tokens;
-    const int32_t *ids;        /* host [batch, tokens]; or NULL with embeds */
+    const int32_t *ids;        /* host [batch, tokens]; or NULL with embeds or ids_device */
+    const void *ids_device;    /* or: [batch, tokens] ids in the backend's memory (a DLPack tensor) */
+    int ids_wide;              /* ids_device holds int64 (else int32) */
     const float *embeds;       /* host [batch, tokens, H] used instead of embed[ids], or NULL */
     const int32_t *positions;  /* host [batch, tokens], or NULL for the defaults of SPEC section 7 */
     const uint8_t *mask;       /* host [batch, mask_len] of 1/0, or NULL (all ones) */

@@ -398,6 +398,38 @@ def test_gpu_sampling_follows_the_filtered_distribution(kw):
 # ------------------------------------------------------------------ torch interop
 
 @needs_gpu
+def test_torch_cuda_ids_are_read_and_checked_on_the_gpu():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    m, cfg, _ = build(dict(MOE), seed=2)
+    ids = ids_for(cfg, 2, 9)
+    want = np.asarray(m(input_ids=ids).logits)
+    for dt in (torch.int64, torch.int32):
+        got = m(input_ids=torch.from_numpy(ids).to("cuda", dt)).logits
+        assert got.is_cuda
+        np.testing.assert_allclose(got.cpu().numpy(), want, rtol=0, atol=1e-6)
+    twice = np.concatenate([ids, ids], axis=1)
+    strided = torch.from_numpy(twice).cuda()[:, ::2]          # not contiguous: made so first
+    np.testing.assert_allclose(m(input_ids=strided).logits.cpu().numpy(), np.asarray(m(input_ids=twice[:, ::2]).logits),
+                               rtol=0, atol=1e-6)
+    # a bad id is named after the pass, and the cache is left as it was
+    cache = m(input_ids=torch.from_numpy(ids[:, :3]).cuda(), use_cache=True).past_key_values
+    bad = torch.from_numpy(ids[:, 3:5].copy()).cuda()
+    bad[1, 1] = cfg.vocab_size + 3
+    with pytest.raises(ValueError, match=rf"token id {cfg.vocab_size + 3} at flat index 3 is outside"):
+        m(input_ids=bad, past_key_values=cache, use_cache=True)
+    bad[1, 1] = -1
+    bad[0, 0] = -7
+    with pytest.raises(ValueError, match=r"token id -7 at flat index 0 is outside"):
+        m(input_ids=bad, past_key_values=cache, use_cache=True)
+    assert cache.length == 3
+    step = m(input_ids=torch.from_numpy(ids[:, 3:5]).cuda(), past_key_values=cache, use_cache=True)
+    full = np.asarray(m(input_ids=ids[:, :5]).logits)
+    assert rel_err(step.logits.cpu().numpy(), full[:, 3:5]) <= TOL_F32
+
+
+@needs_gpu
 def test_torch_cuda_inputs_get_gpu_logits_without_a_host_copy():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from . import _C
 from ._safetensors_io import save_file
-from ._tensors import ids_array, int_array, mask_array, output, scalar, to_numpy
+from ._tensors import ids_array, int_array, is_torch, mask_array, output, scalar, to_numpy
 from .config import LlamaConfig, engine_dict, read_config_json, resolve_config
 
 DTYPES = ("float32", "bfloat16", "float16", "int8")
@@ -280,9 +281,13 @@ class MoELlamaForCausalLM:
             tokens = np.ascontiguousarray(emb, dtype=np.float32)
             b, t = emb.shape[:2]
         else:
-            _, torch_dev = to_numpy(input_ids, "input_ids") if not isinstance(input_ids, (list, tuple)) else (None, None)
-            tokens = ids_array(input_ids)
-            b, t = tokens.shape
+            torch_dev = input_ids.device if is_torch(input_ids) else None
+            tokens = self._gpu_ids(input_ids, torch_dev)
+            if tokens is None:
+                tokens = ids_array(input_ids)
+                b, t = tokens.shape
+            else:
+                b, t = int(input_ids.shape[0]), int(input_ids.shape[1])
         cache = None
         if past_key_values is not None:
             if not isinstance(past_key_values, KVCache) or past_key_values._model is not self:
@@ -334,6 +339,17 @@ class MoELlamaForCausalLM:
                              past_key_values=cache if use_cache or past_key_values is not None else None,
                              hidden_states=hs, aux_loss=scalar(0.0, torch_dev))
         return out if return_dict else out.to_tuple()
+
+    def _gpu_ids(self, ids, torch_dev):
+        """torch ids already on this model's GPU as a DLPack capsule, read and checked there (no
+        host copy; our stream first waits for torch's work on them), or None."""
+        if torch_dev is None or not str(torch_dev).startswith("cuda") or not self.device.startswith("cuda") \
+                or not _same_cuda_device(torch_dev, self.device):
+            return None
+        torch = sys.modules["torch"]
+        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32) or ids.numel() == 0:
+            return None  # the host path names the problem
+        return ids.detach().contiguous().__dlpack__(stream=self._engine.cuda_stream)
 
     # ---- generation ----
 

@@ -214,6 +214,8 @@ WRAP(add_rmsnorm, (xo_backend *be, float *h, const float *x, float *y, const flo
      (be, h, x, y, w, n, d, eps))
 WRAP(rope, (xo_backend *be, float *x, size_t rs, const int32_t *pos, int n, int heads, int hd, const float *f, float ms),
      (be, x, rs, pos, n, heads, hd, f, ms))
+WRAP(load_ids, (xo_backend *be, int32_t *dst, const void *src, int wide, size_t n, int vocab, uint64_t *bad),
+     (be, dst, src, wide, n, vocab, bad))
 WRAP(embed, (xo_backend *be, float *h, const xo_linear *t, const int32_t *ids, int n), (be, h, t, ids, n))
 WRAP(add, (xo_backend *be, float *y, const float *x, size_t n), (be, y, x, n))
 WRAP(gate_up_swiglu, (xo_backend *be, float *act, const float *x, float *gu, const xo_linear *w, int m), (be, act, x, gu, w, m))
@@ -321,6 +323,8 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
     be->add_rmsnorm = w_add_rmsnorm;
     be->rope = w_rope;
     be->embed = w_embed;
+    be->load_ids = w_load_ids;
+    be->native_stream = c->stream;
     be->add = w_add;
     be->swiglu = w_swiglu;
     be->gate_up_swiglu = w_gate_up_swiglu;

@@ -179,6 +179,7 @@ xo_status cu_rope(xo_backend *be, float *x, size_t row_stride, const int32_t *po
 /* rows of x are row_stride floats apart; row i takes position pos[(i / rpb) * pcap + i % rpb] */
 xo_status cu_rope_rows(CuCtx *c, float *x, size_t row_stride, const int32_t *pos, int n, int heads, int hd,
                        const float *inv_freq, float mscale, int rpb, int pcap);
+xo_status cu_load_ids(xo_backend *be, int32_t *dst, const void *src, int wide, size_t n, int vocab, uint64_t *bad);
 xo_status cu_embed(xo_backend *be, float *h, const xo_linear *table, const int32_t *ids, int n);
 xo_status cu_add(xo_backend *be, float *y, const float *x, size_t n);
 xo_status cu_swiglu(xo_backend *be, float *y, const float *gu, int n, int inter);

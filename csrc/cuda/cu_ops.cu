@@ -147,6 +147,36 @@ xo_status cu_rope(xo_backend *be, float *x, size_t row_stride, const int32_t *po
     return cu_rope_rows(cu_ctx(be), x, row_stride, pos, n, heads, hd, inv_freq, mscale, n, 0);
 }
 
+/* ---- token ids from the caller's device memory, checked against the vocabulary ---- */
+
+__global__ void k_load_ids(int32_t *dst, const void *src, int wide, size_t n, int vocab, unsigned long long *bad) {
+    CU_PDL_ENTRY();
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const long long v = wide ? ((const long long *)src)[i] : (long long)((const int32_t *)src)[i];
+        const bool ok = v >= 0 && v < vocab;
+        if (!ok) atomicMin(&bad[0], (unsigned long long)i);
+        dst[i] = ok ? (int32_t)v : 0;
+    }
+}
+
+__global__ void k_bad_id_value(unsigned long long *bad, const void *src, int wide) {
+    CU_PDL_ENTRY();
+    if (threadIdx.x || bad[0] == ~0ull) return;
+    bad[1] = wide ? (unsigned long long)((const long long *)src)[bad[0]]
+                  : (unsigned long long)(long long)((const int32_t *)src)[bad[0]];
+}
+
+xo_status cu_load_ids(xo_backend *be, int32_t *dst, const void *src, int wide, size_t n, int vocab, uint64_t *bad) {
+    CuCtx *c = cu_ctx(be);
+    CU_TRY(c, cudaMemsetAsync(bad, 0xff, 2 * sizeof(uint64_t), c->stream), "input ids");
+    if (!n) return XO_OK;
+    unsigned b = cu_blocks(n, 256);
+    if (b > 4096) b = 4096;
+    cu_launch(c, k_load_ids, b, 256, 0, dst, src, wide, n, vocab, (unsigned long long *)bad);
+    cu_launch(c, k_bad_id_value, 1, 32, 0, (unsigned long long *)bad, src, wide);
+    return cu_check_launch(c, "input ids");
+}
+
 /* ---- embedding lookup ---- */
 
 template <typename T>
