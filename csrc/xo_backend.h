@@ -91,7 +91,8 @@ struct xo_backend {
     /* frees memory that another framework's streams may still read (waits for the device) */
     void (*release_shared)(xo_backend *be, void *ptr);
     int device_index;  /* for DLPack: the device the memory lives on */
-    void *native_stream; /* CUDA: the cudaStream_t the kernels run on (a DLPack producer waits for it); else NULL */
+    void *native_stream; /* CUDA: the cudaStream_t the kernels run on (handed to a DLPack producer, which
+                          * orders its pending work before ours); else NULL */
     xo_status (*upload)(xo_backend *be, void *dst, const void *host, size_t bytes);
     xo_status (*download)(xo_backend *be, void *host, const void *src, size_t bytes);
     xo_status (*copy)(xo_backend *be, void *dst, const void *src, size_t bytes);
