@@ -397,14 +397,19 @@ def test_gpu_sampling_follows_the_filtered_distribution(kw):
 
 # ------------------------------------------------------------------ torch interop
 
-@needs_gpu
-def test_torch_cuda_ids_are_read_and_checked_on_the_gpu():
+def _torch_interop_case():
+    """torch (skipping without CUDA in torch), a float32 GPU model, ids [2, 9] and their numpy logits."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA here")
     m, cfg, _ = build(dict(MOE), seed=2)
     ids = ids_for(cfg, 2, 9)
-    want = np.asarray(m(input_ids=ids).logits)
+    return torch, m, cfg, ids, np.asarray(m(input_ids=ids).logits)
+
+
+@needs_gpu
+def test_torch_cuda_ids_are_read_and_checked_on_the_gpu():
+    torch, m, cfg, ids, want = _torch_interop_case()
     for dt in (torch.int64, torch.int32):
         got = m(input_ids=torch.from_numpy(ids).to("cuda", dt)).logits
         assert got.is_cuda
@@ -431,12 +436,7 @@ def test_torch_cuda_ids_are_read_and_checked_on_the_gpu():
 
 @needs_gpu
 def test_torch_cuda_inputs_get_gpu_logits_without_a_host_copy():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch has no CUDA here")
-    m, cfg, _ = build(dict(MOE), seed=2)
-    ids = ids_for(cfg, 2, 9)
-    want = np.asarray(m(input_ids=ids).logits)
+    torch, m, cfg, ids, want = _torch_interop_case()
     t = torch.from_numpy(ids).cuda()
     out = m(input_ids=t)
     assert out.logits.is_cuda and tuple(out.logits.shape) == (2, 9, cfg.vocab_size)
