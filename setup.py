@@ -86,7 +86,7 @@ def find_nvcc():
 class XoronBuildExt(build_ext):
     def build_extensions(self):
         super().build_extensions()
-        cu_sources = sorted(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
+        cu_sources = sorted(glob.glob(os.path.join(HERE, "csrc", "backends", "cuda", "*.cu")))
         nvcc = find_nvcc() if cu_sources else None
         if nvcc:
             self._build_cuda_plugin(nvcc, cu_sources)
@@ -126,7 +126,7 @@ class XoronBuildExt(build_ext):
 def make_extension():
     import numpy
     dnnl_inc, dnnl_lib = find_onednn()
-    sources = sorted(glob.glob(os.path.join("csrc", "*.c")))
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.c"), recursive=True))
     cflags = ["-std=c11", "-O3", "-fopenmp", "-Wall", "-Wextra", "-fno-math-errno",
               "-fvisibility=hidden", "-D_GNU_SOURCE"]
     if os.environ.get("XORON_NATIVE") == "1":

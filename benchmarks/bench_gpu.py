@@ -50,7 +50,7 @@ CONFIG = {
 
 T0 = time.time()
 BUDGET = 170.0
-VARIANTS = {  # see csrc/cuda/cu_common.h
+VARIANTS = {  # see csrc/backends/cuda/common.h
     "moe_host": {"XORON_CUDA_MOE": "host"},        # per-expert cuBLASLt GEMMs sized from host-read counts
     "attn_wmma": {"XORON_CUDA_ATTN": "wmma"},      # the WMMA (shared-memory) prefill attention
     "attn_q64": {"XORON_CUDA_ATTN": "q64"},        # mma.sync attention, 64 instead of 128 queries a block

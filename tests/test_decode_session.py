@@ -1,4 +1,4 @@
-"""Decode sessions (csrc/xo_decoder.c): after the prefill, generate() runs its steps with the
+"""Decode sessions (csrc/engine/decode_session.c): after the prefill, generate() runs its steps with the
 bookkeeping on the backend (on a GPU each step is a replayed CUDA graph) and reads the tokens
 back every few steps. These tests hold generate() to a step-by-step loop of
 forward(use_cache=True) and argmax in Python, over runs long enough to wrap the 64-step token

@@ -1,0 +1,177 @@
+/* The kernel table. The model graph (engine/model.c) calls only these entries, so it never
+ * knows whether it runs on the CPU or on a GPU. All activations are float32, row-major;
+ * weights are stored in whatever dtype the linear asks for. Every pointer named "device"
+ * below lives in the backend's memory. */
+#ifndef XO_BACKEND_H
+#define XO_BACKEND_H
+
+#include <stdint.h>
+
+#include "engine/status.h"
+#include "engine/tensor.h"
+
+typedef struct xo_backend xo_backend;
+
+enum { XO_DEVICE_TOP_K_MAX = 1024 };
+
+/* A weight matrix W [out, in], applied as y = x @ W.T. */
+typedef struct {
+    int out, in;
+    xo_dtype dtype;  /* storage: F32, BF16, F16 or I8 (per-row scales) */
+    void *data;      /* device, [out, in] */
+    float *scales;   /* device, [out]; I8 only */
+} xo_linear;
+
+/* One SwiGLU FFN: gate and up stored as one [2*I, H] linear (gate rows first). */
+typedef struct {
+    xo_linear gate_up;
+    xo_linear down;
+} xo_ffn;
+
+/* Cache layout shared by the graph and the attention kernels. Per layer and batch row,
+ * `capacity` token slots; slot j of row b holds the token at sequence index j. */
+enum { XO_CACHE_LATENT = 0, XO_CACHE_KV = 1 };
+
+typedef struct {
+    int batch, new_tokens, past;   /* queries are sequence indices past .. past+new_tokens-1 */
+    const int32_t *past_device;    /* or NULL; else the true past is read from here when the kernels
+                                    * run, and `past` is only its upper bound (a replayed decode step) */
+    int num_heads, num_kv_heads, head_dim, rank;
+    int capacity;                  /* slots per row in the cache arrays below */
+    int format;                    /* XO_CACHE_LATENT or XO_CACHE_KV */
+    const float *q;                /* [batch*new_tokens, nh*hd], rotated */
+    float *out;                    /* [batch*new_tokens, nh*hd] */
+    const void *latent;            /* LATENT: [batch, capacity, rank], normed c, of latent_dtype */
+    xo_dtype latent_dtype;         /* F32, BF16 or F16 */
+    const xo_linear *kv_b;         /* LATENT: expands c to [K | V], [2*nkv*hd, rank] */
+    const float *k, *v;            /* KV: [batch, capacity, nkv*hd], K rotated */
+    const int32_t *key_pos;        /* [batch, capacity] position ids (LATENT: to rotate K) */
+    const uint8_t *key_mask;       /* [batch, capacity] 1 = may be attended */
+    const float *inv_freq;         /* [hd/2] */
+    float mscale;
+    float scale;                   /* 1/sqrt(hd) */
+    float denom_eps;               /* added to the softmax denominator (SPEC 4.4 ring formulation) */
+} xo_attention_args;
+
+typedef struct {
+    int tokens, hidden, num_experts, top_k;
+    const float *x;                /* [tokens, hidden] post-attention-normed input */
+    float *out;                    /* [tokens, hidden]; the routed experts' sum is ADDED here */
+    const int32_t *topk_idx;       /* [tokens, top_k] */
+    const float *topk_weight;      /* [tokens, top_k] */
+    const xo_ffn *experts;         /* [num_experts] */
+} xo_moe_args;
+
+/* The device-side state of a decode session. One step: decode_begin feeds each row's token
+ * in and records its position in the cache; the forward pass runs with past read from
+ * state[0]; decode_end turns the drawn tokens into outputs and advances the counters. */
+typedef struct {
+    int batch, capacity, ring;
+    int32_t *state;            /* device [2]: tokens stored per row (past), index of the token being made */
+    int32_t *tokens;           /* device [batch]: each row's last token; the draw writes the next here */
+    int32_t *ids, *pos;        /* device [batch]: the forward pass's input ids and positions */
+    int32_t *next_pos;         /* device [batch]: position id of each row's next token */
+    int32_t *cache_pos;        /* device [batch, capacity]: the cache's positions ... */
+    uint8_t *cache_mask;       /* ... and key mask */
+    uint8_t *finished;         /* device [batch]: 1 once a row produced an EOS */
+    int32_t *out;              /* device [ring, batch]: the token made at step s, row s % ring */
+    const int32_t *eos;        /* device [num_eos] */
+    int num_eos;
+    int32_t pad_id;            /* written for finished rows */
+} xo_decode_state;
+
+struct xo_backend {
+    const char *name;
+    void *ctx;
+    int host_memory;   /* 1: "device" pointers are host memory (the graph may write into caller arrays) */
+
+    /* memory */
+    void *(*alloc)(xo_backend *be, size_t bytes);             /* zero-filled; NULL on failure */
+    void (*release)(xo_backend *be, void *ptr);
+    /* frees memory that another framework's streams may still read (waits for the device) */
+    void (*release_shared)(xo_backend *be, void *ptr);
+    int device_index;  /* for DLPack: the device the memory lives on */
+    void *native_stream; /* CUDA: the cudaStream_t the kernels run on (handed to a DLPack producer, which
+                          * orders its pending work before ours); else NULL */
+    xo_status (*upload)(xo_backend *be, void *dst, const void *host, size_t bytes);
+    xo_status (*download)(xo_backend *be, void *host, const void *src, size_t bytes);
+    xo_status (*copy)(xo_backend *be, void *dst, const void *src, size_t bytes);
+    xo_status (*synchronize)(xo_backend *be);
+
+    /* weights: rows [row_offset, row_offset+rows) of w (out, in, dtype set by the caller; storage
+     * allocated on first use) from host data [rows, in] of dtype src_t */
+    xo_status (*linear_init)(xo_backend *be, xo_linear *w, const void *host, xo_dtype src_t, int row_offset, int rows);
+    void (*linear_free)(xo_backend *be, xo_linear *w);
+    xo_status (*linear_to_host)(xo_backend *be, const xo_linear *w, float *host); /* dequantised */
+
+    /* y[m, w.out] = x[m, w.in] @ W.T */
+    xo_status (*matmul)(xo_backend *be, float *y, const float *x, const xo_linear *w, int m);
+    /* y[n, d] = w * x / sqrt(mean(x^2) + eps); x rows are x_stride apart */
+    xo_status (*rmsnorm)(xo_backend *be, float *y, const float *x, int x_stride, const float *w, int n, int d, float eps);
+    /* h[n, d] += x[n, d], then y[n, d] = rmsnorm(h) as above (the residual add and the next norm) */
+    xo_status (*add_rmsnorm)(xo_backend *be, float *h, const float *x, float *y, const float *w, int n, int d, float eps);
+    /* rows of x (row_stride floats apart) rotated in place, heads*hd each; row i uses pos[i] */
+    xo_status (*rope)(xo_backend *be, float *x, size_t row_stride, const int32_t *pos, int n, int heads, int hd,
+                      const float *inv_freq, float mscale);
+    /* optional (NULL: ids come from the host): dst[i] = src[i] for n token ids in the backend's
+     * memory (int64 when wide, else int32); an id outside [0, vocab) becomes 0 and the first such
+     * is reported in bad[0] (its flat index; UINT64_MAX when none) and bad[1] (its value) */
+    xo_status (*load_ids)(xo_backend *be, int32_t *dst, const void *src, int wide, size_t n, int vocab, uint64_t *bad);
+    /* h[n, H] = rows ids[i] of the embedding table */
+    xo_status (*embed)(xo_backend *be, float *h, const xo_linear *table, const int32_t *ids, int n);
+    /* y[n, d] += x[n, d] */
+    xo_status (*add)(xo_backend *be, float *y, const float *x, size_t n);
+    /* y[n, I] = silu(gu[:, :I]) * gu[:, I:] */
+    xo_status (*swiglu)(xo_backend *be, float *y, const float *gu, int n, int inter);
+    /* optional (NULL: matmul then swiglu): act[n, I] = swiglu(x @ gate_up.T), gate_up [2I, in]
+     * with the gate rows first; gu [n, 2I] is scratch the backend may use */
+    xo_status (*gate_up_swiglu)(xo_backend *be, float *act, const float *x, float *gu, const xo_linear *gate_up, int n);
+    /* router: softmax over logits[n, E], top-k (ties: lower index), renormalised by sum + 1e-5 */
+    xo_status (*moe_route)(xo_backend *be, int32_t *idx, float *weight, const float *logits, int n, int experts, int k);
+    /* optional (NULL: rmsnorm, matmul, moe_route): the router of SPEC 6 in one call: top-k of
+     * softmax(rmsnorm(x; norm_w, 1e-6) @ router.T) as moe_route gives them */
+    xo_status (*moe_router)(xo_backend *be, int32_t *idx, float *weight, const float *x, const float *norm_w,
+                            const xo_linear *router, int n, int k);
+    /* routed experts, each run once on the tokens routed to it */
+    xo_status (*moe_experts)(xo_backend *be, const xo_moe_args *a);
+    /* causal attention over the cache, chunked with an online softmax */
+    xo_status (*attention)(xo_backend *be, const xo_attention_args *a);
+    /* cache slots [r, start .. start+n) of a [batch, capacity, width] array of dtype cache_t
+     * (F32, BF16 or F16), for every row r, <- float src rows r*n .. r*n+n-1 (src_stride apart);
+     * start is read from start_device when that is not NULL */
+    xo_status (*cache_write)(xo_backend *be, void *cache, xo_dtype cache_t, int capacity, int width, int start,
+                             const int32_t *start_device, const float *src, int batch, int n, int src_stride);
+    /* out[r] = argmax of logits row r, lower index on ties */
+    xo_status (*argmax_rows)(xo_backend *be, int32_t *out, const float *logits, int rows, int cols);
+    /* optional (NULL: sampling runs on the host): out[r] = a token drawn from row r after
+     * temperature, top-k (1 <= top_k <= XO_DEVICE_TOP_K_MAX) and nucleus filtering (SPEC 7), from
+     * a counter-based generator keyed by (seed, step, r); step is read from step_device when
+     * that is not NULL */
+    xo_status (*sample_rows)(xo_backend *be, int32_t *out, const float *logits, int rows, int cols,
+                             float temperature, int top_k, float top_p, uint64_t seed, uint64_t step,
+                             const int32_t *step_device);
+
+    /* decode sessions (engine/decode_session.c): the bookkeeping of one step on the backend, so that a
+     * step needs nothing from the host and can be replayed */
+    xo_status (*decode_begin)(xo_backend *be, const xo_decode_state *st);
+    xo_status (*decode_end)(xo_backend *be, const xo_decode_state *st);
+    /* logits[r, ids[i]] = -inf for every row while the step counter is below `below` */
+    xo_status (*suppress_tokens)(xo_backend *be, float *logits, int rows, int cols, const int32_t *ids, int n,
+                                 const int32_t *step_device, int below);
+    /* optional (NULL: steps run eagerly): record the work queued between capture_begin and
+     * capture_end as a graph, replayed by graph_launch */
+    xo_status (*capture_begin)(xo_backend *be);
+    xo_status (*capture_end)(xo_backend *be, void **graph);
+    xo_status (*graph_launch)(xo_backend *be, void *graph);
+    void (*graph_free)(xo_backend *be, void *graph);
+
+    void (*destroy)(xo_backend *be);
+};
+
+/* The CPU backend (oneDNN + OpenMP). */
+xo_status xo_cpu_backend_create(xo_backend **out);
+/* The CUDA backend, loaded from the plugin library (set by the binding) on first use. */
+xo_status xo_cuda_backend_create(xo_backend **out, int device);
+void xo_cuda_set_plugin_path(const char *path);
+
+#endif

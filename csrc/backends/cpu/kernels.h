@@ -1,0 +1,65 @@
+/* CPU implementations of the backend table (backends/backend.h), one concern per file. */
+#ifndef XO_CPU_KERNELS_H
+#define XO_CPU_KERNELS_H
+
+#include "backends/backend.h"
+
+/* Hot loops get AVX2/FMA (x86-64-v3) and AVX-512 (v4) versions, picked at load time by CPU
+ * features (an "arch=haswell" clone would be picked by CPU model and never run on AMD). */
+#define XO_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+
+/* backends/cpu/gemm.c */
+xo_status xo_cpu_linear_init(xo_backend *be, xo_linear *w, const void *host, xo_dtype src_t, int row_offset, int rows);
+void xo_cpu_linear_free(xo_backend *be, xo_linear *w);
+xo_status xo_cpu_linear_to_host(xo_backend *be, const xo_linear *w, float *host);
+xo_status xo_cpu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w, int m);
+xo_status xo_cpu_embed(xo_backend *be, float *h, const xo_linear *table, const int32_t *ids, int n);
+/* crossover m between the matrix-vector kernels and the widened-tile sgemm (-1: the built-in
+ * rule, below -1: unchanged), and the tile height (<= 0: unchanged); for tuning and tests */
+void xo_cpu_matmul_tuning(int gemv_max_m, int tile_rows);
+/* backends/cpu/weights.c: weight storage. 64-byte aligned, on 2 MB pages (madvise) from 2 MB up, not
+ * zeroed; release with free(). */
+void *xo_cpu_weight_alloc(size_t bytes);
+/* rows [row_offset, row_offset+rows) of w (storage allocated, w->scales too for I8) from host
+ * rows of dtype src_t; bf16/f16 round to nearest even, int8 is symmetric per row */
+xo_status xo_cpu_store_rows(xo_linear *w, const void *host, xo_dtype src_t, int row_offset, int rows);
+/* dst[rows, w->in] = rows row0.. of w, widened to float32 (int8: times its row scale); serial */
+void xo_cpu_dequant_rows(float *dst, const xo_linear *w, size_t row0, size_t rows);
+
+/* backends/cpu/gemv.c: y[m, w->out] = x[m, w->in] @ W.T for any storage dtype with float32 accumulation;
+ * vectorised matrix-vector kernels meant for small m (decode), OpenMP over output rows. */
+enum { XO_ISA_GENERIC = 0, XO_ISA_AVX2 = 1, XO_ISA_AVX512 = 2 };
+void xo_cpu_gemv(float *y, const float *x, int m, const xo_linear *w);
+int xo_cpu_isa(void);                   /* the kernels in use (XO_ISA_*) */
+int xo_cpu_set_isa(int level);          /* caps the kernels at `level` (-1: best); returns the level in use */
+const char *xo_cpu_isa_name(int level);
+void xo_cpu_gemv_tuning(int prefetch_bytes);   /* software prefetch distance (negative: unchanged) */
+
+/* backends/cpu/elementwise.c */
+xo_status xo_cpu_rmsnorm(xo_backend *be, float *y, const float *x, int x_stride, const float *w, int n, int d, float eps);
+xo_status xo_cpu_rope(xo_backend *be, float *x, size_t row_stride, const int32_t *pos, int n, int heads, int hd,
+                      const float *inv_freq, float mscale);
+/* rows of x are row_stride floats apart; heads*hd of each row are rotated */
+xo_status xo_cpu_rope_rows(float *x, size_t row_stride, const int32_t *pos, int n, int heads, int hd,
+                           const float *inv_freq, float mscale);
+xo_status xo_cpu_add(xo_backend *be, float *y, const float *x, size_t n);
+xo_status xo_cpu_add_rmsnorm(xo_backend *be, float *h, const float *x, float *y, const float *w, int n, int d, float eps);
+xo_status xo_cpu_swiglu(xo_backend *be, float *y, const float *gu, int n, int inter);
+xo_status xo_cpu_cache_write(xo_backend *be, void *cache, xo_dtype cache_t, int capacity, int width, int start,
+                             const int32_t *start_device, const float *src, int batch, int n, int src_stride);
+xo_status xo_cpu_argmax_rows(xo_backend *be, int32_t *out, const float *logits, int rows, int cols);
+
+/* backends/cpu/decode.c: the decode session's bookkeeping (backends/backend.h) */
+xo_status xo_cpu_decode_begin(xo_backend *be, const xo_decode_state *st);
+xo_status xo_cpu_decode_end(xo_backend *be, const xo_decode_state *st);
+xo_status xo_cpu_suppress_tokens(xo_backend *be, float *logits, int rows, int cols, const int32_t *ids, int n,
+                                 const int32_t *step_device, int below);
+
+/* backends/cpu/moe.c */
+xo_status xo_cpu_moe_route(xo_backend *be, int32_t *idx, float *weight, const float *logits, int n, int experts, int k);
+xo_status xo_cpu_moe_experts(xo_backend *be, const xo_moe_args *a);
+
+/* backends/cpu/attention.c */
+xo_status xo_cpu_attention(xo_backend *be, const xo_attention_args *a);
+
+#endif

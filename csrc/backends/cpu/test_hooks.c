@@ -1,0 +1,165 @@
+/* C entry points for tests and benchmarks, reached from Python through ctypes on the
+ * extension library itself (they are the only exported symbols besides PyInit__C):
+ * one product through the CPU backend on any storage dtype, kernel timing, the machine's
+ * read bandwidth, and the kernel choice. Not used by the engine. */
+#include <stdlib.h>
+#include <string.h>
+
+#include <omp.h>
+
+#include "backends/cpu/kernels.h"
+
+#define XO_EXPORT __attribute__((visibility("default")))
+
+static xo_status make_linear(xo_backend *be, xo_linear *L, int dtype, int out, int in, const float *w) {
+    memset(L, 0, sizeof *L);
+    L->out = out;
+    L->in = in;
+    L->dtype = (xo_dtype)dtype;
+    /* written in two halves, as the gate/up pairs are */
+    int half = out / 2;
+    XO_TRY(be->linear_init(be, L, w, XO_F32, 0, half));
+    return be->linear_init(be, L, w + (size_t)half * in, XO_F32, half, out - half);
+}
+
+/* y[m, out] = x[m, in] @ W.T with W [out, in] float32 stored as `dtype` (xo_dtype value);
+ * w_back (optional) receives the stored weights widened back. 0 on success, else -status. */
+XO_EXPORT int xo_hook_matmul(int dtype, int out, int in, int m, const float *w, const float *x, float *y, float *w_back) {
+    xo_backend *be = NULL;
+    if (xo_cpu_backend_create(&be) != XO_OK) return -1;
+    xo_linear L;
+    xo_status rc = make_linear(be, &L, dtype, out, in, w);
+    if (rc == XO_OK) rc = be->matmul(be, y, x, &L, m);
+    if (rc == XO_OK && w_back) rc = be->linear_to_host(be, &L, w_back);
+    be->linear_free(be, &L);
+    be->destroy(be);
+    return -(int)rc;
+}
+
+/* h[n, in] = embedding rows ids of W stored as dtype. */
+XO_EXPORT int xo_hook_embed(int dtype, int out, int in, const float *w, const int32_t *ids, int n, float *h) {
+    xo_backend *be = NULL;
+    if (xo_cpu_backend_create(&be) != XO_OK) return -1;
+    xo_linear L;
+    xo_status rc = make_linear(be, &L, dtype, out, in, w);
+    if (rc == XO_OK) rc = be->embed(be, h, &L, ids, n);
+    be->linear_free(be, &L);
+    be->destroy(be);
+    return -(int)rc;
+}
+
+/* Seconds per y = x @ W.T call (best of `iters`, after one warm-up) for a random [out, in]
+ * weight stored as dtype; negative on failure. */
+XO_EXPORT double xo_hook_time_matmul(int dtype, int out, int in, int m, int iters) {
+    xo_backend *be = NULL;
+    if (xo_cpu_backend_create(&be) != XO_OK) return -1.0;
+    float *w = malloc((size_t)out * in * sizeof *w);
+    float *x = malloc((size_t)m * in * sizeof *x);
+    float *y = malloc((size_t)m * out * sizeof *y);
+    double best = -1.0;
+    xo_linear L;
+    memset(&L, 0, sizeof L);
+    if (w && x && y) {
+        uint32_t s = 12345u;
+        for (size_t i = 0; i < (size_t)out * in; i++) { s = s * 1664525u + 1013904223u; w[i] = (float)(int)(s >> 8) * 1e-9f; }
+        for (size_t i = 0; i < (size_t)m * in; i++) { s = s * 1664525u + 1013904223u; x[i] = (float)(int)(s >> 8) * 1e-9f; }
+        if (make_linear(be, &L, dtype, out, in, w) == XO_OK && be->matmul(be, y, x, &L, m) == XO_OK) {
+            for (int it = 0; it < iters; it++) {
+                double t0 = omp_get_wtime();
+                be->matmul(be, y, x, &L, m);
+                double dt = omp_get_wtime() - t0;
+                if (best < 0 || dt < best) best = dt;
+            }
+        }
+    }
+    be->linear_free(be, &L);
+    free(w);
+    free(x);
+    free(y);
+    be->destroy(be);
+    return best;
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+/* sums a span with AVX2 as 4 interleaved sequential streams, software-prefetched 1 KB ahead,
+ * the access pattern of the matrix-vector kernels (one stream per core, or hardware prefetch
+ * alone, leaves a third of the bandwidth unused on some machines) */
+__attribute__((target("avx2")))
+static float sum_span_avx2(const float *p, size_t n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const size_t q = (n / 4) & ~(size_t)15;
+    const float *p0 = p, *p1 = p + q, *p2 = p + 2 * q, *p3 = p + 3 * q;
+    for (size_t i = 0; i < q; i += 16) {
+        _mm_prefetch((const char *)(p0 + i) + 1024, _MM_HINT_T0);
+        _mm_prefetch((const char *)(p1 + i) + 1024, _MM_HINT_T0);
+        _mm_prefetch((const char *)(p2 + i) + 1024, _MM_HINT_T0);
+        _mm_prefetch((const char *)(p3 + i) + 1024, _MM_HINT_T0);
+        a0 = _mm256_add_ps(a0, _mm256_add_ps(_mm256_loadu_ps(p0 + i), _mm256_loadu_ps(p0 + i + 8)));
+        a1 = _mm256_add_ps(a1, _mm256_add_ps(_mm256_loadu_ps(p1 + i), _mm256_loadu_ps(p1 + i + 8)));
+        a2 = _mm256_add_ps(a2, _mm256_add_ps(_mm256_loadu_ps(p2 + i), _mm256_loadu_ps(p2 + i + 8)));
+        a3 = _mm256_add_ps(a3, _mm256_add_ps(_mm256_loadu_ps(p3 + i), _mm256_loadu_ps(p3 + i + 8)));
+    }
+    float t[8];
+    _mm256_storeu_ps(t, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    float s = 0.0f;
+    for (int j = 0; j < 8; j++) s += t[j];
+    for (size_t i = 4 * q; i < n; i++) s += p[i];
+    return s;
+}
+#endif
+
+static float sum_span(const float *p, size_t n) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (xo_cpu_isa() >= XO_ISA_AVX2) return sum_span_avx2(p, n);
+#endif
+    float a[16] = { 0 };
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) a[j] += p[i + j];
+    float s = 0.0f;
+    for (int j = 0; j < 16; j++) s += a[j];
+    for (; i < n; i++) s += p[i];
+    return s;
+}
+
+/* Read bandwidth in GB/s over a `mbytes` MB buffer, all threads, best of `reps`. */
+XO_EXPORT double xo_hook_read_bandwidth(int mbytes, int reps) {
+    size_t n = ((size_t)mbytes << 20) / sizeof(float);
+    n &= ~(size_t)1023;
+    float *p = xo_cpu_weight_alloc(n * sizeof(float));   /* same pages as the weights */
+    if (!p) return -1.0;
+    #pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) p[i] = 1.0f;   /* each thread first-touches its own span */
+    double best = 0.0;
+    volatile float sink = 0.0f;
+    for (int r = 0; r < reps; r++) {
+        double t0 = omp_get_wtime();
+        float s = 0.0f;
+        #pragma omp parallel reduction(+ : s)
+        {
+            int nt = omp_get_num_threads(), id = omp_get_thread_num();
+            size_t per = (n / nt) & ~(size_t)15;
+            size_t beg = (size_t)id * per, len = id == nt - 1 ? n - beg : per;
+            s += sum_span(p + beg, len);
+        }
+        double dt = omp_get_wtime() - t0;
+        sink += s;
+        double gbs = (double)n * sizeof(float) / dt / 1e9;
+        if (gbs > best) best = gbs;
+    }
+    (void)sink;
+    free(p);
+    return best;
+}
+
+/* Kernel ISA: set (-1 = best the CPU has) and query. */
+XO_EXPORT int xo_hook_set_isa(int level) { return xo_cpu_set_isa(level); }
+XO_EXPORT int xo_hook_isa(void) { return xo_cpu_isa(); }
+XO_EXPORT const char *xo_hook_isa_name(void) { return xo_cpu_isa_name(xo_cpu_isa()); }
+/* gemv_max_m: -1 the built-in crossover, >= 0 a fixed one, < -1 unchanged; tile_rows <= 0 and
+ * prefetch_bytes < 0 leave those unchanged */
+XO_EXPORT void xo_hook_tuning(int gemv_max_m, int tile_rows, int prefetch_bytes) {
+    xo_cpu_matmul_tuning(gemv_max_m, tile_rows);
+    xo_cpu_gemv_tuning(prefetch_bytes);
+}

@@ -1,0 +1,723 @@
+/* Causal attention over the cache on the GPU, flash style: key tiles, online softmax, no
+ * t x t buffer. With the latent cache, K and V are first expanded from c for the keys in
+ * range (c @ Wkvb.T, K rotated with the key positions), one GEMM per call.
+ *
+ * Two kernels:
+ * - k_attn_rows: one block per (head, query row, key split); warps stride over keys with a
+ *   running (max, sum, acc) each, merged in shared memory; several splits are merged by a
+ *   second kernel (split-K decode). Any head_dim up to 1024, float32 throughout: this is
+ *   the decode path and the path of float32 models.
+ * - k_attn_tc: 64 queries x 64 keys per step on the tensor cores (WMMA), for prefill of
+ *   16-bit models (head_dim 16/32/64/128): Q, K, V and P in the weights' 16-bit type,
+ *   scores, softmax statistics and the output accumulated in float32.
+ * Semantics as csrc/backends/cpu/attention.c: key j is visible to the query at sequence index qi
+ * iff j <= qi and key_mask[j]; GQA head h reads kv head h / (nh / nkv); the output is
+ * acc / (sum + denom_eps), or 0 when no key is visible. */
+#include <math.h>
+#include <mma.h>
+
+#include "backends/cuda/common.h"
+
+using namespace nvcuda;
+
+struct AttnP {
+    int t, past, nh, hd, cap, group;
+    const float *q;
+    float *out;
+    const float *K, *V;
+    size_t kvs; /* elements between consecutive key rows; the row of key (b, j) is b * kcap + j */
+    int kcap;   /* key rows per batch row in K/V (the mask and the positions use cap) */
+    const uint8_t *mask;
+    float scale, eps;
+    /* the row-wise kernel only: */
+    const int32_t *past_dev; /* or NULL: the true past, read when the kernel runs (past is then a bound) */
+    const int32_t *kpos;     /* or NULL: K arrives unrotated, key (b, j) at position kpos[b * cap + j] */
+    const float *inv_freq;
+    float mscale;
+};
+
+/* ------------------------------------------------------------------ row-wise / split-K */
+
+/* Each warp takes KU keys at a time (their loads in flight together), so a block's latency
+ * chain is keys / (4 * KU) steps long. With p.kpos set, K arrives unrotated (expanded from
+ * the latent) and is rotated here: lane element c pairs with c + NC/2 (needs hd == 32 * NC). */
+enum { KU = 4 };
+
+template <int NC>
+__global__ __launch_bounds__(128) void k_attn_rows(AttnP p, int split_len, float *part) {
+    CU_PDL_ENTRY();
+    const int row = blockIdx.x, h = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
+    const int bb = row / p.t, i = row % p.t;
+    const int past = p.past_dev ? *p.past_dev : p.past;
+    const int qi = past + i, kv_len = past + p.t;
+    const int kend = min(qi + 1, kv_len);
+    const int j0 = split * split_len, j1 = min(j0 + split_len, kend);
+    const int g = h / p.group, hd = p.hd;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const float *qp = p.q + (size_t)row * p.nh * hd + (size_t)h * hd;
+    float qv[NC], acc[NC], fr[NC / 2 > 0 ? NC / 2 : 1];
+#pragma unroll
+    for (int c = 0; c < NC; c++) {
+        int d = lane + 32 * c;
+        qv[c] = d < hd ? qp[d] : 0.0f;
+        acc[c] = 0.0f;
+    }
+    if (NC % 2 == 0 && p.kpos) {
+#pragma unroll
+        for (int c = 0; c < NC / 2; c++) fr[c] = p.inv_freq[lane + 32 * c];
+    }
+    float m = -INFINITY, l = 0.0f;
+    const uint8_t *mk = p.mask + (size_t)bb * p.cap;
+    for (int jb = j0 + warp * KU; jb < j1; jb += 4 * KU) {
+        float s[KU], kv[KU][NC];
+        bool ok[KU];
+#pragma unroll
+        for (int u = 0; u < KU; u++) {
+            const int j = jb + u;
+            ok[u] = j < j1 && mk[j];
+            const float *kp = p.K + ((size_t)bb * p.kcap + (ok[u] ? j : j0)) * p.kvs + (size_t)g * hd;
+#pragma unroll
+            for (int c = 0; c < NC; c++) {
+                int d = lane + 32 * c;
+                kv[u][c] = d < hd ? kp[d] : 0.0f;
+            }
+        }
+        if (NC % 2 == 0 && p.kpos) {
+#pragma unroll
+            for (int u = 0; u < KU; u++) {
+                const float pos = (float)p.kpos[(size_t)bb * p.cap + (ok[u] ? jb + u : j0)];
+#pragma unroll
+                for (int c = 0; c < NC / 2; c++) {
+                    const float th = pos * fr[c];
+                    const float cs = cosf(th) * p.mscale, sn = sinf(th) * p.mscale;
+                    const float a = kv[u][c], b = kv[u][c + NC / 2];
+                    kv[u][c] = a * cs - b * sn;
+                    kv[u][c + NC / 2] = b * cs + a * sn;
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < KU; u++) {
+            s[u] = 0.0f;
+#pragma unroll
+            for (int c = 0; c < NC; c++) s[u] = fmaf(qv[c], kv[u][c], s[u]);
+        }
+#pragma unroll
+        for (int o = 16; o; o >>= 1)
+#pragma unroll
+            for (int u = 0; u < KU; u++) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
+        float mn = m;
+#pragma unroll
+        for (int u = 0; u < KU; u++) {
+            s[u] *= p.scale;
+            if (ok[u]) mn = fmaxf(mn, s[u]);
+        }
+        if (mn == -INFINITY) continue; /* no visible key in this group (nor before) */
+        const float corr = expf(m - mn); /* 0 when m is -inf */
+        l *= corr;
+#pragma unroll
+        for (int c = 0; c < NC; c++) acc[c] *= corr;
+        m = mn;
+#pragma unroll
+        for (int u = 0; u < KU; u++) {
+            if (!ok[u]) continue;
+            const float e = expf(s[u] - m);
+            l += e;
+            const float *vp = p.V + ((size_t)bb * p.kcap + jb + u) * p.kvs + (size_t)g * hd;
+#pragma unroll
+            for (int c = 0; c < NC; c++) {
+                int d = lane + 32 * c;
+                if (d < hd) acc[c] = fmaf(e, vp[d], acc[c]);
+            }
+        }
+    }
+    __shared__ float sm[4], sl[4];
+    __shared__ float sacc[4][32 * NC];
+    if (lane == 0) {
+        sm[warp] = m;
+        sl[warp] = l;
+    }
+#pragma unroll
+    for (int c = 0; c < NC; c++) sacc[warp][lane + 32 * c] = acc[c];
+    __syncthreads();
+    float M = fmaxf(fmaxf(sm[0], sm[1]), fmaxf(sm[2], sm[3]));
+    float f[4], L = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 4; w++) {
+        f[w] = sm[w] == -INFINITY ? 0.0f : expf(sm[w] - M);
+        L += sl[w] * f[w];
+    }
+    if (nsplit == 1) {
+        const float inv = L > 0.0f ? 1.0f / (L + p.eps) : 0.0f;
+        float *o = p.out + (size_t)row * p.nh * hd + (size_t)h * hd;
+        for (int d = threadIdx.x; d < hd; d += 128) {
+            float A = 0.0f;
+#pragma unroll
+            for (int w = 0; w < 4; w++) A += sacc[w][d] * f[w];
+            o[d] = A * inv;
+        }
+    } else {
+        float *pp = part + (((size_t)row * p.nh + h) * nsplit + split) * (hd + 2);
+        if (threadIdx.x == 0) {
+            pp[0] = M;
+            pp[1] = L;
+        }
+        for (int d = threadIdx.x; d < hd; d += 128) {
+            float A = 0.0f;
+#pragma unroll
+            for (int w = 0; w < 4; w++) A += sacc[w][d] * f[w];
+            pp[2 + d] = A;
+        }
+    }
+}
+
+__global__ void k_attn_merge(AttnP p, int nsplit, const float *__restrict__ part) {
+    CU_PDL_ENTRY();
+    const int row = blockIdx.x, h = blockIdx.y, hd = p.hd;
+    const float *base = part + ((size_t)row * p.nh + h) * nsplit * (hd + 2);
+    float M = -INFINITY;
+    for (int s = 0; s < nsplit; s++) M = fmaxf(M, base[(size_t)s * (hd + 2)]);
+    float L = 0.0f;
+    for (int s = 0; s < nsplit; s++) {
+        float ms = base[(size_t)s * (hd + 2)];
+        if (ms != -INFINITY) L += base[(size_t)s * (hd + 2) + 1] * expf(ms - M);
+    }
+    const float inv = L > 0.0f ? 1.0f / (L + p.eps) : 0.0f;
+    float *o = p.out + (size_t)row * p.nh * hd + (size_t)h * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float A = 0.0f;
+        for (int s = 0; s < nsplit; s++) {
+            float ms = base[(size_t)s * (hd + 2)];
+            if (ms != -INFINITY) A += base[(size_t)s * (hd + 2) + 2 + d] * expf(ms - M);
+        }
+        o[d] = A * inv;
+    }
+}
+
+template <int NC>
+static void launch_rows(CuCtx *c, const AttnP &p, int rows, int nsplit, int split_len, float *part) {
+    dim3 grid((unsigned)rows, (unsigned)p.nh, (unsigned)nsplit);
+    cu_launch(c, k_attn_rows<NC>, grid, 128, 0, p, split_len, part);
+}
+
+/* ------------------------------------------------------------------ tensor-core tiles */
+
+template <typename T, int HD>
+struct TcLayout {
+    static constexpr int LQ = HD + 8, LS = 64 + 4, LP = 64 + 8, LO = HD + 4;
+    static constexpr size_t q = 0;
+    static constexpr size_t k = q + 64 * LQ * sizeof(T);
+    static constexpr size_t v = k + 64 * LQ * sizeof(T);
+    static constexpr size_t s = v + 64 * LQ * sizeof(T);
+    static constexpr size_t pm = s + 64 * LS * sizeof(float);
+    static constexpr size_t o = pm + 64 * LP * sizeof(T);
+    static constexpr size_t stats = o + 64 * LO * sizeof(float);
+    static constexpr size_t bytes = stats + 4 * 64 * sizeof(float);
+};
+
+template <typename T, int HD>
+__global__ __launch_bounds__(128) void k_attn_tc(AttnP p) {
+    using Lay = TcLayout<T, HD>;
+    constexpr int LQ = Lay::LQ, LS = Lay::LS, LP = Lay::LP, LO = Lay::LO;
+    extern __shared__ __align__(128) unsigned char smem[];
+    T *Qs = (T *)(smem + Lay::q), *Ks = (T *)(smem + Lay::k), *Vs = (T *)(smem + Lay::v), *Ps = (T *)(smem + Lay::pm);
+    float *Ss = (float *)(smem + Lay::s), *Os = (float *)(smem + Lay::o);
+    float *rm = (float *)(smem + Lay::stats), *rl = rm + 64, *rc = rl + 64;
+    int *kval = (int *)(rc + 64);
+
+    const int q0 = blockIdx.x * 64, h = blockIdx.y, bb = blockIdx.z;
+    const int g = h / p.group;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int kv_len = p.past + p.t;
+    const size_t qrow = (size_t)p.nh * HD;
+
+    for (int e = tid; e < 64 * HD; e += 128) {
+        int r = e / HD, d = e % HD, i = q0 + r;
+        float v = i < p.t ? p.q[((size_t)bb * p.t + i) * qrow + (size_t)h * HD + d] : 0.0f;
+        Qs[r * LQ + d] = cu_from_f32<T>(v);
+    }
+    for (int e = tid; e < 64 * LO; e += 128) Os[e] = 0.0f;
+    if (tid < 64) {
+        rm[tid] = -INFINITY;
+        rl[tid] = 0.0f;
+    }
+    const int qlast = min(q0 + 64, p.t) - 1;
+    const int kend = min(kv_len, p.past + qlast + 1);
+
+    for (int k0 = 0; k0 < kend; k0 += 64) {
+        __syncthreads();
+        for (int e = tid; e < 64 * (HD / 4); e += 128) {
+            int r = e / (HD / 4), d4 = (e % (HD / 4)) * 4, j = k0 + r;
+            float4 kv = make_float4(0.f, 0.f, 0.f, 0.f), vv = kv;
+            if (j < kv_len) {
+                size_t off = ((size_t)bb * p.kcap + j) * p.kvs + (size_t)g * HD + d4;
+                kv = *(const float4 *)(p.K + off);
+                vv = *(const float4 *)(p.V + off);
+            }
+            T *kd = Ks + r * LQ + d4, *vd = Vs + r * LQ + d4;
+            kd[0] = cu_from_f32<T>(kv.x); kd[1] = cu_from_f32<T>(kv.y); kd[2] = cu_from_f32<T>(kv.z); kd[3] = cu_from_f32<T>(kv.w);
+            vd[0] = cu_from_f32<T>(vv.x); vd[1] = cu_from_f32<T>(vv.y); vd[2] = cu_from_f32<T>(vv.z); vd[3] = cu_from_f32<T>(vv.w);
+        }
+        if (tid < 64) {
+            int j = k0 + tid;
+            kval[tid] = j < kv_len && p.mask[(size_t)bb * p.cap + j];
+        }
+        __syncthreads();
+
+        /* S = Q K^T for this warp's 16 query rows */
+#pragma unroll
+        for (int nf = 0; nf < 4; nf++) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> s;
+            wmma::fill_fragment(s, 0.0f);
+#pragma unroll
+            for (int kk = 0; kk < HD; kk += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+                wmma::load_matrix_sync(a, Qs + warp * 16 * LQ + kk, LQ);
+                wmma::load_matrix_sync(b, Ks + nf * 16 * LQ + kk, LQ);
+                wmma::mma_sync(s, a, b, s);
+            }
+            wmma::store_matrix_sync(Ss + warp * 16 * LS + nf * 16, s, LS, wmma::mem_row_major);
+        }
+        __syncwarp();
+
+        /* online softmax: two lanes per row, 32 columns each */
+        {
+            const int r = warp * 16 + (lane >> 1), c0 = (lane & 1) * 32;
+            const int qi = p.past + q0 + r;
+            const bool qok = q0 + r < p.t;
+            float *srow = Ss + r * LS;
+            float mx = -INFINITY;
+#pragma unroll 8
+            for (int cc = 0; cc < 32; cc++) {
+                int col = c0 + cc, j = k0 + col;
+                bool ok = qok && kval[col] && j <= qi;
+                float s = ok ? srow[col] * p.scale : -INFINITY;
+                srow[col] = s;
+                mx = fmaxf(mx, s);
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            const float mold = rm[r], lold = rl[r];
+            const float mnew = fmaxf(mold, mx);
+            float corr = 1.0f, sum = 0.0f;
+            T *prow = Ps + r * LP;
+            if (mnew == -INFINITY) {
+                for (int cc = 0; cc < 32; cc++) prow[c0 + cc] = cu_from_f32<T>(0.0f);
+            } else {
+                corr = mold == -INFINITY ? 0.0f : expf(mold - mnew);
+#pragma unroll 8
+                for (int cc = 0; cc < 32; cc++) {
+                    float s = srow[c0 + cc];
+                    float e = s == -INFINITY ? 0.0f : expf(s - mnew);
+                    sum += e;
+                    prow[c0 + cc] = cu_from_f32<T>(e);
+                }
+            }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            __syncwarp();
+            if ((lane & 1) == 0) {
+                rm[r] = mnew;
+                rl[r] = lold * corr + sum;
+                rc[r] = corr;
+            }
+        }
+        __syncwarp();
+        for (int e = lane; e < 16 * HD; e += 32) {
+            int r = warp * 16 + e / HD, d = e % HD;
+            Os[r * LO + d] *= rc[r];
+        }
+        __syncwarp();
+
+        /* O += P V */
+#pragma unroll
+        for (int df = 0; df < HD / 16; df++) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
+            wmma::load_matrix_sync(o, Os + warp * 16 * LO + df * 16, LO, wmma::mem_row_major);
+#pragma unroll
+            for (int kk = 0; kk < 64; kk += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+                wmma::load_matrix_sync(a, Ps + warp * 16 * LP + kk, LP);
+                wmma::load_matrix_sync(b, Vs + kk * LQ + df * 16, LQ);
+                wmma::mma_sync(o, a, b, o);
+            }
+            wmma::store_matrix_sync(Os + warp * 16 * LO + df * 16, o, LO, wmma::mem_row_major);
+        }
+        __syncwarp();
+    }
+    __syncthreads();
+    for (int e = tid; e < 64 * HD; e += 128) {
+        int r = e / HD, d = e % HD, i = q0 + r;
+        if (i < p.t) {
+            float L = rl[r];
+            float v = L > 0.0f ? Os[r * LO + d] * (1.0f / (L + p.eps)) : 0.0f;
+            p.out[((size_t)bb * p.t + i) * qrow + (size_t)h * HD + d] = v;
+        }
+    }
+}
+
+template <typename T, int HD>
+static xo_status launch_tc(CuCtx *c, const AttnP &p, int batch) {
+    const size_t bytes = TcLayout<T, HD>::bytes;
+    cudaError_t e = cudaFuncSetAttribute(k_attn_tc<T, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+    if (e != cudaSuccess) return cu_check(c, e, "attention (shared memory)");
+    dim3 grid((unsigned)((p.t + 63) / 64), (unsigned)p.nh, (unsigned)batch);
+    k_attn_tc<T, HD><<<grid, 128, bytes, c->stream>>>(p);
+    return cu_check_launch(c, "attention (tensor cores)");
+}
+
+template <typename T>
+static xo_status launch_tc_hd(CuCtx *c, const AttnP &p, int batch) {
+    switch (p.hd) {
+    case 16: return launch_tc<T, 16>(c, p, batch);
+    case 32: return launch_tc<T, 32>(c, p, batch);
+    case 64: return launch_tc<T, 64>(c, p, batch);
+    default: return launch_tc<T, 128>(c, p, batch);
+    }
+}
+
+/* ------------------------------------------------------------------ mma.sync tiles (f16) */
+
+/* Register-level flash attention (the FlashAttention-2 layout): each warp owns 16 query rows;
+ * S = Q K^T, the online softmax and O += P V stay in registers (mma.sync m16n8k16, f16
+ * operands, f32 accumulation); K and V tiles of 64 keys go through shared memory (V
+ * transposed). K16/V16 are float16 copies of the rotated keys and the values. f16 keeps 3 more
+ * mantissa bits than bf16 in Q, K, V and P. */
+
+__device__ __forceinline__ void mma16816(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *(uint32_t *)&h;
+}
+
+struct AttnP16 {
+    AttnP p;
+    const __half *K16, *V16; /* row of key (b, j): b * p.kcap + j, p.kvs halfs apart */
+};
+
+/* NW warps: NW * 16 queries per block share each K/V tile */
+template <int HD, int NW>
+/* head_dim <= 64: at most 128 registers, two 8-warp blocks per SM (a few more halve the occupancy) */
+__global__ __launch_bounds__(NW * 32, HD <= 64 ? 512 / (NW * 32) : 1) void k_attn_mma(AttnP16 a) {
+    const AttnP &p = a.p;
+    constexpr int LK = HD + 8, LV = 64 + 8;
+    __shared__ __align__(16) __half Ks[64 * LK];
+    __shared__ __align__(16) __half Vt[HD * LV];
+    __shared__ int kval[64];
+
+    /* the longest tiles (last queries: most keys) first: grid (heads, batch, query tiles) */
+    const int q0 = (gridDim.z - 1 - blockIdx.z) * (NW * 16), h = blockIdx.x, bb = blockIdx.y;
+    const int g = h / p.group;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int gr = lane >> 2, gc = (lane & 3) * 2; /* fragment row and column pair */
+    const int kv_len = p.past + p.t;
+    const size_t qrow = (size_t)p.nh * HD;
+    const int r0 = q0 + warp * 16; /* first query (index into the new tokens) of this warp */
+
+    /* Q fragments, kept for the whole kernel */
+    uint32_t qa[HD / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < HD / 16; ks++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int row = r0 + gr + ((e & 1) ? 8 : 0), col = ks * 16 + gc + ((e & 2) ? 8 : 0);
+            float x0 = 0.0f, x1 = 0.0f;
+            if (row < p.t) {
+                const float *src = p.q + ((size_t)bb * p.t + row) * qrow + (size_t)h * HD + col;
+                x0 = src[0];
+                x1 = src[1];
+            }
+            qa[ks][e] = pack_h2(x0, x1);
+        }
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < HD / 8; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    const int qi0 = p.past + r0 + gr, qi1 = qi0 + 8;          /* sequence indices of my two rows */
+    const bool ok0 = r0 + gr < p.t, ok1 = r0 + gr + 8 < p.t;
+
+    const int qlast = min(q0 + NW * 16, p.t) - 1;
+    const int kend = min(kv_len, p.past + qlast + 1);
+    for (int k0 = 0; k0 < kend; k0 += 64) {
+        __syncthreads();
+        for (int e = tid; e < 64 * (HD / 8); e += NW * 32) { /* K: a row's 16-byte pieces on neighbouring lanes */
+            const int r = e / (HD / 8), c8 = (e % (HD / 8)) * 8, j = k0 + r;
+            uint4 kv = make_uint4(0, 0, 0, 0);
+            if (j < kv_len) kv = *(const uint4 *)(a.K16 + ((size_t)bb * p.kcap + j) * p.kvs + (size_t)g * HD + c8);
+            *(uint4 *)(Ks + r * LK + c8) = kv;
+        }
+        for (int e = tid; e < 64 * (HD / 8); e += NW * 32) { /* V, transposed: neighbouring lanes on neighbouring keys */
+            const int r = e % 64, c8 = (e / 64) * 8, j = k0 + r;
+            uint4 vv = make_uint4(0, 0, 0, 0);
+            if (j < kv_len) vv = *(const uint4 *)(a.V16 + ((size_t)bb * p.kcap + j) * p.kvs + (size_t)g * HD + c8);
+            const __half *vh = (const __half *)&vv;
+#pragma unroll
+            for (int x = 0; x < 8; x++) Vt[(c8 + x) * LV + r] = vh[x];
+        }
+        if (tid < 64) {
+            const int j = k0 + tid;
+            kval[tid] = j < kv_len && p.mask[(size_t)bb * p.cap + j];
+        }
+        __syncthreads();
+
+        float sc[8][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+#pragma unroll
+            for (int ks = 0; ks < HD / 16; ks++) {
+                const __half *kp = Ks + (nt * 8 + gr) * LK + ks * 16 + gc;
+                mma16816(sc[nt], qa[ks], *(const uint32_t *)kp, *(const uint32_t *)(kp + 8));
+            }
+        }
+        /* mask, scale, row maxima (rows gr and gr + 8, shared by the 4 lanes of a quad) */
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int col = nt * 8 + gc + (e & 1), j = k0 + col;
+                const bool ok = (e < 2 ? (ok0 && j <= qi0) : (ok1 && j <= qi1)) && kval[col];
+                const float v = ok ? sc[nt][e] * p.scale : -INFINITY;
+                sc[nt][e] = v;
+                mx[e >> 1] = fmaxf(mx[e >> 1], v);
+            }
+        }
+        float corr[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            const float mnew = fmaxf(m[r], mx[r]);
+            corr[r] = mnew == -INFINITY ? 1.0f : (m[r] == -INFINITY ? 0.0f : expf(m[r] - mnew));
+            m[r] = mnew;
+        }
+        float rs[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float v = sc[nt][e];
+                const float pe = v == -INFINITY ? 0.0f : expf(v - m[e >> 1]);
+                sc[nt][e] = pe;
+                rs[e >> 1] += pe;
+            }
+        }
+        l[0] = l[0] * corr[0] + rs[0];
+        l[1] = l[1] * corr[1] + rs[1];
+#pragma unroll
+        for (int dt = 0; dt < HD / 8; dt++) {
+            o[dt][0] *= corr[0];
+            o[dt][1] *= corr[0];
+            o[dt][2] *= corr[1];
+            o[dt][3] *= corr[1];
+        }
+        /* O += P V: the S accumulators of key tiles 2kk, 2kk+1 are the A fragment of step kk */
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            uint32_t pa[4];
+            pa[0] = pack_h2(sc[2 * kk][0], sc[2 * kk][1]);
+            pa[1] = pack_h2(sc[2 * kk][2], sc[2 * kk][3]);
+            pa[2] = pack_h2(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+            pa[3] = pack_h2(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+#pragma unroll
+            for (int dt = 0; dt < HD / 8; dt++) {
+                const __half *vp = Vt + (dt * 8 + gr) * LV + kk * 16 + gc;
+                mma16816(o[dt], pa, *(const uint32_t *)vp, *(const uint32_t *)(vp + 8));
+            }
+        }
+    }
+    /* the row sums are split over the quad */
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    }
+    const float inv0 = l[0] > 0.0f ? 1.0f / (l[0] + p.eps) : 0.0f;
+    const float inv1 = l[1] > 0.0f ? 1.0f / (l[1] + p.eps) : 0.0f;
+    float *out0 = p.out + ((size_t)bb * p.t + r0 + gr) * qrow + (size_t)h * HD + gc;
+    float *out1 = out0 + 8 * qrow;
+#pragma unroll
+    for (int dt = 0; dt < HD / 8; dt++) {
+        if (ok0) *(float2 *)(out0 + dt * 8) = make_float2(o[dt][0] * inv0, o[dt][1] * inv0);
+        if (ok1) *(float2 *)(out1 + dt * 8) = make_float2(o[dt][2] * inv1, o[dt][3] * inv1);
+    }
+}
+
+template <int HD>
+static xo_status launch_mma(CuCtx *c, const AttnP16 &a, int batch) {
+    if (c->attn_q64) { /* 64 queries (4 warps) per block */
+        dim3 grid((unsigned)a.p.nh, (unsigned)batch, (unsigned)((a.p.t + 63) / 64));
+        k_attn_mma<HD, 4><<<grid, 128, 0, c->stream>>>(a);
+    } else {
+        dim3 grid((unsigned)a.p.nh, (unsigned)batch, (unsigned)((a.p.t + 127) / 128));
+        k_attn_mma<HD, 8><<<grid, 256, 0, c->stream>>>(a);
+    }
+    return cu_check_launch(c, "attention (mma)");
+}
+
+static xo_status launch_mma_hd(CuCtx *c, const AttnP16 &a, int batch) {
+    switch (a.p.hd) {
+    case 16: return launch_mma<16>(c, a, batch);
+    case 32: return launch_mma<32>(c, a, batch);
+    case 64: return launch_mma<64>(c, a, batch);
+    default: return launch_mma<128>(c, a, batch);
+    }
+}
+
+/* kv16[i, 0:W] = K[row i], kv16[i, W:2W] = V[row i] in float16, for the compact rows
+ * i = b * kv_len + j of arrays whose rows are b * cap + j */
+__global__ void k_kv_pack16(__half *kv16, const float *__restrict__ K, const float *__restrict__ V, size_t kstride,
+                            int kv_len, int cap, int W, size_t rows) {
+    const size_t total = rows * 2 * W;
+    for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < total; t += (size_t)gridDim.x * blockDim.x) {
+        const size_t i = t / (2 * W);
+        const int c = (int)(t - i * 2 * W);
+        const size_t src = ((i / kv_len) * cap + i % kv_len) * kstride;
+        kv16[t] = __float2half_rn(c < W ? K[src + c] : V[src + c - W]);
+    }
+}
+
+/* ------------------------------------------------------------------ entry */
+
+xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
+    CuCtx *c = cu_ctx(be);
+    const int t = a->new_tokens, nh = a->num_heads, nkv = a->num_kv_heads, hd = a->head_dim;
+    const int kv_len = a->past + t, rows = a->batch * t, B = a->batch;
+    if (rows <= 0) return XO_OK;
+    if (hd > 1024) return cu_fail(c, XO_EINVAL, "head_dim %d above the supported 1024", hd);
+    if (nkv <= 0 || nh % nkv) return cu_fail(c, XO_EINVAL, "num_heads %d is not a multiple of num_kv_heads %d", nh, nkv);
+    AttnP p;
+    p.t = t;
+    p.past = a->past;
+    p.past_dev = a->past_device;
+    p.nh = nh;
+    p.hd = hd;
+    p.cap = a->capacity;
+    p.group = nh / nkv;
+    p.q = a->q;
+    p.out = a->out;
+    p.mask = a->key_mask;
+    p.scale = a->scale;
+    p.eps = a->denom_eps;
+    p.kpos = NULL;
+    p.inv_freq = a->inv_freq;
+    p.mscale = a->mscale;
+    const xo_dtype wt = a->kv_b ? a->kv_b->dtype : XO_F32;
+    const int W = nkv * hd;
+    const size_t krows = (size_t)B * kv_len; /* compact key rows b * kv_len + j */
+
+    /* kernel choice: tensor cores for prefill of 16-bit models, the row-wise kernel otherwise */
+    const bool hd_ok = hd == 16 || hd == 32 || hd == 64 || hd == 128;
+    const bool tc = !c->attn_rows && !a->past_device && (wt == XO_BF16 || wt == XO_F16) && hd_ok && t >= 16;
+    const bool use_wmma = tc && c->attn_wmma;
+    const bool use_mma = tc && !c->attn_wmma;
+
+    /* scratch: f32 expanded [K | V] (latent), f16 copies (mma), split partials (row-wise) */
+    auto up = [](size_t b) { return (b + 255) & ~(size_t)255; };
+    const size_t b_exp = a->format == XO_CACHE_LATENT ? up(krows * 2 * W * sizeof(float)) : 0;
+    /* a 16-bit latent of the weights' type feeds the expansion GEMM as it is (rows gathered) */
+    const bool direct16 = a->format == XO_CACHE_LATENT && a->latent_dtype == wt && wt != XO_F32 && krows > 8;
+    const bool gather = a->format == XO_CACHE_LATENT && (B > 1 || (a->latent_dtype != XO_F32 && !direct16));
+    const size_t b_lat = gather ? up(krows * (size_t)a->rank * sizeof(float)) : 0;
+    const size_t b_16 = use_mma ? up(krows * 2 * W * sizeof(__half)) : 0;
+    int nsplit = 1;
+    if (!tc) { /* enough blocks to fill the GPU, each with at least 32 keys (two steps of its warps) */
+        const long blocks = (long)rows * nh, want = 8L * c->num_sms;
+        if (blocks < want) {
+            nsplit = (int)((want + blocks - 1) / blocks);
+            const int by_len = kv_len / 32 > 1 ? kv_len / 32 : 1;
+            if (nsplit > by_len) nsplit = by_len;
+            if (nsplit > 64) nsplit = 64;
+        }
+    }
+    /* the row-wise kernel rotates expanded keys as it loads them (lane pairs c, c + NC/2) */
+    const bool fuse_rope = !tc && a->format == XO_CACHE_LATENT && (hd == 64 || hd == 128 || hd == 256 || hd == 512 || hd == 1024);
+    const size_t b_part = nsplit > 1 ? up((size_t)rows * nh * nsplit * (hd + 2) * sizeof(float)) : 0;
+    char *blk = NULL;
+    if (b_exp + b_lat + b_16 + b_part) {
+        blk = (char *)cu_alloc_raw(c, b_exp + b_lat + b_16 + b_part);
+        if (!blk) return cu_fail(c, XO_ENOMEM, "out of GPU memory for attention scratch (%zu key rows)", krows);
+    }
+    float *kvbuf = (float *)blk, *lat = (float *)(blk + b_exp);
+    __half *kv16 = (__half *)(blk + b_exp + b_lat);
+    float *part = (float *)(blk + b_exp + b_lat + b_16);
+    xo_status rc = XO_OK;
+
+    if (a->format == XO_CACHE_LATENT) {
+        /* [K | V] = c @ Wkvb.T for the kv_len keys of each row (gathered compact), K rotated */
+        const float *src = (const float *)a->latent;
+        if (direct16) {
+            const void *x16 = a->latent;
+            int batched = 0;
+            if (B > 1) /* each row's slots straight from the cache, one strided-batch product */
+                batched = cu_matmul16_batched(c, kvbuf, a->latent, (long long)a->capacity * a->rank, a->kv_b, kv_len, B, &rc);
+            if (B > 1 && !batched) {
+                const size_t rb = (size_t)a->rank * 2;
+                rc = cu_check(c, cudaMemcpy2DAsync(lat, kv_len * rb, a->latent, (size_t)a->capacity * rb, kv_len * rb, (size_t)B,
+                                                   cudaMemcpyDeviceToDevice, c->stream), "attention (gather latents)");
+                x16 = lat;
+            }
+            if (rc == XO_OK && !batched) rc = cu_matmul16(c, kvbuf, x16, a->kv_b, (int)krows);
+        } else if (gather && a->latent_dtype != XO_F32) { /* widen a 16-bit latent while gathering */
+            rc = cu_gather_rows(c, lat, a->latent, a->latent_dtype, B, a->capacity, kv_len, a->rank);
+            src = lat;
+        } else if (gather) {
+            const size_t rb = (size_t)a->rank * sizeof(float);
+            rc = cu_check(c, cudaMemcpy2DAsync(lat, kv_len * rb, a->latent, (size_t)a->capacity * rb, kv_len * rb, (size_t)B,
+                                               cudaMemcpyDeviceToDevice, c->stream), "attention (gather latents)");
+            src = lat;
+        }
+        if (rc == XO_OK && !direct16) rc = cu_matmul(be, kvbuf, src, a->kv_b, (int)krows);
+        if (rc == XO_OK && !fuse_rope)
+            rc = cu_rope_rows(c, kvbuf, (size_t)2 * W, a->key_pos, (int)krows, nkv, hd, a->inv_freq, a->mscale, kv_len,
+                              a->capacity);
+        p.K = kvbuf;
+        p.V = kvbuf + W;
+        p.kvs = (size_t)2 * W;
+        p.kcap = kv_len;
+        if (fuse_rope) p.kpos = a->key_pos;
+    } else {
+        p.K = a->k;
+        p.V = a->v;
+        p.kvs = (size_t)W;
+        p.kcap = a->capacity;
+    }
+
+    if (rc == XO_OK && use_mma) {
+        const size_t n16 = krows * 2 * W;
+        unsigned nb = cu_blocks(n16, 256), cap = (unsigned)c->num_sms * 32;
+        k_kv_pack16<<<nb < cap ? nb : cap, 256, 0, c->stream>>>(kv16, p.K, p.V, p.kvs, kv_len, p.kcap, W, krows);
+        rc = cu_check_launch(c, "attention (f16 keys)");
+        AttnP16 a16;
+        a16.p = p;
+        a16.p.kcap = kv_len;
+        a16.p.kvs = (size_t)2 * W;
+        a16.K16 = kv16;
+        a16.V16 = kv16 + W;
+        if (rc == XO_OK) rc = launch_mma_hd(c, a16, B);
+    } else if (rc == XO_OK && use_wmma) {
+        rc = wt == XO_BF16 ? launch_tc_hd<__nv_bfloat16>(c, p, B) : launch_tc_hd<__half>(c, p, B);
+    } else if (rc == XO_OK) {
+        const int split_len = (kv_len + nsplit - 1) / nsplit;
+        if (hd <= 32) launch_rows<1>(c, p, rows, nsplit, split_len, part);
+        else if (hd <= 64) launch_rows<2>(c, p, rows, nsplit, split_len, part);
+        else if (hd <= 128) launch_rows<4>(c, p, rows, nsplit, split_len, part);
+        else if (hd <= 256) launch_rows<8>(c, p, rows, nsplit, split_len, part);
+        else if (hd <= 512) launch_rows<16>(c, p, rows, nsplit, split_len, part);
+        else launch_rows<32>(c, p, rows, nsplit, split_len, part);
+        rc = cu_check_launch(c, "attention");
+        if (rc == XO_OK && nsplit > 1) {
+            cu_launch(c, k_attn_merge, dim3((unsigned)rows, (unsigned)nh), hd >= 128 ? 128 : 64, 0, p, nsplit, part);
+            rc = cu_check_launch(c, "attention (merge)");
+        }
+    }
+    cu_free(c, blk);
+    return rc;
+}

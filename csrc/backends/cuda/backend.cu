@@ -1,0 +1,350 @@
+/* The CUDA backend: the plugin's entry point, memory, weights and the kernel table. */
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backends/cuda/common.h"
+
+xo_status cu_fail(CuCtx *c, xo_status code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->err, sizeof c->err, fmt, ap);
+    va_end(ap);
+    /* The plugin cannot reach the engine's per-thread error message, so say it here. */
+    fprintf(stderr, "xoron cuda: %s\n", c->err);
+    return code;
+}
+
+xo_status cu_check(CuCtx *c, cudaError_t e, const char *what) {
+    if (e == cudaSuccess) return XO_OK;
+    cudaGetLastError(); /* clear a non-sticky error */
+    if (e == cudaErrorMemoryAllocation)
+        return cu_fail(c, XO_ENOMEM, "%s: out of GPU memory", what);
+    return cu_fail(c, XO_EDEVICE, "%s: %s", what, cudaGetErrorString(e));
+}
+
+xo_status cu_check_launch(CuCtx *c, const char *what) { return cu_check(c, cudaGetLastError(), what); }
+
+void *cu_alloc_raw(CuCtx *c, size_t bytes) {
+    if (bytes == 0) bytes = 16;
+    bytes = (bytes + 255) & ~(size_t)255;
+    void *p = NULL;
+    if (cudaMallocAsync(&p, bytes, c->stream) != cudaSuccess) {
+        cudaGetLastError();
+        return NULL;
+    }
+    return p;
+}
+
+void *cu_alloc(CuCtx *c, size_t bytes) {
+    void *p = cu_alloc_raw(c, bytes);
+    if (!p) return NULL;
+    if (cudaMemsetAsync(p, 0, bytes ? bytes : 16, c->stream) != cudaSuccess) {
+        cudaGetLastError();
+        cudaFreeAsync(p, c->stream);
+        return NULL;
+    }
+    return p;
+}
+
+void cu_free(CuCtx *c, void *p) {
+    if (p) cudaFreeAsync(p, c->stream);
+}
+
+xo_status cu_act16_reserve(CuCtx *c, size_t bytes) {
+    if (bytes <= c->act16_bytes) return XO_OK;
+    size_t want = bytes + bytes / 4;
+    void *p = NULL;
+    if (cudaMallocAsync(&p, want, c->stream) != cudaSuccess) {
+        cudaGetLastError();
+        return cu_fail(c, XO_ENOMEM, "out of GPU memory for %zu bytes of GEMM scratch", want);
+    }
+    cu_free(c, c->act16);
+    c->act16 = p;
+    c->act16_bytes = want;
+    return XO_OK;
+}
+
+#define SETDEV(c) cudaSetDevice((c)->device)
+
+static void *be_alloc(xo_backend *be, size_t bytes) {
+    CuCtx *c = cu_ctx(be);
+    SETDEV(c);
+    return cu_alloc(c, bytes);
+}
+
+static void be_release(xo_backend *be, void *p) {
+    CuCtx *c = cu_ctx(be);
+    if (!p) return;
+    SETDEV(c);
+    cu_free(c, p);
+}
+
+static void be_release_shared(xo_backend *be, void *p) {
+    CuCtx *c = cu_ctx(be);
+    if (!p) return;
+    SETDEV(c);
+    cudaDeviceSynchronize(); /* torch may have queued work on its own streams that reads p */
+    cu_free(c, p);
+}
+
+static xo_status be_upload(xo_backend *be, void *dst, const void *host, size_t bytes) {
+    CuCtx *c = cu_ctx(be);
+    if (!bytes) return XO_OK;
+    SETDEV(c);
+    /* Pageable host memory is staged before this returns, so the caller may reuse it. */
+    CU_TRY(c, cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, c->stream), "upload");
+    return XO_OK;
+}
+
+static xo_status be_download(xo_backend *be, void *host, const void *src, size_t bytes) {
+    CuCtx *c = cu_ctx(be);
+    if (!bytes) return XO_OK;
+    SETDEV(c);
+    CU_TRY(c, cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, c->stream), "download");
+    CU_TRY(c, cudaStreamSynchronize(c->stream), "download (synchronize)");
+    return XO_OK;
+}
+
+static xo_status be_copy(xo_backend *be, void *dst, const void *src, size_t bytes) {
+    CuCtx *c = cu_ctx(be);
+    if (!bytes) return XO_OK;
+    SETDEV(c);
+    CU_TRY(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, c->stream), "copy");
+    return XO_OK;
+}
+
+static xo_status be_sync(xo_backend *be) {
+    CuCtx *c = cu_ctx(be);
+    SETDEV(c);
+    CU_TRY(c, cudaStreamSynchronize(c->stream), "synchronize");
+    return cu_check_launch(c, "synchronize");
+}
+
+/* ---- weights ---- */
+
+static xo_status be_linear_init(xo_backend *be, xo_linear *w, const void *host, xo_dtype src_t, int row_offset, int rows) {
+    CuCtx *c = cu_ctx(be);
+    SETDEV(c);
+    if (w->dtype != XO_F32 && w->dtype != XO_BF16 && w->dtype != XO_F16)
+        return cu_fail(c, XO_EUNSUPPORTED, "CUDA weight storage %s is not supported (use float32, bfloat16 or float16)",
+                       w->dtype == XO_I8 ? "int8" : "of this dtype");
+    if (src_t != XO_F32 && src_t != XO_BF16 && src_t != XO_F16)
+        return cu_fail(c, XO_EUNSUPPORTED, "CUDA: cannot load weights of dtype %d", (int)src_t);
+    if (row_offset < 0 || rows < 0 || row_offset + rows > w->out)
+        return cu_fail(c, XO_EINVAL, "linear_init: rows [%d, %d) outside a %d-row matrix", row_offset, row_offset + rows, w->out);
+    const size_t es = cu_dtype_size(w->dtype), row_elems = (size_t)w->in;
+    /* rows rounded up to 8 (zeros): cuBLASLt then runs the product on aligned row counts */
+    if (!w->data && !(w->data = cu_alloc(c, (size_t)cu_padded_rows(w->out) * row_elems * es)))
+        return cu_fail(c, XO_ENOMEM, "out of GPU memory for a [%d, %d] weight", w->out, w->in);
+    const size_t n = (size_t)rows * row_elems;
+    if (!n) return XO_OK;
+    char *dst = (char *)w->data + (size_t)row_offset * row_elems * es;
+    if (src_t == w->dtype) {
+        CU_TRY(c, cudaMemcpyAsync(dst, host, n * es, cudaMemcpyHostToDevice, c->stream), "weight upload");
+        return XO_OK;
+    }
+    /* Upload the source bytes, convert on the device (round to nearest even). Weights
+     * are loaded in pieces of at most 64M elements to bound the staging buffer. */
+    const size_t ss = cu_dtype_size(src_t), piece = (size_t)64 << 20;
+    void *tmp = cu_alloc(c, (n < piece ? n : piece) * ss);
+    if (!tmp) return cu_fail(c, XO_ENOMEM, "out of GPU memory staging a weight");
+    xo_status rc = XO_OK;
+    for (size_t off = 0; off < n && rc == XO_OK; off += piece) {
+        size_t cnt = n - off < piece ? n - off : piece;
+        cudaError_t e = cudaMemcpyAsync(tmp, (const char *)host + off * ss, cnt * ss, cudaMemcpyHostToDevice, c->stream);
+        if (e != cudaSuccess) { rc = cu_check(c, e, "weight upload"); break; }
+        rc = cu_convert(c, dst + off * es, w->dtype, tmp, src_t, cnt);
+    }
+    cu_free(c, tmp);
+    return rc;
+}
+
+static void be_linear_free(xo_backend *be, xo_linear *w) {
+    CuCtx *c = cu_ctx(be);
+    SETDEV(c);
+    cu_free(c, w->data);
+    cu_free(c, w->scales);
+    w->data = NULL;
+    w->scales = NULL;
+}
+
+static xo_status be_linear_to_host(xo_backend *be, const xo_linear *w, float *host) {
+    CuCtx *c = cu_ctx(be);
+    SETDEV(c);
+    const size_t n = (size_t)w->out * w->in;
+    if (!n) return XO_OK;
+    if (w->dtype == XO_F32) return be_download(be, host, w->data, n * sizeof(float));
+    float *tmp = (float *)cu_alloc(c, n * sizeof(float));
+    if (!tmp) return cu_fail(c, XO_ENOMEM, "out of GPU memory reading a weight back");
+    xo_status rc = cu_convert(c, tmp, XO_F32, w->data, w->dtype, n);
+    if (rc == XO_OK) rc = be_download(be, host, tmp, n * sizeof(float));
+    cu_free(c, tmp);
+    return rc;
+}
+
+static void be_destroy(xo_backend *be) {
+    if (!be) return;
+    CuCtx *c = cu_ctx(be);
+    if (c) {
+        SETDEV(c);
+        cudaStreamSynchronize(c->stream);
+        cu_free(c, c->act16);
+        if (c->lt) cu_lt_destroy(c->lt);
+        cudaStreamSynchronize(c->stream);
+        cudaStreamDestroy(c->stream);
+        cudaMemPoolTrimTo(c->pool, 0);
+        cudaGetLastError();
+        free(c);
+    }
+    free(be);
+}
+
+/* Wrappers that select the device (the table may be called from any host thread). */
+#define WRAP(name, sig, args)                \
+    static xo_status w_##name sig {          \
+        SETDEV(cu_ctx(be));                  \
+        return cu_##name args;               \
+    }
+WRAP(matmul, (xo_backend *be, float *y, const float *x, const xo_linear *w, int m), (be, y, x, w, m))
+WRAP(rmsnorm, (xo_backend *be, float *y, const float *x, int xs, const float *w, int n, int d, float eps), (be, y, x, xs, w, n, d, eps))
+WRAP(add_rmsnorm, (xo_backend *be, float *h, const float *x, float *y, const float *w, int n, int d, float eps),
+     (be, h, x, y, w, n, d, eps))
+WRAP(rope, (xo_backend *be, float *x, size_t rs, const int32_t *pos, int n, int heads, int hd, const float *f, float ms),
+     (be, x, rs, pos, n, heads, hd, f, ms))
+WRAP(load_ids, (xo_backend *be, int32_t *dst, const void *src, int wide, size_t n, int vocab, uint64_t *bad),
+     (be, dst, src, wide, n, vocab, bad))
+WRAP(embed, (xo_backend *be, float *h, const xo_linear *t, const int32_t *ids, int n), (be, h, t, ids, n))
+WRAP(add, (xo_backend *be, float *y, const float *x, size_t n), (be, y, x, n))
+WRAP(gate_up_swiglu, (xo_backend *be, float *act, const float *x, float *gu, const xo_linear *w, int m), (be, act, x, gu, w, m))
+WRAP(swiglu, (xo_backend *be, float *y, const float *gu, int n, int inter), (be, y, gu, n, inter))
+WRAP(moe_route, (xo_backend *be, int32_t *idx, float *wt, const float *lg, int n, int e, int k), (be, idx, wt, lg, n, e, k))
+WRAP(moe_router, (xo_backend *be, int32_t *idx, float *wt, const float *x, const float *nw, const xo_linear *r, int n, int k),
+     (be, idx, wt, x, nw, r, n, k))
+WRAP(moe_experts, (xo_backend *be, const xo_moe_args *a), (be, a))
+WRAP(attention, (xo_backend *be, const xo_attention_args *a), (be, a))
+WRAP(cache_write, (xo_backend *be, void *cache, xo_dtype ct, int cap, int width, int start, const int32_t *sd, const float *src,
+                   int b, int n, int ss),
+     (be, cache, ct, cap, width, start, sd, src, b, n, ss))
+WRAP(argmax_rows, (xo_backend *be, int32_t *out, const float *logits, int rows, int cols), (be, out, logits, rows, cols))
+WRAP(sample_rows, (xo_backend *be, int32_t *out, const float *logits, int rows, int cols, float temp, int top_k, float top_p,
+                   uint64_t seed, uint64_t step, const int32_t *sd),
+     (be, out, logits, rows, cols, temp, top_k, top_p, seed, step, sd))
+WRAP(decode_begin, (xo_backend *be, const xo_decode_state *st), (be, st))
+WRAP(decode_end, (xo_backend *be, const xo_decode_state *st), (be, st))
+WRAP(suppress_tokens, (xo_backend *be, float *lg, int rows, int cols, const int32_t *ids, int n, const int32_t *sd, int below),
+     (be, lg, rows, cols, ids, n, sd, below))
+WRAP(capture_begin, (xo_backend *be), (be))
+WRAP(capture_end, (xo_backend *be, void **graph), (be, graph))
+WRAP(graph_launch, (xo_backend *be, void *graph), (be, graph))
+static void w_graph_free(xo_backend *be, void *graph) {
+    SETDEV(cu_ctx(be));
+    cu_graph_free(be, graph);
+}
+
+extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_create(xo_backend **out, int device, char *err,
+                                                                                   size_t err_len) {
+    int count = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess || count == 0) {
+        snprintf(err, err_len, "device 'cuda:%d' is not available: %s", device,
+                 e != cudaSuccess ? cudaGetErrorString(e) : "no CUDA device is visible");
+        cudaGetLastError();
+        return XO_EUNSUPPORTED;
+    }
+    if (device < 0 || device >= count) {
+        snprintf(err, err_len, "device 'cuda:%d' does not exist: %d CUDA device%s visible (cuda:0%s)", device, count,
+                 count == 1 ? " is" : "s are", count > 1 ? " .. cuda:N-1" : "");
+        return XO_EINVAL;
+    }
+    CuCtx *c = (CuCtx *)calloc(1, sizeof *c);
+    xo_backend *be = (xo_backend *)calloc(1, sizeof *be);
+    if (!c || !be) {
+        free(c);
+        free(be);
+        snprintf(err, err_len, "out of memory");
+        return XO_ENOMEM;
+    }
+    c->device = device;
+    const char *v = getenv("XORON_CUDA_VERBOSE");
+    c->verbose = v && *v && *v != '0';
+    const char *mm = getenv("XORON_CUDA_MOE");
+    c->moe_host = mm && !strcmp(mm, "host");
+    const char *am = getenv("XORON_CUDA_ATTN");
+    c->attn_rows = am && !strcmp(am, "rows");
+    c->attn_wmma = am && !strcmp(am, "wmma");
+    c->attn_q64 = am && !strcmp(am, "q64");
+    const char *gm = getenv("XORON_CUDA_GEMM");
+    c->gemm_v1 = gm && !strcmp(gm, "v1");
+    const char *pd = getenv("XORON_CUDA_PDL");
+    int major = 0;
+    if ((e = cudaSetDevice(device)) != cudaSuccess ||
+        (e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device)) != cudaSuccess ||
+        (e = cudaDeviceGetAttribute(&c->num_sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess ||
+        (e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) != cudaSuccess ||
+        (e = cudaDeviceGetDefaultMemPool(&c->pool, device)) != cudaSuccess) {
+        snprintf(err, err_len, "device 'cuda:%d': %s", device, cudaGetErrorString(e));
+        cudaGetLastError();
+        free(c);
+        free(be);
+        return XO_EDEVICE;
+    }
+    if (major < 8) {
+        snprintf(err, err_len, "device 'cuda:%d' has compute capability %d.x; xoron needs 8.0 or newer", device, major);
+        cudaStreamDestroy(c->stream);
+        free(c);
+        free(be);
+        return XO_EUNSUPPORTED;
+    }
+    c->pdl = major >= 9 && !(pd && !strcmp(pd, "0"));
+    /* Keep freed blocks in the pool: the graph allocates its scratch on every call. */
+    uint64_t keep = UINT64_MAX;
+    cudaMemPoolSetAttribute(c->pool, cudaMemPoolAttrReleaseThreshold, &keep);
+    c->lt = cu_lt_create(c);
+    if (!c->lt && c->verbose) fprintf(stderr, "xoron cuda: cuBLASLt not found; using the built-in GEMM kernels\n");
+
+    be->name = "cuda";
+    be->ctx = c;
+    be->alloc = be_alloc;
+    be->release = be_release;
+    be->release_shared = be_release_shared;
+    be->device_index = device;
+    be->upload = be_upload;
+    be->download = be_download;
+    be->copy = be_copy;
+    be->synchronize = be_sync;
+    be->linear_init = be_linear_init;
+    be->linear_free = be_linear_free;
+    be->linear_to_host = be_linear_to_host;
+    be->matmul = w_matmul;
+    be->rmsnorm = w_rmsnorm;
+    be->add_rmsnorm = w_add_rmsnorm;
+    be->rope = w_rope;
+    be->embed = w_embed;
+    be->load_ids = w_load_ids;
+    be->native_stream = c->stream;
+    be->add = w_add;
+    be->swiglu = w_swiglu;
+    be->gate_up_swiglu = w_gate_up_swiglu;
+    be->moe_route = w_moe_route;
+    be->moe_experts = w_moe_experts;
+    be->moe_router = w_moe_router;
+    be->attention = w_attention;
+    be->cache_write = w_cache_write;
+    be->argmax_rows = w_argmax_rows;
+    be->sample_rows = w_sample_rows;
+    be->decode_begin = w_decode_begin;
+    be->decode_end = w_decode_end;
+    be->suppress_tokens = w_suppress_tokens;
+    if (!(getenv("XORON_CUDA_GRAPHS") && !strcmp(getenv("XORON_CUDA_GRAPHS"), "0"))) {
+        be->capture_begin = w_capture_begin;
+        be->capture_end = w_capture_end;
+        be->graph_launch = w_graph_launch;
+        be->graph_free = w_graph_free;
+    }
+    be->destroy = be_destroy;
+    *out = be;
+    return XO_OK;
+}

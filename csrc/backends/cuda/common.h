@@ -1,0 +1,216 @@
+/* Shared pieces of the CUDA backend (the plugin xoron/_xoron_cuda.so). Activations are
+ * float32 as the kernel table says; weights live in the linear's dtype (F32, BF16, F16).
+ * Everything runs on the backend's one stream; memory comes from the device's
+ * stream-ordered pool (cudaMallocAsync), so the graph's per-call scratch is cheap. */
+#ifndef XO_CU_COMMON_H
+#define XO_CU_COMMON_H
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <utility>
+
+extern "C" {
+#include "backends/backend.h"
+}
+
+struct XoLt;  /* cuBLASLt state, backends/cuda/gemm.cu */
+
+struct CuCtx {
+    int device;
+    int num_sms;
+    cudaStream_t stream;
+    cudaMemPool_t pool;
+    XoLt *lt;             /* NULL: cuBLASLt unavailable, the built-in GEMM kernels are used */
+    void *act16;          /* scratch: activations converted to 16-bit for the GEMMs */
+    size_t act16_bytes;
+    int moe_host;         /* XORON_CUDA_MOE=host: per-expert GEMMs sized from host-read counts */
+    int attn_rows;        /* XORON_CUDA_ATTN=rows: never the tensor-core attention kernels */
+    int attn_wmma;        /* XORON_CUDA_ATTN=wmma: the WMMA prefill kernel instead of the mma.sync one */
+    int attn_q64;         /* XORON_CUDA_ATTN=q64: the mma.sync kernel with 64 queries a block instead of 128 */
+    int gemm_v1;          /* XORON_CUDA_GEMM=v1: the 64-row grouped MoE GEMM instead of the 128-row one */
+    int pdl;              /* programmatic dependent launch (compute capability 9.0+; XORON_CUDA_PDL=0: off) */
+    int verbose;
+    char err[512];
+};
+
+static inline CuCtx *cu_ctx(xo_backend *be) { return (CuCtx *)be->ctx; }
+
+/* Records a failure message (also printed to stderr once per kind) and returns code. */
+xo_status cu_fail(CuCtx *c, xo_status code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* XO_OK, or XO_EDEVICE with the pending CUDA error recorded. */
+xo_status cu_check(CuCtx *c, cudaError_t e, const char *what);
+xo_status cu_check_launch(CuCtx *c, const char *what);
+
+#define CU_TRY(c, call, what)                                  \
+    do {                                                       \
+        cudaError_t cu_e_ = (call);                            \
+        if (cu_e_ != cudaSuccess) return cu_check((c), cu_e_, (what)); \
+    } while (0)
+
+/* stream-ordered device memory, zero-filled (cu_alloc) or not (cu_alloc_raw) */
+void *cu_alloc(CuCtx *c, size_t bytes);
+void *cu_alloc_raw(CuCtx *c, size_t bytes);
+void cu_free(CuCtx *c, void *p);
+/* grows ctx->act16 to at least `bytes` */
+xo_status cu_act16_reserve(CuCtx *c, size_t bytes);
+
+/* weight storage holds this many rows (the extra ones zero) */
+static inline int cu_padded_rows(int out) { return (out + 7) & ~7; }
+
+static inline size_t cu_dtype_size(xo_dtype t) {
+    return t == XO_F32 ? 4 : (t == XO_BF16 || t == XO_F16) ? 2 : t == XO_I8 ? 1 : 0;
+}
+
+/* ---- device conversion helpers ---- */
+__device__ __forceinline__ float cu_ld(const float *p, size_t i) { return p[i]; }
+__device__ __forceinline__ float cu_ld(const __nv_bfloat16 *p, size_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ float cu_ld(const __half *p, size_t i) { return __half2float(p[i]); }
+__device__ __forceinline__ void cu_st(float *p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void cu_st(__nv_bfloat16 *p, size_t i, float v) { p[i] = __float2bfloat16(v); }
+__device__ __forceinline__ void cu_st(__half *p, size_t i, float v) { p[i] = __float2half(v); }
+template <typename T> __device__ __forceinline__ T cu_from_f32(float v);
+template <> __device__ __forceinline__ float cu_from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 cu_from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half cu_from_f32<__half>(float v) { return __float2half(v); }
+
+/* eight consecutive elements widened to float (16-byte aligned loads) */
+__device__ __forceinline__ void load8(const float *p, float *v) {
+    float4 a = ((const float4 *)p)[0], b = ((const float4 *)p)[1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16 *p, float *v) {
+    uint4 r = *(const uint4 *)p;
+    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&r;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 f = __bfloat1622float2(h[i]);
+        v[2 * i] = f.x;
+        v[2 * i + 1] = f.y;
+    }
+}
+__device__ __forceinline__ void load8(const __half *p, float *v) {
+    uint4 r = *(const uint4 *)p;
+    const __half2 *h = (const __half2 *)&r;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 f = __half22float2(h[i]);
+        v[2 * i] = f.x;
+        v[2 * i + 1] = f.y;
+    }
+}
+
+/* Programmatic dependent launch (Hopper): a small kernel started by cu_launch may begin while
+ * the kernel before it drains, so its launch and prologue overlap that tail (decode steps are
+ * chains of such kernels; large grids gain nothing and are launched plainly). Every kernel
+ * starts with CU_PDL_ENTRY (or prefetches constant data, then CU_PDL_ENTRY): the wait, in
+ * every block before any return, holds it until the earlier work is complete and visible. */
+__device__ __forceinline__ void cu_pdl_entry() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+#define CU_PDL_ENTRY() cu_pdl_entry()
+
+/* L2 prefetch of data no earlier kernel writes (weights), before CU_PDL_ENTRY */
+__device__ __forceinline__ void cu_prefetch_l2(const void *p) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#endif
+}
+
+template <typename... KArgs, typename... Args>
+static inline void cu_launch(CuCtx *c, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args &&...args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = c->stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
+    cfg.numAttrs = c->pdl && blocks <= 8ull * (unsigned)c->num_sms ? 1 : 0;
+    cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...); /* errors: cu_check_launch */
+}
+
+static inline unsigned cu_blocks(size_t n, unsigned threads) {
+    size_t b = (n + threads - 1) / threads;
+    return (unsigned)(b > 0x7fffffff ? 0x7fffffff : (b ? b : 1));
+}
+
+/* ---- entry points, one concern per file ---- */
+/* backends/cuda/gemm.cu */
+XoLt *cu_lt_create(CuCtx *c);
+void cu_lt_destroy(XoLt *lt);
+xo_status cu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w, int m);
+xo_status cu_gate_up_swiglu(xo_backend *be, float *act, const float *x, float *gu, const xo_linear *w, int m);
+/* y[m, out] = x16[m, k] @ W.T with x already 16-bit (the dtype of w) */
+xo_status cu_matmul16(CuCtx *c, float *y, const void *x16, const xo_linear *w, int m);
+/* batch products of m rows each, y[b] = x16[b] @ W.T, x16 batches x_stride elements apart, y compact;
+ * returns 0 when cuBLASLt cannot (the caller does it another way), else 1 with *rc set */
+int cu_matmul16_batched(CuCtx *c, float *y, const void *x16, long long x_stride, const xo_linear *w, int m, int batch,
+                        xo_status *rc);
+/* f32 -> 16-bit conversion of n values (dtype t: XO_BF16 or XO_F16) */
+xo_status cu_convert_act(CuCtx *c, void *dst, const float *src, size_t n, xo_dtype t);
+
+/* grouped products for the MoE (backends/cuda/gemm.cu) */
+enum { CU_MAX_GROUPS = 128 };
+struct CuGroupPtrs { const void *p[CU_MAX_GROUPS]; };
+/* Y[rows of group g] = X[rows of group g] @ W_g.T; offsets/tile_start device [G+1] */
+/* bm: the row tile tile_start was counted in, 128 (the default kernel) or CU_GEMM_BM = 64 (XORON_CUDA_GEMM=v1) */
+xo_status cu_grouped_gemm16(CuCtx *c, float *y, const void *x16, const CuGroupPtrs *w, xo_dtype t, int out, int k,
+                            const int *offsets, const int *tile_start, int groups, int max_tiles, int bm);
+/* skinny version for few rows per group: f32 inputs, any weight dtype; offsets device [G+1] */
+xo_status cu_grouped_skinny(CuCtx *c, float *y, const float *x, const CuGroupPtrs *w, xo_dtype t, int out, int k,
+                            const int *offsets, int groups);
+enum { CU_GEMM_BM = 64 };
+
+/* backends/cuda/elementwise.cu */
+xo_status cu_rmsnorm(xo_backend *be, float *y, const float *x, int x_stride, const float *w, int n, int d, float eps);
+xo_status cu_add_rmsnorm(xo_backend *be, float *h, const float *x, float *y, const float *w, int n, int d, float eps);
+xo_status cu_rope(xo_backend *be, float *x, size_t row_stride, const int32_t *pos, int n, int heads, int hd,
+                  const float *inv_freq, float mscale);
+/* rows of x are row_stride floats apart; row i takes position pos[(i / rpb) * pcap + i % rpb] */
+xo_status cu_rope_rows(CuCtx *c, float *x, size_t row_stride, const int32_t *pos, int n, int heads, int hd,
+                       const float *inv_freq, float mscale, int rpb, int pcap);
+xo_status cu_load_ids(xo_backend *be, int32_t *dst, const void *src, int wide, size_t n, int vocab, uint64_t *bad);
+xo_status cu_embed(xo_backend *be, float *h, const xo_linear *table, const int32_t *ids, int n);
+xo_status cu_add(xo_backend *be, float *y, const float *x, size_t n);
+xo_status cu_swiglu(xo_backend *be, float *y, const float *gu, int n, int inter);
+xo_status cu_cache_write(xo_backend *be, void *cache, xo_dtype cache_t, int capacity, int width, int start,
+                         const int32_t *start_dev, const float *src, int batch, int n, int src_stride);
+/* dst [batch * len, width] f32 <- slots [r, 0 .. len) of a [batch, capacity, width] array of dtype t */
+xo_status cu_gather_rows(CuCtx *c, float *dst, const void *src, xo_dtype t, int batch, int capacity, int len, int width);
+xo_status cu_argmax_rows(xo_backend *be, int32_t *out, const float *logits, int rows, int cols);
+xo_status cu_convert(CuCtx *c, void *dst, xo_dtype dt, const void *src, xo_dtype st, size_t n);
+
+/* backends/cuda/sample.cu */
+xo_status cu_sample_rows(xo_backend *be, int32_t *out, const float *logits, int rows, int cols, float temperature,
+                         int top_k, float top_p, uint64_t seed, uint64_t step, const int32_t *step_dev);
+
+/* backends/cuda/decode.cu: decode-session bookkeeping and step graphs */
+xo_status cu_decode_begin(xo_backend *be, const xo_decode_state *st);
+xo_status cu_decode_end(xo_backend *be, const xo_decode_state *st);
+xo_status cu_suppress_tokens(xo_backend *be, float *logits, int rows, int cols, const int32_t *ids, int n,
+                             const int32_t *step_dev, int below);
+xo_status cu_capture_begin(xo_backend *be);
+xo_status cu_capture_end(xo_backend *be, void **graph);
+xo_status cu_graph_launch(xo_backend *be, void *graph);
+void cu_graph_free(xo_backend *be, void *graph);
+
+/* backends/cuda/moe.cu */
+xo_status cu_moe_router(xo_backend *be, int32_t *idx, float *weight, const float *x, const float *norm_w,
+                        const xo_linear *router, int n, int k);
+xo_status cu_moe_route(xo_backend *be, int32_t *idx, float *weight, const float *logits, int n, int experts, int k);
+xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a);
+
+/* backends/cuda/attention.cu */
+xo_status cu_attention(xo_backend *be, const xo_attention_args *a);
+
+#endif

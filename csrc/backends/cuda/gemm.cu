@@ -1,0 +1,783 @@
+/* Matrix products y[m, out] = x[m, in] @ W.T.
+ *
+ * - cuBLASLt (loaded with dlopen, so neither its headers nor its import library are
+ *   needed to build, and a missing library falls back to the kernels below):
+ *   16-bit weights: x converted to the weight's type, GEMM with fp32 accumulation and fp32
+ *   output; float32 weights: pure fp32 GEMM (CUBLAS_COMPUTE_32F, no TF32).
+ * - a "skinny" kernel for a few rows (decode): one warp per output row, the weight row
+ *   streamed once with 16-byte loads for up to 8 activation rows at a time.
+ * - grouped products for the MoE, driven by device-side group offsets (no host round trip):
+ *   a WMMA tensor-core kernel (16-bit) and the skinny kernel per group.
+ * - a plain tiled fp32 kernel as the last resort when cuBLASLt is missing. */
+#include <dlfcn.h>
+#include <mma.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backends/cuda/common.h"
+
+using namespace nvcuda;
+
+/* ------------------------------------------------------------------ cuBLASLt, by hand */
+
+typedef int lt_status;
+typedef struct {
+    uint64_t data[8];
+} lt_algo;
+typedef struct {
+    lt_algo algo;
+    size_t workspaceSize;
+    int state;
+    float wavesCount;
+    int reserved[4];
+} lt_heur;
+
+enum {
+    LT_COMPUTE_32F = 68,         /* CUBLAS_COMPUTE_32F */
+    LT_DESC_TRANSA = 3,          /* CUBLASLT_MATMUL_DESC_TRANSA */
+    LT_DESC_TRANSB = 4,          /* CUBLASLT_MATMUL_DESC_TRANSB */
+    LT_PREF_MAX_WORKSPACE = 1,   /* CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES */
+    LT_PREF_MIN_ALIGN_A = 5,     /* CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_{A,B,C,D}_BYTES = 5..8 */
+    LT_LAYOUT_BATCH_COUNT = 5,   /* CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT */
+    LT_LAYOUT_BATCH_STRIDE = 6,  /* CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET */
+    LT_OP_N = 0,
+    LT_OP_T = 1,
+};
+
+struct LtApi {
+    lt_status (*create)(void **);
+    lt_status (*destroy)(void *);
+    lt_status (*desc_create)(void **, int, int);
+    lt_status (*desc_destroy)(void *);
+    lt_status (*desc_set)(void *, int, const void *, size_t);
+    lt_status (*layout_create)(void **, int, uint64_t, uint64_t, int64_t);
+    lt_status (*layout_destroy)(void *);
+    lt_status (*layout_set)(void *, int, const void *, size_t); /* optional: strided batches */
+    lt_status (*pref_create)(void **);
+    lt_status (*pref_destroy)(void *);
+    lt_status (*pref_set)(void *, int, const void *, size_t);
+    lt_status (*heuristic)(void *, void *, void *, void *, void *, void *, void *, int, lt_heur *, int *);
+    lt_status (*matmul)(void *, void *, const void *, const void *, void *, const void *, void *, const void *, const void *,
+                        void *, void *, void *, const lt_algo *, void *, size_t, cudaStream_t);
+};
+
+static LtApi g_lt;
+static int g_lt_ok = -1;
+static pthread_mutex_t g_lt_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void *lt_open(void) {
+    const char *env = getenv("XORON_CUBLASLT");
+    if (env && *env) {
+        void *h = dlopen(env, RTLD_NOW | RTLD_LOCAL);
+        if (h) return h;
+    }
+    const char *names[] = { "libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so" };
+    for (const char *n : names) {
+        void *h = dlopen(n, RTLD_NOW | RTLD_LOCAL);
+        if (h) return h;
+    }
+    /* beside the CUDA runtime we were linked with */
+    Dl_info info;
+    if (dladdr((void *)&cudaGetDeviceCount, &info) && info.dli_fname) {
+        char dir[4096];
+        snprintf(dir, sizeof dir, "%s", info.dli_fname);
+        char *slash = strrchr(dir, '/');
+        if (slash) {
+            *slash = 0;
+            for (const char *n : names) {
+                char path[4200];
+                snprintf(path, sizeof path, "%s/%s", dir, n);
+                void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+                if (h) return h;
+            }
+        }
+    }
+    return NULL;
+}
+
+static int lt_load(void) {
+    pthread_mutex_lock(&g_lt_mu);
+    if (g_lt_ok < 0) {
+        g_lt_ok = 0;
+        void *h = lt_open();
+        if (h) {
+#define SYM(field, name) *(void **)&g_lt.field = dlsym(h, name)
+            SYM(create, "cublasLtCreate");
+            SYM(destroy, "cublasLtDestroy");
+            SYM(desc_create, "cublasLtMatmulDescCreate");
+            SYM(desc_destroy, "cublasLtMatmulDescDestroy");
+            SYM(desc_set, "cublasLtMatmulDescSetAttribute");
+            SYM(layout_create, "cublasLtMatrixLayoutCreate");
+            SYM(layout_destroy, "cublasLtMatrixLayoutDestroy");
+            SYM(layout_set, "cublasLtMatrixLayoutSetAttribute");
+            SYM(pref_create, "cublasLtMatmulPreferenceCreate");
+            SYM(pref_destroy, "cublasLtMatmulPreferenceDestroy");
+            SYM(pref_set, "cublasLtMatmulPreferenceSetAttribute");
+            SYM(heuristic, "cublasLtMatmulAlgoGetHeuristic");
+            SYM(matmul, "cublasLtMatmul");
+#undef SYM
+            g_lt_ok = g_lt.create && g_lt.destroy && g_lt.desc_create && g_lt.desc_destroy && g_lt.desc_set &&
+                      g_lt.layout_create && g_lt.layout_destroy && g_lt.pref_create && g_lt.pref_destroy &&
+                      g_lt.pref_set && g_lt.heuristic && g_lt.matmul;
+        }
+    }
+    int ok = g_lt_ok;
+    pthread_mutex_unlock(&g_lt_mu);
+    return ok;
+}
+
+/* A cached plan per (m, n, k, type): descriptors and the heuristic's algorithm. */
+struct LtPlan {
+    int m, n, k, ldc, type, align, used;
+    int batch;               /* > 1: strided batches of x (xstride elements apart) and y (m * ldc apart) */
+    long long xstride;
+    void *desc, *a, *b, *cd;
+    lt_algo algo;
+};
+
+enum { LT_PLANS = 512 };
+
+struct XoLt {
+    void *handle;
+    void *ws;
+    size_t ws_bytes;
+    LtPlan plans[LT_PLANS];
+};
+
+static int cuda_type(xo_dtype t) { return t == XO_F32 ? 0 : t == XO_F16 ? 2 : 14; }
+
+XoLt *cu_lt_create(CuCtx *c) {
+    const char *off = getenv("XORON_CUDA_NO_CUBLASLT");
+    if ((off && *off && *off != '0') || !lt_load()) return NULL;
+    XoLt *lt = (XoLt *)calloc(1, sizeof *lt);
+    if (!lt) return NULL;
+    if (g_lt.create(&lt->handle) != 0) {
+        free(lt);
+        return NULL;
+    }
+    lt->ws_bytes = (size_t)32 << 20;
+    if (cudaMalloc(&lt->ws, lt->ws_bytes) != cudaSuccess) {
+        cudaGetLastError();
+        g_lt.destroy(lt->handle);
+        free(lt);
+        return NULL;
+    }
+    (void)c;
+    return lt;
+}
+
+static void plan_release(LtPlan *p) {
+    if (p->desc) g_lt.desc_destroy(p->desc);
+    if (p->a) g_lt.layout_destroy(p->a);
+    if (p->b) g_lt.layout_destroy(p->b);
+    if (p->cd) g_lt.layout_destroy(p->cd);
+    memset(p, 0, sizeof *p);
+}
+
+void cu_lt_destroy(XoLt *lt) {
+    if (!lt) return;
+    for (int i = 0; i < LT_PLANS; i++)
+        if (lt->plans[i].used) plan_release(&lt->plans[i]);
+    cudaFree(lt->ws);
+    g_lt.destroy(lt->handle);
+    free(lt);
+}
+
+static int plan_build(XoLt *lt, LtPlan *p, int m, int n, int k, int ldc, xo_dtype t, int align, int batch,
+                      long long xstride) {
+    memset(p, 0, sizeof *p);
+    const int ab = cuda_type(t);
+    int opT = LT_OP_T, opN = LT_OP_N;
+    if (g_lt.desc_create(&p->desc, LT_COMPUTE_32F, 0 /* CUDA_R_32F scale */) != 0) goto fail;
+    if (g_lt.desc_set(p->desc, LT_DESC_TRANSA, &opT, sizeof opT) != 0) goto fail;
+    if (g_lt.desc_set(p->desc, LT_DESC_TRANSB, &opN, sizeof opN) != 0) goto fail;
+    /* column-major view: D[n, m] = W[k, n]^T * X[k, m]   (row-major y[m, n] = x[m, k] W[n, k]^T) */
+    if (g_lt.layout_create(&p->a, ab, (uint64_t)k, (uint64_t)n, k) != 0) goto fail;
+    if (g_lt.layout_create(&p->b, ab, (uint64_t)k, (uint64_t)m, k) != 0) goto fail;
+    if (g_lt.layout_create(&p->cd, 0, (uint64_t)n, (uint64_t)m, ldc) != 0) goto fail;
+    if (batch > 1) {
+        const int32_t count = batch;
+        const int64_t zero = 0, xs = xstride, ys = (int64_t)m * ldc;
+        if (!g_lt.layout_set) goto fail;
+        if (g_lt.layout_set(p->a, LT_LAYOUT_BATCH_COUNT, &count, sizeof count) != 0 ||
+            g_lt.layout_set(p->a, LT_LAYOUT_BATCH_STRIDE, &zero, sizeof zero) != 0 ||
+            g_lt.layout_set(p->b, LT_LAYOUT_BATCH_COUNT, &count, sizeof count) != 0 ||
+            g_lt.layout_set(p->b, LT_LAYOUT_BATCH_STRIDE, &xs, sizeof xs) != 0 ||
+            g_lt.layout_set(p->cd, LT_LAYOUT_BATCH_COUNT, &count, sizeof count) != 0 ||
+            g_lt.layout_set(p->cd, LT_LAYOUT_BATCH_STRIDE, &ys, sizeof ys) != 0)
+            goto fail;
+    }
+    {
+        void *pref = NULL;
+        if (g_lt.pref_create(&pref) != 0) goto fail;
+        uint64_t ws = lt->ws_bytes;
+        g_lt.pref_set(pref, LT_PREF_MAX_WORKSPACE, &ws, sizeof ws);
+        uint32_t al = (uint32_t)align; /* the heuristic assumes 256-byte aligned pointers unless told */
+        for (int attr = LT_PREF_MIN_ALIGN_A; attr < LT_PREF_MIN_ALIGN_A + 4; attr++) g_lt.pref_set(pref, attr, &al, sizeof al);
+        lt_heur res[1];
+        int got = 0;
+        lt_status st = g_lt.heuristic(lt->handle, p->desc, p->a, p->b, p->cd, p->cd, pref, 1, res, &got);
+        g_lt.pref_destroy(pref);
+        if (st != 0 || got < 1 || res[0].state != 0) goto fail;
+        p->algo = res[0].algo;
+    }
+    p->m = m;
+    p->n = n;
+    p->k = k;
+    p->ldc = ldc;
+    p->type = (int)t;
+    p->align = align;
+    p->batch = batch;
+    p->xstride = xstride;
+    p->used = 1;
+    return 1;
+fail:
+    plan_release(p);
+    return 0;
+}
+
+/* y[m, n] (rows ldc apart) = x[m, k] @ W[n, k]^T through cuBLASLt; x has the weight's type.
+ * Returns 0 when cuBLASLt cannot do it (the caller falls back). */
+static int lt_gemm_ld(CuCtx *c, float *y, int ldc, const void *x, const void *w, xo_dtype t, int m, int n, int k,
+                      xo_status *rc, int batch = 1, long long xstride = 0) {
+    XoLt *lt = c->lt;
+    if (!lt) return 0;
+    uintptr_t bits = (uintptr_t)y | (uintptr_t)x | (uintptr_t)w | 256;
+    const int align = (int)(bits & (~bits + 1)); /* lowest set bit: the common alignment, at most 256 */
+    unsigned hsh = ((unsigned)m * 2654435761u) ^ ((unsigned)n * 40503u) ^ ((unsigned)k * 97u) ^ (unsigned)t ^ ((unsigned)align << 20) ^
+                   ((unsigned)batch * 7919u) ^ (unsigned)(xstride * 31);
+    LtPlan *p = NULL, tmp;
+    for (int probe = 0; probe < 8; probe++) {
+        LtPlan *q = &lt->plans[(hsh + probe) % LT_PLANS];
+        if (q->used && q->m == m && q->n == n && q->k == k && q->ldc == ldc && q->type == (int)t && q->align == align &&
+            q->batch == batch && q->xstride == xstride) {
+            p = q;
+            break;
+        }
+        if (!q->used) {
+            if (!plan_build(lt, q, m, n, k, ldc, t, align, batch, xstride)) return 0;
+            p = q;
+            break;
+        }
+    }
+    int temp = 0;
+    if (!p) {
+        if (!plan_build(lt, &tmp, m, n, k, ldc, t, align, batch, xstride)) return 0;
+        p = &tmp;
+        temp = 1;
+    }
+    const float one = 1.0f, zero = 0.0f;
+    lt_status st = g_lt.matmul(lt->handle, p->desc, &one, w, p->a, x, p->b, &zero, y, p->cd, y, p->cd, &p->algo, lt->ws,
+                               lt->ws_bytes, c->stream);
+    if (temp) plan_release(p);
+    if (st != 0) {
+        *rc = cu_fail(c, XO_EDEVICE, "cublasLtMatmul failed (status %d) for [%d, %d] x [%d, %d]^T", st, m, k, n, k);
+        return 1;
+    }
+    *rc = cu_check_launch(c, "cublasLtMatmul");
+    return 1;
+}
+
+/* Rows of n floats with n not a multiple of 8 (the vocabulary: 151643) push cuBLASLt onto
+ * slow unaligned kernels: compute all cu_padded_rows(n) outputs (the weight's storage has
+ * them, zero) into padded rows, then copy. */
+static int lt_gemm(CuCtx *c, float *y, const void *x, const void *w, xo_dtype t, int m, int n, int k, xo_status *rc) {
+    if (!c->lt) return 0;
+    if (n % 8 == 0 || m < 2) return lt_gemm_ld(c, y, n, x, w, t, m, n, k, rc);
+    const int ldc = cu_padded_rows(n);
+    float *tmp = (float *)cu_alloc_raw(c, (size_t)m * ldc * sizeof(float));
+    if (!tmp) return lt_gemm_ld(c, y, n, x, w, t, m, n, k, rc);
+    int done = lt_gemm_ld(c, tmp, ldc, x, w, t, m, ldc, k, rc);
+    if (done && *rc == XO_OK)
+        *rc = cu_check(c, cudaMemcpy2DAsync(y, (size_t)n * sizeof(float), tmp, (size_t)ldc * sizeof(float),
+                                            (size_t)n * sizeof(float), (size_t)m, cudaMemcpyDeviceToDevice, c->stream),
+                       "gemm (unpad)");
+    cu_free(c, tmp);
+    return done;
+}
+
+/* ------------------------------------------------------------------ skinny (few rows) */
+
+/* One warp per output row; rows [off, off+cnt) of x (group g) against W_g. */
+template <typename W, int MT, bool VEC>
+__global__ __launch_bounds__(256) void k_skinny(float *__restrict__ y, const float *__restrict__ x, CuGroupPtrs wp, int out,
+                                                int k, const int *__restrict__ offsets, int dense_m) {
+    const int g = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row = blockIdx.x * 8 + warp;
+    const W *wr = (const W *)wp.p[g] + (size_t)row * k;
+    if (!offsets && row < out) /* dense: this row's weights are needed whatever came before */
+        for (int kk = lane * 8; kk < k; kk += 256) cu_prefetch_l2(wr + kk);
+    CU_PDL_ENTRY();
+    int off, cnt;
+    if (offsets) {
+        off = offsets[g];
+        cnt = offsets[g + 1] - off;
+    } else {
+        off = 0;
+        cnt = dense_m;
+    }
+    if (cnt <= 0) return;
+    if (row >= out) return;
+    for (int t0 = 0; t0 < cnt; t0 += MT) {
+        float acc[MT];
+#pragma unroll
+        for (int t = 0; t < MT; t++) acc[t] = 0.0f;
+        if (VEC) {
+#pragma unroll 4
+            for (int kk = lane * 8; kk < k; kk += 256) {
+                float wv[8];
+                load8(wr + kk, wv);
+#pragma unroll
+                for (int t = 0; t < MT; t++) {
+                    if (t0 + t < cnt) {
+                        float xv[8];
+                        load8(x + (size_t)(off + t0 + t) * k + kk, xv);
+#pragma unroll
+                        for (int e = 0; e < 8; e++) acc[t] = fmaf(wv[e], xv[e], acc[t]);
+                    }
+                }
+            }
+        } else {
+            for (int kk = lane; kk < k; kk += 32) {
+                float wv = cu_ld(wr, kk);
+#pragma unroll
+                for (int t = 0; t < MT; t++)
+                    if (t0 + t < cnt) acc[t] = fmaf(wv, x[(size_t)(off + t0 + t) * k + kk], acc[t]);
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < MT; t++) {
+            float v = acc[t];
+            for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0 && t0 + t < cnt) y[(size_t)(off + t0 + t) * out + row] = v;
+        }
+    }
+}
+
+template <typename W, int MT>
+static void launch_skinny_t(CuCtx *c, float *y, const float *x, const CuGroupPtrs *wp, int out, int k, const int *offsets,
+                            int groups, int dense_m) {
+    dim3 grid((unsigned)((out + 7) / 8), (unsigned)groups);
+    bool vec = k % 8 == 0 && ((uintptr_t)x & 15) == 0;
+    for (int g = 0; g < groups && vec; g++) vec = ((uintptr_t)wp->p[g] & 15) == 0;
+    if (vec) cu_launch(c, k_skinny<W, MT, true>, grid, 256, 0, y, x, *wp, out, k, offsets, dense_m);
+    else cu_launch(c, k_skinny<W, MT, false>, grid, 256, 0, y, x, *wp, out, k, offsets, dense_m);
+}
+
+template <int MT>
+static void launch_skinny_mt(CuCtx *c, float *y, const float *x, const CuGroupPtrs *wp, xo_dtype t, int out, int k,
+                             const int *offsets, int groups, int dense_m) {
+    if (t == XO_F32) launch_skinny_t<float, MT>(c, y, x, wp, out, k, offsets, groups, dense_m);
+    else if (t == XO_BF16) launch_skinny_t<__nv_bfloat16, MT>(c, y, x, wp, out, k, offsets, groups, dense_m);
+    else launch_skinny_t<__half, MT>(c, y, x, wp, out, k, offsets, groups, dense_m);
+}
+
+static xo_status skinny(CuCtx *c, float *y, const float *x, const CuGroupPtrs *wp, xo_dtype t, int out, int k,
+                        const int *offsets, int groups, int dense_m, int mt) {
+    if (out <= 0) return XO_OK;
+    if (mt <= 1) launch_skinny_mt<1>(c, y, x, wp, t, out, k, offsets, groups, dense_m);
+    else if (mt <= 2) launch_skinny_mt<2>(c, y, x, wp, t, out, k, offsets, groups, dense_m);
+    else if (mt <= 4) launch_skinny_mt<4>(c, y, x, wp, t, out, k, offsets, groups, dense_m);
+    else launch_skinny_mt<8>(c, y, x, wp, t, out, k, offsets, groups, dense_m);
+    return cu_check_launch(c, "skinny gemm");
+}
+
+xo_status cu_grouped_skinny(CuCtx *c, float *y, const float *x, const CuGroupPtrs *w, xo_dtype t, int out, int k,
+                            const int *offsets, int groups) {
+    return skinny(c, y, x, w, t, out, k, offsets, groups, 0, 4);
+}
+
+/* act[m, I] = swiglu(x @ W.T) for a few rows, W = [gate; up] with 2I rows: one warp per
+ * activation column r takes gate row r and up row I + r, so gu never goes to memory
+ * (k % 8 == 0, 16-byte aligned). */
+template <typename W, int MT>
+__global__ __launch_bounds__(256) void k_skinny_gu(float *__restrict__ act, const float *__restrict__ x,
+                                                   const W *__restrict__ w, int inter, int k, int m) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int r = blockIdx.x * 8 + warp;
+    const W *wg = w + (size_t)r * k, *wu = w + (size_t)(inter + r) * k;
+    if (r < inter)
+        for (int kk = lane * 8; kk < k; kk += 256) {
+            cu_prefetch_l2(wg + kk);
+            cu_prefetch_l2(wu + kk);
+        }
+    CU_PDL_ENTRY();
+    if (r >= inter) return;
+    float ag[MT], au[MT];
+#pragma unroll
+    for (int t = 0; t < MT; t++) ag[t] = au[t] = 0.0f;
+#pragma unroll 2
+    for (int kk = lane * 8; kk < k; kk += 256) {
+        float gv[8], uv[8];
+        load8(wg + kk, gv);
+        load8(wu + kk, uv);
+#pragma unroll
+        for (int t = 0; t < MT; t++) {
+            if (t < m) {
+                float xv[8];
+                load8(x + (size_t)t * k + kk, xv);
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    ag[t] = fmaf(gv[e], xv[e], ag[t]);
+                    au[t] = fmaf(uv[e], xv[e], au[t]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < MT; t++) {
+        float g = ag[t], u = au[t];
+        for (int o = 16; o; o >>= 1) {
+            g += __shfl_xor_sync(0xffffffffu, g, o);
+            u += __shfl_xor_sync(0xffffffffu, u, o);
+        }
+        if (lane == 0 && t < m) act[(size_t)t * inter + r] = g / (1.0f + expf(-g)) * u;
+    }
+}
+
+enum { GU_FUSED_MAX_M = 4 };
+
+template <typename W>
+static void launch_skinny_gu(CuCtx *c, float *act, const float *x, const void *w, int inter, int k, int m) {
+    const unsigned grid = (unsigned)((inter + 7) / 8);
+    if (m <= 1) cu_launch(c, k_skinny_gu<W, 1>, grid, 256, 0, act, x, (const W *)w, inter, k, m);
+    else cu_launch(c, k_skinny_gu<W, GU_FUSED_MAX_M>, grid, 256, 0, act, x, (const W *)w, inter, k, m);
+}
+
+xo_status cu_gate_up_swiglu(xo_backend *be, float *act, const float *x, float *gu, const xo_linear *w, int m) {
+    CuCtx *c = cu_ctx(be);
+    const int inter = w->out / 2, k = w->in;
+    if (m <= 0 || inter <= 0) return XO_OK;
+    const bool fused = m <= GU_FUSED_MAX_M && k > 0 && k % 8 == 0 && (((uintptr_t)x | (uintptr_t)w->data) & 15) == 0 &&
+                       (w->dtype == XO_BF16 || w->dtype == XO_F16 || w->dtype == XO_F32);
+    if (!fused) {
+        XO_TRY(cu_matmul(be, gu, x, w, m));
+        return cu_swiglu(be, act, gu, m, inter);
+    }
+    if (w->dtype == XO_BF16) launch_skinny_gu<__nv_bfloat16>(c, act, x, w->data, inter, k, m);
+    else if (w->dtype == XO_F16) launch_skinny_gu<__half>(c, act, x, w->data, inter, k, m);
+    else launch_skinny_gu<float>(c, act, x, w->data, inter, k, m);
+    return cu_check_launch(c, "gate_up swiglu");
+}
+
+/* ------------------------------------------------------------------ WMMA grouped GEMM (16-bit) */
+
+enum { G_BM = CU_GEMM_BM, G_BN = 128, G_BK = 32, G_LDS = G_BK + 8, G_LDC = G_BN + 4 };
+
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool pred) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    int sz = pred ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(sz));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+constexpr int G_SMEM_STAGE = (G_BM + G_BN) * G_LDS * 2;             /* bytes, one stage of A and B */
+constexpr int G_SMEM = 2 * G_SMEM_STAGE > G_BM * G_LDC * 4 ? 2 * G_SMEM_STAGE : G_BM * G_LDC * 4;
+
+/* Y[row0 .. row0+rows) = X[same rows, k] @ W_g[out, k]^T for the tile (group, m-tile) that
+ * blockIdx.y names. Needs k % 8 == 0 (16-byte copies). */
+template <typename T>
+__global__ __launch_bounds__(256) void k_grouped_wmma(float *__restrict__ y, const T *__restrict__ x, CuGroupPtrs wp,
+                                                      int out, int k, const int *__restrict__ offsets,
+                                                      const int *__restrict__ tile_start, int groups, int dense_m) {
+    __shared__ __align__(128) unsigned char smem[G_SMEM];
+    int g = 0, row0, rows;
+    const int tile = blockIdx.y;
+    if (offsets) {
+        if (tile >= tile_start[groups]) return;
+        while (tile >= tile_start[g + 1]) g++;
+        row0 = offsets[g] + (tile - tile_start[g]) * G_BM;
+        rows = min(G_BM, offsets[g + 1] - row0);
+    } else {
+        row0 = tile * G_BM;
+        rows = min(G_BM, dense_m - row0);
+    }
+    if (rows <= 0) return;
+    const T *W = (const T *)wp.p[g];
+    const int n0 = blockIdx.x * G_BN;
+    const int tid = threadIdx.x, warp = tid >> 5;
+    const int wm = warp >> 2, wn = warp & 3; /* 2 x 4 warps, each 32 x 32 */
+
+    auto As = [&](int s) { return (T *)(smem + s * G_SMEM_STAGE); };
+    auto Bs = [&](int s) { return (T *)(smem + s * G_SMEM_STAGE + G_BM * G_LDS * 2); };
+
+    auto load = [&](int s, int k0) {
+        {   /* A: 64 rows x 32 = 256 chunks of 8 */
+            int r = tid >> 2, c8 = (tid & 3) * 8;
+            bool ok = r < rows && k0 + c8 < k;
+            const T *src = ok ? x + (size_t)(row0 + r) * k + k0 + c8 : x;
+            cp_async16(As(s) + r * G_LDS + c8, src, ok);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; i++) { /* B: 128 rows x 32 */
+            int r = (tid >> 2) + 64 * i, c8 = (tid & 3) * 8;
+            bool ok = n0 + r < out && k0 + c8 < k;
+            const T *src = ok ? W + (size_t)(n0 + r) * k + k0 + c8 : W;
+            cp_async16(Bs(s) + r * G_LDS + c8, src, ok);
+        }
+    };
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++) wmma::fill_fragment(acc[i][j], 0.0f);
+
+    const int nk = (k + G_BK - 1) / G_BK;
+    load(0, 0);
+    cp_async_commit();
+    for (int kt = 0; kt < nk; kt++) {
+        if (kt + 1 < nk) {
+            load((kt + 1) & 1, (kt + 1) * G_BK);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const T *a = As(kt & 1), *b = Bs(kt & 1);
+#pragma unroll
+        for (int kk = 0; kk < G_BK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
+#pragma unroll
+            for (int i = 0; i < 2; i++) wmma::load_matrix_sync(fa[i], a + (wm * 32 + i * 16) * G_LDS + kk, G_LDS);
+#pragma unroll
+            for (int j = 0; j < 2; j++) wmma::load_matrix_sync(fb[j], b + (wn * 32 + j * 16) * G_LDS + kk, G_LDS);
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int j = 0; j < 2; j++) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+    float *cs = (float *)smem;
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+            wmma::store_matrix_sync(cs + (wm * 32 + i * 16) * G_LDC + wn * 32 + j * 16, acc[i][j], G_LDC, wmma::mem_row_major);
+    __syncthreads();
+    for (int e = tid; e < G_BM * G_BN; e += 256) {
+        int r = e / G_BN, cc = e % G_BN;
+        if (r < rows && n0 + cc < out) y[(size_t)(row0 + r) * out + n0 + cc] = cs[r * G_LDC + cc];
+    }
+}
+
+/* The larger tile: 128 x 128 x 32, three cp.async stages, each warp 64 x 32 (4 x 2 fragments). */
+enum { H_BM = 128, H_BN = 128, H_BK = 32, H_LDS = H_BK + 8, H_ST = 3, H_LDE = 20 };
+constexpr int H_STAGE = (H_BM + H_BN) * H_LDS * 2;
+constexpr int H_SMEM = H_ST * H_STAGE + 8 * 16 * H_LDE * 4;
+
+template <typename T>
+__global__ __launch_bounds__(256) void k_grouped_wmma2(float *__restrict__ y, const T *__restrict__ x, CuGroupPtrs wp, int out,
+                                                       int k, const int *__restrict__ offsets,
+                                                       const int *__restrict__ tile_start, int groups) {
+    extern __shared__ __align__(128) unsigned char hsm[];
+    int g = 0;
+    const int tile = blockIdx.y;
+    if (tile >= tile_start[groups]) return;
+    while (tile >= tile_start[g + 1]) g++;
+    const int row0 = offsets[g] + (tile - tile_start[g]) * H_BM;
+    const int rows = min(H_BM, offsets[g + 1] - row0);
+    if (rows <= 0) return;
+    const T *W = (const T *)wp.p[g];
+    const int n0 = blockIdx.x * H_BN;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int wm = warp >> 2, wn = warp & 3; /* 2 x 4 warps, each 64 x 32 */
+
+    auto As = [&](int s) { return (T *)(hsm + s * H_STAGE); };
+    auto Bs = [&](int s) { return (T *)(hsm + s * H_STAGE + H_BM * H_LDS * 2); };
+    auto load = [&](int s, int k0) {
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const int r = (tid >> 2) + 64 * i, c8 = (tid & 3) * 8;
+            const bool oka = r < rows && k0 + c8 < k;
+            cp_async16(As(s) + r * H_LDS + c8, oka ? x + (size_t)(row0 + r) * k + k0 + c8 : x, oka);
+            const bool okb = n0 + r < out && k0 + c8 < k;
+            cp_async16(Bs(s) + r * H_LDS + c8, okb ? W + (size_t)(n0 + r) * k + k0 + c8 : W, okb);
+        }
+    };
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++) wmma::fill_fragment(acc[i][j], 0.0f);
+
+    const int nk = (k + H_BK - 1) / H_BK;
+#pragma unroll
+    for (int s = 0; s < H_ST - 1; s++) {
+        if (s < nk) load(s, s * H_BK);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < nk; kt++) {
+        cp_async_wait<H_ST - 2>();
+        __syncthreads();
+        const int nxt = kt + H_ST - 1;
+        if (nxt < nk) load(nxt % H_ST, nxt * H_BK);
+        cp_async_commit();
+        const T *a = As(kt % H_ST), *b = Bs(kt % H_ST);
+#pragma unroll
+        for (int kk = 0; kk < H_BK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[4];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
+#pragma unroll
+            for (int i = 0; i < 4; i++) wmma::load_matrix_sync(fa[i], a + (wm * 64 + i * 16) * H_LDS + kk, H_LDS);
+#pragma unroll
+            for (int j = 0; j < 2; j++) wmma::load_matrix_sync(fb[j], b + (wn * 32 + j * 16) * H_LDS + kk, H_LDS);
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 2; j++) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+        }
+    }
+    cp_async_wait<0>();
+    float *st = (float *)(hsm + H_ST * H_STAGE) + warp * 16 * H_LDE;
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            wmma::store_matrix_sync(st, acc[i][j], H_LDE, wmma::mem_row_major);
+            __syncwarp();
+            for (int e = lane; e < 256; e += 32) {
+                const int r = e >> 4, cc = e & 15;
+                const int row = wm * 64 + i * 16 + r, col = n0 + wn * 32 + j * 16 + cc;
+                if (row < rows && col < out) y[(size_t)(row0 + row) * out + col] = st[r * H_LDE + cc];
+            }
+            __syncwarp();
+        }
+}
+
+xo_status cu_grouped_gemm16(CuCtx *c, float *y, const void *x16, const CuGroupPtrs *w, xo_dtype t, int out, int k,
+                            const int *offsets, const int *tile_start, int groups, int max_tiles, int bm) {
+    if (out <= 0 || max_tiles <= 0) return XO_OK;
+    if (k % 8) return cu_fail(c, XO_EUNSUPPORTED, "grouped GEMM needs k %% 8 == 0 (k = %d)", k);
+    if (bm == H_BM) {
+        dim3 grid((unsigned)((out + H_BN - 1) / H_BN), (unsigned)max_tiles);
+        cudaError_t e;
+        if (t == XO_BF16) {
+            e = cudaFuncSetAttribute(k_grouped_wmma2<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, H_SMEM);
+            if (e == cudaSuccess)
+                k_grouped_wmma2<__nv_bfloat16><<<grid, 256, H_SMEM, c->stream>>>(y, (const __nv_bfloat16 *)x16, *w, out, k,
+                                                                                 offsets, tile_start, groups);
+        } else {
+            e = cudaFuncSetAttribute(k_grouped_wmma2<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, H_SMEM);
+            if (e == cudaSuccess)
+                k_grouped_wmma2<__half><<<grid, 256, H_SMEM, c->stream>>>(y, (const __half *)x16, *w, out, k, offsets,
+                                                                          tile_start, groups);
+        }
+        if (e != cudaSuccess) return cu_check(c, e, "grouped gemm (shared memory)");
+        return cu_check_launch(c, "grouped gemm");
+    }
+    dim3 grid((unsigned)((out + G_BN - 1) / G_BN), (unsigned)max_tiles);
+    if (t == XO_BF16)
+        k_grouped_wmma<__nv_bfloat16><<<grid, 256, 0, c->stream>>>(y, (const __nv_bfloat16 *)x16, *w, out, k, offsets,
+                                                                    tile_start, groups, 0);
+    else
+        k_grouped_wmma<__half><<<grid, 256, 0, c->stream>>>(y, (const __half *)x16, *w, out, k, offsets, tile_start,
+                                                             groups, 0);
+    return cu_check_launch(c, "grouped gemm");
+}
+
+/* ------------------------------------------------------------------ fallback tiled GEMM (any types) */
+
+template <typename X, typename W>
+__global__ __launch_bounds__(256) void k_gemm_simt(float *__restrict__ y, const X *__restrict__ x, const W *__restrict__ w,
+                                                   int m, int n, int k) {
+    __shared__ float xs[16][64 + 1], ws[16][64 + 1];
+    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+    const int m0 = blockIdx.y * 64, n0 = blockIdx.x * 64;
+    float acc[4][4] = {};
+    for (int k0 = 0; k0 < k; k0 += 16) {
+        for (int e = threadIdx.x; e < 64 * 16; e += 256) {
+            int r = e / 16, kk = e % 16;
+            xs[kk][r] = (m0 + r < m && k0 + kk < k) ? cu_ld(x, (size_t)(m0 + r) * k + k0 + kk) : 0.0f;
+            ws[kk][r] = (n0 + r < n && k0 + kk < k) ? cu_ld(w, (size_t)(n0 + r) * k + k0 + kk) : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < 16; kk++) {
+            float a[4], b[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) a[i] = xs[kk][ty + 16 * i];
+#pragma unroll
+            for (int j = 0; j < 4; j++) b[j] = ws[kk][tx + 16 * j];
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int r = m0 + ty + 16 * i, cc = n0 + tx + 16 * j;
+            if (r < m && cc < n) y[(size_t)r * n + cc] = acc[i][j];
+        }
+}
+
+template <typename X>
+static xo_status gemm_simt(CuCtx *c, float *y, const X *x, const void *w, xo_dtype t, int m, int n, int k) {
+    dim3 grid((unsigned)((n + 63) / 64), (unsigned)((m + 63) / 64));
+    if (t == XO_F32) k_gemm_simt<X, float><<<grid, 256, 0, c->stream>>>(y, x, (const float *)w, m, n, k);
+    else if (t == XO_BF16) k_gemm_simt<X, __nv_bfloat16><<<grid, 256, 0, c->stream>>>(y, x, (const __nv_bfloat16 *)w, m, n, k);
+    else k_gemm_simt<X, __half><<<grid, 256, 0, c->stream>>>(y, x, (const __half *)w, m, n, k);
+    return cu_check_launch(c, "gemm (fallback)");
+}
+
+/* ------------------------------------------------------------------ entry points */
+
+enum { SKINNY_MAX_M = 8 };
+
+xo_status cu_matmul16(CuCtx *c, float *y, const void *x16, const xo_linear *w, int m) {
+    xo_status rc = XO_OK;
+    if (lt_gemm(c, y, x16, w->data, w->dtype, m, w->out, w->in, &rc)) return rc;
+    if (w->in % 8 == 0) {
+        CuGroupPtrs wp;
+        wp.p[0] = w->data;
+        dim3 grid((unsigned)((w->out + G_BN - 1) / G_BN), (unsigned)((m + G_BM - 1) / G_BM));
+        if (w->dtype == XO_BF16)
+            k_grouped_wmma<__nv_bfloat16><<<grid, 256, 0, c->stream>>>(y, (const __nv_bfloat16 *)x16, wp, w->out, w->in,
+                                                                        NULL, NULL, 1, m);
+        else
+            k_grouped_wmma<__half><<<grid, 256, 0, c->stream>>>(y, (const __half *)x16, wp, w->out, w->in, NULL, NULL, 1, m);
+        return cu_check_launch(c, "gemm (wmma)");
+    }
+    if (w->dtype == XO_BF16) return gemm_simt(c, y, (const __nv_bfloat16 *)x16, w->data, w->dtype, m, w->out, w->in);
+    return gemm_simt(c, y, (const __half *)x16, w->data, w->dtype, m, w->out, w->in);
+}
+
+int cu_matmul16_batched(CuCtx *c, float *y, const void *x16, long long x_stride, const xo_linear *w, int m, int batch,
+                        xo_status *rc) {
+    if (!c->lt || batch < 2 || m < 1 || w->out % 8) return 0;
+    return lt_gemm_ld(c, y, w->out, x16, w->data, w->dtype, m, w->out, w->in, rc, batch, x_stride);
+}
+
+xo_status cu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w, int m) {
+    CuCtx *c = cu_ctx(be);
+    if (m <= 0 || w->out <= 0) return XO_OK;
+    if (w->dtype != XO_F32 && w->dtype != XO_BF16 && w->dtype != XO_F16)
+        return cu_fail(c, XO_EUNSUPPORTED, "CUDA matmul: weight dtype %d unsupported", (int)w->dtype);
+    if (w->in <= 0) return cu_check(c, cudaMemsetAsync(y, 0, (size_t)m * w->out * sizeof(float), c->stream), "matmul");
+    if (m <= SKINNY_MAX_M) {
+        CuGroupPtrs wp;
+        wp.p[0] = w->data;
+        return skinny(c, y, x, &wp, w->dtype, w->out, w->in, NULL, 1, m, m);
+    }
+    if (w->dtype == XO_F32) {
+        xo_status rc = XO_OK;
+        if (lt_gemm(c, y, x, w->data, XO_F32, m, w->out, w->in, &rc)) return rc;
+        return gemm_simt(c, y, x, w->data, XO_F32, m, w->out, w->in);
+    }
+    const size_t n = (size_t)m * w->in;
+    XO_TRY(cu_act16_reserve(c, n * 2));
+    XO_TRY(cu_convert_act(c, c->act16, x, n, w->dtype));
+    return cu_matmul16(c, y, c->act16, w, m);
+}

@@ -1,0 +1,90 @@
+/* The model: config, weights and backend, and the forward pass of SPEC sections 3-6. */
+#ifndef XO_MODEL_H
+#define XO_MODEL_H
+
+#include <pthread.h>
+
+#include "backends/backend.h"
+#include "engine/cache.h"
+#include "engine/config.h"
+#include "engine/weights.h"
+
+typedef struct {
+    xo_config cfg;
+    xo_backend *be;          /* owned */
+    xo_weights w;
+    xo_dtype weight_dtype;
+    float *inv_freq;         /* device [hd/2], YaRN frequencies (SPEC section 5) */
+    float mscale;
+    pthread_mutex_t lock;    /* one call at a time: scratch and caches are not shared */
+} xo_model;
+
+/* Creates an empty model on a backend (takes ownership of be). Weights are filled by
+ * xo_model_load or xo_model_init_random. */
+xo_status xo_model_create(xo_model **out, const xo_config *cfg, xo_backend *be, xo_dtype weight_dtype);
+xo_status xo_model_load(xo_model *m, const xo_tensor_view *tensors, int n, const char *prefix);
+xo_status xo_model_init_random(xo_model *m, uint64_t seed);
+void xo_model_free(xo_model *m);
+
+/* Sampling done by the backend (xo_backend.sample_rows). */
+struct xo_device_draw {
+    float temperature, top_p;
+    int top_k;
+    uint64_t seed, step;
+};
+
+typedef struct {
+    int batch, tokens;
+    const int32_t *ids;        /* host [batch, tokens]; or NULL with embeds or ids_device */
+    const void *ids_device;    /* or: [batch, tokens] ids in the backend's memory (a DLPack tensor) */
+    int ids_wide;              /* ids_device holds int64 (else int32) */
+    const float *embeds;       /* host [batch, tokens, H] used instead of embed[ids], or NULL */
+    const int32_t *positions;  /* host [batch, tokens], or NULL for the defaults of SPEC section 7 */
+    const uint8_t *mask;       /* host [batch, mask_len] of 1/0, or NULL (all ones) */
+    int mask_len;              /* tokens, or cache length + tokens */
+    xo_cache *cache;           /* continued and extended; NULL: nothing kept */
+    float *logits;             /* host [batch, tokens, V] ([batch, V] with last_only), or NULL */
+    float **device_logits;     /* or: receives the logits left on the backend (the caller releases
+                                * them with be->release); a GPU's logits then never reach the host */
+    int last_only;
+    int32_t *argmax;           /* host [batch] or NULL: argmax of each row's last logits, computed by the
+                                * backend; `logits` is then not downloaded (a GPU's stay on the GPU) */
+    const struct xo_device_draw *draw; /* with argmax: draw with these settings instead of argmax */
+    float *hidden;             /* host [L+1, batch, tokens, H], or NULL */
+} xo_forward_args;
+
+/* Runs the decoder on `tokens` new tokens per row. Caller holds m->lock. */
+xo_status xo_model_forward(xo_model *m, const xo_forward_args *a);
+
+/* ---- pieces shared with the decode session (engine/decode_session.c) ---- */
+
+/* Activation buffers of one forward call, all on the backend. */
+typedef struct {
+    float *h, *xn, *q, *qa, *c, *kv, *att, *tmp, *gu, *act, *router, *rw;
+    int32_t *ids, *pos, *ridx, *argmax;
+    float *logits;
+} xo_scratch;
+
+/* n: tokens; logit_rows: rows of logits staged on the backend; out_rows: rows of argmax */
+xo_status xo_scratch_alloc(xo_backend *be, const xo_config *c, int n, int logit_rows, int out_rows, xo_scratch *s);
+void xo_scratch_free(xo_backend *be, xo_scratch *s);
+
+typedef struct {
+    int batch, tokens;
+    int past;                   /* tokens already in the cache (with past_device: an upper bound) */
+    const int32_t *past_device; /* or NULL: see xo_attention_args */
+    const float *embeds;        /* host, or NULL: s->ids are embedded */
+    float *hidden;              /* host, or NULL */
+} xo_layers_args;
+
+/* The decoder layers and the final norm over s->ids (or embeds) at positions s->pos, the
+ * new keys written to the cache at slot past; leaves the normed states in s->xn. The cache's
+ * positions and mask for the new slots must already be on the backend. */
+xo_status xo_model_layers(xo_model *m, const xo_layers_args *a, xo_cache *cache, xo_scratch *s);
+/* The softmax denominator's epsilon when `keys` keys are visible (SPEC 4.4). */
+float xo_model_denom_eps(const xo_config *c, int keys);
+
+/* Shifted cross-entropy of SPEC section 6 on host logits [b, t, V]. */
+xo_status xo_cross_entropy(const float *logits, const int64_t *labels, int b, int t, int V, double *loss);
+
+#endif
