@@ -1,0 +1,48 @@
+/* What the binding's files share: the object layouts, the one status-to-exception
+ * conversion, argument conversions and the DLPack helpers. */
+#ifndef XO_PY_BINDING_H
+#define XO_PY_BINDING_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define PY_ARRAY_UNIQUE_SYMBOL xoron_ARRAY_API
+#ifndef XO_PY_IMPORTS_ARRAY
+#define NO_IMPORT_ARRAY
+#endif
+#include <numpy/arrayobject.h>
+
+#include "engine/cache.h"
+#include "engine/model.h"
+#include "python/dlpack.h"
+
+typedef struct {
+    PyObject_HEAD
+    xo_model *model;
+    char device[32];
+} ModelObject;
+
+typedef struct {
+    PyObject_HEAD
+    ModelObject *owner;     /* keeps the model (and its backend) alive */
+    xo_cache *cache;
+} CacheObject;
+
+extern PyTypeObject xo_py_ModelType;
+extern PyTypeObject xo_py_CacheType;
+
+/* errors.c: the one place a C status becomes a Python exception (always returns NULL) */
+PyObject *xo_py_raise(xo_status rc);
+
+/* convert.c */
+int xo_py_config_from_dict(PyObject *d, xo_config *c);
+int xo_py_parse_dtype(const char *s, xo_dtype *t);
+
+/* dlpack.c */
+PyObject *xo_py_dl_capsule(ModelObject *self, float *data, int ndim, const int64_t *shape);
+xo_dl_managed_tensor *xo_py_device_ids(ModelObject *self, PyObject *capsule, int *b, int *t, int *wide);
+
+/* cache_object.c */
+PyObject *xo_py_cache_new(ModelObject *owner, xo_cache *c);   /* takes c */
+int xo_py_as_cache(PyObject *o, xo_cache **out, ModelObject *self);
+
+#endif

@@ -1,0 +1,64 @@
+/* Python values to C types: the config dict and dtype names. Only conversion: the C core
+ * validates what the values mean. */
+#include "python/binding.h"
+
+#include <string.h>
+
+static int dict_int(PyObject *d, const char *key, int *out) {
+    PyObject *v = PyDict_GetItemString(d, key); /* borrowed */
+    if (!v) { PyErr_Format(PyExc_ValueError, "config: missing field '%s'", key); return -1; }
+    if (PyBool_Check(v)) { *out = v == Py_True; return 0; }
+    PyObject *idx = PyNumber_Index(v);
+    if (!idx) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "config: %s must be an integer, got %R", key, v);
+        return -1;
+    }
+    long x = PyLong_AsLong(idx);
+    Py_DECREF(idx);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    if (x > 0x7fffffffL || x < -0x7fffffffL) { PyErr_Format(PyExc_ValueError, "config: %s=%ld is out of range", key, x); return -1; }
+    *out = (int)x;
+    return 0;
+}
+
+static int dict_float(PyObject *d, const char *key, float *out) {
+    PyObject *v = PyDict_GetItemString(d, key);
+    if (!v) { PyErr_Format(PyExc_ValueError, "config: missing field '%s'", key); return -1; }
+    double x = PyFloat_AsDouble(v);
+    if (x == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "config: %s must be a number, got %R", key, v);
+        return -1;
+    }
+    *out = (float)x;
+    return 0;
+}
+
+int xo_py_config_from_dict(PyObject *d, xo_config *c) {
+    if (!PyDict_Check(d)) { PyErr_SetString(PyExc_TypeError, "config must be a dict"); return -1; }
+    memset(c, 0, sizeof *c);
+    if (dict_int(d, "vocab_size", &c->vocab_size) || dict_int(d, "hidden_size", &c->hidden_size) ||
+        dict_int(d, "intermediate_size", &c->intermediate_size) || dict_int(d, "num_hidden_layers", &c->num_layers) ||
+        dict_int(d, "num_attention_heads", &c->num_heads) || dict_int(d, "num_key_value_heads", &c->num_kv_heads) ||
+        dict_int(d, "max_position_embeddings", &c->max_position_embeddings) ||
+        dict_float(d, "rms_norm_eps", &c->rms_norm_eps) || dict_float(d, "rope_theta", &c->rope_theta) ||
+        dict_int(d, "tie_word_embeddings", &c->tie_word_embeddings) ||
+        dict_int(d, "use_ring_attention", &c->use_ring_attention) ||
+        dict_int(d, "ring_attention_chunk_size", &c->ring_chunk_size) ||
+        dict_int(d, "kv_lora_rank", &c->kv_lora_rank) || dict_int(d, "q_lora_rank", &c->q_lora_rank) ||
+        dict_int(d, "use_moe", &c->use_moe) || dict_int(d, "num_experts", &c->num_experts) ||
+        dict_int(d, "num_experts_per_tok", &c->experts_per_tok) || dict_int(d, "moe_layer_freq", &c->moe_layer_freq) ||
+        dict_int(d, "moe_intermediate_size", &c->moe_intermediate_size))
+        return -1;
+    return 0;
+}
+
+int xo_py_parse_dtype(const char *s, xo_dtype *t) {
+    if (!strcmp(s, "float32")) *t = XO_F32;
+    else if (!strcmp(s, "bfloat16")) *t = XO_BF16;
+    else if (!strcmp(s, "float16")) *t = XO_F16;
+    else if (!strcmp(s, "int8")) *t = XO_I8;
+    else { PyErr_Format(PyExc_ValueError, "unknown dtype '%s' (expected float32, bfloat16, float16 or int8)", s); return -1; }
+    return 0;
+}

@@ -1,0 +1,462 @@
+/* xoron._C.Model: the engine object behind MoELlamaForCausalLM. Compute runs with the GIL
+ * released and the model's lock held. */
+#include "python/binding.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/generate.h"
+#include "engine/safetensors.h"
+
+static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
+    static char *names[] = { "config", "dtype", "device", NULL };
+    PyObject *cfg_dict;
+    const char *dtype = "float32", *device = "cpu";
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|ss", names, &cfg_dict, &dtype, &device)) return -1;
+    xo_config cfg;
+    xo_dtype t;
+    if (xo_py_config_from_dict(cfg_dict, &cfg) || xo_py_parse_dtype(dtype, &t)) return -1;
+    xo_backend *be = NULL;
+    xo_status rc;
+    if (!strcmp(device, "cpu")) {
+        rc = xo_cpu_backend_create(&be);
+    } else if (!strncmp(device, "cuda", 4)) {
+        int index = 0;
+        if (device[4] == ':') {
+            char *end;
+            long v = strtol(device + 5, &end, 10);
+            if (*end || end == device + 5 || v < 0 || v > 1024) {
+                PyErr_Format(PyExc_ValueError, "bad device '%s' (expected 'cpu', 'cuda' or 'cuda:N')", device);
+                return -1;
+            }
+            index = (int)v;
+        } else if (device[4]) {
+            PyErr_Format(PyExc_ValueError, "bad device '%s' (expected 'cpu', 'cuda' or 'cuda:N')", device);
+            return -1;
+        }
+        rc = xo_cuda_backend_create(&be, index);
+    } else {
+        PyErr_Format(PyExc_ValueError, "bad device '%s' (expected 'cpu', 'cuda' or 'cuda:N')", device);
+        return -1;
+    }
+    if (rc != XO_OK) { xo_py_raise(rc); return -1; }
+    xo_model *m = NULL;
+    rc = xo_model_create(&m, &cfg, be, t);
+    if (rc != XO_OK) { xo_py_raise(rc); return -1; }
+    if (self->model) xo_model_free(self->model);
+    self->model = m;
+    snprintf(self->device, sizeof self->device, "%s", device);
+    return 0;
+}
+
+static void Model_dealloc(ModelObject *self) {
+    xo_model_free(self->model);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int ensure_model(ModelObject *self) {
+    if (!self->model) { PyErr_SetString(PyExc_RuntimeError, "model is not initialised"); return -1; }
+    return 0;
+}
+
+/* Runs f(model) with the GIL released and the model's lock held. */
+#define LOCKED_NOGIL(self, stmt)                           \
+    do {                                                   \
+        Py_BEGIN_ALLOW_THREADS                             \
+        pthread_mutex_lock(&(self)->model->lock);          \
+        stmt;                                              \
+        pthread_mutex_unlock(&(self)->model->lock);        \
+        Py_END_ALLOW_THREADS                               \
+    } while (0)
+
+static PyObject *Model_init_random(ModelObject *self, PyObject *args) {
+    unsigned long long seed;
+    if (ensure_model(self) || !PyArg_ParseTuple(args, "K", &seed)) return NULL;
+    xo_status rc;
+    LOCKED_NOGIL(self, rc = xo_model_init_random(self->model, seed));
+    if (rc != XO_OK) return xo_py_raise(rc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Model_load_safetensors(ModelObject *self, PyObject *args) {
+    PyObject *files;
+    const char *prefix = "";
+    if (ensure_model(self) || !PyArg_ParseTuple(args, "O|s", &files, &prefix)) return NULL;
+    PyObject *seq = PySequence_Fast(files, "files must be a list of paths");
+    if (!seq) return NULL;
+    Py_ssize_t nf = PySequence_Fast_GET_SIZE(seq);
+    xo_safetensors *st = calloc((size_t)(nf ? nf : 1), sizeof *st);
+    char **paths = calloc((size_t)(nf ? nf : 1), sizeof *paths);
+    xo_tensor_view *views = NULL;
+    PyObject *result = NULL;
+    int opened = 0;
+    if (!st || !paths) { PyErr_NoMemory(); goto exit; }
+    for (Py_ssize_t i = 0; i < nf; i++) {
+        PyObject *b = NULL;
+        if (!PyUnicode_FSConverter(PySequence_Fast_GET_ITEM(seq, i), &b)) goto exit;
+        paths[i] = strdup(PyBytes_AS_STRING(b));
+        Py_DECREF(b);
+        if (!paths[i]) { PyErr_NoMemory(); goto exit; }
+    }
+    xo_status rc = XO_OK;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < nf && rc == XO_OK; i++) {
+        rc = xo_safetensors_open(&st[i], paths[i]);
+        if (rc == XO_OK) opened++;
+    }
+    Py_END_ALLOW_THREADS
+    if (rc != XO_OK) { xo_py_raise(rc); goto exit; }
+    int total = 0;
+    for (int i = 0; i < opened; i++) total += st[i].num_tensors;
+    views = malloc((size_t)(total ? total : 1) * sizeof *views);
+    if (!views) { PyErr_NoMemory(); goto exit; }
+    total = 0;
+    for (int i = 0; i < opened; i++)
+        for (int j = 0; j < st[i].num_tensors; j++) views[total++] = st[i].tensors[j];
+    LOCKED_NOGIL(self, rc = xo_model_load(self->model, views, total, prefix));
+    if (rc != XO_OK) { xo_py_raise(rc); goto exit; }
+    result = Py_NewRef(Py_None);
+exit:
+    for (int i = 0; i < opened; i++) xo_safetensors_close(&st[i]);
+    for (Py_ssize_t i = 0; paths && i < nf; i++) free(paths[i]);
+    free(paths);
+    free(st);
+    free(views);
+    Py_DECREF(seq);
+    return result;
+}
+
+/* load_arrays({name: float32/float16 ndarray}) */
+static PyObject *Model_load_arrays(ModelObject *self, PyObject *args) {
+    PyObject *d;
+    if (ensure_model(self) || !PyArg_ParseTuple(args, "O!", &PyDict_Type, &d)) return NULL;
+    Py_ssize_t n = PyDict_Size(d), pos = 0, i = 0;
+    xo_tensor_view *views = calloc((size_t)(n ? n : 1), sizeof *views);
+    PyObject **arrays = calloc((size_t)(n ? n : 1), sizeof *arrays);
+    PyObject *key, *value, *result = NULL;
+    if (!views || !arrays) { PyErr_NoMemory(); goto exit; }
+    while (PyDict_Next(d, &pos, &key, &value)) {
+        const char *name = PyUnicode_AsUTF8(key);
+        if (!name) goto exit;
+        int typenum = NPY_FLOAT32;
+        if (PyArray_Check(value) && PyArray_TYPE((PyArrayObject *)value) == NPY_FLOAT16) typenum = NPY_FLOAT16;
+        PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(value, typenum, 0, 0, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+        if (!a) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "state_dict entry '%s' cannot be read as a float array", name);
+            goto exit;
+        }
+        arrays[i] = (PyObject *)a;
+        xo_tensor_view *v = &views[i++];
+        v->name = name;
+        v->dtype = typenum == NPY_FLOAT16 ? XO_F16 : XO_F32;
+        snprintf(v->dtype_name, sizeof v->dtype_name, "%s", xo_dtype_name(v->dtype));
+        v->ndim = PyArray_NDIM(a) > XO_MAX_DIMS ? XO_MAX_DIMS : PyArray_NDIM(a);
+        for (int k = 0; k < v->ndim; k++) v->shape[k] = PyArray_DIM(a, k);
+        v->data = PyArray_DATA(a);
+        v->nbytes = (size_t)PyArray_NBYTES(a);
+    }
+    xo_status rc;
+    LOCKED_NOGIL(self, rc = xo_model_load(self->model, views, (int)i, ""));
+    if (rc != XO_OK) { xo_py_raise(rc); goto exit; }
+    result = Py_NewRef(Py_None);
+exit:
+    for (Py_ssize_t k = 0; arrays && k < i; k++) Py_XDECREF(arrays[k]);
+    free(arrays);
+    free(views);
+    return result;
+}
+
+static PyObject *Model_state_dict(ModelObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (ensure_model(self)) return NULL;
+    xo_model *m = self->model;
+    xo_weight_slot *slots = NULL;
+    int n = 0;
+    xo_status rc = xo_weights_layout(&m->cfg, &m->w, m->weight_dtype, &slots, &n);
+    if (rc != XO_OK) return xo_py_raise(rc);
+    PyObject *out = PyDict_New();
+    for (int i = 0; out && i < n; i++) {
+        npy_intp dims[2] = { slots[i].rows, slots[i].cols };
+        PyObject *arr = PyArray_SimpleNew(slots[i].cols ? 2 : 1, dims, NPY_FLOAT32);
+        if (!arr) { Py_CLEAR(out); break; }
+        float *dst = PyArray_DATA((PyArrayObject *)arr);
+        LOCKED_NOGIL(self, rc = xo_weights_get(&m->w, &m->cfg, m->be, &slots[i], dst));
+        if (rc != XO_OK || PyDict_SetItemString(out, slots[i].name, arr) < 0) {
+            if (rc != XO_OK) xo_py_raise(rc);
+            Py_DECREF(arr);
+            Py_CLEAR(out);
+            break;
+        }
+        Py_DECREF(arr);
+    }
+    free(slots);
+    return out;
+}
+
+static PyObject *Model_tensor_shapes(ModelObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (ensure_model(self)) return NULL;
+    xo_model *m = self->model;
+    xo_weight_slot *slots = NULL;
+    int n = 0;
+    xo_status rc = xo_weights_layout(&m->cfg, &m->w, m->weight_dtype, &slots, &n);
+    if (rc != XO_OK) return xo_py_raise(rc);
+    PyObject *out = PyList_New(0);
+    for (int i = 0; out && i < n; i++) {
+        PyObject *item = slots[i].cols ? Py_BuildValue("(s(ii))", slots[i].name, slots[i].rows, slots[i].cols)
+                                       : Py_BuildValue("(s(i))", slots[i].name, slots[i].rows);
+        if (!item || PyList_Append(out, item) < 0) Py_CLEAR(out);
+        Py_XDECREF(item);
+    }
+    free(slots);
+    return out;
+}
+
+/* forward(ids int32 [b,t] | DLPack capsule of GPU ids | embeds float32 [b,t,H], positions int32 [b,t] | None, mask uint8 [b,m] | None, cache | None,
+ *         want_logits, last_only, want_hidden) -> (logits | None, hidden | None) */
+static PyObject *Model_forward(ModelObject *self, PyObject *args) {
+    PyObject *ids_o, *pos_o, *mask_o, *cache_o;
+    int want_logits, last_only, want_hidden, device_logits = 0;
+    if (ensure_model(self) ||
+        !PyArg_ParseTuple(args, "OOOOppp|p", &ids_o, &pos_o, &mask_o, &cache_o, &want_logits, &last_only, &want_hidden,
+                          &device_logits))
+        return NULL;
+    xo_model *m = self->model;
+    PyArrayObject *ids = NULL, *pos = NULL, *mask = NULL;
+    if (!ids_o) return NULL;
+    PyObject *logits = NULL, *hidden = NULL, *result = NULL;
+    xo_cache *cache = NULL;
+    if (xo_py_as_cache(cache_o, &cache, self)) return NULL;
+    int is_embeds = PyArray_Check(ids_o) && PyArray_NDIM((PyArrayObject *)ids_o) == 3;
+    int b, t, wide = 0;
+    xo_dl_managed_tensor *dev_ids = NULL;
+    if (PyCapsule_CheckExact(ids_o)) {
+        if (!(dev_ids = xo_py_device_ids(self, ids_o, &b, &t, &wide))) goto exit;
+    } else {
+        ids = (PyArrayObject *)PyArray_FROMANY(ids_o, is_embeds ? NPY_FLOAT32 : NPY_INT32, is_embeds ? 3 : 2,
+                                               is_embeds ? 3 : 2, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+        if (!ids) goto exit;
+        b = (int)PyArray_DIM(ids, 0);
+        t = (int)PyArray_DIM(ids, 1);
+    }
+    if (is_embeds && PyArray_DIM(ids, 2) != m->cfg.hidden_size) {
+        PyErr_Format(PyExc_ValueError, "inputs_embeds has width %zd; expected hidden_size %d",
+                     (Py_ssize_t)PyArray_DIM(ids, 2), m->cfg.hidden_size);
+        goto exit;
+    }
+    if (pos_o != Py_None) {
+        pos = (PyArrayObject *)PyArray_FROMANY(pos_o, NPY_INT32, 2, 2, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+        if (!pos) goto exit;
+        if (PyArray_DIM(pos, 0) != b || PyArray_DIM(pos, 1) != t) {
+            PyErr_Format(PyExc_ValueError, "position_ids has shape [%zd, %zd]; expected [%d, %d] like input_ids",
+                         (Py_ssize_t)PyArray_DIM(pos, 0), (Py_ssize_t)PyArray_DIM(pos, 1), b, t);
+            goto exit;
+        }
+    }
+    if (mask_o != Py_None) {
+        mask = (PyArrayObject *)PyArray_FROMANY(mask_o, NPY_UINT8, 2, 2, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+        if (!mask) goto exit;
+        if (PyArray_DIM(mask, 0) != b) {
+            PyErr_Format(PyExc_ValueError, "attention_mask has %zd rows; input_ids has %d",
+                         (Py_ssize_t)PyArray_DIM(mask, 0), b);
+            goto exit;
+        }
+    }
+    const int V = m->cfg.vocab_size, H = m->cfg.hidden_size, L = m->cfg.num_layers;
+    if (want_logits && !device_logits) {
+        npy_intp d3[3] = { b, t, V }, d2[2] = { b, V };
+        logits = last_only ? PyArray_SimpleNew(2, d2, NPY_FLOAT32) : PyArray_SimpleNew(3, d3, NPY_FLOAT32);
+        if (!logits) goto exit;
+    }
+    if (want_hidden) {
+        npy_intp d4[4] = { L + 1, b, t, H };
+        hidden = PyArray_SimpleNew(4, d4, NPY_FLOAT32);
+        if (!hidden) goto exit;
+    }
+    xo_forward_args fa = {
+        .batch = b, .tokens = t,
+        .ids = is_embeds || dev_ids ? NULL : PyArray_DATA(ids),
+        .ids_device = dev_ids ? (const char *)dev_ids->dl_tensor.data + dev_ids->dl_tensor.byte_offset : NULL,
+        .ids_wide = wide,
+        .embeds = is_embeds ? PyArray_DATA(ids) : NULL,
+        .positions = pos ? PyArray_DATA(pos) : NULL,
+        .mask = mask ? PyArray_DATA(mask) : NULL,
+        .mask_len = mask ? (int)PyArray_DIM(mask, 1) : 0,
+        .cache = cache,
+        .logits = logits ? PyArray_DATA((PyArrayObject *)logits) : NULL,
+        .last_only = last_only,
+        .hidden = hidden ? PyArray_DATA((PyArrayObject *)hidden) : NULL,
+    };
+    float *dev_logits = NULL;
+    if (want_logits && device_logits) fa.device_logits = &dev_logits;
+    xo_status rc;
+    LOCKED_NOGIL(self, rc = xo_model_forward(m, &fa));
+    if (rc != XO_OK) {
+        if (dev_logits) m->be->release(m->be, dev_logits);
+        xo_py_raise(rc);
+        goto exit;
+    }
+    if (dev_logits) {
+        int64_t shape[3] = { b, t, V };
+        logits = last_only ? xo_py_dl_capsule(self, dev_logits, 2, (int64_t[]){ b, V }) : xo_py_dl_capsule(self, dev_logits, 3, shape);
+        if (!logits) goto exit;
+    }
+    result = Py_BuildValue("(OO)", logits ? logits : Py_None, hidden ? hidden : Py_None);
+exit:
+    if (dev_ids && dev_ids->deleter) dev_ids->deleter(dev_ids);
+    Py_XDECREF(ids);
+    Py_XDECREF(pos);
+    Py_XDECREF(mask);
+    Py_XDECREF(logits);
+    Py_XDECREF(hidden);
+    return result;
+}
+
+
+/* ---- generate ---- */
+
+typedef struct {
+    PyObject *callback;       /* called with an int64 array of the step's tokens, or NULL */
+    PyObject *exc_type, *exc_value, *exc_tb;
+} stream_ctx;
+
+static xo_status stream_token(void *p, const int32_t *tokens, int batch) {
+    stream_ctx *ctx = p;
+    PyGILState_STATE g = PyGILState_Ensure();
+    npy_intp dims[1] = { batch };
+    PyObject *arr = PyArray_SimpleNew(1, dims, NPY_INT64);
+    PyObject *res = NULL;
+    if (arr) {
+        int64_t *d = PyArray_DATA((PyArrayObject *)arr);
+        for (int i = 0; i < batch; i++) d[i] = tokens[i];
+        res = PyObject_CallOneArg(ctx->callback, arr);
+    }
+    Py_XDECREF(arr);
+    xo_status rc = XO_OK;
+    if (!res) {
+        PyErr_Fetch(&ctx->exc_type, &ctx->exc_value, &ctx->exc_tb);
+        rc = xo_fail(XO_EINVAL, "streamer raised");
+    }
+    Py_XDECREF(res);
+    PyGILState_Release(g);
+    return rc;
+}
+
+static PyObject *Model_generate(ModelObject *self, PyObject *args, PyObject *kw) {
+    static char *names[] = { "prompt", "mask", "max_new_tokens", "min_new_tokens", "do_sample", "temperature",
+                             "top_k", "top_p", "repetition_penalty", "eos_ids", "pad_id", "seed", "cache_format",
+                             "want_scores", "callback", NULL };
+    PyObject *prompt_o, *mask_o, *eos_o, *cb = Py_None;
+    int max_new, min_new, do_sample, top_k, pad_id, cache_format = XO_CACHE_LATENT, want_scores = 0;
+    float temperature, top_p, rep;
+    unsigned long long seed;
+    if (ensure_model(self) ||
+        !PyArg_ParseTupleAndKeywords(args, kw, "OOiipfiffOiK|ipO", names, &prompt_o, &mask_o, &max_new, &min_new,
+                                     &do_sample, &temperature, &top_k, &top_p, &rep, &eos_o, &pad_id, &seed,
+                                     &cache_format, &want_scores, &cb))
+        return NULL;
+    xo_model *m = self->model;
+    PyArrayObject *prompt = NULL, *mask = NULL, *eos = NULL;
+    PyObject *out = NULL, *scores = NULL, *result = NULL;
+    stream_ctx ctx = { cb == Py_None ? NULL : cb, NULL, NULL, NULL };
+    prompt = (PyArrayObject *)PyArray_FROMANY(prompt_o, NPY_INT32, 2, 2, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+    if (!prompt) goto exit;
+    int b = (int)PyArray_DIM(prompt, 0), t = (int)PyArray_DIM(prompt, 1);
+    if (b == 0 || t == 0) { PyErr_SetString(PyExc_ValueError, "input_ids is empty; give at least one token"); goto exit; }
+    if (mask_o != Py_None) {
+        mask = (PyArrayObject *)PyArray_FROMANY(mask_o, NPY_UINT8, 2, 2, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+        if (!mask) goto exit;
+        if (PyArray_DIM(mask, 0) != b || PyArray_DIM(mask, 1) != t) {
+            PyErr_Format(PyExc_ValueError, "attention_mask has shape [%zd, %zd]; expected [%d, %d] like input_ids",
+                         (Py_ssize_t)PyArray_DIM(mask, 0), (Py_ssize_t)PyArray_DIM(mask, 1), b, t);
+            goto exit;
+        }
+    }
+    eos = (PyArrayObject *)PyArray_FROMANY(eos_o, NPY_INT32, 1, 1, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+    if (!eos) goto exit;
+    if (max_new < 0) { PyErr_Format(PyExc_ValueError, "max_new_tokens must be >= 0 (got %d)", max_new); goto exit; }
+    npy_intp od[2] = { b, (npy_intp)t + max_new };
+    out = PyArray_SimpleNew(2, od, NPY_INT32);
+    if (!out) goto exit;
+    if (want_scores) {
+        npy_intp sd[3] = { max_new, b, m->cfg.vocab_size };
+        scores = PyArray_SimpleNew(3, sd, NPY_FLOAT32);
+        if (!scores) goto exit;
+    }
+    int steps = 0;
+    xo_generate_args ga = {
+        .batch = b, .prompt_len = t, .prompt = PyArray_DATA(prompt), .mask = mask ? PyArray_DATA(mask) : NULL,
+        .max_new_tokens = max_new, .min_new_tokens = min_new,
+        .sampling = { .do_sample = do_sample, .temperature = temperature, .top_k = top_k, .top_p = top_p,
+                      .repetition_penalty = rep },
+        .eos_ids = PyArray_DATA(eos), .num_eos = (int)PyArray_DIM(eos, 0), .pad_id = pad_id, .seed = seed,
+        .cache_format = cache_format, .out = PyArray_DATA((PyArrayObject *)out), .steps_done = &steps,
+        .scores = scores ? PyArray_DATA((PyArrayObject *)scores) : NULL,
+        .on_token = ctx.callback ? stream_token : NULL, .ctx = &ctx,
+    };
+    xo_status rc;
+    LOCKED_NOGIL(self, rc = xo_generate(m, &ga));
+    if (ctx.exc_type) { PyErr_Restore(ctx.exc_type, ctx.exc_value, ctx.exc_tb); goto exit; }
+    if (rc != XO_OK) { xo_py_raise(rc); goto exit; }
+    result = Py_BuildValue("(OOi)", out, scores ? scores : Py_None, steps);
+exit:
+    Py_XDECREF(prompt);
+    Py_XDECREF(mask);
+    Py_XDECREF(eos);
+    Py_XDECREF(out);
+    Py_XDECREF(scores);
+    return result;
+}
+
+static PyObject *Model_new_cache(ModelObject *self, PyObject *args) {
+    int batch, format = XO_CACHE_LATENT;
+    if (ensure_model(self) || !PyArg_ParseTuple(args, "i|i", &batch, &format)) return NULL;
+    xo_cache *c = NULL;
+    xo_status rc = xo_cache_create(&c, &self->model->cfg, self->model->be, batch, format, self->model->weight_dtype);
+    if (rc != XO_OK) return xo_py_raise(rc);
+    return xo_py_cache_new(self, c);
+}
+
+static PyObject *Model_get_device(ModelObject *self, void *Py_UNUSED(c)) { return PyUnicode_FromString(self->device); }
+
+/* the CUDA stream the model's kernels run on, as an integer (DLPack's `stream`), or None */
+static PyObject *Model_get_stream(ModelObject *self, void *Py_UNUSED(c)) {
+    if (ensure_model(self)) return NULL;
+    void *s = self->model->be->native_stream;
+    return s ? PyLong_FromVoidPtr(s) : Py_NewRef(Py_None);
+}
+
+static PyMethodDef Model_methods[] = {
+    { "init_random", (PyCFunction)Model_init_random, METH_VARARGS, "init_random(seed): normal(0, 0.02) weights, norms 1." },
+    { "load_safetensors", (PyCFunction)Model_load_safetensors, METH_VARARGS, "load_safetensors(files, prefix='')" },
+    { "load_arrays", (PyCFunction)Model_load_arrays, METH_VARARGS, "load_arrays({name: ndarray})" },
+    { "state_dict", (PyCFunction)Model_state_dict, METH_NOARGS, "state_dict() -> {name: float32 ndarray}" },
+    { "tensor_shapes", (PyCFunction)Model_tensor_shapes, METH_NOARGS, "[(name, shape)] of every SPEC tensor" },
+    { "forward", (PyCFunction)Model_forward, METH_VARARGS,
+      "forward(ids | GPU ids DLPack capsule, positions, mask, cache, want_logits, last_only, want_hidden, "
+      "device_logits=False) -> (logits, hidden)" },
+    { "generate", (PyCFunction)(void (*)(void))Model_generate, METH_VARARGS | METH_KEYWORDS,
+      "generate(prompt, mask, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, "
+      "repetition_penalty, eos_ids, pad_id, seed, cache_format=0, want_scores=False, callback=None) "
+      "-> (tokens [b, t+max_new], scores | None, steps)" },
+    { "new_cache", (PyCFunction)Model_new_cache, METH_VARARGS, "new_cache(batch, format=0) -> Cache (0 latent, 1 K/V)" },
+    { NULL, NULL, 0, NULL },
+};
+
+static PyGetSetDef Model_getset[] = {
+    { "device", (getter)Model_get_device, NULL, "device string", NULL },
+    { "cuda_stream", (getter)Model_get_stream, NULL, "the CUDA stream the model runs on (int), or None", NULL },
+    { NULL, NULL, NULL, NULL, NULL },
+};
+
+PyTypeObject xo_py_ModelType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "xoron._C.Model",
+    .tp_basicsize = sizeof(ModelObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Model(config: dict, dtype='float32', device='cpu'): the C engine behind MoELlamaForCausalLM.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Model_init,
+    .tp_dealloc = (destructor)Model_dealloc,
+    .tp_methods = Model_methods,
+    .tp_getset = Model_getset,
+};
