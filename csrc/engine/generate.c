@@ -12,6 +12,21 @@ static int is_eos(const xo_generate_args *a, int32_t t) {
     return 0;
 }
 
+/* min_new_tokens bans every EOS id for the first steps; if those are the whole vocabulary,
+ * no step could choose anything, so the request cannot be honoured. */
+static xo_status check_a_token_remains(const xo_generate_args *a, int V) {
+    uint8_t *banned = calloc((size_t)V, 1);
+    if (!banned) return xo_fail(XO_ENOMEM, "out of memory in generate");
+    int count = 0;
+    for (int i = 0; i < a->num_eos; i++)
+        if (!banned[a->eos_ids[i]]) { banned[a->eos_ids[i]] = 1; count++; }
+    free(banned);
+    if (count == V)
+        return xo_fail(XO_EINVAL, "min_new_tokens=%d cannot be honoured: every token of the vocabulary (%d) is an "
+                       "eos_token_id, so none may be generated before min_new_tokens", a->min_new_tokens, V);
+    return XO_OK;
+}
+
 static xo_status check(const xo_model *m, const xo_generate_args *a) {
     if (a->max_new_tokens < 0) return xo_fail(XO_EINVAL, "max_new_tokens must be >= 0 (got %d)", a->max_new_tokens);
     if (a->min_new_tokens < 0) return xo_fail(XO_EINVAL, "min_new_tokens must be >= 0 (got %d)", a->min_new_tokens);
@@ -23,6 +38,8 @@ static xo_status check(const xo_model *m, const xo_generate_args *a) {
             return xo_fail(XO_EINVAL, "eos_token_id %d is outside [0, vocab_size=%d)", a->eos_ids[i], m->cfg.vocab_size);
     if (a->pad_id < 0 || a->pad_id >= m->cfg.vocab_size)
         return xo_fail(XO_EINVAL, "pad_token_id %d is outside [0, vocab_size=%d)", a->pad_id, m->cfg.vocab_size);
+    if (a->min_new_tokens > 0 && a->max_new_tokens > 0 && a->num_eos >= m->cfg.vocab_size)
+        XO_TRY(check_a_token_remains(a, m->cfg.vocab_size));
     return xo_sampling_check(&a->sampling);
 }
 
@@ -116,7 +133,9 @@ xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
             const int32_t *row = a->out + (size_t)r * width;
             for (int i = 0; a->sampling.repetition_penalty != 1.0f && i < t0 + step; i++)
                 if (i >= t0 || !a->mask || a->mask[(size_t)r * t0 + i]) history[n++] = row[i];
-            int32_t tok = have_argmax ? best[r] : xo_sample_row(z, V, &a->sampling, history, n, &rng, work);
+            int32_t tok = have_argmax ? best[r] : 0;
+            if (!have_argmax && (rc = xo_sample_row(z, V, &a->sampling, history, n, &rng, work, r, &tok)) != XO_OK)
+                break;
             if (a->scores) memcpy(a->scores + ((size_t)step * b + r) * V, z, (size_t)V * sizeof(float));
             if (finished[r]) tok = a->pad_id;
             else if (is_eos(a, tok)) finished[r] = 1;
@@ -124,6 +143,7 @@ xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
             a->out[(size_t)r * width + t0 + step] = tok;
             all_done &= finished[r];
         }
+        if (rc != XO_OK) break;
         *a->steps_done = step + 1;
         if (a->on_token) rc = a->on_token(a->ctx, next, b);
         if (rc != XO_OK || all_done || step + 1 == a->max_new_tokens) break;

@@ -1,5 +1,6 @@
 #include "engine/sampling.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -74,23 +75,59 @@ static float kth_largest(const float *x, int V, int k, float *tmp) {
     return tmp[want];
 }
 
-int32_t xo_sample_row(float *z, int V, const xo_sampling_params *p, const int32_t *history, int n,
-                      xo_rng *rng, void *work) {
+/* Repetition penalty (seen tokens) and, when sampling, temperature, as transformers applies
+ * them. Each value is computed in double, which rounds to exactly the float result whenever
+ * that is finite; when the largest would not fit a float (temperature or penalty near zero),
+ * the row's maximum is subtracted first, which leaves the choice and the distribution as they
+ * are but cannot overflow, so the limit is greedy and not whichever token comes last. */
+static double penalized(float z, double pen) {
+    double y = z < 0 ? z * pen : z / pen;
+    return y > FLT_MAX || y < -FLT_MAX ? y : (double)(float)y; /* as the float operation rounds it */
+}
+
+static void penalize_and_scale(float *z, int V, const xo_sampling_params *p, const int32_t *history, int n,
+                               float *seen) {
+    const int penalize = p->repetition_penalty != 1.0f, scale = p->do_sample && p->temperature != 1.0f;
+    if (!penalize && !scale) return;
+    const double pen = p->repetition_penalty, temp = scale ? p->temperature : 1.0;
+    for (int i = 0; penalize && i < n; i++) /* as transformers: each seen token once */
+        if (history[i] >= 0 && history[i] < V) seen[history[i]] = 1.0f;
+    double mx = -INFINITY;
+    for (int v = 0; v < V; v++) {
+        double y = (seen[v] == 1.0f ? penalized(z[v], pen) : z[v]) / temp;
+        mx = y > mx ? y : mx;
+    }
+    const double shift = mx > FLT_MAX || mx < -FLT_MAX ? mx : 0.0;
+    for (int v = 0; v < V; v++) {
+        double y = (seen[v] == 1.0f ? penalized(z[v], pen) : z[v]) / temp;
+        if (shift == INFINITY) /* the limit: the +inf logits share everything */
+            y = y == INFINITY ? 0.0 : -INFINITY;
+        else
+            y -= shift;
+        z[v] = y < -FLT_MAX ? -INFINITY : y > FLT_MAX ? INFINITY : (float)y;
+    }
+    for (int i = 0; penalize && i < n; i++)
+        if (history[i] >= 0 && history[i] < V) seen[history[i]] = 0.0f;
+}
+
+xo_status xo_sample_row(float *z, int V, const xo_sampling_params *p, const int32_t *history, int n,
+                        xo_rng *rng, void *work, int row, int32_t *token) {
     float *tmp = work;
     int *order = (int *)(tmp + 2 * (size_t)V);
-    if (p->repetition_penalty != 1.0f) { /* as transformers: each seen token once */
-        for (int i = 0; i < n; i++) {
-            int32_t t = history[i];
-            if (t < 0 || t >= V || tmp[V + t] == 1.0f) continue;
-            tmp[V + t] = 1.0f;
-            z[t] = z[t] < 0 ? z[t] * p->repetition_penalty : z[t] / p->repetition_penalty;
-        }
-        for (int i = 0; i < n; i++)
-            if (history[i] >= 0 && history[i] < V) tmp[V + history[i]] = 0.0f;
+    int live = 0;
+    for (int v = 0; v < V; v++) {
+        if (z[v] != z[v]) return xo_fail(XO_EINVAL, "logits contain NaN at row %d (token %d)", row, v);
+        live |= z[v] != -INFINITY;
     }
-    if (!p->do_sample) return argmax(z, V);
-    if (p->temperature != 1.0f)
-        for (int v = 0; v < V; v++) z[v] /= p->temperature;
+    if (!live)
+        return xo_fail(XO_EINVAL, "no token is left to choose at row %d: every logit is -inf", row);
+    penalize_and_scale(z, V, p, history, n, tmp + V);
+    if (!p->do_sample) {
+        *token = argmax(z, V);
+        return XO_OK;
+    }
+    if (z[argmax(z, V)] == INFINITY) /* the limit: the +inf logits share everything */
+        for (int v = 0; v < V; v++) z[v] = z[v] == INFINITY ? 0.0f : -INFINITY;
     if (p->top_k > 0 && p->top_k < V) { /* keep the top_k largest (and ties of the k-th) */
         float kth = kth_largest(z, V, p->top_k, tmp);
         for (int v = 0; v < V; v++)
@@ -120,7 +157,11 @@ int32_t xo_sample_row(float *z, int V, const xo_sampling_params *p, const int32_
         if (z[v] == -INFINITY) continue;
         cum += exp((double)z[v] - mx);
         last = v;
-        if (u < cum) return v;
+        if (u < cum) {
+            *token = v;
+            return XO_OK;
+        }
     }
-    return last;
+    *token = last;
+    return XO_OK;
 }
