@@ -39,7 +39,7 @@ static int dict_float(PyObject *d, const char *key, float *out) {
         return -1;
     }
     if (isfinite(x) && fabs(x) > FLT_MAX) { /* outside float: the cast would be undefined */
-        PyErr_Format(PyExc_ValueError, "config: %s=%g does not fit in a 32-bit float", key, x);
+        PyErr_Format(PyExc_ValueError, "config: %s=%R does not fit in a 32-bit float", key, v);
         return -1;
     }
     *out = (float)x;
