@@ -99,7 +99,8 @@ struct xo_backend {
     int host_memory;   /* 1: "device" pointers are host memory (the graph may write into caller arrays) */
 
     /* memory */
-    void *(*alloc)(xo_backend *be, size_t bytes);             /* zero-filled; NULL on failure */
+    /* zero-filled; NULL on failure, with an XO_ENOMEM message naming the size recorded (xo_fail) */
+    void *(*alloc)(xo_backend *be, size_t bytes);
     void (*release)(xo_backend *be, void *ptr);
     /* frees memory that another framework's streams may still read (waits for the device) */
     void (*release_shared)(xo_backend *be, void *ptr);

@@ -6,7 +6,7 @@
 
 #include "backends/backend.h"
 
-typedef xo_status (*cuda_create_fn)(xo_backend **out, int device, char *err, size_t err_len);
+typedef xo_status (*cuda_create_fn)(xo_backend **out, int device, const xo_error_sink *sink);
 
 static char plugin_path[4096];
 
@@ -20,8 +20,6 @@ xo_status xo_cuda_backend_create(xo_backend **out, int device) {
     if (!lib) return xo_fail(XO_EUNSUPPORTED, "device 'cuda' is not available: cannot load %s: %s", plugin_path, dlerror());
     cuda_create_fn create = (cuda_create_fn)dlsym(lib, "xo_cuda_plugin_create");
     if (!create) return xo_fail(XO_EUNSUPPORTED, "device 'cuda': %s lacks xo_cuda_plugin_create", plugin_path);
-    char err[512] = "";
-    xo_status rc = create(out, device, err, sizeof err);
-    if (rc != XO_OK) return xo_fail(rc, "%s", err[0] ? err : "CUDA backend creation failed");
-    return XO_OK;
+    const xo_error_sink sink = { xo_fail, xo_last_error };
+    return create(out, device, &sink);
 }

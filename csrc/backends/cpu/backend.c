@@ -9,7 +9,11 @@ static void *cpu_alloc(xo_backend *be, size_t bytes) {
     /* 64-byte alignment keeps vector loads on cache-line boundaries. */
     size_t rounded = (bytes + 63) & ~(size_t)63;
     void *p = aligned_alloc(64, rounded ? rounded : 64);
-    if (p) memset(p, 0, rounded ? rounded : 64);
+    if (!p) {
+        xo_fail(XO_ENOMEM, "cannot allocate %zu bytes of host memory", bytes);
+        return NULL;
+    }
+    memset(p, 0, rounded ? rounded : 64);
     return p;
 }
 

@@ -43,7 +43,7 @@ xo_status xo_cpu_linear_init(xo_backend *be, xo_linear *w, const void *host, xo_
     if (!w->data && !(w->data = xo_cpu_weight_alloc(elems * xo_dtype_size(w->dtype))))
         return xo_fail(XO_ENOMEM, "out of memory for a [%d, %d] %s weight", w->out, w->in, xo_dtype_name(w->dtype));
     if (w->dtype == XO_I8 && !w->scales && !(w->scales = be->alloc(be, (size_t)w->out * sizeof(float))))
-        return xo_fail(XO_ENOMEM, "out of memory for the scales of a [%d, %d] weight", w->out, w->in);
+        return xo_fail_more(XO_ENOMEM, "out of memory for the scales of a [%d, %d] weight", w->out, w->in);
     return xo_cpu_store_rows(w, host, src_t, row_offset, rows);
 }
 

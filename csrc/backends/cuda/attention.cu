@@ -643,7 +643,7 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
     char *blk = NULL;
     if (b_exp + b_lat + b_16 + b_part) {
         blk = (char *)cu_alloc_raw(c, b_exp + b_lat + b_16 + b_part);
-        if (!blk) return cu_fail(c, XO_ENOMEM, "out of GPU memory for attention scratch (%zu key rows)", krows);
+        if (!blk) return cu_fail_more(c, XO_ENOMEM, "attention scratch (%zu key rows)", krows);
     }
     float *kvbuf = (float *)blk, *lat = (float *)(blk + b_exp);
     __half *kv16 = (__half *)(blk + b_exp + b_lat);

@@ -19,6 +19,14 @@ extern "C" {
 
 struct XoLt;  /* cuBLASLt state, backends/cuda/gemm.cu */
 
+/* A bad value a kernel met in its inputs (an expert id out of range). Kept in mapped host
+ * memory: a kernel writes it only on a fault, and the host reads it after the stream
+ * synchronises without a copy. */
+enum { CU_FAULT_NONE = 0, CU_FAULT_EXPERT_ID = 1 };
+struct CuFault {
+    int kind, value, limit;
+};
+
 struct CuCtx {
     int device;
     int num_sms;
@@ -34,13 +42,18 @@ struct CuCtx {
     int gemm_v1;          /* XORON_CUDA_GEMM=v1: the 64-row grouped MoE GEMM instead of the 128-row one */
     int pdl;              /* programmatic dependent launch (compute capability 9.0+; XORON_CUDA_PDL=0: off) */
     int verbose;
-    char err[512];
+    size_t memory_limit;  /* 0: none; else cu_alloc_raw fails once the pool would hand out more */
+    xo_error_sink sink;   /* the engine's error channel: every failure is reported through it */
+    CuFault *fault;       /* mapped host memory: faults the kernels found in their inputs */
+    CuFault *fault_dev;   /* the same, as the kernels address it */
 };
 
 static inline CuCtx *cu_ctx(xo_backend *be) { return (CuCtx *)be->ctx; }
 
-/* Records a failure message (also printed to stderr once per kind) and returns code. */
+/* Records a failure message in the engine's channel and returns code. */
 xo_status cu_fail(CuCtx *c, xo_status code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* The same with the message already recorded appended: "<what>: <reason>" (a failed cu_alloc). */
+xo_status cu_fail_more(CuCtx *c, xo_status code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /* XO_OK, or XO_EDEVICE with the pending CUDA error recorded. */
 xo_status cu_check(CuCtx *c, cudaError_t e, const char *what);
 xo_status cu_check_launch(CuCtx *c, const char *what);
@@ -51,7 +64,24 @@ xo_status cu_check_launch(CuCtx *c, const char *what);
         if (cu_e_ != cudaSuccess) return cu_check((c), cu_e_, (what)); \
     } while (0)
 
-/* stream-ordered device memory, zero-filled (cu_alloc) or not (cu_alloc_raw) */
+/* records the first fault of a launch sequence; the caller then reads a safe value instead */
+__device__ __forceinline__ void cu_report_fault(CuFault *f, int kind, int value, int limit) {
+    if (atomicCAS(&f->kind, CU_FAULT_NONE, kind) == CU_FAULT_NONE) {
+        f->value = value;
+        f->limit = limit;
+    }
+}
+/* an expert id checked against E: a bad one is reported and replaced by 0 */
+__device__ __forceinline__ int cu_expert_id(int e, int E, CuFault *f) {
+    if (e >= 0 && e < E) return e;
+    cu_report_fault(f, CU_FAULT_EXPERT_ID, e, E);
+    return 0;
+}
+/* XO_OK, or the fault the kernels recorded since the last call (after the stream synchronised) */
+xo_status cu_take_fault(CuCtx *c);
+
+/* stream-ordered device memory, zero-filled (cu_alloc) or not (cu_alloc_raw); on failure NULL
+ * with the reason (naming the size) recorded */
 void *cu_alloc(CuCtx *c, size_t bytes);
 void *cu_alloc_raw(CuCtx *c, size_t bytes);
 void cu_free(CuCtx *c, void *p);
