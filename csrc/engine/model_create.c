@@ -43,3 +43,13 @@ void xo_model_free(xo_model *m) {
     pthread_mutex_destroy(&m->lock);
     free(m);
 }
+
+void xo_model_lock(xo_model *m) {
+    pthread_mutex_lock(&m->lock);
+    if (m->be->enter) m->be->enter(m->be);
+}
+
+void xo_model_unlock(xo_model *m) {
+    if (m->be->leave) m->be->leave(m->be);
+    pthread_mutex_unlock(&m->lock);
+}

@@ -288,6 +288,7 @@ static void w_graph_free(xo_backend *be, void *graph) {
 
 /* The plugin's one entry point; every failure, here and later, goes through `sink`. */
 extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_create(xo_backend **out, int device,
+                                                                                   const xo_options *opts,
                                                                                    const xo_error_sink *sink) {
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
@@ -309,17 +310,9 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
     }
     c->device = device;
     c->sink = *sink;
-    const char *v = getenv("XORON_CUDA_VERBOSE");
-    c->verbose = v && *v && *v != '0';
-    const char *mm = getenv("XORON_CUDA_MOE");
-    c->moe_host = mm && !strcmp(mm, "host");
-    const char *am = getenv("XORON_CUDA_ATTN");
-    c->attn_rows = am && !strcmp(am, "rows");
-    c->attn_wmma = am && !strcmp(am, "wmma");
-    c->attn_q64 = am && !strcmp(am, "q64");
-    const char *gm = getenv("XORON_CUDA_GEMM");
-    c->gemm_v1 = gm && !strcmp(gm, "v1");
-    const char *pd = getenv("XORON_CUDA_PDL");
+    c->moe_host = opts->cuda_moe_host;
+    c->attn_rows = opts->cuda_attention_rows;
+    c->memory_limit = opts->cuda_memory_limit;
     int major = 0;
     if ((e = cudaSetDevice(device)) != cudaSuccess ||
         (e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device)) != cudaSuccess ||
@@ -344,12 +337,19 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
         return sink->fail(XO_EUNSUPPORTED, "device 'cuda:%d' has compute capability %d.x; xoron needs 8.0 or newer",
                           device, major);
     }
-    c->pdl = major >= 9 && !(pd && !strcmp(pd, "0"));
+    c->pdl = major >= 9 && opts->cuda_pdl;
     /* Keep freed blocks in the pool: the graph allocates its scratch on every call. */
     uint64_t keep = UINT64_MAX;
     cudaMemPoolSetAttribute(c->pool, cudaMemPoolAttrReleaseThreshold, &keep);
-    c->lt = cu_lt_create(c);
-    if (!c->lt && c->verbose) fprintf(stderr, "xoron cuda: cuBLASLt not found; using the built-in GEMM kernels\n");
+    if (!opts->cuda_gemm_builtin) c->lt = cu_lt_create(c, opts->cublaslt_library);
+    if (!c->lt && !opts->cuda_gemm_builtin && opts->cublaslt_library[0]) {
+        cudaStreamDestroy(c->stream);
+        cudaFreeHost(c->fault);
+        free(c);
+        free(be);
+        return sink->fail(XO_EUNSUPPORTED, "option cublaslt_library: cannot load cuBLASLt from '%s'",
+                          opts->cublaslt_library);
+    }
 
     be->name = "cuda";
     be->ctx = c;
@@ -384,7 +384,7 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
     be->decode_begin = w_decode_begin;
     be->decode_end = w_decode_end;
     be->suppress_tokens = w_suppress_tokens;
-    if (!(getenv("XORON_CUDA_GRAPHS") && !strcmp(getenv("XORON_CUDA_GRAPHS"), "0"))) {
+    if (opts->cuda_graphs) {
         be->capture_begin = w_capture_begin;
         be->capture_end = w_capture_end;
         be->graph_launch = w_graph_launch;

@@ -330,8 +330,7 @@ xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a) {
     {
         int *counts = ib, *offsets = ib + E, *tile_start = offsets + E + 1, *rank = tile_start + E + 1, *slot_of = rank + slots;
         cu_launch(c, k_moe_count, cu_blocks((size_t)slots, 256), 256, 0, a->topk_idx, slots, E, counts, rank, c->fault_dev);
-        /* row tile of the grouped GEMM: 64 rows when experts get few (decode batches) */
-        const int bm = c->gemm_v1 || slots < 64 * E ? CU_GEMM_BM : 128;
+        const int bm = cu_grouped_tile_rows(slots, E);
         cu_launch(c, k_moe_offsets, 1, 32, 0, counts, E, offsets, tile_start, bm);
         const int gth = H >= 256 ? 256 : 128;
         if (mode == WMMA) {
