@@ -93,16 +93,20 @@ def _parse_device(device) -> str:
 class MoELlamaForCausalLM:
     """Xoron MoE-LLaMA causal language model, computed by the xoron C engine.
 
-    MoELlamaForCausalLM(config, moe_config=None, *, dtype="float32", device="cpu", seed=None)
+    MoELlamaForCausalLM(config, moe_config=None, *, dtype="float32", device="cpu", seed=None,
+                        options=None)
 
     `config` may be a transformers.LlamaConfig, a xoron.LlamaConfig, any object with those
     attributes, or a dict (config.json style). Weights are initialised like the original
-    (normal, std 0.02; norms 1), reproducibly when `seed` is given.
+    (normal, std 0.02; norms 1), reproducibly when `seed` is given. `options` is a dict of
+    kernel and runtime choices (name -> str, int or bool; `xoron.option_names()` lists them),
+    over the defaults their environment variables set.
     """
 
     def __init__(self, config=None, moe_config=None, *, dtype="float32", device="cpu", seed=None,
-                 cache_format="latent", _init=True):
+                 cache_format="latent", options=None, _init=True):
         self.config: LlamaConfig = resolve_config(config, moe_config)
+        self._options = dict(options) if isinstance(options, dict) else options
         self._set_engine(dtype, device)
         if cache_format not in CACHE_FORMATS:
             raise ValueError(f"cache_format must be one of {sorted(CACHE_FORMATS)}, got {cache_format!r}")
@@ -116,13 +120,14 @@ class MoELlamaForCausalLM:
     def _set_engine(self, dtype, device):
         dtype = _dtype_name(dtype)
         device = _parse_device(device)
-        self._engine = _C.Model(engine_dict(self.config), dtype, device)
+        self._engine = _C.Model(engine_dict(self.config), dtype, device, self._options)
         self._dtype = dtype
 
     # ---- construction from files ----
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype="float32", device="cpu", cache_format="latent", **config_overrides):
+    def from_pretrained(cls, path, *, dtype="float32", device="cpu", cache_format="latent", options=None,
+                        **config_overrides):
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise ValueError(f"{path!r} is not a checkpoint directory")
@@ -133,7 +138,7 @@ class MoELlamaForCausalLM:
         raw = read_config_json(cfg_path)
         config = resolve_config(raw, None, config_overrides)
         prefix = _tensor_prefix(files)
-        model = cls(config, dtype=dtype, device=device, cache_format=cache_format, _init=False)
+        model = cls(config, dtype=dtype, device=device, cache_format=cache_format, options=options, _init=False)
         model._engine.load_safetensors(files, prefix)
         return model
 
@@ -213,7 +218,7 @@ class MoELlamaForCausalLM:
         if new_device == self.device and new_dtype == self._dtype:
             return self
         sd = self._engine.state_dict()
-        engine = _C.Model(engine_dict(self.config), new_dtype, new_device)
+        engine = _C.Model(engine_dict(self.config), new_dtype, new_device, self._options)
         engine.load_arrays(sd)
         self._engine, self._dtype = engine, new_dtype
         return self

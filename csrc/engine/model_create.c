@@ -20,7 +20,7 @@ xo_status xo_model_create(xo_model **out, const xo_config *cfg, xo_backend *be, 
     float host[512];
     xo_yarn_frequencies(&c, host, &m->mscale);
     m->inv_freq = be->alloc(be, (size_t)c.head_dim / 2 * sizeof(float));
-    if (!m->inv_freq) { xo_model_free(m); return xo_fail(XO_ENOMEM, "out of memory"); }
+    if (!m->inv_freq) { xo_model_free(m); return xo_fail_more(XO_ENOMEM, "out of memory"); }
     rc = be->upload(be, m->inv_freq, host, (size_t)c.head_dim / 2 * sizeof(float));
     if (rc != XO_OK) { xo_model_free(m); return rc; }
     *out = m;
@@ -42,4 +42,14 @@ void xo_model_free(xo_model *m) {
     m->be->destroy(m->be);
     pthread_mutex_destroy(&m->lock);
     free(m);
+}
+
+void xo_model_lock(xo_model *m) {
+    pthread_mutex_lock(&m->lock);
+    if (m->be->enter) m->be->enter(m->be);
+}
+
+void xo_model_unlock(xo_model *m) {
+    if (m->be->leave) m->be->leave(m->be);
+    pthread_mutex_unlock(&m->lock);
 }

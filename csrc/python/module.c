@@ -109,7 +109,23 @@ static PyObject *mod_set_cuda_plugin(PyObject *Py_UNUSED(m), PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* [(name, environment variable, values, meaning)] of every option (engine/options.c) */
+static PyObject *mod_option_table(PyObject *self, PyObject *noargs) {
+    (void)self;
+    (void)noargs;
+    PyObject *out = PyList_New(xo_option_count);
+    for (int i = 0; out && i < xo_option_count; i++) {
+        const xo_option_info *r = &xo_option_table[i];
+        PyObject *row = Py_BuildValue("(ssss)", r->name, r->env, r->values, r->doc);
+        if (!row) { Py_CLEAR(out); break; }
+        PyList_SET_ITEM(out, i, row);
+    }
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
+    { "option_table", mod_option_table, METH_NOARGS,
+      "option_table() -> [(name, environment variable, values, meaning)] of every model option" },
     { "cross_entropy", mod_cross_entropy, METH_VARARGS, "cross_entropy(logits[b,t,V], labels[b,t]) -> loss (SPEC 6)" },
     { "read_safetensors_header", mod_read_header, METH_VARARGS, "read_safetensors_header(path) -> [(name, dtype, shape)]" },
     { "sample_tokens", mod_sample_tokens, METH_VARARGS,
