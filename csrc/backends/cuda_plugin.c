@@ -21,6 +21,8 @@ typedef const char *(*cuda_build_id_fn)(void);
 typedef int (*cuda_device_count_fn)(char *why, size_t why_len);
 
 static char plugin_path[4096];
+/* Room for any reason load_plugin gives: the path, with a sentence around it. */
+#define WHY_LEN (sizeof plugin_path + 512)
 
 void xo_cuda_set_plugin_path(const char *path) { snprintf(plugin_path, sizeof plugin_path, "%s", path); }
 
@@ -66,13 +68,13 @@ const char *xo_cuda_build_id(void) { return XO_BUILD_ID; }
 
 int xo_cuda_device_count(void) {
     int count;
-    char why[512];
+    char why[WHY_LEN];
     return load_plugin(&count, why, sizeof why) ? count : 0;
 }
 
 xo_status xo_cuda_backend_create(xo_backend **out, int device) {
     int count;
-    char why[1024];
+    char why[WHY_LEN];
     void *lib = load_plugin(&count, why, sizeof why);
     if (!lib) return xo_fail(XO_EUNSUPPORTED, "device 'cuda' is not available: %s", why);
     cuda_create_fn create = (cuda_create_fn)dlsym(lib, "xo_cuda_plugin_create");
