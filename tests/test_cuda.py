@@ -24,20 +24,14 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import reference_impl as R  # noqa: E402
+from conftest import SMALL  # noqa: E402
 import xoron  # noqa: E402
 
 TINY_RING = os.path.join(HERE, "data", "tiny_ring")
 TOL_F32 = 1e-4
 TOL_HALF = 3e-2
 
-BASE = {
-    "vocab_size": 97, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-6, "rope_theta": 500000.0, "tie_word_embeddings": True,
-    "use_ring_attention": True, "ring_attention_chunk_size": 4096, "kv_lora_rank": 16, "q_lora_rank": 0,
-    "moe_config": {"use_moe": False, "num_experts": 4, "num_experts_per_tok": 2, "moe_layer_freq": 2,
-                   "intermediate_size": 40},
-}
+BASE = SMALL  # the tiny test model, SPEC defaults elsewhere
 MOE_KEYS = {"use_moe": "use_moe", "num_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
             "moe_layer_freq": "moe_layer_freq", "moe_intermediate_size": "intermediate_size"}
 MOE = {"use_moe": True, "num_experts": 4, "num_experts_per_tok": 2, "moe_layer_freq": 2, "moe_intermediate_size": 40}
@@ -91,7 +85,7 @@ def rel_err(got, ref) -> float:
 
 def _gpu_status():
     if not xoron.cuda_available():
-        return False, "this xoron was built without the CUDA plugin"
+        return False, "no usable CUDA device (no GPU or driver, or xoron built without CUDA)"
     try:
         xoron.MoELlamaForCausalLM(_config(), device="cuda", seed=0)
     except Exception as e:  # no GPU, no driver, ...

@@ -69,8 +69,9 @@ def load_tokenizer(path):
 
 
 def cuda_available() -> bool:
-    """True when this build has the CUDA plugin (a GPU is still needed to use it)."""
-    return _os.path.exists(_cuda_plugin)
+    """True when device="cuda" can work here: this build has its CUDA plugin, and the plugin's
+    CUDA runtime finds a driver and at least one GPU."""
+    return _C.cuda_device_count() > 0
 
 
 def option_table():

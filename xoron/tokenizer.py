@@ -97,7 +97,8 @@ _PROPERTY_ALIASES = {
 
 
 def _category_ranges() -> dict[str, list[tuple[int, int]]]:
-    """Code point ranges of every Unicode general category (computed once, ~0.3 s)."""
+    """Code point ranges of every Unicode general category, computed on first use and kept:
+    it walks every code point (benchmarks/RESULTS.md has the time it takes)."""
     global _CATEGORY_RANGES
     if _CATEGORY_RANGES is None:
         out: dict[str, list[tuple[int, int]]] = {}
