@@ -93,19 +93,23 @@ def _from_generation_config(gc) -> dict:
     if isinstance(gc, dict):
         fields, non_default = dict(gc), {k for k, v in gc.items() if UNSUPPORTED_DEFAULTS.get(k, object()) != v}
     elif hasattr(gc, "to_dict") and hasattr(gc, "to_diff_dict"):
-        fields, non_default = gc.to_dict(), set(gc.to_diff_dict())
+        fields = gc.to_dict()
+        non_default = {k for k, v in gc.to_diff_dict().items() if v is not None}
     else:
         raise TypeError(f"generation_config must be a transformers GenerationConfig or a dict, "
                         f"got {type(gc).__name__}")
+    # a GenerationConfig holds every field of its transformers version: those left at their
+    # defaults are off, whatever they are
     unknown = sorted(k for k in fields if k not in CONFIG_FIELDS and k not in NO_EFFECT
-                     and k not in UNSUPPORTED_DEFAULTS)
+                     and k not in UNSUPPORTED_DEFAULTS and k in non_default)
     if unknown:
         raise TypeError(f"generation_config has unknown field(s) {', '.join(map(repr, unknown))}")
-    unsupported = sorted(k for k in fields if k in UNSUPPORTED_DEFAULTS and k in non_default)
+    unsupported = sorted(k for k in non_default if k in UNSUPPORTED_DEFAULTS)
     if unsupported:
         raise ValueError(f"generation_config sets field(s) xoron does not support: "
                          f"{', '.join(f'{k}={fields[k]!r}' for k in unsupported)}")
-    return {k: v for k, v in fields.items() if k in CONFIG_FIELDS}
+    # None leaves a field to xoron's default
+    return {k: v for k, v in fields.items() if k in CONFIG_FIELDS and v is not None}
 
 
 def _int_arg(v, name: str) -> int:
@@ -324,11 +328,15 @@ def generate(model, input_ids=None, **kwargs):
             return to_numpy(scores, "the scores a logits processor returned")[0]
     if criteria:
         def stop_hook(ids, scores):
-            ids, scores = as_user(ids, scores)
             done = np.zeros(ids.shape[0], dtype=bool)
+            ids, scores = as_user(ids, scores)
             for f in criteria:
-                hit = to_numpy(f(ids, scores), "a stopping criterion's result")[0]
-                done |= np.broadcast_to(np.asarray(hit, dtype=bool), done.shape)
+                hit = np.asarray(to_numpy(f(ids, scores), "a stopping criterion's result")[0], dtype=bool)
+                if hit.ndim == 0:
+                    hit = np.full(done.shape, bool(hit))
+                if hit.shape != done.shape:
+                    return hit  # the engine names the mismatch
+                done |= hit
             return done
 
     # ---- the cache to continue ----
@@ -357,7 +365,7 @@ def generate(model, input_ids=None, **kwargs):
         min_p=min_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=ngram, bad_words=bad,
         bad_offsets=bad_off, eos_ids=np.asarray(eos, dtype=np.int32), pad_id=pad_token_id, seed=seed,
         cache_format=CACHE_FORMATS[model.cache_format], want_scores=bool(a["output_scores"] and return_dict),
-        want_logits=bool(a["output_logits"] and return_dict), num_beams=num_beams, num_return_sequences=num_return,
+        want_logits=bool(a["output_logits"] and return_dict), num_beams=num_beams, num_return_sequences=num_return if num_beams > 1 else 1,
         length_penalty=length_penalty, early_stopping=EARLY_STOPPING[early], stop_bytes=stop_bytes,
         stop_offsets=stop_off, token_bytes=tok_bytes, token_offsets=tok_off, callback=callback,
         logits_hook=logits_hook, stop_hook=stop_hook)
