@@ -237,10 +237,10 @@ def generate(model, input_ids=None, **kwargs):
             raise ValueError(f"attention_mask has shape {list(mask.shape)}; expected {[b, te + t]} like the prompt")
 
     # ---- lengths ----
+    max_length = None if a["max_length"] is None else _int_arg(a["max_length"], "max_length")
     if a["max_new_tokens"] is not None:  # wins over max_length, as in transformers
         max_new_tokens = _int_arg(a["max_new_tokens"], "max_new_tokens")
-    elif a["max_length"] is not None:
-        max_length = _int_arg(a["max_length"], "max_length")
+    elif max_length is not None:
         if max_length <= te + t:
             raise ValueError(f"max_length ({max_length}) counts the prompt; it must exceed the prompt's "
                              f"{te + t} tokens (or give max_new_tokens)")
