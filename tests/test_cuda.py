@@ -341,6 +341,43 @@ def test_greedy_generate_matches_cpu():
     np.testing.assert_array_equal(g.generate(prompt, **kw), c.generate(prompt, **kw))
 
 
+@needs_gpu
+def test_generate_features_match_cpu():
+    """Beam search (cache rows gathered on the GPU), the host-loop processors and a continued
+    cache give on the GPU what they give on the CPU."""
+    over = dict(MOE, hidden_size=64)
+    g, cfg, w = build(over, seed=8)
+    c = xoron.MoELlamaForCausalLM(_config(over), device="cpu", seed=0)
+    c.load_state_dict(w)
+    prompt = ids_for(cfg, 2, 6, seed=11)
+    eos = int(c.generate(prompt[:1], max_new_tokens=4, do_sample=False)[0, 8])
+    for kw in (dict(num_beams=3, num_return_sequences=2, eos_token_id=eos, length_penalty=0.5),
+               dict(do_sample=False, no_repeat_ngram_size=2, bad_words_ids=[[eos]]),
+               dict(do_sample=False, logits_processor=lambda ids, s: s * 2.0)):
+        rg = g.generate(prompt, max_new_tokens=8, return_dict_in_generate=True, **kw)
+        rc = c.generate(prompt, max_new_tokens=8, return_dict_in_generate=True, **kw)
+        np.testing.assert_array_equal(rg.sequences, rc.sequences)
+        if rc.sequences_scores is not None:
+            np.testing.assert_allclose(rg.sequences_scores, rc.sequences_scores, rtol=1e-3, atol=1e-3)
+    a = g.generate(prompt, max_new_tokens=8, min_p=0.2, top_k=0, top_p=1.0, seed=3)
+    np.testing.assert_array_equal(a, g.generate(prompt, max_new_tokens=8, min_p=0.2, top_k=0, top_p=1.0, seed=3))
+    cache = g(input_ids=prompt[:, :4], use_cache=True).past_key_values
+    kw = dict(max_new_tokens=8, do_sample=False, eos_token_id=[])
+    np.testing.assert_array_equal(g.generate(prompt, past_key_values=cache, **kw), c.generate(prompt, **kw))
+    assert cache.length == 6 + 8 - 1
+    got = []
+
+    class Rec:
+        def put(self, ids):
+            got.append(np.asarray(ids))
+
+        def end(self):
+            pass
+
+    out = g.generate(prompt[:1], streamer=Rec(), **kw)
+    assert [int(x[0]) for x in got[1:]] == list(out[0, 6:])
+
+
 @pytest.mark.parametrize("device", ["cuda:99", "cuda:-1", "cuda:x", "cudax", "gpu"])
 def test_bad_device_is_a_clear_error(device):
     with pytest.raises((ValueError, RuntimeError)) as ei:

@@ -56,9 +56,10 @@ _C.set_cuda_plugin(_cuda_plugin)
 
 from .config import LlamaConfig  # noqa: E402
 from .modeling import CausalLMOutput, KVCache, MoELlamaForCausalLM  # noqa: E402
+from .streaming import TextStreamer  # noqa: E402
 
-__all__ = ["MoELlamaForCausalLM", "LlamaConfig", "CausalLMOutput", "KVCache", "load_tokenizer", "cuda_available",
-           "option_names", "option_table"]
+__all__ = ["MoELlamaForCausalLM", "LlamaConfig", "CausalLMOutput", "KVCache", "TextStreamer", "load_tokenizer",
+           "cuda_available", "option_names", "option_table"]
 __version__ = "0.1.0"
 
 
