@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "engine/cache.h"
+#include "engine/options.h"
 
 #define XO_EXPORT __attribute__((visibility("default")))
 
@@ -54,7 +55,8 @@ static int slot_intact(const xo_cache *c, int cap, int b, int s) {
  * negative number naming the first check that failed. */
 XO_EXPORT int xo_hook_cache_failed_growth(int format, int fail_at) {
     xo_backend *be = NULL;
-    if (xo_cpu_backend_create(&be) != XO_OK) return -1;
+    xo_options opts;
+    if (xo_options_init(&opts) != XO_OK || xo_cpu_backend_create(&be, &opts) != XO_OK) return -1;
     xo_config cfg = { .num_layers = 3, .kv_lora_rank = 4, .num_kv_heads = 1, .head_dim = 2,
                       .max_position_embeddings = 4096 };
     xo_cache *c = NULL;

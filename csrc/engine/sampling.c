@@ -35,6 +35,7 @@ xo_status xo_sampling_check(const xo_sampling_params *p) {
     if (!isfinite(p->temperature)) return xo_fail(XO_EINVAL, "temperature must be finite");
     if (p->top_k < 0) return xo_fail(XO_EINVAL, "top_k must be >= 0 (got %d)", p->top_k);
     if (!(p->top_p > 0.0f && p->top_p <= 1.0f)) return xo_fail(XO_EINVAL, "top_p must be in (0, 1] (got %g)", p->top_p);
+    if (!(p->min_p >= 0.0f && p->min_p <= 1.0f)) return xo_fail(XO_EINVAL, "min_p must be in [0, 1] (got %g)", p->min_p);
     if (!(p->repetition_penalty > 0.0f) || !isfinite(p->repetition_penalty))
         return xo_fail(XO_EINVAL, "repetition_penalty must be > 0 (got %g)", p->repetition_penalty);
     return XO_OK;
@@ -75,39 +76,60 @@ static float kth_largest(const float *x, int V, int k, float *tmp) {
     return tmp[want];
 }
 
-/* Repetition penalty (seen tokens) and, when sampling, temperature, as transformers applies
- * them. Each value is computed in double, which rounds to exactly the float result whenever
- * that is finite; when the largest would not fit a float (temperature or penalty near zero),
- * the row's maximum is subtracted first, which leaves the choice and the distribution as they
- * are but cannot overflow, so the limit is greedy and not whichever token comes last. */
-static double penalized(float z, double pen) {
-    double y = z < 0 ? z * pen : z / pen;
-    return y > FLT_MAX || y < -FLT_MAX ? y : (double)(float)y; /* as the float operation rounds it */
-}
-
-static void penalize_and_scale(float *z, int V, const xo_sampling_params *p, const int32_t *history, int n,
-                               float *seen) {
-    const int penalize = p->repetition_penalty != 1.0f, scale = p->do_sample && p->temperature != 1.0f;
-    if (!penalize && !scale) return;
-    const double pen = p->repetition_penalty, temp = scale ? p->temperature : 1.0;
-    for (int i = 0; penalize && i < n; i++) /* as transformers: each seen token once */
-        if (history[i] >= 0 && history[i] < V) seen[history[i]] = 1.0f;
-    double mx = -INFINITY;
-    for (int v = 0; v < V; v++) {
-        double y = (seen[v] == 1.0f ? penalized(z[v], pen) : z[v]) / temp;
-        mx = y > mx ? y : mx;
-    }
+/* A float row of values computed in double (y(v)), stored so that it cannot overflow: as the
+ * float operations would round them whenever the largest fits a float (double rounding of
+ * one multiply or divide is exact), else minus the row's maximum, which leaves the choice
+ * and the distribution as they are, so the limit of a tiny temperature or penalty is the
+ * greedy token and not whichever comes first or last. A +inf maximum leaves its ties. */
+static void store_row(float *z, int V, double mx, double (*y)(const float *z, int v, const void *ctx), const void *ctx) {
     const double shift = mx > FLT_MAX || mx < -FLT_MAX ? mx : 0.0;
     for (int v = 0; v < V; v++) {
-        double y = (seen[v] == 1.0f ? penalized(z[v], pen) : z[v]) / temp;
-        if (shift == INFINITY) /* the limit: the +inf logits share everything */
-            y = y == INFINITY ? 0.0 : -INFINITY;
-        else
-            y -= shift;
-        z[v] = y < -FLT_MAX ? -INFINITY : y > FLT_MAX ? INFINITY : (float)y;
+        double x = y(z, v, ctx);
+        if (shift == INFINITY) x = x == INFINITY ? 0.0 : -INFINITY;
+        else x -= shift;
+        z[v] = x < -FLT_MAX ? -INFINITY : x > FLT_MAX ? INFINITY : (float)x;
     }
-    for (int i = 0; penalize && i < n; i++)
+}
+
+typedef struct { double penalty; const float *seen; } penalty_ctx;
+
+static double penalized(const float *z, int v, const void *p) {
+    const penalty_ctx *c = p;
+    if (c->seen[v] != 1.0f) return z[v];
+    return z[v] < 0 ? z[v] * c->penalty : z[v] / c->penalty;
+}
+
+void xo_penalize_repetition(float *z, int V, float penalty, const int32_t *history, int n, void *work) {
+    float *seen = (float *)work + V;
+    const penalty_ctx ctx = { penalty, seen };
+    int overflow = 0;
+    for (int i = 0; i < n; i++) {
+        int32_t t = history[i];
+        if (t < 0 || t >= V || seen[t] == 1.0f) continue;
+        seen[t] = 1.0f;
+        double y = penalized(z, t, &ctx);
+        overflow |= y > FLT_MAX || y < -FLT_MAX;
+    }
+    if (!overflow) {
+        for (int i = 0; i < n; i++) /* each seen token once: the marks go as they are used */
+            if (history[i] >= 0 && history[i] < V && seen[history[i]] == 1.0f) {
+                z[history[i]] = (float)penalized(z, history[i], &ctx);
+                seen[history[i]] = 0.0f;
+            }
+        return;
+    }
+    double mx = -INFINITY;
+    for (int v = 0; v < V; v++) {
+        double y = penalized(z, v, &ctx);
+        mx = y > mx ? y : mx;
+    }
+    store_row(z, V, mx, penalized, &ctx);
+    for (int i = 0; i < n; i++)
         if (history[i] >= 0 && history[i] < V) seen[history[i]] = 0.0f;
+}
+
+static double tempered(const float *z, int v, const void *temperature) {
+    return z[v] / *(const double *)temperature;
 }
 
 xo_status xo_sample_row(float *z, int V, const xo_sampling_params *p, const int32_t *history, int n,
@@ -119,15 +141,15 @@ xo_status xo_sample_row(float *z, int V, const xo_sampling_params *p, const int3
         if (z[v] != z[v]) return xo_fail(XO_EINVAL, "logits contain NaN at row %d (token %d)", row, v);
         live |= z[v] != -INFINITY;
     }
-    if (!live)
-        return xo_fail(XO_EINVAL, "no token is left to choose at row %d: every logit is -inf", row);
-    penalize_and_scale(z, V, p, history, n, tmp + V);
+    if (!live) return xo_fail(XO_EINVAL, "no token is left to choose at row %d: every logit is -inf", row);
+    if (p->repetition_penalty != 1.0f) xo_penalize_repetition(z, V, p->repetition_penalty, history, n, work);
     if (!p->do_sample) {
         *token = argmax(z, V);
         return XO_OK;
     }
-    if (z[argmax(z, V)] == INFINITY) /* the limit: the +inf logits share everything */
-        for (int v = 0; v < V; v++) z[v] = z[v] == INFINITY ? 0.0f : -INFINITY;
+    const double temperature = p->temperature;
+    double top = z[argmax(z, V)];
+    if (p->temperature != 1.0f || top == INFINITY) store_row(z, V, top / temperature, tempered, &temperature);
     if (p->top_k > 0 && p->top_k < V) { /* keep the top_k largest (and ties of the k-th) */
         float kth = kth_largest(z, V, p->top_k, tmp);
         for (int v = 0; v < V; v++)
@@ -149,6 +171,11 @@ xo_status xo_sample_row(float *z, int V, const xo_sampling_params *p, const int3
         }
     }
     float mx = z[argmax(z, V)];
+    if (p->min_p > 0.0f) { /* after the other filters, as transformers' MinPLogitsWarper; the top token stays */
+        const float floor = mx + logf(p->min_p);
+        for (int v = 0; v < V; v++)
+            if (z[v] < floor) z[v] = -INFINITY;
+    }
     double total = 0.0;
     for (int v = 0; v < V; v++) total += z[v] == -INFINITY ? 0.0 : exp((double)z[v] - mx);
     double u = xo_rng_uniform(rng) * total, cum = 0.0;
