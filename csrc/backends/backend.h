@@ -165,6 +165,10 @@ struct xo_backend {
     xo_status (*graph_launch)(xo_backend *be, void *graph);
     void (*graph_free)(xo_backend *be, void *graph);
 
+    /* optional (NULL: the backend runs no host threads): n threads for this backend's work
+     * (0: the process default); XO_EINVAL outside 1..1024 */
+    xo_status (*set_threads)(xo_backend *be, int n);
+
     void (*destroy)(xo_backend *be);
 };
 

@@ -1,7 +1,8 @@
-/* Python values to C types: the config dict and dtype names. Only conversion: the C core
+/* Python values to C types: the config dict, dtype names and thread counts. Only conversion: the C core
  * validates what the values mean. */
 #include "python/binding.h"
 
+#include <limits.h>
 #include <string.h>
 
 static int dict_int(PyObject *d, const char *key, int *out) {
@@ -61,4 +62,17 @@ int xo_py_parse_dtype(const char *s, xo_dtype *t) {
     else if (!strcmp(s, "int8")) *t = XO_I8;
     else { PyErr_Format(PyExc_ValueError, "unknown dtype '%s' (expected float32, bfloat16, float16 or int8)", s); return -1; }
     return 0;
+}
+
+/* a Python int as a thread count for the C core to judge (beyond 64 bits: LLONG_MAX/MIN, which
+ * the core names as such) */
+int xo_py_thread_count(PyObject *o, long long *n) {
+    if (PyBool_Check(o) || !PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "the thread count must be an int, got %s", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    int overflow = 0;
+    *n = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow) *n = overflow > 0 ? LLONG_MAX : LLONG_MIN;
+    return *n == -1 && PyErr_Occurred() ? -1 : 0;
 }

@@ -29,11 +29,26 @@ static xo_status cpu_sync(xo_backend *be) {
     return XO_OK;
 }
 
-static void cpu_destroy(xo_backend *be) { free(be); }
+static xo_status cpu_set_threads(xo_backend *be, int n) {
+    if (n != 0) XO_TRY(xo_cpu_check_threads(n));
+    ((xo_cpu_ctx *)be->ctx)->threads = n;
+    return XO_OK;
+}
+
+static void cpu_destroy(xo_backend *be) {
+    free(be->ctx);
+    free(be);
+}
 
 xo_status xo_cpu_backend_create(xo_backend **out) {
     xo_backend *be = calloc(1, sizeof *be);
-    if (!be) return xo_fail(XO_ENOMEM, "out of memory");
+    xo_cpu_ctx *ctx = calloc(1, sizeof *ctx);
+    if (!be || !ctx) {
+        free(be);
+        free(ctx);
+        return xo_fail(XO_ENOMEM, "out of memory");
+    }
+    be->ctx = ctx;
     be->name = "cpu";
     be->host_memory = 1;
     be->alloc = cpu_alloc;
@@ -61,6 +76,7 @@ xo_status xo_cpu_backend_create(xo_backend **out) {
     be->decode_begin = xo_cpu_decode_begin;
     be->decode_end = xo_cpu_decode_end;
     be->suppress_tokens = xo_cpu_suppress_tokens;
+    be->set_threads = cpu_set_threads;
     be->destroy = cpu_destroy;
     *out = be;
     return XO_OK;

@@ -33,6 +33,7 @@ void xo_cpu_matmul_tuning(int gemv_max_m, int tile_rows) {
 static int storage_ok(xo_dtype t) { return t == XO_F32 || t == XO_BF16 || t == XO_F16 || t == XO_I8; }
 
 xo_status xo_cpu_linear_init(xo_backend *be, xo_linear *w, const void *host, xo_dtype src_t, int row_offset, int rows) {
+    xo_cpu_enter(be);
     if (!storage_ok(w->dtype))
         return xo_fail(XO_EUNSUPPORTED, "CPU weight storage %s is not supported", xo_dtype_name(w->dtype));
     if (src_t != XO_F32 && src_t != XO_F16 && src_t != XO_BF16)
@@ -55,7 +56,7 @@ void xo_cpu_linear_free(xo_backend *be, xo_linear *w) {
 }
 
 xo_status xo_cpu_linear_to_host(xo_backend *be, const xo_linear *w, float *host) {
-    (void)be;
+    xo_cpu_enter(be);
     const size_t K = (size_t)w->in;
     const int block = 64;
     #pragma omp parallel for schedule(static) if ((size_t)w->out * K > 65536)
@@ -107,7 +108,7 @@ static xo_status matmul_tiles(float *y, const float *x, const xo_linear *w, int 
 }
 
 xo_status xo_cpu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w, int m) {
-    (void)be;
+    xo_cpu_enter(be);
     if (m <= 0 || w->out == 0) return XO_OK;
     if (w->in == 0) {
         memset(y, 0, (size_t)m * w->out * sizeof(float));
@@ -125,7 +126,7 @@ xo_status xo_cpu_matmul(xo_backend *be, float *y, const float *x, const xo_linea
 }
 
 xo_status xo_cpu_embed(xo_backend *be, float *h, const xo_linear *table, const int32_t *ids, int n) {
-    (void)be;
+    xo_cpu_enter(be);
     const size_t H = (size_t)table->in;
     if (table->dtype == XO_F32) {
         #pragma omp parallel for schedule(static) if (n > 64)

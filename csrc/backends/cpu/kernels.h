@@ -8,6 +8,21 @@
  * features (an "arch=haswell" clone would be picked by CPU model and never run on AMD). */
 #define XO_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 
+/* The CPU backend's context (xo_backend.ctx). */
+typedef struct {
+    int threads;   /* this backend's thread count; 0: the process default */
+} xo_cpu_ctx;
+
+/* backends/cpu/threads.c: thread counts */
+enum { XO_CPU_MAX_THREADS = 1024 };
+int xo_cpu_physical_cores(void);          /* physical cores within the process's affinity mask */
+int xo_cpu_default_threads(void);         /* the process default (OMP_NUM_THREADS, else physical cores) */
+xo_status xo_cpu_check_threads(long long n);   /* 1 <= n <= XO_CPU_MAX_THREADS, else XO_EINVAL */
+xo_status xo_cpu_set_default_threads(long long n);
+/* sizes the calling thread's OpenMP teams for be (NULL: the process default); every backend
+ * entry that runs parallel work calls it first */
+void xo_cpu_enter(const xo_backend *be);
+
 /* backends/cpu/gemm.c */
 xo_status xo_cpu_linear_init(xo_backend *be, xo_linear *w, const void *host, xo_dtype src_t, int row_offset, int rows);
 void xo_cpu_linear_free(xo_backend *be, xo_linear *w);
