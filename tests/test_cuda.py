@@ -451,3 +451,11 @@ def test_torch_cuda_inputs_get_gpu_logits_without_a_host_copy():
     assert step.logits.is_cuda and tuple(step.logits.shape) == (2, 1, cfg.vocab_size)
     with_loss = m(input_ids=t, labels=t)   # the loss path still works, on the GPU too
     assert with_loss.logits.is_cuda and with_loss.loss.is_cuda
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_grouped_weights_are_cpu_only(dtype):
+    """int8 / int4 weights are a CPU format: asking for them on the GPU names the dtype."""
+    with pytest.raises(RuntimeError, match=f"CUDA weight storage {dtype} is not supported"):
+        xoron.MoELlamaForCausalLM(_config(), dtype=dtype, device="cuda", seed=0)

@@ -207,7 +207,7 @@ def build_parser():
         threads(sp)
         sp.add_argument("--model", help="checkpoint directory (default: the packaged demo model)")
         sp.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"])
+        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8", "int4"])
 
     g = sub.add_parser("generate", help="continue a prompt, streaming the text")
     g.add_argument("prompt", nargs="?", default="Once upon a time", help="the prompt ('-' reads stdin)")

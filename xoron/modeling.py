@@ -18,7 +18,7 @@ from ._safetensors_io import save_file
 from ._tensors import ids_array, int_array, is_torch, mask_array, output, scalar, to_numpy
 from .config import LlamaConfig, engine_dict, read_config_json, resolve_config
 
-DTYPES = ("float32", "bfloat16", "float16", "int8")
+DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 CACHE_FORMATS = {"latent": 0, "kv": 1}
 
 
@@ -238,8 +238,9 @@ class MoELlamaForCausalLM:
         return self.to(dtype="float16")
 
     def quantize(self, dtype="int8"):
-        """Re-stores the weights as `dtype` ("int8": weight-only, symmetric, one scale per output
-        row; or "bfloat16"/"float16"), computed with float32 accumulation. Returns self."""
+        """Re-stores the weights as `dtype` ("int8" or "int4": weight-only, one scale per group of
+        32 weights of a row; or "bfloat16"/"float16"), computed with float32 accumulation. The
+        router stays float32. Returns self."""
         return self.to(dtype=dtype)
 
     def cpu(self):

@@ -60,7 +60,8 @@ int xo_py_parse_dtype(const char *s, xo_dtype *t) {
     else if (!strcmp(s, "bfloat16")) *t = XO_BF16;
     else if (!strcmp(s, "float16")) *t = XO_F16;
     else if (!strcmp(s, "int8")) *t = XO_I8;
-    else { PyErr_Format(PyExc_ValueError, "unknown dtype '%s' (expected float32, bfloat16, float16 or int8)", s); return -1; }
+    else if (!strcmp(s, "int4")) *t = XO_I4;
+    else { PyErr_Format(PyExc_ValueError, "unknown dtype '%s' (expected float32, bfloat16, float16, int8 or int4)", s); return -1; }
     return 0;
 }
 
