@@ -1,4 +1,4 @@
-"""GPU benchmark: xoron's CUDA backend beside the eager PyTorch model (benchmarks/torch_model.py),
+"""GPU benchmark: xoron's CUDA backend beside the eager PyTorch model (xoron/torch_reference.py),
 same GPU, same process, default configuration (vocab 151643, hidden 1024, 12 layers, 16 heads,
 MoE 8 experts top-2 on every 2nd layer, intermediate 2048), random weights, bfloat16.
 
@@ -32,10 +32,9 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(HERE))  # run from a source checkout without installing
 
-from torch_model import TorchMoELlama  # noqa: E402
+from xoron.torch_reference import TorchMoELlama  # noqa: E402
 
 import xoron  # noqa: E402
 
@@ -50,13 +49,11 @@ CONFIG = {
 
 T0 = time.time()
 BUDGET = 170.0
-VARIANTS = {  # see csrc/backends/cuda/common.h
-    "moe_host": {"XORON_CUDA_MOE": "host"},        # per-expert cuBLASLt GEMMs sized from host-read counts
-    "attn_wmma": {"XORON_CUDA_ATTN": "wmma"},      # the WMMA (shared-memory) prefill attention
-    "attn_q64": {"XORON_CUDA_ATTN": "q64"},        # mma.sync attention, 64 instead of 128 queries a block
-    "gemm_v1": {"XORON_CUDA_GEMM": "v1"},          # the 64-row grouped MoE GEMM
-    "no_cublaslt": {"XORON_CUDA_NO_CUBLASLT": "1"},  # the built-in WMMA GEMM for every product
-    "no_pdl": {"XORON_CUDA_PDL": "0"},             # no programmatic dependent launches
+VARIANTS = {  # model options (xoron.option_table())
+    "moe_host": {"cuda_moe": "host"},            # per-expert cuBLASLt GEMMs sized from host-read counts
+    "attn_rows": {"cuda_attention": "rows"},     # the row-wise attention kernel for prefill too
+    "no_cublaslt": {"cuda_gemm": "builtin"},     # the built-in WMMA GEMM for every product
+    "no_pdl": {"cuda_pdl": False},               # no programmatic dependent launches
 }
 
 
@@ -217,30 +214,23 @@ def main():
     del m
     gc.collect()
 
-    # ---- the backend's switches, on prefill T=4096 (each needs a fresh model) ----
+    # ---- the backend's options, on prefill T=4096 (each needs a fresh model) ----
     if args.variants:
-        for name, env in VARIANTS.items():
+        for name, opts in VARIANTS.items():
             if left() < 45:
                 break
-            old = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
             try:
-                mv = xoron.MoELlamaForCausalLM(CONFIG, dtype="bfloat16", device="cuda", seed=0)
+                mv = xoron.MoELlamaForCausalLM(CONFIG, dtype="bfloat16", device="cuda", seed=0, options=opts)
                 X[f"prefill_T4096_{name}"] = r = xo_prefill(mv, 4096)
-                log(f"xoron prefill T=4096 with {env}: {r:,.0f} tok/s")
+                log(f"xoron prefill T=4096 with {opts}: {r:,.0f} tok/s")
                 if name == "no_pdl":
                     for b in (1, 64):
                         X[f"decode_b{b}_ctx32_{name}"] = r = xo_generate(mv, b, 32, 128)
-                        log(f"xoron generate() decode b={b} ctx=32 with {env}: {r:,.0f} tok/s")
+                        log(f"xoron generate() decode b={b} ctx=32 with {opts}: {r:,.0f} tok/s")
                 del mv
                 gc.collect()
             except Exception as e:
                 log(f"xoron variant {name} failed: {e}")
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
     # ---- torch ----
     if not args.skip_torch and left() > 30:

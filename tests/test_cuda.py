@@ -5,12 +5,10 @@ has no CUDA plugin or no GPU is usable. SPEC section 8 tolerances: float32 on th
 within 1e-4 (max|got-ref| / max|ref|), bfloat16 / float16 within 3e-2.
 
 16-bit models are compared with the oracle run on the weights rounded as the model stores them.
-Several tests run the model under the backend's switches (read when a model is created):
-XORON_CUDA_MOE=host (per-expert GEMMs sized from host-read counts instead of the device-side
-grouped kernels), XORON_CUDA_ATTN=rows (no tensor-core attention), XORON_CUDA_ATTN=wmma (the WMMA
-prefill attention instead of the mma.sync one), XORON_CUDA_ATTN=q64 (mma.sync with 64 queries a block), XORON_CUDA_GEMM=v1 (the 64-row grouped MoE GEMM),
-XORON_CUDA_NO_CUBLASLT=1
-(the built-in GEMM kernels instead of cuBLASLt), so every kernel path is checked.
+Several tests run the model under the backend's options: cuda_moe="host" (per-expert GEMMs
+sized from host-read counts instead of the device-side grouped kernels), cuda_attention="rows"
+(no tensor-core attention), cuda_gemm="builtin" (the built-in GEMM kernels instead of
+cuBLASLt), so every kernel path is checked.
 """
 from __future__ import annotations
 
@@ -107,11 +105,12 @@ pytestmark = pytest.mark.cuda
 TOL = {"float32": TOL_F32, "bfloat16": TOL_HALF, "float16": TOL_HALF}
 
 
-def build(overrides=None, seed=0, dtype="float32", device="cuda", cache_format="latent"):
+def build(overrides=None, seed=0, dtype="float32", device="cuda", cache_format="latent", options=None):
     config = _config(overrides)
     cfg = R.RefConfig.from_dict(config)
     w = _weights(cfg, seed)
-    m = xoron.MoELlamaForCausalLM(config, dtype=dtype, device=device, seed=0, cache_format=cache_format)
+    m = xoron.MoELlamaForCausalLM(config, dtype=dtype, device=device, seed=0, cache_format=cache_format,
+                                  options=options)
     m.load_state_dict(w, strict=True)
     return m, cfg, w
 
@@ -225,28 +224,24 @@ def test_left_padded_attention_mask(dtype):
     assert rel_err(out.logits[keep], ref[keep]) <= TOL[dtype]
 
 
-# ------------------------------------------------------------------ the switches: every kernel path
+# ------------------------------------------------------------------ the options: every kernel path
 
 
 PATHS = {
     "default": {},
-    "moe_host": {"XORON_CUDA_MOE": "host"},
-    "attn_rows": {"XORON_CUDA_ATTN": "rows"},
-    "attn_wmma": {"XORON_CUDA_ATTN": "wmma"},
-    "attn_q64": {"XORON_CUDA_ATTN": "q64"},
-    "gemm_v1": {"XORON_CUDA_GEMM": "v1"},
-    "no_cublaslt": {"XORON_CUDA_NO_CUBLASLT": "1"},
+    "moe_host": {"cuda_moe": "host"},
+    "attn_rows": {"cuda_attention": "rows"},
+    "builtin_gemm": {"cuda_gemm": "builtin"},
+    "no_pdl": {"cuda_pdl": False},
 }
 
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("path", list(PATHS))
-def test_kernel_paths(path, dtype, monkeypatch):
-    for k, v in PATHS[path].items():
-        monkeypatch.setenv(k, v)
+def test_kernel_paths(path, dtype):
     over = dict(MOE, hidden_size=64, moe_layer_freq=1, moe_intermediate_size=48, num_key_value_heads=2)
-    m, cfg, w = build(over, seed=21, dtype=dtype)
+    m, cfg, w = build(over, seed=21, dtype=dtype, options=PATHS[path])
     ids = ids_for(cfg, 2, 40, seed=5)
     wr = rounded(w, dtype)
     ref, _ = R.forward(cfg, wr, ids)
@@ -451,6 +446,21 @@ def test_torch_cuda_inputs_get_gpu_logits_without_a_host_copy():
     assert step.logits.is_cuda and tuple(step.logits.shape) == (2, 1, cfg.vocab_size)
     with_loss = m(input_ids=t, labels=t)   # the loss path still works, on the GPU too
     assert with_loss.logits.is_cuda and with_loss.loss.is_cuda
+
+
+# ------------------------------------------------------------------ failures reach Python
+
+
+@needs_gpu
+def test_device_memory_limit_is_memory_error_naming_the_size():
+    """A cap on the device pool turns the next allocation past it into MemoryError whose
+    message names the bytes asked for (the plugin reports through the engine's channel)."""
+    with pytest.raises(MemoryError, match=r"\d+ bytes requested on cuda:\d+ would exceed cuda_memory_limit \(1 bytes\)"):
+        build(seed=3, options={"cuda_memory_limit": 1})
+    capped, cfg, _ = build(seed=3, options={"cuda_memory_limit": 1 << 40})  # a cap it stays under changes nothing
+    plain, _, _ = build(seed=3)
+    ids = ids_for(cfg, 1, 4)
+    np.testing.assert_array_equal(capped(input_ids=ids).logits, plain(input_ids=ids).logits)
 
 
 @needs_gpu

@@ -78,7 +78,7 @@ from .config import LlamaConfig  # noqa: E402
 from .modeling import CausalLMOutput, KVCache, MoELlamaForCausalLM  # noqa: E402
 
 __all__ = ["MoELlamaForCausalLM", "LlamaConfig", "CausalLMOutput", "KVCache", "load_tokenizer", "cuda_available",
-           "set_num_threads", "get_num_threads"]
+           "option_names", "option_table", "set_num_threads", "get_num_threads"]
 __version__ = "0.1.0"
 
 
@@ -93,8 +93,19 @@ def cuda_available() -> bool:
     return _os.path.exists(_cuda_plugin)
 
 
+def option_table():
+    """[(name, environment variable, values, meaning)] of every option a model takes
+    (`MoELlamaForCausalLM(..., options={name: value})`); the variable sets the default."""
+    return _C.option_table()
+
+
+def option_names():
+    """The names of the options a model takes (see option_table)."""
+    return [row[0] for row in _C.option_table()]
+
+
 def set_num_threads(n: int) -> None:
-    """Sets the number of CPU threads of every model that has no count of its own (1..1024).
+    """Sets the number of CPU threads of every model that has no count of its own (1..4096).
     The default is the physical cores this process may run on (its CPU affinity), or
     OMP_NUM_THREADS when that is set."""
     _C.set_num_threads(n)

@@ -33,7 +33,7 @@ xo_status xo_cache_create(xo_cache **out, const xo_config *cfg, xo_backend *be, 
 /* Reallocates a device array [batch, old_cap, width] to [batch, new_cap, width], keeping `len` slots. */
 static xo_status regrow(xo_backend *be, void **arr, int batch, int old_cap, int new_cap, int len, size_t slot_bytes) {
     void *fresh = be->alloc(be, (size_t)batch * new_cap * slot_bytes);
-    if (!fresh) return xo_fail(XO_ENOMEM, "out of memory growing the cache to %d tokens", new_cap);
+    if (!fresh) return xo_fail_more(XO_ENOMEM, "out of memory growing the cache to %d tokens", new_cap);
     for (int b = 0; *arr && b < batch && len > 0; b++) {
         xo_status rc = be->copy(be, (char *)fresh + (size_t)b * new_cap * slot_bytes,
                                 (char *)*arr + (size_t)b * old_cap * slot_bytes, (size_t)len * slot_bytes);

@@ -140,7 +140,7 @@ static xo_status fill_slot(xo_backend *be, const xo_weight_slot *s, const void *
         xo_convert_to_f32(tmp, host, src_t, (size_t)s->rows);
         xo_status rc = XO_OK;
         if (!*s->vec && !(*s->vec = be->alloc(be, (size_t)s->rows * sizeof(float))))
-            rc = xo_fail(XO_ENOMEM, "out of memory for %s", s->name);
+            rc = xo_fail_more(XO_ENOMEM, "out of memory for %s", s->name);
         if (rc == XO_OK) rc = be->upload(be, *s->vec, tmp, (size_t)s->rows * sizeof(float));
         free(tmp);
         return rc;

@@ -65,6 +65,40 @@ int xo_py_parse_dtype(const char *s, xo_dtype *t) {
     return 0;
 }
 
+int xo_py_options_from_dict(PyObject *d, xo_options *o) {
+    xo_status rc = xo_options_init(o);
+    if (rc != XO_OK) { xo_py_raise(rc); return -1; }
+    if (d == Py_None) return 0;
+    if (!PyDict_Check(d)) {
+        PyErr_Format(PyExc_TypeError, "options must be a dict of name -> value, not %s", Py_TYPE(d)->tp_name);
+        return -1;
+    }
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(d, &pos, &key, &value)) {
+        if (!PyUnicode_Check(key)) { PyErr_SetString(PyExc_TypeError, "option names must be str"); return -1; }
+        const char *name = PyUnicode_AsUTF8(key);
+        if (!name) return -1;
+        char text[32];
+        const char *v;
+        if (PyBool_Check(value)) {
+            v = value == Py_True ? "1" : "0";
+        } else if (PyLong_Check(value)) {
+            long long n = PyLong_AsLongLong(value);
+            if (n == -1 && PyErr_Occurred()) return -1;
+            snprintf(text, sizeof text, "%lld", n);
+            v = text;
+        } else if (PyUnicode_Check(value)) {
+            if (!(v = PyUnicode_AsUTF8(value))) return -1;
+        } else {
+            PyErr_Format(PyExc_TypeError, "option %s must be a str, int or bool, not %s", name, Py_TYPE(value)->tp_name);
+            return -1;
+        }
+        if ((rc = xo_options_set(o, name, v)) != XO_OK) { xo_py_raise(rc); return -1; }
+    }
+    return 0;
+}
+
 /* a Python int as a thread count for the C core to judge (beyond 64 bits: LLONG_MAX/MIN, which
  * the core names as such) */
 int xo_py_thread_count(PyObject *o, long long *n) {

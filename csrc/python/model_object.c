@@ -9,17 +9,19 @@
 #include "engine/safetensors.h"
 
 static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
-    static char *names[] = { "config", "dtype", "device", NULL };
-    PyObject *cfg_dict;
+    static char *names[] = { "config", "dtype", "device", "options", NULL };
+    PyObject *cfg_dict, *opt_dict = Py_None;
     const char *dtype = "float32", *device = "cpu";
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|ss", names, &cfg_dict, &dtype, &device)) return -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|ssO", names, &cfg_dict, &dtype, &device, &opt_dict)) return -1;
     xo_config cfg;
     xo_dtype t;
-    if (xo_py_config_from_dict(cfg_dict, &cfg) || xo_py_parse_dtype(dtype, &t)) return -1;
+    xo_options opts;
+    if (xo_py_config_from_dict(cfg_dict, &cfg) || xo_py_parse_dtype(dtype, &t) || xo_py_options_from_dict(opt_dict, &opts))
+        return -1;
     xo_backend *be = NULL;
     xo_status rc;
     if (!strcmp(device, "cpu")) {
-        rc = xo_cpu_backend_create(&be);
+        rc = xo_cpu_backend_create(&be, &opts);
     } else if (!strncmp(device, "cuda", 4)) {
         int index = 0;
         if (device[4] == ':') {
@@ -34,7 +36,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
             PyErr_Format(PyExc_ValueError, "bad device '%s' (expected 'cpu', 'cuda' or 'cuda:N')", device);
             return -1;
         }
-        rc = xo_cuda_backend_create(&be, index);
+        rc = xo_cuda_backend_create(&be, index, &opts);
     } else {
         PyErr_Format(PyExc_ValueError, "bad device '%s' (expected 'cpu', 'cuda' or 'cuda:N')", device);
         return -1;
@@ -63,9 +65,9 @@ static int ensure_model(ModelObject *self) {
 #define LOCKED_NOGIL(self, stmt)                           \
     do {                                                   \
         Py_BEGIN_ALLOW_THREADS                             \
-        pthread_mutex_lock(&(self)->model->lock);          \
+        xo_model_lock((self)->model);                      \
         stmt;                                              \
-        pthread_mutex_unlock(&(self)->model->lock);        \
+        xo_model_unlock((self)->model);                    \
         Py_END_ALLOW_THREADS                               \
     } while (0)
 

@@ -110,6 +110,20 @@ static PyObject *mod_set_cuda_plugin(PyObject *Py_UNUSED(m), PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* [(name, environment variable, values, meaning)] of every option (engine/options.c) */
+static PyObject *mod_option_table(PyObject *self, PyObject *noargs) {
+    (void)self;
+    (void)noargs;
+    PyObject *out = PyList_New(xo_option_count);
+    for (int i = 0; out && i < xo_option_count; i++) {
+        const xo_option_info *r = &xo_option_table[i];
+        PyObject *row = Py_BuildValue("(ssss)", r->name, r->env, r->values, r->doc);
+        if (!row) { Py_CLEAR(out); break; }
+        PyList_SET_ITEM(out, i, row);
+    }
+    return out;
+}
+
 static PyObject *mod_set_num_threads(PyObject *Py_UNUSED(m), PyObject *arg) {
     long long n;
     if (xo_py_thread_count(arg, &n)) return NULL;
@@ -127,6 +141,8 @@ static PyObject *mod_physical_cores(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(
 }
 
 static PyMethodDef module_methods[] = {
+    { "option_table", mod_option_table, METH_NOARGS,
+      "option_table() -> [(name, environment variable, values, meaning)] of every model option" },
     { "set_num_threads", mod_set_num_threads, METH_O, "set_num_threads(n): the CPU thread count of models without their own" },
     { "get_num_threads", mod_get_num_threads, METH_NOARGS, "get_num_threads() -> the process default CPU thread count" },
     { "physical_cores", mod_physical_cores, METH_NOARGS, "physical_cores() -> physical cores this process may run on" },

@@ -124,7 +124,6 @@ out:
 }
 
 xo_status xo_cpu_attention(xo_backend *be, const xo_attention_args *args) {
-    xo_cpu_enter(be);
     xo_attention_args exact;
     const xo_attention_args *a = args;
     if (args->past_device) {  /* host memory: the true past is known now */

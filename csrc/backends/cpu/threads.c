@@ -5,10 +5,10 @@
  * thread on a core adds no memory bandwidth, which is what decode is bound by, and makes the
  * OpenMP team wait on the slower sibling. OMP_NUM_THREADS, when set, wins over that default.
  *
- * OpenMP keeps the team size per calling thread (the nthreads ICV), so every CPU backend entry
- * applies the count on the thread that calls it (xo_cpu_enter): a model used from several
- * Python threads, or from generate_stream's worker, gets its count wherever it runs, and
- * oneDNN (which sizes its own parallel regions from the same ICV) follows along. */
+ * OpenMP keeps the team size per calling thread (the nthreads ICV): the backend's enter applies
+ * the model's count (its `threads` option, else this default) on the thread that calls into the
+ * model, so generate_stream's worker thread gets it too, and oneDNN, which sizes its parallel
+ * regions from the same ICV, follows along. */
 #include <ctype.h>
 #include <limits.h>
 #include <sched.h>
@@ -85,10 +85,4 @@ xo_status xo_cpu_set_default_threads(long long n) {
     XO_TRY(xo_cpu_check_threads(n));
     __atomic_store_n(&g_default_threads, (int)n, __ATOMIC_RELAXED);
     return XO_OK;
-}
-
-void xo_cpu_enter(const xo_backend *be) {
-    const int own = be && be->ctx ? ((const xo_cpu_ctx *)be->ctx)->threads : 0;
-    const int n = own > 0 ? own : xo_cpu_default_threads();
-    if (omp_get_max_threads() != n) omp_set_num_threads(n);
 }

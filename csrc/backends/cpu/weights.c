@@ -147,7 +147,7 @@ static void f16_to_f32_f16c(const uint16_t *s, float *d, size_t n) {
 
 static void f16_to_f32(const uint16_t *s, float *d, size_t n) {
 #if defined(__x86_64__) || defined(__i386__)
-    if (xo_cpu_isa() >= XO_ISA_AVX2) { f16_to_f32_f16c(s, d, n); return; }
+    if (xo_cpu_best_isa() >= XO_ISA_AVX2) { f16_to_f32_f16c(s, d, n); return; }
 #endif
     for (size_t i = 0; i < n; i++) d[i] = xo_f16_to_f32(s[i]);
 }

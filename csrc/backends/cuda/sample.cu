@@ -155,7 +155,7 @@ xo_status cu_sample_rows(xo_backend *be, int32_t *out, const float *logits, int 
     if (rows > 65535) return cu_fail(c, XO_EINVAL, "device sampling takes at most 65535 rows at once (got %d)", rows);
     const int k = top_k < cols ? top_k : cols;
     char *buf = (char *)cu_alloc_raw(c, (size_t)rows * (256 * sizeof(unsigned) + sizeof(TopkSel)));
-    if (!buf) return cu_fail(c, XO_ENOMEM, "out of GPU memory for sampling");
+    if (!buf) return cu_fail_more(c, XO_ENOMEM, "sampling");
     unsigned *hist = (unsigned *)buf;
     TopkSel *sel = (TopkSel *)(buf + (size_t)rows * 256 * sizeof(unsigned));
     cu_launch(c, k_topk_init, 1, 256, 0, sel, hist, rows, k);
