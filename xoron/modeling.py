@@ -323,8 +323,9 @@ class MoELlamaForCausalLM:
         # torch tensors on this model's GPU: the logits stay there and reach torch through DLPack
         on_gpu = torch_dev is not None and lab is None and str(torch_dev).startswith("cuda") \
             and self.device.startswith("cuda") and _same_cuda_device(torch_dev, self.device)
-        logits, hidden = self._engine.forward(tokens, pos, mask, cache._c if cache is not None else None,
-                                              True, False, bool(output_hidden_states), on_gpu)
+        logits, hidden = self._engine.forward(tokens, positions=pos, mask=mask,
+                                              cache=cache._c if cache is not None else None,
+                                              want_hidden=bool(output_hidden_states), device_logits=on_gpu)
         if on_gpu:
             import torch.utils.dlpack
             logits = torch.utils.dlpack.from_dlpack(logits)
