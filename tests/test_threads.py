@@ -116,3 +116,38 @@ def test_decode_beside_a_busy_process_finishes():
         busy.wait()
     assert beside.shape == (1, 32)
     np.testing.assert_array_equal(beside, alone)
+
+
+@pytest.mark.parametrize("bad, exc, needle", [
+    (-1, ValueError, r"option threads: '-1' is not valid \(expected an integer in \[0, 4096\]\)"),
+    (4097, ValueError, r"'4097' is not valid"),
+    (2 ** 70, ValueError, r"option threads: '1180591620717411303424' is not valid"),
+    (1.5, TypeError, r"option threads must be a str, int or bool, not float"),
+    ("two", ValueError, r"option threads: 'two' is not valid"),
+])
+def test_threads_option_rejects(bad, exc, needle):
+    from conftest import small_config
+    with pytest.raises(exc, match=needle):
+        xoron.MoELlamaForCausalLM(small_config(), seed=0, options={"threads": bad})
+    with pytest.raises(exc, match=needle):
+        xoron.MoELlamaForCausalLM.from_pretrained(os.path.join(ROOT, "tests", "data", "tiny_ring"),
+                                                  options={"threads": bad})
+
+
+def test_threads_option_per_model():
+    """A model's own count (0: the process default) serves its calls on whichever thread makes
+    them; the results do not depend on the count."""
+    import threading
+    from conftest import make_model
+    built = make_model({"hidden_size": 64, "intermediate_size": 96, "vocab_size": 301}, seed=4)
+    ids = built.ids(1, 7)
+    want = np.asarray(built.model(input_ids=ids).logits)
+    sd = built.model.state_dict()
+    got = {}
+    for n in (0, 1, 2):
+        m = xoron.MoELlamaForCausalLM(built.config, seed=0, options={"threads": n})
+        m.load_state_dict(sd)
+        worker = threading.Thread(target=lambda: got.__setitem__(n, np.asarray(m(input_ids=ids).logits)))
+        worker.start()
+        worker.join()
+        np.testing.assert_allclose(got[n], want, rtol=0, atol=1e-5 * float(np.abs(want).max()))

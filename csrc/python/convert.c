@@ -79,15 +79,18 @@ int xo_py_options_from_dict(PyObject *d, xo_options *o) {
         if (!PyUnicode_Check(key)) { PyErr_SetString(PyExc_TypeError, "option names must be str"); return -1; }
         const char *name = PyUnicode_AsUTF8(key);
         if (!name) return -1;
-        char text[32];
         const char *v;
         if (PyBool_Check(value)) {
             v = value == Py_True ? "1" : "0";
         } else if (PyLong_Check(value)) {
-            long long n = PyLong_AsLongLong(value);
-            if (n == -1 && PyErr_Occurred()) return -1;
-            snprintf(text, sizeof text, "%lld", n);
-            v = text;
+            /* as decimal text, so that the core names a number of any size as out of range */
+            PyObject *str = PyObject_Str(value);
+            const char *t = str ? PyUnicode_AsUTF8(str) : NULL;
+            if (!t) { Py_XDECREF(str); return -1; }
+            rc = xo_options_set(o, name, t);
+            Py_DECREF(str);
+            if (rc != XO_OK) { xo_py_raise(rc); return -1; }
+            continue;
         } else if (PyUnicode_Check(value)) {
             if (!(v = PyUnicode_AsUTF8(value))) return -1;
         } else {
