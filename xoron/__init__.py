@@ -56,7 +56,7 @@ def _import_extension():
 # cheap on an idle machine and sleeps at once under load. libgomp reads the variable only when
 # it loads (with _C), so it is set for that moment, and only when the user has not chosen.
 _SPIN_ENV = "GOMP_SPINCOUNT"
-_SPIN_DEFAULT = "200"
+_SPIN_DEFAULT = "100"
 
 
 def _import_with_short_spin():
