@@ -49,12 +49,13 @@ def _import_extension():
     return _C
 
 
-# OpenMP threads that wait for work spin before they sleep; libgomp's default spin (300000
+# OpenMP threads that wait for work spin before they sleep. libgomp's default spin (300000
 # rounds of PAUSE, milliseconds on recent Intel cores) lets a waiting thread hold a core that
-# another process needs, while the thread the team waits for sits descheduled: beside one busy
-# process a decode step then ran ~80x slower. A short spin keeps back-to-back parallel regions
-# cheap on an idle machine and sleeps at once under load. libgomp reads the variable only when
-# it loads (with _C), so it is set for that moment, and only when the user has not chosen.
+# another process needs while the thread its team waits for sits descheduled, so beside one
+# busy process a decode step crawls. A spin about as long as a futex wake-up keeps back-to-back
+# parallel regions cheap on an idle machine, and a waiting thread sleeps almost at once under
+# load. libgomp reads the variable only when it loads (with _C), so it is set for that moment,
+# and only when the user has chosen neither it nor OMP_WAIT_POLICY (benchmarks/RESULTS.md).
 _SPIN_ENV = "GOMP_SPINCOUNT"
 _SPIN_DEFAULT = "100"
 
