@@ -285,6 +285,11 @@ xo_status xo_weights_load(xo_weights *w, const xo_config *c, xo_backend *be, xo_
     memset(&probe, 0, sizeof probe);
     slot_list check = { .check = &ix };
     xo_status rc = layout(c, &probe, t, &check);
+    /* tensors in memory are checked before any is stored too, so a refused load_state_dict
+     * leaves the model as it was; a file's are checked as they are read (a failed
+     * from_pretrained leaves no model behind) */
+    for (int i = 0; check_finite && rc == XO_OK && i < ix.n; i++)
+        if (ix.v[i]->data) rc = check_finite_values(ix.v[i], ix.v[i]->data);
     xo_weight_slot *slots = NULL;
     int n = 0;
     if (rc == XO_OK) rc = xo_weights_layout(c, w, t, &slots, &n);
@@ -294,13 +299,9 @@ xo_status xo_weights_load(xo_weights *w, const xo_config *c, xo_backend *be, xo_
         const xo_tensor_view *v = index_find(&ix, slots[i].name);
         const void *bytes = NULL;
         rc = tensor_bytes(v, &buf, &cap, &bytes);
-        if (rc == XO_OK && check_finite) rc = check_finite_values(v, bytes);
-        if (rc == XO_OK && (rc = fill_slot(be, &slots[i], bytes, v->dtype, c->hidden_size)) != XO_OK &&
-            rc != XO_ENOMEM) {
-            char why[512];
-            snprintf(why, sizeof why, "%s", xo_last_error());
-            rc = xo_fail(rc, "tensor '%s': %s", v->name, why);
-        }
+        if (rc == XO_OK && check_finite && !v->data) rc = check_finite_values(v, bytes);
+        if (rc == XO_OK && (rc = fill_slot(be, &slots[i], bytes, v->dtype, c->hidden_size)) != XO_OK)
+            rc = xo_fail_more(rc, "tensor '%s'", v->name);
     }
     free(buf);
     free(slots);
