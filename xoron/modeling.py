@@ -127,7 +127,9 @@ class MoELlamaForCausalLM:
 
     @classmethod
     def from_pretrained(cls, path, *, dtype="float32", device="cpu", cache_format="latent", options=None,
-                        **config_overrides):
+                        check_finite=True, **config_overrides):
+        """Loads config.json and the safetensors weights of a checkpoint directory. With
+        check_finite (the default) a NaN or infinity in any tensor is a ValueError naming it."""
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise ValueError(f"{path!r} is not a checkpoint directory")
@@ -139,7 +141,7 @@ class MoELlamaForCausalLM:
         config = resolve_config(raw, None, config_overrides)
         prefix = _tensor_prefix(files)
         model = cls(config, dtype=dtype, device=device, cache_format=cache_format, options=options, _init=False)
-        model._engine.load_safetensors(files, prefix)
+        model._engine.load_safetensors(files, prefix, check_finite=bool(check_finite))
         return model
 
     def save_pretrained(self, path, *, dtype: Optional[str] = None) -> None:
@@ -159,9 +161,10 @@ class MoELlamaForCausalLM:
         """{SPEC name: float32 numpy array} (a copy)."""
         return self._engine.state_dict()
 
-    def load_state_dict(self, state_dict, strict: bool = True):
+    def load_state_dict(self, state_dict, strict: bool = True, *, check_finite: bool = True):
         """Loads numpy arrays or torch tensors named as in SPEC section 2. Returns
-        (missing_keys, unexpected_keys) like torch."""
+        (missing_keys, unexpected_keys) like torch. With check_finite (the default) a NaN or
+        infinity in any tensor is a ValueError naming it."""
         expected = {name for name, _ in self._engine.tensor_shapes()}
         given = set(state_dict)
         missing = sorted(expected - given)
@@ -179,7 +182,7 @@ class MoELlamaForCausalLM:
                 arrays[name] = a if a.dtype == np.float16 else np.ascontiguousarray(a, dtype=np.float32)
             else:
                 arrays[name] = current[name]
-        self._engine.load_arrays(arrays)
+        self._engine.load_arrays(arrays, check_finite=bool(check_finite))
         return _IncompatibleKeys(missing, unexpected)
 
     # ---- introspection and compatibility ----
@@ -219,7 +222,7 @@ class MoELlamaForCausalLM:
             return self
         sd = self._engine.state_dict()
         engine = _C.Model(engine_dict(self.config), new_dtype, new_device, self._options)
-        engine.load_arrays(sd)
+        engine.load_arrays(sd, check_finite=False)  # accepted when they were loaded
         self._engine, self._dtype = engine, new_dtype
         return self
 

@@ -27,8 +27,8 @@ xo_status xo_model_create(xo_model **out, const xo_config *cfg, xo_backend *be, 
     return XO_OK;
 }
 
-xo_status xo_model_load(xo_model *m, const xo_tensor_view *tensors, int n, const char *prefix) {
-    return xo_weights_load(&m->w, &m->cfg, m->be, m->weight_dtype, tensors, n, prefix);
+xo_status xo_model_load(xo_model *m, const xo_tensor_view *tensors, int n, const char *prefix, int check_finite) {
+    return xo_weights_load(&m->w, &m->cfg, m->be, m->weight_dtype, tensors, n, prefix, check_finite);
 }
 
 xo_status xo_model_init_random(xo_model *m, uint64_t seed) {

@@ -2,7 +2,9 @@
  * validates what the values mean. */
 #include "python/binding.h"
 
+#include <float.h>
 #include <limits.h>
+#include <math.h>
 #include <string.h>
 
 static int dict_int(PyObject *d, const char *key, int *out) {
@@ -12,13 +14,17 @@ static int dict_int(PyObject *d, const char *key, int *out) {
     PyObject *idx = PyNumber_Index(v);
     if (!idx) {
         PyErr_Clear();
-        PyErr_Format(PyExc_ValueError, "config: %s must be an integer, got %R", key, v);
+        PyErr_Format(PyExc_ValueError, "config: %s must be an integer, got %.80s", key, Py_TYPE(v)->tp_name);
         return -1;
     }
-    long x = PyLong_AsLong(idx);
+    int overflow = 0;
+    long long x = PyLong_AsLongLongAndOverflow(idx, &overflow);
     Py_DECREF(idx);
     if (x == -1 && PyErr_Occurred()) return -1;
-    if (x > 0x7fffffffL || x < -0x7fffffffL) { PyErr_Format(PyExc_ValueError, "config: %s=%ld is out of range", key, x); return -1; }
+    if (overflow || x > 0x7fffffffLL || x < -0x7fffffffLL) {
+        PyErr_Format(PyExc_ValueError, "config: %s does not fit in a 32-bit integer", key);
+        return -1;
+    }
     *out = (int)x;
     return 0;
 }
@@ -29,7 +35,12 @@ static int dict_float(PyObject *d, const char *key, float *out) {
     double x = PyFloat_AsDouble(v);
     if (x == -1.0 && PyErr_Occurred()) {
         PyErr_Clear();
-        PyErr_Format(PyExc_ValueError, "config: %s must be a number, got %R", key, v);
+        PyErr_Format(PyExc_ValueError, "config: %s must be a number that fits a float, got %.80s", key,
+                     Py_TYPE(v)->tp_name);
+        return -1;
+    }
+    if (isfinite(x) && fabs(x) > FLT_MAX) { /* outside float: the cast would be undefined */
+        PyErr_Format(PyExc_ValueError, "config: %s=%R does not fit in a 32-bit float", key, v);
         return -1;
     }
     *out = (float)x;

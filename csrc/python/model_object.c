@@ -80,10 +80,13 @@ static PyObject *Model_init_random(ModelObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Model_load_safetensors(ModelObject *self, PyObject *args) {
+static PyObject *Model_load_safetensors(ModelObject *self, PyObject *args, PyObject *kw) {
+    static char *names[] = { "files", "prefix", "check_finite", NULL };
     PyObject *files;
     const char *prefix = "";
-    if (ensure_model(self) || !PyArg_ParseTuple(args, "O|s", &files, &prefix)) return NULL;
+    int check_finite = 1;
+    if (ensure_model(self) || !PyArg_ParseTupleAndKeywords(args, kw, "O|sp", names, &files, &prefix, &check_finite))
+        return NULL;
     PyObject *seq = PySequence_Fast(files, "files must be a list of paths");
     if (!seq) return NULL;
     Py_ssize_t nf = PySequence_Fast_GET_SIZE(seq);
@@ -115,7 +118,7 @@ static PyObject *Model_load_safetensors(ModelObject *self, PyObject *args) {
     total = 0;
     for (int i = 0; i < opened; i++)
         for (int j = 0; j < st[i].num_tensors; j++) views[total++] = st[i].tensors[j];
-    LOCKED_NOGIL(self, rc = xo_model_load(self->model, views, total, prefix));
+    LOCKED_NOGIL(self, rc = xo_model_load(self->model, views, total, prefix, check_finite));
     if (rc != XO_OK) { xo_py_raise(rc); goto exit; }
     result = Py_NewRef(Py_None);
 exit:
@@ -128,10 +131,13 @@ exit:
     return result;
 }
 
-/* load_arrays({name: float32/float16 ndarray}) */
-static PyObject *Model_load_arrays(ModelObject *self, PyObject *args) {
+/* load_arrays({name: float32/float16 ndarray}, check_finite=True) */
+static PyObject *Model_load_arrays(ModelObject *self, PyObject *args, PyObject *kw) {
+    static char *names[] = { "arrays", "check_finite", NULL };
     PyObject *d;
-    if (ensure_model(self) || !PyArg_ParseTuple(args, "O!", &PyDict_Type, &d)) return NULL;
+    int check_finite = 1;
+    if (ensure_model(self) || !PyArg_ParseTupleAndKeywords(args, kw, "O!|p", names, &PyDict_Type, &d, &check_finite))
+        return NULL;
     Py_ssize_t n = PyDict_Size(d), pos = 0, i = 0;
     xo_tensor_view *views = calloc((size_t)(n ? n : 1), sizeof *views);
     PyObject **arrays = calloc((size_t)(n ? n : 1), sizeof *arrays);
@@ -159,7 +165,7 @@ static PyObject *Model_load_arrays(ModelObject *self, PyObject *args) {
         v->nbytes = (size_t)PyArray_NBYTES(a);
     }
     xo_status rc;
-    LOCKED_NOGIL(self, rc = xo_model_load(self->model, views, (int)i, ""));
+    LOCKED_NOGIL(self, rc = xo_model_load(self->model, views, (int)i, "", check_finite));
     if (rc != XO_OK) { xo_py_raise(rc); goto exit; }
     result = Py_NewRef(Py_None);
 exit:
@@ -563,8 +569,10 @@ static PyObject *Model_get_stream(ModelObject *self, void *Py_UNUSED(c)) {
 
 static PyMethodDef Model_methods[] = {
     { "init_random", (PyCFunction)Model_init_random, METH_VARARGS, "init_random(seed): normal(0, 0.02) weights, norms 1." },
-    { "load_safetensors", (PyCFunction)Model_load_safetensors, METH_VARARGS, "load_safetensors(files, prefix='')" },
-    { "load_arrays", (PyCFunction)Model_load_arrays, METH_VARARGS, "load_arrays({name: ndarray})" },
+    { "load_safetensors", (PyCFunction)(void (*)(void))Model_load_safetensors, METH_VARARGS | METH_KEYWORDS,
+      "load_safetensors(files, prefix='', check_finite=True): check_finite refuses a NaN or infinity in any tensor" },
+    { "load_arrays", (PyCFunction)(void (*)(void))Model_load_arrays, METH_VARARGS | METH_KEYWORDS,
+      "load_arrays({name: ndarray}, check_finite=True)" },
     { "state_dict", (PyCFunction)Model_state_dict, METH_NOARGS, "state_dict() -> {name: float32 ndarray}" },
     { "tensor_shapes", (PyCFunction)Model_tensor_shapes, METH_NOARGS, "[(name, shape)] of every SPEC tensor" },
     { "forward", (PyCFunction)(void (*)(void))Model_forward, METH_VARARGS | METH_KEYWORDS,

@@ -88,12 +88,18 @@ static PyObject *mod_sample_tokens(PyObject *Py_UNUSED(m), PyObject *args) {
         xo_rng rng;
         xo_rng_seed(&rng, seed);
         int64_t *out = PyArray_DATA((PyArrayObject *)tokens);
-        for (int i = 0; i < draws; i++) {
+        for (int i = 0; i < draws && rc == XO_OK; i++) {
             memcpy(row, PyArray_DATA(logits), (size_t)V * sizeof(float));
-            out[i] = xo_sample_row(row, V, &p, NULL, 0, &rng, work);
+            int32_t tok = 0;
+            rc = xo_sample_row(row, V, &p, NULL, 0, &rng, work, 0, &tok);
+            out[i] = tok;
         }
-        memcpy(PyArray_DATA((PyArrayObject *)processed), row, (size_t)V * sizeof(float));
-        result = Py_BuildValue("(OO)", processed, tokens);
+        if (rc != XO_OK) {
+            xo_py_raise(rc);
+        } else {
+            memcpy(PyArray_DATA((PyArrayObject *)processed), row, (size_t)V * sizeof(float));
+            result = Py_BuildValue("(OO)", processed, tokens);
+        }
     }
     free(work);
     free(row);

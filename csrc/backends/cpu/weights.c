@@ -1,6 +1,7 @@
 /* Weight storage conversions on the CPU: float32/float16/bfloat16 source rows to the storage
  * dtype (bfloat16 and float16 rounded to nearest even; int8 and int4 group-wise, one float32
  * scale per XO_QGROUP weights of a row, layouts in kernels.h), and back to float32. */
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,17 +39,19 @@ void *xo_cpu_weight_alloc(size_t bytes) {
 }
 
 /* Quantises one float32 row, group by group (int8: q = round(v / d), |q| <= 127, d = max|group|
- * / 127). A group with a non-finite value, or all zeros, is stored as zeros. */
+ * / 127); an all-zero group is stored as zeros. Returns 0, or -1 when the row holds a NaN or an
+ * infinity (no scale represents it). */
 XO_CLONES
-static void quantize_row_i8(int8_t *q, float *scales, const float *v, int n) {
+static int quantize_row_i8(int8_t *q, float *scales, const float *v, int n) {
     for (int g0 = 0, g = 0; g0 < n; g0 += XO_QGROUP, g++) {
         const int len = n - g0 < XO_QGROUP ? n - g0 : XO_QGROUP;
         float mx = 0.0f;
         for (int j = 0; j < len; j++) {
             float a = fabsf(v[g0 + j]);
+            if (!(a <= FLT_MAX)) return -1;   /* NaN or infinity, which the max would skip */
             mx = a > mx ? a : mx;
         }
-        if (!(mx > 0.0f) || !isfinite(mx)) {
+        if (!(mx > 0.0f)) {
             memset(q + g0, 0, (size_t)len);
             scales[g] = 0.0f;
             continue;
@@ -61,22 +64,24 @@ static void quantize_row_i8(int8_t *q, float *scales, const float *v, int n) {
         }
         scales[g] = mx / 127.0f;
     }
+    return 0;
 }
 
-/* int4, 16 levels: d = -(the group's value of largest magnitude) / 8, q = round(v / d) in
- * [-8, 7], so that value is stored exactly (as -8) and the rest within d/2, or d for a value of
+/* int4, returning as quantize_row_i8; 16 levels: d = -(the group's value of largest magnitude)
+ * / 8, q = round(v / d) in [-8, 7], so that value is stored exactly (as -8) and the rest within d/2, or d for a value of
  * the opposite sign and the same magnitude (clamped to 7). Packed as XO_I4 rows (kernels.h). */
 XO_CLONES
-static void quantize_row_i4(uint8_t *p, float *scales, const float *v, int n) {
+static int quantize_row_i4(uint8_t *p, float *scales, const float *v, int n) {
     for (int g0 = 0, g = 0; g0 < n; g0 += XO_QGROUP, g++) {
         const int len = n - g0 < XO_QGROUP ? n - g0 : XO_QGROUP;
         float big = 0.0f, mx = 0.0f;
         for (int j = 0; j < len; j++) {
             float a = fabsf(v[g0 + j]);
+            if (!(a <= FLT_MAX)) return -1;
             if (a > mx) { mx = a; big = v[g0 + j]; }
         }
         uint8_t *out = p + (size_t)g * (XO_QGROUP / 2);
-        if (!(mx > 0.0f) || !isfinite(mx)) {
+        if (!(mx > 0.0f)) {
             memset(out, 0x88, XO_QGROUP / 2);   /* q = 0 */
             scales[g] = 0.0f;
             continue;
@@ -91,6 +96,7 @@ static void quantize_row_i4(uint8_t *p, float *scales, const float *v, int n) {
         for (int j = 0; j < XO_QGROUP / 2; j++) out[j] = (uint8_t)(nib[j] | nib[j + XO_QGROUP / 2] << 4);
         scales[g] = d;
     }
+    return 0;
 }
 
 XO_CLONES
@@ -106,7 +112,7 @@ xo_status xo_cpu_store_rows(xo_linear *w, const void *host, xo_dtype src_t, int 
         memcpy((char *)w->data + (size_t)row_offset * K * xo_dtype_size(t), host, (size_t)rows * src_row);
         return XO_OK;
     }
-    int failed = 0;
+    int failed = 0, nonfinite_row = -1;
     #pragma omp parallel if ((size_t)rows * K > 65536)
     {
         float *tmp = malloc((size_t)(K ? K : 1) * sizeof *tmp);
@@ -125,14 +131,27 @@ xo_status xo_cpu_store_rows(xo_linear *w, const void *host, xo_dtype src_t, int 
             case XO_F16:
                 for (int j = 0; j < K; j++) ((uint16_t *)w->data)[r * K + j] = xo_f32_to_f16(tmp[j]);
                 break;
-            case XO_I8: quantize_row_i8((int8_t *)w->data + r * K, w->scales + r * G, tmp, K); break;
-            case XO_I4: quantize_row_i4((uint8_t *)w->data + r * xo_cpu_row_bytes(w), w->scales + r * G, tmp, K); break;
+            case XO_I8:
+            case XO_I4: {
+                int bad = w->dtype == XO_I8
+                              ? quantize_row_i8((int8_t *)w->data + r * K, w->scales + r * G, tmp, K)
+                              : quantize_row_i4((uint8_t *)w->data + r * xo_cpu_row_bytes(w), w->scales + r * G, tmp, K);
+                if (bad) {
+                    #pragma omp critical(xo_nonfinite_row)
+                    if (nonfinite_row < 0 || i < nonfinite_row) nonfinite_row = i;
+                }
+                break;
+            }
             default: break;
             }
         }
         free(tmp);
     }
-    return failed ? xo_fail(XO_ENOMEM, "out of memory converting a [%d, %d] weight", rows, K) : XO_OK;
+    if (failed) return xo_fail(XO_ENOMEM, "out of memory converting a [%d, %d] weight", rows, K);
+    if (nonfinite_row >= 0)
+        return xo_fail(XO_EINVAL, "row %d holds a NaN or infinity, which %s quantisation cannot represent",
+                       nonfinite_row, xo_dtype_name(t));
+    return XO_OK;
 }
 
 #if defined(__x86_64__) || defined(__i386__)
