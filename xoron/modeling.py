@@ -416,17 +416,21 @@ class MoELlamaForCausalLM:
 
     def generate_stream(self, input_ids, **kwargs):
         """Yields the new token ids as they are produced (an int per step for one row, an array
-        of one id per row otherwise). Takes generate()'s keyword arguments."""
+        of one id per row otherwise). Takes generate()'s keyword arguments. Leaving the loop
+        early (break, close(), the generator dropped) stops the generation at the next step."""
         import queue
         import threading
 
         q: "queue.Queue" = queue.Queue()
         done = object()
+        closed = threading.Event()
 
         class _QueueStreamer:
             first = True
 
             def put(self, ids):
+                if closed.is_set():  # the consumer left: stop the C loop now
+                    raise _StreamClosed
                 if self.first:  # the prompt
                     self.first = False
                     return
@@ -440,6 +444,8 @@ class MoELlamaForCausalLM:
         def run():
             try:
                 self.generate(input_ids, streamer=_QueueStreamer(), **kwargs)
+            except _StreamClosed:
+                pass
             except BaseException as e:  # re-raised in the consumer
                 errors.append(e)
             finally:
@@ -447,15 +453,22 @@ class MoELlamaForCausalLM:
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        while True:
-            item = q.get()
-            if item is done:
-                break
-            arr = np.asarray(item)
-            yield int(arr[0]) if arr.shape == (1,) else item
-        worker.join()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    break
+                arr = np.asarray(item)
+                yield int(arr[0]) if arr.shape == (1,) else item
+        finally:
+            closed.set()
+            worker.join()
         if errors:
             raise errors[0]
+
+
+class _StreamClosed(Exception):
+    """Raised by generate_stream's streamer once its consumer has gone."""
 
 
 class _IncompatibleKeys:

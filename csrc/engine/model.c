@@ -198,6 +198,7 @@ xo_status xo_model_layers(xo_model *m, const xo_layers_args *a, xo_cache *cache,
              : be->rmsnorm(be, s->xn, s->h, H, (weight), n, H, c->rms_norm_eps))
     for (int l = 0; l < c->num_layers; l++) {
         const xo_layer_weights *lw = &m->w.layers[l];
+        XO_TRY(xo_interrupt_poll(a->interrupt));
         /* h = h + Attn(RMSNorm_in(h)) */
         XO_TRY(NORM_H(lw->input_norm));
         if (c->q_lora_rank == 0) {
@@ -276,7 +277,8 @@ static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache 
     const xo_config *c = &m->cfg;
     xo_backend *be = m->be;
     const int b = a->batch, t = a->tokens, n = b * t, H = c->hidden_size;
-    xo_layers_args la = { .batch = b, .tokens = t, .past = cache->length, .embeds = a->embeds, .hidden = a->hidden };
+    xo_layers_args la = { .batch = b, .tokens = t, .past = cache->length, .embeds = a->embeds, .hidden = a->hidden,
+                          .interrupt = m->interrupt };
     XO_TRY(xo_model_layers(m, &la, cache, s));
     /* logits = h @ lm_head.T */
     if (!a->logits && !a->argmax && !a->device_logits) return XO_OK;

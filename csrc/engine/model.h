@@ -7,6 +7,7 @@
 #include "backends/backend.h"
 #include "engine/cache.h"
 #include "engine/config.h"
+#include "engine/interrupt.h"
 #include "engine/weights.h"
 
 typedef struct {
@@ -17,6 +18,7 @@ typedef struct {
     float *inv_freq;         /* device [hd/2], YaRN frequencies (SPEC section 5) */
     float mscale;
     pthread_mutex_t lock;    /* one call at a time: scratch and caches are not shared */
+    const xo_interrupt *interrupt; /* polled by forward and generate; set by the lock holder, or NULL */
 } xo_model;
 
 /* Creates an empty model on a backend (takes ownership of be). Weights are filled by
@@ -75,6 +77,7 @@ typedef struct {
     const int32_t *past_device; /* or NULL: see xo_attention_args */
     const float *embeds;        /* host, or NULL: s->ids are embedded */
     float *hidden;              /* host, or NULL */
+    const xo_interrupt *interrupt; /* polled between layers, or NULL (a recorded step must run whole) */
 } xo_layers_args;
 
 /* The decoder layers and the final norm over s->ids (or embeds) at positions s->pos, the
