@@ -12,12 +12,15 @@ typedef struct {
     unsigned seen;               /* its value when the call began */
 } xo_interrupt;
 
-/* XO_EINTERRUPTED once the counter has moved since the call began. A relaxed load: cheap
- * enough to poll once per layer. */
+/* 1 once the counter has moved since the call began: a relaxed load, cheap enough for an
+ * inner loop, and safe from any thread. Once requested it stays requested. */
+static inline int xo_interrupt_requested(const xo_interrupt *i) {
+    return i && i->counter && atomic_load_explicit(i->counter, memory_order_relaxed) != i->seen;
+}
+
+/* XO_EINTERRUPTED once requested; from the thread running the call (it records the message). */
 static inline xo_status xo_interrupt_poll(const xo_interrupt *i) {
-    if (i && i->counter && atomic_load_explicit(i->counter, memory_order_relaxed) != i->seen)
-        return xo_fail(XO_EINTERRUPTED, "interrupted");
-    return XO_OK;
+    return xo_interrupt_requested(i) ? xo_fail(XO_EINTERRUPTED, "interrupted") : XO_OK;
 }
 
 #endif

@@ -228,6 +228,7 @@ xo_status xo_model_layers(xo_model *m, const xo_layers_args *a, xo_cache *cache,
             .key_pos = cache->positions, .key_mask = cache->mask,
             .inv_freq = m->inv_freq, .mscale = m->mscale, .scale = 1.0f / sqrtf((float)hd),
             .denom_eps = xo_model_denom_eps(c, past + t),
+            .interrupt = a->interrupt,
         };
         XO_TRY(be->attention(be, &at));
         XO_TRY(be->matmul(be, s->tmp, s->att, &lw->o, n));                         /* @ Wo.T */
@@ -328,6 +329,13 @@ xo_status xo_model_forward(xo_model *m, const xo_forward_args *a) {
     if (rc == XO_OK) rc = xo_cache_reserve(cache, cache->length + a->tokens);
     if (rc == XO_OK && !(saved_next = malloc((size_t)a->batch * sizeof *saved_next))) rc = xo_fail(XO_ENOMEM, "out of memory");
     if (rc == XO_OK) memcpy(saved_next, cache->next_position, (size_t)a->batch * sizeof *saved_next);
+    /* a mask over cached + new tokens rewrites the cached keys' mask too: kept to undo a failure */
+    const size_t mask_cells = (size_t)a->batch * cache->capacity;
+    uint8_t *saved_mask = NULL;
+    if (rc == XO_OK && a->mask && a->mask_len > a->tokens) {
+        if ((saved_mask = malloc(mask_cells))) memcpy(saved_mask, cache->host_mask, mask_cells);
+        else rc = xo_fail(XO_ENOMEM, "out of memory");
+    }
     if (rc == XO_OK) rc = prepare_positions(m, a, cache, pos);
     const int logit_rows = m->be->host_memory && a->logits ? 0 : a->last_only ? a->batch : n;
     if (rc == XO_OK) rc = xo_scratch_alloc(m->be, &m->cfg, n, logit_rows, a->last_only ? a->batch : n, &s);
@@ -355,7 +363,9 @@ xo_status xo_model_forward(xo_model *m, const xo_forward_args *a) {
     } else if (saved_next) {  /* a failed call leaves the cache as it was */
         cache->length = saved_len;
         memcpy(cache->next_position, saved_next, (size_t)a->batch * sizeof *saved_next);
+        if (saved_mask) memcpy(cache->host_mask, saved_mask, mask_cells);
     }
+    free(saved_mask);
     xo_scratch_free(m->be, &s);
     free(pos);
     free(saved_next);
