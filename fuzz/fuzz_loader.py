@@ -15,6 +15,7 @@ random.Random(seed, i), so --seed and a case number reproduce it (--replay DIR r
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import queue
@@ -28,6 +29,10 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the repository's own build when it is built in place, else the installed xoron
+IN_PLACE = bool(glob.glob(os.path.join(ROOT, "xoron", "_C*.so")))
+if IN_PLACE:
+    sys.path.insert(0, ROOT)
 EXPECTED = (ValueError, OSError, TypeError, MemoryError)
 
 ODD_VALUES = [0, -1, 1, 2, 3, 7, 2 ** 31 - 1, 2 ** 31, 2 ** 32 + 1, 2 ** 63, -2 ** 63, 10 ** 30, 0.5, -0.0, 1e-300,
@@ -276,7 +281,8 @@ def main():
     with open(os.path.join(seeds_dir, "seeds.json"), "w") as f:
         json.dump(seeds, f)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    if IN_PLACE:
+        env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
     deadline = time.monotonic() + a.seconds
     counts: dict = {}
     findings = []

@@ -149,15 +149,16 @@ def test_a_call_from_another_thread_waits_for_the_running_one():
     np.testing.assert_array_equal(logits, m(_ids()).logits)
 
 
-def _counting(m, hold_at):
-    """Wraps m.generate so that the streamer's calls are counted; call number hold_at waits
+def _counting(monkeypatch, hold_at):
+    """Wraps generate() so that the streamer's calls are counted; call number hold_at waits
     for the returned event, so that the generation is not ahead of its consumer."""
+    from xoron import generation
     puts, leaving = [], threading.Event()
-    plain = m.generate
+    plain = generation.generate
 
-    def generate(input_ids, streamer=None, **kw):
+    def generate(model, input_ids=None, streamer=None, **kw):
         if streamer is None:
-            return plain(input_ids, **kw)
+            return plain(model, input_ids, **kw)
 
         class Counting:
             def put(self, ids):
@@ -169,16 +170,16 @@ def _counting(m, hold_at):
             def end(self):
                 streamer.end()
 
-        return plain(input_ids, streamer=Counting(), **kw)
+        return plain(model, input_ids, streamer=Counting(), **kw)
 
-    m.generate = generate
+    monkeypatch.setattr(generation, "generate", generate)
     return puts, leaving
 
 
 @pytest.mark.parametrize("how", ["break", "close", "garbage"])
-def test_leaving_generate_stream_stops_the_generation(how):
+def test_leaving_generate_stream_stops_the_generation(how, monkeypatch):
     m = _model()
-    puts, leaving = _counting(m, hold_at=5)  # the prompt, 3 tokens taken, the 4th held
+    puts, leaving = _counting(monkeypatch, hold_at=5)  # the prompt, 3 tokens taken, the 4th held
     stream = m.generate_stream(_ids(), max_new_tokens=20000, do_sample=False, eos_token_id=None)
     got = []
     for tok in stream:

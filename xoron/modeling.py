@@ -13,13 +13,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import _C
+from . import _C, generation
 from ._safetensors_io import save_file
 from ._tensors import ids_array, int_array, is_torch, mask_array, output, scalar, to_numpy
 from .config import LlamaConfig, engine_dict, read_config_json, resolve_config
+from .generation import CACHE_FORMATS, GenerateOutput  # noqa: F401  (re-exported)
 
-DTYPES = ("float32", "bfloat16", "float16", "int8")
-CACHE_FORMATS = {"latent": 0, "kv": 1}
+DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 
 
 @dataclass
@@ -28,6 +28,7 @@ class CausalLMOutput:
     logits: Any = None
     past_key_values: Any = None
     hidden_states: Any = None
+    attentions: Any = None  # always None: attention weights are never materialised
     aux_loss: Any = None
 
     def __getitem__(self, key):
@@ -36,19 +37,8 @@ class CausalLMOutput:
         return self.to_tuple()[key]
 
     def to_tuple(self):
-        return tuple(v for v in (self.loss, self.logits, self.past_key_values, self.hidden_states, self.aux_loss)
-                     if v is not None)
-
-
-@dataclass
-class GenerateOutput:
-    """generate(..., return_dict_in_generate=True): `sequences` [b, t + n]; with
-    output_scores=True, `scores` is a tuple of n processed-score arrays [b, V]."""
-    sequences: Any = None
-    scores: Any = None
-
-    def __getitem__(self, key):
-        return getattr(self, key) if isinstance(key, str) else (self.sequences, self.scores)[key]
+        return tuple(v for v in (self.loss, self.logits, self.past_key_values, self.hidden_states, self.attentions,
+                                 self.aux_loss) if v is not None)
 
 
 class KVCache:
@@ -103,16 +93,20 @@ def _parse_device(device) -> str:
 class MoELlamaForCausalLM:
     """Xoron MoE-LLaMA causal language model, computed by the xoron C engine.
 
-    MoELlamaForCausalLM(config, moe_config=None, *, dtype="float32", device="cpu", seed=None)
+    MoELlamaForCausalLM(config, moe_config=None, *, dtype="float32", device="cpu", seed=None,
+                        options=None)
 
     `config` may be a transformers.LlamaConfig, a xoron.LlamaConfig, any object with those
     attributes, or a dict (config.json style). Weights are initialised like the original
-    (normal, std 0.02; norms 1), reproducibly when `seed` is given.
+    (normal, std 0.02; norms 1), reproducibly when `seed` is given. `options` is a dict of
+    kernel and runtime choices (name -> str, int or bool; `xoron.option_names()` lists them),
+    over the defaults their environment variables set.
     """
 
     def __init__(self, config=None, moe_config=None, *, dtype="float32", device="cpu", seed=None,
-                 cache_format="latent", _init=True):
+                 cache_format="latent", options=None, _init=True):
         self.config: LlamaConfig = resolve_config(config, moe_config)
+        self._options = dict(options) if isinstance(options, dict) else options
         self._set_engine(dtype, device)
         if cache_format not in CACHE_FORMATS:
             raise ValueError(f"cache_format must be one of {sorted(CACHE_FORMATS)}, got {cache_format!r}")
@@ -126,13 +120,16 @@ class MoELlamaForCausalLM:
     def _set_engine(self, dtype, device):
         dtype = _dtype_name(dtype)
         device = _parse_device(device)
-        self._engine = _C.Model(engine_dict(self.config), dtype, device)
+        self._engine = _C.Model(engine_dict(self.config), dtype, device, self._options)
         self._dtype = dtype
 
     # ---- construction from files ----
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype="float32", device="cpu", cache_format="latent", **config_overrides):
+    def from_pretrained(cls, path, *, dtype="float32", device="cpu", cache_format="latent", options=None,
+                        check_finite=True, **config_overrides):
+        """Loads config.json and the safetensors weights of a checkpoint directory. With
+        check_finite (the default) a NaN or infinity in any tensor is a ValueError naming it."""
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise ValueError(f"{path!r} is not a checkpoint directory")
@@ -143,8 +140,8 @@ class MoELlamaForCausalLM:
         raw = read_config_json(cfg_path)
         config = resolve_config(raw, None, config_overrides)
         prefix = _tensor_prefix(files)
-        model = cls(config, dtype=dtype, device=device, cache_format=cache_format, _init=False)
-        model._engine.load_safetensors(files, prefix)
+        model = cls(config, dtype=dtype, device=device, cache_format=cache_format, options=options, _init=False)
+        model._engine.load_safetensors(files, prefix, check_finite=bool(check_finite))
         return model
 
     def save_pretrained(self, path, *, dtype: Optional[str] = None) -> None:
@@ -164,9 +161,10 @@ class MoELlamaForCausalLM:
         """{SPEC name: float32 numpy array} (a copy)."""
         return self._engine.state_dict()
 
-    def load_state_dict(self, state_dict, strict: bool = True):
+    def load_state_dict(self, state_dict, strict: bool = True, *, check_finite: bool = True):
         """Loads numpy arrays or torch tensors named as in SPEC section 2. Returns
-        (missing_keys, unexpected_keys) like torch."""
+        (missing_keys, unexpected_keys) like torch. With check_finite (the default) a NaN or
+        infinity in any tensor is a ValueError naming it."""
         expected = {name for name, _ in self._engine.tensor_shapes()}
         given = set(state_dict)
         missing = sorted(expected - given)
@@ -184,7 +182,7 @@ class MoELlamaForCausalLM:
                 arrays[name] = a if a.dtype == np.float16 else np.ascontiguousarray(a, dtype=np.float32)
             else:
                 arrays[name] = current[name]
-        self._engine.load_arrays(arrays)
+        self._engine.load_arrays(arrays, check_finite=bool(check_finite))
         return _IncompatibleKeys(missing, unexpected)
 
     # ---- introspection and compatibility ----
@@ -223,8 +221,8 @@ class MoELlamaForCausalLM:
         if new_device == self.device and new_dtype == self._dtype:
             return self
         sd = self._engine.state_dict()
-        engine = _C.Model(engine_dict(self.config), new_dtype, new_device)
-        engine.load_arrays(sd)
+        engine = _C.Model(engine_dict(self.config), new_dtype, new_device, self._options)
+        engine.load_arrays(sd, check_finite=False)  # accepted when they were loaded
         self._engine, self._dtype = engine, new_dtype
         return self
 
@@ -238,8 +236,9 @@ class MoELlamaForCausalLM:
         return self.to(dtype="float16")
 
     def quantize(self, dtype="int8"):
-        """Re-stores the weights as `dtype` ("int8": weight-only, symmetric, one scale per output
-        row; or "bfloat16"/"float16"), computed with float32 accumulation. Returns self."""
+        """Re-stores the weights as `dtype` ("int8" or "int4": weight-only, one scale per group of
+        32 weights of a row; or "bfloat16"/"float16"), computed with float32 accumulation. The
+        router stays float32. Returns self."""
         return self.to(dtype=dtype)
 
     def cpu(self):
@@ -266,7 +265,10 @@ class MoELlamaForCausalLM:
         return self.forward(*args, **kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, past_key_values=None,
-                use_cache=False, output_hidden_states=False, return_dict=True, inputs_embeds=None, **unused):
+                use_cache=False, output_hidden_states=False, return_dict=True, inputs_embeds=None,
+                output_attentions=False):
+        if output_attentions:
+            raise ValueError("output_attentions is not supported: the engine never materialises attention weights")
         torch_dev = None
         if input_ids is not None and inputs_embeds is not None:
             raise ValueError("give input_ids or inputs_embeds, not both")
@@ -324,8 +326,9 @@ class MoELlamaForCausalLM:
         # torch tensors on this model's GPU: the logits stay there and reach torch through DLPack
         on_gpu = torch_dev is not None and lab is None and str(torch_dev).startswith("cuda") \
             and self.device.startswith("cuda") and _same_cuda_device(torch_dev, self.device)
-        logits, hidden = self._engine.forward(tokens, pos, mask, cache._c if cache is not None else None,
-                                              True, False, bool(output_hidden_states), on_gpu)
+        logits, hidden = self._engine.forward(tokens, positions=pos, mask=mask,
+                                              cache=cache._c if cache is not None else None,
+                                              want_hidden=bool(output_hidden_states), device_logits=on_gpu)
         if on_gpu:
             import torch.utils.dlpack
             logits = torch.utils.dlpack.from_dlpack(logits)
@@ -353,122 +356,16 @@ class MoELlamaForCausalLM:
 
     # ---- generation ----
 
-    def generate(self, input_ids, max_new_tokens=100, temperature=1.0, top_k=50, top_p=0.9, do_sample=True,
-                 pad_token_id=None, eos_token_id=None, attention_mask=None, seed=None, min_new_tokens=0,
-                 repetition_penalty=1.0, streamer=None, return_dict_in_generate=False, output_scores=False,
-                 **unused):
-        """Generates up to max_new_tokens after input_ids [b, t]; the whole decode loop runs in C
-        (SPEC section 7). Returns prompt + new tokens [b, t + n] (numpy, or torch when the
-        input was torch); rows that finished are padded with pad_token_id (eos when unset)."""
-        torch_dev = None
-        if not isinstance(input_ids, (list, tuple)):
-            _, torch_dev = to_numpy(input_ids, "input_ids")
-        prompt = ids_array(input_ids)
-        b, t = prompt.shape
-        mask = None
-        if attention_mask is not None:
-            mask = mask_array(attention_mask)
-            if mask.shape != (b, t):
-                raise ValueError(f"attention_mask has shape {list(mask.shape)}; expected {[b, t]} like input_ids")
-        max_new_tokens = _int_arg(max_new_tokens, "max_new_tokens")
-        min_new_tokens = _int_arg(min_new_tokens, "min_new_tokens")
-        top_k = _int_arg(top_k if top_k is not None else 0, "top_k")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0 (got {max_new_tokens})")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (got {top_k})")
-        temperature = float(temperature if temperature is not None else 1.0)
-        top_p = float(top_p if top_p is not None else 1.0)
-        repetition_penalty = float(repetition_penalty if repetition_penalty is not None else 1.0)
-        if do_sample and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling (got {temperature})")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
-        if not repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0 (got {repetition_penalty})")
-        if eos_token_id is None:
-            eos_token_id = self.config.eos_token_id
-        eos = [] if eos_token_id is None else ([int(eos_token_id)] if np.ndim(eos_token_id) == 0
-                                                else [int(e) for e in eos_token_id])
-        if pad_token_id is None:
-            pad_token_id = self.config.pad_token_id
-        if pad_token_id is None:
-            pad_token_id = eos[0] if eos else 0
-        if seed is None:
-            seed = secrets.randbits(63)
-        callback = None
-        if streamer is not None:
-            streamer.put(output(prompt.astype(np.int64), torch_dev))
-            callback = (lambda toks: streamer.put(output(toks, torch_dev)))
-        seqs, scores, steps = self._engine.generate(
-            prompt, mask, max_new_tokens, min_new_tokens, bool(do_sample), temperature, top_k, top_p,
-            repetition_penalty, np.asarray(eos, dtype=np.int32), int(pad_token_id), int(seed) & ((1 << 64) - 1),
-            CACHE_FORMATS[self.cache_format], bool(output_scores and return_dict_in_generate), callback)
-        if streamer is not None:
-            streamer.end()
-        seqs = output(seqs[:, :t + steps].astype(np.int64), torch_dev)
-        if not return_dict_in_generate:
-            return seqs
-        sc = None
-        if scores is not None:
-            sc = tuple(output(scores[i], torch_dev) for i in range(steps))
-        return GenerateOutput(sequences=seqs, scores=sc)
+    def generate(self, input_ids=None, **kwargs):
+        """Generates after input_ids [b, t]; the decode loop runs in C. The keywords are those of
+        transformers' generate() that xoron implements (README "Generation"); any other is a
+        TypeError naming it."""
+        return generation.generate(self, input_ids, **kwargs)
 
-    def generate_stream(self, input_ids, **kwargs):
+    def generate_stream(self, input_ids=None, **kwargs):
         """Yields the new token ids as they are produced (an int per step for one row, an array
-        of one id per row otherwise). Takes generate()'s keyword arguments. Leaving the loop
-        early (break, close(), the generator dropped) stops the generation at the next step."""
-        import queue
-        import threading
-
-        q: "queue.Queue" = queue.Queue()
-        done = object()
-        closed = threading.Event()
-
-        class _QueueStreamer:
-            first = True
-
-            def put(self, ids):
-                if closed.is_set():  # the consumer left: stop the C loop now
-                    raise _StreamClosed
-                if self.first:  # the prompt
-                    self.first = False
-                    return
-                q.put(ids)
-
-            def end(self):
-                pass
-
-        errors = []
-
-        def run():
-            try:
-                self.generate(input_ids, streamer=_QueueStreamer(), **kwargs)
-            except _StreamClosed:
-                pass
-            except BaseException as e:  # re-raised in the consumer
-                errors.append(e)
-            finally:
-                q.put(done)
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        try:
-            while True:
-                item = q.get()
-                if item is done:
-                    break
-                arr = np.asarray(item)
-                yield int(arr[0]) if arr.shape == (1,) else item
-        finally:
-            closed.set()
-            worker.join()
-        if errors:
-            raise errors[0]
-
-
-class _StreamClosed(Exception):
-    """Raised by generate_stream's streamer once its consumer has gone."""
+        of one id per row otherwise). Takes generate()'s keyword arguments."""
+        return generation.generate_stream(self, input_ids, **kwargs)
 
 
 class _IncompatibleKeys:
@@ -487,12 +384,6 @@ class _IncompatibleKeys:
 def _same_cuda_device(torch_device, ours: str) -> bool:
     index = getattr(torch_device, "index", None)
     return (index or 0) == (int(ours.split(":")[1]) if ":" in ours else 0)
-
-
-def _int_arg(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {v!r}")
-    return int(v)
 
 
 def _is_dtype_like(x) -> bool:

@@ -42,7 +42,7 @@ static xo_status queue_step(xo_decoder *d, int bound) {
     XO_TRY(be->decode_begin(be, &d->st));
     xo_layers_args la = { .batch = b, .tokens = 1, .past = bound - 1, .past_device = &d->st.state[0] };
     XO_TRY(xo_model_layers(m, &la, d->cache, &d->s));
-    XO_TRY(be->matmul(be, d->s.logits, d->s.xn, m->w.tied ? &m->w.embed : &m->w.lm_head, b));
+    XO_TRY(xo_model_lm_head(m, d->s.logits, d->s.xn, b));
     if (d->p.min_new_tokens > d->p.first_step && d->p.num_eos > 0)
         XO_TRY(be->suppress_tokens(be, d->s.logits, b, V, d->eos_dev, d->p.num_eos, &d->st.state[1], d->p.min_new_tokens));
     if (d->p.draw)
@@ -71,7 +71,7 @@ xo_status xo_decoder_create(xo_decoder **out, xo_model *m, xo_cache *cache, cons
     const size_t ints = 2 + 2 * (size_t)b + (size_t)p->ring * b + (size_t)(p->num_eos > 0 ? p->num_eos : 1);
     xo_status rc = xo_scratch_alloc(be, &m->cfg, b, b, b, &d->s);
     if (rc == XO_OK && !(d->block = be->alloc(be, ints * sizeof(int32_t) + (size_t)b)))
-        rc = xo_fail(XO_ENOMEM, "out of memory for a decode session of %d rows", b);
+        rc = xo_fail_more(XO_ENOMEM, "out of memory for a decode session of %d rows", b);
     if (rc != XO_OK) {
         xo_scratch_free(be, &d->s);
         free(d);
