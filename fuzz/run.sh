@@ -8,12 +8,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_TOTAL=${1:-60}
 OUT=${XORON_FUZZ_OUT:-build/fuzz}
-CC=${CC:-$(command -v clang || ls /usr/bin/clang-[0-9]* 2>/dev/null | sort -V | tail -1 || true)}
-if [ -z "$CC" ] || ! "$CC" --version >/dev/null 2>&1; then
-    echo "fuzz/run.sh: clang not found (set CC)" >&2
+mkdir -p "$OUT/corpus" "$OUT/findings"
+# the first clang that links a fuzzer (a clang without its runtime package cannot)
+if [ -z "${CC:-}" ]; then
+    for cand in $(command -v clang) $(ls /usr/bin/clang-[0-9]* 2>/dev/null | sort -V -r); do
+        if echo 'int LLVMFuzzerTestOneInput(const char *d, long n) { return d && n < 0; }' |
+            "$cand" -x c -fsanitize=fuzzer,address,undefined - -o "$OUT/probe" 2>/dev/null; then
+            CC=$cand
+            break
+        fi
+    done
+fi
+if [ -z "${CC:-}" ]; then
+    echo "fuzz/run.sh: no clang with libFuzzer found (Debian: apt-get install clang libclang-rt-dev; or set CC)" >&2
     exit 2
 fi
-mkdir -p "$OUT/corpus" "$OUT/findings"
 "$CC" -std=c11 -g -O1 -fno-omit-frame-pointer -D_GNU_SOURCE -Icsrc -Wall -Wextra \
     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
     fuzz/fuzz_safetensors.c csrc/engine/safetensors.c csrc/engine/status.c csrc/engine/tensor.c \
@@ -25,7 +34,7 @@ PY_SECONDS=$(( SECONDS_TOTAL - C_SECONDS ))
 "$OUT/fuzz_safetensors" -max_total_time="$C_SECONDS" -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
     -artifact_prefix="$OUT/findings/" -print_final_stats=1 "$OUT/corpus" "$OUT/seeds" 2>&1 \
     | grep -E "^(#[0-9]+ +DONE|stat::|==|SUMMARY|INFO: Seed|.*ERROR)" || true
-if ls "$OUT"/findings/crash-* "$OUT"/findings/leak-* "$OUT"/findings/timeout-* >/dev/null 2>&1; then
+if [ -n "$(find "$OUT/findings" -maxdepth 1 \( -name 'crash-*' -o -name 'leak-*' -o -name 'timeout-*' -o -name 'oom-*' \) -print -quit)" ]; then
     echo "fuzz/run.sh: the C target found a problem: $(ls "$OUT"/findings)" >&2
     exit 1
 fi
