@@ -41,6 +41,9 @@ int xo_py_parse_dtype(const char *s, xo_dtype *t);
 PyObject *xo_py_dl_capsule(ModelObject *self, float *data, int ndim, const int64_t *shape);
 xo_dl_managed_tensor *xo_py_device_ids(ModelObject *self, PyObject *capsule, int *b, int *t, int *wide);
 
+/* weight_views.c: Model.weight_views() */
+PyObject *xo_py_model_weight_views(ModelObject *self, PyObject *ignored);
+
 /* cache_object.c */
 PyObject *xo_py_cache_new(ModelObject *owner, xo_cache *c);   /* takes c */
 int xo_py_as_cache(PyObject *o, xo_cache **out, ModelObject *self);

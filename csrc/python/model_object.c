@@ -431,6 +431,8 @@ static PyMethodDef Model_methods[] = {
     { "load_arrays", (PyCFunction)Model_load_arrays, METH_VARARGS, "load_arrays({name: ndarray})" },
     { "state_dict", (PyCFunction)Model_state_dict, METH_NOARGS, "state_dict() -> {name: float32 ndarray}" },
     { "tensor_shapes", (PyCFunction)Model_tensor_shapes, METH_NOARGS, "[(name, shape)] of every SPEC tensor" },
+    { "weight_views", (PyCFunction)xo_py_model_weight_views, METH_NOARGS,
+      "[(name, view of the engine's storage (numpy | DLPack capsule) or int8's dequantised copy, dtype, is_view)]" },
     { "forward", (PyCFunction)Model_forward, METH_VARARGS,
       "forward(ids | GPU ids DLPack capsule, positions, mask, cache, want_logits, last_only, want_hidden, "
       "device_logits=False) -> (logits, hidden)" },
