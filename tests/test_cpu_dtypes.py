@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from conftest import TINY_RING, make_model, rel_err  # noqa: E402
+from conftest import TINY_RING, _np, make_model, rel_err  # noqa: E402
 
 import xoron  # noqa: E402
 from xoron import _C  # noqa: E402
@@ -135,7 +135,7 @@ def expected():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int8"])
 def test_tiny_ring_logits(dtype, expected):
-    model = xoron.MoELlamaForCausalLM.from_pretrained(TINY_RING, dtype=dtype)
+    model = xoron.modeling.MoELlamaForCausalLM.from_pretrained(TINY_RING, dtype=dtype)  # dtype as a name
     assert model.dtype == dtype
     for i in range(3):
         ids = expected[f"in{i}_ids"]
@@ -181,7 +181,8 @@ MOE = {"use_moe": True, "num_experts": 4, "num_experts_per_tok": 2, "moe_layer_f
 
 def test_quantize_and_state_dict_round_trip():
     built = make_model(dict(MOE, num_hidden_layers=2, vocab_size=203, hidden_size=48,
-                            num_attention_heads=4, num_key_value_heads=2, intermediate_size=72), seed=5)
+                            num_attention_heads=4, num_key_value_heads=2, intermediate_size=72), seed=5,
+                       model_class=xoron.modeling.MoELlamaForCausalLM)  # numpy state_dict, dtype names
     model, orig = built.model, built.weights
     ids = built.ids(2, 11)
     ref = model(input_ids=ids).logits
@@ -199,7 +200,7 @@ def test_quantize_and_state_dict_round_trip():
             np.testing.assert_array_equal(sd[name], w, err_msg=name)
 
     # loading the dequantised weights into an int8 model stores the same values again
-    again = xoron.MoELlamaForCausalLM(built.config, dtype="int8", seed=1)
+    again = xoron.modeling.MoELlamaForCausalLM(built.config, dtype="int8", seed=1)
     again.load_state_dict(sd)
     sd2 = again.state_dict()
     for name in sd:
@@ -223,7 +224,7 @@ def test_bfloat16_state_dict_is_rounded_float32():
         want = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
         if w.ndim == 1:
             want = w
-        np.testing.assert_array_equal(sd[name], want, err_msg=name)
+        np.testing.assert_array_equal(_np(sd[name]), want, err_msg=name)
 
 
 # ---------------------------------------------------------------- greedy agreement

@@ -191,7 +191,7 @@ def test_state_dict_errors_are_value_and_runtime_errors():
     bad = dict(sd, **{"model.norm.weight": torch.zeros(5)})
     with pytest.raises(ValueError, match="size mismatch"):
         m.load_state_dict(bad)
-    with pytest.raises(RuntimeError, match="Unexpected key"):
+    with pytest.raises(RuntimeError, match="unexpected keys"):
         m.load_state_dict(dict(sd, extra=torch.zeros(1)))
     with pytest.raises(ValueError, match="floating point"):
         m.load_state_dict(dict(sd, **{"model.norm.weight": torch.zeros(32, dtype=torch.int64)}))

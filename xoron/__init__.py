@@ -67,10 +67,11 @@ def __getattr__(name):
     xoron alone never imports torch."""
     if name != "MoELlamaForCausalLM":
         raise AttributeError(f"module 'xoron' has no attribute {name!r}")
-    import importlib.util
-    if "torch" in _sys.modules or importlib.util.find_spec("torch") is not None:
+    try:
         from .torch_module import MoELlamaForCausalLM as cls
-    else:
+    except ImportError as e:
+        if e.name != "torch":
+            raise
         from .modeling import MoELlamaForCausalLM as cls
     globals()["MoELlamaForCausalLM"] = cls
     return cls

@@ -23,6 +23,9 @@ GQA_BRANCH_MESSAGE = (
     "attention (separate k_proj/v_proj) with a sliding window; xoron implements the MLA model "
     "(kv_a_proj/kv_b_proj, see docs/MODEL.md) and cannot load it")
 
+# config.json fields that describe the file, rewritten by every save_pretrained
+FILE_METADATA = ("model_type", "architectures", "torch_dtype", "dtype", "transformers_version")
+
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 

@@ -173,7 +173,7 @@ class MoELlamaForCausalLM:
                 _ckpt.dtype_from_checkpoint(raw, [])
         device = _ckpt.single_device(device, device_map)
         config = resolve_config(raw, None, config_overrides)
-        _keep_given_attributes(config, raw)
+        _keep_given_attributes(config, {k: v for k, v in raw.items() if k not in _ckpt.FILE_METADATA})
         prefix = _ckpt.tensor_prefix(n for n, _, _ in names)
         model = cls(config, dtype=want or "float32", device=device, cache_format=cache_format, _init=False)
         if kind == "torch":

@@ -263,6 +263,10 @@ class MoELlamaForCausalLM(nn.Module, _m.MoELlamaForCausalLM):
         named = kwargs.get("dtype")
         if isinstance(named, str) or any(isinstance(a, str) and a in _m.DTYPES for a in args):
             return _m.MoELlamaForCausalLM.to(self, *args, **kwargs)
+        try:
+            torch._C._nn._parse_to(*args, **kwargs)
+        except RuntimeError as e:  # e.g. an unknown device string
+            raise DeviceError(f"bad device or dtype in to(): {e}") from None
         return nn.Module.to(self, *args, **kwargs)
 
     def float(self):
@@ -305,10 +309,31 @@ class MoELlamaForCausalLM(nn.Module, _m.MoELlamaForCausalLM):
             if isinstance(t, torch.Tensor) and not t.is_floating_point():
                 raise StateDictError(f"state_dict entry '{k}' has dtype {t.dtype}; expected floating point")
             given[k] = t
+        self._check_state_dict(given, strict)
         try:
             return nn.Module.load_state_dict(self, given, strict=strict, assign=assign)
         except RuntimeError as e:
             raise StateDictError(str(e)) from None
+
+    def _check_state_dict(self, given: dict, strict: bool) -> None:
+        """Everything torch would complain about, found before any weight is written (torch
+        copies the fitting tensors first and reports the rest after)."""
+        own = {k: tuple(v.shape) for k, v in nn.Module.state_dict(self, keep_vars=True).items()}
+        keys = set(given)
+        if self.config.tie_word_embeddings and "model.embed_tokens.weight" in keys:
+            keys.add("lm_head.weight")
+        missing, unexpected = sorted(set(own) - keys), sorted(keys - set(own))
+        if strict and (missing or unexpected):
+            raise StateDictError(f"load_state_dict: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                                 f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        for k, t in given.items():
+            if k in own and isinstance(t, torch.Tensor) and tuple(t.shape) != own[k]:
+                raise StateDictError(f"size mismatch for {k}: copying a param with shape {list(t.shape)} from "
+                                     f"checkpoint, the shape in current model is {list(own[k])}")
+        errors = []
+        _check_tied_head(self, dict(given), "", {}, strict, [], [], errors)
+        if errors:
+            raise StateDictError(errors[0])
 
     def _engine_state_from_parameters(self) -> dict:
         sd = {}
@@ -386,6 +411,10 @@ class MoELlamaForCausalLM(nn.Module, _m.MoELlamaForCausalLM):
             self.lm_head.out_features = n
             self._weights_changed()
         return self.model.embed_tokens
+
+
+class DeviceError(ValueError, RuntimeError):
+    """A device torch cannot parse (torch raises RuntimeError, xoron ValueError)."""
 
 
 class StateDictError(ValueError, RuntimeError):
