@@ -1,4 +1,4 @@
-"""GPU benchmark: xoron's CUDA backend beside the eager PyTorch model (benchmarks/torch_model.py),
+"""GPU benchmark: xoron's CUDA backend beside the eager PyTorch model (xoron/torch_reference.py),
 same GPU, same process, default configuration (vocab 151643, hidden 1024, 12 layers, 16 heads,
 MoE 8 experts top-2 on every 2nd layer, intermediate 2048), random weights, bfloat16.
 
@@ -32,10 +32,9 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(HERE))  # run from a source checkout without installing
 
-from torch_model import TorchMoELlama  # noqa: E402
+from xoron.torch_reference import TorchMoELlama  # noqa: E402
 
 import xoron  # noqa: E402
 

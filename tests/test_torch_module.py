@@ -5,7 +5,6 @@ import copy
 import json
 import os
 import pickle
-import sys
 
 import numpy as np
 import pytest
@@ -13,12 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "benchmarks"))
-
 import xoron  # noqa: E402
 from conftest import R, TOL_F32, make_model, rel_err, small_config, write_checkpoint, write_safetensors  # noqa: E402
-from torch_model import TorchMoELlama  # noqa: E402
+from xoron.torch_reference import TorchMoELlama  # noqa: E402
 from xoron.torch_module import MoELlamaForCausalLM  # noqa: E402
 
 MOE = dict(use_moe=True, num_experts=4, num_experts_per_tok=2, moe_layer_freq=2)

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import _C
 from . import modeling as _m
+from .config import engine_dict
 from ._tensors import to_numpy
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -384,9 +386,9 @@ class MoELlamaForCausalLM(nn.Module, _m.MoELlamaForCausalLM):
         if mean_resizing:
             raise TypeError("resize_token_embeddings(mean_resizing=True) is not implemented: new rows are drawn "
                             "from normal(0, 0.02) like the original's initialisation")
-        n = self.config.vocab_size if new_num_tokens is None else _m._int_arg(new_num_tokens, "new_num_tokens")
+        n = self.config.vocab_size if new_num_tokens is None else _whole_number(new_num_tokens, "new_num_tokens")
         if pad_to_multiple_of is not None:
-            k = _m._int_arg(pad_to_multiple_of, "pad_to_multiple_of")
+            k = _whole_number(pad_to_multiple_of, "pad_to_multiple_of")
             if k <= 0:
                 raise ValueError(f"pad_to_multiple_of must be positive, got {k}")
             n = (n + k - 1) // k * k
@@ -395,7 +397,7 @@ class MoELlamaForCausalLM(nn.Module, _m.MoELlamaForCausalLM):
         if n != self.config.vocab_size:
             old = self._engine.state_dict()
             self.config.vocab_size = n
-            fresh = _m._C.Model(_m.engine_dict(self.config), self._dtype, self._engine.device)
+            fresh = _C.Model(engine_dict(self.config), self._dtype, self._engine.device)
             fresh.init_random(int(torch.randint(0, 2**62, ()).item()))
             sd = fresh.state_dict()
             keep = min(n, old["model.embed_tokens.weight"].shape[0])
@@ -411,6 +413,12 @@ class MoELlamaForCausalLM(nn.Module, _m.MoELlamaForCausalLM):
             self.lm_head.out_features = n
             self._weights_changed()
         return self.model.embed_tokens
+
+
+def _whole_number(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {v!r}")
+    return int(v)
 
 
 class DeviceError(ValueError, RuntimeError):
