@@ -354,6 +354,10 @@ class MoELlamaForCausalLM(nn.Module, _m.MoELlamaForCausalLM):
         self._check_weights()
         return _m.MoELlamaForCausalLM.generate(self, *args, **kwargs)
 
+    def generate_stream(self, *args, **kwargs):
+        self._check_weights()
+        return _m.MoELlamaForCausalLM.generate_stream(self, *args, **kwargs)
+
     # ---- what pipelines call ----
 
     def get_input_embeddings(self):
