@@ -386,6 +386,8 @@ def test_the_gqa_branch_is_named_in_the_error(tmp_path):
     d = write_checkpoint(tmp_path / "gqa", dict(config, sliding_window=4096), tensors)
     with pytest.raises(ValueError, match=GQA_MESSAGE):
         MoELlamaForCausalLM.from_pretrained(d)
+    with pytest.raises(ValueError, match=GQA_MESSAGE):
+        MoELlamaForCausalLM(config, seed=0).load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()})
 
 
 def test_save_pretrained_shards_and_torch_bin_round_trip(tmp_path):

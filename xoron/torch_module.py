@@ -21,6 +21,7 @@ from torch import nn
 
 from . import _C
 from . import modeling as _m
+from .checkpoint import check_not_gqa_branch
 from .config import engine_dict
 from ._tensors import to_numpy
 
@@ -320,6 +321,7 @@ class MoELlamaForCausalLM(nn.Module, _m.MoELlamaForCausalLM):
     def _check_state_dict(self, given: dict, strict: bool) -> None:
         """Everything torch would complain about, found before any weight is written (torch
         copies the fitting tensors first and reports the rest after)."""
+        check_not_gqa_branch(given, "this state_dict")
         own = {k: tuple(v.shape) for k, v in nn.Module.state_dict(self, keep_vars=True).items()}
         keys = set(given)
         if self.config.tie_word_embeddings and "model.embed_tokens.weight" in keys:
