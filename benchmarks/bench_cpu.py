@@ -74,18 +74,13 @@ import numpy as np  # noqa: E402
 
 import xoron  # noqa: E402
 from xoron import _C  # noqa: E402
+from xoron.config import DEFAULTS, MOE_DEFAULTS  # noqa: E402
 
 
 def config(layers: int) -> dict:
-    return {
-        "vocab_size": 151643, "hidden_size": 1024, "intermediate_size": 2048,
-        "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 16,
-        "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 500000.0,
-        "tie_word_embeddings": True, "use_ring_attention": True, "ring_attention_chunk_size": 4096,
-        "kv_lora_rank": 512, "q_lora_rank": 0,
-        "moe_config": {"use_moe": True, "num_experts": 8, "num_experts_per_tok": 2,
-                       "moe_layer_freq": 2, "intermediate_size": 2048},
-    }
+    """The SPEC section 1 defaults with MoE on and `layers` layers."""
+    return dict(DEFAULTS, num_hidden_layers=layers, num_key_value_heads=DEFAULTS["num_attention_heads"],
+                moe_config=dict(MOE_DEFAULTS, use_moe=True, intermediate_size=DEFAULTS["intermediate_size"]))
 
 
 BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0}

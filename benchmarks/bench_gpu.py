@@ -38,24 +38,19 @@ from xoron.torch_reference import TorchMoELlama  # noqa: E402
 
 import xoron  # noqa: E402
 
-CONFIG = {
-    "vocab_size": 151643, "hidden_size": 1024, "intermediate_size": 2048, "num_hidden_layers": 12,
-    "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-6, "rope_theta": 500000.0, "tie_word_embeddings": True,
-    "use_ring_attention": True, "ring_attention_chunk_size": 4096, "kv_lora_rank": 512, "q_lora_rank": 0,
-    "moe_config": {"use_moe": True, "num_experts": 8, "num_experts_per_tok": 2, "moe_layer_freq": 2,
-                   "intermediate_size": 2048},
-}
+from xoron.config import DEFAULTS, MOE_DEFAULTS  # noqa: E402
+
+# The SPEC section 1 defaults with MoE on, as in the documented usage example.
+CONFIG = dict(DEFAULTS, num_key_value_heads=DEFAULTS["num_attention_heads"],
+              moe_config=dict(MOE_DEFAULTS, use_moe=True, intermediate_size=DEFAULTS["intermediate_size"]))
 
 T0 = time.time()
 BUDGET = 170.0
-VARIANTS = {  # see csrc/backends/cuda/common.h
-    "moe_host": {"XORON_CUDA_MOE": "host"},        # per-expert cuBLASLt GEMMs sized from host-read counts
-    "attn_wmma": {"XORON_CUDA_ATTN": "wmma"},      # the WMMA (shared-memory) prefill attention
-    "attn_q64": {"XORON_CUDA_ATTN": "q64"},        # mma.sync attention, 64 instead of 128 queries a block
-    "gemm_v1": {"XORON_CUDA_GEMM": "v1"},          # the 64-row grouped MoE GEMM
-    "no_cublaslt": {"XORON_CUDA_NO_CUBLASLT": "1"},  # the built-in WMMA GEMM for every product
-    "no_pdl": {"XORON_CUDA_PDL": "0"},             # no programmatic dependent launches
+VARIANTS = {  # model options (xoron.option_table())
+    "moe_host": {"cuda_moe": "host"},            # per-expert cuBLASLt GEMMs sized from host-read counts
+    "attn_rows": {"cuda_attention": "rows"},     # the row-wise attention kernel for prefill too
+    "no_cublaslt": {"cuda_gemm": "builtin"},     # the built-in WMMA GEMM for every product
+    "no_pdl": {"cuda_pdl": False},               # no programmatic dependent launches
 }
 
 
@@ -92,7 +87,7 @@ def xo_prefill(m, T):
     ids = np.random.default_rng(T).integers(0, CONFIG["vocab_size"], size=(1, T), dtype=np.int64).astype(np.int32)
 
     def run():
-        m._engine.forward(ids, None, None, None, True, True, False)
+        m._engine.forward(ids, last_only=True)
     reps = 3 if T <= 4096 else 1
     return T / best_time(run, reps=reps, warm=1)
 
@@ -216,30 +211,23 @@ def main():
     del m
     gc.collect()
 
-    # ---- the backend's switches, on prefill T=4096 (each needs a fresh model) ----
+    # ---- the backend's options, on prefill T=4096 (each needs a fresh model) ----
     if args.variants:
-        for name, env in VARIANTS.items():
+        for name, opts in VARIANTS.items():
             if left() < 45:
                 break
-            old = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
             try:
-                mv = xoron.MoELlamaForCausalLM(CONFIG, dtype="bfloat16", device="cuda", seed=0)
+                mv = xoron.MoELlamaForCausalLM(CONFIG, dtype="bfloat16", device="cuda", seed=0, options=opts)
                 X[f"prefill_T4096_{name}"] = r = xo_prefill(mv, 4096)
-                log(f"xoron prefill T=4096 with {env}: {r:,.0f} tok/s")
+                log(f"xoron prefill T=4096 with {opts}: {r:,.0f} tok/s")
                 if name == "no_pdl":
                     for b in (1, 64):
                         X[f"decode_b{b}_ctx32_{name}"] = r = xo_generate(mv, b, 32, 128)
-                        log(f"xoron generate() decode b={b} ctx=32 with {env}: {r:,.0f} tok/s")
+                        log(f"xoron generate() decode b={b} ctx=32 with {opts}: {r:,.0f} tok/s")
                 del mv
                 gc.collect()
             except Exception as e:
                 log(f"xoron variant {name} failed: {e}")
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
     # ---- torch ----
     if not args.skip_torch and left() > 30:

@@ -36,24 +36,22 @@ ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512"}
 @pytest.fixture(scope="module")
 def hooks():
     lib = ctypes.CDLL(_C.__file__)
-    lib.xo_hook_matmul.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4
+    lib.xo_hook_matmul.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 6 + [ctypes.c_int]
     lib.xo_hook_embed.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-    lib.xo_hook_set_isa.argtypes = [ctypes.c_int]
-    lib.xo_hook_tuning.argtypes = [ctypes.c_int] * 3
-    best = lib.xo_hook_set_isa(-1)
-    yield lib, best
-    lib.xo_hook_set_isa(-1)
-    lib.xo_hook_tuning(-1, 64, 1024)
+    return lib, lib.xo_hook_best_isa()
 
 
-def hook_matmul(lib, dtype, w, x):
-    """(y = x @ stored(W).T, stored(W) widened back to float32)."""
+def hook_matmul(lib, dtype, w, x, **options):
+    """(y = x @ stored(W).T, stored(W) widened back to float32), on a backend made with options."""
     w = np.ascontiguousarray(w, np.float32)
     x = np.ascontiguousarray(x, np.float32)
     y = np.full((x.shape[0], w.shape[0]), np.nan, np.float32)
     back = np.full_like(w, np.nan)
+    names = (ctypes.c_char_p * max(len(options), 1))(*[k.encode() for k in options])
+    values = (ctypes.c_char_p * max(len(options), 1))(*[str(v).encode() for v in options.values()])
     rc = lib.xo_hook_matmul(DTYPE_CODE[dtype], w.shape[0], w.shape[1], x.shape[0],
-                            w.ctypes.data, x.ctypes.data, y.ctypes.data, back.ctypes.data)
+                            w.ctypes.data, x.ctypes.data, y.ctypes.data, back.ctypes.data,
+                            ctypes.cast(names, ctypes.c_void_p), ctypes.cast(values, ctypes.c_void_p), len(options))
     assert rc == 0, f"xo_hook_matmul failed ({rc})"
     return y, back
 
@@ -87,20 +85,14 @@ def test_matmul_kernels_vs_float64(hooks, dtype):
     cases = [(o, k, m) for (o, k) in SHAPES for m in (1, 2, 3, 5, 8, 17, 64)]
     data = [(rng.standard_normal((o, k)).astype(np.float32), rng.standard_normal((m, k)).astype(np.float32))
             for o, k, m in cases]
-    try:
-        for isa in range(best + 1):
-            assert lib.xo_hook_set_isa(isa) == isa
-            for crossover in (-1, 1000, 0):   # built-in rule, matrix-vector always, tiles always
-                lib.xo_hook_tuning(crossover, 0, -1)
-                for w, x in data:
-                    y, back = hook_matmul(lib, dtype, w, x)
-                    check_storage(dtype, w, back)
-                    ref = x.astype(np.float64) @ back.astype(np.float64).T
-                    err = np.abs(y - ref).max() / np.abs(ref).max()
-                    assert err <= 2e-6, (ISA_NAMES[isa], crossover, dtype, w.shape, x.shape[0], err)
-    finally:
-        lib.xo_hook_set_isa(-1)
-        lib.xo_hook_tuning(-1, 0, -1)
+    for isa in range(best + 1):
+        for crossover in ("auto", 1000, 0):   # built-in rule, matrix-vector always, tiles always
+            for w, x in data:
+                y, back = hook_matmul(lib, dtype, w, x, cpu_isa=ISA_NAMES[isa], cpu_gemv_max_rows=crossover)
+                check_storage(dtype, w, back)
+                ref = x.astype(np.float64) @ back.astype(np.float64).T
+                err = np.abs(y - ref).max() / np.abs(ref).max()
+                assert err <= 2e-6, (ISA_NAMES[isa], crossover, dtype, w.shape, x.shape[0], err)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int8"])

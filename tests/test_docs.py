@@ -7,14 +7,15 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", "docs/MODEL.md", "xoron/demo/TRAINING.md", "benchmarks/RESULTS.md"]
 # a repository path: a known top-level folder, then path characters, ending in a file name
-PATH = re.compile(r"(?<![\w/.-])((?:benchmarks|csrc|docs|tests|tools|xoron)/[\w./-]*\w)")
+PATH = re.compile(r"(?<![\w/.-])((?:benchmarks|csrc|docs|tests|tools|xoron)/[\w./*-]*[\w*])")
+BUILT = (".so",)  # build outputs the documents may name: compiled modules, globs over them
 LINK = re.compile(r"\]\(([^)#\s]+)\)")
 
 
 def _referenced(doc: str):
     with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
         text = f.read()
-    refs = set(PATH.findall(text))
+    refs = {r for r in PATH.findall(text) if "*" not in r and not r.endswith(BUILT)}
     refs |= {os.path.normpath(os.path.join(os.path.dirname(doc), link)) for link in LINK.findall(text)
              if "://" not in link}
     return sorted(refs)

@@ -94,17 +94,21 @@ def _parse_device(device) -> str:
 class MoELlamaForCausalLM:
     """Xoron MoE-LLaMA causal language model, computed by the xoron C engine.
 
-    MoELlamaForCausalLM(config, moe_config=None, *, dtype="float32", device="cpu", seed=None)
+    MoELlamaForCausalLM(config, moe_config=None, *, dtype="float32", device="cpu", seed=None,
+                        options=None)
 
     `config` may be a transformers.LlamaConfig, a xoron.LlamaConfig, any object with those
     attributes, or a dict (config.json style). Weights are initialised like the original
-    (normal, std 0.02; norms 1), reproducibly when `seed` is given.
+    (normal, std 0.02; norms 1), reproducibly when `seed` is given. `options` is a dict of
+    kernel and runtime choices (name -> str, int or bool; `xoron.option_names()` lists them),
+    over the defaults their environment variables set.
     """
 
     def __init__(self, config=None, moe_config=None, *, dtype="float32", device="cpu", seed=None,
-                 cache_format="latent", _init=True):
+                 cache_format="latent", options=None, _init=True):
         self.config: LlamaConfig = resolve_config(config, moe_config)
         _keep_given_attributes(self.config, config)
+        self._options = dict(options) if isinstance(options, dict) else options
         self._set_engine(dtype, device)
         if cache_format not in CACHE_FORMATS:
             raise ValueError(f"cache_format must be one of {sorted(CACHE_FORMATS)}, got {cache_format!r}")
@@ -123,22 +127,23 @@ class MoELlamaForCausalLM:
     def _set_engine(self, dtype, device):
         dtype = _dtype_name(dtype)
         device = _parse_device(device)
-        self._engine = _C.Model(engine_dict(self.config), dtype, device)
+        self._engine = _C.Model(engine_dict(self.config), dtype, device, self._options)
         self._dtype = dtype
 
     # ---- construction from files ----
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype=None, device="cpu", cache_format="latent", torch_dtype=None,
-                        device_map=None, low_cpu_mem_usage=True, local_files_only=False, trust_remote_code=False,
-                        **config_overrides):
+    def from_pretrained(cls, path, *, dtype=None, device="cpu", cache_format="latent", options=None,
+                        check_finite=True, torch_dtype=None, device_map=None, low_cpu_mem_usage=True,
+                        local_files_only=False, trust_remote_code=False, **config_overrides):
         """Loads a checkpoint directory: config.json with model.safetensors (or its shards), or
         Xoron-Dev's layouts (`llm.`-prefixed tensors in model.safetensors, or llm.safetensors
-        beside the multimodal config.json), or a pytorch_model.bin. `torch_dtype` is `dtype`'s
-        transformers name ("auto": the checkpoint's); `device_map` names one device; tensors are
-        always read memory-mapped, one at a time (low_cpu_mem_usage); files are only ever local
-        and no code is run (local_files_only, trust_remote_code). Other keywords override
-        config fields."""
+        beside the multimodal config.json), or a pytorch_model.bin. With check_finite (the
+        default) a NaN or infinity in any tensor is a ValueError naming it. `torch_dtype` is
+        `dtype`'s transformers name ("auto": the checkpoint's); `device_map` names one device;
+        tensors are always read memory-mapped, one at a time (low_cpu_mem_usage); files are only
+        ever local and no code is run (local_files_only, trust_remote_code). Other keywords
+        override config fields."""
         path = os.fspath(path)
         for flag in ("low_cpu_mem_usage", "local_files_only", "trust_remote_code"):
             _ckpt.check_flag(locals()[flag], flag)
@@ -165,11 +170,12 @@ class MoELlamaForCausalLM:
         config = resolve_config(raw, None, config_overrides)
         _keep_given_attributes(config, {k: v for k, v in raw.items() if k not in _ckpt.FILE_METADATA})
         prefix = _ckpt.tensor_prefix(n for n, _, _ in names)
-        model = cls(config, dtype=want or "float32", device=device, cache_format=cache_format, _init=False)
+        model = cls(config, dtype=want or "float32", device=device, cache_format=cache_format, options=options,
+                    _init=False)
         if kind == "torch":
-            model._engine.load_arrays(_spec_arrays(tensors, prefix, model._engine))
+            model._engine.load_arrays(_spec_arrays(tensors, prefix, model._engine), check_finite=bool(check_finite))
         else:
-            model._engine.load_safetensors(files, prefix)
+            model._engine.load_safetensors(files, prefix, check_finite=bool(check_finite))
         model._weights_changed()
         return model
 
@@ -199,9 +205,10 @@ class MoELlamaForCausalLM:
         """{SPEC name: float32 numpy array} (a copy)."""
         return self._engine.state_dict()
 
-    def load_state_dict(self, state_dict, strict: bool = True):
+    def load_state_dict(self, state_dict, strict: bool = True, *, check_finite: bool = True):
         """Loads numpy arrays or torch tensors named as in SPEC section 2. Returns
-        (missing_keys, unexpected_keys) like torch."""
+        (missing_keys, unexpected_keys) like torch. With check_finite (the default) a NaN or
+        infinity in any tensor is a ValueError naming it."""
         expected = {name for name, _ in self._engine.tensor_shapes()}
         given = set(state_dict)
         missing = sorted(expected - given)
@@ -219,7 +226,7 @@ class MoELlamaForCausalLM:
                 arrays[name] = a if a.dtype == np.float16 else np.ascontiguousarray(a, dtype=np.float32)
             else:
                 arrays[name] = current[name]
-        self._engine.load_arrays(arrays)
+        self._engine.load_arrays(arrays, check_finite=bool(check_finite))
         return _IncompatibleKeys(missing, unexpected)
 
     # ---- introspection and compatibility ----
@@ -276,8 +283,8 @@ class MoELlamaForCausalLM:
         if new_device == self._engine.device and new_dtype == self._dtype:
             return
         sd = self._engine.state_dict()
-        engine = _C.Model(engine_dict(self.config), new_dtype, new_device)
-        engine.load_arrays(sd)
+        engine = _C.Model(engine_dict(self.config), new_dtype, new_device, self._options)
+        engine.load_arrays(sd, check_finite=False)  # accepted when they were loaded
         self._engine, self._dtype = engine, new_dtype
         self._weights_changed()
 
@@ -313,8 +320,8 @@ class MoELlamaForCausalLM:
 
     def __deepcopy__(self, memo):
         twin = type(self)(self.config, dtype=self._dtype, device=self._engine.device, cache_format=self.cache_format,
-                          _init=False)
-        twin._engine.load_arrays(self._engine.state_dict())
+                          options=self._options, _init=False)
+        twin._engine.load_arrays(self._engine.state_dict(), check_finite=False)  # accepted when they were loaded
         twin._weights_changed()
         twin.train(self.training)
         return twin
@@ -392,8 +399,9 @@ class MoELlamaForCausalLM:
         # torch tensors on this model's GPU: the logits stay there and reach torch through DLPack
         on_gpu = torch_dev is not None and lab is None and str(torch_dev).startswith("cuda") \
             and self._engine.device.startswith("cuda") and _same_cuda_device(torch_dev, self._engine.device)
-        logits, hidden = self._engine.forward(tokens, pos, mask, cache._c if cache is not None else None,
-                                              True, False, bool(output_hidden_states), on_gpu)
+        logits, hidden = self._engine.forward(tokens, positions=pos, mask=mask,
+                                              cache=cache._c if cache is not None else None,
+                                              want_hidden=bool(output_hidden_states), device_logits=on_gpu)
         if on_gpu:
             import torch.utils.dlpack
             logits = torch.utils.dlpack.from_dlpack(logits)
@@ -456,6 +464,9 @@ class GenerationDefaults:
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self._FIELDS}
+
+    def to_diff_dict(self) -> dict:  # generate(generation_config=model.generation_config) reads it so
+        return self.to_dict()
 
     def __repr__(self):
         return f"GenerationDefaults({self.to_dict()})"

@@ -196,12 +196,12 @@ class MoELlamaForCausalLM(nn.Module, _m.MoELlamaForCausalLM):
     """
 
     def __init__(self, config=None, moe_config=None, *, dtype="float32", device="cpu", seed=None,
-                 cache_format="latent", _init=True):
+                 cache_format="latent", options=None, _init=True):
         nn.Module.__init__(self)
         self._xo_ready = False
         self._readonly = []   # int8: (Parameter, version at the last sync) of the dequantised copies
         _m.MoELlamaForCausalLM.__init__(self, config, moe_config, dtype=dtype, device=device, seed=seed,
-                                        cache_format=cache_format, _init=_init)
+                                        cache_format=cache_format, options=options, _init=_init)
         self.register_load_state_dict_pre_hook(_check_tied_head)
         self.register_load_state_dict_post_hook(_after_load)
 
@@ -302,23 +302,24 @@ class MoELlamaForCausalLM(nn.Module, _m.MoELlamaForCausalLM):
         """"int8" when the weights are stored quantised, else None."""
         return "int8" if self._dtype == "int8" else None
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False, *, check_finite: bool = True):
         """torch's load_state_dict (it copies into the engine's weights; assign=True copies too,
-        the Parameters being the engine's), also taking numpy arrays. Errors are ValueErrors
-        that are also RuntimeErrors (torch raises the latter)."""
+        the Parameters being the engine's), also taking numpy arrays. With check_finite (the
+        default) a NaN or infinity is refused, naming the tensor. Errors are ValueErrors that
+        are also RuntimeErrors (torch raises the latter)."""
         given = {}
         for k, v in state_dict.items():
             t = torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
             if isinstance(t, torch.Tensor) and not t.is_floating_point():
                 raise StateDictError(f"state_dict entry '{k}' has dtype {t.dtype}; expected floating point")
             given[k] = t
-        self._check_state_dict(given, strict)
+        self._check_state_dict(given, strict, check_finite)
         try:
             return nn.Module.load_state_dict(self, given, strict=strict, assign=assign)
         except RuntimeError as e:
             raise StateDictError(str(e)) from None
 
-    def _check_state_dict(self, given: dict, strict: bool) -> None:
+    def _check_state_dict(self, given: dict, strict: bool, check_finite: bool) -> None:
         """Everything torch would complain about, found before any weight is written (torch
         copies the fitting tensors first and reports the rest after)."""
         check_not_gqa_branch(given, "this state_dict")
@@ -334,6 +335,13 @@ class MoELlamaForCausalLM(nn.Module, _m.MoELlamaForCausalLM):
             if k in own and isinstance(t, torch.Tensor) and tuple(t.shape) != own[k]:
                 raise StateDictError(f"size mismatch for {k}: copying a param with shape {list(t.shape)} from "
                                      f"checkpoint, the shape in current model is {list(own[k])}")
+        for k, t in given.items():
+            if check_finite and isinstance(t, torch.Tensor) and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).flatten().nonzero()[0])
+                v = float(t.flatten()[bad])
+                what = "NaN" if v != v else "+inf" if v > 0 else "-inf"
+                raise StateDictError(f"tensor '{k}' holds {what} at element {bad} "
+                                     "(load with check_finite=False to accept it)")
         errors = []
         _check_tied_head(self, dict(given), "", {}, strict, [], [], errors)
         if errors:
@@ -403,7 +411,7 @@ class MoELlamaForCausalLM(nn.Module, _m.MoELlamaForCausalLM):
         if n != self.config.vocab_size:
             old = self._engine.state_dict()
             self.config.vocab_size = n
-            fresh = _C.Model(engine_dict(self.config), self._dtype, self._engine.device)
+            fresh = _C.Model(engine_dict(self.config), self._dtype, self._engine.device, self._options)
             fresh.init_random(int(torch.randint(0, 2**62, ()).item()))
             sd = fresh.state_dict()
             keep = min(n, old["model.embed_tokens.weight"].shape[0])
@@ -413,7 +421,7 @@ class MoELlamaForCausalLM(nn.Module, _m.MoELlamaForCausalLM):
             for key, a in old.items():
                 if key not in ("model.embed_tokens.weight", "lm_head.weight"):
                     sd[key] = a
-            fresh.load_arrays(sd)
+            fresh.load_arrays(sd, check_finite=False)  # accepted when they were loaded
             self._engine = fresh
             self.model.embed_tokens.num_embeddings = n
             self.lm_head.out_features = n

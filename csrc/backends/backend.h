@@ -7,6 +7,7 @@
 
 #include <stdint.h>
 
+#include "engine/options.h"
 #include "engine/status.h"
 #include "engine/tensor.h"
 
@@ -99,7 +100,8 @@ struct xo_backend {
     int host_memory;   /* 1: "device" pointers are host memory (the graph may write into caller arrays) */
 
     /* memory */
-    void *(*alloc)(xo_backend *be, size_t bytes);             /* zero-filled; NULL on failure */
+    /* zero-filled; NULL on failure, with an XO_ENOMEM message naming the size recorded (xo_fail) */
+    void *(*alloc)(xo_backend *be, size_t bytes);
     void (*release)(xo_backend *be, void *ptr);
     /* frees memory that another framework's streams may still read (waits for the device) */
     void (*release_shared)(xo_backend *be, void *ptr);
@@ -179,6 +181,11 @@ struct xo_backend {
     xo_status (*graph_launch)(xo_backend *be, void *graph);
     void (*graph_free)(xo_backend *be, void *graph);
 
+    /* optional: around each call into the model from one host thread (its lock held); the CPU
+     * applies its thread count there */
+    void (*enter)(xo_backend *be);
+    void (*leave)(xo_backend *be);
+
     void (*destroy)(xo_backend *be);
 };
 
@@ -186,10 +193,14 @@ struct xo_backend {
  * (gate_up_swiglu, moe_router), so the graph makes one call per step. */
 void xo_backend_fill_defaults(xo_backend *be);
 
-/* The CPU backend (oneDNN + OpenMP). */
-xo_status xo_cpu_backend_create(xo_backend **out);
+/* The CPU backend (oneDNN + OpenMP), with the model's options (engine/options.h). */
+xo_status xo_cpu_backend_create(xo_backend **out, const xo_options *opts);
 /* The CUDA backend, loaded from the plugin library (set by the binding) on first use. */
-xo_status xo_cuda_backend_create(xo_backend **out, int device);
+xo_status xo_cuda_backend_create(xo_backend **out, int device, const xo_options *opts);
 void xo_cuda_set_plugin_path(const char *path);
+/* CUDA devices this build can use: 0 when it has no plugin, or no GPU or driver. Never fails. */
+int xo_cuda_device_count(void);
+/* The id a plugin must report to be loaded: this build's, ending in "-cuda" or "-cpu". */
+const char *xo_cuda_build_id(void);
 
 #endif

@@ -123,7 +123,7 @@ xo_status xo_model_forward(xo_model *m, const xo_forward_args *a) {
     /* ids already on the device are checked there; a bad one is reported after the pass */
     uint64_t *bad = NULL;
     if (rc == XO_OK && a->ids_device) {
-        if (!(bad = m->be->alloc(m->be, 2 * sizeof(uint64_t)))) rc = xo_fail(XO_ENOMEM, "out of memory");
+        if (!(bad = m->be->alloc(m->be, 2 * sizeof(uint64_t)))) rc = xo_fail_more(XO_ENOMEM, "out of memory");
         if (rc == XO_OK)
             rc = m->be->load_ids(m->be, s.ids, a->ids_device, a->ids_wide, (size_t)n, m->cfg.vocab_size, bad);
     }

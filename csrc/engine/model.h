@@ -24,9 +24,13 @@ typedef struct {
 /* Creates an empty model on a backend (takes ownership of be). Weights are filled by
  * xo_model_load or xo_model_init_random. */
 xo_status xo_model_create(xo_model **out, const xo_config *cfg, xo_backend *be, xo_dtype weight_dtype);
-xo_status xo_model_load(xo_model *m, const xo_tensor_view *tensors, int n, const char *prefix);
+xo_status xo_model_load(xo_model *m, const xo_tensor_view *tensors, int n, const char *prefix, int check_finite);
 xo_status xo_model_init_random(xo_model *m, uint64_t seed);
 void xo_model_free(xo_model *m);
+/* Takes the model's lock for one call from this thread and applies the backend's per-call
+ * settings (the CPU thread count); xo_model_unlock undoes both. */
+void xo_model_lock(xo_model *m);
+void xo_model_unlock(xo_model *m);
 
 /* Sampling done by the backend (xo_backend.sample_rows). */
 struct xo_device_draw {

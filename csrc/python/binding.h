@@ -36,6 +36,9 @@ PyObject *xo_py_raise(xo_status rc);
 /* convert.c */
 int xo_py_config_from_dict(PyObject *d, xo_config *c);
 int xo_py_parse_dtype(const char *s, xo_dtype *t);
+/* the environment's defaults, then each name -> value of d (None: none); values str, int or
+ * bool become the strings xo_options_set parses */
+int xo_py_options_from_dict(PyObject *d, xo_options *o);
 
 /* dlpack.c */
 PyObject *xo_py_dl_capsule(ModelObject *self, float *data, int ndim, const int64_t *shape);

@@ -1,6 +1,8 @@
 /* The one place where a C status becomes a Python exception. */
 #include "python/binding.h"
 
+#include <string.h>
+
 PyObject *xo_py_raise(xo_status rc) {
     PyObject *type;
     switch (rc) {
@@ -10,6 +12,11 @@ PyObject *xo_py_raise(xo_status rc) {
     case XO_EIO: type = PyExc_OSError; break;
     default: type = PyExc_RuntimeError; break;
     }
-    PyErr_SetString(type, xo_last_error());
+    /* 'replace': a message quoting non-UTF-8 bytes (a path, a corrupt name) must still be one */
+    const char *msg = xo_last_error();
+    PyObject *text = PyUnicode_DecodeUTF8(msg, (Py_ssize_t)strlen(msg), "replace");
+    if (!text) return NULL;
+    PyErr_SetObject(type, text);
+    Py_DECREF(text);
     return NULL;
 }

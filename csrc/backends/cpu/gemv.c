@@ -71,11 +71,7 @@ GENERIC_KERNEL(gemv_generic_bf16, sc_bf16)
 GENERIC_KERNEL(gemv_generic_f16, sc_f16)
 GENERIC_KERNEL(gemv_generic_i8, sc_i8)
 
-static size_t g_prefetch = 1024;   /* software prefetch distance along a row, bytes */
-
-void xo_cpu_gemv_tuning(int prefetch_bytes) {
-    if (prefetch_bytes >= 0) g_prefetch = (size_t)prefetch_bytes;
-}
+enum { PREFETCH_BYTES = 1024 };   /* software prefetch distance along a row */
 
 #ifdef XO_X86
 /* ------------------------------------------------------------------ AVX2 + FMA (+F16C) build */
@@ -156,7 +152,7 @@ T_AVX2 ALWAYS float hsum8(__m256 v) {
 
 /* streams x rows x unroll: m = 1: 4x1x2; 2: 4x2x1; 3-4: 2xmx1; 5-8: 1xmx1 (compute-bound there) */
 #define BLOCK_DISPATCH(BLOCK)                                                                     \
-    const size_t pf = g_prefetch;                                                                 \
+    const size_t pf = PREFETCH_BYTES;                                                             \
     switch (m) {                                                                                  \
     case 1: ROWS_LOOP(BLOCK, 4, 1, 2); break;                                                     \
     case 2: ROWS_LOOP(BLOCK, 4, 2, 1); break;                                                     \
@@ -252,39 +248,25 @@ AVX512_KERNEL(gemv_avx512_i8, blk_avx512_i8, ld16_i8, sc_i8, 1)
 
 /* ------------------------------------------------------------------ run-time choice */
 
-static int g_isa = -1;  /* XO_ISA_*, chosen once */
-
 static int detect_isa(void) {
 #ifdef XO_X86
     __builtin_cpu_init();
     int best = XO_ISA_GENERIC;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = XO_ISA_AVX2;
     if (best == XO_ISA_AVX2 && __builtin_cpu_supports("avx512f")) best = XO_ISA_AVX512;
-    const char *env = getenv("XORON_CPU_ISA");
-    if (env) {
-        int want = !strcmp(env, "generic") ? XO_ISA_GENERIC : !strcmp(env, "avx2") ? XO_ISA_AVX2
-                 : !strcmp(env, "avx512") ? XO_ISA_AVX512 : best;
-        if (want < best) best = want;
-    }
     return best;
 #else
     return XO_ISA_GENERIC;
 #endif
 }
 
-int xo_cpu_isa(void) {
-    int v = __atomic_load_n(&g_isa, __ATOMIC_RELAXED);
+int xo_cpu_best_isa(void) {
+    static int best = -1;  /* detected once; every thread finds the same value */
+    int v = __atomic_load_n(&best, __ATOMIC_RELAXED);
     if (v < 0) {
         v = detect_isa();
-        __atomic_store_n(&g_isa, v, __ATOMIC_RELAXED);
+        __atomic_store_n(&best, v, __ATOMIC_RELAXED);
     }
-    return v;
-}
-
-int xo_cpu_set_isa(int level) {
-    int best = detect_isa();
-    int v = level < 0 || level > best ? best : level;
-    __atomic_store_n(&g_isa, v, __ATOMIC_RELAXED);
     return v;
 }
 
@@ -292,8 +274,7 @@ const char *xo_cpu_isa_name(int level) {
     return level == XO_ISA_AVX512 ? "avx512" : level == XO_ISA_AVX2 ? "avx2" : "generic";
 }
 
-static gemv_block_fn pick(xo_dtype t) {
-    int isa = xo_cpu_isa();
+static gemv_block_fn pick(xo_dtype t, int isa) {
 #ifdef XO_X86
     if (isa == XO_ISA_AVX512) {
         switch (t) {
@@ -325,8 +306,8 @@ static gemv_block_fn pick(xo_dtype t) {
     }
 }
 
-void xo_cpu_gemv(float *y, const float *x, int m, const xo_linear *w) {
-    const gemv_block_fn fn = pick(w->dtype);
+void xo_cpu_gemv(float *y, const float *x, int m, const xo_linear *w, int isa) {
+    const gemv_block_fn fn = pick(w->dtype, isa);
     const int out = w->out, K = w->in;
     const float *scales = w->dtype == XO_I8 ? w->scales : NULL;
     const double work = (double)out * K * m;

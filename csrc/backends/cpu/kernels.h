@@ -3,6 +3,18 @@
 #define XO_CPU_KERNELS_H
 
 #include "backends/backend.h"
+#include "engine/options.h"
+
+/* The CPU backend's context (be->ctx): this model's kernel choices, from its options. */
+typedef struct {
+    int isa;            /* XO_ISA_* of the matrix-vector kernels: the option's ceiling on what the CPU has */
+    int gemv_max_rows;  /* largest m of a non-float32 product that takes the matrix-vector kernels */
+    int tile_rows;      /* rows of W widened per tile for the sgemm of larger m */
+    int threads;        /* OpenMP threads while one of this model's calls runs; 0: unchanged */
+    int saved_threads;  /* the calling thread's count, restored by leave */
+} xo_cpu_ctx;
+
+static inline const xo_cpu_ctx *xo_cpu_ctx_of(const xo_backend *be) { return (const xo_cpu_ctx *)be->ctx; }
 
 /* Hot loops get AVX2/FMA (x86-64-v3) and AVX-512 (v4) versions, picked at load time by CPU
  * features (an "arch=haswell" clone would be picked by CPU model and never run on AMD). */
@@ -14,9 +26,8 @@ void xo_cpu_linear_free(xo_backend *be, xo_linear *w);
 xo_status xo_cpu_linear_to_host(xo_backend *be, const xo_linear *w, float *host);
 xo_status xo_cpu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w, int m);
 xo_status xo_cpu_embed(xo_backend *be, float *h, const xo_linear *table, const int32_t *ids, int n);
-/* crossover m between the matrix-vector kernels and the widened-tile sgemm (-1: the built-in
- * rule, below -1: unchanged), and the tile height (<= 0: unchanged); for tuning and tests */
-void xo_cpu_matmul_tuning(int gemv_max_m, int tile_rows);
+/* the largest m that takes the matrix-vector kernels when the option leaves it to the rule */
+enum { XO_CPU_GEMV_MAX_ROWS = 40 };
 /* backends/cpu/weights.c: weight storage. 64-byte aligned, on 2 MB pages (madvise) from 2 MB up, not
  * zeroed; release with free(). */
 void *xo_cpu_weight_alloc(size_t bytes);
@@ -28,12 +39,9 @@ void xo_cpu_dequant_rows(float *dst, const xo_linear *w, size_t row0, size_t row
 
 /* backends/cpu/gemv.c: y[m, w->out] = x[m, w->in] @ W.T for any storage dtype with float32 accumulation;
  * vectorised matrix-vector kernels meant for small m (decode), OpenMP over output rows. */
-enum { XO_ISA_GENERIC = 0, XO_ISA_AVX2 = 1, XO_ISA_AVX512 = 2 };
-void xo_cpu_gemv(float *y, const float *x, int m, const xo_linear *w);
-int xo_cpu_isa(void);                   /* the kernels in use (XO_ISA_*) */
-int xo_cpu_set_isa(int level);          /* caps the kernels at `level` (-1: best); returns the level in use */
+void xo_cpu_gemv(float *y, const float *x, int m, const xo_linear *w, int isa);
+int xo_cpu_best_isa(void);              /* the best kernel set this CPU runs (XO_ISA_*) */
 const char *xo_cpu_isa_name(int level);
-void xo_cpu_gemv_tuning(int prefetch_bytes);   /* software prefetch distance (negative: unchanged) */
 
 /* backends/cpu/elementwise.c */
 xo_status xo_cpu_rmsnorm(xo_backend *be, float *y, const float *x, int x_stride, const float *w, int n, int d, float eps);

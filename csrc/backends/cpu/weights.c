@@ -1,6 +1,7 @@
 /* Weight storage conversions on the CPU: float32/float16/bfloat16 source rows to the storage
  * dtype (bfloat16 and float16 rounded to nearest even; int8 symmetric per output row,
  * scale = max|row| / 127), and back to float32. */
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,15 +38,19 @@ void *xo_cpu_weight_alloc(size_t bytes) {
     return p;
 }
 
-/* Quantises one float32 row: q = round(v / scale), |q| <= 127. Returns the scale. */
+/* Quantises one float32 row: q = round(v / scale), |q| <= 127. Returns the scale, or -1 for
+ * a row holding a NaN or infinity (no scale represents it). */
 XO_CLONES
 static float quantize_row(int8_t *q, const float *v, int n) {
     float mx = 0.0f;
+    int nonfinite = 0;
     for (int j = 0; j < n; j++) {
         float a = fabsf(v[j]);
+        nonfinite |= !(a <= FLT_MAX);  /* also true for NaN, which the max below would skip */
         mx = a > mx ? a : mx;
     }
-    if (!(mx > 0.0f) || !isfinite(mx)) {   /* all zero (or non-finite): store zeros */
+    if (nonfinite) return -1.0f;
+    if (!(mx > 0.0f)) {   /* all zero */
         memset(q, 0, (size_t)n);
         return 0.0f;
     }
@@ -71,7 +76,7 @@ xo_status xo_cpu_store_rows(xo_linear *w, const void *host, xo_dtype src_t, int 
         memcpy((char *)w->data + (size_t)row_offset * K * xo_dtype_size(t), host, (size_t)rows * src_row);
         return XO_OK;
     }
-    int failed = 0;
+    int failed = 0, nonfinite_row = -1;
     #pragma omp parallel if ((size_t)rows * K > 65536)
     {
         float *tmp = malloc((size_t)(K ? K : 1) * sizeof *tmp);
@@ -90,13 +95,23 @@ xo_status xo_cpu_store_rows(xo_linear *w, const void *host, xo_dtype src_t, int 
             case XO_F16:
                 for (int j = 0; j < K; j++) ((uint16_t *)w->data)[r * K + j] = xo_f32_to_f16(tmp[j]);
                 break;
-            case XO_I8: w->scales[r] = quantize_row((int8_t *)w->data + r * K, tmp, K); break;
+            case XO_I8:
+                w->scales[r] = quantize_row((int8_t *)w->data + r * K, tmp, K);
+                if (w->scales[r] < 0.0f) {
+                    #pragma omp critical(xo_nonfinite_row)
+                    if (nonfinite_row < 0 || i < nonfinite_row) nonfinite_row = i;
+                }
+                break;
             default: break;
             }
         }
         free(tmp);
     }
-    return failed ? xo_fail(XO_ENOMEM, "out of memory converting a [%d, %d] weight", rows, K) : XO_OK;
+    if (failed) return xo_fail(XO_ENOMEM, "out of memory converting a [%d, %d] weight", rows, K);
+    if (nonfinite_row >= 0)
+        return xo_fail(XO_EINVAL, "row %d holds a NaN or infinity, which int8 quantisation cannot represent",
+                       nonfinite_row);
+    return XO_OK;
 }
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -111,7 +126,7 @@ static void f16_to_f32_f16c(const uint16_t *s, float *d, size_t n) {
 
 static void f16_to_f32(const uint16_t *s, float *d, size_t n) {
 #if defined(__x86_64__) || defined(__i386__)
-    if (xo_cpu_isa() >= XO_ISA_AVX2) { f16_to_f32_f16c(s, d, n); return; }
+    if (xo_cpu_best_isa() >= XO_ISA_AVX2) { f16_to_f32_f16c(s, d, n); return; }
 #endif
     for (size_t i = 0; i < n; i++) d[i] = xo_f16_to_f32(s[i]);
 }
