@@ -1,4 +1,4 @@
-"""What 16-bit and int8 weight storage cost in accuracy, against float32 storage.
+"""What 16-bit, int8 and int4 weight storage cost in accuracy, against float32 storage.
 
     python benchmarks/precision.py [--tokens 1024] [--block 256]
 
@@ -25,7 +25,7 @@ from xoron.modeling import MoELlamaForCausalLM  # noqa: E402  (the numpy class: 
 
 DEMO = os.path.join(ROOT, "xoron", "demo")
 TEXT = os.path.join(ROOT, "tests", "data", "heldout_sample.txt")
-DTYPES = ("bfloat16", "float16", "int8")
+DTYPES = ("bfloat16", "float16", "int8", "int4")
 
 
 def windows(ids: np.ndarray, block: int):

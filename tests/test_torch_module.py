@@ -160,10 +160,11 @@ def test_assigning_a_weight_copies_and_replacing_a_module_is_refused():
     np.testing.assert_array_equal(m._engine.state_dict()["model.norm.weight"], sd["model.norm.weight"].numpy())
 
 
-def test_int8_weights_are_read_only_dequantised_copies():
+@pytest.mark.parametrize("qdtype", ["int8", "int4"])
+def test_quantised_weights_are_read_only_dequantised_copies(qdtype):
     built = make_model(dict(MOE), seed=2)
-    m = built.model.quantize("int8")
-    assert m.quantization == "int8" and m.dtype == torch.float32
+    m = built.model.quantize(qdtype)
+    assert m.quantization == qdtype and m.dtype == torch.float32
     sd = m.state_dict()
     eng = m._engine.state_dict()
     np.testing.assert_array_equal(sd["model.layers.0.self_attn.q_proj.weight"].numpy(),
@@ -172,11 +173,11 @@ def test_int8_weights_are_read_only_dequantised_copies():
     m(input_ids=ids)
     with torch.no_grad():
         m.model.layers[0].self_attn.q_proj.weight.add_(1.0)
-    with pytest.raises(RuntimeError, match="int8"):
+    with pytest.raises(RuntimeError, match=f"{qdtype} model was edited"):
         m(input_ids=ids)
     # load_state_dict re-quantises, and the model runs again on what was loaded
     m.load_state_dict({k: torch.from_numpy(v) for k, v in built.weights.items()}, strict=False)
-    q = xoron.modeling.MoELlamaForCausalLM(built.config, dtype="int8", seed=0)
+    q = xoron.modeling.MoELlamaForCausalLM(built.config, dtype=qdtype, seed=0)
     q.load_state_dict(built.weights)
     np.testing.assert_array_equal(m(input_ids=ids).logits, q(input_ids=ids).logits)
 

@@ -20,7 +20,7 @@ from ._tensors import ids_array, int_array, is_torch, mask_array, output, scalar
 from .config import LlamaConfig, engine_dict, read_config_json, resolve_config
 from .generation import CACHE_FORMATS, GenerateOutput  # noqa: F401  (re-exported)
 
-DTYPES = ("float32", "bfloat16", "float16", "int8")
+DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 
 
 @dataclass
@@ -298,8 +298,9 @@ class MoELlamaForCausalLM:
         return self.to(dtype="float16")
 
     def quantize(self, dtype="int8"):
-        """Re-stores the weights as `dtype` ("int8": weight-only, symmetric, one scale per output
-        row; or "bfloat16"/"float16"), computed with float32 accumulation. Returns self."""
+        """Re-stores the weights as `dtype` ("int8" or "int4": weight-only, one scale per group of
+        32 weights of a row; or "bfloat16"/"float16"), computed with float32 accumulation. The
+        router stays float32. Returns self."""
         return self.to(dtype=dtype)
 
     def cpu(self):

@@ -6,7 +6,7 @@ engine's own weight storage (numpy views of host memory, DLPack of GPU memory), 
 machinery - load_state_dict on this module or on any parent, state_dict(), parameters(),
 in-place edits such as a merged LoRA - reads and writes the weights the engine runs with.
 Moves and casts (.to(), .half(), .cuda(), a parent's .to()) rebuild the engine and re-point
-the same Parameter objects. int8 weights have no float view: their Parameters hold the
+the same Parameter objects. Quantised (int8, int4) weights have no float view: their Parameters hold the
 dequantised values, loading a state_dict re-quantises, and any other edit is an error at the
 next forward.
 
@@ -199,7 +199,7 @@ class MoELlamaForCausalLM(nn.Module, _m.MoELlamaForCausalLM):
                  cache_format="latent", options=None, _init=True):
         nn.Module.__init__(self)
         self._xo_ready = False
-        self._readonly = []   # int8: (Parameter, version at the last sync) of the dequantised copies
+        self._readonly = []   # int8/int4: (Parameter, version at the last sync) of the dequantised copies
         _m.MoELlamaForCausalLM.__init__(self, config, moe_config, dtype=dtype, device=device, seed=seed,
                                         cache_format=cache_format, options=options, _init=_init)
         self.register_load_state_dict_pre_hook(_check_tied_head)
@@ -235,12 +235,12 @@ class MoELlamaForCausalLM(nn.Module, _m.MoELlamaForCausalLM):
             self.lm_head._parameters["weight"] = self.model.embed_tokens.weight
 
     def _check_weights(self):
-        """Before the engine runs: torch's pending work on the weights is done, and no int8
+        """Before the engine runs: torch's pending work on the weights is done, and no quantised
         weight was edited behind the engine's back."""
         for p, version in self._readonly:
             if p._version != version:
-                raise RuntimeError("a weight of this int8 model was edited in place; int8 weights are read-only "
-                                   "(their Parameters hold dequantised copies). Edit a float model (model.float()) "
+                raise RuntimeError(f"a weight of this {self._dtype} model was edited in place; quantised weights "
+                                   "are read-only (their Parameters hold dequantised copies). Edit a float model (model.float()) "
                                    "and quantize() again, or load_state_dict(), which re-quantises")
         if self._engine.device.startswith("cuda"):
             torch.cuda.current_stream(torch.device(self._engine.device)).synchronize()
@@ -253,7 +253,7 @@ class MoELlamaForCausalLM(nn.Module, _m.MoELlamaForCausalLM):
         dtype = None
         if probe.dtype != probe_dtype:
             if probe.dtype not in _NAMES:
-                raise ValueError(f"xoron stores weights as float32, bfloat16, float16 or int8, not {probe.dtype}")
+                raise ValueError(f"xoron stores weights as float32, bfloat16, float16, int8 or int4, not {probe.dtype}")
             dtype = _NAMES[probe.dtype]
         device = str(probe.device) if probe.device != self.device else None
         if device == "cuda":
@@ -290,7 +290,7 @@ class MoELlamaForCausalLM(nn.Module, _m.MoELlamaForCausalLM):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The weights' torch dtype (float32 for int8 storage, whose Parameters are dequantised)."""
+        """The weights' torch dtype (float32 for int8/int4 storage, whose Parameters are dequantised)."""
         return _TORCH_DTYPES.get(self._dtype, torch.float32)
 
     @property
@@ -299,8 +299,8 @@ class MoELlamaForCausalLM(nn.Module, _m.MoELlamaForCausalLM):
 
     @property
     def quantization(self):
-        """"int8" when the weights are stored quantised, else None."""
-        return "int8" if self._dtype == "int8" else None
+        """"int8" or "int4" when the weights are stored quantised, else None."""
+        return self._dtype if self._dtype in ("int8", "int4") else None
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False, *, check_finite: bool = True):
         """torch's load_state_dict (it copies into the engine's weights; assign=True copies too,
@@ -468,7 +468,7 @@ def _check_tied_head(module, state_dict, prefix, local_metadata, strict, missing
 
 
 def _after_load(module, incompatible):
-    """int8: the loaded values sit in the dequantised copies; store them quantised and refresh."""
+    """int8/int4: the loaded values sit in the dequantised copies; store them quantised and refresh."""
     if module._readonly:
         module._engine.load_arrays({k: v.detach().cpu().float().numpy()
                                     for k, v in module._engine_state_from_parameters().items()})

@@ -19,6 +19,7 @@ const char *xo_dtype_name(xo_dtype t) {
     case XO_F16: return "float16";
     case XO_BF16: return "bfloat16";
     case XO_I8: return "int8";
+    case XO_I4: return "int4";
     default: return "unknown";
     }
 }

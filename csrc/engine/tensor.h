@@ -13,6 +13,7 @@ typedef enum {
     XO_F16,
     XO_BF16,
     XO_I8,
+    XO_I4,               /* weights only, packed two to a byte (the backend owns the layout) */
 } xo_dtype;
 
 #define XO_MAX_DIMS 8
@@ -32,7 +33,7 @@ typedef struct {
     const char *file;       /* the file's path, for error messages */
 } xo_tensor_view;
 
-size_t xo_dtype_size(xo_dtype t);
+size_t xo_dtype_size(xo_dtype t);   /* bytes per element; 0 for packed XO_I4 */
 const char *xo_dtype_name(xo_dtype t);
 
 /* Conversions used by loaders and kernels. */

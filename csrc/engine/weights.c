@@ -128,7 +128,7 @@ static xo_status layout(const xo_config *c, xo_weights *w, xo_dtype t, slot_list
             if (push_ffn(&L, &lw->mlp, c->intermediate_size, H, t, mbase)) goto fail;
         } else {
             PUSH_VEC(&lw->router_norm, H, 1, "%s.mlp.router.input_norm.weight", base);
-            set_linear(&lw->router, c->num_experts, H, t == XO_I8 ? XO_F32 : t);
+            set_linear(&lw->router, c->num_experts, H, t == XO_I8 || t == XO_I4 ? XO_F32 : t);
             PUSH_LIN(&lw->router, c->num_experts, H, 0, "%s.mlp.router.gate.weight", base);
             if (!lw->experts) {
                 lw->experts = calloc((size_t)c->num_experts, sizeof *lw->experts);

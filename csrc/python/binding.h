@@ -36,6 +36,7 @@ PyObject *xo_py_raise(xo_status rc);
 /* convert.c */
 int xo_py_config_from_dict(PyObject *d, xo_config *c);
 int xo_py_parse_dtype(const char *s, xo_dtype *t);
+int xo_py_thread_count(PyObject *o, long long *n);   /* TypeError unless an int */
 /* the environment's defaults, then each name -> value of d (None: none); values str, int or
  * bool become the strings xo_options_set parses */
 int xo_py_options_from_dict(PyObject *d, xo_options *o);

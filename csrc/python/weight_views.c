@@ -1,8 +1,8 @@
 /* Model.weight_views(): every SPEC tensor as a view of the engine's own storage, so that a
  * framework holding the views (the torch module) reads and edits the weights the engine runs
  * with. Host memory comes back as numpy arrays whose base is the Model, device memory as
- * DLPack capsules that keep the Model alive; neither ever frees the storage. int8 weights have
- * no float view: they come back as a dequantised copy, marked as such. */
+ * DLPack capsules that keep the Model alive; neither ever frees the storage. Quantised (int8,
+ * int4) weights have no float view: they come back as a dequantised copy, marked as such. */
 #include "python/binding.h"
 
 #include <stdlib.h>
@@ -63,7 +63,7 @@ static PyObject *host_view(ModelObject *self, void *data, xo_dtype t, int ndim, 
     return arr;
 }
 
-/* A dequantised float32 copy of an int8 slot. */
+/* A dequantised float32 copy of a quantised slot. */
 static PyObject *dequantised_copy(ModelObject *self, const xo_weight_slot *s, int ndim, npy_intp *dims) {
     PyObject *arr = PyArray_SimpleNew(ndim, dims, NPY_FLOAT32);
     if (!arr) return NULL;
@@ -108,7 +108,7 @@ PyObject *xo_py_model_weight_views(ModelObject *self, PyObject *Py_UNUSED(ignore
             data = (char *)s->lin->data + (size_t)s->row_offset * s->lin->in * xo_dtype_size(t);
         }
         PyObject *view;
-        int is_view = t != XO_I8;
+        int is_view = t != XO_I8 && t != XO_I4;
         if (!data) {
             PyErr_Format(PyExc_RuntimeError, "weight '%s' has no storage", s->name);
             view = NULL;

@@ -55,7 +55,6 @@ enum { DECODE_MAX_TOKENS = 8 };
 static xo_status attention_latent_decode(xo_backend *be, const xo_attention_args *a) {
     const int t = a->new_tokens, nh = a->num_heads, nkv = a->num_kv_heads, hd = a->head_dim, r = a->rank;
     const int group = nh / nkv, kv_len = a->past + t, kw = nkv * hd;
-    const size_t es = xo_dtype_size(a->kv_b->dtype);
     /* Wk: the first nkv*hd rows of Wkvb; Wv of kv group g: rows kw + g*hd .. kw + g*hd + hd */
     xo_linear wk = *a->kv_b;
     wk.out = kw;
@@ -108,11 +107,7 @@ static xo_status attention_latent_decode(xo_backend *be, const xo_attention_args
                 float *row = &acc[((size_t)h * t + i) * r];
                 for (int x = 0; x < r; x++) row[x] *= inv;
             }
-            xo_linear wv = *a->kv_b;
-            const size_t row0 = (size_t)kw + (size_t)(h / group) * hd;
-            wv.out = hd;
-            wv.data = (char *)a->kv_b->data + row0 * r * es;
-            wv.scales = a->kv_b->scales ? a->kv_b->scales + row0 : NULL;
+            const xo_linear wv = xo_cpu_linear_rows(a->kv_b, kw + (h / group) * hd, hd);
             rc = xo_cpu_matmul(be, head_out, &acc[(size_t)h * t * r], &wv, t);
             for (int i = 0; rc == XO_OK && i < t; i++)
                 memcpy(a->out + (((size_t)b * t + i) * nh + h) * hd, head_out + (size_t)i * hd, (size_t)hd * sizeof(float));
