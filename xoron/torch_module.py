@@ -313,6 +313,16 @@ class MoELlamaForCausalLM(nn.Module, _m.MoELlamaForCausalLM):
             if isinstance(t, torch.Tensor) and not t.is_floating_point():
                 raise StateDictError(f"state_dict entry '{k}' has dtype {t.dtype}; expected floating point")
             given[k] = t
+        if not self._xo_ready:  # built with _init=False: no storage to view yet, the engine loads it
+            errors = []
+            _check_tied_head(self, given, "", {}, strict, [], [], errors)
+            if errors:
+                raise StateDictError(errors[0])
+            if self.config.tie_word_embeddings:
+                given.pop("lm_head.weight", None)
+            result = _m.MoELlamaForCausalLM.load_state_dict(self, given, strict, check_finite=check_finite)
+            self._weights_changed()
+            return result
         self._check_state_dict(given, strict, check_finite)
         try:
             return nn.Module.load_state_dict(self, given, strict=strict, assign=assign)
@@ -470,7 +480,8 @@ def _check_tied_head(module, state_dict, prefix, local_metadata, strict, missing
 def _after_load(module, incompatible):
     """int8/int4: the loaded values sit in the dequantised copies; store them quantised and refresh."""
     if module._readonly:
+        # the quantisers refuse a non-finite row themselves, naming it
         module._engine.load_arrays({k: v.detach().cpu().float().numpy()
-                                    for k, v in module._engine_state_from_parameters().items()})
+                                    for k, v in module._engine_state_from_parameters().items()}, check_finite=False)
         module._bind_parameters()
 
