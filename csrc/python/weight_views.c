@@ -69,11 +69,7 @@ static PyObject *dequantised_copy(ModelObject *self, const xo_weight_slot *s, in
     if (!arr) return NULL;
     xo_model *m = self->model;
     xo_status rc;
-    Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&m->lock);
-    rc = xo_weights_get(&m->w, &m->cfg, m->be, s, PyArray_DATA((PyArrayObject *)arr));
-    pthread_mutex_unlock(&m->lock);
-    Py_END_ALLOW_THREADS
+    LOCKED_NOGIL(self, rc, xo_weights_get(&m->w, &m->cfg, m->be, s, PyArray_DATA((PyArrayObject *)arr)));
     if (rc != XO_OK) {
         Py_DECREF(arr);
         return xo_py_raise(rc);
@@ -87,12 +83,11 @@ PyObject *xo_py_model_weight_views(ModelObject *self, PyObject *Py_UNUSED(ignore
     xo_model *m = self->model;
     xo_weight_slot *slots = NULL;
     int n = 0;
-    xo_status rc = xo_weights_layout(&m->cfg, &m->w, m->weight_dtype, &slots, &n);
+    xo_status rc;
+    LOCKED_NOGIL(self, rc, xo_weights_layout(&m->cfg, &m->w, m->weight_dtype, &slots, &n));
     if (rc != XO_OK) return xo_py_raise(rc);
     /* the views are read on the consumer's streams: the engine's pending writes land first */
-    Py_BEGIN_ALLOW_THREADS
-    rc = m->be->synchronize(m->be);
-    Py_END_ALLOW_THREADS
+    LOCKED_NOGIL(self, rc, m->be->synchronize(m->be));
     if (rc != XO_OK) { free(slots); return xo_py_raise(rc); }
     PyObject *out = PyList_New(0);
     for (int i = 0; out && i < n; i++) {
