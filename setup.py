@@ -123,10 +123,15 @@ class XoronBuildExt(build_ext):
             shutil.copy2(out, os.path.join(HERE, "xoron", "_xoron_cuda.so"))
 
 
-def make_extension():
+def _c_sources(*folders):
+    return sorted(f for d in folders for f in glob.glob(os.path.join("csrc", d, "**", "*.c"), recursive=True))
+
+
+def make_extensions():
+    """xoron._C (the engine and its binding) and xoron._testing (test-only: the kernel-level
+    entry points of csrc/testing/ with the CPU backend they drive, reached through ctypes)."""
     import numpy
     dnnl_inc, dnnl_lib = find_onednn()
-    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.c"), recursive=True))
     cflags = ["-std=c11", "-O3", "-fopenmp", "-Wall", "-Wextra", "-fno-math-errno",
               "-fvisibility=hidden", "-D_GNU_SOURCE"]
     if os.environ.get("XORON_NATIVE") == "1":
@@ -139,9 +144,7 @@ def make_extension():
                "-Wl,-rpath,$ORIGIN/../../..", f"-Wl,-rpath,{dnnl_lib}"]
     if os.environ.get("XORON_SANITIZE") == "1":
         ldflags.append("-fsanitize=address,undefined")
-    return Extension(
-        "xoron._C",
-        sources=sources,
+    common = dict(
         include_dirs=["csrc", dnnl_inc, numpy.get_include()],
         library_dirs=[dnnl_lib],
         libraries=["dnnl"],
@@ -149,12 +152,17 @@ def make_extension():
         extra_link_args=ldflags,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
+    engine = Extension("xoron._C", sources=_c_sources("engine", "backends", "python"), **common)
+    testing_sources = _c_sources("testing", os.path.join("backends", "cpu")) + [
+        os.path.join("csrc", "engine", f) for f in ("status.c", "options.c", "tensor.c")]
+    testing = Extension("xoron._testing", sources=testing_sources, **common)
+    return [engine, testing]
 
 
 try:
-    ext = make_extension()
+    exts = make_extensions()
 except BuildError as e:
     sys.stderr.write(str(e) + "\n")
     raise
 
-setup(ext_modules=[ext], cmdclass={"build_ext": XoronBuildExt})
+setup(ext_modules=exts, cmdclass={"build_ext": XoronBuildExt})

@@ -1,7 +1,7 @@
-/* C entry points for tests and benchmarks, reached from Python through ctypes on the
- * extension library itself (they are the only exported symbols besides PyInit__C):
- * one product through the CPU backend on any storage dtype with any options, kernel timing,
- * the machine's read bandwidth, and the best kernel set. Not used by the engine. */
+/* C entry points for tests and benchmarks, exported by the test-only extension xoron._testing
+ * (testing/module.c) and reached from Python through ctypes: one product through the CPU
+ * backend on any storage dtype with any options, kernel timing, the machine's read
+ * bandwidth, and the best kernel set. Not part of the engine. */
 #include <stdlib.h>
 #include <string.h>
 
