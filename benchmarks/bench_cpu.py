@@ -7,7 +7,7 @@ The model is the default configuration (vocab 151643, hidden 1024, 12 layers, 16
 kv_lora_rank 512, MoE with 8 experts top-2 on every 2nd layer plus a shared expert,
 intermediate 2048, tied embeddings) with random weights (std 0.02). The xoron models are
 built from one seed, so bf16 and int8 hold the float32 weights rounded / quantised; the
-PyTorch model (benchmarks/torch_model.py, eager, computed like the original module with its
+PyTorch model (xoron/torch_reference.py, eager, computed like the original module with its
 per-expert loop, plus a latent KV cache) gets the same float32 weights.
 
 Measured, in one process on the same cores (the two OpenMP runtimes never run at once):
@@ -69,24 +69,18 @@ ARGS = parse_args()
 THREADS = ARGS.threads or os.cpu_count()
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))  # before libgomp starts
 
-sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)  # run from a source checkout without installing
 import numpy as np  # noqa: E402
 
 import xoron  # noqa: E402
 from xoron import _testing  # noqa: E402
+from xoron.config import DEFAULTS, MOE_DEFAULTS  # noqa: E402
 
 
 def config(layers: int) -> dict:
-    return {
-        "vocab_size": 151643, "hidden_size": 1024, "intermediate_size": 2048,
-        "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 16,
-        "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 500000.0,
-        "tie_word_embeddings": True, "use_ring_attention": True, "ring_attention_chunk_size": 4096,
-        "kv_lora_rank": 512, "q_lora_rank": 0,
-        "moe_config": {"use_moe": True, "num_experts": 8, "num_experts_per_tok": 2,
-                       "moe_layer_freq": 2, "intermediate_size": 2048},
-    }
+    """The SPEC section 1 defaults with MoE on and `layers` layers."""
+    return dict(DEFAULTS, num_hidden_layers=layers, num_key_value_heads=DEFAULTS["num_attention_heads"],
+                moe_config=dict(MOE_DEFAULTS, use_moe=True, intermediate_size=DEFAULTS["intermediate_size"]))
 
 
 BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0}
@@ -225,7 +219,7 @@ def main():
     if not ARGS.no_torch:
         settle()
         import torch
-        from torch_model import TorchMoELlama
+        from xoron.torch_reference import TorchMoELlama
         torch.set_num_threads(THREADS)
         if sd is None:
             sd = xoron.MoELlamaForCausalLM(cfg, dtype="float32", seed=ARGS.seed).state_dict()

@@ -1,4 +1,4 @@
-"""GPU benchmark: xoron's CUDA backend beside the eager PyTorch model (benchmarks/torch_model.py),
+"""GPU benchmark: xoron's CUDA backend beside the eager PyTorch model (xoron/torch_reference.py),
 same GPU, same process, default configuration (vocab 151643, hidden 1024, 12 layers, 16 heads,
 MoE 8 experts top-2 on every 2nd layer, intermediate 2048), random weights, bfloat16.
 
@@ -32,21 +32,17 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(HERE))  # run from a source checkout without installing
 
-from torch_model import TorchMoELlama  # noqa: E402
+from xoron.torch_reference import TorchMoELlama  # noqa: E402
 
 import xoron  # noqa: E402
 
-CONFIG = {
-    "vocab_size": 151643, "hidden_size": 1024, "intermediate_size": 2048, "num_hidden_layers": 12,
-    "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-6, "rope_theta": 500000.0, "tie_word_embeddings": True,
-    "use_ring_attention": True, "ring_attention_chunk_size": 4096, "kv_lora_rank": 512, "q_lora_rank": 0,
-    "moe_config": {"use_moe": True, "num_experts": 8, "num_experts_per_tok": 2, "moe_layer_freq": 2,
-                   "intermediate_size": 2048},
-}
+from xoron.config import DEFAULTS, MOE_DEFAULTS  # noqa: E402
+
+# The SPEC section 1 defaults with MoE on, as in the documented usage example.
+CONFIG = dict(DEFAULTS, num_key_value_heads=DEFAULTS["num_attention_heads"],
+              moe_config=dict(MOE_DEFAULTS, use_moe=True, intermediate_size=DEFAULTS["intermediate_size"]))
 
 T0 = time.time()
 BUDGET = 170.0
@@ -91,7 +87,7 @@ def xo_prefill(m, T):
     ids = np.random.default_rng(T).integers(0, CONFIG["vocab_size"], size=(1, T), dtype=np.int64).astype(np.int32)
 
     def run():
-        m._engine.forward(ids, None, None, None, True, True, False)
+        m._engine.forward(ids, last_only=True)
     reps = 3 if T <= 4096 else 1
     return T / best_time(run, reps=reps, warm=1)
 

@@ -3,7 +3,7 @@
     python benchmarks/bench_prefill.py            # SPEC default model (~576M parameters, ~2.3 GB f32)
     python benchmarks/bench_prefill.py --quick    # a small model, finishes in seconds
 
-Both engines get the same random weights (xoron's, handed to benchmarks/torch_model.py's
+Both engines get the same random weights (xoron's, handed to xoron/torch_reference.py's
 TorchMoELlama through state_dict) and the same token ids; float32 on the CPU, batch 1.
 Each measurement is one warm-up forward per engine and then the median of --runs forwards,
 the two engines taking turns (so a busy neighbour slows both alike); a forward
@@ -23,15 +23,14 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a source checkout without installing
-sys.path.insert(0, HERE)
 
 import xoron  # noqa: E402
+from xoron.config import DEFAULTS, MOE_DEFAULTS  # noqa: E402
 
-MOE = {"use_moe": True, "num_experts": 8, "num_experts_per_tok": 2, "moe_layer_freq": 2, "intermediate_size": 2048}
 # SPEC section 1 defaults, MoE on as in the documented usage example.
-DEFAULT = {"vocab_size": 151643, "hidden_size": 1024, "intermediate_size": 2048, "num_hidden_layers": 12,
-           "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 131072,
-           "kv_lora_rank": 512, "moe_config": MOE}
+DEFAULT = dict(DEFAULTS, num_key_value_heads=DEFAULTS["num_attention_heads"],
+               moe_config=dict(MOE_DEFAULTS, use_moe=True, intermediate_size=DEFAULTS["intermediate_size"]))
+MOE = DEFAULT["moe_config"]
 QUICK = {"vocab_size": 8192, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
          "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 131072,
          "kv_lora_rank": 128, "moe_config": dict(MOE, num_experts=4, intermediate_size=512)}
@@ -55,7 +54,7 @@ def timed(fns: list, runs: int) -> list:
 def load_torch():
     try:
         import torch
-        from torch_model import TorchMoELlama
+        from xoron.torch_reference import TorchMoELlama
     except ImportError as e:
         return None, None, str(e)
     return torch, TorchMoELlama, None

@@ -32,25 +32,20 @@ TINY_RING = os.path.join(DATA_DIR, "tiny_ring")  # checkpoint + expected.npz fro
 TOL_F32 = 1e-4   # SPEC section 8, logits (relative to max|ref|) and loss (absolute)
 TOL_HALF = 3e-2  # SPEC section 8, bfloat16 / float16 compute
 
-# A deliberately tiny model: every test that builds one should run in milliseconds.
-SMALL = {
-    "vocab_size": 97,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": True,
-    "use_ring_attention": True,
-    "ring_attention_chunk_size": 4096,
-    "kv_lora_rank": 16,
-    "q_lora_rank": 0,
-    "moe_config": {"use_moe": False, "num_experts": 4, "num_experts_per_tok": 2,
-                   "moe_layer_freq": 2, "intermediate_size": 40},
-}
+# A deliberately tiny model: every test that builds one should run in milliseconds. The
+# fields it does not shrink keep the SPEC defaults, read from the package's one table.
+def _small() -> dict:
+    from xoron.config import DEFAULTS
+
+    d = {k: v for k, v in DEFAULTS.items() if not k.endswith("_token_id")}
+    d.update(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16)
+    d["moe_config"] = {"use_moe": False, "num_experts": 4, "num_experts_per_tok": 2,
+                       "moe_layer_freq": 2, "intermediate_size": 40}
+    return d
+
+
+SMALL = _small()
 
 
 def small_config(overrides: dict | None = None, **kw) -> dict:
@@ -121,16 +116,16 @@ def random_weights(cfg: R.RefConfig, seed: int = 0, boost: bool = True) -> dict:
 
 
 def make_model(cfg_dict: dict | None = None, seed: int = 0, *, dtype: str = "float32", boost: bool = True,
-               **kw) -> Built:
+               device: str = "cpu", **kw) -> Built:
     """Builds RefConfig + random_weights(seed) (reference_impl's, boosted, see BOOST) and loads
-    them into xoron.MoELlamaForCausalLM via load_state_dict(strict=True). `cfg_dict` and `kw`
-    are applied on top of SMALL (see small_config)."""
+    them into xoron.MoELlamaForCausalLM on `device` via load_state_dict(strict=True).
+    `cfg_dict` and `kw` are applied on top of SMALL (see small_config)."""
     import xoron
 
     config = small_config(cfg_dict, **kw)
     cfg = R.RefConfig.from_dict(config)
     weights = random_weights(cfg, seed, boost)
-    model = xoron.MoELlamaForCausalLM(config, dtype=dtype, seed=0)
+    model = xoron.MoELlamaForCausalLM(config, dtype=dtype, device=device, seed=0)
     model.load_state_dict(weights, strict=True)
     return Built(model, cfg, weights, config)
 
@@ -182,6 +177,25 @@ def write_checkpoint(directory, config: dict, weights: dict, dtypes: dict | None
 
 
 # ---------------------------------------------------------------- fixtures
+
+
+def _devices() -> list:
+    import xoron
+
+    no_gpu = pytest.mark.skipif(not xoron.cuda_available(),
+                                reason="no usable CUDA device (no GPU or driver, or xoron built without CUDA)")
+    return ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, no_gpu])]
+
+
+# Every device a test taking the `device` fixture runs on; "cuda" skips without a GPU.
+DEVICES = _devices()
+
+
+@pytest.fixture(scope="session", params=DEVICES)
+def device(request) -> str:
+    """Runs the test once per device: "cpu" always, "cuda" where a GPU is usable. Session-scoped
+    so that module-scoped fixtures (a loaded checkpoint) can take it too."""
+    return request.param
 
 
 @pytest.fixture(scope="session")

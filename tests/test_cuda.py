@@ -24,20 +24,14 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import reference_impl as R  # noqa: E402
+from conftest import SMALL  # noqa: E402
 import xoron  # noqa: E402
 
 TINY_RING = os.path.join(HERE, "data", "tiny_ring")
 TOL_F32 = 1e-4
 TOL_HALF = 3e-2
 
-BASE = {
-    "vocab_size": 97, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-6, "rope_theta": 500000.0, "tie_word_embeddings": True,
-    "use_ring_attention": True, "ring_attention_chunk_size": 4096, "kv_lora_rank": 16, "q_lora_rank": 0,
-    "moe_config": {"use_moe": False, "num_experts": 4, "num_experts_per_tok": 2, "moe_layer_freq": 2,
-                   "intermediate_size": 40},
-}
+BASE = SMALL  # the tiny test model, SPEC defaults elsewhere
 MOE_KEYS = {"use_moe": "use_moe", "num_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
             "moe_layer_freq": "moe_layer_freq", "moe_intermediate_size": "intermediate_size"}
 MOE = {"use_moe": True, "num_experts": 4, "num_experts_per_tok": 2, "moe_layer_freq": 2, "moe_intermediate_size": 40}
@@ -91,7 +85,7 @@ def rel_err(got, ref) -> float:
 
 def _gpu_status():
     if not xoron.cuda_available():
-        return False, "this xoron was built without the CUDA plugin"
+        return False, "no usable CUDA device (no GPU or driver, or xoron built without CUDA)"
     try:
         xoron.MoELlamaForCausalLM(_config(), device="cuda", seed=0)
     except Exception as e:  # no GPU, no driver, ...
@@ -345,6 +339,43 @@ def test_greedy_generate_matches_cpu():
     prompt = ids_for(cfg, 2, 6, seed=11)
     kw = dict(max_new_tokens=12, do_sample=False, eos_token_id=None)
     np.testing.assert_array_equal(g.generate(prompt, **kw), c.generate(prompt, **kw))
+
+
+@needs_gpu
+def test_generate_features_match_cpu():
+    """Beam search (cache rows gathered on the GPU), the host-loop processors and a continued
+    cache give on the GPU what they give on the CPU."""
+    over = dict(MOE, hidden_size=64)
+    g, cfg, w = build(over, seed=8)
+    c = xoron.MoELlamaForCausalLM(_config(over), device="cpu", seed=0)
+    c.load_state_dict(w)
+    prompt = ids_for(cfg, 2, 6, seed=11)
+    eos = int(c.generate(prompt[:1], max_new_tokens=4, do_sample=False)[0, 8])
+    for kw in (dict(num_beams=3, num_return_sequences=2, eos_token_id=eos, length_penalty=0.5),
+               dict(do_sample=False, no_repeat_ngram_size=2, bad_words_ids=[[eos]]),
+               dict(do_sample=False, logits_processor=lambda ids, s: s * 2.0)):
+        rg = g.generate(prompt, max_new_tokens=8, return_dict_in_generate=True, **kw)
+        rc = c.generate(prompt, max_new_tokens=8, return_dict_in_generate=True, **kw)
+        np.testing.assert_array_equal(rg.sequences, rc.sequences)
+        if rc.sequences_scores is not None:
+            np.testing.assert_allclose(rg.sequences_scores, rc.sequences_scores, rtol=1e-3, atol=1e-3)
+    a = g.generate(prompt, max_new_tokens=8, min_p=0.2, top_k=0, top_p=1.0, seed=3)
+    np.testing.assert_array_equal(a, g.generate(prompt, max_new_tokens=8, min_p=0.2, top_k=0, top_p=1.0, seed=3))
+    cache = g(input_ids=prompt[:, :4], use_cache=True).past_key_values
+    kw = dict(max_new_tokens=8, do_sample=False, eos_token_id=[])
+    np.testing.assert_array_equal(g.generate(prompt, past_key_values=cache, **kw), c.generate(prompt, **kw))
+    assert cache.length == 6 + 8 - 1
+    got = []
+
+    class Rec:
+        def put(self, ids):
+            got.append(np.asarray(ids))
+
+        def end(self):
+            pass
+
+    out = g.generate(prompt[:1], streamer=Rec(), **kw)
+    assert [int(x[0]) for x in got[1:]] == list(out[0, 6:])
 
 
 @pytest.mark.parametrize("device", ["cuda:99", "cuda:-1", "cuda:x", "cudax", "gpu"])

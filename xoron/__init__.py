@@ -56,9 +56,10 @@ _C.set_cuda_plugin(_cuda_plugin)
 
 from .config import LlamaConfig  # noqa: E402
 from .modeling import CausalLMOutput, KVCache, MoELlamaForCausalLM  # noqa: E402
+from .streaming import TextStreamer  # noqa: E402
 
-__all__ = ["MoELlamaForCausalLM", "LlamaConfig", "CausalLMOutput", "KVCache", "load_tokenizer", "cuda_available",
-           "option_names", "option_table"]
+__all__ = ["MoELlamaForCausalLM", "LlamaConfig", "CausalLMOutput", "KVCache", "TextStreamer", "load_tokenizer",
+           "cuda_available", "option_names", "option_table"]
 __version__ = "0.1.0"
 
 
@@ -69,8 +70,9 @@ def load_tokenizer(path):
 
 
 def cuda_available() -> bool:
-    """True when this build has the CUDA plugin (a GPU is still needed to use it)."""
-    return _os.path.exists(_cuda_plugin)
+    """True when device="cuda" can work here: this build has its CUDA plugin, and the plugin's
+    CUDA runtime finds a driver and at least one GPU."""
+    return _C.cuda_device_count() > 0
 
 
 def option_table():

@@ -198,5 +198,9 @@ xo_status xo_cpu_backend_create(xo_backend **out, const xo_options *opts);
 /* The CUDA backend, loaded from the plugin library (set by the binding) on first use. */
 xo_status xo_cuda_backend_create(xo_backend **out, int device, const xo_options *opts);
 void xo_cuda_set_plugin_path(const char *path);
+/* CUDA devices this build can use: 0 when it has no plugin, or no GPU or driver. Never fails. */
+int xo_cuda_device_count(void);
+/* The id a plugin must report to be loaded: this build's, ending in "-cuda" or "-cpu". */
+const char *xo_cuda_build_id(void);
 
 #endif

@@ -82,6 +82,65 @@ xo_status xo_cache_reserve(xo_cache *c, int tokens) {
     return XO_OK;
 }
 
+/* dst row r <- src row rows[r], `len` slots of slot_bytes each, rows `cap` slots apart */
+static xo_status gather_rows(xo_backend *be, void **dst, const void *src, const int *rows, int n, int cap, int len,
+                             size_t slot_bytes) {
+    const size_t row_bytes = (size_t)cap * slot_bytes;
+    if (!(*dst = be->alloc(be, (size_t)n * row_bytes)))
+        return xo_fail(XO_ENOMEM, "out of memory copying a cache of %d rows", n);
+    for (int r = 0; r < n && len > 0; r++)
+        XO_TRY(be->copy(be, (char *)*dst + r * row_bytes, (const char *)src + rows[r] * row_bytes, (size_t)len * slot_bytes));
+    return XO_OK;
+}
+
+xo_status xo_cache_gather(xo_cache **out, const xo_cache *src, const int *rows, int n) {
+    if (n <= 0) return xo_fail(XO_EINVAL, "cache batch size must be positive");
+    for (int r = 0; r < n; r++)
+        if (rows[r] < 0 || rows[r] >= src->batch)
+            return xo_fail(XO_EINVAL, "cache row %d is outside [0, %d)", rows[r], src->batch);
+    xo_cache *c = calloc(1, sizeof *c);
+    if (!c) return xo_fail(XO_ENOMEM, "out of memory");
+    *c = *src;
+    c->batch = n;
+    c->latent = calloc((size_t)c->num_layers, sizeof *c->latent);
+    c->k = calloc((size_t)c->num_layers, sizeof *c->k);
+    c->v = calloc((size_t)c->num_layers, sizeof *c->v);
+    c->next_position = calloc((size_t)n, sizeof *c->next_position);
+    c->positions = NULL;
+    c->mask = NULL;
+    const size_t cells = (size_t)n * c->capacity;
+    c->host_positions = cells ? calloc(cells, sizeof *c->host_positions) : NULL;
+    c->host_mask = cells ? calloc(cells, 1) : NULL;
+    xo_status rc = XO_OK;
+    if (!c->latent || !c->k || !c->v || !c->next_position || (cells && (!c->host_positions || !c->host_mask)))
+        rc = xo_fail(XO_ENOMEM, "out of memory");
+    xo_backend *be = c->be;
+    const int cap = c->capacity, len = c->length;
+    const size_t fbytes = (size_t)c->width * xo_dtype_size(c->dtype);
+    for (int l = 0; rc == XO_OK && cap > 0 && l < c->num_layers; l++) {
+        if (c->format == XO_CACHE_LATENT) {
+            rc = gather_rows(be, &c->latent[l], src->latent[l], rows, n, cap, len, fbytes);
+        } else {
+            rc = gather_rows(be, (void **)&c->k[l], src->k[l], rows, n, cap, len, fbytes);
+            if (rc == XO_OK) rc = gather_rows(be, (void **)&c->v[l], src->v[l], rows, n, cap, len, fbytes);
+        }
+    }
+    if (rc == XO_OK && cap > 0) rc = gather_rows(be, (void **)&c->positions, src->positions, rows, n, cap, len, sizeof(int32_t));
+    if (rc == XO_OK && cap > 0) rc = gather_rows(be, (void **)&c->mask, src->mask, rows, n, cap, len, sizeof(uint8_t));
+    for (int r = 0; rc == XO_OK && r < n; r++) {
+        c->next_position[r] = src->next_position[rows[r]];
+        if (cap == 0) continue;
+        memcpy(c->host_positions + (size_t)r * cap, src->host_positions + (size_t)rows[r] * cap, (size_t)cap * sizeof(int32_t));
+        memcpy(c->host_mask + (size_t)r * cap, src->host_mask + (size_t)rows[r] * cap, (size_t)cap);
+    }
+    if (rc != XO_OK) {
+        xo_cache_free(c);
+        return rc;
+    }
+    *out = c;
+    return XO_OK;
+}
+
 void xo_cache_free(xo_cache *c) {
     if (!c) return;
     for (int l = 0; l < c->num_layers; l++) {

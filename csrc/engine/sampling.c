@@ -34,6 +34,7 @@ xo_status xo_sampling_check(const xo_sampling_params *p) {
     if (!isfinite(p->temperature)) return xo_fail(XO_EINVAL, "temperature must be finite");
     if (p->top_k < 0) return xo_fail(XO_EINVAL, "top_k must be >= 0 (got %d)", p->top_k);
     if (!(p->top_p > 0.0f && p->top_p <= 1.0f)) return xo_fail(XO_EINVAL, "top_p must be in (0, 1] (got %g)", p->top_p);
+    if (!(p->min_p >= 0.0f && p->min_p <= 1.0f)) return xo_fail(XO_EINVAL, "min_p must be in [0, 1] (got %g)", p->min_p);
     if (!(p->repetition_penalty > 0.0f) || !isfinite(p->repetition_penalty))
         return xo_fail(XO_EINVAL, "repetition_penalty must be > 0 (got %g)", p->repetition_penalty);
     return XO_OK;
@@ -74,20 +75,23 @@ static float kth_largest(const float *x, int V, int k, float *tmp) {
     return tmp[want];
 }
 
+void xo_penalize_repetition(float *z, int V, float penalty, const int32_t *history, int n, void *work) {
+    float *seen = (float *)work + V;
+    for (int i = 0; i < n; i++) {
+        int32_t t = history[i];
+        if (t < 0 || t >= V || seen[t] == 1.0f) continue;
+        seen[t] = 1.0f;
+        z[t] = z[t] < 0 ? z[t] * penalty : z[t] / penalty;
+    }
+    for (int i = 0; i < n; i++)
+        if (history[i] >= 0 && history[i] < V) seen[history[i]] = 0.0f;
+}
+
 int32_t xo_sample_row(float *z, int V, const xo_sampling_params *p, const int32_t *history, int n,
                       xo_rng *rng, void *work) {
     float *tmp = work;
     int *order = (int *)(tmp + 2 * (size_t)V);
-    if (p->repetition_penalty != 1.0f) { /* as transformers: each seen token once */
-        for (int i = 0; i < n; i++) {
-            int32_t t = history[i];
-            if (t < 0 || t >= V || tmp[V + t] == 1.0f) continue;
-            tmp[V + t] = 1.0f;
-            z[t] = z[t] < 0 ? z[t] * p->repetition_penalty : z[t] / p->repetition_penalty;
-        }
-        for (int i = 0; i < n; i++)
-            if (history[i] >= 0 && history[i] < V) tmp[V + history[i]] = 0.0f;
-    }
+    if (p->repetition_penalty != 1.0f) xo_penalize_repetition(z, V, p->repetition_penalty, history, n, work);
     if (!p->do_sample) return argmax(z, V);
     if (p->temperature != 1.0f)
         for (int v = 0; v < V; v++) z[v] /= p->temperature;
@@ -112,6 +116,11 @@ int32_t xo_sample_row(float *z, int V, const xo_sampling_params *p, const int32_
         }
     }
     float mx = z[argmax(z, V)];
+    if (p->min_p > 0.0f) { /* after the other filters, as transformers' MinPLogitsWarper; the top token stays */
+        const float floor = mx + logf(p->min_p);
+        for (int v = 0; v < V; v++)
+            if (z[v] < floor) z[v] = -INFINITY;
+    }
     double total = 0.0;
     for (int v = 0; v < V; v++) total += z[v] == -INFINITY ? 0.0 : exp((double)z[v] - mx);
     double u = xo_rng_uniform(rng) * total, cum = 0.0;

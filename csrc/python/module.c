@@ -123,6 +123,10 @@ static PyObject *mod_option_table(PyObject *self, PyObject *noargs) {
     return out;
 }
 
+static PyObject *mod_cuda_device_count(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(args)) {
+    return PyLong_FromLong(xo_cuda_device_count());
+}
+
 static PyMethodDef module_methods[] = {
     { "option_table", mod_option_table, METH_NOARGS,
       "option_table() -> [(name, environment variable, values, meaning)] of every model option" },
@@ -130,6 +134,8 @@ static PyMethodDef module_methods[] = {
     { "read_safetensors_header", mod_read_header, METH_VARARGS, "read_safetensors_header(path) -> [(name, dtype, shape)]" },
     { "sample_tokens", mod_sample_tokens, METH_VARARGS,
       "sample_tokens(logits, draws, do_sample, temperature, top_k, top_p, seed) -> (processed, tokens)" },
+    { "cuda_device_count", mod_cuda_device_count, METH_NOARGS,
+      "cuda_device_count() -> CUDA devices this build can use (0 without its plugin, a GPU or a driver)" },
     { "set_cuda_plugin", mod_set_cuda_plugin, METH_VARARGS, "set_cuda_plugin(path): where the CUDA backend library is" },
     { NULL, NULL, 0, NULL },
 };
@@ -144,6 +150,7 @@ PyMODINIT_FUNC PyInit__C(void) {
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "Model", (PyObject *)&xo_py_ModelType) < 0 ||
+        PyModule_AddStringConstant(m, "build_id", xo_cuda_build_id()) < 0 ||
         PyModule_AddObjectRef(m, "Cache", (PyObject *)&xo_py_CacheType) < 0) {
         Py_DECREF(m);
         return NULL;
