@@ -192,7 +192,7 @@ def _c_sources(*folders):
 
 def make_extensions():
     """xoron._C (the engine and its binding) and xoron._testing (test-only: the kernel-level
-    entry points of csrc/testing/ with the CPU backend they drive, reached through ctypes)."""
+    entry points of csrc/testing/ with the engine they drive, reached through ctypes)."""
     import numpy
     dnnl_inc, dnnl_lib = find_onednn()
     cflags = ["-std=c11", "-O3", "-fopenmp", "-Wall", "-Wextra", "-fno-math-errno",
@@ -221,9 +221,8 @@ def make_extensions():
     hooks = _c_sources("testing")
     if not hooks:  # a source tree without the test entry points builds the engine alone
         return [engine]
-    testing_sources = hooks + _c_sources(os.path.join("backends", "cpu")) + [
-        os.path.join("csrc", "engine", f) for f in ("status.c", "options.c", "tensor.c")]
-    return [engine, Extension("xoron._testing", sources=testing_sources, **common)]
+    # its own copy of the engine: _C's symbols stay hidden
+    return [engine, Extension("xoron._testing", sources=hooks + _c_sources("engine", "backends"), **common)]
 
 
 try:
