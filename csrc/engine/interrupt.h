@@ -3,11 +3,16 @@
 #ifndef XO_INTERRUPT_H
 #define XO_INTERRUPT_H
 
+/* CUDA C++ (no <stdatomic.h> before C++23) sees only pointers to it in the kernel table and
+ * never polls, so it gets the declaration alone. */
+#ifdef __cplusplus
+typedef struct xo_interrupt xo_interrupt;
+#else
 #include <stdatomic.h>
 
 #include "engine/status.h"
 
-typedef struct {
+typedef struct xo_interrupt {
     const atomic_uint *counter;  /* bumped on each request; NULL: nothing can interrupt the call */
     unsigned seen;               /* its value when the call began */
 } xo_interrupt;
@@ -22,5 +27,7 @@ static inline int xo_interrupt_requested(const xo_interrupt *i) {
 static inline xo_status xo_interrupt_poll(const xo_interrupt *i) {
     return xo_interrupt_requested(i) ? xo_fail(XO_EINTERRUPTED, "interrupted") : XO_OK;
 }
+
+#endif
 
 #endif
