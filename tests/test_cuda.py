@@ -492,3 +492,11 @@ def test_device_memory_limit_is_memory_error_naming_the_size():
     plain, _, _ = build(seed=3)
     ids = ids_for(cfg, 1, 4)
     np.testing.assert_array_equal(capped(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_grouped_weights_are_cpu_only(dtype):
+    """int8 / int4 weights are a CPU format: asking for them on the GPU names the dtype."""
+    with pytest.raises(RuntimeError, match=f"CUDA weight storage {dtype} is not supported"):
+        xoron.MoELlamaForCausalLM(_config(), dtype=dtype, device="cuda", seed=0)

@@ -19,7 +19,7 @@ from ._tensors import ids_array, int_array, is_torch, mask_array, output, scalar
 from .config import LlamaConfig, engine_dict, read_config_json, resolve_config
 from .generation import CACHE_FORMATS, GenerateOutput  # noqa: F401  (re-exported)
 
-DTYPES = ("float32", "bfloat16", "float16", "int8")
+DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 
 
 @dataclass
@@ -127,7 +127,9 @@ class MoELlamaForCausalLM:
 
     @classmethod
     def from_pretrained(cls, path, *, dtype="float32", device="cpu", cache_format="latent", options=None,
-                        **config_overrides):
+                        check_finite=True, **config_overrides):
+        """Loads config.json and the safetensors weights of a checkpoint directory. With
+        check_finite (the default) a NaN or infinity in any tensor is a ValueError naming it."""
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise ValueError(f"{path!r} is not a checkpoint directory")
@@ -139,7 +141,7 @@ class MoELlamaForCausalLM:
         config = resolve_config(raw, None, config_overrides)
         prefix = _tensor_prefix(files)
         model = cls(config, dtype=dtype, device=device, cache_format=cache_format, options=options, _init=False)
-        model._engine.load_safetensors(files, prefix)
+        model._engine.load_safetensors(files, prefix, check_finite=bool(check_finite))
         return model
 
     def save_pretrained(self, path, *, dtype: Optional[str] = None) -> None:
@@ -159,9 +161,10 @@ class MoELlamaForCausalLM:
         """{SPEC name: float32 numpy array} (a copy)."""
         return self._engine.state_dict()
 
-    def load_state_dict(self, state_dict, strict: bool = True):
+    def load_state_dict(self, state_dict, strict: bool = True, *, check_finite: bool = True):
         """Loads numpy arrays or torch tensors named as in SPEC section 2. Returns
-        (missing_keys, unexpected_keys) like torch."""
+        (missing_keys, unexpected_keys) like torch. With check_finite (the default) a NaN or
+        infinity in any tensor is a ValueError naming it."""
         expected = {name for name, _ in self._engine.tensor_shapes()}
         given = set(state_dict)
         missing = sorted(expected - given)
@@ -179,7 +182,7 @@ class MoELlamaForCausalLM:
                 arrays[name] = a if a.dtype == np.float16 else np.ascontiguousarray(a, dtype=np.float32)
             else:
                 arrays[name] = current[name]
-        self._engine.load_arrays(arrays)
+        self._engine.load_arrays(arrays, check_finite=bool(check_finite))
         return _IncompatibleKeys(missing, unexpected)
 
     # ---- introspection and compatibility ----
@@ -219,7 +222,7 @@ class MoELlamaForCausalLM:
             return self
         sd = self._engine.state_dict()
         engine = _C.Model(engine_dict(self.config), new_dtype, new_device, self._options)
-        engine.load_arrays(sd)
+        engine.load_arrays(sd, check_finite=False)  # accepted when they were loaded
         self._engine, self._dtype = engine, new_dtype
         return self
 
@@ -233,8 +236,9 @@ class MoELlamaForCausalLM:
         return self.to(dtype="float16")
 
     def quantize(self, dtype="int8"):
-        """Re-stores the weights as `dtype` ("int8": weight-only, symmetric, one scale per output
-        row; or "bfloat16"/"float16"), computed with float32 accumulation. Returns self."""
+        """Re-stores the weights as `dtype` ("int8" or "int4": weight-only, one scale per group of
+        32 weights of a row; or "bfloat16"/"float16"), computed with float32 accumulation. The
+        router stays float32. Returns self."""
         return self.to(dtype=dtype)
 
     def cpu(self):
@@ -412,6 +416,8 @@ def _weight_files(path: str) -> list:
             raise ValueError(f"{index}: no weight_map")
         files = []
         for f in wm.values():
+            if not isinstance(f, str):
+                raise ValueError(f"{index}: weight_map values must be file names, got {type(f).__name__}")
             full = os.path.join(path, f)
             if full not in files:
                 if not os.path.exists(full):

@@ -7,6 +7,7 @@
 
 #include <stdint.h>
 
+#include "engine/interrupt.h"
 #include "engine/options.h"
 #include "engine/status.h"
 #include "engine/tensor.h"
@@ -24,9 +25,9 @@ enum { XO_DEVICE_TOP_K_MAX = 1024 };
 /* A weight matrix W [out, in], applied as y = x @ W.T. */
 typedef struct {
     int out, in;
-    xo_dtype dtype;  /* storage: F32, BF16, F16 or I8 (per-row scales) */
-    void *data;      /* device, [out, in] */
-    float *scales;   /* device, [out]; I8 only */
+    xo_dtype dtype;  /* storage: F32, BF16, F16, or I8 / I4 (group-wise scales) */
+    void *data;      /* device, [out, in] (I4: the backend's packed layout) */
+    float *scales;   /* device, I8 / I4: one per group of `in` (the backend's layout) */
 } xo_linear;
 
 /* One SwiGLU FFN: gate and up stored as one [2*I, H] linear (gate rows first). */
@@ -65,6 +66,7 @@ typedef struct {
     float mscale;
     float scale;                   /* 1/sqrt(hd) */
     float denom_eps;               /* added to the softmax denominator (SPEC 4.4 ring formulation) */
+    const xo_interrupt *interrupt; /* a long prefill may stop between key blocks; or NULL */
 } xo_attention_args;
 
 typedef struct {

@@ -12,6 +12,21 @@ int xo_generate_is_eos(const xo_generate_args *a, int32_t t) {
     return 0;
 }
 
+/* min_new_tokens bans every EOS id for the first steps; if those are the whole vocabulary,
+ * no step could choose anything, so the request cannot be honoured. */
+static xo_status check_a_token_remains(const xo_generate_args *a, int V) {
+    uint8_t *banned = calloc((size_t)V, 1);
+    if (!banned) return xo_fail(XO_ENOMEM, "out of memory in generate");
+    int count = 0;
+    for (int i = 0; i < a->num_eos; i++)
+        if (!banned[a->eos_ids[i]]) { banned[a->eos_ids[i]] = 1; count++; }
+    free(banned);
+    if (count == V)
+        return xo_fail(XO_EINVAL, "min_new_tokens=%d cannot be honoured: every token of the vocabulary (%d) is an "
+                       "eos_token_id, so none may be generated before min_new_tokens", a->min_new_tokens, V);
+    return XO_OK;
+}
+
 static xo_status check(const xo_model *m, const xo_generate_args *a) {
     const int V = m->cfg.vocab_size, total = a->embeds_len + a->prompt_len;
     if (a->max_new_tokens < 0) return xo_fail(XO_EINVAL, "max_new_tokens must be >= 0 (got %d)", a->max_new_tokens);
@@ -25,6 +40,7 @@ static xo_status check(const xo_model *m, const xo_generate_args *a) {
             return xo_fail(XO_EINVAL, "eos_token_id %d is outside [0, vocab_size=%d)", a->eos_ids[i], V);
     if (a->pad_id < 0 || a->pad_id >= V)
         return xo_fail(XO_EINVAL, "pad_token_id %d is outside [0, vocab_size=%d)", a->pad_id, V);
+    if (a->min_new_tokens > 0 && a->max_new_tokens > 0 && a->num_eos >= V) XO_TRY(check_a_token_remains(a, V));
     if (a->cache) {
         if (a->embeds) return xo_fail(XO_EINVAL, "give past_key_values or inputs_embeds, not both");
         if (a->cache->batch != a->batch)
@@ -106,7 +122,10 @@ static xo_status run_session(xo_model *m, const xo_generate_args *a, xo_cache *c
     int all_done = 0;
     for (int step = 1; rc == XO_OK && !all_done && step < a->max_new_tokens; step += every) {
         const int count = a->max_new_tokens - step < every ? a->max_new_tokens - step : every;
-        for (int i = 0; rc == XO_OK && i < count; i++) rc = xo_decoder_step(d);
+        for (int i = 0; rc == XO_OK && i < count; i++) {
+            rc = xo_interrupt_poll(m->interrupt);
+            if (rc == XO_OK) rc = xo_decoder_step(d);
+        }
         if (rc == XO_OK) rc = xo_decoder_read(d, tokens, step, count);
         for (int i = 0; rc == XO_OK && i < count && !all_done; i++) {
             const int32_t *row_tokens = tokens + (size_t)i * b;
@@ -193,7 +212,8 @@ xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
         int all_done = 1;
         for (int r = 0; rc == XO_OK && r < b; r++) {
             float *z = logits + (size_t)r * V;
-            int32_t tok = have_argmax ? best[r] : xo_sample_row(z, V, &filters, NULL, 0, &rng, work);
+            int32_t tok = have_argmax ? best[r] : 0;
+            if (!have_argmax && (rc = xo_sample_row(z, V, &filters, NULL, 0, &rng, work, r, &tok)) != XO_OK) break;
             if (a->scores) memcpy(a->scores + ((size_t)step * b + r) * V, z, (size_t)V * sizeof(float));
             if (finished[r]) tok = a->pad_id;
             else if (xo_generate_is_eos(a, tok)) finished[r] = 1;
@@ -205,6 +225,7 @@ xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
         if (rc != XO_OK) break;
         *a->steps_done = *a->steps_run = step + 1;
         if (a->on_token) rc = a->on_token(a->ctx, next, b);
+        if (rc == XO_OK) rc = xo_interrupt_poll(m->interrupt);
         if (rc != XO_OK || all_done || step + 1 == a->max_new_tokens) break;
         if (session) {
             rc = run_session(m, a, cache, next, finished, &draw, device_draw);

@@ -8,7 +8,8 @@
 enum { MAX_THREADS = 4096, MAX_TILE_ROWS = 4096, MAX_GEMV_ROWS = 1 << 20 };
 
 const xo_option_info xo_option_table[] = {
-    { "threads", "XORON_NUM_THREADS", "an integer >= 0", "CPU threads of the model's kernels; 0: the OpenMP default" },
+    { "threads", "XORON_NUM_THREADS", "an integer >= 0",
+      "CPU threads of the model's kernels; 0: the process default (xoron.set_num_threads; else OMP_NUM_THREADS, else the physical cores)" },
     { "cpu_isa", "XORON_CPU_ISA", "auto, generic, avx2, avx512",
       "the highest CPU instruction set the matrix-vector kernels use (a ceiling: the CPU's own is never exceeded)" },
     { "cpu_gemv_max_rows", "XORON_CPU_GEMV_MAX_ROWS", "auto or an integer >= 0",

@@ -10,6 +10,10 @@
 
 static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
     static char *names[] = { "config", "dtype", "device", "options", NULL };
+    if (self->model) {  /* replacing it would pull the weights from under its caches and callers */
+        PyErr_SetString(PyExc_RuntimeError, "this xoron._C.Model is already initialised; create a new one instead");
+        return -1;
+    }
     PyObject *cfg_dict, *opt_dict = Py_None;
     const char *dtype = "float32", *device = "cpu";
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|ssO", names, &cfg_dict, &dtype, &device, &opt_dict)) return -1;
@@ -45,7 +49,6 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
     xo_model *m = NULL;
     rc = xo_model_create(&m, &cfg, be, t);
     if (rc != XO_OK) { xo_py_raise(rc); return -1; }
-    if (self->model) xo_model_free(self->model);
     self->model = m;
     snprintf(self->device, sizeof self->device, "%s", device);
     return 0;
@@ -61,29 +64,22 @@ static int ensure_model(ModelObject *self) {
     return 0;
 }
 
-/* Runs f(model) with the GIL released and the model's lock held. */
-#define LOCKED_NOGIL(self, stmt)                           \
-    do {                                                   \
-        Py_BEGIN_ALLOW_THREADS                             \
-        xo_model_lock((self)->model);                      \
-        stmt;                                              \
-        xo_model_unlock((self)->model);                    \
-        Py_END_ALLOW_THREADS                               \
-    } while (0)
-
 static PyObject *Model_init_random(ModelObject *self, PyObject *args) {
     unsigned long long seed;
     if (ensure_model(self) || !PyArg_ParseTuple(args, "K", &seed)) return NULL;
     xo_status rc;
-    LOCKED_NOGIL(self, rc = xo_model_init_random(self->model, seed));
+    LOCKED_NOGIL(self, rc, xo_model_init_random(self->model, seed));
     if (rc != XO_OK) return xo_py_raise(rc);
     Py_RETURN_NONE;
 }
 
-static PyObject *Model_load_safetensors(ModelObject *self, PyObject *args) {
+static PyObject *Model_load_safetensors(ModelObject *self, PyObject *args, PyObject *kw) {
+    static char *names[] = { "files", "prefix", "check_finite", NULL };
     PyObject *files;
     const char *prefix = "";
-    if (ensure_model(self) || !PyArg_ParseTuple(args, "O|s", &files, &prefix)) return NULL;
+    int check_finite = 1;
+    if (ensure_model(self) || !PyArg_ParseTupleAndKeywords(args, kw, "O|sp", names, &files, &prefix, &check_finite))
+        return NULL;
     PyObject *seq = PySequence_Fast(files, "files must be a list of paths");
     if (!seq) return NULL;
     Py_ssize_t nf = PySequence_Fast_GET_SIZE(seq);
@@ -115,7 +111,7 @@ static PyObject *Model_load_safetensors(ModelObject *self, PyObject *args) {
     total = 0;
     for (int i = 0; i < opened; i++)
         for (int j = 0; j < st[i].num_tensors; j++) views[total++] = st[i].tensors[j];
-    LOCKED_NOGIL(self, rc = xo_model_load(self->model, views, total, prefix));
+    LOCKED_NOGIL(self, rc, xo_model_load(self->model, views, total, prefix, check_finite));
     if (rc != XO_OK) { xo_py_raise(rc); goto exit; }
     result = Py_NewRef(Py_None);
 exit:
@@ -128,10 +124,13 @@ exit:
     return result;
 }
 
-/* load_arrays({name: float32/float16 ndarray}) */
-static PyObject *Model_load_arrays(ModelObject *self, PyObject *args) {
+/* load_arrays({name: float32/float16 ndarray}, check_finite=True) */
+static PyObject *Model_load_arrays(ModelObject *self, PyObject *args, PyObject *kw) {
+    static char *names[] = { "arrays", "check_finite", NULL };
     PyObject *d;
-    if (ensure_model(self) || !PyArg_ParseTuple(args, "O!", &PyDict_Type, &d)) return NULL;
+    int check_finite = 1;
+    if (ensure_model(self) || !PyArg_ParseTupleAndKeywords(args, kw, "O!|p", names, &PyDict_Type, &d, &check_finite))
+        return NULL;
     Py_ssize_t n = PyDict_Size(d), pos = 0, i = 0;
     xo_tensor_view *views = calloc((size_t)(n ? n : 1), sizeof *views);
     PyObject **arrays = calloc((size_t)(n ? n : 1), sizeof *arrays);
@@ -159,7 +158,7 @@ static PyObject *Model_load_arrays(ModelObject *self, PyObject *args) {
         v->nbytes = (size_t)PyArray_NBYTES(a);
     }
     xo_status rc;
-    LOCKED_NOGIL(self, rc = xo_model_load(self->model, views, (int)i, ""));
+    LOCKED_NOGIL(self, rc, xo_model_load(self->model, views, (int)i, "", check_finite));
     if (rc != XO_OK) { xo_py_raise(rc); goto exit; }
     result = Py_NewRef(Py_None);
 exit:
@@ -174,7 +173,8 @@ static PyObject *Model_state_dict(ModelObject *self, PyObject *Py_UNUSED(ignored
     xo_model *m = self->model;
     xo_weight_slot *slots = NULL;
     int n = 0;
-    xo_status rc = xo_weights_layout(&m->cfg, &m->w, m->weight_dtype, &slots, &n);
+    xo_status rc;
+    LOCKED_NOGIL(self, rc, xo_weights_layout(&m->cfg, &m->w, m->weight_dtype, &slots, &n));
     if (rc != XO_OK) return xo_py_raise(rc);
     PyObject *out = PyDict_New();
     for (int i = 0; out && i < n; i++) {
@@ -182,7 +182,7 @@ static PyObject *Model_state_dict(ModelObject *self, PyObject *Py_UNUSED(ignored
         PyObject *arr = PyArray_SimpleNew(slots[i].cols ? 2 : 1, dims, NPY_FLOAT32);
         if (!arr) { Py_CLEAR(out); break; }
         float *dst = PyArray_DATA((PyArrayObject *)arr);
-        LOCKED_NOGIL(self, rc = xo_weights_get(&m->w, &m->cfg, m->be, &slots[i], dst));
+        LOCKED_NOGIL(self, rc, xo_weights_get(&m->w, &m->cfg, m->be, &slots[i], dst));
         if (rc != XO_OK || PyDict_SetItemString(out, slots[i].name, arr) < 0) {
             if (rc != XO_OK) xo_py_raise(rc);
             Py_DECREF(arr);
@@ -200,7 +200,8 @@ static PyObject *Model_tensor_shapes(ModelObject *self, PyObject *Py_UNUSED(igno
     xo_model *m = self->model;
     xo_weight_slot *slots = NULL;
     int n = 0;
-    xo_status rc = xo_weights_layout(&m->cfg, &m->w, m->weight_dtype, &slots, &n);
+    xo_status rc;
+    LOCKED_NOGIL(self, rc, xo_weights_layout(&m->cfg, &m->w, m->weight_dtype, &slots, &n));
     if (rc != XO_OK) return xo_py_raise(rc);
     PyObject *out = PyList_New(0);
     for (int i = 0; out && i < n; i++) {
@@ -294,7 +295,7 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kw) 
     float *dev_logits = NULL;
     if (want_logits && device_logits) fa.device_logits = &dev_logits;
     xo_status rc;
-    LOCKED_NOGIL(self, rc = xo_model_forward(m, &fa));
+    LOCKED_NOGIL(self, rc, xo_model_forward(m, &fa));
     if (rc != XO_OK) {
         if (dev_logits) m->be->release(m->be, dev_logits);
         xo_py_raise(rc);
@@ -520,7 +521,7 @@ static PyObject *Model_generate(ModelObject *self, PyObject *args, PyObject *kw)
         .ctx = &ctx,
     };
     xo_status rc;
-    LOCKED_NOGIL(self, rc = xo_generate(m, &ga));
+    LOCKED_NOGIL(self, rc, xo_generate(m, &ga));
     if (ctx.exc_type) { PyErr_Restore(ctx.exc_type, ctx.exc_value, ctx.exc_tb); goto exit; }
     if (rc != XO_OK) { xo_py_raise(rc); goto exit; }
     result = Py_BuildValue("(OOOOii)", out, scores ? scores : Py_None, raw ? raw : Py_None,
@@ -547,7 +548,9 @@ static PyObject *Model_new_cache(ModelObject *self, PyObject *args) {
     int batch, format = XO_CACHE_LATENT;
     if (ensure_model(self) || !PyArg_ParseTuple(args, "i|i", &batch, &format)) return NULL;
     xo_cache *c = NULL;
-    xo_status rc = xo_cache_create(&c, &self->model->cfg, self->model->be, batch, format, self->model->weight_dtype);
+    xo_model *m = self->model;
+    xo_status rc;
+    LOCKED_NOGIL(self, rc, xo_cache_create(&c, &m->cfg, m->be, batch, format, m->weight_dtype));
     if (rc != XO_OK) return xo_py_raise(rc);
     return xo_py_cache_new(self, c);
 }
@@ -563,8 +566,10 @@ static PyObject *Model_get_stream(ModelObject *self, void *Py_UNUSED(c)) {
 
 static PyMethodDef Model_methods[] = {
     { "init_random", (PyCFunction)Model_init_random, METH_VARARGS, "init_random(seed): normal(0, 0.02) weights, norms 1." },
-    { "load_safetensors", (PyCFunction)Model_load_safetensors, METH_VARARGS, "load_safetensors(files, prefix='')" },
-    { "load_arrays", (PyCFunction)Model_load_arrays, METH_VARARGS, "load_arrays({name: ndarray})" },
+    { "load_safetensors", (PyCFunction)(void (*)(void))Model_load_safetensors, METH_VARARGS | METH_KEYWORDS,
+      "load_safetensors(files, prefix='', check_finite=True): check_finite refuses a NaN or infinity in any tensor" },
+    { "load_arrays", (PyCFunction)(void (*)(void))Model_load_arrays, METH_VARARGS | METH_KEYWORDS,
+      "load_arrays({name: ndarray}, check_finite=True)" },
     { "state_dict", (PyCFunction)Model_state_dict, METH_NOARGS, "state_dict() -> {name: float32 ndarray}" },
     { "tensor_shapes", (PyCFunction)Model_tensor_shapes, METH_NOARGS, "[(name, shape)] of every SPEC tensor" },
     { "forward", (PyCFunction)(void (*)(void))Model_forward, METH_VARARGS | METH_KEYWORDS,

@@ -35,17 +35,18 @@ static xo_status cpu_sync(xo_backend *be) {
     return XO_OK;
 }
 
-/* The thread count is an OpenMP setting of the calling thread: set for the call, then restored. */
+/* The thread count is an OpenMP setting of the calling thread: set for the call (the model's
+ * option, else the process default of backends/cpu/threads.c), then restored. */
 static void cpu_enter(xo_backend *be) {
     xo_cpu_ctx *cx = be->ctx;
-    if (cx->threads <= 0) return;
     cx->saved_threads = omp_get_max_threads();
-    omp_set_num_threads(cx->threads);
+    const int n = xo_cpu_team(cx);
+    if (n != cx->saved_threads) omp_set_num_threads(n);
 }
 
 static void cpu_leave(xo_backend *be) {
     const xo_cpu_ctx *cx = be->ctx;
-    if (cx->threads > 0) omp_set_num_threads(cx->saved_threads);
+    if (omp_get_max_threads() != cx->saved_threads) omp_set_num_threads(cx->saved_threads);
 }
 
 static void cpu_destroy(xo_backend *be) {

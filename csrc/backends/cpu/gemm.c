@@ -1,7 +1,7 @@
 /* Weight storage and matrix products on the CPU.
  *
- * Storage (xo_linear.dtype): float32 (the exact mode), bfloat16, float16, or int8 with one
- * float32 scale per output row (weight-only, symmetric, scale = max|row| / 127). Products
+ * Storage (xo_linear.dtype): float32 (the exact mode), bfloat16, float16, or int8 / int4 with
+ * one float32 scale per group of 32 weights of a row (weight-only, kernels.h). Products
  * always accumulate in float32:
  *   - float32: oneDNN sgemm, for every m (unchanged exact path);
  *   - other storage, m <= 40 (decode, the latent cache's K/V expansion): our own vectorised
@@ -22,7 +22,7 @@
  * cpu_gemv_max_rows) and the tile height (option cpu_tile_rows, 64) were measured on a 2-core
  * Zen 2 (benchmarks/RESULTS.md). */
 
-static int storage_ok(xo_dtype t) { return t == XO_F32 || t == XO_BF16 || t == XO_F16 || t == XO_I8; }
+static int storage_ok(xo_dtype t) { return t == XO_F32 || t == XO_BF16 || t == XO_F16 || t == XO_I8 || t == XO_I4; }
 
 xo_status xo_cpu_linear_init(xo_backend *be, xo_linear *w, const void *host, xo_dtype src_t, int row_offset, int rows) {
     if (!storage_ok(w->dtype))
@@ -31,10 +31,10 @@ xo_status xo_cpu_linear_init(xo_backend *be, xo_linear *w, const void *host, xo_
         return xo_fail(XO_EINVAL, "linear_init: source dtype %s is not float32, float16 or bfloat16", xo_dtype_name(src_t));
     if (row_offset < 0 || rows < 0 || row_offset + rows > w->out)
         return xo_fail(XO_EINVAL, "linear_init: rows [%d, %d) outside a %d-row matrix", row_offset, row_offset + rows, w->out);
-    const size_t elems = (size_t)w->out * w->in;
-    if (!w->data && !(w->data = xo_cpu_weight_alloc(elems * xo_dtype_size(w->dtype))))
+    if (!w->data && !(w->data = xo_cpu_weight_alloc((size_t)w->out * xo_cpu_row_bytes(w))))
         return xo_fail(XO_ENOMEM, "out of memory for a [%d, %d] %s weight", w->out, w->in, xo_dtype_name(w->dtype));
-    if (w->dtype == XO_I8 && !w->scales && !(w->scales = be->alloc(be, (size_t)w->out * sizeof(float))))
+    const int grouped = w->dtype == XO_I8 || w->dtype == XO_I4;
+    if (grouped && !w->scales && !(w->scales = be->alloc(be, (size_t)w->out * xo_cpu_groups(w->in) * sizeof(float))))
         return xo_fail_more(XO_ENOMEM, "out of memory for the scales of a [%d, %d] weight", w->out, w->in);
     return xo_cpu_store_rows(w, host, src_t, row_offset, rows);
 }

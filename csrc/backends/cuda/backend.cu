@@ -165,7 +165,7 @@ static xo_status be_linear_init(xo_backend *be, xo_linear *w, const void *host, 
     SETDEV(c);
     if (w->dtype != XO_F32 && w->dtype != XO_BF16 && w->dtype != XO_F16)
         return cu_fail(c, XO_EUNSUPPORTED, "CUDA weight storage %s is not supported (use float32, bfloat16 or float16)",
-                       w->dtype == XO_I8 ? "int8" : "of this dtype");
+                       w->dtype == XO_I8 ? "int8" : w->dtype == XO_I4 ? "int4" : "of this dtype");
     if (src_t != XO_F32 && src_t != XO_BF16 && src_t != XO_F16)
         return cu_fail(c, XO_EUNSUPPORTED, "CUDA: cannot load weights of dtype %d", (int)src_t);
     if (row_offset < 0 || rows < 0 || row_offset + rows > w->out)
