@@ -184,6 +184,8 @@ xo_status xo_beam_search(xo_model *m, const xo_generate_args *a) {
         memcpy(beam_scores, new_scores, (size_t)R * sizeof *beam_scores);
         steps = *a->steps_run = step + 1;
         if (all_done || steps == max_new) break;
+        rc = xo_interrupt_poll(m->interrupt);
+        if (rc != XO_OK) break;
         int identity = 1;
         for (int r = 0; r < R; r++) identity &= src[r] == r;
         if (!identity) {
