@@ -383,7 +383,8 @@ def generate(model, input_ids=None, **kwargs):
 
 def generate_stream(model, input_ids=None, **kwargs):
     """Yields the new token ids as they are produced (an int per step for one row, an array
-    of one id per row otherwise). Takes generate()'s keyword arguments."""
+    of one id per row otherwise). Takes generate()'s keyword arguments. Leaving the loop
+    early (break, close(), the generator dropped) stops the generation at the next step."""
     import queue
     import threading
 
@@ -391,11 +392,14 @@ def generate_stream(model, input_ids=None, **kwargs):
         raise TypeError("generate_stream() makes its own streamer: 'streamer' is not accepted")
     q: "queue.Queue" = queue.Queue()
     done = object()
+    closed = threading.Event()
 
     class _QueueStreamer:
         first = True
 
         def put(self, ids):
+            if closed.is_set():  # the consumer left: stop the C loop now
+                raise _StreamClosed
             if self.first:  # the prompt
                 self.first = False
                 return
@@ -409,6 +413,8 @@ def generate_stream(model, input_ids=None, **kwargs):
     def run():
         try:
             generate(model, input_ids, streamer=_QueueStreamer(), **kwargs)
+        except _StreamClosed:
+            pass
         except BaseException as e:  # re-raised in the consumer
             errors.append(e)
         finally:
@@ -416,12 +422,19 @@ def generate_stream(model, input_ids=None, **kwargs):
 
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
-    while True:
-        item = q.get()
-        if item is done:
-            break
-        arr = np.asarray(item)
-        yield int(arr[0]) if arr.shape == (1,) else item
-    worker.join()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                break
+            arr = np.asarray(item)
+            yield int(arr[0]) if arr.shape == (1,) else item
+    finally:
+        closed.set()
+        worker.join()
     if errors:
         raise errors[0]
+
+
+class _StreamClosed(Exception):
+    """Raised by generate_stream's streamer once its consumer has gone."""

@@ -416,6 +416,8 @@ def _weight_files(path: str) -> list:
             raise ValueError(f"{index}: no weight_map")
         files = []
         for f in wm.values():
+            if not isinstance(f, str):
+                raise ValueError(f"{index}: weight_map values must be file names, got {type(f).__name__}")
             full = os.path.join(path, f)
             if full not in files:
                 if not os.path.exists(full):

@@ -7,6 +7,7 @@
 
 #include <stdint.h>
 
+#include "engine/interrupt.h"
 #include "engine/options.h"
 #include "engine/status.h"
 #include "engine/tensor.h"
@@ -65,6 +66,7 @@ typedef struct {
     float mscale;
     float scale;                   /* 1/sqrt(hd) */
     float denom_eps;               /* added to the softmax denominator (SPEC 4.4 ring formulation) */
+    const xo_interrupt *interrupt; /* a long prefill may stop between key blocks; or NULL */
 } xo_attention_args;
 
 typedef struct {

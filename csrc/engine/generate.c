@@ -122,7 +122,10 @@ static xo_status run_session(xo_model *m, const xo_generate_args *a, xo_cache *c
     int all_done = 0;
     for (int step = 1; rc == XO_OK && !all_done && step < a->max_new_tokens; step += every) {
         const int count = a->max_new_tokens - step < every ? a->max_new_tokens - step : every;
-        for (int i = 0; rc == XO_OK && i < count; i++) rc = xo_decoder_step(d);
+        for (int i = 0; rc == XO_OK && i < count; i++) {
+            rc = xo_interrupt_poll(m->interrupt);
+            if (rc == XO_OK) rc = xo_decoder_step(d);
+        }
         if (rc == XO_OK) rc = xo_decoder_read(d, tokens, step, count);
         for (int i = 0; rc == XO_OK && i < count && !all_done; i++) {
             const int32_t *row_tokens = tokens + (size_t)i * b;
@@ -222,6 +225,7 @@ xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
         if (rc != XO_OK) break;
         *a->steps_done = *a->steps_run = step + 1;
         if (a->on_token) rc = a->on_token(a->ctx, next, b);
+        if (rc == XO_OK) rc = xo_interrupt_poll(m->interrupt);
         if (rc != XO_OK || all_done || step + 1 == a->max_new_tokens) break;
         if (session) {
             rc = run_session(m, a, cache, next, finished, &draw, device_draw);

@@ -1,7 +1,9 @@
-/* The model's lifetime: creation on a backend, weights, release. */
+/* The model's lifetime: creation on a backend, weights, release, and the lock of one call. */
 #include "engine/model.h"
 
+#include <errno.h>
 #include <stdlib.h>
+#include <time.h>
 
 #include "engine/rope.h"
 
@@ -49,7 +51,27 @@ void xo_model_lock(xo_model *m) {
     if (m->be->enter) m->be->enter(m->be);
 }
 
+xo_status xo_model_lock_interruptible(xo_model *m, const xo_interrupt *interrupt) {
+    int e = pthread_mutex_trylock(&m->lock);
+    while (e == EBUSY || e == ETIMEDOUT) {
+        XO_TRY(xo_interrupt_poll(interrupt));
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_nsec += 20 * 1000 * 1000;  /* how long an interrupt may wait to be seen */
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        e = pthread_mutex_timedlock(&m->lock, &until);
+    }
+    if (e != 0) return xo_fail(XO_EDEVICE, "cannot take the model's lock (error %d)", e);
+    m->interrupt = interrupt;
+    if (m->be->enter) m->be->enter(m->be);
+    return XO_OK;
+}
+
 void xo_model_unlock(xo_model *m) {
     if (m->be->leave) m->be->leave(m->be);
+    m->interrupt = NULL;
     pthread_mutex_unlock(&m->lock);
 }

@@ -10,6 +10,8 @@ typedef enum {
     XO_EIO,          /* file could not be opened or mapped     -> OSError      */
     XO_EUNSUPPORTED, /* valid request this build cannot serve  -> RuntimeError */
     XO_EDEVICE,      /* accelerator runtime failure            -> RuntimeError */
+    XO_EINTERRUPTED, /* stopped early by an interrupt request  -> KeyboardInterrupt */
+    XO_EBUSY,        /* re-entrant call on a model in use      -> RuntimeError */
 } xo_status;
 
 /* Records a printf-style message for the calling thread and returns `code`. */

@@ -5,6 +5,11 @@
 
 PyObject *xo_py_raise(xo_status rc) {
     PyObject *type;
+    if (rc == XO_EINTERRUPTED) {  /* run Python's SIGINT handler now: it raises KeyboardInterrupt */
+        if (PyErr_CheckSignals() < 0) return NULL;
+        PyErr_SetNone(PyExc_KeyboardInterrupt);
+        return NULL;
+    }
     switch (rc) {
     case XO_EINVAL:
     case XO_EFORMAT: type = PyExc_ValueError; break;

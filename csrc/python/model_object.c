@@ -10,6 +10,10 @@
 
 static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
     static char *names[] = { "config", "dtype", "device", "options", NULL };
+    if (self->model) {  /* replacing it would pull the weights from under its caches and callers */
+        PyErr_SetString(PyExc_RuntimeError, "this xoron._C.Model is already initialised; create a new one instead");
+        return -1;
+    }
     PyObject *cfg_dict, *opt_dict = Py_None;
     const char *dtype = "float32", *device = "cpu";
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|ssO", names, &cfg_dict, &dtype, &device, &opt_dict)) return -1;
@@ -45,7 +49,6 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
     xo_model *m = NULL;
     rc = xo_model_create(&m, &cfg, be, t);
     if (rc != XO_OK) { xo_py_raise(rc); return -1; }
-    if (self->model) xo_model_free(self->model);
     self->model = m;
     snprintf(self->device, sizeof self->device, "%s", device);
     return 0;
@@ -61,21 +64,11 @@ static int ensure_model(ModelObject *self) {
     return 0;
 }
 
-/* Runs f(model) with the GIL released and the model's lock held. */
-#define LOCKED_NOGIL(self, stmt)                           \
-    do {                                                   \
-        Py_BEGIN_ALLOW_THREADS                             \
-        xo_model_lock((self)->model);                      \
-        stmt;                                              \
-        xo_model_unlock((self)->model);                    \
-        Py_END_ALLOW_THREADS                               \
-    } while (0)
-
 static PyObject *Model_init_random(ModelObject *self, PyObject *args) {
     unsigned long long seed;
     if (ensure_model(self) || !PyArg_ParseTuple(args, "K", &seed)) return NULL;
     xo_status rc;
-    LOCKED_NOGIL(self, rc = xo_model_init_random(self->model, seed));
+    LOCKED_NOGIL(self, rc, xo_model_init_random(self->model, seed));
     if (rc != XO_OK) return xo_py_raise(rc);
     Py_RETURN_NONE;
 }
@@ -118,7 +111,7 @@ static PyObject *Model_load_safetensors(ModelObject *self, PyObject *args, PyObj
     total = 0;
     for (int i = 0; i < opened; i++)
         for (int j = 0; j < st[i].num_tensors; j++) views[total++] = st[i].tensors[j];
-    LOCKED_NOGIL(self, rc = xo_model_load(self->model, views, total, prefix, check_finite));
+    LOCKED_NOGIL(self, rc, xo_model_load(self->model, views, total, prefix, check_finite));
     if (rc != XO_OK) { xo_py_raise(rc); goto exit; }
     result = Py_NewRef(Py_None);
 exit:
@@ -165,7 +158,7 @@ static PyObject *Model_load_arrays(ModelObject *self, PyObject *args, PyObject *
         v->nbytes = (size_t)PyArray_NBYTES(a);
     }
     xo_status rc;
-    LOCKED_NOGIL(self, rc = xo_model_load(self->model, views, (int)i, "", check_finite));
+    LOCKED_NOGIL(self, rc, xo_model_load(self->model, views, (int)i, "", check_finite));
     if (rc != XO_OK) { xo_py_raise(rc); goto exit; }
     result = Py_NewRef(Py_None);
 exit:
@@ -180,7 +173,8 @@ static PyObject *Model_state_dict(ModelObject *self, PyObject *Py_UNUSED(ignored
     xo_model *m = self->model;
     xo_weight_slot *slots = NULL;
     int n = 0;
-    xo_status rc = xo_weights_layout(&m->cfg, &m->w, m->weight_dtype, &slots, &n);
+    xo_status rc;
+    LOCKED_NOGIL(self, rc, xo_weights_layout(&m->cfg, &m->w, m->weight_dtype, &slots, &n));
     if (rc != XO_OK) return xo_py_raise(rc);
     PyObject *out = PyDict_New();
     for (int i = 0; out && i < n; i++) {
@@ -188,7 +182,7 @@ static PyObject *Model_state_dict(ModelObject *self, PyObject *Py_UNUSED(ignored
         PyObject *arr = PyArray_SimpleNew(slots[i].cols ? 2 : 1, dims, NPY_FLOAT32);
         if (!arr) { Py_CLEAR(out); break; }
         float *dst = PyArray_DATA((PyArrayObject *)arr);
-        LOCKED_NOGIL(self, rc = xo_weights_get(&m->w, &m->cfg, m->be, &slots[i], dst));
+        LOCKED_NOGIL(self, rc, xo_weights_get(&m->w, &m->cfg, m->be, &slots[i], dst));
         if (rc != XO_OK || PyDict_SetItemString(out, slots[i].name, arr) < 0) {
             if (rc != XO_OK) xo_py_raise(rc);
             Py_DECREF(arr);
@@ -206,7 +200,8 @@ static PyObject *Model_tensor_shapes(ModelObject *self, PyObject *Py_UNUSED(igno
     xo_model *m = self->model;
     xo_weight_slot *slots = NULL;
     int n = 0;
-    xo_status rc = xo_weights_layout(&m->cfg, &m->w, m->weight_dtype, &slots, &n);
+    xo_status rc;
+    LOCKED_NOGIL(self, rc, xo_weights_layout(&m->cfg, &m->w, m->weight_dtype, &slots, &n));
     if (rc != XO_OK) return xo_py_raise(rc);
     PyObject *out = PyList_New(0);
     for (int i = 0; out && i < n; i++) {
@@ -300,7 +295,7 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kw) 
     float *dev_logits = NULL;
     if (want_logits && device_logits) fa.device_logits = &dev_logits;
     xo_status rc;
-    LOCKED_NOGIL(self, rc = xo_model_forward(m, &fa));
+    LOCKED_NOGIL(self, rc, xo_model_forward(m, &fa));
     if (rc != XO_OK) {
         if (dev_logits) m->be->release(m->be, dev_logits);
         xo_py_raise(rc);
@@ -526,7 +521,7 @@ static PyObject *Model_generate(ModelObject *self, PyObject *args, PyObject *kw)
         .ctx = &ctx,
     };
     xo_status rc;
-    LOCKED_NOGIL(self, rc = xo_generate(m, &ga));
+    LOCKED_NOGIL(self, rc, xo_generate(m, &ga));
     if (ctx.exc_type) { PyErr_Restore(ctx.exc_type, ctx.exc_value, ctx.exc_tb); goto exit; }
     if (rc != XO_OK) { xo_py_raise(rc); goto exit; }
     result = Py_BuildValue("(OOOOii)", out, scores ? scores : Py_None, raw ? raw : Py_None,
@@ -553,7 +548,9 @@ static PyObject *Model_new_cache(ModelObject *self, PyObject *args) {
     int batch, format = XO_CACHE_LATENT;
     if (ensure_model(self) || !PyArg_ParseTuple(args, "i|i", &batch, &format)) return NULL;
     xo_cache *c = NULL;
-    xo_status rc = xo_cache_create(&c, &self->model->cfg, self->model->be, batch, format, self->model->weight_dtype);
+    xo_model *m = self->model;
+    xo_status rc;
+    LOCKED_NOGIL(self, rc, xo_cache_create(&c, &m->cfg, m->be, batch, format, m->weight_dtype));
     if (rc != XO_OK) return xo_py_raise(rc);
     return xo_py_cache_new(self, c);
 }

@@ -172,7 +172,7 @@ static struct PyModuleDef moduledef = {
 
 PyMODINIT_FUNC PyInit__C(void) {
     import_array();
-    if (PyType_Ready(&xo_py_ModelType) < 0 || PyType_Ready(&xo_py_CacheType) < 0) return NULL;
+    if (PyType_Ready(&xo_py_ModelType) < 0 || PyType_Ready(&xo_py_CacheType) < 0 || xo_py_sigint_init() < 0) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "Model", (PyObject *)&xo_py_ModelType) < 0 ||

@@ -91,6 +91,7 @@ static xo_status attention_latent_decode(xo_backend *be, const xo_attention_args
             #pragma omp parallel for collapse(2) schedule(static) if ((t - i0) * nh > 1)
             for (int h = 0; h < nh; h++) {
                 for (int i = i0; i < t; i++) {
+                    if (xo_interrupt_requested(a->interrupt)) continue;  /* the call fails below */
                     int qi = a->past + i;
                     int jend = j1 < qi + 1 ? j1 : qi + 1;
                     attend_chunk(a->q + ((size_t)b * t + i) * nh * hd + (size_t)h * hd,
@@ -98,6 +99,7 @@ static xo_status attention_latent_decode(xo_backend *be, const xo_attention_args
                                  a->scale, &m[i * nh + h], &l[i * nh + h], &acc[((size_t)h * t + i) * r]);
                 }
             }
+            rc = xo_interrupt_poll(a->interrupt);
         }
         /* out_h = (acc_h / l) @ Wv_g.T */
         for (int h = 0; h < nh && rc == XO_OK; h++) {
@@ -187,6 +189,7 @@ xo_status xo_cpu_attention(xo_backend *be, const xo_attention_args *args) {
             #pragma omp parallel for collapse(2) schedule(static) if (nq * nh > 4)
             for (int h = 0; h < nh; h++) {
                 for (int i = i0; i < t; i++) {
+                    if (xo_interrupt_requested(a->interrupt)) continue;  /* the call fails below */
                     int qi = a->past + i;
                     int jend = j1 < qi + 1 ? j1 : qi + 1;
                     size_t st = ((size_t)b * t + i) * nh + h;
@@ -196,6 +199,7 @@ xo_status xo_cpu_attention(xo_backend *be, const xo_attention_args *args) {
                                  mask, j0, jend, hd, a->scale, &m[st], &l[st], &acc[st * hd]);
                 }
             }
+            rc = xo_interrupt_poll(a->interrupt);
         }
     }
     if (rc == XO_OK) {
