@@ -196,9 +196,13 @@ def nan_weights(built, name="model.norm.weight", value=np.nan, index=3):
 def test_check_finite_names_the_tensor(value, word):
     b = make_model(seed=0)
     w = nan_weights(b, "model.layers.1.self_attn.kv_b_proj.weight", value, 7)
+    w = {k: v * np.float32(2) for k, v in w.items()}
+    before = b.model.state_dict()
     with pytest.raises(ValueError, match=r"tensor 'model.layers.1.self_attn.kv_b_proj.weight' holds %s at element 7"
                        % word):
         b.model.load_state_dict(w)
+    after = b.model.state_dict()  # refused before any tensor was stored
+    assert all(np.array_equal(before[k], after[k]) for k in before)
     b.model.load_state_dict(w, check_finite=False)
     assert not np.isfinite(b.model.state_dict()["model.layers.1.self_attn.kv_b_proj.weight"]).all()
 
@@ -342,10 +346,14 @@ def test_nan_logits_are_an_error(do_sample):
         _C.sample_tokens(np.full(8, -np.inf, np.float32), 1, do_sample, 1.0, 0, 1.0, 0)
 
 
-def test_tiny_temperature_generate_is_greedy(built):
-    ids = built.ids(2, 5, seed=4)
-    greedy = built.model.generate(ids, max_new_tokens=6, do_sample=False)
-    hot = built.model.generate(ids, max_new_tokens=6, do_sample=True, temperature=1e-40, top_k=0, top_p=1.0, seed=1)
+@pytest.mark.parametrize("top_k", [0, 50])
+def test_tiny_temperature_generate_is_greedy(device, top_k):
+    # on a GPU top_k >= 1 draws with the device sampler
+    b = make_model(seed=0)
+    m = b.model.to(device)
+    ids = b.ids(2, 5, seed=4)
+    greedy = m.generate(ids, max_new_tokens=6, do_sample=False)
+    hot = m.generate(ids, max_new_tokens=6, do_sample=True, temperature=1e-40, top_k=top_k, top_p=0.9, seed=1)
     np.testing.assert_array_equal(hot, greedy)
 
 
@@ -367,6 +375,13 @@ def test_nan_weights_make_generate_fail_clearly(built, do_sample):
     m.load_state_dict(nan_weights(built), check_finite=False)
     with pytest.raises(ValueError, match=r"logits contain NaN at row 0"):
         m.generate(built.ids(1, 4), max_new_tokens=3, do_sample=do_sample, seed=0)
+
+
+def test_nan_weights_make_beam_search_fail_clearly(built):
+    m = MoELlamaForCausalLM(built.config, _init=False)
+    m.load_state_dict(nan_weights(built), check_finite=False)
+    with pytest.raises(ValueError, match=r"logits contain NaN at row 0"):
+        m.generate(built.ids(1, 4), max_new_tokens=3, do_sample=False, num_beams=2)
 
 
 def test_min_new_tokens_with_every_token_an_eos(built):
@@ -403,3 +418,10 @@ def test_regression_seeds_are_rejected():
     for p in seeds:
         with pytest.raises(ValueError, match=os.path.basename(p) + ": "):
             _C.read_safetensors_header(p)
+
+
+def test_index_with_a_non_string_file_name(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(small_config()))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": 5}}))
+    with pytest.raises(ValueError, match=r"index.json: weight_map values must be file names, got int"):
+        MoELlamaForCausalLM.from_pretrained(tmp_path)

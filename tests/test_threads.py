@@ -151,3 +151,18 @@ def test_threads_option_per_model():
         worker.start()
         worker.join()
         np.testing.assert_allclose(got[n], want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_team_size_rule():
+    """A model's own count, or a process default the user chose, is the team size as given;
+    the automatic default (no OMP_NUM_THREADS, no set_num_threads) gives way to other runnable
+    work, within 1 .. the physical cores (how much it gives depends on the moment's load)."""
+    code = ("import ctypes, xoron; lib = ctypes.CDLL(xoron._C.__file__); "
+            "auto = lib.xo_hook_team(0); own = lib.xo_hook_team(3); xoron.set_num_threads(5); "
+            "print(auto, own, lib.xo_hook_team(0), xoron._C.physical_cores())")
+    r = run_python(code, env_drop=("OMP_NUM_THREADS",))
+    assert r.returncode == 0, r.stderr
+    auto, own, chosen, cores = map(int, r.stdout.split())
+    assert 1 <= auto <= cores and own == 3 and chosen == 5
+    r = run_python("import ctypes, xoron; print(ctypes.CDLL(xoron._C.__file__).xo_hook_team(0))", OMP_NUM_THREADS="3")
+    assert r.returncode == 0 and int(r.stdout) == 3, r.stderr

@@ -127,6 +127,7 @@ xo_status xo_beam_search(xo_model *m, const xo_generate_args *a) {
             xo_generate_process_row(a, r / nb, z, V, seqs + (size_t)r * width, t0 + step, step, work);
         }
         if (a->process_logits) rc = a->process_logits(a->ctx, seqs, width, t0 + step, R, logits, V);
+        for (int r = 0; rc == XO_OK && r < R; r++) rc = xo_logits_check(logits + (size_t)r * V, V, r);
         if (rc != XO_OK) break;
         if (a->scores) memcpy(a->scores + (size_t)step * R * V, logits, (size_t)R * V * sizeof *logits);
         all_done = 1;

@@ -132,15 +132,19 @@ static double tempered(const float *z, int v, const void *temperature) {
     return z[v] / *(const double *)temperature;
 }
 
+xo_status xo_logits_check(const float *z, int V, int row) {
+    for (int v = 0; v < V; v++)
+        if (z[v] != z[v]) return xo_fail(XO_EINVAL, "logits contain NaN at row %d (token %d)", row, v);
+    return XO_OK;
+}
+
 xo_status xo_sample_row(float *z, int V, const xo_sampling_params *p, const int32_t *history, int n,
                         xo_rng *rng, void *work, int row, int32_t *token) {
     float *tmp = work;
     int *order = (int *)(tmp + 2 * (size_t)V);
+    XO_TRY(xo_logits_check(z, V, row));
     int live = 0;
-    for (int v = 0; v < V; v++) {
-        if (z[v] != z[v]) return xo_fail(XO_EINVAL, "logits contain NaN at row %d (token %d)", row, v);
-        live |= z[v] != -INFINITY;
-    }
+    for (int v = 0; v < V; v++) live |= z[v] != -INFINITY;
     if (!live) return xo_fail(XO_EINVAL, "no token is left to choose at row %d: every logit is -inf", row);
     if (p->repetition_penalty != 1.0f) xo_penalize_repetition(z, V, p->repetition_penalty, history, n, work);
     if (!p->do_sample) {

@@ -27,6 +27,9 @@ xo_status xo_sampling_check(const xo_sampling_params *p);
  * value would leave the float range shifts the row by its maximum instead (same choice). */
 void xo_penalize_repetition(float *logits, int V, float penalty, const int32_t *history, int n, void *work);
 
+/* XO_EINVAL naming `row` and the token if the row holds a NaN (no order, so no choice). */
+xo_status xo_logits_check(const float *logits, int V, int row);
+
 /* Processes one row of logits in place (as transformers' warpers do: removed tokens become
  * -inf) and sets *token to the chosen one. `history` (n ids) feeds the repetition penalty.
  * `work` holds 2*V floats + V ints of scratch, zeroed before the first call. A row holding a

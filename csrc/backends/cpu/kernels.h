@@ -26,6 +26,9 @@ int xo_cpu_physical_cores(void);          /* physical cores within the process's
 int xo_cpu_default_threads(void);         /* the process default (OMP_NUM_THREADS, else physical cores) */
 xo_status xo_cpu_check_threads(long long n);   /* 1 <= n <= XO_CPU_MAX_THREADS, else XO_EINVAL */
 xo_status xo_cpu_set_default_threads(long long n);
+/* the team size for the next parallel work of a backend: its option, else the process default,
+ * which when automatic leaves a core to each other runnable task */
+int xo_cpu_team(const xo_cpu_ctx *cx);
 
 /* backends/cpu/gemm.c */
 xo_status xo_cpu_linear_init(xo_backend *be, xo_linear *w, const void *host, xo_dtype src_t, int row_offset, int rows);

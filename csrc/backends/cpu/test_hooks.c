@@ -1,7 +1,7 @@
 /* C entry points for tests and benchmarks, reached from Python through ctypes on the
  * extension library itself (they are the only exported symbols besides PyInit__C):
  * one product through the CPU backend on any storage dtype with any options, kernel timing,
- * the machine's read bandwidth, and the best kernel set. Not used by the engine. */
+ * the machine's read bandwidth, the best kernel set and the CPU team size. Not used by the engine. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -167,3 +167,11 @@ XO_EXPORT double xo_hook_read_bandwidth(int mbytes, int reps) {
 /* The best kernel set this CPU runs (XO_ISA_*), and its name. */
 XO_EXPORT int xo_hook_best_isa(void) { return xo_cpu_best_isa(); }
 XO_EXPORT const char *xo_hook_isa_name(void) { return xo_cpu_isa_name(xo_cpu_best_isa()); }
+
+/* The team size the CPU backend would use now for a model whose threads option is `threads`. */
+XO_EXPORT int xo_hook_team(int threads) {
+    xo_cpu_ctx cx;
+    memset(&cx, 0, sizeof cx);
+    cx.threads = threads;
+    return xo_cpu_team(&cx);
+}
