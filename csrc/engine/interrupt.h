@@ -17,10 +17,10 @@ typedef struct xo_interrupt {
     unsigned seen;               /* its value when the call began */
 } xo_interrupt;
 
-/* 1 once the counter has moved since the call began: a relaxed load, cheap enough for an
- * inner loop, and safe from any thread. Once requested it stays requested. */
+/* 1 once the counter has moved since the call began: one load, cheap enough for an inner
+ * loop, and safe from any thread. Once requested it stays requested. */
 static inline int xo_interrupt_requested(const xo_interrupt *i) {
-    return i && i->counter && atomic_load_explicit(i->counter, memory_order_relaxed) != i->seen;
+    return i && i->counter && atomic_load_explicit(i->counter, memory_order_acquire) != i->seen;
 }
 
 /* XO_EINTERRUPTED once requested; from the thread running the call (it records the message). */
