@@ -100,7 +100,7 @@ xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
     if (session) rc = xo_cache_reserve(cache, t0 + (a->max_new_tokens < 512 ? a->max_new_tokens : 512));
     /* Prefill the whole prompt; logits of the last position only. */
     xo_forward_args fa = { .batch = b, .tokens = t0, .ids = a->prompt, .mask = a->mask, .mask_len = a->mask ? t0 : 0,
-                           .cache = cache, .logits = logits, .last_only = 1,
+                           .cache = cache, .logits = logits, .logits_to_keep = 1,
                            .argmax = fast && (a->min_new_tokens == 0 || !a->num_eos) ? best : NULL,
                            .draw = device_draw ? &draw : NULL };
     if (rc == XO_OK) rc = xo_model_forward(m, &fa);
@@ -133,7 +133,7 @@ xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
         }
         have_argmax = fast && (step + 1 >= a->min_new_tokens || !a->num_eos);
         draw.step = (uint64_t)step + 1;
-        xo_forward_args sa = { .batch = b, .tokens = 1, .ids = next, .cache = cache, .logits = logits, .last_only = 1,
+        xo_forward_args sa = { .batch = b, .tokens = 1, .ids = next, .cache = cache, .logits = logits, .logits_to_keep = 1,
                                .argmax = have_argmax ? best : NULL, .draw = device_draw ? &draw : NULL };
         rc = xo_model_forward(m, &sa);
     }

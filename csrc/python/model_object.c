@@ -212,12 +212,13 @@ static PyObject *Model_tensor_shapes(ModelObject *self, PyObject *Py_UNUSED(igno
 }
 
 /* forward(ids int32 [b,t] | DLPack capsule of GPU ids | embeds float32 [b,t,H], positions int32 [b,t] | None, mask uint8 [b,m] | None, cache | None,
- *         want_logits, last_only, want_hidden) -> (logits | None, hidden | None) */
+ *         want_logits, logits_to_keep, want_hidden) -> (logits [b, kept, V] | None, hidden | None);
+ * logits_to_keep: the last N positions of each row, 0 for all (the C core checks it) */
 static PyObject *Model_forward(ModelObject *self, PyObject *args) {
     PyObject *ids_o, *pos_o, *mask_o, *cache_o;
-    int want_logits, last_only, want_hidden, device_logits = 0;
+    int want_logits, logits_to_keep, want_hidden, device_logits = 0;
     if (ensure_model(self) ||
-        !PyArg_ParseTuple(args, "OOOOppp|p", &ids_o, &pos_o, &mask_o, &cache_o, &want_logits, &last_only, &want_hidden,
+        !PyArg_ParseTuple(args, "OOOOpip|p", &ids_o, &pos_o, &mask_o, &cache_o, &want_logits, &logits_to_keep, &want_hidden,
                           &device_logits))
         return NULL;
     xo_model *m = self->model;
@@ -262,9 +263,10 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args) {
         }
     }
     const int V = m->cfg.vocab_size, H = m->cfg.hidden_size, L = m->cfg.num_layers;
+    const int kept = logits_to_keep > 0 && logits_to_keep < t ? logits_to_keep : t;
     if (want_logits && !device_logits) {
-        npy_intp d3[3] = { b, t, V }, d2[2] = { b, V };
-        logits = last_only ? PyArray_SimpleNew(2, d2, NPY_FLOAT32) : PyArray_SimpleNew(3, d3, NPY_FLOAT32);
+        npy_intp d3[3] = { b, kept, V };
+        logits = PyArray_SimpleNew(3, d3, NPY_FLOAT32);
         if (!logits) goto exit;
     }
     if (want_hidden) {
@@ -283,7 +285,7 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args) {
         .mask_len = mask ? (int)PyArray_DIM(mask, 1) : 0,
         .cache = cache,
         .logits = logits ? PyArray_DATA((PyArrayObject *)logits) : NULL,
-        .last_only = last_only,
+        .logits_to_keep = logits_to_keep,
         .hidden = hidden ? PyArray_DATA((PyArrayObject *)hidden) : NULL,
     };
     float *dev_logits = NULL;
@@ -296,8 +298,8 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args) {
         goto exit;
     }
     if (dev_logits) {
-        int64_t shape[3] = { b, t, V };
-        logits = last_only ? xo_py_dl_capsule(self, dev_logits, 2, (int64_t[]){ b, V }) : xo_py_dl_capsule(self, dev_logits, 3, shape);
+        int64_t shape[3] = { b, kept, V };
+        logits = xo_py_dl_capsule(self, dev_logits, 3, shape);
         if (!logits) goto exit;
     }
     result = Py_BuildValue("(OO)", logits ? logits : Py_None, hidden ? hidden : Py_None);
@@ -432,7 +434,7 @@ static PyMethodDef Model_methods[] = {
     { "state_dict", (PyCFunction)Model_state_dict, METH_NOARGS, "state_dict() -> {name: float32 ndarray}" },
     { "tensor_shapes", (PyCFunction)Model_tensor_shapes, METH_NOARGS, "[(name, shape)] of every SPEC tensor" },
     { "forward", (PyCFunction)Model_forward, METH_VARARGS,
-      "forward(ids | GPU ids DLPack capsule, positions, mask, cache, want_logits, last_only, want_hidden, "
+      "forward(ids | GPU ids DLPack capsule, positions, mask, cache, want_logits, logits_to_keep (0: all), want_hidden, "
       "device_logits=False) -> (logits, hidden)" },
     { "generate", (PyCFunction)(void (*)(void))Model_generate, METH_VARARGS | METH_KEYWORDS,
       "generate(prompt, mask, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, "
