@@ -216,8 +216,8 @@ xo_status xo_model_layers(xo_model *m, const xo_layers_args *a, xo_cache *cache,
         } else {
             XO_TRY(be->matmul(be, s->kv, s->c, &lw->kv_b, n));                     /* [K | V] = c @ Wkvb.T */
             XO_TRY(be->rope(be, s->kv, 2 * (size_t)kvw, s->pos, n, nkv, hd, m->inv_freq, m->mscale));
-            XO_TRY(be->cache_write(be, cache->k[l], XO_F32, cache->capacity, kvw, past, past_dev, s->kv, b, t, 2 * kvw));
-            XO_TRY(be->cache_write(be, cache->v[l], XO_F32, cache->capacity, kvw, past, past_dev, s->kv + kvw, b, t, 2 * kvw));
+            XO_TRY(be->cache_write(be, cache->k[l], cache->dtype, cache->capacity, kvw, past, past_dev, s->kv, b, t, 2 * kvw));
+            XO_TRY(be->cache_write(be, cache->v[l], cache->dtype, cache->capacity, kvw, past, past_dev, s->kv + kvw, b, t, 2 * kvw));
         }
         XO_TRY(be->rope(be, s->q, (size_t)c->num_heads * hd, s->pos, n, c->num_heads, hd, m->inv_freq, m->mscale));
         xo_attention_args at = {
@@ -226,6 +226,7 @@ xo_status xo_model_layers(xo_model *m, const xo_layers_args *a, xo_cache *cache,
             .capacity = cache->capacity, .format = cache->format,
             .q = s->q, .out = s->att,
             .latent = cache->latent[l], .latent_dtype = cache->dtype, .kv_b = &lw->kv_b, .k = cache->k[l], .v = cache->v[l],
+            .kv_dtype = cache->dtype,
             .key_pos = cache->positions, .key_mask = cache->mask,
             .inv_freq = m->inv_freq, .mscale = m->mscale, .scale = 1.0f / sqrtf((float)hd),
             .denom_eps = xo_model_denom_eps(c, past + t),
