@@ -7,7 +7,7 @@ The model is the default configuration (vocab 151643, hidden 1024, 12 layers, 16
 kv_lora_rank 512, MoE with 8 experts top-2 on every 2nd layer plus a shared expert,
 intermediate 2048, tied embeddings) with random weights (std 0.02). The xoron models are
 built from one seed, so bf16 and int8 hold the float32 weights rounded / quantised; the
-PyTorch model (benchmarks/torch_model.py, eager, computed like the original module with its
+PyTorch model (xoron/torch_reference.py, eager, computed like the original module with its
 per-expert loop, plus a latent KV cache) gets the same float32 weights.
 
 Measured, in one process on the same cores (the two OpenMP runtimes never run at once):
@@ -69,8 +69,7 @@ ARGS = parse_args()
 THREADS = ARGS.threads or os.cpu_count()
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))  # before libgomp starts
 
-sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)  # run from a source checkout without installing
 import numpy as np  # noqa: E402
 
 import xoron  # noqa: E402
@@ -225,7 +224,7 @@ def main():
     if not ARGS.no_torch:
         settle()
         import torch
-        from torch_model import TorchMoELlama
+        from xoron.torch_reference import TorchMoELlama
         torch.set_num_threads(THREADS)
         if sd is None:
             sd = xoron.MoELlamaForCausalLM(cfg, dtype="float32", seed=ARGS.seed).state_dict()

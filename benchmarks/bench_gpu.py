@@ -1,5 +1,5 @@
 """GPU benchmark: xoron's CUDA backend beside the compiled PyTorch peer (benchmarks/torch_peer.py)
-and the eager PyTorch model, same GPU, same process, same weights; default configuration
+and the eager PyTorch model (xoron/torch_reference.py), same GPU, same process, same weights; default configuration
 (vocab 151643, hidden 1024, 12 layers, 16 heads, MoE 8 experts top-2 on every 2nd layer,
 intermediate 2048), random weights, bfloat16.
 
@@ -35,16 +35,12 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)  # torch_peer beside this file
+sys.path.insert(0, os.path.dirname(HERE))  # run from a source checkout without installing
 
 import xoron  # noqa: E402
 from torch_peer import TorchPeer, rel_err  # noqa: E402
-
-try:
-    from xoron.torch_reference import TorchMoELlama
-except ImportError:
-    from torch_model import TorchMoELlama  # noqa: E402
+from xoron.torch_reference import TorchMoELlama  # noqa: E402
 
 CONFIG = {
     "vocab_size": 151643, "hidden_size": 1024, "intermediate_size": 2048, "num_hidden_layers": 12,

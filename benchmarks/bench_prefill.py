@@ -3,7 +3,7 @@
     python benchmarks/bench_prefill.py            # SPEC default model (~576M parameters, ~2.3 GB f32)
     python benchmarks/bench_prefill.py --quick    # a small model, finishes in seconds
 
-Both engines get the same random weights (xoron's, handed to benchmarks/torch_model.py's
+Both engines get the same random weights (xoron's, handed to xoron/torch_reference.py's
 TorchMoELlama through state_dict) and the same token ids; float32 on the CPU, batch 1.
 Each measurement is one warm-up forward per engine and then the median of --runs forwards,
 the two engines taking turns (so a busy neighbour slows both alike); a forward
@@ -23,7 +23,6 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a source checkout without installing
-sys.path.insert(0, HERE)
 
 import xoron  # noqa: E402
 
@@ -55,7 +54,7 @@ def timed(fns: list, runs: int) -> list:
 def load_torch():
     try:
         import torch
-        from torch_model import TorchMoELlama
+        from xoron.torch_reference import TorchMoELlama
     except ImportError as e:
         return None, None, str(e)
     return torch, TorchMoELlama, None

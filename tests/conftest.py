@@ -32,25 +32,20 @@ TINY_RING = os.path.join(DATA_DIR, "tiny_ring")  # checkpoint + expected.npz fro
 TOL_F32 = 1e-4   # SPEC section 8, logits (relative to max|ref|) and loss (absolute)
 TOL_HALF = 3e-2  # SPEC section 8, bfloat16 / float16 compute
 
-# A deliberately tiny model: every test that builds one should run in milliseconds.
-SMALL = {
-    "vocab_size": 97,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": True,
-    "use_ring_attention": True,
-    "ring_attention_chunk_size": 4096,
-    "kv_lora_rank": 16,
-    "q_lora_rank": 0,
-    "moe_config": {"use_moe": False, "num_experts": 4, "num_experts_per_tok": 2,
-                   "moe_layer_freq": 2, "intermediate_size": 40},
-}
+# A deliberately tiny model: every test that builds one should run in milliseconds. The
+# fields it does not shrink keep the SPEC defaults, read from the package's one table.
+def _small() -> dict:
+    from xoron.config import DEFAULTS
+
+    d = {k: v for k, v in DEFAULTS.items() if not k.endswith("_token_id")}
+    d.update(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16)
+    d["moe_config"] = {"use_moe": False, "num_experts": 4, "num_experts_per_tok": 2,
+                       "moe_layer_freq": 2, "intermediate_size": 40}
+    return d
+
+
+SMALL = _small()
 
 
 def small_config(overrides: dict | None = None, **kw) -> dict:

@@ -458,8 +458,7 @@ def test_torch_round_trip():
 
 def test_torch_state_dict_and_baseline_model():
     torch = pytest.importorskip("torch")
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from torch_model import TorchMoELlama
+    from xoron.torch_reference import TorchMoELlama
     m = make_model(dict(MOE, q_lora_rank=8, tie_word_embeddings=False), seed=14)
     tm = TorchMoELlama(m.config)
     tm.load_state_dict({k: torch.from_numpy(v) for k, v in m.model.state_dict().items()}, strict=True)

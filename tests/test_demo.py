@@ -1,5 +1,5 @@
 """The packaged demo model (xoron/demo): it loads, generates reproducibly, and the engine's
-held-out perplexity equals the PyTorch implementation's (benchmarks/torch_model.py).
+held-out perplexity equals the PyTorch implementation's (xoron/torch_reference.py).
 
 tests/data/heldout_sample.txt is an 18 KB excerpt of the held-out split (one Jane Austen
 chapter, part of one King James chapter); the model never saw it in training.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ import pytest
 import xoron
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
 DEMO = os.path.join(os.path.dirname(os.path.abspath(xoron.__file__)), "demo")
 SAMPLE = os.path.join(HERE, "data", "heldout_sample.txt")
 PROMPT = "Once upon a time"
@@ -91,11 +89,7 @@ def test_generate_reproducible_and_readable(model, tok):
 
 def test_heldout_perplexity_matches_torch(model, tok):
     torch = pytest.importorskip("torch")
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        from torch_model import TorchMoELlama, load_safetensors_numpy
-    finally:
-        sys.path.pop(0)
+    from xoron.torch_reference import TorchMoELlama, load_safetensors_numpy
 
     x = _windows(tok)
     eng_loss = float(model(input_ids=x, labels=x).loss)

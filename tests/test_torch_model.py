@@ -1,4 +1,4 @@
-"""Checks the PyTorch baseline (benchmarks/torch_model.py) against the reference outputs,
+"""Checks the PyTorch reference model (xoron/torch_reference.py) against the reference outputs,
 the numpy oracle, and itself (cached decoding == full forward). Skips without torch."""
 
 import os
@@ -11,10 +11,9 @@ torch = pytest.importorskip("torch")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "benchmarks"))
 
 import reference_impl as R  # noqa: E402
-from torch_model import LatentCache, TorchMoELlama  # noqa: E402
+from xoron.torch_reference import LatentCache, TorchMoELlama  # noqa: E402
 
 FIXTURE = os.path.join(HERE, "data", "tiny_ring")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train the small demo checkpoint shipped in ``xoron/demo`` with the PyTorch reference model.
 
-The model is exactly the Xoron MoE-LLaMA architecture of SPEC.md (``benchmarks/torch_model.py``):
+The model is exactly the Xoron MoE-LLaMA architecture of SPEC.md (``xoron/torch_reference.py``):
 MLA attention with a latent (kv_lora_rank) narrower than the hidden size, the (reversed) YaRN
 rotary embedding, MoE with a shared expert on every second layer (top-2 of 4 experts) and tied
 embeddings, over the 4096-token byte-level BPE vocabulary of ``xoron/demo/tokenizer.json``.
@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-from torch_model import TorchMoELlama  # noqa: E402
+sys.path.insert(0, REPO)  # run from a source checkout without installing
+from xoron.torch_reference import TorchMoELlama  # noqa: E402
 
 # The demo model (SPEC section 1 field names). max_position_embeddings 4096 gives the YaRN
 # factor s = 4096 / 8192 = 0.5: mscale = 1 and the low (fast) dims blend towards 2x frequency.

@@ -5,7 +5,10 @@ import copy
 import json
 import os
 
-# SPEC section 1 defaults.
+# SPEC section 1: every config field and its default. This is the one table: LlamaConfig,
+# the dict handed to the C engine (which has no defaults of its own) and the PyTorch reference
+# model (xoron.torch_reference) all read it. num_key_value_heads has no entry because its
+# default depends on the source (num_attention_heads from a dict, // 4 from a bare object).
 DEFAULTS = {
     "vocab_size": 151643,
     "hidden_size": 1024,
@@ -94,7 +97,7 @@ def resolve_config(config, moe_config=None, overrides=None) -> LlamaConfig:
         if xoron_dev:
             values["num_key_value_heads"] = values["num_attention_heads"]
             moe_src = {k: d[k] for k in XORON_DEV_MOE if k in d}
-            moe_src.setdefault("use_moe", False)
+            moe_src.setdefault("use_moe", MOE_DEFAULTS["use_moe"])
             moe_src["intermediate_size"] = values["intermediate_size"]
         else:
             values["num_key_value_heads"] = d.get("num_key_value_heads", values["num_attention_heads"])
@@ -104,7 +107,6 @@ def resolve_config(config, moe_config=None, overrides=None) -> LlamaConfig:
         values["num_key_value_heads"] = getattr(config, "num_key_value_heads", None)
         if values["num_key_value_heads"] is None:
             values["num_key_value_heads"] = values["num_attention_heads"] // 4
-        values["rope_theta"] = getattr(config, "rope_theta", 500000.0)
         moe_src = getattr(config, "moe_config", None)
     if moe_config is not None:
         moe_src = moe_config
@@ -139,10 +141,9 @@ def engine_dict(cfg: LlamaConfig) -> dict:
     moe = cfg.moe_config or {}
     d = {k: getattr(cfg, k) for k in DEFAULTS if k not in ("pad_token_id", "bos_token_id", "eos_token_id")}
     d["num_key_value_heads"] = cfg.num_key_value_heads
-    d["use_moe"] = bool(moe.get("use_moe", False))
-    d["num_experts"] = moe.get("num_experts", 8)
-    d["num_experts_per_tok"] = moe.get("num_experts_per_tok", 2)
-    d["moe_layer_freq"] = moe.get("moe_layer_freq", 2)
+    for k, v in MOE_DEFAULTS.items():
+        d[k] = moe.get(k, v)
+    d["use_moe"] = bool(d["use_moe"])
     d["moe_intermediate_size"] = moe.get("intermediate_size", cfg.intermediate_size)
     return d
 

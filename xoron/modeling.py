@@ -13,13 +13,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import _C
+from . import _C, generation
 from ._safetensors_io import save_file
 from ._tensors import ids_array, int_array, is_torch, mask_array, output, scalar, to_numpy
 from .config import LlamaConfig, engine_dict, read_config_json, resolve_config
+from .generation import CACHE_FORMATS, GenerateOutput  # noqa: F401  (re-exported)
 
 DTYPES = ("float32", "bfloat16", "float16", "int8")
-CACHE_FORMATS = {"latent": 0, "kv": 1}
 
 
 @dataclass
@@ -28,6 +28,7 @@ class CausalLMOutput:
     logits: Any = None
     past_key_values: Any = None
     hidden_states: Any = None
+    attentions: Any = None  # always None: attention weights are never materialised
     aux_loss: Any = None
 
     def __getitem__(self, key):
@@ -36,19 +37,8 @@ class CausalLMOutput:
         return self.to_tuple()[key]
 
     def to_tuple(self):
-        return tuple(v for v in (self.loss, self.logits, self.past_key_values, self.hidden_states, self.aux_loss)
-                     if v is not None)
-
-
-@dataclass
-class GenerateOutput:
-    """generate(..., return_dict_in_generate=True): `sequences` [b, t + n]; with
-    output_scores=True, `scores` is a tuple of n processed-score arrays [b, V]."""
-    sequences: Any = None
-    scores: Any = None
-
-    def __getitem__(self, key):
-        return getattr(self, key) if isinstance(key, str) else (self.sequences, self.scores)[key]
+        return tuple(v for v in (self.loss, self.logits, self.past_key_values, self.hidden_states, self.attentions,
+                                 self.aux_loss) if v is not None)
 
 
 class KVCache:
@@ -266,11 +256,13 @@ class MoELlamaForCausalLM:
         return self.forward(*args, **kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, past_key_values=None,
-                use_cache=False, output_hidden_states=False, return_dict=True, inputs_embeds=None, logits_to_keep=0,
-                num_logits_to_keep=None, **unused):
+                use_cache=False, output_hidden_states=False, return_dict=True, inputs_embeds=None,
+                output_attentions=False, logits_to_keep=0, num_logits_to_keep=None):
         """logits_to_keep=N (transformers' name; num_logits_to_keep is the older alias): the logits of the
         last N positions only, [b, N, V], the others never computed; 0 keeps every position. With
         labels the loss needs every position, so N must then be 0 or at least the sequence length."""
+        if output_attentions:
+            raise ValueError("output_attentions is not supported: the engine never materialises attention weights")
         torch_dev = None
         keep = _logits_to_keep(logits_to_keep, num_logits_to_keep)
         if input_ids is not None and inputs_embeds is not None:
@@ -361,109 +353,16 @@ class MoELlamaForCausalLM:
 
     # ---- generation ----
 
-    def generate(self, input_ids, max_new_tokens=100, temperature=1.0, top_k=50, top_p=0.9, do_sample=True,
-                 pad_token_id=None, eos_token_id=None, attention_mask=None, seed=None, min_new_tokens=0,
-                 repetition_penalty=1.0, streamer=None, return_dict_in_generate=False, output_scores=False,
-                 **unused):
-        """Generates up to max_new_tokens after input_ids [b, t]; the whole decode loop runs in C
-        (SPEC section 7). Returns prompt + new tokens [b, t + n] (numpy, or torch when the
-        input was torch); rows that finished are padded with pad_token_id (eos when unset)."""
-        torch_dev = None
-        if not isinstance(input_ids, (list, tuple)):
-            _, torch_dev = to_numpy(input_ids, "input_ids")
-        prompt = ids_array(input_ids)
-        b, t = prompt.shape
-        mask = None
-        if attention_mask is not None:
-            mask = mask_array(attention_mask)
-            if mask.shape != (b, t):
-                raise ValueError(f"attention_mask has shape {list(mask.shape)}; expected {[b, t]} like input_ids")
-        max_new_tokens = _int_arg(max_new_tokens, "max_new_tokens")
-        min_new_tokens = _int_arg(min_new_tokens, "min_new_tokens")
-        top_k = _int_arg(top_k if top_k is not None else 0, "top_k")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0 (got {max_new_tokens})")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (got {top_k})")
-        temperature = float(temperature if temperature is not None else 1.0)
-        top_p = float(top_p if top_p is not None else 1.0)
-        repetition_penalty = float(repetition_penalty if repetition_penalty is not None else 1.0)
-        if do_sample and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling (got {temperature})")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
-        if not repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0 (got {repetition_penalty})")
-        if eos_token_id is None:
-            eos_token_id = self.config.eos_token_id
-        eos = [] if eos_token_id is None else ([int(eos_token_id)] if np.ndim(eos_token_id) == 0
-                                                else [int(e) for e in eos_token_id])
-        if pad_token_id is None:
-            pad_token_id = self.config.pad_token_id
-        if pad_token_id is None:
-            pad_token_id = eos[0] if eos else 0
-        if seed is None:
-            seed = secrets.randbits(63)
-        callback = None
-        if streamer is not None:
-            streamer.put(output(prompt.astype(np.int64), torch_dev))
-            callback = (lambda toks: streamer.put(output(toks, torch_dev)))
-        seqs, scores, steps = self._engine.generate(
-            prompt, mask, max_new_tokens, min_new_tokens, bool(do_sample), temperature, top_k, top_p,
-            repetition_penalty, np.asarray(eos, dtype=np.int32), int(pad_token_id), int(seed) & ((1 << 64) - 1),
-            CACHE_FORMATS[self.cache_format], bool(output_scores and return_dict_in_generate), callback)
-        if streamer is not None:
-            streamer.end()
-        seqs = output(seqs[:, :t + steps].astype(np.int64), torch_dev)
-        if not return_dict_in_generate:
-            return seqs
-        sc = None
-        if scores is not None:
-            sc = tuple(output(scores[i], torch_dev) for i in range(steps))
-        return GenerateOutput(sequences=seqs, scores=sc)
+    def generate(self, input_ids=None, **kwargs):
+        """Generates after input_ids [b, t]; the decode loop runs in C. The keywords are those of
+        transformers' generate() that xoron implements (README "Generation"); any other is a
+        TypeError naming it."""
+        return generation.generate(self, input_ids, **kwargs)
 
-    def generate_stream(self, input_ids, **kwargs):
+    def generate_stream(self, input_ids=None, **kwargs):
         """Yields the new token ids as they are produced (an int per step for one row, an array
         of one id per row otherwise). Takes generate()'s keyword arguments."""
-        import queue
-        import threading
-
-        q: "queue.Queue" = queue.Queue()
-        done = object()
-
-        class _QueueStreamer:
-            first = True
-
-            def put(self, ids):
-                if self.first:  # the prompt
-                    self.first = False
-                    return
-                q.put(ids)
-
-            def end(self):
-                pass
-
-        errors = []
-
-        def run():
-            try:
-                self.generate(input_ids, streamer=_QueueStreamer(), **kwargs)
-            except BaseException as e:  # re-raised in the consumer
-                errors.append(e)
-            finally:
-                q.put(done)
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        while True:
-            item = q.get()
-            if item is done:
-                break
-            arr = np.asarray(item)
-            yield int(arr[0]) if arr.shape == (1,) else item
-        worker.join()
-        if errors:
-            raise errors[0]
+        return generation.generate_stream(self, input_ids, **kwargs)
 
 
 class _IncompatibleKeys:
@@ -495,12 +394,6 @@ def _logits_to_keep(logits_to_keep, num_logits_to_keep) -> int:
         raise TypeError(f"{name} must be an int (the number of last positions to keep); "
                         f"got {type(logits_to_keep).__name__}: a tensor of positions is not supported")
     return max(min(int(logits_to_keep), 2**31 - 1), -1)  # the C core rejects negatives; past t means all
-
-
-def _int_arg(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {v!r}")
-    return int(v)
 
 
 def _is_dtype_like(x) -> bool:

@@ -14,6 +14,12 @@ typedef struct xo_backend xo_backend;
 
 enum { XO_DEVICE_TOP_K_MAX = 1024 };
 
+/* The latent and router norms use a fixed epsilon whatever the config says (SPEC 3). */
+#define XO_LATENT_NORM_EPS 1e-6f
+#define XO_ROUTER_NORM_EPS 1e-6f
+/* Added to the sum of the top-k router probabilities before they are renormalised (SPEC 6). */
+#define XO_TOPK_RENORM_EPS 1e-5f
+
 /* A weight matrix W [out, in], applied as y = x @ W.T. */
 typedef struct {
     int out, in;
@@ -29,7 +35,14 @@ typedef struct {
 } xo_ffn;
 
 /* Cache layout shared by the graph and the attention kernels. Per layer and batch row,
- * `capacity` token slots; slot j of row b holds the token at sequence index j. */
+ * `capacity` token slots; slot j of row b holds the token at sequence index j.
+ *
+ * The latent-attention contract (SPEC 4). Every token contributes only its normed latent
+ * c [rank] to the keys and values: with kv_b = [Wk | Wv] ([nkv*hd, rank] each),
+ *     K = RoPE(c @ Wk.T, key position),   V = c @ Wv.T.
+ * A LATENT cache stores c and the kernel expands K and V from it; a KV cache stores K
+ * (already rotated) and V. Either way the result is the same; a kernel may absorb Wv into
+ * the output (sum_j p_j (c_j @ Wv.T) = (sum_j p_j c_j) @ Wv.T) instead of expanding V. */
 enum { XO_CACHE_LATENT = 0, XO_CACHE_KV = 1 };
 
 typedef struct {
@@ -127,12 +140,13 @@ struct xo_backend {
     /* optional (NULL: matmul then swiglu): act[n, I] = swiglu(x @ gate_up.T), gate_up [2I, in]
      * with the gate rows first; gu [n, 2I] is scratch the backend may use */
     xo_status (*gate_up_swiglu)(xo_backend *be, float *act, const float *x, float *gu, const xo_linear *gate_up, int n);
-    /* router: softmax over logits[n, E], top-k (ties: lower index), renormalised by sum + 1e-5 */
+    /* router: softmax over logits[n, E], top-k (ties: lower index), renormalised by sum + XO_TOPK_RENORM_EPS */
     xo_status (*moe_route)(xo_backend *be, int32_t *idx, float *weight, const float *logits, int n, int experts, int k);
     /* optional (NULL: rmsnorm, matmul, moe_route): the router of SPEC 6 in one call: top-k of
-     * softmax(rmsnorm(x; norm_w, 1e-6) @ router.T) as moe_route gives them */
+     * softmax(rmsnorm(x; norm_w, XO_ROUTER_NORM_EPS) @ router.T) as moe_route gives them;
+     * normed [n, router.in] and logits [n, router.out] are scratch the backend may use */
     xo_status (*moe_router)(xo_backend *be, int32_t *idx, float *weight, const float *x, const float *norm_w,
-                            const xo_linear *router, int n, int k);
+                            const xo_linear *router, int n, int k, float *normed, float *logits);
     /* routed experts, each run once on the tokens routed to it */
     xo_status (*moe_experts)(xo_backend *be, const xo_moe_args *a);
     /* causal attention over the cache, chunked with an online softmax */
@@ -168,6 +182,10 @@ struct xo_backend {
 
     void (*destroy)(xo_backend *be);
 };
+
+/* Fills each optional slot left NULL with its default composed from the required ones
+ * (gate_up_swiglu, moe_router), so the graph makes one call per step. */
+void xo_backend_fill_defaults(xo_backend *be);
 
 /* The CPU backend (oneDNN + OpenMP). */
 xo_status xo_cpu_backend_create(xo_backend **out);

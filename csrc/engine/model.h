@@ -1,4 +1,5 @@
-/* The model: config, weights and backend, and the forward pass of SPEC sections 3-6. */
+/* The model: config, weights and backend (engine/model_create.c), its graph of SPEC sections
+ * 3-6 (engine/model.c), one forward call (engine/forward.c) and the loss (engine/loss.c). */
 #ifndef XO_MODEL_H
 #define XO_MODEL_H
 
@@ -7,6 +8,7 @@
 #include "backends/backend.h"
 #include "engine/cache.h"
 #include "engine/config.h"
+#include "engine/scratch.h"
 #include "engine/weights.h"
 
 typedef struct {
@@ -58,17 +60,6 @@ xo_status xo_model_forward(xo_model *m, const xo_forward_args *a);
 
 /* ---- pieces shared with the decode session (engine/decode_session.c) ---- */
 
-/* Activation buffers of one forward call, all on the backend. */
-typedef struct {
-    float *h, *xn, *q, *qa, *c, *kv, *att, *tmp, *gu, *act, *router, *rw;
-    int32_t *ids, *pos, *ridx, *argmax;
-    float *logits;
-} xo_scratch;
-
-/* n: tokens; logit_rows: rows of logits staged on the backend; out_rows: rows of argmax */
-xo_status xo_scratch_alloc(xo_backend *be, const xo_config *c, int n, int logit_rows, int out_rows, xo_scratch *s);
-void xo_scratch_free(xo_backend *be, xo_scratch *s);
-
 typedef struct {
     int batch, tokens;
     int past;                   /* tokens already in the cache (with past_device: an upper bound) */
@@ -81,6 +72,8 @@ typedef struct {
  * new keys written to the cache at slot past; leaves the normed states in s->xn. The cache's
  * positions and mask for the new slots must already be on the backend. */
 xo_status xo_model_layers(xo_model *m, const xo_layers_args *a, xo_cache *cache, xo_scratch *s);
+/* logits[rows, V] = x[rows, H] @ lm_head.T */
+xo_status xo_model_lm_head(xo_model *m, float *logits, const float *x, int rows);
 /* The softmax denominator's epsilon when `keys` keys are visible (SPEC 4.4). */
 float xo_model_denom_eps(const xo_config *c, int keys);
 

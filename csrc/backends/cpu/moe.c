@@ -30,7 +30,7 @@ xo_status xo_cpu_moe_route(xo_backend *be, int32_t *idx, float *weight, const fl
             weight[(size_t)i * k + j] = p[best];
             picked_sum += p[best];
         }
-        for (int j = 0; j < k; j++) weight[(size_t)i * k + j] /= picked_sum + 1e-5f;
+        for (int j = 0; j < k; j++) weight[(size_t)i * k + j] /= picked_sum + XO_TOPK_RENORM_EPS;
     }
     return XO_OK;
 }

@@ -221,8 +221,14 @@ WRAP(add, (xo_backend *be, float *y, const float *x, size_t n), (be, y, x, n))
 WRAP(gate_up_swiglu, (xo_backend *be, float *act, const float *x, float *gu, const xo_linear *w, int m), (be, act, x, gu, w, m))
 WRAP(swiglu, (xo_backend *be, float *y, const float *gu, int n, int inter), (be, y, gu, n, inter))
 WRAP(moe_route, (xo_backend *be, int32_t *idx, float *wt, const float *lg, int n, int e, int k), (be, idx, wt, lg, n, e, k))
-WRAP(moe_router, (xo_backend *be, int32_t *idx, float *wt, const float *x, const float *nw, const xo_linear *r, int n, int k),
-     (be, idx, wt, x, nw, r, n, k))
+/* the fused router kernel needs none of the graph's scratch */
+static xo_status w_moe_router(xo_backend *be, int32_t *idx, float *wt, const float *x, const float *nw, const xo_linear *r,
+                              int n, int k, float *normed, float *logits) {
+    (void)normed;
+    (void)logits;
+    SETDEV(cu_ctx(be));
+    return cu_moe_router(be, idx, wt, x, nw, r, n, k);
+}
 WRAP(moe_experts, (xo_backend *be, const xo_moe_args *a), (be, a))
 WRAP(attention, (xo_backend *be, const xo_attention_args *a), (be, a))
 WRAP(cache_write, (xo_backend *be, void *cache, xo_dtype ct, int cap, int width, int start, const int32_t *sd, const float *src,

@@ -29,7 +29,7 @@ __device__ void route_row(int32_t *ix, float *wt, const float *z, int E, int K) 
         wt[j] = bp;
         picked += bp;
     }
-    for (int j = 0; j < K; j++) wt[j] /= picked + 1e-5f;
+    for (int j = 0; j < K; j++) wt[j] /= picked + XO_TOPK_RENORM_EPS;
 }
 
 __global__ void k_moe_route(int32_t *idx, float *weight, const float *__restrict__ logits, int n, int E, int K) {
@@ -61,7 +61,7 @@ __global__ __launch_bounds__(256) void k_moe_router(int32_t *idx, float *weight,
     __syncthreads();
     float tot = 0.0f;
     for (int w8 = 0; w8 < 8; w8++) tot += red[w8];
-    const float inv = 1.0f / sqrtf(tot / (float)H + 1e-6f);
+    const float inv = 1.0f / sqrtf(tot / (float)H + XO_ROUTER_NORM_EPS);
     for (int j = threadIdx.x; j < H; j += 256) xs[j] = nw[j] * (xs[j] * inv);
     __syncthreads();
     for (int e = warp; e < E; e += 8) {
@@ -95,7 +95,7 @@ xo_status cu_moe_router(xo_backend *be, int32_t *idx, float *weight, const float
     if (H > ROUTER_MAX_H || (((uintptr_t)router->data) & 15)) { /* the three steps, through scratch */
         float *tmp = (float *)cu_alloc_raw(c, (size_t)n * (H + E) * sizeof(float));
         if (!tmp) return cu_fail(c, XO_ENOMEM, "out of GPU memory in the MoE router");
-        xo_status rc = cu_rmsnorm(be, tmp, x, H, norm_w, n, H, 1e-6f);
+        xo_status rc = cu_rmsnorm(be, tmp, x, H, norm_w, n, H, XO_ROUTER_NORM_EPS);
         if (rc == XO_OK) rc = cu_matmul(be, tmp + (size_t)n * H, tmp, router, n);
         if (rc == XO_OK) rc = cu_moe_route(be, idx, weight, tmp + (size_t)n * H, n, E, k);
         cu_free(c, tmp);

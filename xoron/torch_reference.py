@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import DEFAULTS, MOE_DEFAULTS
+
 __all__ = ["TorchMoELlama", "LatentCache", "resolve_config", "load_safetensors_numpy"]
 
 INNER_NORM_EPS = 1e-6  # kv_a_layernorm, q_a_layernorm, router input_norm
@@ -36,25 +38,8 @@ TOPK_RENORM_EPS = 1e-5
 RING_EPS = 1e-5  # original ring path divides by sum + 1e-5 when keys > chunk (SPEC 4.4)
 ROPE_L0, ROPE_BETA_FAST, ROPE_BETA_SLOW = 8192, 32.0, 1.0
 
-_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 151643,
-    "hidden_size": 1024,
-    "intermediate_size": 2048,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 16,
-    "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": True,
-    "use_ring_attention": True,
-    "ring_attention_chunk_size": 4096,
-    "kv_lora_rank": 512,
-    "q_lora_rank": 0,
-    "pad_token_id": None,
-    "bos_token_id": None,
-    "eos_token_id": None,
-}
-_MOE_DEFAULTS = {"num_experts": 8, "num_experts_per_tok": 2, "moe_layer_freq": 2}
+# The per-expert MoE fields, each defaulted from the package's one table (xoron.config).
+_MOE_COUNTS = {k: v for k, v in MOE_DEFAULTS.items() if k != "use_moe"}
 
 
 def resolve_config(d: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
@@ -70,22 +55,22 @@ def resolve_config(d: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
         d["num_hidden_layers"] = d["num_layers"]
     if "num_attention_heads" not in d and "num_heads" in d:
         d["num_attention_heads"] = d["num_heads"]
-    cfg = {k: d.get(k, v) for k, v in _DEFAULTS.items()}
+    cfg = {k: d.get(k, v) for k, v in DEFAULTS.items()}
     cfg["num_key_value_heads"] = d.get("num_key_value_heads", cfg["num_attention_heads"])
     if "moe_config" in d:
         moe = dict(d["moe_config"] or {})
     else:  # Xoron-Dev layout, or an already-resolved flat dict
-        moe = {k: d[k] for k in ("use_moe", *_MOE_DEFAULTS) if k in d}
+        moe = {k: d[k] for k in ("use_moe", *_MOE_COUNTS) if k in d}
         if "moe_intermediate_size" in d:
             moe["intermediate_size"] = d["moe_intermediate_size"]
-    cfg["use_moe"] = bool(moe.get("use_moe", False))
-    for k, v in _MOE_DEFAULTS.items():
+    cfg["use_moe"] = bool(moe.get("use_moe", MOE_DEFAULTS["use_moe"]))
+    for k, v in _MOE_COUNTS.items():
         cfg[k] = moe.get(k, v)
     cfg["moe_intermediate_size"] = moe.get("intermediate_size", cfg["intermediate_size"])
     for k, v in overrides.items():
         if k == "moe_config":
-            cfg["use_moe"] = bool(v.get("use_moe", False))
-            for kk in _MOE_DEFAULTS:
+            cfg["use_moe"] = bool(v.get("use_moe", MOE_DEFAULTS["use_moe"]))
+            for kk in _MOE_COUNTS:
                 cfg[kk] = v.get(kk, cfg[kk])
             cfg["moe_intermediate_size"] = v.get("intermediate_size", cfg["moe_intermediate_size"])
         else:

@@ -1,0 +1,163 @@
+/* One forward call: checks the inputs, lays out positions and mask in the cache, runs the
+ * graph (engine/model.c) and hands the logits, or the chosen tokens, back. */
+#include "engine/model.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* Fills host positions for the new tokens and records them, with the mask, in the cache. */
+static xo_status prepare_positions(xo_model *m, const xo_forward_args *a, xo_cache *cache, int32_t *pos) {
+    const int b = a->batch, t = a->tokens, past = cache->length;
+    for (int r = 0; r < b; r++) {
+        int32_t next = cache->next_position[r];
+        for (int i = 0; i < t; i++) {
+            size_t k = (size_t)r * t + i;
+            uint8_t keep = 1;
+            if (a->mask) keep = a->mask[(size_t)r * a->mask_len + (a->mask_len - t) + i] != 0;
+            int32_t p;
+            if (a->positions) {
+                p = a->positions[k];
+            } else if (keep) {
+                p = next;  /* = cumsum(mask) - 1 over the whole sequence */
+            } else {
+                p = 1;     /* pads get 1, as prepare_inputs_for_generation does */
+            }
+            if (p < 0 || p >= m->cfg.max_position_embeddings)
+                return xo_fail(XO_EINVAL, "position id %d at [%d, %d] is outside [0, max_position_embeddings=%d)",
+                               p, r, i, m->cfg.max_position_embeddings);
+            if (keep && p + 1 > next) next = p + 1;
+            pos[k] = p;
+            cache->host_positions[(size_t)r * cache->capacity + past + i] = p;
+            cache->host_mask[(size_t)r * cache->capacity + past + i] = keep;
+        }
+        if (a->mask && a->mask_len == past + t)   /* a full-length mask may also mask cached keys */
+            for (int j = 0; j < past; j++)
+                cache->host_mask[(size_t)r * cache->capacity + j] = a->mask[(size_t)r * a->mask_len + j] != 0;
+        cache->next_position[r] = next;
+    }
+    XO_TRY(m->be->upload(m->be, cache->positions, cache->host_positions, (size_t)b * cache->capacity * sizeof(int32_t)));
+    return m->be->upload(m->be, cache->mask, cache->host_mask, (size_t)b * cache->capacity);
+}
+
+static xo_status check_args(const xo_model *m, const xo_forward_args *a, const xo_cache *cache) {
+    if (a->batch <= 0 || a->tokens <= 0)
+        return xo_fail(XO_EINVAL, "input_ids must have at least one row and one token (got [%d, %d])", a->batch, a->tokens);
+    if (!a->ids && !a->embeds && !a->ids_device) return xo_fail(XO_EINVAL, "give input_ids or inputs_embeds");
+    if (a->logits_to_keep < 0)
+        return xo_fail(XO_EINVAL, "logits_to_keep must be >= 0 (0 keeps every position), got %d", a->logits_to_keep);
+    if (a->ids_device && !m->be->load_ids)
+        return xo_fail(XO_EUNSUPPORTED, "backend %s cannot read input_ids from device memory", m->be->name);
+    for (size_t i = 0; a->ids && i < (size_t)a->batch * a->tokens; i++)
+        if (a->ids[i] < 0 || a->ids[i] >= m->cfg.vocab_size)
+            return xo_fail(XO_EINVAL, "token id %d at flat index %zu is outside [0, vocab_size=%d)",
+                           a->ids[i], i, m->cfg.vocab_size);
+    if (cache && cache->batch != a->batch)
+        return xo_fail(XO_EINVAL, "past_key_values holds %d rows but input_ids has %d", cache->batch, a->batch);
+    int past = cache ? cache->length : 0;
+    if (a->mask && a->mask_len != a->tokens && a->mask_len != past + a->tokens)
+        return xo_fail(XO_EINVAL, "attention_mask has %d columns; expected %d (new tokens) or %d (cached + new)",
+                       a->mask_len, a->tokens, past + a->tokens);
+    if ((long)past + a->tokens > m->cfg.max_position_embeddings)
+        return xo_fail(XO_EINVAL, "sequence of %ld tokens exceeds max_position_embeddings (%d)",
+                       (long)past + a->tokens, m->cfg.max_position_embeddings);
+    return XO_OK;
+}
+
+/* Positions per row whose logits are computed: the last logits_to_keep, or all (0 or more than t). */
+static int kept_positions(const xo_forward_args *a) {
+    return a->logits_to_keep > 0 && a->logits_to_keep < a->tokens ? a->logits_to_keep : a->tokens;
+}
+
+/* the graph, then lm_head on the rows asked for */
+static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache *cache, xo_scratch *s) {
+    const xo_config *c = &m->cfg;
+    xo_backend *be = m->be;
+    const int b = a->batch, t = a->tokens, n = b * t, H = c->hidden_size;
+    xo_layers_args la = { .batch = b, .tokens = t, .past = cache->length, .embeds = a->embeds, .hidden = a->hidden };
+    XO_TRY(xo_model_layers(m, &la, cache, s));
+    /* logits = h @ lm_head.T */
+    if (!a->logits && !a->argmax && !a->device_logits) return XO_OK;
+    /* logits[:, -keep:]: only the kept rows go through the lm_head */
+    const int keep = kept_positions(a);
+    const float *rows = s->xn;
+    int nrows = n;
+    if (keep < t) {
+        for (int row = 0; row < b; row++)
+            XO_TRY(be->copy(be, s->branch + (size_t)row * keep * H, s->xn + ((size_t)row * t + t - keep) * H,
+                            (size_t)keep * H * sizeof(float)));
+        rows = s->branch;
+        nrows = b * keep;
+    }
+    /* A backend working in host memory writes the logits straight into the caller's array. */
+    float *dst = be->host_memory && a->logits ? a->logits : s->logits;
+    XO_TRY(xo_model_lm_head(m, dst, rows, nrows));
+    if (a->argmax) {  /* a few bytes back instead of the whole logits */
+        const struct xo_device_draw *d = a->draw;
+        if (d)
+            XO_TRY(be->sample_rows(be, s->argmax, dst, nrows, c->vocab_size, d->temperature, d->top_k, d->top_p,
+                                   d->seed, d->step, NULL));
+        else
+            XO_TRY(be->argmax_rows(be, s->argmax, dst, nrows, c->vocab_size));
+        return be->download(be, a->argmax, s->argmax, (size_t)nrows * sizeof(int32_t));
+    }
+    if (a->device_logits) {  /* hand the buffer over instead of copying it */
+        *a->device_logits = s->logits;
+        s->logits = NULL;
+        return XO_OK;
+    }
+    if (dst != a->logits) XO_TRY(be->download(be, a->logits, dst, (size_t)nrows * c->vocab_size * sizeof(float)));
+    return XO_OK;
+}
+
+xo_status xo_model_forward(xo_model *m, const xo_forward_args *a) {
+    xo_cache *cache = a->cache;
+    XO_TRY(check_args(m, a, cache));
+    xo_cache *own = NULL;
+    if (!cache) {
+        XO_TRY(xo_cache_create(&own, &m->cfg, m->be, a->batch, XO_CACHE_LATENT, m->weight_dtype));
+        cache = own;
+    }
+    const int n = a->batch * a->tokens;
+    xo_scratch s = {0};
+    int32_t *pos = malloc((size_t)n * sizeof *pos);
+    xo_status rc = pos ? XO_OK : xo_fail(XO_ENOMEM, "out of memory");
+    int saved_len = cache->length;
+    int32_t *saved_next = NULL;
+    if (rc == XO_OK) rc = xo_cache_reserve(cache, cache->length + a->tokens);
+    if (rc == XO_OK && !(saved_next = malloc((size_t)a->batch * sizeof *saved_next))) rc = xo_fail(XO_ENOMEM, "out of memory");
+    if (rc == XO_OK) memcpy(saved_next, cache->next_position, (size_t)a->batch * sizeof *saved_next);
+    if (rc == XO_OK) rc = prepare_positions(m, a, cache, pos);
+    const int out_rows = a->batch * kept_positions(a);
+    const int logit_rows = m->be->host_memory && a->logits ? 0 : out_rows;
+    if (rc == XO_OK) rc = xo_scratch_alloc(m->be, &m->cfg, n, logit_rows, out_rows, &s);
+    if (rc == XO_OK && a->ids) rc = m->be->upload(m->be, s.ids, a->ids, (size_t)n * sizeof(int32_t));
+    /* ids already on the device are checked there; a bad one is reported after the pass */
+    uint64_t *bad = NULL;
+    if (rc == XO_OK && a->ids_device) {
+        if (!(bad = m->be->alloc(m->be, 2 * sizeof(uint64_t)))) rc = xo_fail(XO_ENOMEM, "out of memory");
+        if (rc == XO_OK)
+            rc = m->be->load_ids(m->be, s.ids, a->ids_device, a->ids_wide, (size_t)n, m->cfg.vocab_size, bad);
+    }
+    if (rc == XO_OK) rc = m->be->upload(m->be, s.pos, pos, (size_t)n * sizeof(int32_t));
+    if (rc == XO_OK) rc = forward_layers(m, a, cache, &s);
+    if (rc == XO_OK) rc = m->be->synchronize(m->be);
+    if (rc == XO_OK && bad) {
+        uint64_t hb[2];
+        rc = m->be->download(m->be, hb, bad, sizeof hb);
+        if (rc == XO_OK && hb[0] != UINT64_MAX)
+            rc = xo_fail(XO_EINVAL, "token id %lld at flat index %llu is outside [0, vocab_size=%d)", (long long)hb[1],
+                         (unsigned long long)hb[0], m->cfg.vocab_size);
+    }
+    m->be->release(m->be, bad);
+    if (rc == XO_OK) {
+        cache->length += a->tokens;
+    } else if (saved_next) {  /* a failed call leaves the cache as it was */
+        cache->length = saved_len;
+        memcpy(cache->next_position, saved_next, (size_t)a->batch * sizeof *saved_next);
+    }
+    xo_scratch_free(m->be, &s);
+    free(pos);
+    free(saved_next);
+    xo_cache_free(own);
+    return rc;
+}

@@ -1,0 +1,45 @@
+/* The model's lifetime: creation on a backend, weights, release. */
+#include "engine/model.h"
+
+#include <stdlib.h>
+
+#include "engine/rope.h"
+
+xo_status xo_model_create(xo_model **out, const xo_config *cfg, xo_backend *be, xo_dtype weight_dtype) {
+    xo_config c = *cfg;
+    xo_status rc = xo_config_validate(&c);
+    if (rc == XO_OK && c.head_dim > 1024) rc = xo_fail(XO_EINVAL, "config: head_dim %d above the supported 1024", c.head_dim);
+    if (rc != XO_OK) { be->destroy(be); return rc; }
+    xo_model *m = calloc(1, sizeof *m);
+    if (!m) { be->destroy(be); return xo_fail(XO_ENOMEM, "out of memory"); }
+    m->cfg = c;
+    m->be = be;
+    xo_backend_fill_defaults(be);
+    m->weight_dtype = weight_dtype;
+    pthread_mutex_init(&m->lock, NULL);
+    float host[512];
+    xo_yarn_frequencies(&c, host, &m->mscale);
+    m->inv_freq = be->alloc(be, (size_t)c.head_dim / 2 * sizeof(float));
+    if (!m->inv_freq) { xo_model_free(m); return xo_fail(XO_ENOMEM, "out of memory"); }
+    rc = be->upload(be, m->inv_freq, host, (size_t)c.head_dim / 2 * sizeof(float));
+    if (rc != XO_OK) { xo_model_free(m); return rc; }
+    *out = m;
+    return XO_OK;
+}
+
+xo_status xo_model_load(xo_model *m, const xo_tensor_view *tensors, int n, const char *prefix) {
+    return xo_weights_load(&m->w, &m->cfg, m->be, m->weight_dtype, tensors, n, prefix);
+}
+
+xo_status xo_model_init_random(xo_model *m, uint64_t seed) {
+    return xo_weights_random(&m->w, &m->cfg, m->be, m->weight_dtype, seed);
+}
+
+void xo_model_free(xo_model *m) {
+    if (!m) return;
+    xo_weights_free(&m->w, &m->cfg, m->be);
+    m->be->release(m->be, m->inv_freq);
+    m->be->destroy(m->be);
+    pthread_mutex_destroy(&m->lock);
+    free(m);
+}
