@@ -5,9 +5,12 @@ intermediate 2048), random weights, bfloat16.
 
     python benchmarks/bench_gpu.py [--quick] [--json out.json] [--budget SECONDS] [--no-eager]
 
-First the peer is checked against xoron in this run: its prefill and compiled decode logits
-(batch 1 and 64, the two MoE paths) must equal xoron's full forward within the bf16 tolerance
-of SPEC section 8; a mismatch stops the benchmark.
+First the peer is checked in this run, at batch 1 and 64 (its two MoE paths): in float32 its
+prefill and compiled decode logits must equal xoron's within SPEC section 8's 1e-4, or the
+benchmark stops; in bfloat16 the distance of its logits and of xoron's from the float32 ones
+is printed. (bf16 logits of this random model can miss the float32 ones by more than 3e-2 in
+both engines: a nearly tied router choice flips under bf16 rounding. The router's gate is
+scaled by 10 to make such ties rarer; it does not change the work per token.)
 
 Measures
   prefill  tokens/s to the first token of one sequence of T tokens (T = 4096, 32768, 131072):
@@ -50,7 +53,7 @@ CONFIG = {
     "moe_config": {"use_moe": True, "num_experts": 8, "num_experts_per_tok": 2, "moe_layer_freq": 2,
                    "intermediate_size": 2048},
 }
-TOL_HALF = 3e-2  # SPEC section 8
+TOL_F32 = 1e-4  # SPEC section 8
 V = CONFIG["vocab_size"]
 
 T0 = time.time()
@@ -137,15 +140,17 @@ def peer_step(peer, tok, cache):
     return peer.decode(tok, cache)
 
 
-def peer_check(peer, m, b, prompt_len=32, steps=4):
-    """The peer's prefill (last position) and compiled decode logits against xoron's full forward."""
+def peer_check(peer, m, ref, b, prompt_len=32, steps=4):
+    """Relative distance of the peer's prefill (last position) and compiled decode logits, and
+    of xoron model m's, from those of xoron model ref: (peer, m)."""
     ids = torch.from_numpy(random_ids(b, prompt_len + steps, 7 + b)).cuda()
-    full = np.asarray(m(ids.cpu().numpy(), logits_to_keep=steps + 1).logits)
+    truth = np.asarray(ref(ids.cpu().numpy(), logits_to_keep=steps + 1).logits)
+    ours = truth if m is ref else np.asarray(m(ids.cpu().numpy(), logits_to_keep=steps + 1).logits)
     cache = peer_cache(peer, b, prompt_len + steps + 8)
     got = [peer.prefill(ids[:, :prompt_len], cache).cpu().numpy()]
     for s in range(steps):
         got.append(peer_step(peer, ids[:, prompt_len + s:prompt_len + s + 1], cache).cpu().numpy())
-    return rel_err(np.stack(got, 1), full)
+    return rel_err(np.stack(got, 1), truth), rel_err(ours, truth)
 
 
 @torch.no_grad()
@@ -241,18 +246,31 @@ def main():
 
     base = gpu_used()
     m = xoron.MoELlamaForCausalLM(CONFIG, dtype="bfloat16", device="cuda", seed=0)
+    # a decisive router (gate x 10): with the 0.02 init nearly tied experts swap under any bf16
+    # rounding, which no two implementations can agree on; the work per token is unchanged
+    m.load_state_dict({k: v * 10 if k.endswith("router.gate.weight") else v for k, v in m.state_dict().items()})
     peer = TorchPeer.from_xoron(m, dtype=torch.bfloat16, device="cuda")
     peer.compile()
     log(f"xoron model: {m.num_parameters() / 1e6:.0f}M parameters; peer built from its weights")
 
     # ---- the peer computes what xoron computes (both MoE paths: gathered at b=1, masked at b=64) ----
+    m32 = xoron.MoELlamaForCausalLM(CONFIG, dtype="float32", device="cuda", seed=0)
+    m32.load_state_dict(m.state_dict())
+    peer32 = TorchPeer.from_xoron(m32, dtype=torch.float32, device="cuda")
+    peer32.compile()
     for b in (1, 64):
         t = time.time()
-        res["check"][f"b{b}"] = err = peer_check(peer, m, b)
-        log(f"peer vs xoron logits, prefill 32 + 4 compiled decode steps, b={b}: rel err {err:.2e} "
-            f"(tolerance {TOL_HALF:.0e}; incl. compiling, {time.time() - t:.0f}s)")
-        if not err <= TOL_HALF:
-            raise SystemExit(f"the peer's logits differ from xoron's by {err:.2e}: its figures would mean nothing")
+        err32, _ = peer_check(peer32, m32, m32, b)
+        err_peer, err_xo = peer_check(peer, m, m32, b)
+        res["check"][f"b{b}"] = {"float32_peer_vs_xoron": err32, "bf16_peer_vs_float32": err_peer,
+                                 "bf16_xoron_vs_float32": err_xo}
+        log(f"prefill 32 + 4 compiled decode steps, b={b}: float32 peer vs xoron {err32:.2e} (tolerance {TOL_F32:.0e}); "
+            f"bf16 vs float32: peer {err_peer:.2e}, xoron {err_xo:.2e} (incl. compiling, {time.time() - t:.0f}s)")
+        if not err32 <= TOL_F32:
+            raise SystemExit(f"the peer's float32 logits differ from xoron's by {err32:.2e}: its figures would mean nothing")
+    del m32, peer32
+    gc.collect()
+    torch.cuda.empty_cache()
 
     # ---- prefill ----
     for T in prefill_T:
@@ -316,7 +334,8 @@ def main():
     if "gpu_bytes_after_prefill" in X:
         print(f"xoron GPU memory after the prefills: {X['gpu_bytes_after_prefill'] / 2**30:.2f} GiB")
     print(f"peer peak GPU memory (torch allocator): {P['peak_gpu_bytes'] / 2**30:.2f} GiB")
-    print(f"peer vs xoron logits: {', '.join(f'{k} {v:.2e}' for k, v in res['check'].items())}")
+    for k, e in res["check"].items():
+        print(f"check {k}: " + ", ".join(f"{n} {v:.2e}" for n, v in e.items()))
     print(f"total benchmark time {time.time() - T0:.0f}s")
     if args.json:
         with open(args.json, "w") as fh:
