@@ -12,10 +12,12 @@ XORON_NATIVE=1 opts in to -march=native for a build that only runs on this CPU.
 
 CUDA: XORON_CUDA=1 forces the plugin on (the build fails without nvcc), XORON_CUDA=0 off;
 by default it is built when nvcc is found. It is a separate shared library
-(xoron/_xoron_cuda.so) that `_C` loads only when a CUDA device is asked for, so the
-CPU engine imports and runs on machines without CUDA.
+(xoron/_xoron_cuda.so, beside `_C` in every kind of build: install, wheel, in place, editable)
+that `_C` loads only when a CUDA device is asked for, so the CPU engine imports and runs on
+machines without CUDA. `_C` loads only the plugin of its own build (see build_id).
 """
 import glob
+import hashlib
 import os
 import shutil
 import subprocess
@@ -83,17 +85,79 @@ def find_nvcc():
     return nvcc
 
 
-class XoronBuildExt(build_ext):
-    def build_extensions(self):
-        super().build_extensions()
-        cu_sources = sorted(glob.glob(os.path.join(HERE, "csrc", "backends", "cuda", "*.cu")))
-        nvcc = find_nvcc() if cu_sources else None
-        if nvcc:
-            self._build_cuda_plugin(nvcc, cu_sources)
+PLUGIN = "_xoron_cuda.so"  # beside _C, which loads it (xoron/__init__.py says where)
+CUDA_SOURCES = sorted(glob.glob(os.path.join(HERE, "csrc", "backends", "cuda", "*.cu")))
 
-    def _build_cuda_plugin(self, nvcc, sources):
-        ext_path = self.get_ext_fullpath("xoron._C")
-        out = os.path.join(os.path.dirname(ext_path), "_xoron_cuda.so")
+
+def build_id(with_cuda):
+    """Names this source tree and CUDA choice. _C and the plugin both carry it, and _C loads
+    only a plugin with its own id, so a plugin left over from another build is never used."""
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(HERE, "csrc", "**", "*"), recursive=True)):
+        if os.path.isfile(path):
+            h.update(os.path.relpath(path, HERE).encode() + b"\0")
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:16] + ("-cuda" if with_cuda else "-cpu")
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+class XoronBuildExt(build_ext):
+    """Builds _C, then the CUDA plugin beside it, and keeps the plugin where _C goes: an in-place
+    or editable build copies it into the source tree like _C, and a build without CUDA removes
+    one that an earlier build left there or in build/."""
+
+    def build_extensions(self):
+        # setuptools rebuilds _C only when a listed file is newer, not when its defines change.
+        stamp = os.path.join(self.build_temp, "xoron_build_id")
+        if _read(stamp) != BUILD_ID:
+            self.force = True
+        super().build_extensions()
+        # Where _C went: build/lib* (setuptools >= 65 builds there and copies back for
+        # --inplace), or the source tree for older setuptools building in place directly.
+        plugin = os.path.join(os.path.dirname(self.get_ext_fullpath("xoron._C")), PLUGIN)
+        if NVCC:
+            self._build_cuda_plugin(NVCC, CUDA_SOURCES, plugin)
+        elif os.path.exists(plugin):
+            os.remove(plugin)
+        os.makedirs(self.build_temp, exist_ok=True)
+        with open(stamp, "w") as f:
+            f.write(BUILD_ID)
+
+    def _plugin_paths(self):
+        """(the plugin in build/lib*, the plugin in the source package) of an in-place build."""
+        package_dir = self.get_finalized_command("build_py").get_package_dir("xoron")
+        return os.path.join(self.build_lib, "xoron", PLUGIN), os.path.join(package_dir, PLUGIN)
+
+    def copy_extensions_to_source(self):
+        super().copy_extensions_to_source()
+        built, in_source = self._plugin_paths()
+        if NVCC:
+            self.copy_file(built, in_source, level=self.verbose)
+        elif os.path.exists(in_source):
+            os.remove(in_source)
+
+    def get_output_mapping(self):
+        mapping = super().get_output_mapping()
+        if self.inplace and NVCC:  # an editable install links the plugin as it links _C
+            built, in_source = self._plugin_paths()
+            mapping[built] = in_source
+        return mapping
+
+    def get_outputs(self):
+        outputs = super().get_outputs()
+        if NVCC and not self.inplace:
+            outputs.append(os.path.join(os.path.dirname(self.get_ext_fullpath("xoron._C")), PLUGIN))
+        return outputs
+
+    def _build_cuda_plugin(self, nvcc, sources, out):
         tmp = os.path.join(self.build_temp, "cuda")
         os.makedirs(tmp, exist_ok=True)
         cuda_root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
@@ -106,7 +170,8 @@ class XoronBuildExt(build_ext):
         for src in sources:
             obj = os.path.join(tmp, os.path.basename(src) + ".o")
             cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
-                   "--expt-relaxed-constexpr", "-I", os.path.join(HERE, "csrc")] + gencode
+                   "--expt-relaxed-constexpr", "-I", os.path.join(HERE, "csrc"),
+                   f'-DXO_BUILD_ID="{BUILD_ID}"'] + gencode
             jobs.append(subprocess.Popen(cmd))
             objs.append(obj)
         if any(j.wait() != 0 for j in jobs):
@@ -119,8 +184,6 @@ class XoronBuildExt(build_ext):
               [f"-Xlinker=-rpath,{d}" for d in libdirs]
         if subprocess.call(cmd) != 0:
             raise BuildError("xoron: linking the CUDA plugin failed.")
-        if self.inplace:  # setuptools copies only the extensions back into the source tree
-            shutil.copy2(out, os.path.join(HERE, "xoron", "_xoron_cuda.so"))
 
 
 def make_extension():
@@ -142,16 +205,20 @@ def make_extension():
     return Extension(
         "xoron._C",
         sources=sources,
+        depends=sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True)),
         include_dirs=["csrc", dnnl_inc, numpy.get_include()],
         library_dirs=[dnnl_lib],
         libraries=["dnnl"],
         extra_compile_args=cflags,
         extra_link_args=ldflags,
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
+                       ("XO_WITH_CUDA", "1" if NVCC else "0"), ("XO_BUILD_ID", f'"{BUILD_ID}"')],
     )
 
 
 try:
+    NVCC = find_nvcc() if CUDA_SOURCES else None
+    BUILD_ID = build_id(NVCC is not None)
     ext = make_extension()
 except BuildError as e:
     sys.stderr.write(str(e) + "\n")

@@ -1,4 +1,4 @@
-"""CPU benchmark: xoron float32 / bfloat16 / int8 beside PyTorch eager float32.
+"""CPU benchmark: xoron float32 / bfloat16 / int8 / int4 beside PyTorch eager float32.
 
     python benchmarks/bench_cpu.py                 # default model, all cores
     python benchmarks/bench_cpu.py --layers 2      # quick look
@@ -6,7 +6,7 @@
 The model is the default configuration (vocab 151643, hidden 1024, 12 layers, 16 heads, nkv 16,
 kv_lora_rank 512, MoE with 8 experts top-2 on every 2nd layer plus a shared expert,
 intermediate 2048, tied embeddings) with random weights (std 0.02). The xoron models are
-built from one seed, so bf16 and int8 hold the float32 weights rounded / quantised; the
+built from one seed, so bf16, int8 and int4 hold the float32 weights rounded / quantised; the
 PyTorch model (xoron/torch_reference.py, eager, computed like the original module with its
 per-expert loop, plus a latent KV cache) gets the same float32 weights.
 
@@ -52,13 +52,14 @@ ROOT = os.path.dirname(HERE)
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--threads", type=int, default=0, help="threads for both engines (0: all cores)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="threads for both engines (0: xoron's default, the physical cores)")
     p.add_argument("--prefill", type=int, nargs="*", default=[128, 512])
     p.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     p.add_argument("--prompt", type=int, default=16, help="prompt length for decode")
     p.add_argument("--new-tokens", type=int, default=33, help="tokens generated per decode run")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16", "int8"])
+    p.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16", "int8", "int4"])
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--no-kv", action="store_true", help="skip the cache_format='kv' decode rows")
     p.add_argument("--seed", type=int, default=1234)
@@ -66,29 +67,26 @@ def parse_args():
 
 
 ARGS = parse_args()
-THREADS = ARGS.threads or os.cpu_count()
-os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))  # before libgomp starts
 
 sys.path.insert(0, ROOT)  # run from a source checkout without installing
 import numpy as np  # noqa: E402
 
 import xoron  # noqa: E402
 from xoron import _C  # noqa: E402
+from xoron.config import DEFAULTS, MOE_DEFAULTS  # noqa: E402
+
+THREADS = ARGS.threads or xoron.get_num_threads()
+xoron.set_num_threads(THREADS)
 
 
 def config(layers: int) -> dict:
-    return {
-        "vocab_size": 151643, "hidden_size": 1024, "intermediate_size": 2048,
-        "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 16,
-        "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 500000.0,
-        "tie_word_embeddings": True, "use_ring_attention": True, "ring_attention_chunk_size": 4096,
-        "kv_lora_rank": 512, "q_lora_rank": 0,
-        "moe_config": {"use_moe": True, "num_experts": 8, "num_experts_per_tok": 2,
-                       "moe_layer_freq": 2, "intermediate_size": 2048},
-    }
+    """The SPEC section 1 defaults with MoE on and `layers` layers."""
+    return dict(DEFAULTS, num_hidden_layers=layers, num_key_value_heads=DEFAULTS["num_attention_heads"],
+                moe_config=dict(MOE_DEFAULTS, use_moe=True, intermediate_size=DEFAULTS["intermediate_size"]))
 
 
-BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0}
+BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int4": 0.5}
+GROUP = 32   # weights per float32 scale (int8, int4)
 
 
 def active_bytes(cfg: dict, dtype: str) -> float:
@@ -99,12 +97,13 @@ def active_bytes(cfg: dict, dtype: str) -> float:
     moe = cfg["moe_config"]
     E, K, freq, Ie = moe["num_experts"], moe["num_experts_per_tok"], moe["moe_layer_freq"], moe["intermediate_size"]
     b = BYTES[dtype]
-    row = (lambda rows, cols: rows * cols * b + (rows * 4 if dtype == "int8" else 0))  # int8: + row scales
+    grouped = dtype in ("int8", "int4")
+    row = (lambda rows, cols: rows * cols * b + (rows * -(-cols // GROUP) * 4 if grouped else 0))  # + group scales
     total = H * b + row(V, H)                                         # embedding row, LM head
     for layer in range(L):
         total += row(nh * hd, H) + row(r, H) + row(2 * nkv * hd, r) + row(H, nh * hd)   # attention
         if moe["use_moe"] and layer % freq == freq - 1:
-            total += E * H * 4                                        # router (float32 always under int8)
+            total += E * H * 4 if grouped else E * H * b               # router (float32 under int8/int4)
             total += (K + 1) * (row(2 * Ie, H) + row(H, Ie))          # top-k + shared experts
         else:
             total += row(2 * I, H) + row(H, I)
@@ -188,7 +187,9 @@ def main():
     except (OSError, StopIteration):
         pass
     bw0 = read_bandwidth()
-    print(f"CPU: {cpu}, {os.cpu_count()} cores; threads used: {THREADS}; kernels: {kernel_isa()}")
+    print(f"CPU: {cpu}, {os.cpu_count()} CPUs ({xoron._C.physical_cores()} physical cores usable); "
+          f"threads used: {THREADS}; kernels: {kernel_isa()}")
+    print(f"load average at the start: {' '.join(open('/proc/loadavg').read().split()[:3])}")
     print(f"read bandwidth (engine C loop, all threads) before: {bw0 / 1e9:.1f} GB/s")
     print(f"model: {ARGS.layers} layers, default configuration, random weights (seed {ARGS.seed})")
     print(f"decode: prompt {ARGS.prompt} tokens, {ARGS.new_tokens} new tokens, greedy; best of {ARGS.rounds}\n",

@@ -3,7 +3,7 @@ and the eager PyTorch model (xoron/torch_reference.py), same GPU, same process, 
 (vocab 151643, hidden 1024, 12 layers, 16 heads, MoE 8 experts top-2 on every 2nd layer,
 intermediate 2048), random weights, bfloat16.
 
-    python benchmarks/bench_gpu.py [--quick] [--json out.json] [--budget SECONDS] [--no-eager]
+    python benchmarks/bench_gpu.py [--quick] [--json out.json] [--budget SECONDS] [--no-eager] [--variants]
 
 First the peer is checked in this run, at batch 1 and 64 (its two MoE paths): in float32 its
 prefill and compiled decode logits must equal xoron's within SPEC section 8's 1e-4, or the
@@ -45,19 +45,22 @@ import xoron  # noqa: E402
 from torch_peer import TorchPeer, rel_err  # noqa: E402
 from xoron.torch_reference import TorchMoELlama  # noqa: E402
 
-CONFIG = {
-    "vocab_size": 151643, "hidden_size": 1024, "intermediate_size": 2048, "num_hidden_layers": 12,
-    "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-6, "rope_theta": 500000.0, "tie_word_embeddings": True,
-    "use_ring_attention": True, "ring_attention_chunk_size": 4096, "kv_lora_rank": 512, "q_lora_rank": 0,
-    "moe_config": {"use_moe": True, "num_experts": 8, "num_experts_per_tok": 2, "moe_layer_freq": 2,
-                   "intermediate_size": 2048},
-}
+from xoron.config import DEFAULTS, MOE_DEFAULTS  # noqa: E402
+
+# The SPEC section 1 defaults with MoE on, as in the documented usage example.
+CONFIG = dict(DEFAULTS, num_key_value_heads=DEFAULTS["num_attention_heads"],
+              moe_config=dict(MOE_DEFAULTS, use_moe=True, intermediate_size=DEFAULTS["intermediate_size"]))
 TOL_F32 = 1e-4  # SPEC section 8
 V = CONFIG["vocab_size"]
 
 T0 = time.time()
 BUDGET = 400.0
+VARIANTS = {  # model options (xoron.option_table())
+    "moe_host": {"cuda_moe": "host"},            # per-expert cuBLASLt GEMMs sized from host-read counts
+    "attn_rows": {"cuda_attention": "rows"},     # the row-wise attention kernel for prefill too
+    "no_cublaslt": {"cuda_gemm": "builtin"},     # the built-in WMMA GEMM for every product
+    "no_pdl": {"cuda_pdl": False},               # no programmatic dependent launches
+}
 
 
 def left() -> float:
@@ -97,7 +100,7 @@ def xo_prefill(m, T):
     ids = random_ids(1, T, T).astype(np.int32)
 
     def run():
-        m._engine.forward(ids, None, None, None, True, 1, False)
+        m._engine.forward(ids, logits_to_keep=1)
     return T / best_time(run, reps=3 if T <= 4096 else 1)
 
 
@@ -231,6 +234,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer, shorter measurements")
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-eager", action="store_true", help="leave out the eager PyTorch model")
+    ap.add_argument("--variants", action="store_true", help="also prefill T=4096 under the backend's options")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds; later measurements are skipped past it")
     args = ap.parse_args()
     BUDGET = args.budget
@@ -297,6 +301,24 @@ def main():
         attempt(X, f"sample_b{b}_ctx32", f"xoron generate() sampling top_k=50 top_p=0.9 b={b} ctx=32",
                 xo_generate, m, b, 32, 128, do_sample=True, top_k=50, top_p=0.9, seed=0)
     P["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+
+    # ---- the backend's options, on prefill T=4096 (each needs a fresh model) ----
+    if args.variants:
+        for name, opts in VARIANTS.items():
+            if left() < 45:
+                break
+            try:
+                mv = xoron.MoELlamaForCausalLM(CONFIG, dtype="bfloat16", device="cuda", seed=0, options=opts)
+                X[f"prefill_T4096_{name}"] = r = xo_prefill(mv, 4096)
+                log(f"xoron prefill T=4096 with {opts}: {r:,.0f} tok/s")
+                if name == "no_pdl":
+                    for b in (1, 64):
+                        X[f"decode_b{b}_ctx32_{name}"] = r = xo_generate(mv, b, 32, 128)
+                        log(f"xoron generate() decode b={b} ctx=32 with {opts}: {r:,.0f} tok/s")
+                del mv
+                gc.collect()
+            except Exception as e:
+                log(f"xoron variant {name} failed: {e}")
 
     # ---- the eager model, same weights ----
     if not args.no_eager and left() > 30:

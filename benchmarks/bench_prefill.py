@@ -25,12 +25,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a source checkout without installing
 
 import xoron  # noqa: E402
+from xoron.config import DEFAULTS, MOE_DEFAULTS  # noqa: E402
 
-MOE = {"use_moe": True, "num_experts": 8, "num_experts_per_tok": 2, "moe_layer_freq": 2, "intermediate_size": 2048}
 # SPEC section 1 defaults, MoE on as in the documented usage example.
-DEFAULT = {"vocab_size": 151643, "hidden_size": 1024, "intermediate_size": 2048, "num_hidden_layers": 12,
-           "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 131072,
-           "kv_lora_rank": 512, "moe_config": MOE}
+DEFAULT = dict(DEFAULTS, num_key_value_heads=DEFAULTS["num_attention_heads"],
+               moe_config=dict(MOE_DEFAULTS, use_moe=True, intermediate_size=DEFAULTS["intermediate_size"]))
+MOE = DEFAULT["moe_config"]
 QUICK = {"vocab_size": 8192, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
          "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 131072,
          "kv_lora_rank": 128, "moe_config": dict(MOE, num_experts=4, intermediate_size=512)}

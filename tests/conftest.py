@@ -116,16 +116,16 @@ def random_weights(cfg: R.RefConfig, seed: int = 0, boost: bool = True) -> dict:
 
 
 def make_model(cfg_dict: dict | None = None, seed: int = 0, *, dtype: str = "float32", boost: bool = True,
-               **kw) -> Built:
+               device: str = "cpu", **kw) -> Built:
     """Builds RefConfig + random_weights(seed) (reference_impl's, boosted, see BOOST) and loads
-    them into xoron.MoELlamaForCausalLM via load_state_dict(strict=True). `cfg_dict` and `kw`
-    are applied on top of SMALL (see small_config)."""
+    them into xoron.MoELlamaForCausalLM on `device` via load_state_dict(strict=True).
+    `cfg_dict` and `kw` are applied on top of SMALL (see small_config)."""
     import xoron
 
     config = small_config(cfg_dict, **kw)
     cfg = R.RefConfig.from_dict(config)
     weights = random_weights(cfg, seed, boost)
-    model = xoron.MoELlamaForCausalLM(config, dtype=dtype, seed=0)
+    model = xoron.MoELlamaForCausalLM(config, dtype=dtype, device=device, seed=0)
     model.load_state_dict(weights, strict=True)
     return Built(model, cfg, weights, config)
 
@@ -177,6 +177,25 @@ def write_checkpoint(directory, config: dict, weights: dict, dtypes: dict | None
 
 
 # ---------------------------------------------------------------- fixtures
+
+
+def _devices() -> list:
+    import xoron
+
+    no_gpu = pytest.mark.skipif(not xoron.cuda_available(),
+                                reason="no usable CUDA device (no GPU or driver, or xoron built without CUDA)")
+    return ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, no_gpu])]
+
+
+# Every device a test taking the `device` fixture runs on; "cuda" skips without a GPU.
+DEVICES = _devices()
+
+
+@pytest.fixture(scope="session", params=DEVICES)
+def device(request) -> str:
+    """Runs the test once per device: "cpu" always, "cuda" where a GPU is usable. Session-scoped
+    so that module-scoped fixtures (a loaded checkpoint) can take it too."""
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -221,7 +221,7 @@ def test_unknown_config_override():
         MoELlamaForCausalLM.from_pretrained(TINY_RING, no_such_field=1)
 
 
-@pytest.mark.parametrize("dtype", ["float64", "fp8", "int4", "", "Float32x"])
+@pytest.mark.parametrize("dtype", ["float64", "fp8", "int2", "", "Float32x"])
 def test_unknown_dtype(dtype):
     with pytest.raises(ValueError, match="dtype"):
         MoELlamaForCausalLM(small_config(), dtype=dtype, seed=0)

@@ -5,12 +5,10 @@ has no CUDA plugin or no GPU is usable. SPEC section 8 tolerances: float32 on th
 within 1e-4 (max|got-ref| / max|ref|), bfloat16 / float16 within 3e-2.
 
 16-bit models are compared with the oracle run on the weights rounded as the model stores them.
-Several tests run the model under the backend's switches (read when a model is created):
-XORON_CUDA_MOE=host (per-expert GEMMs sized from host-read counts instead of the device-side
-grouped kernels), XORON_CUDA_ATTN=rows (no tensor-core attention), XORON_CUDA_ATTN=wmma (the WMMA
-prefill attention instead of the mma.sync one), XORON_CUDA_ATTN=q64 (mma.sync with 64 queries a block), XORON_CUDA_GEMM=v1 (the 64-row grouped MoE GEMM),
-XORON_CUDA_NO_CUBLASLT=1
-(the built-in GEMM kernels instead of cuBLASLt), so every kernel path is checked.
+Several tests run the model under the backend's options: cuda_moe="host" (per-expert GEMMs
+sized from host-read counts instead of the device-side grouped kernels), cuda_attention="rows"
+(no tensor-core attention), cuda_gemm="builtin" (the built-in GEMM kernels instead of
+cuBLASLt), so every kernel path is checked.
 """
 from __future__ import annotations
 
@@ -26,20 +24,14 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import reference_impl as R  # noqa: E402
+from conftest import SMALL  # noqa: E402
 import xoron  # noqa: E402
 
 TINY_RING = os.path.join(HERE, "data", "tiny_ring")
 TOL_F32 = 1e-4
 TOL_HALF = 3e-2
 
-BASE = {
-    "vocab_size": 97, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-6, "rope_theta": 500000.0, "tie_word_embeddings": True,
-    "use_ring_attention": True, "ring_attention_chunk_size": 4096, "kv_lora_rank": 16, "q_lora_rank": 0,
-    "moe_config": {"use_moe": False, "num_experts": 4, "num_experts_per_tok": 2, "moe_layer_freq": 2,
-                   "intermediate_size": 40},
-}
+BASE = SMALL  # the tiny test model, SPEC defaults elsewhere
 MOE_KEYS = {"use_moe": "use_moe", "num_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
             "moe_layer_freq": "moe_layer_freq", "moe_intermediate_size": "intermediate_size"}
 MOE = {"use_moe": True, "num_experts": 4, "num_experts_per_tok": 2, "moe_layer_freq": 2, "moe_intermediate_size": 40}
@@ -93,7 +85,7 @@ def rel_err(got, ref) -> float:
 
 def _gpu_status():
     if not xoron.cuda_available():
-        return False, "this xoron was built without the CUDA plugin"
+        return False, "no usable CUDA device (no GPU or driver, or xoron built without CUDA)"
     try:
         xoron.MoELlamaForCausalLM(_config(), device="cuda", seed=0)
     except Exception as e:  # no GPU, no driver, ...
@@ -107,11 +99,12 @@ pytestmark = pytest.mark.cuda
 TOL = {"float32": TOL_F32, "bfloat16": TOL_HALF, "float16": TOL_HALF}
 
 
-def build(overrides=None, seed=0, dtype="float32", device="cuda", cache_format="latent"):
+def build(overrides=None, seed=0, dtype="float32", device="cuda", cache_format="latent", options=None):
     config = _config(overrides)
     cfg = R.RefConfig.from_dict(config)
     w = _weights(cfg, seed)
-    m = xoron.MoELlamaForCausalLM(config, dtype=dtype, device=device, seed=0, cache_format=cache_format)
+    m = xoron.MoELlamaForCausalLM(config, dtype=dtype, device=device, seed=0, cache_format=cache_format,
+                                  options=options)
     m.load_state_dict(w, strict=True)
     return m, cfg, w
 
@@ -225,28 +218,24 @@ def test_left_padded_attention_mask(dtype):
     assert rel_err(out.logits[keep], ref[keep]) <= TOL[dtype]
 
 
-# ------------------------------------------------------------------ the switches: every kernel path
+# ------------------------------------------------------------------ the options: every kernel path
 
 
 PATHS = {
     "default": {},
-    "moe_host": {"XORON_CUDA_MOE": "host"},
-    "attn_rows": {"XORON_CUDA_ATTN": "rows"},
-    "attn_wmma": {"XORON_CUDA_ATTN": "wmma"},
-    "attn_q64": {"XORON_CUDA_ATTN": "q64"},
-    "gemm_v1": {"XORON_CUDA_GEMM": "v1"},
-    "no_cublaslt": {"XORON_CUDA_NO_CUBLASLT": "1"},
+    "moe_host": {"cuda_moe": "host"},
+    "attn_rows": {"cuda_attention": "rows"},
+    "builtin_gemm": {"cuda_gemm": "builtin"},
+    "no_pdl": {"cuda_pdl": False},
 }
 
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("path", list(PATHS))
-def test_kernel_paths(path, dtype, monkeypatch):
-    for k, v in PATHS[path].items():
-        monkeypatch.setenv(k, v)
+def test_kernel_paths(path, dtype):
     over = dict(MOE, hidden_size=64, moe_layer_freq=1, moe_intermediate_size=48, num_key_value_heads=2)
-    m, cfg, w = build(over, seed=21, dtype=dtype)
+    m, cfg, w = build(over, seed=21, dtype=dtype, options=PATHS[path])
     ids = ids_for(cfg, 2, 40, seed=5)
     wr = rounded(w, dtype)
     ref, _ = R.forward(cfg, wr, ids)
@@ -367,6 +356,43 @@ def test_greedy_generate_matches_cpu():
     np.testing.assert_array_equal(g.generate(prompt, **kw), c.generate(prompt, **kw))
 
 
+@needs_gpu
+def test_generate_features_match_cpu():
+    """Beam search (cache rows gathered on the GPU), the host-loop processors and a continued
+    cache give on the GPU what they give on the CPU."""
+    over = dict(MOE, hidden_size=64)
+    g, cfg, w = build(over, seed=8)
+    c = xoron.MoELlamaForCausalLM(_config(over), device="cpu", seed=0)
+    c.load_state_dict(w)
+    prompt = ids_for(cfg, 2, 6, seed=11)
+    eos = int(c.generate(prompt[:1], max_new_tokens=4, do_sample=False)[0, 8])
+    for kw in (dict(num_beams=3, num_return_sequences=2, eos_token_id=eos, length_penalty=0.5),
+               dict(do_sample=False, no_repeat_ngram_size=2, bad_words_ids=[[eos]]),
+               dict(do_sample=False, logits_processor=lambda ids, s: s * 2.0)):
+        rg = g.generate(prompt, max_new_tokens=8, return_dict_in_generate=True, **kw)
+        rc = c.generate(prompt, max_new_tokens=8, return_dict_in_generate=True, **kw)
+        np.testing.assert_array_equal(rg.sequences, rc.sequences)
+        if rc.sequences_scores is not None:
+            np.testing.assert_allclose(rg.sequences_scores, rc.sequences_scores, rtol=1e-3, atol=1e-3)
+    a = g.generate(prompt, max_new_tokens=8, min_p=0.2, top_k=0, top_p=1.0, seed=3)
+    np.testing.assert_array_equal(a, g.generate(prompt, max_new_tokens=8, min_p=0.2, top_k=0, top_p=1.0, seed=3))
+    cache = g(input_ids=prompt[:, :4], use_cache=True).past_key_values
+    kw = dict(max_new_tokens=8, do_sample=False, eos_token_id=[])
+    np.testing.assert_array_equal(g.generate(prompt, past_key_values=cache, **kw), c.generate(prompt, **kw))
+    assert cache.length == 6 + 8 - 1
+    got = []
+
+    class Rec:
+        def put(self, ids):
+            got.append(np.asarray(ids))
+
+        def end(self):
+            pass
+
+    out = g.generate(prompt[:1], streamer=Rec(), **kw)
+    assert [int(x[0]) for x in got[1:]] == list(out[0, 6:])
+
+
 @pytest.mark.parametrize("device", ["cuda:99", "cuda:-1", "cuda:x", "cudax", "gpu"])
 def test_bad_device_is_a_clear_error(device):
     with pytest.raises((ValueError, RuntimeError)) as ei:
@@ -466,3 +492,26 @@ def test_torch_cuda_inputs_get_gpu_logits_without_a_host_copy():
     assert step.logits.is_cuda and tuple(step.logits.shape) == (2, 1, cfg.vocab_size)
     with_loss = m(input_ids=t, labels=t)   # the loss path still works, on the GPU too
     assert with_loss.logits.is_cuda and with_loss.loss.is_cuda
+
+
+# ------------------------------------------------------------------ failures reach Python
+
+
+@needs_gpu
+def test_device_memory_limit_is_memory_error_naming_the_size():
+    """A cap on the device pool turns the next allocation past it into MemoryError whose
+    message names the bytes asked for (the plugin reports through the engine's channel)."""
+    with pytest.raises(MemoryError, match=r"\d+ bytes requested on cuda:\d+ would exceed cuda_memory_limit \(1 bytes\)"):
+        build(seed=3, options={"cuda_memory_limit": 1})
+    capped, cfg, _ = build(seed=3, options={"cuda_memory_limit": 1 << 40})  # a cap it stays under changes nothing
+    plain, _, _ = build(seed=3)
+    ids = ids_for(cfg, 1, 4)
+    np.testing.assert_array_equal(capped(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_grouped_weights_are_cpu_only(dtype):
+    """int8 / int4 weights are a CPU format: asking for them on the GPU names the dtype."""
+    with pytest.raises(RuntimeError, match=f"CUDA weight storage {dtype} is not supported"):
+        xoron.MoELlamaForCausalLM(_config(), dtype=dtype, device="cuda", seed=0)

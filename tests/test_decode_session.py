@@ -10,25 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import make_model
+from conftest import DEVICES, make_model
 
 import xoron
 
 
-def _gpu_ok() -> bool:
-    if not xoron.cuda_available():
-        return False
-    try:
-        xoron.MoELlamaForCausalLM({"vocab_size": 16, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                   "intermediate_size": 16, "kv_lora_rank": 8}, device="cuda", seed=0)
-    except Exception:
-        return False
-    return True
-
-
-GPU = _gpu_ok()
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda,
-                                              pytest.mark.skipif(not GPU, reason="no usable CUDA device")])]
+GPU = xoron.cuda_available()
 MOE = dict(use_moe=True, num_experts=4, num_experts_per_tok=2, moe_layer_freq=2, num_hidden_layers=3)
 
 

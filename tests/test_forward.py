@@ -1,4 +1,5 @@
-"""The engine's float32 CPU forward pass against the float64 numpy oracle (SPEC sections 3-8)."""
+"""The engine's float32 forward pass, on every device, against the float64 numpy oracle
+(SPEC sections 3-8)."""
 import os
 
 import numpy as np
@@ -50,9 +51,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_random_config_matches_reference(name):
+def test_random_config_matches_reference(name, device):
     overrides, b, t, pos0 = CASES[name]
-    m = make_model(overrides, seed=list(CASES).index(name))
+    m = make_model(overrides, seed=list(CASES).index(name), device=device)
     ids = m.ids(b, t, seed=1)
     labels = m.ids(b, t, seed=2)
     pos = None if pos0 is None else np.broadcast_to(pos0 + np.arange(t), (b, t)).copy()
@@ -75,16 +76,16 @@ def test_routing_really_differs_between_tokens():
     assert len(chosen) > 2
 
 
-def test_default_positions_equal_explicit_arange():
-    m = make_model(seed=1)
+def test_default_positions_equal_explicit_arange(device):
+    m = make_model(seed=1, device=device)
     ids = m.ids(2, 10)
     a = m.model(ids).logits
     b = m.model(ids, position_ids=np.broadcast_to(np.arange(10), (2, 10))).logits
     np.testing.assert_array_equal(a, b)
 
 
-def test_position_ids_broadcast_from_one_row():
-    m = make_model(seed=1)
+def test_position_ids_broadcast_from_one_row(device):
+    m = make_model(seed=1, device=device)
     ids = m.ids(2, 10)
     pos = 500 + np.arange(10)[None]
     got = m.model(ids, position_ids=pos).logits
@@ -100,8 +101,8 @@ def test_position_ids_broadcast_from_one_row():
     {"use_ring_attention": False, "ring_attention_chunk_size": 4},
     dict(MOE, num_key_value_heads=2, q_lora_rank=8),
 ], ids=["plain", "ring4", "noring4", "moe_gqa_qlora"])
-def test_left_padded_batch(overrides):
-    m = make_model(overrides, seed=7)
+def test_left_padded_batch(overrides, device):
+    m = make_model(overrides, seed=7, device=device)
     t = 14
     pads = [0, 3, 9]
     ids = m.ids(len(pads), t, seed=4)
@@ -122,10 +123,10 @@ def test_left_padded_batch(overrides):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"ring_attention_chunk_size": 4}], ids=["plain", "ring4"])
-def test_other_mask_patterns(overrides):
+def test_other_mask_patterns(overrides, device):
     """Right padding, holes, a row of pads only, a row with only its last token: no NaN, and
     every position whose mask is 1 matches the oracle (default and explicit positions)."""
-    m = make_model(dict(overrides, **MOE), seed=8)
+    m = make_model(dict(overrides, **MOE), seed=8, device=device)
     ids = m.ids(4, 12, seed=3)
     mask = np.ones_like(ids)
     mask[0] = 0
@@ -140,16 +141,16 @@ def test_other_mask_patterns(overrides):
         assert rel_err(got[keep], ref[keep]) <= TOL_F32
 
 
-def test_all_ones_mask_changes_nothing():
-    m = make_model(seed=2)
+def test_all_ones_mask_changes_nothing(device):
+    m = make_model(seed=2, device=device)
     ids = m.ids(2, 9)
     a = m.model(ids).logits
     b = m.model(ids, attention_mask=np.ones_like(ids)).logits
     assert rel_err(b, a) <= 1e-6
 
 
-def test_mask_as_bool_and_list():
-    m = make_model(seed=2)
+def test_mask_as_bool_and_list(device):
+    m = make_model(seed=2, device=device)
     ids = m.ids(1, 6)
     mask = [[0, 0, 1, 1, 1, 1]]
     a = m.model(ids, attention_mask=np.array(mask, dtype=bool)).logits
@@ -159,8 +160,8 @@ def test_mask_as_bool_and_list():
 
 # ---------------------------------------------------------------- loss
 
-def test_labels_with_ignored_positions():
-    m = make_model(seed=3)
+def test_labels_with_ignored_positions(device):
+    m = make_model(seed=3, device=device)
     ids = m.ids(2, 12)
     labels = ids.copy()
     labels[0, :5] = -100
@@ -174,8 +175,8 @@ def test_labels_with_ignored_positions():
     assert float(m.model(ids, labels=labels2).loss) == pytest.approx(float(out.loss), abs=1e-7)
 
 
-def test_all_labels_ignored_gives_zero_loss():
-    m = make_model(seed=3)
+def test_all_labels_ignored_gives_zero_loss(device):
+    m = make_model(seed=3, device=device)
     ids = m.ids(2, 8)
     labels = np.full_like(ids, -100)
     labels[:, 0] = 3  # position 0 is never a target after the shift
@@ -184,14 +185,14 @@ def test_all_labels_ignored_gives_zero_loss():
     assert np.isfinite(out.logits).all()
 
 
-def test_single_token_loss_is_zero():
-    m = make_model(seed=3)
+def test_single_token_loss_is_zero(device):
+    m = make_model(seed=3, device=device)
     ids = m.ids(1, 1)
     assert float(m.model(ids, labels=ids).loss) == 0.0
 
 
-def test_loss_clamped_at_100():
-    m = make_model({"tie_word_embeddings": False}, seed=3)
+def test_loss_clamped_at_100(device):
+    m = make_model({"tie_word_embeddings": False}, seed=3, device=device)
     sd = dict(m.weights)
     sd["lm_head.weight"] = sd["lm_head.weight"] * 1e4  # absurdly confident logits
     m.model.load_state_dict(sd)
@@ -202,17 +203,17 @@ def test_loss_clamped_at_100():
     assert float(m.model(ids, labels=labels).loss) == 100.0
 
 
-def test_loss_without_labels_is_none():
-    m = make_model(seed=3)
+def test_loss_without_labels_is_none(device):
+    m = make_model(seed=3, device=device)
     assert m.model(m.ids(1, 4)).loss is None
 
 
 # ---------------------------------------------------------------- hidden states, embeddings
 
 @pytest.mark.parametrize("overrides", [{}, dict(MOE, num_hidden_layers=3, moe_layer_freq=1)], ids=["dense", "moe"])
-def test_output_hidden_states(overrides):
+def test_output_hidden_states(overrides, device):
     import reference_impl as R
-    m = make_model(overrides, seed=11)
+    m = make_model(overrides, seed=11, device=device)
     ids = m.ids(2, 10)
     out = m.model(ids, output_hidden_states=True)
     ref = R.forward_hidden(m.cfg, m.weights, ids)
@@ -224,8 +225,8 @@ def test_output_hidden_states(overrides):
     assert m.model(ids).hidden_states is None
 
 
-def test_inputs_embeds_equal_ids_path():
-    m = make_model(dict(MOE, moe_layer_freq=1), seed=12)
+def test_inputs_embeds_equal_ids_path(device):
+    m = make_model(dict(MOE, moe_layer_freq=1), seed=12, device=device)
     ids = m.ids(2, 9)
     emb = m.model.state_dict()["model.embed_tokens.weight"][ids]
     a = m.model(input_ids=ids, labels=ids)
@@ -234,9 +235,9 @@ def test_inputs_embeds_equal_ids_path():
     assert float(b.loss) == pytest.approx(float(a.loss), abs=1e-6)
 
 
-def test_inputs_embeds_arbitrary_vectors():
+def test_inputs_embeds_arbitrary_vectors(device):
     import reference_impl as R
-    m = make_model(seed=12)
+    m = make_model(seed=12, device=device)
     emb = np.random.default_rng(0).standard_normal((1, 7, m.cfg.hidden_size)).astype(np.float32)
     # the oracle takes ids: give it a one-row-per-token embedding table
     w = dict(m.weights)
@@ -248,8 +249,8 @@ def test_inputs_embeds_arbitrary_vectors():
     assert rel_err(got, ref) <= TOL_F32
 
 
-def test_outputs_are_deterministic():
-    m = make_model(dict(MOE, moe_layer_freq=1), seed=13)
+def test_outputs_are_deterministic(device):
+    m = make_model(dict(MOE, moe_layer_freq=1), seed=13, device=device)
     ids = m.ids(3, 17)
     np.testing.assert_array_equal(m.model(ids).logits, m.model(ids).logits)
 
@@ -257,9 +258,9 @@ def test_outputs_are_deterministic():
 # ---------------------------------------------------------------- the checkpoint from the original module
 
 @pytest.fixture(scope="module")
-def tiny_ring():
+def tiny_ring(device):
     from conftest import TINY_RING
-    return xoron.MoELlamaForCausalLM.from_pretrained(TINY_RING), dict(np.load(os.path.join(TINY_RING, "expected.npz")))
+    return xoron.MoELlamaForCausalLM.from_pretrained(TINY_RING, device=device), dict(np.load(os.path.join(TINY_RING, "expected.npz")))
 
 
 @pytest.mark.parametrize("i", [0, 1, 2])

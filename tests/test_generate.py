@@ -1,4 +1,4 @@
-"""Cache and generate() (issue 3, SPEC section 7)."""
+"""Cache and generate() (issue 3, SPEC section 7), on every device (the `device` fixture)."""
 import numpy as np
 import pytest
 
@@ -21,8 +21,8 @@ MOE = dict(use_moe=True, num_experts=4, num_experts_per_tok=2, moe_layer_freq=2,
     dict(ring_attention_chunk_size=8, use_ring_attention=False),
 ])
 @pytest.mark.parametrize("split", [(5, [1] * 12), (1, [3, 1, 4, 1, 5, 3]), (13, [2, 2, 1])])
-def test_cached_steps_equal_full_forward(case, split, cache_format):
-    m = make_model(case, seed=1)
+def test_cached_steps_equal_full_forward(case, split, cache_format, device):
+    m = make_model(case, seed=1, device=device)
     m.model.cache_format = cache_format
     prefill, steps = split
     total = prefill + sum(steps)
@@ -42,8 +42,8 @@ def test_cached_steps_equal_full_forward(case, split, cache_format):
     assert rel_err(np.concatenate(got, axis=1), full) <= TOL_F32
 
 
-def test_cache_across_ring_chunk_boundary_matches_reference():
-    m = make_model(dict(ring_attention_chunk_size=4), seed=3)
+def test_cache_across_ring_chunk_boundary_matches_reference(device):
+    m = make_model(dict(ring_attention_chunk_size=4), seed=3, device=device)
     ids = m.ids(1, 11, seed=4)
     ref, _ = m.ref(ids)
     out = m.model(input_ids=ids[:, :3], use_cache=True)
@@ -55,8 +55,8 @@ def test_cache_across_ring_chunk_boundary_matches_reference():
     assert rel_err(np.concatenate(logits, axis=1), ref) <= TOL_F32
 
 
-def test_left_padded_batch_with_cache_equals_rows_alone():
-    m = make_model(MOE, seed=5)
+def test_left_padded_batch_with_cache_equals_rows_alone(device):
+    m = make_model(MOE, seed=5, device=device)
     a = m.ids(1, 9, seed=6)[0]
     b = m.ids(1, 5, seed=7)[0]
     ids = np.stack([a, np.concatenate([np.zeros(4, np.int64), b])])
@@ -77,8 +77,9 @@ def test_left_padded_batch_with_cache_equals_rows_alone():
         assert rel_err(got, want) <= TOL_F32
 
 
-def test_cache_size_and_growth():
-    m = make_model(dict(num_hidden_layers=3, kv_lora_rank=16, num_attention_heads=4, hidden_size=32), seed=0)
+def test_cache_size_and_growth(device):
+    m = make_model(dict(num_hidden_layers=3, kv_lora_rank=16, num_attention_heads=4, hidden_size=32), seed=0,
+                   device=device)
     out = m.model(input_ids=m.ids(2, 7), use_cache=True)
     c = out.past_key_values
     assert c.bytes_per_token == 3 * 16 * 4            # L * r * float32
@@ -90,8 +91,8 @@ def test_cache_size_and_growth():
     assert c.length == 307 and c.get_seq_length() == 307
 
 
-def test_cache_past_max_position_is_an_error():
-    m = make_model(dict(max_position_embeddings=16), seed=0)
+def test_cache_past_max_position_is_an_error(device):
+    m = make_model(dict(max_position_embeddings=16), seed=0, device=device)
     out = m.model(input_ids=m.ids(1, 10), use_cache=True)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         m.model(input_ids=m.ids(1, 7), past_key_values=out.past_key_values, use_cache=True)
@@ -110,7 +111,7 @@ def test_past_key_values_of_another_model_is_rejected():
 
 # ---------------------------------------------------------------- generate
 
-def test_greedy_reproduces_reference_checkpoint(tiny_ring_dir, tiny_ring_expected):
+def test_greedy_reproduces_reference_checkpoint(tiny_ring_dir, tiny_ring_expected, device):
     model = xoron.MoELlamaForCausalLM.from_pretrained(tiny_ring_dir)
     prompt = tiny_ring_expected["greedy_prompt"]
     want = tiny_ring_expected["greedy_tokens"]
@@ -124,16 +125,16 @@ def test_greedy_reproduces_reference_checkpoint(tiny_ring_dir, tiny_ring_expecte
 
 
 @pytest.mark.parametrize("case", [dict(), dict(num_key_value_heads=2, **MOE), dict(q_lora_rank=8)])
-def test_greedy_equals_repeated_full_forward_argmax(case):
-    m = make_model(case, seed=11)
+def test_greedy_equals_repeated_full_forward_argmax(case, device):
+    m = make_model(case, seed=11, device=device)
     prompt = m.ids(1, 6, seed=12)
     got = m.model.generate(prompt, max_new_tokens=10, do_sample=False)
     want = R.greedy_generate(m.cfg, m.weights, prompt, 10)
     np.testing.assert_array_equal(got, want)
 
 
-def test_seed_reproducibility():
-    m = make_model(MOE, seed=2, boost=False)
+def test_seed_reproducibility(device):
+    m = make_model(MOE, seed=2, boost=False, device=device)
     p = m.ids(2, 4, seed=1)
     a = m.model.generate(p, max_new_tokens=20, seed=7, top_k=0, top_p=1.0, temperature=5.0)
     b = m.model.generate(p, max_new_tokens=20, seed=7, top_k=0, top_p=1.0, temperature=5.0)
@@ -142,8 +143,8 @@ def test_seed_reproducibility():
     assert len(draws) > 1  # without a seed, draws differ call to call
 
 
-def test_padded_batch_generates_what_each_row_generates_alone():
-    m = make_model(MOE, seed=21)
+def test_padded_batch_generates_what_each_row_generates_alone(device):
+    m = make_model(MOE, seed=21, device=device)
     a = m.ids(1, 7, seed=1)[0]
     b = m.ids(1, 3, seed=2)[0]
     ids = np.stack([a, np.concatenate([np.full(4, 5, np.int64), b])])
@@ -155,8 +156,8 @@ def test_padded_batch_generates_what_each_row_generates_alone():
     np.testing.assert_array_equal(got[1, 7:], alone_b[0, 3:])
 
 
-def test_eos_stops_and_pads_finished_rows():
-    m = make_model(seed=4)
+def test_eos_stops_and_pads_finished_rows(device):
+    m = make_model(seed=4, device=device)
     p = m.ids(2, 3, seed=9)
     free = m.model.generate(p, max_new_tokens=6, do_sample=False)
     eos = int(free[0, 4])  # row 0's second new token
@@ -172,8 +173,8 @@ def test_eos_stops_and_pads_finished_rows():
     assert out2.shape[1] == 9 and eos not in list(out2[0, 3:])
 
 
-def test_return_dict_scores_and_streaming():
-    m = make_model(seed=8)
+def test_return_dict_scores_and_streaming(device):
+    m = make_model(seed=8, device=device)
     p = m.ids(1, 4)
     res = m.model.generate(p, max_new_tokens=5, do_sample=True, top_k=3, top_p=1.0, seed=1, return_dict_in_generate=True,
                            output_scores=True)
@@ -211,8 +212,8 @@ def test_return_dict_scores_and_streaming():
         m.model.generate(p, max_new_tokens=5, streamer=Boom())
 
 
-def test_repetition_penalty_changes_greedy_choice():
-    m = make_model(seed=8)
+def test_repetition_penalty_changes_greedy_choice(device):
+    m = make_model(seed=8, device=device)
     p = m.ids(1, 4)
     plain = m.model.generate(p, max_new_tokens=12, do_sample=False)
     pen = m.model.generate(p, max_new_tokens=12, do_sample=False, repetition_penalty=1e6)
@@ -318,8 +319,8 @@ def test_float32_and_int8_models_keep_a_float32_cache():
         assert m.model.new_cache(1, "latent").bytes_per_token == 3 * 16 * 4
 
 
-def test_greedy_generate_with_a_large_batch():
-    m = make_model(seed=3)
+def test_greedy_generate_with_a_large_batch(device):
+    m = make_model(seed=3, device=device)
     p = m.ids(40, 3, seed=5)
     got = m.model.generate(p, max_new_tokens=3, do_sample=False)
     for r in (0, 17, 39):

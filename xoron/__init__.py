@@ -49,15 +49,38 @@ def _import_extension():
     return _C
 
 
-_C = _import_extension()
+# OpenMP threads that wait for work spin before they sleep. libgomp's default spin (300000
+# rounds of PAUSE, milliseconds on recent Intel cores) lets a waiting thread hold a core that
+# another process needs while the thread its team waits for sits descheduled, so beside one
+# busy process a decode step crawls. A spin about as long as a futex wake-up keeps back-to-back
+# parallel regions cheap on an idle machine, and a waiting thread sleeps almost at once under
+# load. libgomp reads the variable only when it loads (with _C), so it is set for that moment,
+# and only when the user has chosen neither it nor OMP_WAIT_POLICY (benchmarks/RESULTS.md).
+_SPIN_ENV = "GOMP_SPINCOUNT"
+_SPIN_DEFAULT = "100"
+
+
+def _import_with_short_spin():
+    if "OMP_WAIT_POLICY" in _os.environ or _SPIN_ENV in _os.environ:
+        return _import_extension()
+    _os.environ[_SPIN_ENV] = _SPIN_DEFAULT
+    try:
+        return _import_extension()
+    finally:  # children and other OpenMP runtimes keep their own defaults
+        del _os.environ[_SPIN_ENV]
+
+
+_C = _import_with_short_spin()
 
 _cuda_plugin = _os.path.join(_os.path.dirname(_os.path.abspath(_C.__file__)), "_xoron_cuda.so")
 _C.set_cuda_plugin(_cuda_plugin)
 
 from .config import LlamaConfig  # noqa: E402
 from .modeling import CausalLMOutput, KVCache, MoELlamaForCausalLM  # noqa: E402
+from .streaming import TextStreamer  # noqa: E402
 
-__all__ = ["MoELlamaForCausalLM", "LlamaConfig", "CausalLMOutput", "KVCache", "load_tokenizer", "cuda_available"]
+__all__ = ["MoELlamaForCausalLM", "LlamaConfig", "CausalLMOutput", "KVCache", "TextStreamer", "load_tokenizer",
+           "cuda_available", "option_names", "option_table", "set_num_threads", "get_num_threads"]
 __version__ = "0.1.0"
 
 
@@ -68,5 +91,29 @@ def load_tokenizer(path):
 
 
 def cuda_available() -> bool:
-    """True when this build has the CUDA plugin (a GPU is still needed to use it)."""
-    return _os.path.exists(_cuda_plugin)
+    """True when device="cuda" can work here: this build has its CUDA plugin, and the plugin's
+    CUDA runtime finds a driver and at least one GPU."""
+    return _C.cuda_device_count() > 0
+
+
+def option_table():
+    """[(name, environment variable, values, meaning)] of every option a model takes
+    (`MoELlamaForCausalLM(..., options={name: value})`); the variable sets the default."""
+    return _C.option_table()
+
+
+def option_names():
+    """The names of the options a model takes (see option_table)."""
+    return [row[0] for row in _C.option_table()]
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the number of CPU threads of every model that has no count of its own (1..4096).
+    The default is the physical cores this process may run on (its CPU affinity), or
+    OMP_NUM_THREADS when that is set."""
+    _C.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """The CPU thread count models use unless given their own (see set_num_threads)."""
+    return _C.get_num_threads()

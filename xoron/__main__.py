@@ -44,6 +44,15 @@ def _float_in(name, lo, hi, lo_open=True):
     return parse
 
 
+def _int(name):
+    def parse(s):
+        try:
+            return int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+    return parse
+
+
 def _model_dir(path):
     d = path or DEMO_DIR
     if not os.path.isdir(d):
@@ -190,10 +199,15 @@ def build_parser():
     p = _Parser(prog="python -m xoron", description="xoron: fast inference for Xoron MoE-LLaMA.")
     sub = p.add_subparsers(dest="command", metavar="{generate,eval,bench,info}", parser_class=_Parser)
 
+    def threads(sp):
+        sp.add_argument("--threads", type=_int("--threads"), default=None,
+                        help="CPU threads (default: the physical cores, or OMP_NUM_THREADS when set)")
+
     def common(sp):
+        threads(sp)
         sp.add_argument("--model", help="checkpoint directory (default: the packaged demo model)")
         sp.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"])
+        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8", "int4"])
 
     g = sub.add_parser("generate", help="continue a prompt, streaming the text")
     g.add_argument("prompt", nargs="?", default="Once upon a time", help="the prompt ('-' reads stdin)")
@@ -221,6 +235,7 @@ def build_parser():
 
     i = sub.add_parser("info", help="print a checkpoint's config and parameter counts")
     i.add_argument("path", nargs="?", help="checkpoint directory (default: the demo model)")
+    threads(i)
     i.set_defaults(func=cmd_info)
     return p
 
@@ -234,6 +249,9 @@ def main(argv=None):
     if getattr(args, "block", 1) == 0:
         parser.error("--block must be positive")
     try:
+        if args.threads is not None:
+            from . import set_num_threads
+            set_num_threads(args.threads)
         return args.func(args)
     except (CliError, ValueError, OSError, RuntimeError, MemoryError) as e:
         sys.stderr.write(f"xoron: error: {e}\n")

@@ -78,6 +78,13 @@ def _check_kind(obj, what: str, hint: str = "") -> None:
 def resolve_config(config, moe_config=None, overrides=None) -> LlamaConfig:
     """Reads a transformers/xoron LlamaConfig, any object with those attributes, or a dict
     (config.json style, optionally in the Xoron-Dev layout) into a LlamaConfig."""
+    try:
+        return _resolve_config(config, moe_config, overrides)
+    except RecursionError:
+        raise ValueError("config is nested too deeply to be a model configuration") from None
+
+
+def _resolve_config(config, moe_config, overrides) -> LlamaConfig:
     if config is None:
         config = {}
     _check_kind(config, "config", " (to load a checkpoint directory use MoELlamaForCausalLM.from_pretrained(path))"
@@ -154,6 +161,10 @@ def read_config_json(path: str) -> dict:
             d = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise ValueError(f"{path}: JSON nested too deeply to be a model configuration") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return d

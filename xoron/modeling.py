@@ -19,7 +19,7 @@ from ._tensors import ids_array, int_array, is_torch, mask_array, output, scalar
 from .config import LlamaConfig, engine_dict, read_config_json, resolve_config
 from .generation import CACHE_FORMATS, GenerateOutput  # noqa: F401  (re-exported)
 
-DTYPES = ("float32", "bfloat16", "float16", "int8")
+DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 
 
 @dataclass
@@ -93,16 +93,20 @@ def _parse_device(device) -> str:
 class MoELlamaForCausalLM:
     """Xoron MoE-LLaMA causal language model, computed by the xoron C engine.
 
-    MoELlamaForCausalLM(config, moe_config=None, *, dtype="float32", device="cpu", seed=None)
+    MoELlamaForCausalLM(config, moe_config=None, *, dtype="float32", device="cpu", seed=None,
+                        options=None)
 
     `config` may be a transformers.LlamaConfig, a xoron.LlamaConfig, any object with those
     attributes, or a dict (config.json style). Weights are initialised like the original
-    (normal, std 0.02; norms 1), reproducibly when `seed` is given.
+    (normal, std 0.02; norms 1), reproducibly when `seed` is given. `options` is a dict of
+    kernel and runtime choices (name -> str, int or bool; `xoron.option_names()` lists them),
+    over the defaults their environment variables set.
     """
 
     def __init__(self, config=None, moe_config=None, *, dtype="float32", device="cpu", seed=None,
-                 cache_format="latent", _init=True):
+                 cache_format="latent", options=None, _init=True):
         self.config: LlamaConfig = resolve_config(config, moe_config)
+        self._options = dict(options) if isinstance(options, dict) else options
         self._set_engine(dtype, device)
         if cache_format not in CACHE_FORMATS:
             raise ValueError(f"cache_format must be one of {sorted(CACHE_FORMATS)}, got {cache_format!r}")
@@ -116,13 +120,16 @@ class MoELlamaForCausalLM:
     def _set_engine(self, dtype, device):
         dtype = _dtype_name(dtype)
         device = _parse_device(device)
-        self._engine = _C.Model(engine_dict(self.config), dtype, device)
+        self._engine = _C.Model(engine_dict(self.config), dtype, device, self._options)
         self._dtype = dtype
 
     # ---- construction from files ----
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype="float32", device="cpu", cache_format="latent", **config_overrides):
+    def from_pretrained(cls, path, *, dtype="float32", device="cpu", cache_format="latent", options=None,
+                        check_finite=True, **config_overrides):
+        """Loads config.json and the safetensors weights of a checkpoint directory. With
+        check_finite (the default) a NaN or infinity in any tensor is a ValueError naming it."""
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise ValueError(f"{path!r} is not a checkpoint directory")
@@ -133,8 +140,8 @@ class MoELlamaForCausalLM:
         raw = read_config_json(cfg_path)
         config = resolve_config(raw, None, config_overrides)
         prefix = _tensor_prefix(files)
-        model = cls(config, dtype=dtype, device=device, cache_format=cache_format, _init=False)
-        model._engine.load_safetensors(files, prefix)
+        model = cls(config, dtype=dtype, device=device, cache_format=cache_format, options=options, _init=False)
+        model._engine.load_safetensors(files, prefix, check_finite=bool(check_finite))
         return model
 
     def save_pretrained(self, path, *, dtype: Optional[str] = None) -> None:
@@ -154,9 +161,10 @@ class MoELlamaForCausalLM:
         """{SPEC name: float32 numpy array} (a copy)."""
         return self._engine.state_dict()
 
-    def load_state_dict(self, state_dict, strict: bool = True):
+    def load_state_dict(self, state_dict, strict: bool = True, *, check_finite: bool = True):
         """Loads numpy arrays or torch tensors named as in SPEC section 2. Returns
-        (missing_keys, unexpected_keys) like torch."""
+        (missing_keys, unexpected_keys) like torch. With check_finite (the default) a NaN or
+        infinity in any tensor is a ValueError naming it."""
         expected = {name for name, _ in self._engine.tensor_shapes()}
         given = set(state_dict)
         missing = sorted(expected - given)
@@ -174,7 +182,7 @@ class MoELlamaForCausalLM:
                 arrays[name] = a if a.dtype == np.float16 else np.ascontiguousarray(a, dtype=np.float32)
             else:
                 arrays[name] = current[name]
-        self._engine.load_arrays(arrays)
+        self._engine.load_arrays(arrays, check_finite=bool(check_finite))
         return _IncompatibleKeys(missing, unexpected)
 
     # ---- introspection and compatibility ----
@@ -213,8 +221,8 @@ class MoELlamaForCausalLM:
         if new_device == self.device and new_dtype == self._dtype:
             return self
         sd = self._engine.state_dict()
-        engine = _C.Model(engine_dict(self.config), new_dtype, new_device)
-        engine.load_arrays(sd)
+        engine = _C.Model(engine_dict(self.config), new_dtype, new_device, self._options)
+        engine.load_arrays(sd, check_finite=False)  # accepted when they were loaded
         self._engine, self._dtype = engine, new_dtype
         return self
 
@@ -228,8 +236,9 @@ class MoELlamaForCausalLM:
         return self.to(dtype="float16")
 
     def quantize(self, dtype="int8"):
-        """Re-stores the weights as `dtype` ("int8": weight-only, symmetric, one scale per output
-        row; or "bfloat16"/"float16"), computed with float32 accumulation. Returns self."""
+        """Re-stores the weights as `dtype` ("int8" or "int4": weight-only, one scale per group of
+        32 weights of a row; or "bfloat16"/"float16"), computed with float32 accumulation. The
+        router stays float32. Returns self."""
         return self.to(dtype=dtype)
 
     def cpu(self):
@@ -324,8 +333,9 @@ class MoELlamaForCausalLM:
         # torch tensors on this model's GPU: the logits stay there and reach torch through DLPack
         on_gpu = torch_dev is not None and lab is None and str(torch_dev).startswith("cuda") \
             and self.device.startswith("cuda") and _same_cuda_device(torch_dev, self.device)
-        logits, hidden = self._engine.forward(tokens, pos, mask, cache._c if cache is not None else None,
-                                              True, keep, bool(output_hidden_states), on_gpu)
+        logits, hidden = self._engine.forward(tokens, positions=pos, mask=mask,
+                                              cache=cache._c if cache is not None else None, logits_to_keep=keep,
+                                              want_hidden=bool(output_hidden_states), device_logits=on_gpu)
         if on_gpu:
             import torch.utils.dlpack
             logits = torch.utils.dlpack.from_dlpack(logits)
@@ -426,6 +436,8 @@ def _weight_files(path: str) -> list:
             raise ValueError(f"{index}: no weight_map")
         files = []
         for f in wm.values():
+            if not isinstance(f, str):
+                raise ValueError(f"{index}: weight_map values must be file names, got {type(f).__name__}")
             full = os.path.join(path, f)
             if full not in files:
                 if not os.path.exists(full):

@@ -39,7 +39,7 @@ import os
 import re
 import unicodedata
 
-__all__ = ["Tokenizer", "StreamDecoder", "load_tokenizer", "bytes_to_unicode"]
+__all__ = ["Tokenizer", "Encoding", "StreamDecoder", "load_tokenizer", "bytes_to_unicode"]
 
 # --------------------------------------------------------------------------------------------
 # GPT-2 byte <-> unicode map
@@ -97,7 +97,8 @@ _PROPERTY_ALIASES = {
 
 
 def _category_ranges() -> dict[str, list[tuple[int, int]]]:
-    """Code point ranges of every Unicode general category (computed once, ~0.3 s)."""
+    """Code point ranges of every Unicode general category, computed on first use and kept:
+    it walks every code point (benchmarks/RESULTS.md has the time it takes)."""
     global _CATEGORY_RANGES
     if _CATEGORY_RANGES is None:
         out: dict[str, list[tuple[int, int]]] = {}
@@ -549,6 +550,14 @@ class Tokenizer:
         config = config or {}
         self.eos_token_id: int | None = self._find_special(config.get("eos_token"), _EOS_CANDIDATES, last=True)
         self.bos_token_id: int | None = self._find_special(config.get("bos_token"), _BOS_CANDIDATES, last=False)
+        pad = config.get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        # padded positions are masked out, so without a pad token the EOS token serves
+        self.pad_token_id: int | None = self.token_to_id(pad) if isinstance(pad, str) else None
+        if self.pad_token_id is None:
+            self.pad_token_id = self.eos_token_id
+        side = config.get("padding_side", "left")
+        self.padding_side: str = side if side in ("left", "right") else "left"  # left: ready for generate()
 
     # ------------------------------------------------------------------------------------------
     def _find_special(self, configured, candidates, last: bool) -> int | None:
@@ -720,6 +729,55 @@ class Tokenizer:
     def encode_batch(self, texts, add_special_tokens: bool = False) -> list[list[int]]:
         return [self.encode(t, add_special_tokens) for t in texts]
 
+    def __call__(self, text, padding=False, truncation=False, max_length=None, return_tensors=None,
+                 add_special_tokens=True, return_attention_mask=True, padding_side=None):
+        """transformers-style encoding: {"input_ids", "attention_mask"} for a string or a list
+        of strings. padding=True/"longest" pads to the longest row, "max_length" to
+        max_length, on `padding_side` (default self.padding_side, "left": ready for
+        generate()); truncation=True cuts rows to max_length. return_tensors: None (lists),
+        "np" (int64 arrays) or "pt" (torch tensors)."""
+        single = isinstance(text, str)
+        if not single and not (isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text)):
+            raise TypeError(f"text must be a string or a list of strings, got {type(text).__name__}")
+        if padding not in (False, True, "longest", "max_length", "do_not_pad"):
+            raise ValueError(f"padding must be True, False, 'longest' or 'max_length', got {padding!r}")
+        if truncation not in (False, True, "longest_first", "do_not_truncate"):
+            raise ValueError(f"truncation must be True or False, got {truncation!r}")
+        if return_tensors not in (None, "np", "pt"):
+            raise ValueError(f"return_tensors must be None, 'np' or 'pt', got {return_tensors!r}")
+        side = self.padding_side if padding_side is None else padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        truncate = truncation in (True, "longest_first")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 1):
+            raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+        if (truncate or padding == "max_length") and max_length is None:
+            raise ValueError("truncation=True and padding='max_length' need max_length")
+        rows = [self.encode(t, add_special_tokens) for t in ([text] if single else text)]
+        if truncate:
+            rows = [r[:max_length] for r in rows]
+        masks = [[1] * len(r) for r in rows]
+        if padding in (True, "longest", "max_length"):
+            width = max_length if padding == "max_length" else max((len(r) for r in rows), default=0)
+            if self.pad_token_id is None:
+                raise ValueError("this tokenizer has no pad token (nor an EOS token to pad with): "
+                                 "set tokenizer.pad_token_id first")
+            for i, r in enumerate(rows):
+                fill = max(width - len(r), 0)
+                pads, zeros = [self.pad_token_id] * fill, [0] * fill
+                rows[i], masks[i] = (pads + r, zeros + masks[i]) if side == "left" else (r + pads, masks[i] + zeros)
+        if return_tensors is not None:
+            if len({len(r) for r in rows}) > 1:
+                raise ValueError("the rows have different lengths: give padding=True to return tensors")
+            rows, masks = _as_tensors(rows, return_tensors), _as_tensors(masks, return_tensors)
+        elif single:
+            rows, masks = rows[0], masks[0]
+        enc = Encoding(input_ids=rows)
+        if return_attention_mask:
+            enc["attention_mask"] = masks
+        return enc
+
     # ------------------------------------------------------------------------------------------
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes a token decodes to (b"" for unknown ids)."""
@@ -745,6 +803,16 @@ class Tokenizer:
             buf += self.token_bytes(i)
         return buf.decode("utf-8", "replace")
 
+    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
+        """decode() of each row of a list of id lists, a 2-D array or a 2-D tensor."""
+        if hasattr(sequences, "tolist"):
+            sequences = sequences.tolist()
+        return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in sequences]
+
+    def stream_decoder(self, skip_special_tokens: bool = False) -> "StreamDecoder":
+        """An incremental decoder: push(token_id) gives the text each token completes."""
+        return StreamDecoder(self, skip_special_tokens)
+
     def id_to_token(self, token_id: int) -> str | None:
         return self._id_to_token.get(int(token_id))
 
@@ -763,6 +831,27 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size}, "
                 f"eos_token_id={self.eos_token_id})")
+
+
+class Encoding(dict):
+    """What Tokenizer(...) returns: a dict that also reads as attributes (enc.input_ids)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _as_tensors(rows: list, kind: str):
+    if kind == "np":
+        import numpy as np
+        return np.asarray(rows, dtype=np.int64).reshape(len(rows), -1)
+    try:
+        import torch
+    except ImportError:
+        raise ImportError("return_tensors='pt' needs torch; use return_tensors='np' without it") from None
+    return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), -1)
 
 
 class StreamDecoder:

@@ -7,6 +7,8 @@
 
 #include <stdint.h>
 
+#include "engine/interrupt.h"
+#include "engine/options.h"
 #include "engine/status.h"
 #include "engine/tensor.h"
 
@@ -23,9 +25,9 @@ enum { XO_DEVICE_TOP_K_MAX = 1024 };
 /* A weight matrix W [out, in], applied as y = x @ W.T. */
 typedef struct {
     int out, in;
-    xo_dtype dtype;  /* storage: F32, BF16, F16 or I8 (per-row scales) */
-    void *data;      /* device, [out, in] */
-    float *scales;   /* device, [out]; I8 only */
+    xo_dtype dtype;  /* storage: F32, BF16, F16, or I8 / I4 (group-wise scales) */
+    void *data;      /* device, [out, in] (I4: the backend's packed layout) */
+    float *scales;   /* device, I8 / I4: one per group of `in` (the backend's layout) */
 } xo_linear;
 
 /* One SwiGLU FFN: gate and up stored as one [2*I, H] linear (gate rows first). */
@@ -65,6 +67,7 @@ typedef struct {
     float mscale;
     float scale;                   /* 1/sqrt(hd) */
     float denom_eps;               /* added to the softmax denominator (SPEC 4.4 ring formulation) */
+    const xo_interrupt *interrupt; /* a long prefill may stop between key blocks; or NULL */
 } xo_attention_args;
 
 typedef struct {
@@ -100,7 +103,8 @@ struct xo_backend {
     int host_memory;   /* 1: "device" pointers are host memory (the graph may write into caller arrays) */
 
     /* memory */
-    void *(*alloc)(xo_backend *be, size_t bytes);             /* zero-filled; NULL on failure */
+    /* zero-filled; NULL on failure, with an XO_ENOMEM message naming the size recorded (xo_fail) */
+    void *(*alloc)(xo_backend *be, size_t bytes);
     void (*release)(xo_backend *be, void *ptr);
     /* frees memory that another framework's streams may still read (waits for the device) */
     void (*release_shared)(xo_backend *be, void *ptr);
@@ -180,6 +184,11 @@ struct xo_backend {
     xo_status (*graph_launch)(xo_backend *be, void *graph);
     void (*graph_free)(xo_backend *be, void *graph);
 
+    /* optional: around each call into the model from one host thread (its lock held); the CPU
+     * applies its thread count there */
+    void (*enter)(xo_backend *be);
+    void (*leave)(xo_backend *be);
+
     void (*destroy)(xo_backend *be);
 };
 
@@ -187,10 +196,14 @@ struct xo_backend {
  * (gate_up_swiglu, moe_router), so the graph makes one call per step. */
 void xo_backend_fill_defaults(xo_backend *be);
 
-/* The CPU backend (oneDNN + OpenMP). */
-xo_status xo_cpu_backend_create(xo_backend **out);
+/* The CPU backend (oneDNN + OpenMP), with the model's options (engine/options.h). */
+xo_status xo_cpu_backend_create(xo_backend **out, const xo_options *opts);
 /* The CUDA backend, loaded from the plugin library (set by the binding) on first use. */
-xo_status xo_cuda_backend_create(xo_backend **out, int device);
+xo_status xo_cuda_backend_create(xo_backend **out, int device, const xo_options *opts);
 void xo_cuda_set_plugin_path(const char *path);
+/* CUDA devices this build can use: 0 when it has no plugin, or no GPU or driver. Never fails. */
+int xo_cuda_device_count(void);
+/* The id a plugin must report to be loaded: this build's, ending in "-cuda" or "-cpu". */
+const char *xo_cuda_build_id(void);
 
 #endif

@@ -28,6 +28,10 @@ typedef struct {
     int head_dim;                /* hd = H / nh */
 } xo_config;
 
+/* The largest values the engine supports (xo_config_validate also bounds every weight's
+ * element count and every product of fields that indexes memory). */
+enum { XO_MAX_EXPERTS = 1024, XO_MAX_POSITIONS = 1 << 30 };
+
 xo_status xo_config_validate(xo_config *cfg);
 
 /* SPEC section 2: layer i has a MoE FFN iff this returns 1. */

@@ -71,7 +71,7 @@ xo_status xo_decoder_create(xo_decoder **out, xo_model *m, xo_cache *cache, cons
     const size_t ints = 2 + 2 * (size_t)b + (size_t)p->ring * b + (size_t)(p->num_eos > 0 ? p->num_eos : 1);
     xo_status rc = xo_scratch_alloc(be, &m->cfg, b, b, b, &d->s);
     if (rc == XO_OK && !(d->block = be->alloc(be, ints * sizeof(int32_t) + (size_t)b)))
-        rc = xo_fail(XO_ENOMEM, "out of memory for a decode session of %d rows", b);
+        rc = xo_fail_more(XO_ENOMEM, "out of memory for a decode session of %d rows", b);
     if (rc != XO_OK) {
         xo_scratch_free(be, &d->s);
         free(d);

@@ -73,7 +73,8 @@ static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache 
     const xo_config *c = &m->cfg;
     xo_backend *be = m->be;
     const int b = a->batch, t = a->tokens, n = b * t, H = c->hidden_size;
-    xo_layers_args la = { .batch = b, .tokens = t, .past = cache->length, .embeds = a->embeds, .hidden = a->hidden };
+    xo_layers_args la = { .batch = b, .tokens = t, .past = cache->length, .embeds = a->embeds, .hidden = a->hidden,
+                          .interrupt = m->interrupt };
     XO_TRY(xo_model_layers(m, &la, cache, s));
     /* logits = h @ lm_head.T */
     if (!a->logits && !a->argmax && !a->device_logits) return XO_OK;
@@ -126,6 +127,13 @@ xo_status xo_model_forward(xo_model *m, const xo_forward_args *a) {
     if (rc == XO_OK) rc = xo_cache_reserve(cache, cache->length + a->tokens);
     if (rc == XO_OK && !(saved_next = malloc((size_t)a->batch * sizeof *saved_next))) rc = xo_fail(XO_ENOMEM, "out of memory");
     if (rc == XO_OK) memcpy(saved_next, cache->next_position, (size_t)a->batch * sizeof *saved_next);
+    /* a mask over cached + new tokens rewrites the cached keys' mask too: kept to undo a failure */
+    const size_t mask_cells = (size_t)a->batch * cache->capacity;
+    uint8_t *saved_mask = NULL;
+    if (rc == XO_OK && a->mask && a->mask_len > a->tokens) {
+        if ((saved_mask = malloc(mask_cells))) memcpy(saved_mask, cache->host_mask, mask_cells);
+        else rc = xo_fail(XO_ENOMEM, "out of memory");
+    }
     if (rc == XO_OK) rc = prepare_positions(m, a, cache, pos);
     const int out_rows = a->batch * kept_positions(a);
     const int logit_rows = m->be->host_memory && a->logits ? 0 : out_rows;
@@ -134,7 +142,7 @@ xo_status xo_model_forward(xo_model *m, const xo_forward_args *a) {
     /* ids already on the device are checked there; a bad one is reported after the pass */
     uint64_t *bad = NULL;
     if (rc == XO_OK && a->ids_device) {
-        if (!(bad = m->be->alloc(m->be, 2 * sizeof(uint64_t)))) rc = xo_fail(XO_ENOMEM, "out of memory");
+        if (!(bad = m->be->alloc(m->be, 2 * sizeof(uint64_t)))) rc = xo_fail_more(XO_ENOMEM, "out of memory");
         if (rc == XO_OK)
             rc = m->be->load_ids(m->be, s.ids, a->ids_device, a->ids_wide, (size_t)n, m->cfg.vocab_size, bad);
     }
@@ -154,7 +162,9 @@ xo_status xo_model_forward(xo_model *m, const xo_forward_args *a) {
     } else if (saved_next) {  /* a failed call leaves the cache as it was */
         cache->length = saved_len;
         memcpy(cache->next_position, saved_next, (size_t)a->batch * sizeof *saved_next);
+        if (saved_mask) memcpy(cache->host_mask, saved_mask, mask_cells);
     }
+    free(saved_mask);
     xo_scratch_free(m->be, &s);
     free(pos);
     free(saved_next);

@@ -48,6 +48,7 @@ static xo_status attention(xo_model *m, const xo_layer_weights *lw, int l, const
         .key_pos = cache->positions, .key_mask = cache->mask,
         .inv_freq = m->inv_freq, .mscale = m->mscale, .scale = 1.0f / sqrtf((float)hd),
         .denom_eps = xo_model_denom_eps(c, past + t),
+        .interrupt = a->interrupt,
     };
     XO_TRY(be->attention(be, &at));                                                       /* softmax(q.K / sqrt(hd)) V */
     return be->matmul(be, s->branch, s->attn, &lw->o, n);                                 /* @ Wo.T */
@@ -93,8 +94,10 @@ xo_status xo_model_layers(xo_model *m, const xo_layers_args *a, xo_cache *cache,
     XO_TRY(be->rmsnorm(be, s->xn, s->h, H, m->w.layers[0].input_norm, n, H, eps));      /* x = RMSNorm_in(h) */
     for (int l = 0; l < L; l++) {
         const xo_layer_weights *lw = &m->w.layers[l];
+        XO_TRY(xo_interrupt_poll(a->interrupt));
         XO_TRY(attention(m, lw, l, a, cache, s));
         XO_TRY(be->add_rmsnorm(be, s->h, s->branch, s->xn, lw->post_norm, n, H, eps));  /* h += Attn; x = RMSNorm_post(h) */
+        XO_TRY(xo_interrupt_poll(a->interrupt));
         XO_TRY(mlp(m, lw, n, s));
         /* h += MLP; x = the next layer's RMSNorm_in(h), after the last layer RMSNorm(h; model.norm) */
         const float *next_norm = l + 1 < L ? m->w.layers[l + 1].input_norm : m->w.final_norm;

@@ -8,6 +8,7 @@
 #include "backends/backend.h"
 #include "engine/cache.h"
 #include "engine/config.h"
+#include "engine/interrupt.h"
 #include "engine/scratch.h"
 #include "engine/weights.h"
 
@@ -19,14 +20,22 @@ typedef struct {
     float *inv_freq;         /* device [hd/2], YaRN frequencies (SPEC section 5) */
     float mscale;
     pthread_mutex_t lock;    /* one call at a time: scratch and caches are not shared */
+    const xo_interrupt *interrupt; /* polled by forward and generate; set by the lock holder, or NULL */
 } xo_model;
 
 /* Creates an empty model on a backend (takes ownership of be). Weights are filled by
  * xo_model_load or xo_model_init_random. */
 xo_status xo_model_create(xo_model **out, const xo_config *cfg, xo_backend *be, xo_dtype weight_dtype);
-xo_status xo_model_load(xo_model *m, const xo_tensor_view *tensors, int n, const char *prefix);
+xo_status xo_model_load(xo_model *m, const xo_tensor_view *tensors, int n, const char *prefix, int check_finite);
 xo_status xo_model_init_random(xo_model *m, uint64_t seed);
 void xo_model_free(xo_model *m);
+/* Takes the model's lock for one call from this thread and applies the backend's per-call
+ * settings (the CPU thread count); xo_model_unlock undoes both. */
+void xo_model_lock(xo_model *m);
+/* xo_model_lock, but waiting gives up with XO_EINTERRUPTED once `interrupt` is requested;
+ * the call that holds the lock then polls `interrupt` (m->interrupt) until xo_model_unlock. */
+xo_status xo_model_lock_interruptible(xo_model *m, const xo_interrupt *interrupt);
+void xo_model_unlock(xo_model *m);
 
 /* Sampling done by the backend (xo_backend.sample_rows). */
 struct xo_device_draw {
@@ -66,6 +75,7 @@ typedef struct {
     const int32_t *past_device; /* or NULL: see xo_attention_args */
     const float *embeds;        /* host, or NULL: s->ids are embedded */
     float *hidden;              /* host, or NULL */
+    const xo_interrupt *interrupt; /* polled between layers, or NULL (a recorded step must run whole) */
 } xo_layers_args;
 
 /* The decoder layers and the final norm over s->ids (or embeds) at positions s->pos, the

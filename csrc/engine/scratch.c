@@ -35,7 +35,7 @@ xo_status xo_scratch_alloc(xo_backend *be, const xo_config *c, int n, int logit_
         !s->ffn_act || !s->router_logits || !s->topk_weight || !s->ids || !s->pos || !s->topk_idx || !s->argmax ||
         !s->logits) {
         xo_scratch_free(be, s);
-        return xo_fail(XO_ENOMEM, "out of memory for the activations of %d tokens", n);
+        return xo_fail_more(XO_ENOMEM, "out of memory for the activations of %d tokens", n);
     }
     return XO_OK;
 }

@@ -1,6 +1,8 @@
 #include "engine/tensor.h"
 
+#include <errno.h>
 #include <string.h>
+#include <unistd.h>
 
 size_t xo_dtype_size(xo_dtype t) {
     switch (t) {
@@ -17,6 +19,7 @@ const char *xo_dtype_name(xo_dtype t) {
     case XO_F16: return "float16";
     case XO_BF16: return "bfloat16";
     case XO_I8: return "int8";
+    case XO_I4: return "int4";
     default: return "unknown";
     }
 }
@@ -88,4 +91,38 @@ void xo_convert_to_f32(float *dst, const void *src, xo_dtype t, size_t n) {
             dst[i] = xo_f16_to_f32(h);
         }
     }
+}
+
+xo_status xo_tensor_view_read(const xo_tensor_view *v, void *dst) {
+    if (v->data) {
+        memcpy(dst, v->data, v->nbytes);
+        return XO_OK;
+    }
+    size_t done = 0;
+    while (done < v->nbytes) {
+        ssize_t got = pread(v->fd, (char *)dst + done, v->nbytes - done, (off_t)(v->file_offset + done));
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0)
+            return xo_fail(XO_EIO, "%s: cannot read tensor '%s': %s", v->file, v->name, strerror(errno));
+        if (got == 0)
+            return xo_fail(XO_EIO, "%s: the file ends at byte %llu inside tensor '%s' (it was truncated or "
+                           "replaced while loading)", v->file, (unsigned long long)(v->file_offset + done), v->name);
+        done += (size_t)got;
+    }
+    return XO_OK;
+}
+
+int64_t xo_first_nonfinite(const void *src, xo_dtype t, size_t n) {
+    /* all exponent bits set means infinity or NaN in each of these formats */
+    if (t == XO_F32) {
+        const uint32_t *u = src;
+        for (size_t i = 0; i < n; i++)
+            if ((u[i] & 0x7f800000u) == 0x7f800000u) return (int64_t)i;
+    } else if (t == XO_F16 || t == XO_BF16) {
+        const uint16_t *u = src;
+        const uint16_t exp = t == XO_F16 ? 0x7c00u : 0x7f80u;
+        for (size_t i = 0; i < n; i++)
+            if ((u[i] & exp) == exp) return (int64_t)i;
+    }
+    return -1;
 }

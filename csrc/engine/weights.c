@@ -12,16 +12,37 @@ static void set_linear(xo_linear *l, int out, int in, xo_dtype t) {
     l->dtype = t;
 }
 
+struct tensor_index;
+static xo_status check_slot(const struct tensor_index *ix, const xo_weight_slot *s);
+
+/* The layout is either collected (s, n) or, when `check` is set, only compared slot by slot
+ * against a checkpoint: then nothing proportional to the model's size is allocated, so a
+ * config far larger than its checkpoint fails at once on the first missing tensor. */
 typedef struct {
     xo_weight_slot *s;
     int n, cap;
     xo_status rc;
+    const struct tensor_index *check;
+    xo_weight_slot scratch;
 } slot_list;
 
 static xo_weight_slot *push(slot_list *L, int kind, int rows, int cols, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
 
 static xo_weight_slot *push(slot_list *L, int kind, int rows, int cols, const char *fmt, ...) {
+    if (L->check) {
+        xo_weight_slot *s = &L->scratch;
+        memset(s, 0, sizeof *s);
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(s->name, sizeof s->name, fmt, ap);
+        va_end(ap);
+        s->kind = kind;
+        s->rows = rows;
+        s->cols = cols;
+        if ((L->rc = check_slot(L->check, s)) != XO_OK) return NULL;
+        return s;
+    }
     if (L->n == L->cap) {
         int cap = L->cap ? 2 * L->cap : 64;
         xo_weight_slot *ns = realloc(L->s, (size_t)cap * sizeof *ns);
@@ -60,10 +81,13 @@ static int push_ffn(slot_list *L, xo_ffn *f, int inter, int hidden, xo_dtype t, 
     return 0;
 }
 
-xo_status xo_weights_layout(const xo_config *c, xo_weights *w, xo_dtype t, xo_weight_slot **slots, int *n) {
-    slot_list L = {0};
+static xo_status layout(const xo_config *c, xo_weights *w, xo_dtype t, slot_list *Lp) {
+    slot_list L = *Lp;
     const int H = c->hidden_size, hd = c->head_dim, r = c->kv_lora_rank;
-    if (!w->layers) {
+    /* checking: one scratch layer serves every layer */
+    xo_layer_weights scratch_layer;
+    memset(&scratch_layer, 0, sizeof scratch_layer);
+    if (!L.check && !w->layers) {
         w->layers = calloc((size_t)c->num_layers, sizeof *w->layers);
         if (!w->layers) return xo_fail(XO_ENOMEM, "out of memory");
     }
@@ -73,7 +97,7 @@ xo_status xo_weights_layout(const xo_config *c, xo_weights *w, xo_dtype t, xo_we
     if (!s) goto fail;
     s->lin = &w->embed;
     for (int i = 0; i < c->num_layers; i++) {
-        xo_layer_weights *lw = &w->layers[i];
+        xo_layer_weights *lw = L.check ? &scratch_layer : &w->layers[i];
         char base[64];
         snprintf(base, sizeof base, "model.layers.%d", i);
         PUSH_VEC(&lw->input_norm, H, 1, "%s.input_layernorm.weight", base);
@@ -105,7 +129,7 @@ xo_status xo_weights_layout(const xo_config *c, xo_weights *w, xo_dtype t, xo_we
             if (push_ffn(&L, &lw->mlp, c->intermediate_size, H, t, mbase)) goto fail;
         } else {
             PUSH_VEC(&lw->router_norm, H, 1, "%s.mlp.router.input_norm.weight", base);
-            set_linear(&lw->router, c->num_experts, H, t == XO_I8 ? XO_F32 : t);
+            set_linear(&lw->router, c->num_experts, H, t == XO_I8 || t == XO_I4 ? XO_F32 : t);
             PUSH_LIN(&lw->router, c->num_experts, H, 0, "%s.mlp.router.gate.weight", base);
             if (!lw->experts) {
                 lw->experts = calloc((size_t)c->num_experts, sizeof *lw->experts);
@@ -124,12 +148,21 @@ xo_status xo_weights_layout(const xo_config *c, xo_weights *w, xo_dtype t, xo_we
         set_linear(&w->lm_head, c->vocab_size, H, t);
         PUSH_LIN(&w->lm_head, c->vocab_size, H, 0, "lm_head.weight");
     }
+    free(scratch_layer.experts);
+    *Lp = L;
+    return XO_OK;
+fail:
+    free(scratch_layer.experts);
+    free(L.s);
+    return L.rc ? L.rc : xo_fail(XO_ENOMEM, "out of memory");
+}
+
+xo_status xo_weights_layout(const xo_config *c, xo_weights *w, xo_dtype t, xo_weight_slot **slots, int *n) {
+    slot_list L = {0};
+    XO_TRY(layout(c, w, t, &L));
     *slots = L.s;
     *n = L.n;
     return XO_OK;
-fail:
-    free(L.s);
-    return L.rc ? L.rc : xo_fail(XO_ENOMEM, "out of memory");
 }
 
 /* Writes one slot's host data (dtype src_t, SPEC layout) into backend storage. */
@@ -140,7 +173,7 @@ static xo_status fill_slot(xo_backend *be, const xo_weight_slot *s, const void *
         xo_convert_to_f32(tmp, host, src_t, (size_t)s->rows);
         xo_status rc = XO_OK;
         if (!*s->vec && !(*s->vec = be->alloc(be, (size_t)s->rows * sizeof(float))))
-            rc = xo_fail(XO_ENOMEM, "out of memory for %s", s->name);
+            rc = xo_fail_more(XO_ENOMEM, "out of memory for %s", s->name);
         if (rc == XO_OK) rc = be->upload(be, *s->vec, tmp, (size_t)s->rows * sizeof(float));
         free(tmp);
         return rc;
@@ -157,46 +190,121 @@ static xo_status fill_slot(xo_backend *be, const xo_weight_slot *s, const void *
     return XO_OK;
 }
 
-static const xo_tensor_view *find_tensor(const xo_tensor_view *t, int n, const char *prefix, const char *name) {
-    size_t pl = strlen(prefix);
+/* The checkpoint's tensors under `prefix`, sorted by the rest of their name. */
+struct tensor_index {
+    const xo_tensor_view **v;
+    int n;
+    size_t prefix_len;
+    const char *prefix;
+};
+
+static int by_suffix(const void *a, const void *b, void *prefix_len) {
+    const size_t skip = *(const size_t *)prefix_len;
+    return strcmp((*(const xo_tensor_view *const *)a)->name + skip, (*(const xo_tensor_view *const *)b)->name + skip);
+}
+
+static xo_status index_build(struct tensor_index *ix, const xo_tensor_view *t, int n, const char *prefix) {
+    ix->prefix = prefix;
+    ix->prefix_len = strlen(prefix);
+    ix->n = 0;
+    ix->v = malloc((size_t)(n > 0 ? n : 1) * sizeof *ix->v);
+    if (!ix->v) return xo_fail(XO_ENOMEM, "out of memory");
     for (int i = 0; i < n; i++)
-        if (!strncmp(t[i].name, prefix, pl) && !strcmp(t[i].name + pl, name)) return &t[i];
+        if (!strncmp(t[i].name, prefix, ix->prefix_len)) ix->v[ix->n++] = &t[i];
+    qsort_r(ix->v, (size_t)ix->n, sizeof *ix->v, by_suffix, &ix->prefix_len);
+    return XO_OK;
+}
+
+static const xo_tensor_view *index_find(const struct tensor_index *ix, const char *name) {
+    int lo = 0, hi = ix->n - 1;
+    while (lo <= hi) {
+        int mid = lo + (hi - lo) / 2;
+        int c = strcmp(ix->v[mid]->name + ix->prefix_len, name);
+        if (!c) return ix->v[mid];
+        if (c < 0) lo = mid + 1;
+        else hi = mid - 1;
+    }
     return NULL;
 }
 
+static xo_status check_slot(const struct tensor_index *ix, const xo_weight_slot *s) {
+    const char *prefix = ix->prefix;
+    const xo_tensor_view *v = index_find(ix, s->name);
+    if (!v) return xo_fail(XO_EFORMAT, "checkpoint is missing tensor '%s%s'", prefix, s->name);
+    int want_nd = s->cols ? 2 : 1;
+    int ok = v->ndim == want_nd && v->shape[0] == s->rows && (want_nd == 1 || v->shape[1] == s->cols);
+    if (!ok) {
+        char got[96] = "[";
+        for (int d = 0; d < v->ndim && d < XO_MAX_DIMS; d++)
+            snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld", d ? ", " : "", (long long)v->shape[d]);
+        strncat(got, "]", sizeof got - strlen(got) - 1);
+        if (s->cols)
+            return xo_fail(XO_EFORMAT, "tensor '%s%s' has shape %s, expected [%d, %d]", prefix, s->name, got, s->rows,
+                           s->cols);
+        return xo_fail(XO_EFORMAT, "tensor '%s%s' has shape %s, expected [%d]", prefix, s->name, got, s->rows);
+    }
+    if (v->dtype != XO_F32 && v->dtype != XO_F16 && v->dtype != XO_BF16)
+        return xo_fail(XO_EFORMAT, "tensor '%s%s' has unsupported dtype '%s' (expected F32, F16 or BF16)",
+                       prefix, s->name, v->dtype_name);
+    return XO_OK;
+}
+
+/* The bytes of v in memory: its own, or read from its file into *buf (grown as needed). */
+static xo_status tensor_bytes(const xo_tensor_view *v, void **buf, size_t *cap, const void **out) {
+    if (v->data) {
+        *out = v->data;
+        return XO_OK;
+    }
+    if (v->nbytes > *cap) {
+        void *nb = realloc(*buf, v->nbytes);
+        if (!nb) return xo_fail(XO_ENOMEM, "out of memory reading tensor '%s'", v->name);
+        *buf = nb;
+        *cap = v->nbytes;
+    }
+    XO_TRY(xo_tensor_view_read(v, *buf));
+    *out = *buf;
+    return XO_OK;
+}
+
+static xo_status check_finite_values(const xo_tensor_view *v, const void *bytes) {
+    size_t es = xo_dtype_size(v->dtype);
+    int64_t bad = xo_first_nonfinite(bytes, v->dtype, es ? v->nbytes / es : 0);
+    if (bad < 0) return XO_OK;
+    float value;
+    xo_convert_to_f32(&value, (const char *)bytes + (size_t)bad * es, v->dtype, 1);
+    return xo_fail(XO_EFORMAT, "tensor '%s' holds %s at element %lld (load with check_finite=False to accept it)",
+                   v->name, isnan(value) ? "NaN" : value > 0 ? "+inf" : "-inf", (long long)bad);
+}
+
 xo_status xo_weights_load(xo_weights *w, const xo_config *c, xo_backend *be, xo_dtype t,
-                          const xo_tensor_view *tensors, int num_tensors, const char *prefix) {
+                          const xo_tensor_view *tensors, int num_tensors, const char *prefix, int check_finite) {
+    struct tensor_index ix;
+    XO_TRY(index_build(&ix, tensors, num_tensors, prefix));
+    /* Check every tensor before allocating or filling anything, so a bad checkpoint fails fast. */
+    xo_weights probe;
+    memset(&probe, 0, sizeof probe);
+    slot_list check = { .check = &ix };
+    xo_status rc = layout(c, &probe, t, &check);
     xo_weight_slot *slots = NULL;
     int n = 0;
-    XO_TRY(xo_weights_layout(c, w, t, &slots, &n));
-    xo_status rc = XO_OK;
-    /* Check every tensor before filling any, so a bad checkpoint fails fast. */
+    if (rc == XO_OK) rc = xo_weights_layout(c, w, t, &slots, &n);
+    void *buf = NULL;
+    size_t cap = 0;
     for (int i = 0; i < n && rc == XO_OK; i++) {
-        const xo_weight_slot *s = &slots[i];
-        const xo_tensor_view *v = find_tensor(tensors, num_tensors, prefix, s->name);
-        if (!v) { rc = xo_fail(XO_EFORMAT, "checkpoint is missing tensor '%s%s'", prefix, s->name); break; }
-        int want_nd = s->cols ? 2 : 1;
-        int ok = v->ndim == want_nd && v->shape[0] == s->rows && (want_nd == 1 || v->shape[1] == s->cols);
-        if (!ok) {
-            char got[96] = "[";
-            for (int d = 0; d < v->ndim && d < XO_MAX_DIMS; d++)
-                snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld", d ? ", " : "", (long long)v->shape[d]);
-            strncat(got, "]", sizeof got - strlen(got) - 1);
-            if (s->cols)
-                rc = xo_fail(XO_EFORMAT, "tensor '%s%s' has shape %s, expected [%d, %d]", prefix, s->name, got, s->rows, s->cols);
-            else
-                rc = xo_fail(XO_EFORMAT, "tensor '%s%s' has shape %s, expected [%d]", prefix, s->name, got, s->rows);
-            break;
+        const xo_tensor_view *v = index_find(&ix, slots[i].name);
+        const void *bytes = NULL;
+        rc = tensor_bytes(v, &buf, &cap, &bytes);
+        if (rc == XO_OK && check_finite) rc = check_finite_values(v, bytes);
+        if (rc == XO_OK && (rc = fill_slot(be, &slots[i], bytes, v->dtype, c->hidden_size)) != XO_OK &&
+            rc != XO_ENOMEM) {
+            char why[512];
+            snprintf(why, sizeof why, "%s", xo_last_error());
+            rc = xo_fail(rc, "tensor '%s': %s", v->name, why);
         }
-        if (v->dtype != XO_F32 && v->dtype != XO_F16 && v->dtype != XO_BF16)
-            rc = xo_fail(XO_EFORMAT, "tensor '%s%s' has unsupported dtype '%s' (expected F32, F16 or BF16)",
-                         prefix, s->name, v->dtype_name);
     }
-    for (int i = 0; i < n && rc == XO_OK; i++) {
-        const xo_tensor_view *v = find_tensor(tensors, num_tensors, prefix, slots[i].name);
-        rc = fill_slot(be, &slots[i], v->data, v->dtype, c->hidden_size);
-    }
+    free(buf);
     free(slots);
+    free(ix.v);
     return rc;
 }
 

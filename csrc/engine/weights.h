@@ -49,9 +49,11 @@ typedef struct {
 /* Lists every SPEC tensor of cfg. Sets up linear shapes/dtypes in w (storage dtype `t`). */
 xo_status xo_weights_layout(const xo_config *cfg, xo_weights *w, xo_dtype t, xo_weight_slot **slots, int *n);
 
-/* Allocates and fills w from named tensors (prefix prepended to every SPEC name). */
+/* Allocates and fills w from named tensors (prefix prepended to every SPEC name). Every
+ * tensor is checked against the config before anything is allocated; with check_finite a
+ * NaN or infinity in any of them is an error naming the tensor. */
 xo_status xo_weights_load(xo_weights *w, const xo_config *cfg, xo_backend *be, xo_dtype t,
-                          const xo_tensor_view *tensors, int num_tensors, const char *prefix);
+                          const xo_tensor_view *tensors, int num_tensors, const char *prefix, int check_finite);
 /* Random initialisation as the original: normal(0, 0.02), norms 1. */
 xo_status xo_weights_random(xo_weights *w, const xo_config *cfg, xo_backend *be, xo_dtype t, uint64_t seed);
 void xo_weights_free(xo_weights *w, const xo_config *cfg, xo_backend *be);

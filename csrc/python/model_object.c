@@ -9,17 +9,23 @@
 #include "engine/safetensors.h"
 
 static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
-    static char *names[] = { "config", "dtype", "device", NULL };
-    PyObject *cfg_dict;
+    static char *names[] = { "config", "dtype", "device", "options", NULL };
+    if (self->model) {  /* replacing it would pull the weights from under its caches and callers */
+        PyErr_SetString(PyExc_RuntimeError, "this xoron._C.Model is already initialised; create a new one instead");
+        return -1;
+    }
+    PyObject *cfg_dict, *opt_dict = Py_None;
     const char *dtype = "float32", *device = "cpu";
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|ss", names, &cfg_dict, &dtype, &device)) return -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|ssO", names, &cfg_dict, &dtype, &device, &opt_dict)) return -1;
     xo_config cfg;
     xo_dtype t;
-    if (xo_py_config_from_dict(cfg_dict, &cfg) || xo_py_parse_dtype(dtype, &t)) return -1;
+    xo_options opts;
+    if (xo_py_config_from_dict(cfg_dict, &cfg) || xo_py_parse_dtype(dtype, &t) || xo_py_options_from_dict(opt_dict, &opts))
+        return -1;
     xo_backend *be = NULL;
     xo_status rc;
     if (!strcmp(device, "cpu")) {
-        rc = xo_cpu_backend_create(&be);
+        rc = xo_cpu_backend_create(&be, &opts);
     } else if (!strncmp(device, "cuda", 4)) {
         int index = 0;
         if (device[4] == ':') {
@@ -34,7 +40,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
             PyErr_Format(PyExc_ValueError, "bad device '%s' (expected 'cpu', 'cuda' or 'cuda:N')", device);
             return -1;
         }
-        rc = xo_cuda_backend_create(&be, index);
+        rc = xo_cuda_backend_create(&be, index, &opts);
     } else {
         PyErr_Format(PyExc_ValueError, "bad device '%s' (expected 'cpu', 'cuda' or 'cuda:N')", device);
         return -1;
@@ -43,7 +49,6 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
     xo_model *m = NULL;
     rc = xo_model_create(&m, &cfg, be, t);
     if (rc != XO_OK) { xo_py_raise(rc); return -1; }
-    if (self->model) xo_model_free(self->model);
     self->model = m;
     snprintf(self->device, sizeof self->device, "%s", device);
     return 0;
@@ -59,29 +64,22 @@ static int ensure_model(ModelObject *self) {
     return 0;
 }
 
-/* Runs f(model) with the GIL released and the model's lock held. */
-#define LOCKED_NOGIL(self, stmt)                           \
-    do {                                                   \
-        Py_BEGIN_ALLOW_THREADS                             \
-        pthread_mutex_lock(&(self)->model->lock);          \
-        stmt;                                              \
-        pthread_mutex_unlock(&(self)->model->lock);        \
-        Py_END_ALLOW_THREADS                               \
-    } while (0)
-
 static PyObject *Model_init_random(ModelObject *self, PyObject *args) {
     unsigned long long seed;
     if (ensure_model(self) || !PyArg_ParseTuple(args, "K", &seed)) return NULL;
     xo_status rc;
-    LOCKED_NOGIL(self, rc = xo_model_init_random(self->model, seed));
+    LOCKED_NOGIL(self, rc, xo_model_init_random(self->model, seed));
     if (rc != XO_OK) return xo_py_raise(rc);
     Py_RETURN_NONE;
 }
 
-static PyObject *Model_load_safetensors(ModelObject *self, PyObject *args) {
+static PyObject *Model_load_safetensors(ModelObject *self, PyObject *args, PyObject *kw) {
+    static char *names[] = { "files", "prefix", "check_finite", NULL };
     PyObject *files;
     const char *prefix = "";
-    if (ensure_model(self) || !PyArg_ParseTuple(args, "O|s", &files, &prefix)) return NULL;
+    int check_finite = 1;
+    if (ensure_model(self) || !PyArg_ParseTupleAndKeywords(args, kw, "O|sp", names, &files, &prefix, &check_finite))
+        return NULL;
     PyObject *seq = PySequence_Fast(files, "files must be a list of paths");
     if (!seq) return NULL;
     Py_ssize_t nf = PySequence_Fast_GET_SIZE(seq);
@@ -113,7 +111,7 @@ static PyObject *Model_load_safetensors(ModelObject *self, PyObject *args) {
     total = 0;
     for (int i = 0; i < opened; i++)
         for (int j = 0; j < st[i].num_tensors; j++) views[total++] = st[i].tensors[j];
-    LOCKED_NOGIL(self, rc = xo_model_load(self->model, views, total, prefix));
+    LOCKED_NOGIL(self, rc, xo_model_load(self->model, views, total, prefix, check_finite));
     if (rc != XO_OK) { xo_py_raise(rc); goto exit; }
     result = Py_NewRef(Py_None);
 exit:
@@ -126,10 +124,13 @@ exit:
     return result;
 }
 
-/* load_arrays({name: float32/float16 ndarray}) */
-static PyObject *Model_load_arrays(ModelObject *self, PyObject *args) {
+/* load_arrays({name: float32/float16 ndarray}, check_finite=True) */
+static PyObject *Model_load_arrays(ModelObject *self, PyObject *args, PyObject *kw) {
+    static char *names[] = { "arrays", "check_finite", NULL };
     PyObject *d;
-    if (ensure_model(self) || !PyArg_ParseTuple(args, "O!", &PyDict_Type, &d)) return NULL;
+    int check_finite = 1;
+    if (ensure_model(self) || !PyArg_ParseTupleAndKeywords(args, kw, "O!|p", names, &PyDict_Type, &d, &check_finite))
+        return NULL;
     Py_ssize_t n = PyDict_Size(d), pos = 0, i = 0;
     xo_tensor_view *views = calloc((size_t)(n ? n : 1), sizeof *views);
     PyObject **arrays = calloc((size_t)(n ? n : 1), sizeof *arrays);
@@ -157,7 +158,7 @@ static PyObject *Model_load_arrays(ModelObject *self, PyObject *args) {
         v->nbytes = (size_t)PyArray_NBYTES(a);
     }
     xo_status rc;
-    LOCKED_NOGIL(self, rc = xo_model_load(self->model, views, (int)i, ""));
+    LOCKED_NOGIL(self, rc, xo_model_load(self->model, views, (int)i, "", check_finite));
     if (rc != XO_OK) { xo_py_raise(rc); goto exit; }
     result = Py_NewRef(Py_None);
 exit:
@@ -172,7 +173,8 @@ static PyObject *Model_state_dict(ModelObject *self, PyObject *Py_UNUSED(ignored
     xo_model *m = self->model;
     xo_weight_slot *slots = NULL;
     int n = 0;
-    xo_status rc = xo_weights_layout(&m->cfg, &m->w, m->weight_dtype, &slots, &n);
+    xo_status rc;
+    LOCKED_NOGIL(self, rc, xo_weights_layout(&m->cfg, &m->w, m->weight_dtype, &slots, &n));
     if (rc != XO_OK) return xo_py_raise(rc);
     PyObject *out = PyDict_New();
     for (int i = 0; out && i < n; i++) {
@@ -180,7 +182,7 @@ static PyObject *Model_state_dict(ModelObject *self, PyObject *Py_UNUSED(ignored
         PyObject *arr = PyArray_SimpleNew(slots[i].cols ? 2 : 1, dims, NPY_FLOAT32);
         if (!arr) { Py_CLEAR(out); break; }
         float *dst = PyArray_DATA((PyArrayObject *)arr);
-        LOCKED_NOGIL(self, rc = xo_weights_get(&m->w, &m->cfg, m->be, &slots[i], dst));
+        LOCKED_NOGIL(self, rc, xo_weights_get(&m->w, &m->cfg, m->be, &slots[i], dst));
         if (rc != XO_OK || PyDict_SetItemString(out, slots[i].name, arr) < 0) {
             if (rc != XO_OK) xo_py_raise(rc);
             Py_DECREF(arr);
@@ -198,7 +200,8 @@ static PyObject *Model_tensor_shapes(ModelObject *self, PyObject *Py_UNUSED(igno
     xo_model *m = self->model;
     xo_weight_slot *slots = NULL;
     int n = 0;
-    xo_status rc = xo_weights_layout(&m->cfg, &m->w, m->weight_dtype, &slots, &n);
+    xo_status rc;
+    LOCKED_NOGIL(self, rc, xo_weights_layout(&m->cfg, &m->w, m->weight_dtype, &slots, &n));
     if (rc != XO_OK) return xo_py_raise(rc);
     PyObject *out = PyList_New(0);
     for (int i = 0; out && i < n; i++) {
@@ -211,15 +214,18 @@ static PyObject *Model_tensor_shapes(ModelObject *self, PyObject *Py_UNUSED(igno
     return out;
 }
 
-/* forward(ids int32 [b,t] | DLPack capsule of GPU ids | embeds float32 [b,t,H], positions int32 [b,t] | None, mask uint8 [b,m] | None, cache | None,
- *         want_logits, logits_to_keep, want_hidden) -> (logits [b, kept, V] | None, hidden | None);
- * logits_to_keep: the last N positions of each row, 0 for all (the C core checks it) */
-static PyObject *Model_forward(ModelObject *self, PyObject *args) {
-    PyObject *ids_o, *pos_o, *mask_o, *cache_o;
-    int want_logits, logits_to_keep, want_hidden, device_logits = 0;
+/* forward(ids int32 [b,t] | DLPack capsule of GPU ids | embeds float32 [b,t,H], *, positions int32 [b,t] | None,
+ *         mask uint8 [b,m] | None, cache | None, want_logits, logits_to_keep, want_hidden, device_logits)
+ *   -> (logits [b, kept, V] | None, hidden | None); logits_to_keep: the last N positions of each row,
+ *   0 for all (the C core checks it) */
+static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kw) {
+    static char *names[] = { "ids", "positions", "mask", "cache", "want_logits", "logits_to_keep", "want_hidden",
+                             "device_logits", NULL };
+    PyObject *ids_o, *pos_o = Py_None, *mask_o = Py_None, *cache_o = Py_None;
+    int want_logits = 1, logits_to_keep = 0, want_hidden = 0, device_logits = 0;
     if (ensure_model(self) ||
-        !PyArg_ParseTuple(args, "OOOOpip|p", &ids_o, &pos_o, &mask_o, &cache_o, &want_logits, &logits_to_keep, &want_hidden,
-                          &device_logits))
+        !PyArg_ParseTupleAndKeywords(args, kw, "O|$OOOpipp", names, &ids_o, &pos_o, &mask_o, &cache_o, &want_logits,
+                                     &logits_to_keep, &want_hidden, &device_logits))
         return NULL;
     xo_model *m = self->model;
     PyArrayObject *ids = NULL, *pos = NULL, *mask = NULL;
@@ -291,7 +297,7 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args) {
     float *dev_logits = NULL;
     if (want_logits && device_logits) fa.device_logits = &dev_logits;
     xo_status rc;
-    LOCKED_NOGIL(self, rc = xo_model_forward(m, &fa));
+    LOCKED_NOGIL(self, rc, xo_model_forward(m, &fa));
     if (rc != XO_OK) {
         if (dev_logits) m->be->release(m->be, dev_logits);
         xo_py_raise(rc);
@@ -318,8 +324,16 @@ exit:
 
 typedef struct {
     PyObject *callback;       /* called with an int64 array of the step's tokens, or NULL */
+    PyObject *logits_hook;    /* (ids int64 [b, len], scores float32 [b, V]) -> scores [b, V], or NULL */
+    PyObject *stop_hook;      /* (ids int64 [b, len], scores float32 [b, V]) -> bools [b], or NULL */
     PyObject *exc_type, *exc_value, *exc_tb;
 } stream_ctx;
+
+/* Keeps the Python exception for the caller (re-raised once the GIL is back in Model_generate). */
+static xo_status hook_failed(stream_ctx *ctx, const char *what) {
+    PyErr_Fetch(&ctx->exc_type, &ctx->exc_value, &ctx->exc_tb);
+    return xo_fail(XO_EINVAL, "%s raised", what);
+}
 
 static xo_status stream_token(void *p, const int32_t *tokens, int batch) {
     stream_ctx *ctx = p;
@@ -333,79 +347,202 @@ static xo_status stream_token(void *p, const int32_t *tokens, int batch) {
         res = PyObject_CallOneArg(ctx->callback, arr);
     }
     Py_XDECREF(arr);
-    xo_status rc = XO_OK;
-    if (!res) {
-        PyErr_Fetch(&ctx->exc_type, &ctx->exc_value, &ctx->exc_tb);
-        rc = xo_fail(XO_EINVAL, "streamer raised");
-    }
+    xo_status rc = res ? XO_OK : hook_failed(ctx, "streamer");
     Py_XDECREF(res);
     PyGILState_Release(g);
     return rc;
 }
 
+/* (ids [batch, len] int64, scores [batch, V] float32) as new arrays; NULL with an exception set */
+static PyObject *hook_args(const int32_t *seqs, int width, int len, int batch, const float *scores, int V) {
+    npy_intp id_dims[2] = { batch, len }, sc_dims[2] = { batch, V };
+    PyObject *ids = PyArray_SimpleNew(2, id_dims, NPY_INT64);
+    PyObject *sc = ids ? PyArray_SimpleNew(2, sc_dims, NPY_FLOAT32) : NULL;
+    if (!sc) { Py_XDECREF(ids); return NULL; }
+    int64_t *d = PyArray_DATA((PyArrayObject *)ids);
+    for (int r = 0; r < batch; r++)
+        for (int i = 0; i < len; i++) d[(size_t)r * len + i] = seqs[(size_t)r * width + i];
+    memcpy(PyArray_DATA((PyArrayObject *)sc), scores, (size_t)batch * V * sizeof(float));
+    return Py_BuildValue("(NN)", ids, sc);
+}
+
+static xo_status logits_hook(void *p, const int32_t *seqs, int width, int len, int batch, float *scores, int V) {
+    stream_ctx *ctx = p;
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *args = hook_args(seqs, width, len, batch, scores, V);
+    PyObject *res = args ? PyObject_CallObject(ctx->logits_hook, args) : NULL;
+    PyArrayObject *arr = res ? (PyArrayObject *)PyArray_FROMANY(res, NPY_FLOAT32, 2, 2, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED)
+                             : NULL;
+    if (arr && (PyArray_DIM(arr, 0) != batch || PyArray_DIM(arr, 1) != V)) {
+        PyErr_Format(PyExc_ValueError, "a logits processor returned scores of shape [%zd, %zd]; expected [%d, %d]",
+                     (Py_ssize_t)PyArray_DIM(arr, 0), (Py_ssize_t)PyArray_DIM(arr, 1), batch, V);
+        Py_CLEAR(arr);
+    }
+    xo_status rc = XO_OK;
+    if (arr) memcpy(scores, PyArray_DATA(arr), (size_t)batch * V * sizeof(float));
+    else rc = hook_failed(ctx, "logits_processor");
+    Py_XDECREF(arr);
+    Py_XDECREF(res);
+    Py_XDECREF(args);
+    PyGILState_Release(g);
+    return rc;
+}
+
+static xo_status stop_hook(void *p, const int32_t *seqs, int width, int len, int batch, const float *scores, int V,
+                           uint8_t *stop) {
+    stream_ctx *ctx = p;
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *args = hook_args(seqs, width, len, batch, scores, V);
+    PyObject *res = args ? PyObject_CallObject(ctx->stop_hook, args) : NULL;
+    PyArrayObject *arr = res ? (PyArrayObject *)PyArray_FROMANY(res, NPY_BOOL, 1, 1, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED)
+                             : NULL;
+    if (arr && PyArray_DIM(arr, 0) != batch) {
+        PyErr_Format(PyExc_ValueError, "a stopping criterion returned %zd flags; expected one per row (%d)",
+                     (Py_ssize_t)PyArray_DIM(arr, 0), batch);
+        Py_CLEAR(arr);
+    }
+    xo_status rc = XO_OK;
+    if (arr) memcpy(stop, PyArray_DATA(arr), (size_t)batch);
+    else rc = hook_failed(ctx, "stopping_criteria");
+    Py_XDECREF(arr);
+    Py_XDECREF(res);
+    Py_XDECREF(args);
+    PyGILState_Release(g);
+    return rc;
+}
+
+/* o as a C-contiguous array of typenum and ndim dims, or NULL for None (*ok = 0 on error) */
+static PyArrayObject *optional_array(PyObject *o, int typenum, int ndim, int *ok) {
+    if (o == Py_None) return NULL;
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(o, typenum, ndim, ndim, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+    if (!a) *ok = 0;
+    return a;
+}
+
 static PyObject *Model_generate(ModelObject *self, PyObject *args, PyObject *kw) {
-    static char *names[] = { "prompt", "mask", "max_new_tokens", "min_new_tokens", "do_sample", "temperature",
-                             "top_k", "top_p", "repetition_penalty", "eos_ids", "pad_id", "seed", "cache_format",
-                             "want_scores", "callback", NULL };
-    PyObject *prompt_o, *mask_o, *eos_o, *cb = Py_None;
-    int max_new, min_new, do_sample, top_k, pad_id, cache_format = XO_CACHE_LATENT, want_scores = 0;
-    float temperature, top_p, rep;
-    unsigned long long seed;
+    static char *names[] = { "prompt", "mask", "embeds", "cache", "max_new_tokens", "min_new_tokens", "do_sample",
+                             "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size",
+                             "bad_words", "bad_offsets", "eos_ids", "pad_id", "seed", "cache_format", "want_scores",
+                             "want_logits", "num_beams", "num_return_sequences", "length_penalty", "early_stopping",
+                             "stop_bytes", "stop_offsets", "token_bytes", "token_offsets", "callback", "logits_hook",
+                             "stop_hook", NULL };
+    PyObject *prompt_o, *mask_o = Py_None, *embeds_o = Py_None, *cache_o = Py_None, *eos_o = Py_None;
+    PyObject *bad_o = Py_None, *bad_off_o = Py_None, *stop_o = Py_None, *stop_off_o = Py_None;
+    PyObject *tok_o = Py_None, *tok_off_o = Py_None, *cb = Py_None, *lh = Py_None, *sh = Py_None;
+    int max_new = 0, min_new = 0, do_sample = 0, top_k = 0, ngram = 0, pad_id = 0, cache_format = XO_CACHE_LATENT;
+    int want_scores = 0, want_logits = 0, num_beams = 1, num_return = 1, early_stopping = XO_EARLY_STOP_HEURISTIC;
+    float temperature = 1.0f, top_p = 1.0f, min_p = 0.0f, rep = 1.0f, length_penalty = 1.0f;
+    unsigned long long seed = 0;
     if (ensure_model(self) ||
-        !PyArg_ParseTupleAndKeywords(args, kw, "OOiipfiffOiK|ipO", names, &prompt_o, &mask_o, &max_new, &min_new,
-                                     &do_sample, &temperature, &top_k, &top_p, &rep, &eos_o, &pad_id, &seed,
-                                     &cache_format, &want_scores, &cb))
+        !PyArg_ParseTupleAndKeywords(args, kw, "O|$OOOiipfifffiOOOiKippiifiOOOOOOO", names, &prompt_o, &mask_o,
+                                     &embeds_o, &cache_o, &max_new, &min_new, &do_sample, &temperature, &top_k, &top_p,
+                                     &min_p, &rep, &ngram, &bad_o, &bad_off_o, &eos_o, &pad_id, &seed, &cache_format,
+                                     &want_scores, &want_logits, &num_beams, &num_return, &length_penalty,
+                                     &early_stopping, &stop_o, &stop_off_o, &tok_o, &tok_off_o, &cb, &lh, &sh))
         return NULL;
     xo_model *m = self->model;
-    PyArrayObject *prompt = NULL, *mask = NULL, *eos = NULL;
-    PyObject *out = NULL, *scores = NULL, *result = NULL;
-    stream_ctx ctx = { cb == Py_None ? NULL : cb, NULL, NULL, NULL };
+    const int V = m->cfg.vocab_size;
+    PyArrayObject *prompt = NULL, *mask = NULL, *embeds = NULL, *eos = NULL, *bad = NULL, *bad_off = NULL;
+    PyArrayObject *stop = NULL, *stop_off = NULL, *tok = NULL, *tok_off = NULL;
+    PyObject *out = NULL, *scores = NULL, *raw = NULL, *seq_scores = NULL, *result = NULL;
+    stream_ctx ctx = { cb == Py_None ? NULL : cb, lh == Py_None ? NULL : lh, sh == Py_None ? NULL : sh, NULL, NULL, NULL };
+    xo_cache *cache = NULL;
+    int ok = 1;
+    if (xo_py_as_cache(cache_o, &cache, self)) return NULL;
     prompt = (PyArrayObject *)PyArray_FROMANY(prompt_o, NPY_INT32, 2, 2, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
     if (!prompt) goto exit;
-    int b = (int)PyArray_DIM(prompt, 0), t = (int)PyArray_DIM(prompt, 1);
-    if (b == 0 || t == 0) { PyErr_SetString(PyExc_ValueError, "input_ids is empty; give at least one token"); goto exit; }
-    if (mask_o != Py_None) {
-        mask = (PyArrayObject *)PyArray_FROMANY(mask_o, NPY_UINT8, 2, 2, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
-        if (!mask) goto exit;
-        if (PyArray_DIM(mask, 0) != b || PyArray_DIM(mask, 1) != t) {
-            PyErr_Format(PyExc_ValueError, "attention_mask has shape [%zd, %zd]; expected [%d, %d] like input_ids",
-                         (Py_ssize_t)PyArray_DIM(mask, 0), (Py_ssize_t)PyArray_DIM(mask, 1), b, t);
+    mask = optional_array(mask_o, NPY_UINT8, 2, &ok);
+    embeds = optional_array(embeds_o, NPY_FLOAT32, 3, &ok);
+    eos = optional_array(eos_o, NPY_INT32, 1, &ok);
+    bad = optional_array(bad_o, NPY_INT32, 1, &ok);
+    bad_off = optional_array(bad_off_o, NPY_INT32, 1, &ok);
+    stop = optional_array(stop_o, NPY_UINT8, 1, &ok);
+    stop_off = optional_array(stop_off_o, NPY_INT32, 1, &ok);
+    tok = optional_array(tok_o, NPY_UINT8, 1, &ok);
+    tok_off = optional_array(tok_off_o, NPY_INT64, 1, &ok);
+    if (!ok) goto exit;
+    int b = (int)PyArray_DIM(prompt, 0), t = (int)PyArray_DIM(prompt, 1), te = 0;
+    if (embeds) {
+        te = (int)PyArray_DIM(embeds, 1);
+        if (PyArray_DIM(embeds, 0) != b || PyArray_DIM(embeds, 2) != m->cfg.hidden_size) {
+            PyErr_Format(PyExc_ValueError, "inputs_embeds has shape [%zd, %zd, %zd]; expected [%d, tokens, %d]",
+                         (Py_ssize_t)PyArray_DIM(embeds, 0), (Py_ssize_t)te, (Py_ssize_t)PyArray_DIM(embeds, 2), b,
+                         m->cfg.hidden_size);
             goto exit;
         }
     }
-    eos = (PyArrayObject *)PyArray_FROMANY(eos_o, NPY_INT32, 1, 1, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
-    if (!eos) goto exit;
-    if (max_new < 0) { PyErr_Format(PyExc_ValueError, "max_new_tokens must be >= 0 (got %d)", max_new); goto exit; }
-    npy_intp od[2] = { b, (npy_intp)t + max_new };
-    out = PyArray_SimpleNew(2, od, NPY_INT32);
-    if (!out) goto exit;
-    if (want_scores) {
-        npy_intp sd[3] = { max_new, b, m->cfg.vocab_size };
-        scores = PyArray_SimpleNew(3, sd, NPY_FLOAT32);
-        if (!scores) goto exit;
+    if (b == 0 || t + te == 0) { PyErr_SetString(PyExc_ValueError, "input_ids is empty; give at least one token"); goto exit; }
+    if (mask && (PyArray_DIM(mask, 0) != b || PyArray_DIM(mask, 1) != te + t)) {
+        PyErr_Format(PyExc_ValueError, "attention_mask has shape [%zd, %zd]; expected [%d, %d] like the prompt",
+                     (Py_ssize_t)PyArray_DIM(mask, 0), (Py_ssize_t)PyArray_DIM(mask, 1), b, te + t);
+        goto exit;
     }
-    int steps = 0;
+    if ((bad == NULL) != (bad_off == NULL) || (bad && PyArray_DIM(bad_off, 0) < 1) ||
+        (bad && ((int32_t *)PyArray_DATA(bad_off))[PyArray_DIM(bad_off, 0) - 1] != PyArray_DIM(bad, 0)) ||
+        (stop == NULL) != (stop_off == NULL) || (stop && PyArray_DIM(stop_off, 0) < 1) ||
+        (stop && ((int32_t *)PyArray_DATA(stop_off))[PyArray_DIM(stop_off, 0) - 1] != PyArray_DIM(stop, 0)) ||
+        (stop && (!tok || !tok_off || PyArray_DIM(tok_off, 0) < 1 ||
+                  ((int64_t *)PyArray_DATA(tok_off))[PyArray_DIM(tok_off, 0) - 1] != PyArray_DIM(tok, 0)))) {
+        PyErr_SetString(PyExc_ValueError, "bad_words, stop strings and token bytes come as (values, offsets) pairs");
+        goto exit;
+    }
+    if (max_new < 0) { PyErr_Format(PyExc_ValueError, "max_new_tokens must be >= 0 (got %d)", max_new); goto exit; }
+    if (num_beams < 1 || num_return < 1) {
+        PyErr_SetString(PyExc_ValueError, "num_beams and num_return_sequences must be >= 1");
+        goto exit;
+    }
+    const int rows_out = num_beams > 1 ? b * num_return : b, rows_run = b * num_beams;
+    npy_intp od[2] = { rows_out, (npy_intp)t + max_new }, sd[3] = { max_new, rows_run, V }, qd[1] = { rows_out };
+    if (!(out = PyArray_SimpleNew(2, od, NPY_INT32))) goto exit;
+    if (want_scores && !(scores = PyArray_SimpleNew(3, sd, NPY_FLOAT32))) goto exit;
+    if (want_logits && !(raw = PyArray_SimpleNew(3, sd, NPY_FLOAT32))) goto exit;
+    if (num_beams > 1 && !(seq_scores = PyArray_SimpleNew(1, qd, NPY_FLOAT32))) goto exit;
+    int steps = 0, steps_run = 0;
     xo_generate_args ga = {
-        .batch = b, .prompt_len = t, .prompt = PyArray_DATA(prompt), .mask = mask ? PyArray_DATA(mask) : NULL,
+        .batch = b, .prompt_len = t, .prompt = PyArray_DATA(prompt),
+        .embeds = embeds ? PyArray_DATA(embeds) : NULL, .embeds_len = te,
+        .mask = mask ? PyArray_DATA(mask) : NULL, .cache = cache,
         .max_new_tokens = max_new, .min_new_tokens = min_new,
         .sampling = { .do_sample = do_sample, .temperature = temperature, .top_k = top_k, .top_p = top_p,
-                      .repetition_penalty = rep },
-        .eos_ids = PyArray_DATA(eos), .num_eos = (int)PyArray_DIM(eos, 0), .pad_id = pad_id, .seed = seed,
-        .cache_format = cache_format, .out = PyArray_DATA((PyArrayObject *)out), .steps_done = &steps,
+                      .min_p = min_p, .repetition_penalty = rep },
+        .bans = { .no_repeat_ngram_size = ngram, .bad_words = bad ? PyArray_DATA(bad) : NULL,
+                  .bad_offsets = bad ? PyArray_DATA(bad_off) : NULL, .num_bad = bad ? (int)PyArray_DIM(bad_off, 0) - 1 : 0 },
+        .stops = { .token_bytes = tok ? PyArray_DATA(tok) : NULL, .token_offsets = tok_off ? PyArray_DATA(tok_off) : NULL,
+                   .vocab = tok_off ? (int)PyArray_DIM(tok_off, 0) - 1 : 0, .strings = stop ? PyArray_DATA(stop) : NULL,
+                   .string_offsets = stop ? PyArray_DATA(stop_off) : NULL, .num = stop ? (int)PyArray_DIM(stop_off, 0) - 1 : 0 },
+        .eos_ids = eos ? PyArray_DATA(eos) : NULL, .num_eos = eos ? (int)PyArray_DIM(eos, 0) : 0, .pad_id = pad_id,
+        .seed = seed, .cache_format = cache_format,
+        .num_beams = num_beams, .num_return = num_return, .length_penalty = length_penalty, .early_stopping = early_stopping,
+        .sequence_scores = seq_scores ? PyArray_DATA((PyArrayObject *)seq_scores) : NULL,
+        .out = PyArray_DATA((PyArrayObject *)out), .steps_done = &steps, .steps_run = &steps_run,
         .scores = scores ? PyArray_DATA((PyArrayObject *)scores) : NULL,
-        .on_token = ctx.callback ? stream_token : NULL, .ctx = &ctx,
+        .raw_logits = raw ? PyArray_DATA((PyArrayObject *)raw) : NULL,
+        .on_token = ctx.callback ? stream_token : NULL,
+        .process_logits = ctx.logits_hook ? logits_hook : NULL,
+        .should_stop = ctx.stop_hook ? stop_hook : NULL,
+        .ctx = &ctx,
     };
     xo_status rc;
-    LOCKED_NOGIL(self, rc = xo_generate(m, &ga));
+    LOCKED_NOGIL(self, rc, xo_generate(m, &ga));
     if (ctx.exc_type) { PyErr_Restore(ctx.exc_type, ctx.exc_value, ctx.exc_tb); goto exit; }
     if (rc != XO_OK) { xo_py_raise(rc); goto exit; }
-    result = Py_BuildValue("(OOi)", out, scores ? scores : Py_None, steps);
+    result = Py_BuildValue("(OOOOii)", out, scores ? scores : Py_None, raw ? raw : Py_None,
+                           seq_scores ? seq_scores : Py_None, steps, steps_run);
 exit:
     Py_XDECREF(prompt);
     Py_XDECREF(mask);
+    Py_XDECREF(embeds);
     Py_XDECREF(eos);
+    Py_XDECREF(bad);
+    Py_XDECREF(bad_off);
+    Py_XDECREF(stop);
+    Py_XDECREF(stop_off);
+    Py_XDECREF(tok);
+    Py_XDECREF(tok_off);
     Py_XDECREF(out);
     Py_XDECREF(scores);
+    Py_XDECREF(raw);
+    Py_XDECREF(seq_scores);
     return result;
 }
 
@@ -413,7 +550,9 @@ static PyObject *Model_new_cache(ModelObject *self, PyObject *args) {
     int batch, format = XO_CACHE_LATENT;
     if (ensure_model(self) || !PyArg_ParseTuple(args, "i|i", &batch, &format)) return NULL;
     xo_cache *c = NULL;
-    xo_status rc = xo_cache_create(&c, &self->model->cfg, self->model->be, batch, format, self->model->weight_dtype);
+    xo_model *m = self->model;
+    xo_status rc;
+    LOCKED_NOGIL(self, rc, xo_cache_create(&c, &m->cfg, m->be, batch, format, m->weight_dtype));
     if (rc != XO_OK) return xo_py_raise(rc);
     return xo_py_cache_new(self, c);
 }
@@ -429,17 +568,21 @@ static PyObject *Model_get_stream(ModelObject *self, void *Py_UNUSED(c)) {
 
 static PyMethodDef Model_methods[] = {
     { "init_random", (PyCFunction)Model_init_random, METH_VARARGS, "init_random(seed): normal(0, 0.02) weights, norms 1." },
-    { "load_safetensors", (PyCFunction)Model_load_safetensors, METH_VARARGS, "load_safetensors(files, prefix='')" },
-    { "load_arrays", (PyCFunction)Model_load_arrays, METH_VARARGS, "load_arrays({name: ndarray})" },
+    { "load_safetensors", (PyCFunction)(void (*)(void))Model_load_safetensors, METH_VARARGS | METH_KEYWORDS,
+      "load_safetensors(files, prefix='', check_finite=True): check_finite refuses a NaN or infinity in any tensor" },
+    { "load_arrays", (PyCFunction)(void (*)(void))Model_load_arrays, METH_VARARGS | METH_KEYWORDS,
+      "load_arrays({name: ndarray}, check_finite=True)" },
     { "state_dict", (PyCFunction)Model_state_dict, METH_NOARGS, "state_dict() -> {name: float32 ndarray}" },
     { "tensor_shapes", (PyCFunction)Model_tensor_shapes, METH_NOARGS, "[(name, shape)] of every SPEC tensor" },
-    { "forward", (PyCFunction)Model_forward, METH_VARARGS,
-      "forward(ids | GPU ids DLPack capsule, positions, mask, cache, want_logits, logits_to_keep (0: all), want_hidden, "
-      "device_logits=False) -> (logits, hidden)" },
+    { "forward", (PyCFunction)(void (*)(void))Model_forward, METH_VARARGS | METH_KEYWORDS,
+      "forward(ids | GPU ids DLPack capsule, *, positions=None, mask=None, cache=None, want_logits=True, "
+      "logits_to_keep=0, want_hidden=False, device_logits=False) -> (logits [b, kept, V], hidden)" },
     { "generate", (PyCFunction)(void (*)(void))Model_generate, METH_VARARGS | METH_KEYWORDS,
-      "generate(prompt, mask, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, "
-      "repetition_penalty, eos_ids, pad_id, seed, cache_format=0, want_scores=False, callback=None) "
-      "-> (tokens [b, t+max_new], scores | None, steps)" },
+      "generate(prompt, *, mask, embeds, cache, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, "
+      "top_p, min_p, repetition_penalty, no_repeat_ngram_size, bad_words, bad_offsets, eos_ids, pad_id, seed, "
+      "cache_format, want_scores, want_logits, num_beams, num_return_sequences, length_penalty, early_stopping, "
+      "stop_bytes, stop_offsets, token_bytes, token_offsets, callback, logits_hook, stop_hook) "
+      "-> (tokens [rows, t+max_new], scores | None, logits | None, sequence_scores | None, new tokens, steps run)" },
     { "new_cache", (PyCFunction)Model_new_cache, METH_VARARGS, "new_cache(batch, format=0) -> Cache (0 latent, 1 K/V)" },
     { NULL, NULL, 0, NULL },
 };

@@ -7,6 +7,7 @@
 
 #include "engine/safetensors.h"
 #include "engine/sampling.h"
+#include "backends/cpu/kernels.h"
 
 static PyObject *mod_cross_entropy(PyObject *Py_UNUSED(m), PyObject *args) {
     PyObject *lo, *yo;
@@ -87,12 +88,18 @@ static PyObject *mod_sample_tokens(PyObject *Py_UNUSED(m), PyObject *args) {
         xo_rng rng;
         xo_rng_seed(&rng, seed);
         int64_t *out = PyArray_DATA((PyArrayObject *)tokens);
-        for (int i = 0; i < draws; i++) {
+        for (int i = 0; i < draws && rc == XO_OK; i++) {
             memcpy(row, PyArray_DATA(logits), (size_t)V * sizeof(float));
-            out[i] = xo_sample_row(row, V, &p, NULL, 0, &rng, work);
+            int32_t tok = 0;
+            rc = xo_sample_row(row, V, &p, NULL, 0, &rng, work, 0, &tok);
+            out[i] = tok;
         }
-        memcpy(PyArray_DATA((PyArrayObject *)processed), row, (size_t)V * sizeof(float));
-        result = Py_BuildValue("(OO)", processed, tokens);
+        if (rc != XO_OK) {
+            xo_py_raise(rc);
+        } else {
+            memcpy(PyArray_DATA((PyArrayObject *)processed), row, (size_t)V * sizeof(float));
+            result = Py_BuildValue("(OO)", processed, tokens);
+        }
     }
     free(work);
     free(row);
@@ -109,11 +116,52 @@ static PyObject *mod_set_cuda_plugin(PyObject *Py_UNUSED(m), PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* [(name, environment variable, values, meaning)] of every option (engine/options.c) */
+static PyObject *mod_option_table(PyObject *self, PyObject *noargs) {
+    (void)self;
+    (void)noargs;
+    PyObject *out = PyList_New(xo_option_count);
+    for (int i = 0; out && i < xo_option_count; i++) {
+        const xo_option_info *r = &xo_option_table[i];
+        PyObject *row = Py_BuildValue("(ssss)", r->name, r->env, r->values, r->doc);
+        if (!row) { Py_CLEAR(out); break; }
+        PyList_SET_ITEM(out, i, row);
+    }
+    return out;
+}
+
+static PyObject *mod_set_num_threads(PyObject *Py_UNUSED(m), PyObject *arg) {
+    long long n;
+    if (xo_py_thread_count(arg, &n)) return NULL;
+    xo_status rc = xo_cpu_set_default_threads(n);
+    if (rc != XO_OK) return xo_py_raise(rc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *mod_get_num_threads(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(arg)) {
+    return PyLong_FromLong(xo_cpu_default_threads());
+}
+
+static PyObject *mod_physical_cores(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(arg)) {
+    return PyLong_FromLong(xo_cpu_physical_cores());
+}
+
+static PyObject *mod_cuda_device_count(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(args)) {
+    return PyLong_FromLong(xo_cuda_device_count());
+}
+
 static PyMethodDef module_methods[] = {
+    { "option_table", mod_option_table, METH_NOARGS,
+      "option_table() -> [(name, environment variable, values, meaning)] of every model option" },
+    { "set_num_threads", mod_set_num_threads, METH_O, "set_num_threads(n): the CPU thread count of models without their own" },
+    { "get_num_threads", mod_get_num_threads, METH_NOARGS, "get_num_threads() -> the process default CPU thread count" },
+    { "physical_cores", mod_physical_cores, METH_NOARGS, "physical_cores() -> physical cores this process may run on" },
     { "cross_entropy", mod_cross_entropy, METH_VARARGS, "cross_entropy(logits[b,t,V], labels[b,t]) -> loss (SPEC 6)" },
     { "read_safetensors_header", mod_read_header, METH_VARARGS, "read_safetensors_header(path) -> [(name, dtype, shape)]" },
     { "sample_tokens", mod_sample_tokens, METH_VARARGS,
       "sample_tokens(logits, draws, do_sample, temperature, top_k, top_p, seed) -> (processed, tokens)" },
+    { "cuda_device_count", mod_cuda_device_count, METH_NOARGS,
+      "cuda_device_count() -> CUDA devices this build can use (0 without its plugin, a GPU or a driver)" },
     { "set_cuda_plugin", mod_set_cuda_plugin, METH_VARARGS, "set_cuda_plugin(path): where the CUDA backend library is" },
     { NULL, NULL, 0, NULL },
 };
@@ -124,10 +172,11 @@ static struct PyModuleDef moduledef = {
 
 PyMODINIT_FUNC PyInit__C(void) {
     import_array();
-    if (PyType_Ready(&xo_py_ModelType) < 0 || PyType_Ready(&xo_py_CacheType) < 0) return NULL;
+    if (PyType_Ready(&xo_py_ModelType) < 0 || PyType_Ready(&xo_py_CacheType) < 0 || xo_py_sigint_init() < 0) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "Model", (PyObject *)&xo_py_ModelType) < 0 ||
+        PyModule_AddStringConstant(m, "build_id", xo_cuda_build_id()) < 0 ||
         PyModule_AddObjectRef(m, "Cache", (PyObject *)&xo_py_CacheType) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -55,7 +55,6 @@ enum { DECODE_MAX_TOKENS = 8 };
 static xo_status attention_latent_decode(xo_backend *be, const xo_attention_args *a) {
     const int t = a->new_tokens, nh = a->num_heads, nkv = a->num_kv_heads, hd = a->head_dim, r = a->rank;
     const int group = nh / nkv, kv_len = a->past + t, kw = nkv * hd;
-    const size_t es = xo_dtype_size(a->kv_b->dtype);
     /* Wk: the first nkv*hd rows of Wkvb; Wv of kv group g: rows kw + g*hd .. kw + g*hd + hd */
     xo_linear wk = *a->kv_b;
     wk.out = kw;
@@ -92,6 +91,7 @@ static xo_status attention_latent_decode(xo_backend *be, const xo_attention_args
             #pragma omp parallel for collapse(2) schedule(static) if ((t - i0) * nh > 1)
             for (int h = 0; h < nh; h++) {
                 for (int i = i0; i < t; i++) {
+                    if (xo_interrupt_requested(a->interrupt)) continue;  /* the call fails below */
                     int qi = a->past + i;
                     int jend = j1 < qi + 1 ? j1 : qi + 1;
                     attend_chunk(a->q + ((size_t)b * t + i) * nh * hd + (size_t)h * hd,
@@ -99,6 +99,7 @@ static xo_status attention_latent_decode(xo_backend *be, const xo_attention_args
                                  a->scale, &m[i * nh + h], &l[i * nh + h], &acc[((size_t)h * t + i) * r]);
                 }
             }
+            rc = xo_interrupt_poll(a->interrupt);
         }
         /* out_h = (acc_h / l) @ Wv_g.T */
         for (int h = 0; h < nh && rc == XO_OK; h++) {
@@ -108,11 +109,7 @@ static xo_status attention_latent_decode(xo_backend *be, const xo_attention_args
                 float *row = &acc[((size_t)h * t + i) * r];
                 for (int x = 0; x < r; x++) row[x] *= inv;
             }
-            xo_linear wv = *a->kv_b;
-            const size_t row0 = (size_t)kw + (size_t)(h / group) * hd;
-            wv.out = hd;
-            wv.data = (char *)a->kv_b->data + row0 * r * es;
-            wv.scales = a->kv_b->scales ? a->kv_b->scales + row0 : NULL;
+            const xo_linear wv = xo_cpu_linear_rows(a->kv_b, kw + (h / group) * hd, hd);
             rc = xo_cpu_matmul(be, head_out, &acc[(size_t)h * t * r], &wv, t);
             for (int i = 0; rc == XO_OK && i < t; i++)
                 memcpy(a->out + (((size_t)b * t + i) * nh + h) * hd, head_out + (size_t)i * hd, (size_t)hd * sizeof(float));
@@ -200,6 +197,7 @@ xo_status xo_cpu_attention(xo_backend *be, const xo_attention_args *args) {
             #pragma omp parallel for collapse(2) schedule(static) if (nq * nh > 4)
             for (int h = 0; h < nh; h++) {
                 for (int i = i0; i < t; i++) {
+                    if (xo_interrupt_requested(a->interrupt)) continue;  /* the call fails below */
                     int qi = a->past + i;
                     int jend = j1 < qi + 1 ? j1 : qi + 1;
                     size_t st = ((size_t)b * t + i) * nh + h;
@@ -209,6 +207,7 @@ xo_status xo_cpu_attention(xo_backend *be, const xo_attention_args *args) {
                                  mask, j0, jend, hd, a->scale, &m[st], &l[st], &acc[st * hd]);
                 }
             }
+            rc = xo_interrupt_poll(a->interrupt);
         }
     }
     if (rc == XO_OK) {

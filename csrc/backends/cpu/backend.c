@@ -2,6 +2,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <omp.h>
+
 #include "backends/cpu/kernels.h"
 
 static void *cpu_alloc(xo_backend *be, size_t bytes) {
@@ -9,7 +11,11 @@ static void *cpu_alloc(xo_backend *be, size_t bytes) {
     /* 64-byte alignment keeps vector loads on cache-line boundaries. */
     size_t rounded = (bytes + 63) & ~(size_t)63;
     void *p = aligned_alloc(64, rounded ? rounded : 64);
-    if (p) memset(p, 0, rounded ? rounded : 64);
+    if (!p) {
+        xo_fail(XO_ENOMEM, "cannot allocate %zu bytes of host memory", bytes);
+        return NULL;
+    }
+    memset(p, 0, rounded ? rounded : 64);
     return p;
 }
 
@@ -29,11 +35,39 @@ static xo_status cpu_sync(xo_backend *be) {
     return XO_OK;
 }
 
-static void cpu_destroy(xo_backend *be) { free(be); }
+/* The thread count is an OpenMP setting of the calling thread: set for the call (the model's
+ * option, else the process default of backends/cpu/threads.c), then restored. */
+static void cpu_enter(xo_backend *be) {
+    xo_cpu_ctx *cx = be->ctx;
+    cx->saved_threads = omp_get_max_threads();
+    const int n = xo_cpu_team(cx);
+    if (n != cx->saved_threads) omp_set_num_threads(n);
+}
 
-xo_status xo_cpu_backend_create(xo_backend **out) {
+static void cpu_leave(xo_backend *be) {
+    const xo_cpu_ctx *cx = be->ctx;
+    if (omp_get_max_threads() != cx->saved_threads) omp_set_num_threads(cx->saved_threads);
+}
+
+static void cpu_destroy(xo_backend *be) {
+    free(be->ctx);
+    free(be);
+}
+
+xo_status xo_cpu_backend_create(xo_backend **out, const xo_options *opts) {
     xo_backend *be = calloc(1, sizeof *be);
-    if (!be) return xo_fail(XO_ENOMEM, "out of memory");
+    xo_cpu_ctx *cx = calloc(1, sizeof *cx);
+    if (!be || !cx) {
+        free(be);
+        free(cx);
+        return xo_fail(XO_ENOMEM, "out of host memory creating the CPU backend");
+    }
+    const int best = xo_cpu_best_isa();
+    cx->isa = opts->cpu_isa == XO_ISA_AUTO || opts->cpu_isa > best ? best : opts->cpu_isa;
+    cx->gemv_max_rows = opts->cpu_gemv_max_rows >= 0 ? opts->cpu_gemv_max_rows : XO_CPU_GEMV_MAX_ROWS;
+    cx->tile_rows = opts->cpu_tile_rows;
+    cx->threads = opts->threads;
+    be->ctx = cx;
     be->name = "cpu";
     be->host_memory = 1;
     be->alloc = cpu_alloc;
@@ -61,6 +95,8 @@ xo_status xo_cpu_backend_create(xo_backend **out) {
     be->decode_begin = xo_cpu_decode_begin;
     be->decode_end = xo_cpu_decode_end;
     be->suppress_tokens = xo_cpu_suppress_tokens;
+    be->enter = cpu_enter;
+    be->leave = cpu_leave;
     be->destroy = cpu_destroy;
     *out = be;
     return XO_OK;

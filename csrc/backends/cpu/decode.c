@@ -1,10 +1,14 @@
 /* The bookkeeping of one decode-session step on the CPU (see xo_decode_state). */
 #include <math.h>
 
+#include <omp.h>
+
 #include "backends/cpu/kernels.h"
 
 xo_status xo_cpu_decode_begin(xo_backend *be, const xo_decode_state *st) {
-    (void)be;
+    /* a long decode re-sizes its team each step, as other work comes and goes */
+    const int team = xo_cpu_team(xo_cpu_ctx_of(be));
+    if (team != omp_get_max_threads()) omp_set_num_threads(team);
     const int32_t past = st->state[0];
     for (int r = 0; r < st->batch; r++) {
         const int32_t p = st->next_pos[r];

@@ -130,9 +130,12 @@ xo_status xo_cpu_argmax_rows(xo_backend *be, int32_t *out, const float *logits, 
     (void)be;
     for (int r = 0; r < rows; r++) {
         const float *z = logits + (size_t)r * cols;
-        int best = 0;
-        for (int v = 1; v < cols; v++)
+        int best = 0, nan = 0;
+        for (int v = 0; v < cols; v++) {
+            nan |= z[v] != z[v];
             if (z[v] > z[best]) best = v;
+        }
+        if (nan) return xo_fail(XO_EINVAL, "logits contain NaN at row %d", r);
         out[r] = best;
     }
     return XO_OK;

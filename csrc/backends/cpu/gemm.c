@@ -1,7 +1,7 @@
 /* Weight storage and matrix products on the CPU.
  *
- * Storage (xo_linear.dtype): float32 (the exact mode), bfloat16, float16, or int8 with one
- * float32 scale per output row (weight-only, symmetric, scale = max|row| / 127). Products
+ * Storage (xo_linear.dtype): float32 (the exact mode), bfloat16, float16, or int8 / int4 with
+ * one float32 scale per group of 32 weights of a row (weight-only, kernels.h). Products
  * always accumulate in float32:
  *   - float32: oneDNN sgemm, for every m (unchanged exact path);
  *   - other storage, m <= 40 (decode, the latent cache's K/V expansion): our own vectorised
@@ -18,19 +18,11 @@
 
 #include "backends/cpu/kernels.h"
 
-/* Crossover between the two non-float32 paths, measured on a 2-core Zen 2 (bf16 and int8 alike,
- * in = 512..2048): the matrix-vector kernels (~120-140 GFLOP/s from m = 9 on) win up to m ~ 40,
- * the widened tiles beyond (~155-165 GFLOP/s at m = 64..128). Tiles of 64 rows were marginally
- * the fastest of 64..512. */
-static int g_gemv_max_m = -1;    /* >= 0: fixed crossover (tuning hook); -1: the rule above */
-static int g_tile_rows = 64;     /* rows of W widened per tile */
+/* The crossover between the two non-float32 paths (XO_CPU_GEMV_MAX_ROWS, option
+ * cpu_gemv_max_rows) and the tile height (option cpu_tile_rows, 64) were measured on a 2-core
+ * Zen 2 (benchmarks/RESULTS.md). */
 
-void xo_cpu_matmul_tuning(int gemv_max_m, int tile_rows) {
-    if (gemv_max_m >= -1) g_gemv_max_m = gemv_max_m;
-    if (tile_rows > 0) g_tile_rows = tile_rows;
-}
-
-static int storage_ok(xo_dtype t) { return t == XO_F32 || t == XO_BF16 || t == XO_F16 || t == XO_I8; }
+static int storage_ok(xo_dtype t) { return t == XO_F32 || t == XO_BF16 || t == XO_F16 || t == XO_I8 || t == XO_I4; }
 
 xo_status xo_cpu_linear_init(xo_backend *be, xo_linear *w, const void *host, xo_dtype src_t, int row_offset, int rows) {
     if (!storage_ok(w->dtype))
@@ -39,11 +31,11 @@ xo_status xo_cpu_linear_init(xo_backend *be, xo_linear *w, const void *host, xo_
         return xo_fail(XO_EINVAL, "linear_init: source dtype %s is not float32, float16 or bfloat16", xo_dtype_name(src_t));
     if (row_offset < 0 || rows < 0 || row_offset + rows > w->out)
         return xo_fail(XO_EINVAL, "linear_init: rows [%d, %d) outside a %d-row matrix", row_offset, row_offset + rows, w->out);
-    const size_t elems = (size_t)w->out * w->in;
-    if (!w->data && !(w->data = xo_cpu_weight_alloc(elems * xo_dtype_size(w->dtype))))
+    if (!w->data && !(w->data = xo_cpu_weight_alloc((size_t)w->out * xo_cpu_row_bytes(w))))
         return xo_fail(XO_ENOMEM, "out of memory for a [%d, %d] %s weight", w->out, w->in, xo_dtype_name(w->dtype));
-    if (w->dtype == XO_I8 && !w->scales && !(w->scales = be->alloc(be, (size_t)w->out * sizeof(float))))
-        return xo_fail(XO_ENOMEM, "out of memory for the scales of a [%d, %d] weight", w->out, w->in);
+    const int grouped = w->dtype == XO_I8 || w->dtype == XO_I4;
+    if (grouped && !w->scales && !(w->scales = be->alloc(be, (size_t)w->out * xo_cpu_groups(w->in) * sizeof(float))))
+        return xo_fail_more(XO_ENOMEM, "out of memory for the scales of a [%d, %d] weight", w->out, w->in);
     return xo_cpu_store_rows(w, host, src_t, row_offset, rows);
 }
 
@@ -75,8 +67,8 @@ static xo_status sgemm(float *y, int ldy, const float *x, const float *W, int m,
 }
 
 /* y = x @ W.T for non-float32 W: tiles of W widened to float32, one sgemm per tile. */
-static xo_status matmul_tiles(float *y, const float *x, const xo_linear *w, int m) {
-    const int out = w->out, K = w->in, tile = g_tile_rows;
+static xo_status matmul_tiles(float *y, const float *x, const xo_linear *w, int m, int tile) {
+    const int out = w->out, K = w->in;
     const int ntiles = (out + tile - 1) / tile;
     const size_t bytes = (((size_t)tile * K * sizeof(float)) + 63) & ~(size_t)63;
     int failed = 0, status = 0;
@@ -107,7 +99,7 @@ static xo_status matmul_tiles(float *y, const float *x, const xo_linear *w, int 
 }
 
 xo_status xo_cpu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w, int m) {
-    (void)be;
+    const xo_cpu_ctx *cx = xo_cpu_ctx_of(be);
     if (m <= 0 || w->out == 0) return XO_OK;
     if (w->in == 0) {
         memset(y, 0, (size_t)m * w->out * sizeof(float));
@@ -116,12 +108,11 @@ xo_status xo_cpu_matmul(xo_backend *be, float *y, const float *x, const xo_linea
     if (w->dtype == XO_F32) return sgemm(y, w->out, x, (const float *)w->data, m, w->out, w->in);
     if (!storage_ok(w->dtype))
         return xo_fail(XO_EUNSUPPORTED, "CPU weight storage %s is not supported", xo_dtype_name(w->dtype));
-    const int use_gemv = m <= (g_gemv_max_m >= 0 ? g_gemv_max_m : 40);
-    if (use_gemv) {
-        xo_cpu_gemv(y, x, m, w);
+    if (m <= cx->gemv_max_rows) {
+        xo_cpu_gemv(y, x, m, w, cx->isa);
         return XO_OK;
     }
-    return matmul_tiles(y, x, w, m);
+    return matmul_tiles(y, x, w, m, cx->tile_rows);
 }
 
 xo_status xo_cpu_embed(xo_backend *be, float *h, const xo_linear *table, const int32_t *ids, int n) {

@@ -3,10 +3,32 @@
 #define XO_CPU_KERNELS_H
 
 #include "backends/backend.h"
+#include "engine/options.h"
+
+/* The CPU backend's context (be->ctx): this model's kernel choices, from its options. */
+typedef struct {
+    int isa;            /* XO_ISA_* of the matrix-vector kernels: the option's ceiling on what the CPU has */
+    int gemv_max_rows;  /* largest m of a non-float32 product that takes the matrix-vector kernels */
+    int tile_rows;      /* rows of W widened per tile for the sgemm of larger m */
+    int threads;        /* OpenMP threads while one of this model's calls runs; 0: the process default */
+    int saved_threads;  /* the calling thread's count, restored by leave */
+} xo_cpu_ctx;
+
+static inline const xo_cpu_ctx *xo_cpu_ctx_of(const xo_backend *be) { return (const xo_cpu_ctx *)be->ctx; }
 
 /* Hot loops get AVX2/FMA (x86-64-v3) and AVX-512 (v4) versions, picked at load time by CPU
  * features (an "arch=haswell" clone would be picked by CPU model and never run on AMD). */
 #define XO_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+
+/* backends/cpu/threads.c: thread counts */
+enum { XO_CPU_MAX_THREADS = 4096 };   /* as the threads option */
+int xo_cpu_physical_cores(void);          /* physical cores within the process's affinity mask */
+int xo_cpu_default_threads(void);         /* the process default (OMP_NUM_THREADS, else physical cores) */
+xo_status xo_cpu_check_threads(long long n);   /* 1 <= n <= XO_CPU_MAX_THREADS, else XO_EINVAL */
+xo_status xo_cpu_set_default_threads(long long n);
+/* the team size for the next parallel work of a backend: its option, else the process default,
+ * which when automatic leaves a core to each other runnable task */
+int xo_cpu_team(const xo_cpu_ctx *cx);
 
 /* backends/cpu/gemm.c */
 xo_status xo_cpu_linear_init(xo_backend *be, xo_linear *w, const void *host, xo_dtype src_t, int row_offset, int rows);
@@ -14,26 +36,33 @@ void xo_cpu_linear_free(xo_backend *be, xo_linear *w);
 xo_status xo_cpu_linear_to_host(xo_backend *be, const xo_linear *w, float *host);
 xo_status xo_cpu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w, int m);
 xo_status xo_cpu_embed(xo_backend *be, float *h, const xo_linear *table, const int32_t *ids, int n);
-/* crossover m between the matrix-vector kernels and the widened-tile sgemm (-1: the built-in
- * rule, below -1: unchanged), and the tile height (<= 0: unchanged); for tuning and tests */
-void xo_cpu_matmul_tuning(int gemv_max_m, int tile_rows);
+/* the largest m that takes the matrix-vector kernels when the option leaves it to the rule */
+enum { XO_CPU_GEMV_MAX_ROWS = 40 };
 /* backends/cpu/weights.c: weight storage. 64-byte aligned, on 2 MB pages (madvise) from 2 MB up, not
  * zeroed; release with free(). */
 void *xo_cpu_weight_alloc(size_t bytes);
-/* rows [row_offset, row_offset+rows) of w (storage allocated, w->scales too for I8) from host
- * rows of dtype src_t; bf16/f16 round to nearest even, int8 is symmetric per row */
+/* Group-wise weights: one float32 scale per XO_QGROUP consecutive weights of a row (the last
+ * group of a row may be shorter), scales [out, groups]. I8 rows are `in` bytes, q * scale. I4
+ * rows are 16 bytes per group: byte j of group g holds element 32g + j in its low nibble and
+ * 32g + 16 + j in its high nibble, each as q + 8 (q in [-8, 7]); a short group is padded with
+ * q = 0. (A group's two halves are then two plain vectors of nibbles.) */
+enum { XO_QGROUP = 32 };
+static inline int xo_cpu_groups(int in) { return (in + XO_QGROUP - 1) / XO_QGROUP; }
+size_t xo_cpu_row_bytes(const xo_linear *w);   /* bytes between rows of w->data */
+/* rows [row0, row0 + rows) of w as a linear of their own (no copy) */
+xo_linear xo_cpu_linear_rows(const xo_linear *w, int row0, int rows);
+/* rows [row_offset, row_offset+rows) of w (storage allocated, w->scales too for I8/I4) from host
+ * rows of dtype src_t; bf16/f16 round to nearest even, int8/int4 are group-wise (above) */
 xo_status xo_cpu_store_rows(xo_linear *w, const void *host, xo_dtype src_t, int row_offset, int rows);
-/* dst[rows, w->in] = rows row0.. of w, widened to float32 (int8: times its row scale); serial */
+/* dst[rows, w->in] = rows row0.. of w, widened to float32 (int8/int4: times the scales); serial */
 void xo_cpu_dequant_rows(float *dst, const xo_linear *w, size_t row0, size_t rows);
+void xo_cpu_dequant_row(float *dst, const xo_linear *w, size_t r);   /* one row of an I8/I4 linear */
 
 /* backends/cpu/gemv.c: y[m, w->out] = x[m, w->in] @ W.T for any storage dtype with float32 accumulation;
  * vectorised matrix-vector kernels meant for small m (decode), OpenMP over output rows. */
-enum { XO_ISA_GENERIC = 0, XO_ISA_AVX2 = 1, XO_ISA_AVX512 = 2 };
-void xo_cpu_gemv(float *y, const float *x, int m, const xo_linear *w);
-int xo_cpu_isa(void);                   /* the kernels in use (XO_ISA_*) */
-int xo_cpu_set_isa(int level);          /* caps the kernels at `level` (-1: best); returns the level in use */
+void xo_cpu_gemv(float *y, const float *x, int m, const xo_linear *w, int isa);
+int xo_cpu_best_isa(void);              /* the best kernel set this CPU runs (XO_ISA_*) */
 const char *xo_cpu_isa_name(int level);
-void xo_cpu_gemv_tuning(int prefetch_bytes);   /* software prefetch distance (negative: unchanged) */
 
 /* backends/cpu/elementwise.c */
 xo_status xo_cpu_rmsnorm(xo_backend *be, float *y, const float *x, int x_stride, const float *w, int n, int d, float eps);

@@ -1,7 +1,7 @@
 /* C entry points for tests and benchmarks, reached from Python through ctypes on the
  * extension library itself (they are the only exported symbols besides PyInit__C):
- * one product through the CPU backend on any storage dtype, kernel timing, the machine's
- * read bandwidth, and the kernel choice. Not used by the engine. */
+ * one product through the CPU backend on any storage dtype with any options, kernel timing,
+ * the machine's read bandwidth, the best kernel set and the CPU team size. Not used by the engine. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -22,11 +22,22 @@ static xo_status make_linear(xo_backend *be, xo_linear *L, int dtype, int out, i
     return be->linear_init(be, L, w + (size_t)half * in, XO_F32, half, out - half);
 }
 
-/* y[m, out] = x[m, in] @ W.T with W [out, in] float32 stored as `dtype` (xo_dtype value);
- * w_back (optional) receives the stored weights widened back. 0 on success, else -status. */
-XO_EXPORT int xo_hook_matmul(int dtype, int out, int in, int m, const float *w, const float *x, float *y, float *w_back) {
+/* a CPU backend with the defaults and then n (name, value) options */
+static xo_status make_backend(xo_backend **be, const char *const *names, const char *const *values, int n) {
+    xo_options o;
+    XO_TRY(xo_options_init(&o));
+    for (int i = 0; i < n; i++) XO_TRY(xo_options_set(&o, names[i], values[i]));
+    return xo_cpu_backend_create(be, &o);
+}
+
+/* y[m, out] = x[m, in] @ W.T with W [out, in] float32 stored as `dtype` (xo_dtype value), on a
+ * backend made with n_opts options; w_back (optional) receives the stored weights widened
+ * back. 0 on success, else -status. */
+XO_EXPORT int xo_hook_matmul(int dtype, int out, int in, int m, const float *w, const float *x, float *y, float *w_back,
+                             const char *const *opt_names, const char *const *opt_values, int n_opts) {
     xo_backend *be = NULL;
-    if (xo_cpu_backend_create(&be) != XO_OK) return -1;
+    xo_status made = make_backend(&be, opt_names, opt_values, n_opts);
+    if (made != XO_OK) return -(int)made;
     xo_linear L;
     xo_status rc = make_linear(be, &L, dtype, out, in, w);
     if (rc == XO_OK) rc = be->matmul(be, y, x, &L, m);
@@ -39,7 +50,7 @@ XO_EXPORT int xo_hook_matmul(int dtype, int out, int in, int m, const float *w, 
 /* h[n, in] = embedding rows ids of W stored as dtype. */
 XO_EXPORT int xo_hook_embed(int dtype, int out, int in, const float *w, const int32_t *ids, int n, float *h) {
     xo_backend *be = NULL;
-    if (xo_cpu_backend_create(&be) != XO_OK) return -1;
+    if (make_backend(&be, NULL, NULL, 0) != XO_OK) return -1;
     xo_linear L;
     xo_status rc = make_linear(be, &L, dtype, out, in, w);
     if (rc == XO_OK) rc = be->embed(be, h, &L, ids, n);
@@ -52,7 +63,7 @@ XO_EXPORT int xo_hook_embed(int dtype, int out, int in, const float *w, const in
  * weight stored as dtype; negative on failure. */
 XO_EXPORT double xo_hook_time_matmul(int dtype, int out, int in, int m, int iters) {
     xo_backend *be = NULL;
-    if (xo_cpu_backend_create(&be) != XO_OK) return -1.0;
+    if (make_backend(&be, NULL, NULL, 0) != XO_OK) return -1.0;
     float *w = malloc((size_t)out * in * sizeof *w);
     float *x = malloc((size_t)m * in * sizeof *x);
     float *y = malloc((size_t)m * out * sizeof *y);
@@ -111,7 +122,7 @@ static float sum_span_avx2(const float *p, size_t n) {
 
 static float sum_span(const float *p, size_t n) {
 #if defined(__x86_64__) || defined(__i386__)
-    if (xo_cpu_isa() >= XO_ISA_AVX2) return sum_span_avx2(p, n);
+    if (xo_cpu_best_isa() >= XO_ISA_AVX2) return sum_span_avx2(p, n);
 #endif
     float a[16] = { 0 };
     size_t i = 0;
@@ -153,13 +164,14 @@ XO_EXPORT double xo_hook_read_bandwidth(int mbytes, int reps) {
     return best;
 }
 
-/* Kernel ISA: set (-1 = best the CPU has) and query. */
-XO_EXPORT int xo_hook_set_isa(int level) { return xo_cpu_set_isa(level); }
-XO_EXPORT int xo_hook_isa(void) { return xo_cpu_isa(); }
-XO_EXPORT const char *xo_hook_isa_name(void) { return xo_cpu_isa_name(xo_cpu_isa()); }
-/* gemv_max_m: -1 the built-in crossover, >= 0 a fixed one, < -1 unchanged; tile_rows <= 0 and
- * prefetch_bytes < 0 leave those unchanged */
-XO_EXPORT void xo_hook_tuning(int gemv_max_m, int tile_rows, int prefetch_bytes) {
-    xo_cpu_matmul_tuning(gemv_max_m, tile_rows);
-    xo_cpu_gemv_tuning(prefetch_bytes);
+/* The best kernel set this CPU runs (XO_ISA_*), and its name. */
+XO_EXPORT int xo_hook_best_isa(void) { return xo_cpu_best_isa(); }
+XO_EXPORT const char *xo_hook_isa_name(void) { return xo_cpu_isa_name(xo_cpu_best_isa()); }
+
+/* The team size the CPU backend would use now for a model whose threads option is `threads`. */
+XO_EXPORT int xo_hook_team(int threads) {
+    xo_cpu_ctx cx;
+    memset(&cx, 0, sizeof cx);
+    cx.threads = threads;
+    return xo_cpu_team(&cx);
 }

@@ -1,6 +1,7 @@
 /* Weight storage conversions on the CPU: float32/float16/bfloat16 source rows to the storage
- * dtype (bfloat16 and float16 rounded to nearest even; int8 symmetric per output row,
- * scale = max|row| / 127), and back to float32. */
+ * dtype (bfloat16 and float16 rounded to nearest even; int8 and int4 group-wise, one float32
+ * scale per XO_QGROUP weights of a row, layouts in kernels.h), and back to float32. */
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,25 +38,65 @@ void *xo_cpu_weight_alloc(size_t bytes) {
     return p;
 }
 
-/* Quantises one float32 row: q = round(v / scale), |q| <= 127. Returns the scale. */
+/* Quantises one float32 row, group by group (int8: q = round(v / d), |q| <= 127, d = max|group|
+ * / 127); an all-zero group is stored as zeros. Returns 0, or -1 when the row holds a NaN or an
+ * infinity (no scale represents it). */
 XO_CLONES
-static float quantize_row(int8_t *q, const float *v, int n) {
-    float mx = 0.0f;
-    for (int j = 0; j < n; j++) {
-        float a = fabsf(v[j]);
-        mx = a > mx ? a : mx;
+static int quantize_row_i8(int8_t *q, float *scales, const float *v, int n) {
+    for (int g0 = 0, g = 0; g0 < n; g0 += XO_QGROUP, g++) {
+        const int len = n - g0 < XO_QGROUP ? n - g0 : XO_QGROUP;
+        float mx = 0.0f;
+        for (int j = 0; j < len; j++) {
+            float a = fabsf(v[g0 + j]);
+            if (!(a <= FLT_MAX)) return -1;   /* NaN or infinity, which the max would skip */
+            mx = a > mx ? a : mx;
+        }
+        if (!(mx > 0.0f)) {
+            memset(q + g0, 0, (size_t)len);
+            scales[g] = 0.0f;
+            continue;
+        }
+        const float inv = 127.0f / mx;
+        for (int j = 0; j < len; j++) {
+            float r = nearbyintf(v[g0 + j] * inv);
+            r = r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r;
+            q[g0 + j] = (int8_t)r;
+        }
+        scales[g] = mx / 127.0f;
     }
-    if (!(mx > 0.0f) || !isfinite(mx)) {   /* all zero (or non-finite): store zeros */
-        memset(q, 0, (size_t)n);
-        return 0.0f;
+    return 0;
+}
+
+/* int4, returning as quantize_row_i8; 16 levels: d = -(the group's value of largest magnitude)
+ * / 8, q = round(v / d) in [-8, 7], so that value is stored exactly (as -8) and the rest within d/2, or d for a value of
+ * the opposite sign and the same magnitude (clamped to 7). Packed as XO_I4 rows (kernels.h). */
+XO_CLONES
+static int quantize_row_i4(uint8_t *p, float *scales, const float *v, int n) {
+    for (int g0 = 0, g = 0; g0 < n; g0 += XO_QGROUP, g++) {
+        const int len = n - g0 < XO_QGROUP ? n - g0 : XO_QGROUP;
+        float big = 0.0f, mx = 0.0f;
+        for (int j = 0; j < len; j++) {
+            float a = fabsf(v[g0 + j]);
+            if (!(a <= FLT_MAX)) return -1;
+            if (a > mx) { mx = a; big = v[g0 + j]; }
+        }
+        uint8_t *out = p + (size_t)g * (XO_QGROUP / 2);
+        if (!(mx > 0.0f)) {
+            memset(out, 0x88, XO_QGROUP / 2);   /* q = 0 */
+            scales[g] = 0.0f;
+            continue;
+        }
+        const float d = big / -8.0f, inv = -8.0f / big;
+        uint8_t nib[XO_QGROUP];
+        for (int j = 0; j < XO_QGROUP; j++) {
+            float r = j < len ? nearbyintf(v[g0 + j] * inv) : 0.0f;
+            r = r > 7.0f ? 7.0f : r < -8.0f ? -8.0f : r;
+            nib[j] = (uint8_t)((int)r + 8);
+        }
+        for (int j = 0; j < XO_QGROUP / 2; j++) out[j] = (uint8_t)(nib[j] | nib[j + XO_QGROUP / 2] << 4);
+        scales[g] = d;
     }
-    const float scale = mx / 127.0f, inv = 127.0f / mx;
-    for (int j = 0; j < n; j++) {
-        float r = nearbyintf(v[j] * inv);
-        r = r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r;
-        q[j] = (int8_t)r;
-    }
-    return scale;
+    return 0;
 }
 
 XO_CLONES
@@ -64,14 +105,14 @@ static void row_to_bf16(uint16_t *d, const float *v, int n) {
 }
 
 xo_status xo_cpu_store_rows(xo_linear *w, const void *host, xo_dtype src_t, int row_offset, int rows) {
-    const int K = w->in;
+    const int K = w->in, G = xo_cpu_groups(K);
     const size_t src_row = (size_t)K * xo_dtype_size(src_t);
     const xo_dtype t = w->dtype;
-    if (t == src_t && t != XO_I8) {   /* same representation: copy */
+    if (t == src_t) {   /* same representation: copy */
         memcpy((char *)w->data + (size_t)row_offset * K * xo_dtype_size(t), host, (size_t)rows * src_row);
         return XO_OK;
     }
-    int failed = 0;
+    int failed = 0, nonfinite_row = -1;
     #pragma omp parallel if ((size_t)rows * K > 65536)
     {
         float *tmp = malloc((size_t)(K ? K : 1) * sizeof *tmp);
@@ -90,13 +131,27 @@ xo_status xo_cpu_store_rows(xo_linear *w, const void *host, xo_dtype src_t, int 
             case XO_F16:
                 for (int j = 0; j < K; j++) ((uint16_t *)w->data)[r * K + j] = xo_f32_to_f16(tmp[j]);
                 break;
-            case XO_I8: w->scales[r] = quantize_row((int8_t *)w->data + r * K, tmp, K); break;
+            case XO_I8:
+            case XO_I4: {
+                int bad = w->dtype == XO_I8
+                              ? quantize_row_i8((int8_t *)w->data + r * K, w->scales + r * G, tmp, K)
+                              : quantize_row_i4((uint8_t *)w->data + r * xo_cpu_row_bytes(w), w->scales + r * G, tmp, K);
+                if (bad) {
+                    #pragma omp critical(xo_nonfinite_row)
+                    if (nonfinite_row < 0 || i < nonfinite_row) nonfinite_row = i;
+                }
+                break;
+            }
             default: break;
             }
         }
         free(tmp);
     }
-    return failed ? xo_fail(XO_ENOMEM, "out of memory converting a [%d, %d] weight", rows, K) : XO_OK;
+    if (failed) return xo_fail(XO_ENOMEM, "out of memory converting a [%d, %d] weight", rows, K);
+    if (nonfinite_row >= 0)
+        return xo_fail(XO_EINVAL, "row %d holds a NaN or infinity, which %s quantisation cannot represent",
+                       nonfinite_row, xo_dtype_name(t));
+    return XO_OK;
 }
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -111,7 +166,7 @@ static void f16_to_f32_f16c(const uint16_t *s, float *d, size_t n) {
 
 static void f16_to_f32(const uint16_t *s, float *d, size_t n) {
 #if defined(__x86_64__) || defined(__i386__)
-    if (xo_cpu_isa() >= XO_ISA_AVX2) { f16_to_f32_f16c(s, d, n); return; }
+    if (xo_cpu_best_isa() >= XO_ISA_AVX2) { f16_to_f32_f16c(s, d, n); return; }
 #endif
     for (size_t i = 0; i < n; i++) d[i] = xo_f16_to_f32(s[i]);
 }
@@ -134,17 +189,43 @@ void xo_cpu_dequant_rows(float *dst, const xo_linear *w, size_t row0, size_t row
     case XO_F16:
         f16_to_f32((const uint16_t *)w->data + row0 * K, dst, n);
         break;
-    case XO_I8: {
-        for (size_t r = 0; r < rows; r++) {
-            const int8_t *q = (const int8_t *)w->data + (row0 + r) * K;
-            const float s = w->scales[row0 + r];
-            float *d = dst + r * K;
-            for (size_t j = 0; j < K; j++) d[j] = (float)q[j] * s;
-        }
+    case XO_I8:
+    case XO_I4:
+        for (size_t r = 0; r < rows; r++) xo_cpu_dequant_row(dst + r * K, w, row0 + r);
         break;
-    }
     default:
         memset(dst, 0, n * sizeof(float));
         break;
+    }
+}
+
+size_t xo_cpu_row_bytes(const xo_linear *w) {
+    if (w->dtype == XO_I4) return (size_t)xo_cpu_groups(w->in) * (XO_QGROUP / 2);
+    return (size_t)w->in * xo_dtype_size(w->dtype);
+}
+
+xo_linear xo_cpu_linear_rows(const xo_linear *w, int row0, int rows) {
+    xo_linear v = *w;
+    v.out = rows;
+    v.data = (char *)w->data + (size_t)row0 * xo_cpu_row_bytes(w);
+    v.scales = w->scales ? w->scales + (size_t)row0 * xo_cpu_groups(w->in) : NULL;
+    return v;
+}
+
+XO_CLONES
+void xo_cpu_dequant_row(float *dst, const xo_linear *w, size_t r) {
+    const int K = w->in, G = xo_cpu_groups(K);
+    const float *sc = w->scales + r * G;
+    if (w->dtype == XO_I8) {
+        const int8_t *q = (const int8_t *)w->data + r * K;
+        for (int k = 0; k < K; k++) dst[k] = (float)q[k] * sc[k / XO_QGROUP];
+        return;
+    }
+    const uint8_t *p = (const uint8_t *)w->data + r * xo_cpu_row_bytes(w);
+    for (int k = 0; k < K; k++) {
+        const int g = k / XO_QGROUP, j = k % XO_QGROUP, half = XO_QGROUP / 2;
+        const uint8_t b = p[(size_t)g * half + (j % half)];
+        const int q = (j < half ? b & 15 : b >> 4) - 8;
+        dst[k] = (float)q * sc[g];
     }
 }

@@ -7,24 +7,21 @@
  *   running (max, sum, acc) each, merged in shared memory; several splits are merged by a
  *   second kernel (split-K decode). Any head_dim up to 1024, float32 arithmetic on K/V read
  *   as float32 or as a 16-bit K/V cache: this is the decode path and the path of float32 models.
- * - k_attn_tc: 64 queries x 64 keys per step on the tensor cores (WMMA), for prefill of
- *   16-bit models (head_dim 16/32/64/128): Q, K, V and P in the weights' 16-bit type,
- *   scores, softmax statistics and the output accumulated in float32.
+ * - k_attn_mma: 128 queries (8 warps of 16) x 64 keys per step on the tensor cores
+ *   (mma.sync), for prefill of 16-bit models (head_dim 16/32/64/128): Q, K, V and P in
+ *   float16, scores, softmax statistics and the output accumulated in float32.
  * Semantics as csrc/backends/cpu/attention.c: key j is visible to the query at sequence index qi
  * iff j <= qi and key_mask[j]; GQA head h reads kv head h / (nh / nkv); the output is
  * acc / (sum + denom_eps), or 0 when no key is visible. */
 #include <math.h>
-#include <mma.h>
 
 #include "backends/cuda/common.h"
-
-using namespace nvcuda;
 
 struct AttnP {
     int t, past, nh, hd, cap, group;
     const float *q;
     float *out;
-    const void *K, *V; /* float; the row-wise and packing kernels also read a 16-bit K/V cache (KT) */
+    const void *K, *V; /* float, or the 16-bit type of a K/V cache (the kernels' KT) */
     size_t kvs; /* elements between consecutive key rows; the row of key (b, j) is b * kcap + j */
     int kcap;   /* key rows per batch row in K/V (the mask and the positions use cap) */
     const uint8_t *mask;
@@ -210,182 +207,6 @@ static void launch_rows_hd(CuCtx *c, const AttnP &p, int rows, int nsplit, int s
     else launch_rows<32, KT>(c, p, rows, nsplit, split_len, part);
 }
 
-/* ------------------------------------------------------------------ tensor-core tiles */
-
-template <typename T, int HD>
-struct TcLayout {
-    static constexpr int LQ = HD + 8, LS = 64 + 4, LP = 64 + 8, LO = HD + 4;
-    static constexpr size_t q = 0;
-    static constexpr size_t k = q + 64 * LQ * sizeof(T);
-    static constexpr size_t v = k + 64 * LQ * sizeof(T);
-    static constexpr size_t s = v + 64 * LQ * sizeof(T);
-    static constexpr size_t pm = s + 64 * LS * sizeof(float);
-    static constexpr size_t o = pm + 64 * LP * sizeof(T);
-    static constexpr size_t stats = o + 64 * LO * sizeof(float);
-    static constexpr size_t bytes = stats + 4 * 64 * sizeof(float);
-};
-
-template <typename T, int HD>
-__global__ __launch_bounds__(128) void k_attn_tc(AttnP p) {
-    using Lay = TcLayout<T, HD>;
-    constexpr int LQ = Lay::LQ, LS = Lay::LS, LP = Lay::LP, LO = Lay::LO;
-    extern __shared__ __align__(128) unsigned char smem[];
-    T *Qs = (T *)(smem + Lay::q), *Ks = (T *)(smem + Lay::k), *Vs = (T *)(smem + Lay::v), *Ps = (T *)(smem + Lay::pm);
-    float *Ss = (float *)(smem + Lay::s), *Os = (float *)(smem + Lay::o);
-    float *rm = (float *)(smem + Lay::stats), *rl = rm + 64, *rc = rl + 64;
-    int *kval = (int *)(rc + 64);
-
-    const int q0 = blockIdx.x * 64, h = blockIdx.y, bb = blockIdx.z;
-    const int g = h / p.group;
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int kv_len = p.past + p.t;
-    const size_t qrow = (size_t)p.nh * HD;
-
-    for (int e = tid; e < 64 * HD; e += 128) {
-        int r = e / HD, d = e % HD, i = q0 + r;
-        float v = i < p.t ? p.q[((size_t)bb * p.t + i) * qrow + (size_t)h * HD + d] : 0.0f;
-        Qs[r * LQ + d] = cu_from_f32<T>(v);
-    }
-    for (int e = tid; e < 64 * LO; e += 128) Os[e] = 0.0f;
-    if (tid < 64) {
-        rm[tid] = -INFINITY;
-        rl[tid] = 0.0f;
-    }
-    const int qlast = min(q0 + 64, p.t) - 1;
-    const int kend = min(kv_len, p.past + qlast + 1);
-
-    for (int k0 = 0; k0 < kend; k0 += 64) {
-        __syncthreads();
-        for (int e = tid; e < 64 * (HD / 4); e += 128) {
-            int r = e / (HD / 4), d4 = (e % (HD / 4)) * 4, j = k0 + r;
-            float4 kv = make_float4(0.f, 0.f, 0.f, 0.f), vv = kv;
-            if (j < kv_len) {
-                size_t off = ((size_t)bb * p.kcap + j) * p.kvs + (size_t)g * HD + d4;
-                kv = *(const float4 *)((const float *)p.K + off);
-                vv = *(const float4 *)((const float *)p.V + off);
-            }
-            T *kd = Ks + r * LQ + d4, *vd = Vs + r * LQ + d4;
-            kd[0] = cu_from_f32<T>(kv.x); kd[1] = cu_from_f32<T>(kv.y); kd[2] = cu_from_f32<T>(kv.z); kd[3] = cu_from_f32<T>(kv.w);
-            vd[0] = cu_from_f32<T>(vv.x); vd[1] = cu_from_f32<T>(vv.y); vd[2] = cu_from_f32<T>(vv.z); vd[3] = cu_from_f32<T>(vv.w);
-        }
-        if (tid < 64) {
-            int j = k0 + tid;
-            kval[tid] = j < kv_len && p.mask[(size_t)bb * p.cap + j];
-        }
-        __syncthreads();
-
-        /* S = Q K^T for this warp's 16 query rows */
-#pragma unroll
-        for (int nf = 0; nf < 4; nf++) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> s;
-            wmma::fill_fragment(s, 0.0f);
-#pragma unroll
-            for (int kk = 0; kk < HD; kk += 16) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-                wmma::load_matrix_sync(a, Qs + warp * 16 * LQ + kk, LQ);
-                wmma::load_matrix_sync(b, Ks + nf * 16 * LQ + kk, LQ);
-                wmma::mma_sync(s, a, b, s);
-            }
-            wmma::store_matrix_sync(Ss + warp * 16 * LS + nf * 16, s, LS, wmma::mem_row_major);
-        }
-        __syncwarp();
-
-        /* online softmax: two lanes per row, 32 columns each */
-        {
-            const int r = warp * 16 + (lane >> 1), c0 = (lane & 1) * 32;
-            const int qi = p.past + q0 + r;
-            const bool qok = q0 + r < p.t;
-            float *srow = Ss + r * LS;
-            float mx = -INFINITY;
-#pragma unroll 8
-            for (int cc = 0; cc < 32; cc++) {
-                int col = c0 + cc, j = k0 + col;
-                bool ok = qok && kval[col] && j <= qi;
-                float s = ok ? srow[col] * p.scale : -INFINITY;
-                srow[col] = s;
-                mx = fmaxf(mx, s);
-            }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            const float mold = rm[r], lold = rl[r];
-            const float mnew = fmaxf(mold, mx);
-            float corr = 1.0f, sum = 0.0f;
-            T *prow = Ps + r * LP;
-            if (mnew == -INFINITY) {
-                for (int cc = 0; cc < 32; cc++) prow[c0 + cc] = cu_from_f32<T>(0.0f);
-            } else {
-                corr = mold == -INFINITY ? 0.0f : expf(mold - mnew);
-#pragma unroll 8
-                for (int cc = 0; cc < 32; cc++) {
-                    float s = srow[c0 + cc];
-                    float e = s == -INFINITY ? 0.0f : expf(s - mnew);
-                    sum += e;
-                    prow[c0 + cc] = cu_from_f32<T>(e);
-                }
-            }
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            __syncwarp();
-            if ((lane & 1) == 0) {
-                rm[r] = mnew;
-                rl[r] = lold * corr + sum;
-                rc[r] = corr;
-            }
-        }
-        __syncwarp();
-        for (int e = lane; e < 16 * HD; e += 32) {
-            int r = warp * 16 + e / HD, d = e % HD;
-            Os[r * LO + d] *= rc[r];
-        }
-        __syncwarp();
-
-        /* O += P V */
-#pragma unroll
-        for (int df = 0; df < HD / 16; df++) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
-            wmma::load_matrix_sync(o, Os + warp * 16 * LO + df * 16, LO, wmma::mem_row_major);
-#pragma unroll
-            for (int kk = 0; kk < 64; kk += 16) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-                wmma::load_matrix_sync(a, Ps + warp * 16 * LP + kk, LP);
-                wmma::load_matrix_sync(b, Vs + kk * LQ + df * 16, LQ);
-                wmma::mma_sync(o, a, b, o);
-            }
-            wmma::store_matrix_sync(Os + warp * 16 * LO + df * 16, o, LO, wmma::mem_row_major);
-        }
-        __syncwarp();
-    }
-    __syncthreads();
-    for (int e = tid; e < 64 * HD; e += 128) {
-        int r = e / HD, d = e % HD, i = q0 + r;
-        if (i < p.t) {
-            float L = rl[r];
-            float v = L > 0.0f ? Os[r * LO + d] * (1.0f / (L + p.eps)) : 0.0f;
-            p.out[((size_t)bb * p.t + i) * qrow + (size_t)h * HD + d] = v;
-        }
-    }
-}
-
-template <typename T, int HD>
-static xo_status launch_tc(CuCtx *c, const AttnP &p, int batch) {
-    const size_t bytes = TcLayout<T, HD>::bytes;
-    cudaError_t e = cudaFuncSetAttribute(k_attn_tc<T, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
-    if (e != cudaSuccess) return cu_check(c, e, "attention (shared memory)");
-    dim3 grid((unsigned)((p.t + 63) / 64), (unsigned)p.nh, (unsigned)batch);
-    k_attn_tc<T, HD><<<grid, 128, bytes, c->stream>>>(p);
-    return cu_check_launch(c, "attention (tensor cores)");
-}
-
-template <typename T>
-static xo_status launch_tc_hd(CuCtx *c, const AttnP &p, int batch) {
-    switch (p.hd) {
-    case 16: return launch_tc<T, 16>(c, p, batch);
-    case 32: return launch_tc<T, 32>(c, p, batch);
-    case 64: return launch_tc<T, 64>(c, p, batch);
-    default: return launch_tc<T, 128>(c, p, batch);
-    }
-}
-
 /* ------------------------------------------------------------------ mma.sync tiles (f16) */
 
 /* Register-level flash attention (the FlashAttention-2 layout): each warp owns 16 query rows;
@@ -562,13 +383,8 @@ __global__ __launch_bounds__(NW * 32, HD <= 64 ? 512 / (NW * 32) : 1) void k_att
 
 template <int HD>
 static xo_status launch_mma(CuCtx *c, const AttnP16 &a, int batch) {
-    if (c->attn_q64) { /* 64 queries (4 warps) per block */
-        dim3 grid((unsigned)a.p.nh, (unsigned)batch, (unsigned)((a.p.t + 63) / 64));
-        k_attn_mma<HD, 4><<<grid, 128, 0, c->stream>>>(a);
-    } else {
-        dim3 grid((unsigned)a.p.nh, (unsigned)batch, (unsigned)((a.p.t + 127) / 128));
-        k_attn_mma<HD, 8><<<grid, 256, 0, c->stream>>>(a);
-    }
+    dim3 grid((unsigned)a.p.nh, (unsigned)batch, (unsigned)((a.p.t + 127) / 128));
+    k_attn_mma<HD, 8><<<grid, 256, 0, c->stream>>>(a);
     return cu_check_launch(c, "attention (mma)");
 }
 
@@ -627,15 +443,11 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
     /* kernel choice: tensor cores for prefill of 16-bit models, the row-wise kernel otherwise */
     const bool hd_ok = hd == 16 || hd == 32 || hd == 64 || hd == 128;
     const bool tc = !c->attn_rows && !a->past_device && (wt == XO_BF16 || wt == XO_F16) && hd_ok && t >= 16;
-    const bool use_wmma = tc && c->attn_wmma;
-    const bool use_mma = tc && !c->attn_wmma;
+    const bool use_mma = tc;
 
     /* scratch: f32 expanded [K | V] (latent), f16 copies (mma), split partials (row-wise) */
     auto up = [](size_t b) { return (b + 255) & ~(size_t)255; };
-    /* a 16-bit K/V cache: read as it is, except by the WMMA kernel, which gets float copies */
-    const xo_dtype kt = a->format == XO_CACHE_KV ? a->kv_dtype : XO_F32;
-    const bool widen_kv = kt != XO_F32 && use_wmma;
-    const size_t b_exp = a->format == XO_CACHE_LATENT || widen_kv ? up(krows * 2 * W * sizeof(float)) : 0;
+    const size_t b_exp = a->format == XO_CACHE_LATENT ? up(krows * 2 * W * sizeof(float)) : 0;
     /* a 16-bit latent of the weights' type feeds the expansion GEMM as it is (rows gathered) */
     const bool direct16 = a->format == XO_CACHE_LATENT && a->latent_dtype == wt && wt != XO_F32 && krows > 8;
     const bool gather = a->format == XO_CACHE_LATENT && (B > 1 || (a->latent_dtype != XO_F32 && !direct16));
@@ -657,7 +469,7 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
     char *blk = NULL;
     if (b_exp + b_lat + b_16 + b_part) {
         blk = (char *)cu_alloc_raw(c, b_exp + b_lat + b_16 + b_part);
-        if (!blk) return cu_fail(c, XO_ENOMEM, "out of GPU memory for attention scratch (%zu key rows)", krows);
+        if (!blk) return cu_fail_more(c, XO_ENOMEM, "attention scratch (%zu key rows)", krows);
     }
     float *kvbuf = (float *)blk, *lat = (float *)(blk + b_exp);
     __half *kv16 = (__half *)(blk + b_exp + b_lat);
@@ -697,29 +509,22 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
         p.kvs = (size_t)2 * W;
         p.kcap = kv_len;
         if (fuse_rope) p.kpos = a->key_pos;
-    } else if (widen_kv) {
-        rc = cu_gather_rows(c, kvbuf, a->k, kt, B, a->capacity, kv_len, W);
-        if (rc == XO_OK) rc = cu_gather_rows(c, kvbuf + krows * W, a->v, kt, B, a->capacity, kv_len, W);
-        p.K = kvbuf;
-        p.V = kvbuf + krows * W;
-        p.kvs = (size_t)W;
-        p.kcap = kv_len;
     } else {
         p.K = a->k;
         p.V = a->v;
         p.kvs = (size_t)W;
         p.kcap = a->capacity;
     }
-    const xo_dtype read_t = widen_kv ? XO_F32 : kt; /* the element type of p.K and p.V */
+    const xo_dtype kt = a->format == XO_CACHE_KV ? a->kv_dtype : XO_F32; /* the element type of p.K and p.V */
 
     if (rc == XO_OK && use_mma) {
         const size_t n16 = krows * 2 * W;
         unsigned nb = cu_blocks(n16, 256), cap = (unsigned)c->num_sms * 32;
         const unsigned grid = nb < cap ? nb : cap;
-        if (read_t == XO_BF16)
+        if (kt == XO_BF16)
             k_kv_pack16<<<grid, 256, 0, c->stream>>>(kv16, (const __nv_bfloat16 *)p.K, (const __nv_bfloat16 *)p.V, p.kvs,
                                                      kv_len, p.kcap, W, krows);
-        else if (read_t == XO_F16)
+        else if (kt == XO_F16)
             k_kv_pack16<<<grid, 256, 0, c->stream>>>(kv16, (const __half *)p.K, (const __half *)p.V, p.kvs, kv_len, p.kcap,
                                                      W, krows);
         else
@@ -733,12 +538,10 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
         a16.K16 = kv16;
         a16.V16 = kv16 + W;
         if (rc == XO_OK) rc = launch_mma_hd(c, a16, B);
-    } else if (rc == XO_OK && use_wmma) {
-        rc = wt == XO_BF16 ? launch_tc_hd<__nv_bfloat16>(c, p, B) : launch_tc_hd<__half>(c, p, B);
     } else if (rc == XO_OK) {
         const int split_len = (kv_len + nsplit - 1) / nsplit;
-        if (read_t == XO_BF16) launch_rows_hd<__nv_bfloat16>(c, p, rows, nsplit, split_len, part);
-        else if (read_t == XO_F16) launch_rows_hd<__half>(c, p, rows, nsplit, split_len, part);
+        if (kt == XO_BF16) launch_rows_hd<__nv_bfloat16>(c, p, rows, nsplit, split_len, part);
+        else if (kt == XO_F16) launch_rows_hd<__half>(c, p, rows, nsplit, split_len, part);
         else launch_rows_hd<float>(c, p, rows, nsplit, split_len, part);
         rc = cu_check_launch(c, "attention");
         if (rc == XO_OK && nsplit > 1) {

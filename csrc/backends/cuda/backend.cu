@@ -7,32 +7,58 @@
 
 #include "backends/cuda/common.h"
 
+/* The message is formatted here and handed to the engine's sink whole (a va_list cannot
+ * cross the plugin boundary through a variadic pointer). */
 xo_status cu_fail(CuCtx *c, xo_status code, const char *fmt, ...) {
+    char msg[768];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(c->err, sizeof c->err, fmt, ap);
+    vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    /* The plugin cannot reach the engine's per-thread error message, so say it here. */
-    fprintf(stderr, "xoron cuda: %s\n", c->err);
-    return code;
+    return c->sink.fail(code, "%s", msg);
+}
+
+xo_status cu_fail_more(CuCtx *c, xo_status code, const char *fmt, ...) {
+    char msg[768], reason[512];
+    snprintf(reason, sizeof reason, "%s", c->sink.last_error());
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    return reason[0] ? c->sink.fail(code, "%s: %s", msg, reason) : c->sink.fail(code, "%s", msg);
 }
 
 xo_status cu_check(CuCtx *c, cudaError_t e, const char *what) {
     if (e == cudaSuccess) return XO_OK;
     cudaGetLastError(); /* clear a non-sticky error */
     if (e == cudaErrorMemoryAllocation)
-        return cu_fail(c, XO_ENOMEM, "%s: out of GPU memory", what);
+        return cu_fail(c, XO_ENOMEM, "%s: out of GPU memory on cuda:%d", what, c->device);
     return cu_fail(c, XO_EDEVICE, "%s: %s", what, cudaGetErrorString(e));
 }
 
 xo_status cu_check_launch(CuCtx *c, const char *what) { return cu_check(c, cudaGetLastError(), what); }
 
+/* The bytes the device's pool hands out now (every model on the device draws from it). */
+static size_t pool_used(CuCtx *c) {
+    unsigned long long used = 0;
+    if (cudaMemPoolGetAttribute(c->pool, cudaMemPoolAttrUsedMemCurrent, &used) != cudaSuccess) cudaGetLastError();
+    return (size_t)used;
+}
+
 void *cu_alloc_raw(CuCtx *c, size_t bytes) {
     if (bytes == 0) bytes = 16;
     bytes = (bytes + 255) & ~(size_t)255;
+    if (c->memory_limit && pool_used(c) + bytes > c->memory_limit) {
+        cu_fail(c, XO_ENOMEM, "out of GPU memory: %zu bytes requested on cuda:%d would exceed cuda_memory_limit (%zu bytes)",
+                bytes, c->device, c->memory_limit);
+        return NULL;
+    }
     void *p = NULL;
-    if (cudaMallocAsync(&p, bytes, c->stream) != cudaSuccess) {
+    cudaError_t e = cudaMallocAsync(&p, bytes, c->stream);
+    if (e != cudaSuccess) {
         cudaGetLastError();
+        cu_fail(c, XO_ENOMEM, "out of GPU memory: %zu bytes requested on cuda:%d (%s)", bytes, c->device,
+                cudaGetErrorString(e));
         return NULL;
     }
     return p;
@@ -41,9 +67,11 @@ void *cu_alloc_raw(CuCtx *c, size_t bytes) {
 void *cu_alloc(CuCtx *c, size_t bytes) {
     void *p = cu_alloc_raw(c, bytes);
     if (!p) return NULL;
-    if (cudaMemsetAsync(p, 0, bytes ? bytes : 16, c->stream) != cudaSuccess) {
+    cudaError_t e = cudaMemsetAsync(p, 0, bytes ? bytes : 16, c->stream);
+    if (e != cudaSuccess) {
         cudaGetLastError();
         cudaFreeAsync(p, c->stream);
+        cu_fail(c, XO_EDEVICE, "zero-filling %zu bytes of GPU memory: %s", bytes, cudaGetErrorString(e));
         return NULL;
     }
     return p;
@@ -56,11 +84,8 @@ void cu_free(CuCtx *c, void *p) {
 xo_status cu_act16_reserve(CuCtx *c, size_t bytes) {
     if (bytes <= c->act16_bytes) return XO_OK;
     size_t want = bytes + bytes / 4;
-    void *p = NULL;
-    if (cudaMallocAsync(&p, want, c->stream) != cudaSuccess) {
-        cudaGetLastError();
-        return cu_fail(c, XO_ENOMEM, "out of GPU memory for %zu bytes of GEMM scratch", want);
-    }
+    void *p = cu_alloc_raw(c, want);
+    if (!p) return cu_fail_more(c, XO_ENOMEM, "GEMM scratch");
     cu_free(c, c->act16);
     c->act16 = p;
     c->act16_bytes = want;
@@ -99,13 +124,22 @@ static xo_status be_upload(xo_backend *be, void *dst, const void *host, size_t b
     return XO_OK;
 }
 
+xo_status cu_take_fault(CuCtx *c) {
+    volatile CuFault *f = c->fault;
+    if (f->kind == CU_FAULT_NONE) return XO_OK;
+    const int value = f->value, limit = f->limit;
+    f->value = f->limit = 0;
+    f->kind = CU_FAULT_NONE;
+    return cu_fail(c, XO_EINVAL, "router picked expert %d of %d", value, limit);
+}
+
 static xo_status be_download(xo_backend *be, void *host, const void *src, size_t bytes) {
     CuCtx *c = cu_ctx(be);
     if (!bytes) return XO_OK;
     SETDEV(c);
     CU_TRY(c, cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, c->stream), "download");
     CU_TRY(c, cudaStreamSynchronize(c->stream), "download (synchronize)");
-    return XO_OK;
+    return cu_take_fault(c);
 }
 
 static xo_status be_copy(xo_backend *be, void *dst, const void *src, size_t bytes) {
@@ -120,7 +154,8 @@ static xo_status be_sync(xo_backend *be) {
     CuCtx *c = cu_ctx(be);
     SETDEV(c);
     CU_TRY(c, cudaStreamSynchronize(c->stream), "synchronize");
-    return cu_check_launch(c, "synchronize");
+    XO_TRY(cu_check_launch(c, "synchronize"));
+    return cu_take_fault(c);
 }
 
 /* ---- weights ---- */
@@ -130,7 +165,7 @@ static xo_status be_linear_init(xo_backend *be, xo_linear *w, const void *host, 
     SETDEV(c);
     if (w->dtype != XO_F32 && w->dtype != XO_BF16 && w->dtype != XO_F16)
         return cu_fail(c, XO_EUNSUPPORTED, "CUDA weight storage %s is not supported (use float32, bfloat16 or float16)",
-                       w->dtype == XO_I8 ? "int8" : "of this dtype");
+                       w->dtype == XO_I8 ? "int8" : w->dtype == XO_I4 ? "int4" : "of this dtype");
     if (src_t != XO_F32 && src_t != XO_BF16 && src_t != XO_F16)
         return cu_fail(c, XO_EUNSUPPORTED, "CUDA: cannot load weights of dtype %d", (int)src_t);
     if (row_offset < 0 || rows < 0 || row_offset + rows > w->out)
@@ -138,7 +173,7 @@ static xo_status be_linear_init(xo_backend *be, xo_linear *w, const void *host, 
     const size_t es = cu_dtype_size(w->dtype), row_elems = (size_t)w->in;
     /* rows rounded up to 8 (zeros): cuBLASLt then runs the product on aligned row counts */
     if (!w->data && !(w->data = cu_alloc(c, (size_t)cu_padded_rows(w->out) * row_elems * es)))
-        return cu_fail(c, XO_ENOMEM, "out of GPU memory for a [%d, %d] weight", w->out, w->in);
+        return cu_fail_more(c, XO_ENOMEM, "a [%d, %d] weight", w->out, w->in);
     const size_t n = (size_t)rows * row_elems;
     if (!n) return XO_OK;
     char *dst = (char *)w->data + (size_t)row_offset * row_elems * es;
@@ -150,7 +185,7 @@ static xo_status be_linear_init(xo_backend *be, xo_linear *w, const void *host, 
      * are loaded in pieces of at most 64M elements to bound the staging buffer. */
     const size_t ss = cu_dtype_size(src_t), piece = (size_t)64 << 20;
     void *tmp = cu_alloc(c, (n < piece ? n : piece) * ss);
-    if (!tmp) return cu_fail(c, XO_ENOMEM, "out of GPU memory staging a weight");
+    if (!tmp) return cu_fail_more(c, XO_ENOMEM, "staging a weight");
     xo_status rc = XO_OK;
     for (size_t off = 0; off < n && rc == XO_OK; off += piece) {
         size_t cnt = n - off < piece ? n - off : piece;
@@ -178,7 +213,7 @@ static xo_status be_linear_to_host(xo_backend *be, const xo_linear *w, float *ho
     if (!n) return XO_OK;
     if (w->dtype == XO_F32) return be_download(be, host, w->data, n * sizeof(float));
     float *tmp = (float *)cu_alloc(c, n * sizeof(float));
-    if (!tmp) return cu_fail(c, XO_ENOMEM, "out of GPU memory reading a weight back");
+    if (!tmp) return cu_fail_more(c, XO_ENOMEM, "reading a weight back");
     xo_status rc = cu_convert(c, tmp, XO_F32, w->data, w->dtype, n);
     if (rc == XO_OK) rc = be_download(be, host, tmp, n * sizeof(float));
     cu_free(c, tmp);
@@ -196,6 +231,7 @@ static void be_destroy(xo_backend *be) {
         cudaStreamSynchronize(c->stream);
         cudaStreamDestroy(c->stream);
         cudaMemPoolTrimTo(c->pool, 0);
+        if (c->fault) cudaFreeHost(c->fault);
         cudaGetLastError();
         free(c);
     }
@@ -250,66 +286,70 @@ static void w_graph_free(xo_backend *be, void *graph) {
     cu_graph_free(be, graph);
 }
 
-extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_create(xo_backend **out, int device, char *err,
-                                                                                   size_t err_len) {
+/* The plugin's one entry point; every failure, here and later, goes through `sink`. */
+extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_create(xo_backend **out, int device,
+                                                                                   const xo_options *opts,
+                                                                                   const xo_error_sink *sink) {
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess || count == 0) {
-        snprintf(err, err_len, "device 'cuda:%d' is not available: %s", device,
-                 e != cudaSuccess ? cudaGetErrorString(e) : "no CUDA device is visible");
         cudaGetLastError();
-        return XO_EUNSUPPORTED;
+        return sink->fail(XO_EUNSUPPORTED, "device 'cuda:%d' is not available: %s", device,
+                          e != cudaSuccess ? cudaGetErrorString(e) : "no CUDA device is visible");
     }
     if (device < 0 || device >= count) {
-        snprintf(err, err_len, "device 'cuda:%d' does not exist: %d CUDA device%s visible (cuda:0%s)", device, count,
-                 count == 1 ? " is" : "s are", count > 1 ? " .. cuda:N-1" : "");
-        return XO_EINVAL;
+        return sink->fail(XO_EINVAL, "device 'cuda:%d' does not exist: %d CUDA device%s visible (cuda:0%s)", device,
+                          count, count == 1 ? " is" : "s are", count > 1 ? " .. cuda:N-1" : "");
     }
     CuCtx *c = (CuCtx *)calloc(1, sizeof *c);
     xo_backend *be = (xo_backend *)calloc(1, sizeof *be);
     if (!c || !be) {
         free(c);
         free(be);
-        snprintf(err, err_len, "out of memory");
-        return XO_ENOMEM;
+        return sink->fail(XO_ENOMEM, "out of host memory creating the CUDA backend");
     }
     c->device = device;
-    const char *v = getenv("XORON_CUDA_VERBOSE");
-    c->verbose = v && *v && *v != '0';
-    const char *mm = getenv("XORON_CUDA_MOE");
-    c->moe_host = mm && !strcmp(mm, "host");
-    const char *am = getenv("XORON_CUDA_ATTN");
-    c->attn_rows = am && !strcmp(am, "rows");
-    c->attn_wmma = am && !strcmp(am, "wmma");
-    c->attn_q64 = am && !strcmp(am, "q64");
-    const char *gm = getenv("XORON_CUDA_GEMM");
-    c->gemm_v1 = gm && !strcmp(gm, "v1");
-    const char *pd = getenv("XORON_CUDA_PDL");
+    c->sink = *sink;
+    c->moe_host = opts->cuda_moe_host;
+    c->attn_rows = opts->cuda_attention_rows;
+    c->memory_limit = opts->cuda_memory_limit;
     int major = 0;
     if ((e = cudaSetDevice(device)) != cudaSuccess ||
         (e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device)) != cudaSuccess ||
         (e = cudaDeviceGetAttribute(&c->num_sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess ||
         (e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) != cudaSuccess ||
-        (e = cudaDeviceGetDefaultMemPool(&c->pool, device)) != cudaSuccess) {
-        snprintf(err, err_len, "device 'cuda:%d': %s", device, cudaGetErrorString(e));
+        (e = cudaDeviceGetDefaultMemPool(&c->pool, device)) != cudaSuccess ||
+        (e = cudaHostAlloc((void **)&c->fault, sizeof(CuFault), cudaHostAllocMapped)) != cudaSuccess ||
+        (e = cudaHostGetDevicePointer((void **)&c->fault_dev, c->fault, 0)) != cudaSuccess) {
         cudaGetLastError();
+        if (c->stream) cudaStreamDestroy(c->stream);
+        if (c->fault) cudaFreeHost(c->fault);
         free(c);
         free(be);
-        return XO_EDEVICE;
+        return sink->fail(XO_EDEVICE, "device 'cuda:%d': %s", device, cudaGetErrorString(e));
     }
+    *c->fault = CuFault{};
     if (major < 8) {
-        snprintf(err, err_len, "device 'cuda:%d' has compute capability %d.x; xoron needs 8.0 or newer", device, major);
         cudaStreamDestroy(c->stream);
+        cudaFreeHost(c->fault);
         free(c);
         free(be);
-        return XO_EUNSUPPORTED;
+        return sink->fail(XO_EUNSUPPORTED, "device 'cuda:%d' has compute capability %d.x; xoron needs 8.0 or newer",
+                          device, major);
     }
-    c->pdl = major >= 9 && !(pd && !strcmp(pd, "0"));
+    c->pdl = major >= 9 && opts->cuda_pdl;
     /* Keep freed blocks in the pool: the graph allocates its scratch on every call. */
     uint64_t keep = UINT64_MAX;
     cudaMemPoolSetAttribute(c->pool, cudaMemPoolAttrReleaseThreshold, &keep);
-    c->lt = cu_lt_create(c);
-    if (!c->lt && c->verbose) fprintf(stderr, "xoron cuda: cuBLASLt not found; using the built-in GEMM kernels\n");
+    if (!opts->cuda_gemm_builtin) c->lt = cu_lt_create(c, opts->cublaslt_library);
+    if (!c->lt && !opts->cuda_gemm_builtin && opts->cublaslt_library[0]) {
+        cudaStreamDestroy(c->stream);
+        cudaFreeHost(c->fault);
+        free(c);
+        free(be);
+        return sink->fail(XO_EUNSUPPORTED, "option cublaslt_library: cannot load cuBLASLt from '%s'",
+                          opts->cublaslt_library);
+    }
 
     be->name = "cuda";
     be->ctx = c;
@@ -344,7 +384,7 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
     be->decode_begin = w_decode_begin;
     be->decode_end = w_decode_end;
     be->suppress_tokens = w_suppress_tokens;
-    if (!(getenv("XORON_CUDA_GRAPHS") && !strcmp(getenv("XORON_CUDA_GRAPHS"), "0"))) {
+    if (opts->cuda_graphs) {
         be->capture_begin = w_capture_begin;
         be->capture_end = w_capture_end;
         be->graph_launch = w_graph_launch;

@@ -19,6 +19,14 @@ extern "C" {
 
 struct XoLt;  /* cuBLASLt state, backends/cuda/gemm.cu */
 
+/* A bad value a kernel met in its inputs (an expert id out of range). Kept in mapped host
+ * memory: a kernel writes it only on a fault, and the host reads it after the stream
+ * synchronises without a copy. */
+enum { CU_FAULT_NONE = 0, CU_FAULT_EXPERT_ID = 1 };
+struct CuFault {
+    int kind, value, limit;
+};
+
 struct CuCtx {
     int device;
     int num_sms;
@@ -27,20 +35,21 @@ struct CuCtx {
     XoLt *lt;             /* NULL: cuBLASLt unavailable, the built-in GEMM kernels are used */
     void *act16;          /* scratch: activations converted to 16-bit for the GEMMs */
     size_t act16_bytes;
-    int moe_host;         /* XORON_CUDA_MOE=host: per-expert GEMMs sized from host-read counts */
-    int attn_rows;        /* XORON_CUDA_ATTN=rows: never the tensor-core attention kernels */
-    int attn_wmma;        /* XORON_CUDA_ATTN=wmma: the WMMA prefill kernel instead of the mma.sync one */
-    int attn_q64;         /* XORON_CUDA_ATTN=q64: the mma.sync kernel with 64 queries a block instead of 128 */
-    int gemm_v1;          /* XORON_CUDA_GEMM=v1: the 64-row grouped MoE GEMM instead of the 128-row one */
-    int pdl;              /* programmatic dependent launch (compute capability 9.0+; XORON_CUDA_PDL=0: off) */
-    int verbose;
-    char err[512];
+    int moe_host;         /* option cuda_moe=host: per-expert GEMMs sized from host-read counts */
+    int attn_rows;        /* option cuda_attention=rows: never the tensor-core attention kernel */
+    int pdl;              /* programmatic dependent launch (compute capability 9.0+ and option cuda_pdl) */
+    size_t memory_limit;  /* 0: none; else cu_alloc_raw fails once the pool would hand out more */
+    xo_error_sink sink;   /* the engine's error channel: every failure is reported through it */
+    CuFault *fault;       /* mapped host memory: faults the kernels found in their inputs */
+    CuFault *fault_dev;   /* the same, as the kernels address it */
 };
 
 static inline CuCtx *cu_ctx(xo_backend *be) { return (CuCtx *)be->ctx; }
 
-/* Records a failure message (also printed to stderr once per kind) and returns code. */
+/* Records a failure message in the engine's channel and returns code. */
 xo_status cu_fail(CuCtx *c, xo_status code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* The same with the message already recorded appended: "<what>: <reason>" (a failed cu_alloc). */
+xo_status cu_fail_more(CuCtx *c, xo_status code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /* XO_OK, or XO_EDEVICE with the pending CUDA error recorded. */
 xo_status cu_check(CuCtx *c, cudaError_t e, const char *what);
 xo_status cu_check_launch(CuCtx *c, const char *what);
@@ -51,7 +60,24 @@ xo_status cu_check_launch(CuCtx *c, const char *what);
         if (cu_e_ != cudaSuccess) return cu_check((c), cu_e_, (what)); \
     } while (0)
 
-/* stream-ordered device memory, zero-filled (cu_alloc) or not (cu_alloc_raw) */
+/* records the first fault of a launch sequence; the caller then reads a safe value instead */
+__device__ __forceinline__ void cu_report_fault(CuFault *f, int kind, int value, int limit) {
+    if (atomicCAS(&f->kind, CU_FAULT_NONE, kind) == CU_FAULT_NONE) {
+        f->value = value;
+        f->limit = limit;
+    }
+}
+/* an expert id checked against E: a bad one is reported and replaced by 0 */
+__device__ __forceinline__ int cu_expert_id(int e, int E, CuFault *f) {
+    if (e >= 0 && e < E) return e;
+    cu_report_fault(f, CU_FAULT_EXPERT_ID, e, E);
+    return 0;
+}
+/* XO_OK, or the fault the kernels recorded since the last call (after the stream synchronised) */
+xo_status cu_take_fault(CuCtx *c);
+
+/* stream-ordered device memory, zero-filled (cu_alloc) or not (cu_alloc_raw); on failure NULL
+ * with the reason (naming the size) recorded */
 void *cu_alloc(CuCtx *c, size_t bytes);
 void *cu_alloc_raw(CuCtx *c, size_t bytes);
 void cu_free(CuCtx *c, void *p);
@@ -146,7 +172,8 @@ static inline unsigned cu_blocks(size_t n, unsigned threads) {
 
 /* ---- entry points, one concern per file ---- */
 /* backends/cuda/gemm.cu */
-XoLt *cu_lt_create(CuCtx *c);
+/* cuBLASLt from `library` ("" : the usual names), loaded once per process; NULL where it is not found */
+XoLt *cu_lt_create(CuCtx *c, const char *library);
 void cu_lt_destroy(XoLt *lt);
 xo_status cu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w, int m);
 xo_status cu_gate_up_swiglu(xo_backend *be, float *act, const float *x, float *gu, const xo_linear *w, int m);
@@ -162,14 +189,15 @@ xo_status cu_convert_act(CuCtx *c, void *dst, const float *src, size_t n, xo_dty
 /* grouped products for the MoE (backends/cuda/gemm.cu) */
 enum { CU_MAX_GROUPS = 128 };
 struct CuGroupPtrs { const void *p[CU_MAX_GROUPS]; };
-/* Y[rows of group g] = X[rows of group g] @ W_g.T; offsets/tile_start device [G+1] */
-/* bm: the row tile tile_start was counted in, 128 (the default kernel) or CU_GEMM_BM = 64 (XORON_CUDA_GEMM=v1) */
+/* the row tile (64 or 128) of the grouped GEMM for `rows` rows over `groups` groups */
+int cu_grouped_tile_rows(int rows, int groups);
+/* Y[rows of group g] = X[rows of group g] @ W_g.T; offsets/tile_start device [G+1];
+ * bm: the row tile tile_start was counted in (cu_grouped_tile_rows) */
 xo_status cu_grouped_gemm16(CuCtx *c, float *y, const void *x16, const CuGroupPtrs *w, xo_dtype t, int out, int k,
                             const int *offsets, const int *tile_start, int groups, int max_tiles, int bm);
 /* skinny version for few rows per group: f32 inputs, any weight dtype; offsets device [G+1] */
 xo_status cu_grouped_skinny(CuCtx *c, float *y, const float *x, const CuGroupPtrs *w, xo_dtype t, int out, int k,
                             const int *offsets, int groups);
-enum { CU_GEMM_BM = 64 };
 
 /* backends/cuda/elementwise.cu */
 xo_status cu_rmsnorm(xo_backend *be, float *y, const float *x, int x_stride, const float *w, int n, int d, float eps);

@@ -385,7 +385,7 @@ xo_status cu_argmax_rows(xo_backend *be, int32_t *out, const float *logits, int 
     if (parts > 1024) parts = 1024;
     const int span = (cols + parts - 1) / parts;
     char *buf = (char *)cu_alloc_raw(c, (size_t)rows * parts * 8);
-    if (!buf) return cu_fail(c, XO_ENOMEM, "out of GPU memory in argmax");
+    if (!buf) return cu_fail_more(c, XO_ENOMEM, "argmax");
     float *pv = (float *)buf;
     int *pi = (int *)(buf + (size_t)rows * parts * 4);
     for (int r0 = 0; r0 < rows; r0 += 65535) { /* grid.y is at most 65535 */

@@ -67,12 +67,9 @@ static LtApi g_lt;
 static int g_lt_ok = -1;
 static pthread_mutex_t g_lt_mu = PTHREAD_MUTEX_INITIALIZER;
 
-static void *lt_open(void) {
-    const char *env = getenv("XORON_CUBLASLT");
-    if (env && *env) {
-        void *h = dlopen(env, RTLD_NOW | RTLD_LOCAL);
-        if (h) return h;
-    }
+/* library: a path the caller named (only it is tried), or "" for the usual names */
+static void *lt_open(const char *library) {
+    if (*library) return dlopen(library, RTLD_NOW | RTLD_LOCAL);
     const char *names[] = { "libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so" };
     for (const char *n : names) {
         void *h = dlopen(n, RTLD_NOW | RTLD_LOCAL);
@@ -97,11 +94,11 @@ static void *lt_open(void) {
     return NULL;
 }
 
-static int lt_load(void) {
+static int lt_load(const char *library) {
     pthread_mutex_lock(&g_lt_mu);
     if (g_lt_ok < 0) {
         g_lt_ok = 0;
-        void *h = lt_open();
+        void *h = lt_open(library);
         if (h) {
 #define SYM(field, name) *(void **)&g_lt.field = dlsym(h, name)
             SYM(create, "cublasLtCreate");
@@ -148,9 +145,8 @@ struct XoLt {
 
 static int cuda_type(xo_dtype t) { return t == XO_F32 ? 0 : t == XO_F16 ? 2 : 14; }
 
-XoLt *cu_lt_create(CuCtx *c) {
-    const char *off = getenv("XORON_CUDA_NO_CUBLASLT");
-    if ((off && *off && *off != '0') || !lt_load()) return NULL;
+XoLt *cu_lt_create(CuCtx *c, const char *library) {
+    if (!lt_load(library)) return NULL;
     XoLt *lt = (XoLt *)calloc(1, sizeof *lt);
     if (!lt) return NULL;
     if (g_lt.create(&lt->handle) != 0) {
@@ -465,7 +461,7 @@ xo_status cu_gate_up_swiglu(xo_backend *be, float *act, const float *x, float *g
 
 /* ------------------------------------------------------------------ WMMA grouped GEMM (16-bit) */
 
-enum { G_BM = CU_GEMM_BM, G_BN = 128, G_BK = 32, G_LDS = G_BK + 8, G_LDC = G_BN + 4 };
+enum { G_BM = 64, G_BN = 128, G_BK = 32, G_LDS = G_BK + 8, G_LDC = G_BN + 4 };
 
 __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool pred) {
     unsigned s = (unsigned)__cvta_generic_to_shared(smem);
@@ -652,6 +648,10 @@ __global__ __launch_bounds__(256) void k_grouped_wmma2(float *__restrict__ y, co
             __syncwarp();
         }
 }
+
+/* The 64-row kernel while groups average under 64 rows (decode batches: a 128-row tile would
+ * be mostly padding), the 128-row one beyond. */
+int cu_grouped_tile_rows(int rows, int groups) { return rows < (int)G_BM * groups ? (int)G_BM : (int)H_BM; }
 
 xo_status cu_grouped_gemm16(CuCtx *c, float *y, const void *x16, const CuGroupPtrs *w, xo_dtype t, int out, int k,
                             const int *offsets, const int *tile_start, int groups, int max_tiles, int bm) {

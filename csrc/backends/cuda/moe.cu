@@ -2,7 +2,9 @@
  * sum + 1e-5), then the routed experts without a host round trip: slots are counted and
  * permuted by expert on the device, and the expert products read the device-side group
  * offsets (a skinny kernel for few tokens, a WMMA grouped GEMM for many). The combine
- * adds sum_k w_k * expert_k(x) to `out` in k order, as the CPU backend does. */
+ * adds sum_k w_k * expert_k(x) to `out` in k order, as the CPU backend does. An expert id
+ * outside [0, E) is rejected as on the CPU: the kernels record it (cu_expert_id) and the call
+ * fails with XO_EINVAL when the stream next synchronises. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -94,7 +96,7 @@ xo_status cu_moe_router(xo_backend *be, int32_t *idx, float *weight, const float
     if (k > E || k <= 0 || E > CU_MAX_GROUPS) return cu_fail(c, XO_EINVAL, "top-%d of %d experts", k, E);
     if (H > ROUTER_MAX_H || (((uintptr_t)router->data) & 15)) { /* the three steps, through scratch */
         float *tmp = (float *)cu_alloc_raw(c, (size_t)n * (H + E) * sizeof(float));
-        if (!tmp) return cu_fail(c, XO_ENOMEM, "out of GPU memory in the MoE router");
+        if (!tmp) return cu_fail_more(c, XO_ENOMEM, "the MoE router");
         xo_status rc = cu_rmsnorm(be, tmp, x, H, norm_w, n, H, XO_ROUTER_NORM_EPS);
         if (rc == XO_OK) rc = cu_matmul(be, tmp + (size_t)n * H, tmp, router, n);
         if (rc == XO_OK) rc = cu_moe_route(be, idx, weight, tmp + (size_t)n * H, n, E, k);
@@ -123,12 +125,12 @@ xo_status cu_moe_route(xo_backend *be, int32_t *idx, float *weight, const float 
 
 /* ---- permutation ---- */
 
-__global__ void k_moe_count(const int32_t *__restrict__ idx, int slots, int E, int *counts, int *rank) {
+__global__ void k_moe_count(const int32_t *__restrict__ idx, int slots, int E, int *counts, int *rank, CuFault *fault) {
     CU_PDL_ENTRY();
     const int s = blockIdx.x * blockDim.x + threadIdx.x;
     if (s >= slots) return;
     int e = idx[s];
-    e = e < 0 ? 0 : e >= E ? E - 1 : e; /* the router only makes valid indices */
+    e = cu_expert_id(e, E, fault);
     rank[s] = atomicAdd(&counts[e], 1);
 }
 
@@ -149,11 +151,12 @@ __global__ void k_moe_offsets(const int *counts, int E, int *offsets, int *tile_
 /* one block per slot: grouped row g <- x[token]; slot_of[s] = g */
 template <typename T>
 __global__ void k_moe_gather(T *xg, const float *__restrict__ x, const int32_t *__restrict__ idx, const int *__restrict__ rank,
-                             const int *__restrict__ offsets, int *slot_of, int E, int K, int H) {
+                             const int *__restrict__ offsets, int *slot_of, int E, int K, int H,
+                             CuFault *fault) {
     CU_PDL_ENTRY();
     const int s = blockIdx.x;
     int e = idx[s];
-    e = e < 0 ? 0 : e >= E ? E - 1 : e;
+    e = cu_expert_id(e, E, fault);
     const int g = offsets[e] + rank[s];
     if (threadIdx.x == 0) slot_of[s] = g;
     const float *src = x + (size_t)(s / K) * H;
@@ -196,12 +199,13 @@ enum { INDEXED_MAX_SLOTS = 8 };
  * and up row I + r against x[s / K] (H % 8 == 0) */
 template <typename W>
 __global__ __launch_bounds__(256) void k_moe_act_indexed(float *__restrict__ act, const float *__restrict__ x, CuGroupPtrs wp,
-                                                         const int32_t *__restrict__ idx, int E, int K, int inter, int H) {
+                                                         const int32_t *__restrict__ idx, int E, int K, int inter, int H,
+                                                         CuFault *fault) {
     CU_PDL_ENTRY();
     const int s = blockIdx.y, r = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (r >= inter) return;
     int e = idx[s];
-    e = e < 0 ? 0 : e >= E ? E - 1 : e;
+    e = cu_expert_id(e, E, fault);
     const W *wg = (const W *)wp.p[e] + (size_t)r * H, *wu = (const W *)wp.p[e] + (size_t)(inter + r) * H;
     const float *xr = x + (size_t)(s / K) * H;
     float g = 0.0f, u = 0.0f;
@@ -229,7 +233,7 @@ __global__ __launch_bounds__(256) void k_moe_act_indexed(float *__restrict__ act
 template <typename W>
 __global__ __launch_bounds__(256) void k_moe_down_indexed(float *__restrict__ out, const float *__restrict__ act, CuGroupPtrs wp,
                                                           const int32_t *__restrict__ idx, const float *__restrict__ wt, int n,
-                                                          int E, int K, int H, int inter) {
+                                                          int E, int K, int H, int inter, CuFault *fault) {
     CU_PDL_ENTRY();
     const int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= H) return;
@@ -238,7 +242,7 @@ __global__ __launch_bounds__(256) void k_moe_down_indexed(float *__restrict__ ou
         for (int kx = 0; kx < K; kx++) {
             const int s = i * K + kx;
             int e = idx[s];
-            e = e < 0 ? 0 : e >= E ? E - 1 : e;
+            e = cu_expert_id(e, E, fault);
             const W *wr = (const W *)wp.p[e] + (size_t)row * inter;
             const float *ar = act + (size_t)s * inter;
             float acc = 0.0f;
@@ -261,11 +265,11 @@ template <typename W>
 static xo_status moe_indexed(CuCtx *c, const xo_moe_args *a, const CuGroupPtrs &gup, const CuGroupPtrs &dnp, int inter) {
     const int n = a->tokens, K = a->top_k, E = a->num_experts, H = a->hidden, slots = n * K;
     float *act = (float *)cu_alloc_raw(c, (size_t)slots * inter * sizeof(float));
-    if (!act) return cu_fail(c, XO_ENOMEM, "out of GPU memory in the MoE layer (%d tokens)", n);
+    if (!act) return cu_fail_more(c, XO_ENOMEM, "the MoE layer (%d tokens)", n);
     cu_launch(c, k_moe_act_indexed<W>, dim3((unsigned)((inter + 7) / 8), (unsigned)slots), 256, 0, act, a->x, gup, a->topk_idx,
-                                                                                                    E, K, inter, H);
+                                                                                                    E, K, inter, H, c->fault_dev);
     cu_launch(c, k_moe_down_indexed<W>, (unsigned)((H + 7) / 8), 256, 0, a->out, act, dnp, a->topk_idx, a->topk_weight, n, E,
-                                                                         K, H, inter);
+                                                                         K, H, inter, c->fault_dev);
     cu_free(c, act);
     return cu_check_launch(c, "moe (indexed experts)");
 }
@@ -319,25 +323,26 @@ xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a) {
     void *act = blk + b_int + b_xg + b_gu;
     float *yg = (float *)(blk + b_int + b_xg + b_gu + b_act);
     if (!blk) {
-        rc = cu_fail(c, XO_ENOMEM, "out of GPU memory in the MoE layer (%d tokens)", n);
+        rc = cu_fail_more(c, XO_ENOMEM, "the MoE layer (%d tokens)", n);
         goto out;
     }
     if ((rc = cu_check(c, cudaMemsetAsync(ib, 0, (size_t)E * sizeof(int), c->stream), "moe scratch")) != XO_OK) goto out;
     {
         int *counts = ib, *offsets = ib + E, *tile_start = offsets + E + 1, *rank = tile_start + E + 1, *slot_of = rank + slots;
-        cu_launch(c, k_moe_count, cu_blocks((size_t)slots, 256), 256, 0, a->topk_idx, slots, E, counts, rank);
-        /* row tile of the grouped GEMM: 64 rows when experts get few (decode batches) */
-        const int bm = c->gemm_v1 || slots < 64 * E ? CU_GEMM_BM : 128;
+        cu_launch(c, k_moe_count, cu_blocks((size_t)slots, 256), 256, 0, a->topk_idx, slots, E, counts, rank, c->fault_dev);
+        const int bm = cu_grouped_tile_rows(slots, E);
         cu_launch(c, k_moe_offsets, 1, 32, 0, counts, E, offsets, tile_start, bm);
         const int gth = H >= 256 ? 256 : 128;
         if (mode == WMMA) {
             if (t == XO_BF16)
                 cu_launch(c, k_moe_gather<__nv_bfloat16>, slots, gth, 0, (__nv_bfloat16 *)xg, a->x, a->topk_idx, rank, offsets,
-                                                                          slot_of, E, K, H);
+                                                                          slot_of, E, K, H, c->fault_dev);
             else
-                cu_launch(c, k_moe_gather<__half>, slots, gth, 0, (__half *)xg, a->x, a->topk_idx, rank, offsets, slot_of, E, K, H);
+                cu_launch(c, k_moe_gather<__half>, slots, gth, 0, (__half *)xg, a->x, a->topk_idx, rank, offsets, slot_of, E, K, H,
+                          c->fault_dev);
         } else {
-            cu_launch(c, k_moe_gather<float>, slots, gth, 0, (float *)xg, a->x, a->topk_idx, rank, offsets, slot_of, E, K, H);
+            cu_launch(c, k_moe_gather<float>, slots, gth, 0, (float *)xg, a->x, a->topk_idx, rank, offsets, slot_of, E, K, H,
+                      c->fault_dev);
         }
         if ((rc = cu_check_launch(c, "moe permute")) != XO_OK) goto out;
 
@@ -365,7 +370,7 @@ xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a) {
         } else {
             /* host-sized per-expert products: one small device-to-host read of the counts */
             int *hc = (int *)malloc((size_t)E * sizeof(int));
-            if (!hc) { rc = cu_fail(c, XO_ENOMEM, "out of memory"); goto out; }
+            if (!hc) { rc = cu_fail(c, XO_ENOMEM, "out of host memory for %d expert counts", E); goto out; }
             cudaError_t ce = cudaMemcpyAsync(hc, counts, (size_t)E * sizeof(int), cudaMemcpyDeviceToHost, c->stream);
             if (ce == cudaSuccess) ce = cudaStreamSynchronize(c->stream);
             if (ce != cudaSuccess) rc = cu_check(c, ce, "moe counts");

@@ -77,7 +77,7 @@ __global__ void k_topk_init(TopkSel *sel, unsigned *hist, int rows, int k) {
     for (int i = threadIdx.x; i < rows * 256; i += blockDim.x) hist[i] = 0;
 }
 
-__global__ void k_sample_rows(int32_t *out, const float *__restrict__ logits, int cols, float inv_temp, float top_p, uint64_t seed, uint64_t step, const int32_t *step_dev,
+__global__ void k_sample_rows(int32_t *out, const float *__restrict__ logits, int cols, float temperature, float top_p, uint64_t seed, uint64_t step, const int32_t *step_dev,
                               const TopkSel *__restrict__ sel) {
     CU_PDL_ENTRY();
     if (step_dev) step = (uint64_t)*step_dev;
@@ -93,7 +93,7 @@ __global__ void k_sample_rows(int32_t *out, const float *__restrict__ logits, in
     for (int j = threadIdx.x; j < cols; j += blockDim.x) {
         if (order_key(z[j]) >= prefix) {
             const unsigned slot = atomicAdd(&taken, 1u);
-            if (slot < SAMPLE_CAP) { val[slot] = z[j] * inv_temp; idx[slot] = j; }
+            if (slot < SAMPLE_CAP) { val[slot] = z[j]; idx[slot] = j; }
         }
     }
     __syncthreads();
@@ -119,27 +119,32 @@ __global__ void k_sample_rows(int32_t *out, const float *__restrict__ logits, in
             __syncthreads();
         }
     }
-    /* 4. nucleus and the draw (at most SAMPLE_CAP candidates: one thread is enough) */
+    /* 4. temperature, nucleus and the draw (at most SAMPLE_CAP candidates: one thread is
+     * enough). The temperature divides the distance to the row's maximum, in double: that
+     * cannot overflow however small the temperature (a +inf maximum leaves only its ties). */
     if (threadIdx.x == 0) {
-        const double mx = val[0];
+        const double mx = val[0], temp = temperature;
+        for (int i = 0; i < m; i++)
+            val[i] = mx == INFINITY ? (val[i] == INFINITY ? 0.0f : -INFINITY)
+                                    : (float)fmax(((double)val[i] - mx) / temp, -1e30);
         double total = 0.0;
-        for (int i = 0; i < m; i++) total += exp((double)val[i] - mx);
+        for (int i = 0; i < m; i++) total += exp((double)val[i]);
         int kept = m;
         if (top_p < 1.0f) {
             double cum = 0.0;
             for (int i = 0; i < m; i++) {
                 if (i > 0 && cum > top_p) { kept = i; break; }
-                cum += exp((double)val[i] - mx) / total;
+                cum += exp((double)val[i]) / total;
             }
         }
         double kept_total = 0.0;
-        for (int i = 0; i < kept; i++) kept_total += exp((double)val[i] - mx);
+        for (int i = 0; i < kept; i++) kept_total += exp((double)val[i]);
         const uint64_t r = mix64(mix64(seed ^ 0x9e3779b97f4a7c15ULL) + step * 0xd1b54a32d192ed03ULL + blockIdx.x);
         const double u = (double)(r >> 11) * (1.0 / 9007199254740992.0) * kept_total;
         double cum = 0.0;
         int pick = idx[kept - 1];
         for (int i = 0; i < kept; i++) {
-            cum += exp((double)val[i] - mx);
+            cum += exp((double)val[i]);
             if (u < cum) { pick = idx[i]; break; }
         }
         out[blockIdx.x] = pick;
@@ -155,7 +160,7 @@ xo_status cu_sample_rows(xo_backend *be, int32_t *out, const float *logits, int 
     if (rows > 65535) return cu_fail(c, XO_EINVAL, "device sampling takes at most 65535 rows at once (got %d)", rows);
     const int k = top_k < cols ? top_k : cols;
     char *buf = (char *)cu_alloc_raw(c, (size_t)rows * (256 * sizeof(unsigned) + sizeof(TopkSel)));
-    if (!buf) return cu_fail(c, XO_ENOMEM, "out of GPU memory for sampling");
+    if (!buf) return cu_fail_more(c, XO_ENOMEM, "sampling");
     unsigned *hist = (unsigned *)buf;
     TopkSel *sel = (TopkSel *)(buf + (size_t)rows * 256 * sizeof(unsigned));
     cu_launch(c, k_topk_init, 1, 256, 0, sel, hist, rows, k);
@@ -165,7 +170,7 @@ xo_status cu_sample_rows(xo_backend *be, int32_t *out, const float *logits, int 
         cu_launch(c, k_topk_hist, dim3((unsigned)per_row, (unsigned)rows), 256, 0, hist, sel, logits, cols, shift);
         cu_launch(c, k_topk_pick, rows, 32, 0, hist, sel, rows);
     }
-    cu_launch(c, k_sample_rows, rows, SAMPLE_THREADS, 0, out, logits, cols, 1.0f / temperature, top_p, seed, step,
+    cu_launch(c, k_sample_rows, rows, SAMPLE_THREADS, 0, out, logits, cols, temperature, top_p, seed, step,
                                                           step_dev, sel);
     cu_free(c, buf);
     return cu_check_launch(c, "sample_rows");

@@ -1,0 +1,43 @@
+/* Every kernel and runtime choice of one model, in one struct, parsed in one place
+ * (engine/options.c) from (name, value) strings. Environment variables are the fallback: a
+ * variable sets the default an explicit option overrides. The table of names, values and
+ * variables is xo_option_table (README "Options" lists the same). */
+#ifndef XO_OPTIONS_H
+#define XO_OPTIONS_H
+
+#include <stddef.h>
+
+#include "engine/status.h"
+
+/* CPU kernel instruction sets, lowest first */
+enum { XO_ISA_AUTO = -1, XO_ISA_GENERIC = 0, XO_ISA_AVX2 = 1, XO_ISA_AVX512 = 2 };
+
+typedef struct {
+    int threads;                 /* CPU threads of this model's kernels; 0: the process default (backends/cpu/threads.c) */
+    int cpu_isa;                 /* the highest CPU kernel set used (XO_ISA_*); AUTO: the best the CPU has */
+    int cpu_gemv_max_rows;       /* -1: the measured rule; else the largest m that takes the matrix-vector kernels */
+    int cpu_tile_rows;           /* rows of a 16-bit or int8 W widened per tile for the CPU sgemm */
+    int cuda_moe_host;           /* 1: per-expert GEMMs sized from counts read back to the host */
+    int cuda_attention_rows;     /* 1: the row-wise attention kernel only, never the tensor-core one */
+    int cuda_gemm_builtin;       /* 1: the built-in GEMM kernels even where cuBLASLt is found */
+    int cuda_pdl;                /* programmatic dependent launch on compute capability 9.0+ */
+    int cuda_graphs;             /* decode steps recorded and replayed as CUDA graphs */
+    size_t cuda_memory_limit;    /* bytes the device pool may hand out (0: no cap) */
+    char cublaslt_library[1024]; /* the cuBLASLt library to load ("" searches the usual names) */
+} xo_options;
+
+/* One row of the table: the option's name, its environment variable, its values, its meaning. */
+typedef struct {
+    const char *name, *env, *values, *doc;
+} xo_option_info;
+
+extern const xo_option_info xo_option_table[];
+extern const int xo_option_count;
+
+/* The defaults, then every option's environment variable that is set (strictly: a bad value
+ * is XO_EINVAL naming the variable; a retired variable is XO_EINVAL naming its successor). */
+xo_status xo_options_init(xo_options *o);
+/* Sets one option; an unknown name or value is XO_EINVAL whose message lists the valid ones. */
+xo_status xo_options_set(xo_options *o, const char *name, const char *value);
+
+#endif

@@ -1,0 +1,94 @@
+"""Model options (engine/options.c): one table of names, values and environment variables,
+parsed strictly, per model, through the constructor and from_pretrained."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from conftest import TINY_RING, small_config  # noqa: E402
+
+import xoron  # noqa: E402
+
+
+def model(**kw):
+    return xoron.MoELlamaForCausalLM(small_config(), seed=1, **kw)
+
+
+def test_every_option_has_a_variable_values_and_a_meaning():
+    table = xoron.option_table()
+    assert [r[0] for r in table] == xoron.option_names()
+    assert {"threads", "cpu_isa", "cpu_gemv_max_rows", "cpu_tile_rows", "cuda_moe", "cuda_attention", "cuda_gemm",
+            "cublaslt_library", "cuda_pdl", "cuda_graphs", "cuda_memory_limit"} == set(xoron.option_names())
+    for name, env, values, doc in table:
+        assert env.startswith("XORON_") and values and doc, name
+    assert len({r[1] for r in table}) == len(table)
+
+
+def test_unknown_option_lists_the_valid_ones():
+    valid = r"\(valid options: threads, .*cuda_attention, .*cuda_memory_limit\)"
+    with pytest.raises(ValueError, match=r"unknown option 'cuda_atten' " + valid):
+        model(options={"cuda_atten": "rows"})
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("cuda_moe", "gpu", r"option cuda_moe: 'gpu' is not valid \(expected device, host\)"),
+    ("cuda_attention", "wmma", r"expected auto, rows"),
+    ("cuda_gemm", "v1", r"expected cublaslt, builtin"),
+    ("cpu_isa", "sse", r"expected auto, generic, avx2, avx512"),
+    ("threads", -1, r"option threads: '-1' is not valid \(expected an integer in \[0, 4096\]\)"),
+    ("threads", "2x", r"option threads: '2x'"),
+    ("cpu_tile_rows", 0, r"option cpu_tile_rows: '0'"),
+    ("cpu_gemv_max_rows", "some", r"option cpu_gemv_max_rows: 'some'"),
+    ("cuda_pdl", "yes", r"option cuda_pdl: 'yes' is not valid \(expected 0 or 1\)"),
+    ("cuda_memory_limit", -5, r"option cuda_memory_limit: '-5'"),
+])
+def test_bad_values_name_the_option_and_the_valid_values(name, value, expected):
+    with pytest.raises(ValueError, match=expected):
+        model(options={name: value})
+
+
+def test_option_types():
+    with pytest.raises(TypeError, match="options must be a dict"):
+        model(options=[("threads", 1)])
+    with pytest.raises(TypeError, match="option threads must be a str, int or bool, not float"):
+        model(options={"threads": 1.5})
+    with pytest.raises(TypeError, match="option names must be str"):
+        model(options={1: "x"})
+
+
+def test_environment_is_the_fallback_and_as_strict(monkeypatch):
+    monkeypatch.setenv("XORON_CPU_ISA", "sse")
+    with pytest.raises(ValueError, match=r"environment variable XORON_CPU_ISA: option cpu_isa: 'sse'"):
+        model()
+    monkeypatch.setenv("XORON_CPU_ISA", "generic")
+    model()  # a valid variable is taken
+    monkeypatch.delenv("XORON_CPU_ISA")
+    monkeypatch.setenv("XORON_CUDA_NO_CUBLASLT", "1")
+    with pytest.raises(ValueError, match=r"XORON_CUDA_NO_CUBLASLT is retired; use XORON_CUDA_GEMM=builtin"):
+        model()
+
+
+def test_cpu_options_keep_the_numbers():
+    """Thread count, kernel set and the product paths are choices of speed, not of results."""
+    ids = np.random.default_rng(0).integers(0, 97, size=(2, 9))
+    for dtype in ("float32", "bfloat16"):
+        ref = model(dtype=dtype)(input_ids=ids).logits
+        for opts in ({"threads": 1}, {"cpu_isa": "generic"}, {"cpu_gemv_max_rows": 0, "cpu_tile_rows": 5},
+                     {"cpu_gemv_max_rows": 1000, "threads": True}, {"cuda_graphs": False, "cuda_moe": "host"}):
+            got = model(dtype=dtype, options=opts)(input_ids=ids).logits
+            np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max(), err_msg=str(opts))
+
+
+def test_from_pretrained_and_to_keep_the_options():
+    with pytest.raises(ValueError, match="unknown option 'nope'"):
+        xoron.MoELlamaForCausalLM.from_pretrained(TINY_RING, options={"nope": 1})
+    m = xoron.MoELlamaForCausalLM.from_pretrained(TINY_RING, options={"threads": 1, "cpu_isa": "generic"})
+    ids = np.array([[1, 2, 3]])
+    before = m(input_ids=ids).logits
+    m.to(dtype="bfloat16").to(dtype="float32")
+    np.testing.assert_allclose(m(input_ids=ids).logits, before, rtol=0, atol=3e-2 * np.abs(before).max())
