@@ -312,6 +312,19 @@ def test_16bit_model_keeps_its_cache_in_its_dtype(cache_format, per_token, dtype
     assert rel_err(full, m.ref(ids)[0]) <= 3e-2
 
 
+def test_bfloat16_kv_cache_across_key_chunks():
+    """600 cached bf16 keys: the CPU attention widens K and V one 256-key chunk at a time."""
+    m = make_model(MOE, seed=2, dtype="bfloat16")
+    ids = m.ids(1, 603, seed=4)
+    full = m.model(input_ids=ids, logits_to_keep=3).logits
+    out = m.model(input_ids=ids[:, :600], past_key_values=m.model.new_cache(1, "kv"), use_cache=True, logits_to_keep=1)
+    got = []
+    for i in range(600, 603):
+        out = m.model(input_ids=ids[:, i:i + 1], past_key_values=out.past_key_values, use_cache=True)
+        got.append(out.logits)
+    assert rel_err(np.concatenate(got, axis=1), full) <= 3e-2
+
+
 def test_float32_and_int8_models_keep_a_float32_cache():
     for dtype in ("float32", "int8"):
         m = make_model(MOE, seed=1, dtype=dtype)
