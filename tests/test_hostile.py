@@ -16,7 +16,7 @@ import pytest
 from conftest import HERE, TINY_RING, make_model, small_config, write_raw_safetensors
 
 import xoron
-from xoron import MoELlamaForCausalLM, _C
+from xoron import MoELlamaForCausalLM, _C, _testing
 
 SEEDS = os.path.join(HERE, "data", "fuzz_seeds")
 WORKTREE = os.path.dirname(HERE)
@@ -196,9 +196,13 @@ def nan_weights(built, name="model.norm.weight", value=np.nan, index=3):
 def test_check_finite_names_the_tensor(value, word):
     b = make_model(seed=0)
     w = nan_weights(b, "model.layers.1.self_attn.kv_b_proj.weight", value, 7)
+    w = {k: v * np.float32(2) for k, v in w.items()}
+    before = b.model.state_dict()
     with pytest.raises(ValueError, match=r"tensor 'model.layers.1.self_attn.kv_b_proj.weight' holds %s at element 7"
                        % word):
         b.model.load_state_dict(w)
+    after = b.model.state_dict()  # refused before any tensor was stored
+    assert all(np.array_equal(before[k], after[k]) for k in before)
     b.model.load_state_dict(w, check_finite=False)
     assert not np.isfinite(b.model.state_dict()["model.layers.1.self_attn.kv_b_proj.weight"]).all()
 
@@ -398,7 +402,7 @@ def test_min_new_tokens_with_every_token_an_eos(built):
 
 @pytest.mark.parametrize("fmt", [0, 1], ids=["latent", "kv"])
 def test_cache_growth_is_all_or_nothing(fmt):
-    lib = ctypes.CDLL(_C.__file__)
+    lib = ctypes.CDLL(_testing.__file__)
     lib.xo_hook_cache_failed_growth.argtypes = [ctypes.c_int, ctypes.c_int]
     results = [lib.xo_hook_cache_failed_growth(fmt, k) for k in range(1, 12)]
     allocations = 3 * (1 if fmt == 0 else 2) + 2  # layers x arrays, positions, mask

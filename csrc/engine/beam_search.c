@@ -195,7 +195,7 @@ xo_status xo_beam_search(xo_model *m, const xo_generate_args *a) {
             cache = moved;
             moved = NULL;
         }
-        xo_forward_args sa = { .batch = R, .tokens = 1, .ids = next, .cache = cache, .logits = logits, .last_only = 1 };
+        xo_forward_args sa = { .batch = R, .tokens = 1, .ids = next, .cache = cache, .logits = logits, .logits_to_keep = 1 };
         rc = xo_model_forward(m, &sa);
     }
     if (rc != XO_OK) goto out;

@@ -17,7 +17,7 @@ xo_status xo_cache_create(xo_cache **out, const xo_config *cfg, xo_backend *be, 
     c->batch = batch;
     c->max_length = cfg->max_position_embeddings;
     c->width = format == XO_CACHE_LATENT ? cfg->kv_lora_rank : cfg->num_kv_heads * cfg->head_dim;
-    c->dtype = format == XO_CACHE_LATENT && (model_dtype == XO_BF16 || model_dtype == XO_F16) ? model_dtype : XO_F32;
+    c->dtype = model_dtype == XO_BF16 || model_dtype == XO_F16 ? model_dtype : XO_F32;
     c->latent = calloc((size_t)c->num_layers, sizeof *c->latent);
     c->k = calloc((size_t)c->num_layers, sizeof *c->k);
     c->v = calloc((size_t)c->num_layers, sizeof *c->v);
@@ -67,8 +67,8 @@ xo_status xo_cache_reserve(xo_cache *c, int tokens) {
         if (c->format == XO_CACHE_LATENT) {
             g[k++] = (growing_array){ &c->latent[l], fbytes, 0, NULL };
         } else {
-            g[k++] = (growing_array){ (void **)&c->k[l], fbytes, 0, NULL };
-            g[k++] = (growing_array){ (void **)&c->v[l], fbytes, 0, NULL };
+            g[k++] = (growing_array){ &c->k[l], fbytes, 0, NULL };
+            g[k++] = (growing_array){ &c->v[l], fbytes, 0, NULL };
         }
     }
     g[k++] = (growing_array){ (void **)&c->positions, sizeof(int32_t), 0, NULL };

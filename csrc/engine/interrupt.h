@@ -3,9 +3,17 @@
 #ifndef XO_INTERRUPT_H
 #define XO_INTERRUPT_H
 
-#include <stdatomic.h>
-
 #include "engine/status.h"
+
+#ifdef __cplusplus
+/* The CUDA plugin (C++, where <stdatomic.h> is not available) only passes the struct along:
+ * the same layout, the counter opaque. */
+typedef struct {
+    const void *counter;
+    unsigned seen;
+} xo_interrupt;
+#else
+#include <stdatomic.h>
 
 typedef struct {
     const atomic_uint *counter;  /* bumped on each request; NULL: nothing can interrupt the call */
@@ -22,5 +30,6 @@ static inline int xo_interrupt_requested(const xo_interrupt *i) {
 static inline xo_status xo_interrupt_poll(const xo_interrupt *i) {
     return xo_interrupt_requested(i) ? xo_fail(XO_EINTERRUPTED, "interrupted") : XO_OK;
 }
+#endif
 
 #endif
