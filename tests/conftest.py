@@ -116,16 +116,17 @@ def random_weights(cfg: R.RefConfig, seed: int = 0, boost: bool = True) -> dict:
 
 
 def make_model(cfg_dict: dict | None = None, seed: int = 0, *, dtype: str = "float32", boost: bool = True,
-               device: str = "cpu", **kw) -> Built:
+               device: str = "cpu", model_class=None, **kw) -> Built:
     """Builds RefConfig + random_weights(seed) (reference_impl's, boosted, see BOOST) and loads
-    them into xoron.MoELlamaForCausalLM on `device` via load_state_dict(strict=True).
+    them into xoron.MoELlamaForCausalLM (or `model_class`, e.g. the numpy class
+    xoron.modeling.MoELlamaForCausalLM) on `device` via load_state_dict(strict=True).
     `cfg_dict` and `kw` are applied on top of SMALL (see small_config)."""
     import xoron
 
     config = small_config(cfg_dict, **kw)
     cfg = R.RefConfig.from_dict(config)
     weights = random_weights(cfg, seed, boost)
-    model = xoron.MoELlamaForCausalLM(config, dtype=dtype, device=device, seed=0)
+    model = (model_class or xoron.MoELlamaForCausalLM)(config, dtype=dtype, device=device, seed=0)
     model.load_state_dict(weights, strict=True)
     return Built(model, cfg, weights, config)
 

@@ -15,6 +15,7 @@ from conftest import TOL_F32, TOL_HALF, TINY_RING, make_model, rel_err, small_co
 
 import xoron
 from xoron import MoELlamaForCausalLM
+from xoron.modeling import MoELlamaForCausalLM as NumpyModel  # numpy arrays, dtype names (no torch)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOE = {"use_moe": True, "num_experts": 4, "num_experts_per_tok": 2, "moe_layer_freq": 2, "intermediate_size": 40}
@@ -133,7 +134,7 @@ def test_seed_reproducibility_and_init_statistics():
          max_position_embeddings=4096),
 ], ids=["moe", "everything_changed"])
 def test_save_pretrained_round_trip(tmp_path, overrides):
-    m = make_model(overrides, seed=3)
+    m = make_model(overrides, seed=3, model_class=NumpyModel)
     m.model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -141,7 +142,7 @@ def test_save_pretrained_round_trip(tmp_path, overrides):
                   "tie_word_embeddings", "use_ring_attention", "ring_attention_chunk_size", "kv_lora_rank",
                   "q_lora_rank", "moe_config"):
         assert field in saved, field
-    m2 = MoELlamaForCausalLM.from_pretrained(tmp_path)
+    m2 = NumpyModel.from_pretrained(tmp_path)
     assert m2.config == m.model.config
     ids = m.ids(2, 11)
     np.testing.assert_array_equal(logits_of(m2, ids), logits_of(m.model, ids))
@@ -244,7 +245,7 @@ def _xoron_dev_dir(tmp_path, extra_config=None):
 
 def test_xoron_dev_multimodal_layout(tmp_path):
     ref_cfg, w = _xoron_dev_dir(tmp_path)
-    m = MoELlamaForCausalLM.from_pretrained(tmp_path)
+    m = NumpyModel.from_pretrained(tmp_path)
     c = m.config
     assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == (3, 4, 4)
     assert c.moe_config["intermediate_size"] == 48 and c.moe_config["use_moe"]
@@ -328,7 +329,7 @@ def spec_shapes(c: R.RefConfig) -> dict:
 ], ids=["dense", "moe", "everything"])
 def test_state_dict_names_shapes_and_num_parameters(overrides):
     config = small_config(overrides)
-    m = MoELlamaForCausalLM(config, seed=0)
+    m = NumpyModel(config, seed=0)
     want = spec_shapes(R.RefConfig.from_dict(config))
     sd = m.state_dict()
     assert {k: v.shape for k, v in sd.items()} == want
@@ -398,7 +399,7 @@ def test_causal_lm_output_fields_and_tuple():
 
 
 def test_compatibility_no_ops():
-    m = make_model(seed=11)
+    m = make_model(seed=11, model_class=NumpyModel)
     ids = m.ids(1, 5)
     before = logits_of(m.model, ids)
     assert m.model.eval() is m.model
@@ -417,7 +418,7 @@ def test_compatibility_no_ops():
 @pytest.mark.parametrize("conv", ["bfloat16", "half"])
 def test_half_precision_conversion(conv):
     """bfloat16()/half() re-store the weights and compute within 3e-2; float() goes back."""
-    m = make_model(dict(MOE), seed=12)
+    m = make_model(dict(MOE), seed=12, model_class=NumpyModel)
     ids = m.ids(2, 8)
     ref = m.ref(ids)[0]
     r = getattr(m.model, conv)()
@@ -459,7 +460,7 @@ def test_torch_round_trip():
 def test_torch_state_dict_and_baseline_model():
     torch = pytest.importorskip("torch")
     from xoron.torch_reference import TorchMoELlama
-    m = make_model(dict(MOE, q_lora_rank=8, tie_word_embeddings=False), seed=14)
+    m = make_model(dict(MOE, q_lora_rank=8, tie_word_embeddings=False), seed=14, model_class=NumpyModel)
     tm = TorchMoELlama(m.config)
     tm.load_state_dict({k: torch.from_numpy(v) for k, v in m.model.state_dict().items()}, strict=True)
     x = MoELlamaForCausalLM(m.config, seed=0)

@@ -196,9 +196,13 @@ def nan_weights(built, name="model.norm.weight", value=np.nan, index=3):
 def test_check_finite_names_the_tensor(value, word):
     b = make_model(seed=0)
     w = nan_weights(b, "model.layers.1.self_attn.kv_b_proj.weight", value, 7)
+    w = {k: v * np.float32(2) for k, v in w.items()}
+    before = b.model.state_dict()
     with pytest.raises(ValueError, match=r"tensor 'model.layers.1.self_attn.kv_b_proj.weight' holds %s at element 7"
                        % word):
         b.model.load_state_dict(w)
+    after = b.model.state_dict()  # refused before any tensor was stored
+    assert all(np.array_equal(before[k], after[k]) for k in before)
     b.model.load_state_dict(w, check_finite=False)
     assert not np.isfinite(b.model.state_dict()["model.layers.1.self_attn.kv_b_proj.weight"]).all()
 

@@ -101,7 +101,8 @@ class _CallingStreamer:
 def test_reentrant_call_from_a_streamer_is_refused_at_once(inner):
     m = _model()
     calls = {"forward": lambda: m(_ids()), "generate": lambda: m.generate(_ids(), max_new_tokens=2),
-             "state_dict": lambda: m.state_dict(), "new_cache": lambda: m.new_cache(1)}
+             # the engine's copy (the torch module's state_dict() reads its Parameter views, no engine call)
+             "state_dict": lambda: m._engine.state_dict(), "new_cache": lambda: m.new_cache(1)}
     s = _CallingStreamer(calls[inner])
     with pytest.raises(RuntimeError, match="re-entrant call"):
         _in_thread(lambda: m.generate(_ids(), max_new_tokens=4, do_sample=False, streamer=s))

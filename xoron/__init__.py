@@ -76,12 +76,28 @@ _cuda_plugin = _os.path.join(_os.path.dirname(_os.path.abspath(_C.__file__)), "_
 _C.set_cuda_plugin(_cuda_plugin)
 
 from .config import LlamaConfig  # noqa: E402
-from .modeling import CausalLMOutput, KVCache, MoELlamaForCausalLM  # noqa: E402
+from .modeling import CausalLMOutput, KVCache  # noqa: E402
 from .streaming import TextStreamer  # noqa: E402
 
 __all__ = ["MoELlamaForCausalLM", "LlamaConfig", "CausalLMOutput", "KVCache", "TextStreamer", "load_tokenizer",
            "cuda_available", "option_names", "option_table", "set_num_threads", "get_num_threads"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    """MoELlamaForCausalLM is the torch.nn.Module form (xoron.torch_module) when torch can be
+    imported, else the numpy class (xoron.modeling); decided on first use, so that importing
+    xoron alone never imports torch."""
+    if name != "MoELlamaForCausalLM":
+        raise AttributeError(f"module 'xoron' has no attribute {name!r}")
+    try:
+        from .torch_module import MoELlamaForCausalLM as cls
+    except ImportError as e:
+        if e.name != "torch":
+            raise
+        from .modeling import MoELlamaForCausalLM as cls
+    globals()["MoELlamaForCausalLM"] = cls
+    return cls
 
 
 def load_tokenizer(path):

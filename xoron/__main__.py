@@ -63,7 +63,8 @@ def _model_dir(path):
 
 
 def _load(args):
-    from . import MoELlamaForCausalLM, load_tokenizer
+    from . import load_tokenizer
+    from .modeling import MoELlamaForCausalLM  # the numpy class: the CLI never needs torch (nor its import time)
     d = _model_dir(args.model)
     tok_path = os.path.join(d, "tokenizer.json")
     if not os.path.exists(tok_path):

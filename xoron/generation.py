@@ -287,11 +287,11 @@ def generate(model, input_ids=None, **kwargs):
 
     eos_token_id = a["eos_token_id"]
     if eos_token_id is None:
-        eos_token_id = config.eos_token_id
+        eos_token_id = model.generation_config.eos_token_id
     eos = [] if eos_token_id is None else _token_ids(eos_token_id, "eos_token_id")
     pad_token_id = a["pad_token_id"]
     if pad_token_id is None:
-        pad_token_id = config.pad_token_id
+        pad_token_id = model.generation_config.pad_token_id
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
     pad_token_id = _int_arg(pad_token_id, "pad_token_id")

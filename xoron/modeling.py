@@ -15,6 +15,7 @@ import numpy as np
 
 from . import _C, generation
 from ._safetensors_io import save_file
+from . import checkpoint as _ckpt
 from ._tensors import ids_array, int_array, is_torch, mask_array, output, scalar, to_numpy
 from .config import LlamaConfig, engine_dict, read_config_json, resolve_config
 from .generation import CACHE_FORMATS, GenerateOutput  # noqa: F401  (re-exported)
@@ -106,6 +107,7 @@ class MoELlamaForCausalLM:
     def __init__(self, config=None, moe_config=None, *, dtype="float32", device="cpu", seed=None,
                  cache_format="latent", options=None, _init=True):
         self.config: LlamaConfig = resolve_config(config, moe_config)
+        _keep_given_attributes(self.config, config)
         self._options = dict(options) if isinstance(options, dict) else options
         self._set_engine(dtype, device)
         if cache_format not in CACHE_FORMATS:
@@ -116,6 +118,11 @@ class MoELlamaForCausalLM:
             if seed is None:
                 seed = secrets.randbits(63)
             self._engine.init_random(int(seed) & ((1 << 64) - 1))
+            self._weights_changed()
+
+    def _weights_changed(self):
+        """Called once the engine holds weights (after a load or a rebuild); the torch module
+        re-points its Parameters here."""
 
     def _set_engine(self, dtype, device):
         dtype = _dtype_name(dtype)
@@ -126,36 +133,73 @@ class MoELlamaForCausalLM:
     # ---- construction from files ----
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype="float32", device="cpu", cache_format="latent", options=None,
-                        check_finite=True, **config_overrides):
-        """Loads config.json and the safetensors weights of a checkpoint directory. With
-        check_finite (the default) a NaN or infinity in any tensor is a ValueError naming it."""
+    def from_pretrained(cls, path, *, dtype=None, device="cpu", cache_format="latent", options=None,
+                        check_finite=True, torch_dtype=None, device_map=None, low_cpu_mem_usage=True,
+                        local_files_only=False, trust_remote_code=False, **config_overrides):
+        """Loads a checkpoint directory: config.json with model.safetensors (or its shards), or
+        Xoron-Dev's layouts (`llm.`-prefixed tensors in model.safetensors, or llm.safetensors
+        beside the multimodal config.json), or a pytorch_model.bin. With check_finite (the
+        default) a NaN or infinity in any tensor is a ValueError naming it. `torch_dtype` is
+        `dtype`'s transformers name ("auto": the checkpoint's); `device_map` names one device;
+        tensors are always read memory-mapped, one at a time (low_cpu_mem_usage); files are only
+        ever local and no code is run (local_files_only, trust_remote_code). Other keywords
+        override config fields."""
         path = os.fspath(path)
+        for flag in ("low_cpu_mem_usage", "local_files_only", "trust_remote_code"):
+            _ckpt.check_flag(locals()[flag], flag)
         if not os.path.isdir(path):
-            raise ValueError(f"{path!r} is not a checkpoint directory")
+            raise ValueError(f"{path!r} is not a checkpoint directory (xoron reads local directories only; "
+                             "fetch a Hub model first, e.g. with huggingface_hub.snapshot_download)")
         cfg_path = os.path.join(path, "config.json")
         if not os.path.exists(cfg_path):
             raise ValueError(f"{path!r} is not a checkpoint: it has no config.json")
-        files = _weight_files(path)
+        files, kind = _ckpt.weight_files(path)
         raw = read_config_json(cfg_path)
+        names = _ckpt.safetensors_names(files) if kind == "safetensors" else []
+        if kind == "torch":
+            tensors = _ckpt.read_torch_bin(files[0])
+            names = [(n, "", tuple(getattr(v, "shape", ()))) for n, v in tensors.items()]
+        _ckpt.check_not_gqa_branch((n for n, _, _ in names), path)
+        if dtype is not None and torch_dtype is not None and _dtype_name(dtype) != _dtype_name(torch_dtype):
+            raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one")
+        want = dtype if dtype is not None else torch_dtype
+        if isinstance(want, str) and want == "auto":
+            want = _ckpt.dtype_from_checkpoint(raw, names) if kind == "safetensors" else \
+                _ckpt.dtype_from_checkpoint(raw, [])
+        device = _ckpt.single_device(device, device_map)
         config = resolve_config(raw, None, config_overrides)
-        prefix = _tensor_prefix(files)
-        model = cls(config, dtype=dtype, device=device, cache_format=cache_format, options=options, _init=False)
-        model._engine.load_safetensors(files, prefix, check_finite=bool(check_finite))
+        _keep_given_attributes(config, {k: v for k, v in raw.items() if k not in _ckpt.FILE_METADATA})
+        prefix = _ckpt.tensor_prefix(n for n, _, _ in names)
+        model = cls(config, dtype=want or "float32", device=device, cache_format=cache_format, options=options,
+                    _init=False)
+        if kind == "torch":
+            model._engine.load_arrays(_spec_arrays(tensors, prefix, model._engine), check_finite=bool(check_finite))
+        else:
+            model._engine.load_safetensors(files, prefix, check_finite=bool(check_finite))
+        model._weights_changed()
         return model
 
-    def save_pretrained(self, path, *, dtype: Optional[str] = None) -> None:
-        """Writes config.json (every field) and model.safetensors (float32, or `dtype`)."""
+    def save_pretrained(self, path, *, dtype: Optional[str] = None, safe_serialization: bool = True,
+                        max_shard_size="5GB") -> None:
+        """Writes config.json (every field, readable by transformers.AutoConfig as a LlamaConfig)
+        and the weights in float32, or `dtype`: model.safetensors, shards of at most
+        max_shard_size with model.safetensors.index.json, or pytorch_model.bin when
+        safe_serialization=False."""
         path = os.fspath(path)
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(self.config.to_dict(), f, indent=2)
-        sd = self._engine.state_dict()
+        _ckpt.check_flag(safe_serialization, "safe_serialization")
+        if dtype is not None:
+            dtype = _dtype_name(dtype)
         if dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"save_pretrained dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        _ckpt.parse_size(max_shard_size)
+        os.makedirs(path, exist_ok=True)
+        sd = self._engine.state_dict()
         if dtype == "float16":
             sd = {k: v.astype(np.float16) for k, v in sd.items()}
-        save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"}, bfloat16=dtype == "bfloat16")
+        _ckpt.save_weights(path, sd, bfloat16=dtype == "bfloat16", safe_serialization=safe_serialization,
+                           max_shard_size=max_shard_size)
+        with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(_ckpt.auto_config_dict(self.config.to_dict(), dtype or "float32"), f, indent=2)
 
     def state_dict(self) -> dict:
         """{SPEC name: float32 numpy array} (a copy)."""
@@ -195,6 +239,19 @@ class MoELlamaForCausalLM:
     def device(self) -> str:
         return self._engine.device
 
+    @property
+    def moe_config(self) -> dict:
+        return self.config.moe_config
+
+    @property
+    def generation_config(self) -> "GenerationDefaults":
+        """The token ids generate() falls back on (from the config unless set here)."""
+        gc = self.__dict__.get("_generation_defaults")
+        if gc is None:
+            gc = GenerationDefaults(self.config)
+            self.__dict__["_generation_defaults"] = gc
+        return gc
+
     def num_parameters(self, only_trainable: bool = False) -> int:
         return int(sum(int(np.prod(shape)) for _, shape in self._engine.tensor_shapes()))
 
@@ -216,15 +273,20 @@ class MoELlamaForCausalLM:
         """Moves/casts the weights (re-creating the engine). Returns self, like torch."""
         if isinstance(device, str) and device in DTYPES or (device is not None and _is_dtype_like(device)):
             device, dtype = None, device
-        new_device = _parse_device(device) if device is not None else self.device
+        self._rebuild(_parse_device(device) if device is not None else None, dtype)
+        return self
+
+    def _rebuild(self, device=None, dtype=None) -> None:
+        """Re-creates the engine on `device` with weights stored as `dtype` (None: unchanged)."""
+        new_device = device if device is not None else self._engine.device
         new_dtype = _dtype_name(dtype) if dtype is not None else self._dtype
-        if new_device == self.device and new_dtype == self._dtype:
-            return self
+        if new_device == self._engine.device and new_dtype == self._dtype:
+            return
         sd = self._engine.state_dict()
         engine = _C.Model(engine_dict(self.config), new_dtype, new_device, self._options)
         engine.load_arrays(sd, check_finite=False)  # accepted when they were loaded
         self._engine, self._dtype = engine, new_dtype
-        return self
+        self._weights_changed()
 
     def float(self):
         return self.to(dtype="float32")
@@ -252,6 +314,18 @@ class MoELlamaForCausalLM:
         return (f"MoELlamaForCausalLM(layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
                 f"experts={c.moe_config.get('num_experts') if c.moe_config.get('use_moe') else 0}, "
                 f"params={self.num_parameters():,}, dtype={self.dtype}, device={self.device})")
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(f"{type(self).__name__} cannot be pickled (its weights live in the C engine): "
+                        "use save_pretrained()/from_pretrained(), or pickle its state_dict()")
+
+    def __deepcopy__(self, memo):
+        twin = type(self)(self.config, dtype=self._dtype, device=self._engine.device, cache_format=self.cache_format,
+                          options=self._options, _init=False)
+        twin._engine.load_arrays(self._engine.state_dict(), check_finite=False)  # accepted when they were loaded
+        twin._weights_changed()
+        twin.train(self.training)
+        return twin
 
     # ---- forward ----
 
@@ -332,7 +406,7 @@ class MoELlamaForCausalLM:
 
         # torch tensors on this model's GPU: the logits stay there and reach torch through DLPack
         on_gpu = torch_dev is not None and lab is None and str(torch_dev).startswith("cuda") \
-            and self.device.startswith("cuda") and _same_cuda_device(torch_dev, self.device)
+            and self._engine.device.startswith("cuda") and _same_cuda_device(torch_dev, self._engine.device)
         logits, hidden = self._engine.forward(tokens, positions=pos, mask=mask,
                                               cache=cache._c if cache is not None else None, logits_to_keep=keep,
                                               want_hidden=bool(output_hidden_states), device_logits=on_gpu)
@@ -353,8 +427,8 @@ class MoELlamaForCausalLM:
     def _gpu_ids(self, ids, torch_dev):
         """torch ids already on this model's GPU as a DLPack capsule, read and checked there (no
         host copy; our stream first waits for torch's work on them), or None."""
-        if torch_dev is None or not str(torch_dev).startswith("cuda") or not self.device.startswith("cuda") \
-                or not _same_cuda_device(torch_dev, self.device):
+        if torch_dev is None or not str(torch_dev).startswith("cuda") or not self._engine.device.startswith("cuda") \
+                or not _same_cuda_device(torch_dev, self._engine.device):
             return None
         torch = sys.modules["torch"]
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32) or ids.numel() == 0:
@@ -373,6 +447,37 @@ class MoELlamaForCausalLM:
         """Yields the new token ids as they are produced (an int per step for one row, an array
         of one id per row otherwise). Takes generate()'s keyword arguments."""
         return generation.generate_stream(self, input_ids, **kwargs)
+
+
+class GenerationDefaults:
+    """model.generation_config: the bos/eos/pad token ids generate() uses when its call gives
+    none: the model config's unless set here. Sampling settings are generate()'s keywords;
+    setting one here would change nothing, so it is refused."""
+
+    _FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+    def __init__(self, config):
+        object.__setattr__(self, "_config", config)
+        object.__setattr__(self, "_set", {})
+
+    def __getattr__(self, name):
+        if name not in self._FIELDS:
+            raise AttributeError(f"generation_config has no {name!r} (it holds {', '.join(self._FIELDS)})")
+        return self._set[name] if name in self._set else getattr(self._config, name, None)
+
+    def __setattr__(self, name, value):
+        if name not in self._FIELDS:
+            raise TypeError(f"generation_config holds only {', '.join(self._FIELDS)}; pass {name}= to generate()")
+        self._set[name] = value
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self._FIELDS}
+
+    def to_diff_dict(self) -> dict:  # generate(generation_config=model.generation_config) reads it so
+        return self.to_dict()
+
+    def __repr__(self):
+        return f"GenerationDefaults({self.to_dict()})"
 
 
 class _IncompatibleKeys:
@@ -425,34 +530,34 @@ def _dtype_name(dtype) -> str:
 
 
 def _weight_files(path: str) -> list:
-    single = os.path.join(path, "model.safetensors")
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(single):
-        return [single]
-    if os.path.exists(index):
-        idx = read_config_json(index)
-        wm = idx.get("weight_map")
-        if not isinstance(wm, dict) or not wm:
-            raise ValueError(f"{index}: no weight_map")
-        files = []
-        for f in wm.values():
-            if not isinstance(f, str):
-                raise ValueError(f"{index}: weight_map values must be file names, got {type(f).__name__}")
-            full = os.path.join(path, f)
-            if full not in files:
-                if not os.path.exists(full):
-                    raise ValueError(f"{index} names {f!r}, which does not exist")
-                files.append(full)
-        return files
-    raise ValueError(f"{path!r} is not a checkpoint: it has no model.safetensors or model.safetensors.index.json")
+    return _ckpt.weight_files(path)[0]
 
 
 def _tensor_prefix(files: list) -> str:
     """'llm.' for Xoron-Dev multimodal checkpoints, '' otherwise (looks through every shard)."""
-    for f in files:
-        names = [n for n, _, _ in _C.read_safetensors_header(f)]
-        if any(n.startswith("model.") or n == "lm_head.weight" for n in names):
-            return ""
-        if any(n.startswith("llm.model.") for n in names):
-            return "llm."
-    return ""
+    return _ckpt.tensor_prefix(n for n, _, _ in _ckpt.safetensors_names(files))
+
+
+def _spec_arrays(tensors: dict, prefix: str, engine) -> dict:
+    """{SPEC name: float array} out of a loaded torch state_dict (prefix stripped)."""
+    out = {}
+    for name, _ in engine.tensor_shapes():
+        if prefix + name not in tensors:
+            raise ValueError(f"checkpoint is missing tensor '{prefix}{name}'")
+        a, _ = to_numpy(tensors[prefix + name], name)
+        out[name] = a if a.dtype == np.float16 else np.ascontiguousarray(a, dtype=np.float32)
+    return out
+
+
+def _keep_given_attributes(cfg: LlamaConfig, given) -> None:
+    """model.config keeps what the caller's config carried beyond the fields the engine reads
+    (architectures, token ids of a tokenizer, a multimodal model's own fields, ...)."""
+    if isinstance(given, dict):
+        items = given.items()
+    elif given is not None and hasattr(given, "__dict__"):
+        items = vars(given).items()
+    else:
+        return
+    for k, v in items:
+        if isinstance(k, str) and not k.startswith("_") and not hasattr(cfg, k):
+            setattr(cfg, k, v)

@@ -115,7 +115,6 @@ static xo_status layout(const xo_config *c, xo_weights *w, xo_dtype t, slot_list
         s = push(&L, XO_SLOT_KV_A, r + hd, H, "%s.self_attn.kv_a_proj.weight", base);
         if (!s) goto fail;
         s->lin = &lw->kv_a;
-        s->tail = &lw->kv_a_tail;
         PUSH_VEC(&lw->kv_a_norm, r, 1, "%s.self_attn.kv_a_layernorm.weight", base);
         set_linear(&lw->kv_b, 2 * c->num_kv_heads * hd, r, t);
         PUSH_LIN(&lw->kv_b, 2 * c->num_kv_heads * hd, r, 0, "%s.self_attn.kv_b_proj.weight", base);
@@ -166,7 +165,7 @@ xo_status xo_weights_layout(const xo_config *c, xo_weights *w, xo_dtype t, xo_we
 }
 
 /* Writes one slot's host data (dtype src_t, SPEC layout) into backend storage. */
-static xo_status fill_slot(xo_backend *be, const xo_weight_slot *s, const void *host, xo_dtype src_t, int hidden) {
+static xo_status fill_slot(xo_backend *be, const xo_weight_slot *s, const void *host, xo_dtype src_t) {
     if (s->kind == XO_SLOT_VECTOR) {
         float *tmp = malloc((size_t)s->rows * sizeof *tmp);
         if (!tmp) return xo_fail(XO_ENOMEM, "out of memory");
@@ -178,16 +177,16 @@ static xo_status fill_slot(xo_backend *be, const xo_weight_slot *s, const void *
         free(tmp);
         return rc;
     }
-    int rows = s->kind == XO_SLOT_KV_A ? s->lin->out : s->rows;
-    XO_TRY(be->linear_init(be, s->lin, host, src_t, s->row_offset, rows));
     if (s->kind == XO_SLOT_KV_A) {
-        int tail_rows = s->rows - s->lin->out;
-        if (!*s->tail && !(*s->tail = malloc((size_t)tail_rows * hidden * sizeof(float))))
-            return xo_fail(XO_ENOMEM, "out of memory");
-        const char *src = (const char *)host + (size_t)s->lin->out * hidden * xo_dtype_size(src_t);
-        xo_convert_to_f32(*s->tail, src, src_t, (size_t)tail_rows * hidden);
+        /* store every row: the storage is sized for s->rows on first use, products read lin->out */
+        xo_linear full = *s->lin;
+        full.out = s->rows;
+        xo_status rc = be->linear_init(be, &full, host, src_t, 0, s->rows);
+        s->lin->data = full.data;
+        s->lin->scales = full.scales;
+        return rc;
     }
-    return XO_OK;
+    return be->linear_init(be, s->lin, host, src_t, s->row_offset, s->rows);
 }
 
 /* The checkpoint's tensors under `prefix`, sorted by the rest of their name. */
@@ -285,6 +284,11 @@ xo_status xo_weights_load(xo_weights *w, const xo_config *c, xo_backend *be, xo_
     memset(&probe, 0, sizeof probe);
     slot_list check = { .check = &ix };
     xo_status rc = layout(c, &probe, t, &check);
+    /* tensors in memory are checked before any is stored too, so a refused load_state_dict
+     * leaves the model as it was; a file's are checked as they are read (a failed
+     * from_pretrained leaves no model behind) */
+    for (int i = 0; check_finite && rc == XO_OK && i < ix.n; i++)
+        if (ix.v[i]->data) rc = check_finite_values(ix.v[i], ix.v[i]->data);
     xo_weight_slot *slots = NULL;
     int n = 0;
     if (rc == XO_OK) rc = xo_weights_layout(c, w, t, &slots, &n);
@@ -294,13 +298,9 @@ xo_status xo_weights_load(xo_weights *w, const xo_config *c, xo_backend *be, xo_
         const xo_tensor_view *v = index_find(&ix, slots[i].name);
         const void *bytes = NULL;
         rc = tensor_bytes(v, &buf, &cap, &bytes);
-        if (rc == XO_OK && check_finite) rc = check_finite_values(v, bytes);
-        if (rc == XO_OK && (rc = fill_slot(be, &slots[i], bytes, v->dtype, c->hidden_size)) != XO_OK &&
-            rc != XO_ENOMEM) {
-            char why[512];
-            snprintf(why, sizeof why, "%s", xo_last_error());
-            rc = xo_fail(rc, "tensor '%s': %s", v->name, why);
-        }
+        if (rc == XO_OK && check_finite && !v->data) rc = check_finite_values(v, bytes);
+        if (rc == XO_OK && (rc = fill_slot(be, &slots[i], bytes, v->dtype)) != XO_OK)
+            rc = xo_fail_more(rc, "tensor '%s'", v->name);
     }
     free(buf);
     free(slots);
@@ -349,7 +349,7 @@ xo_status xo_weights_random(xo_weights *w, const xo_config *c, xo_backend *be, x
             uint64_t st = seed * 0x100000001b3ULL + (uint64_t)i;
             fill_normal(host, count, 0.02f, splitmix64(&st));
         }
-        rc = fill_slot(be, s, host, XO_F32, c->hidden_size);
+        rc = fill_slot(be, s, host, XO_F32);
         free(host);
     }
     free(slots);
@@ -358,17 +358,18 @@ xo_status xo_weights_random(xo_weights *w, const xo_config *c, xo_backend *be, x
 
 xo_status xo_weights_get(const xo_weights *w, const xo_config *c, xo_backend *be, const xo_weight_slot *s, float *host) {
     (void)w;
+    (void)c;
     if (s->kind == XO_SLOT_VECTOR) return be->download(be, host, *s->vec, (size_t)s->rows * sizeof(float));
-    size_t rowsz = (size_t)s->lin->in;
-    float *full = host;
-    int tmp_needed = s->kind == XO_SLOT_LINEAR && (s->row_offset != 0 || s->rows != s->lin->out);
-    if (tmp_needed && !(full = malloc((size_t)s->lin->out * rowsz * sizeof(float))))
+    xo_linear full = *s->lin;
+    if (s->kind == XO_SLOT_KV_A) full.out = s->rows;
+    const size_t rowsz = (size_t)full.in;
+    int tmp_needed = s->kind == XO_SLOT_LINEAR && (s->row_offset != 0 || s->rows != full.out);
+    float *dst = host;
+    if (tmp_needed && !(dst = malloc((size_t)full.out * rowsz * sizeof(float))))
         return xo_fail(XO_ENOMEM, "out of memory");
-    xo_status rc = be->linear_to_host(be, s->lin, full);
-    if (rc == XO_OK && tmp_needed) memcpy(host, full + (size_t)s->row_offset * rowsz, (size_t)s->rows * rowsz * sizeof(float));
-    if (rc == XO_OK && s->kind == XO_SLOT_KV_A)
-        memcpy(host + (size_t)s->lin->out * rowsz, *s->tail, (size_t)(s->rows - s->lin->out) * c->hidden_size * sizeof(float));
-    if (tmp_needed) free(full);
+    xo_status rc = be->linear_to_host(be, &full, dst);
+    if (rc == XO_OK && tmp_needed) memcpy(host, dst + (size_t)s->row_offset * rowsz, (size_t)s->rows * rowsz * sizeof(float));
+    if (tmp_needed) free(dst);
     return rc;
 }
 
@@ -387,7 +388,6 @@ void xo_weights_free(xo_weights *w, const xo_config *c, xo_backend *be) {
             be->release(be, l->q_a_norm);
             be->linear_free(be, &l->q_b);
             be->linear_free(be, &l->kv_a);
-            free(l->kv_a_tail);
             be->release(be, l->kv_a_norm);
             be->linear_free(be, &l->kv_b);
             be->linear_free(be, &l->o);

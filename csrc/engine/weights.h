@@ -11,8 +11,8 @@ typedef struct {
     xo_linear q_a;          /* [q_lora_rank, H]    (q_lora_rank > 0) */
     float *q_a_norm;        /* [q_lora_rank] */
     xo_linear q_b;          /* [nh*hd, q_lora_rank] */
-    xo_linear kv_a;         /* first r rows of kv_a_proj: [r, H] */
-    float *kv_a_tail;       /* host [hd, H]: the rows that feed nothing, kept for state_dict */
+    xo_linear kv_a;         /* kv_a_proj applied as its first r rows ([r, H]); the storage holds all
+                             * r + hd rows, the last hd feed nothing but stay the checkpoint's */
     float *kv_a_norm;       /* [r] */
     xo_linear kv_b;         /* [2*nkv*hd, r] */
     xo_linear o;            /* [H, nh*hd] */
@@ -35,6 +35,7 @@ typedef struct {
 
 /* One SPEC tensor and where it lives in xo_weights. */
 enum { XO_SLOT_VECTOR, XO_SLOT_LINEAR, XO_SLOT_KV_A };
+/* A KV_A slot's rows (r + hd) all live in lin's storage; lin->out (r) is what products use. */
 typedef struct {
     char name[96];
     int kind;
@@ -42,7 +43,6 @@ typedef struct {
     float **vec;             /* VECTOR */
     xo_linear *lin;          /* LINEAR, KV_A: target linear */
     int row_offset;          /* LINEAR: first row inside lin (gate/up halves) */
-    float **tail;            /* KV_A: host rows r .. r+hd */
     int is_norm;             /* initialised to ones */
 } xo_weight_slot;
 

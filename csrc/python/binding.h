@@ -85,6 +85,9 @@ void xo_py_unlock_uninterruptible(ModelObject *self);
         }                                                 \
     } while (0)
 
+/* weight_views.c: Model.weight_views() */
+PyObject *xo_py_model_weight_views(ModelObject *self, PyObject *ignored);
+
 /* cache_object.c */
 PyObject *xo_py_cache_new(ModelObject *owner, xo_cache *c);   /* takes c */
 int xo_py_as_cache(PyObject *o, xo_cache **out, ModelObject *self);

@@ -5,7 +5,7 @@
 #include <stdint.h>
 
 enum { XO_DL_CPU = 1, XO_DL_CUDA = 2 };  /* DLDeviceType */
-enum { XO_DL_INT = 0, XO_DL_FLOAT = 2 };  /* DLDataTypeCode */
+enum { XO_DL_INT = 0, XO_DL_FLOAT = 2, XO_DL_BFLOAT = 4 };  /* DLDataTypeCode */
 
 typedef struct { int32_t device_type, device_id; } xo_dl_device;
 typedef struct { uint8_t code, bits; uint16_t lanes; } xo_dl_dtype;

@@ -574,6 +574,8 @@ static PyMethodDef Model_methods[] = {
       "load_arrays({name: ndarray}, check_finite=True)" },
     { "state_dict", (PyCFunction)Model_state_dict, METH_NOARGS, "state_dict() -> {name: float32 ndarray}" },
     { "tensor_shapes", (PyCFunction)Model_tensor_shapes, METH_NOARGS, "[(name, shape)] of every SPEC tensor" },
+    { "weight_views", (PyCFunction)xo_py_model_weight_views, METH_NOARGS,
+      "[(name, view of the engine's storage (numpy | DLPack capsule) or int8's dequantised copy, dtype, is_view)]" },
     { "forward", (PyCFunction)(void (*)(void))Model_forward, METH_VARARGS | METH_KEYWORDS,
       "forward(ids | GPU ids DLPack capsule, *, positions=None, mask=None, cache=None, want_logits=True, "
       "logits_to_keep=0, want_hidden=False, device_logits=False) -> (logits [b, kept, V], hidden)" },
