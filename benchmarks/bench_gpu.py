@@ -322,7 +322,7 @@ def main():
 
     # ---- the eager model, same weights ----
     if not args.no_eager and left() > 30:
-        sd = {k: torch.from_numpy(v) for k, v in m.state_dict().items()}
+        sd = {k: torch.as_tensor(v) for k, v in m.state_dict().items()}
         with torch.device("meta"):
             tm = TorchMoELlama(CONFIG)
         tm.load_state_dict({k: v.to("cuda", torch.bfloat16) for k, v in sd.items()}, strict=True, assign=True)

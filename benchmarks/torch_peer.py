@@ -140,7 +140,7 @@ class TorchPeer:
         cfg.update(use_moe=bool(moe.get("use_moe", False)), num_experts=int(moe.get("num_experts", 8)),
                    num_experts_per_tok=int(moe.get("num_experts_per_tok", 2)),
                    moe_layer_freq=int(moe.get("moe_layer_freq", 2)))
-        sd = {k: torch.from_numpy(v) for k, v in model.state_dict().items()}
+        sd = {k: torch.as_tensor(v) for k, v in model.state_dict().items()}  # numpy arrays or tensors
         return cls(cfg, sd, dtype, device)
 
     def compile(self) -> None:
