@@ -5,7 +5,8 @@
 
 1. RSS (VmRSS) before and after, each after a warm-up of the same calls:
    1,000 forwards, 300 generates, 300 failing calls (bad token ids, shapes, keywords,
-   checkpoints) and 200 model create/free cycles. Growth should stay within 1 MB.
+   checkpoints) and 200 model create/free cycles (the demo configuration cut to 2 layers,
+   random weights). Growth should stay within 1 MB.
 2. N threads (default 8) on one model for --threads-seconds, each picking at random a
    forward, a greedy generate, a cache continued by forwards, or reads of a cache another
    thread extends; every result is compared with the same call made alone beforehand.
@@ -93,7 +94,7 @@ def memory_figures(m: MoELlamaForCausalLM) -> list:
             return
         raise AssertionError(f"failing call {i % len(failing)} did not fail")
 
-    cfg = m.config.to_dict()
+    cfg = dict(m.config.to_dict(), num_hidden_layers=2)
 
     def create_free(i):
         MoELlamaForCausalLM(cfg, seed=i)
@@ -101,7 +102,7 @@ def memory_figures(m: MoELlamaForCausalLM) -> list:
     return [growth("forward [1, 16] (demo model)", forward, 1000, 100),
             growth("generate 8 new tokens", generate, 300, 30),
             growth("failing calls (6 kinds)", fail, 300, 60),
-            growth("model create + free (demo size)", create_free, 200, 20)]
+            growth("model create + free (demo, 2 layers)", create_free, 200, 20)]
 
 
 def thread_figures(m: MoELlamaForCausalLM, threads: int, seconds: float) -> dict:

@@ -140,7 +140,9 @@ class TorchPeer:
         cfg.update(use_moe=bool(moe.get("use_moe", False)), num_experts=int(moe.get("num_experts", 8)),
                    num_experts_per_tok=int(moe.get("num_experts_per_tok", 2)),
                    moe_layer_freq=int(moe.get("moe_layer_freq", 2)))
-        sd = {k: torch.as_tensor(v) for k, v in model.state_dict().items()}  # numpy arrays or tensors
+        # the torch module's state_dict holds tensors (views of the engine), the numpy class's arrays
+        sd = {k: (v.detach().float().cpu().clone() if isinstance(v, torch.Tensor) else torch.from_numpy(v))
+              for k, v in model.state_dict().items()}
         return cls(cfg, sd, dtype, device)
 
     def compile(self) -> None:

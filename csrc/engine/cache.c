@@ -123,14 +123,20 @@ xo_status xo_cache_gather(xo_cache **out, const xo_cache *src, const int *rows, 
             return xo_fail(XO_EINVAL, "cache row %d is outside [0, %d)", rows[r], src->batch);
     xo_cache *c = calloc(1, sizeof *c);
     if (!c) return xo_fail(XO_ENOMEM, "out of memory");
-    *c = *src;
+    /* field by field: a copy shares no memory with src */
+    c->be = src->be;
+    c->format = src->format;
+    c->num_layers = src->num_layers;
     c->batch = n;
+    c->width = src->width;
+    c->dtype = src->dtype;
+    c->capacity = src->capacity;
+    c->length = src->length;
+    c->max_length = src->max_length;
     c->latent = calloc((size_t)c->num_layers, sizeof *c->latent);
     c->k = calloc((size_t)c->num_layers, sizeof *c->k);
     c->v = calloc((size_t)c->num_layers, sizeof *c->v);
     c->next_position = calloc((size_t)n, sizeof *c->next_position);
-    c->positions = NULL;
-    c->mask = NULL;
     const size_t cells = (size_t)n * c->capacity;
     c->host_positions = cells ? calloc(cells, sizeof *c->host_positions) : NULL;
     c->host_mask = cells ? calloc(cells, 1) : NULL;

@@ -32,7 +32,8 @@ xo_status xo_cache_create(xo_cache **out, const xo_config *cfg, xo_backend *be, 
  * current size, so appending one token at a time copies the cache O(log n) times. */
 xo_status xo_cache_reserve(xo_cache *c, int tokens);
 void xo_cache_free(xo_cache *c);
-/* A new cache whose row r is a copy of row rows[r] of src (n rows, each in [0, src->batch));
+/* A new cache whose row r is a copy of row rows[r] of src (a field added to xo_cache must be
+ * copied there too) (n rows, each in [0, src->batch));
  * beam search reorders its rows this way. Copies run where the cache lives (be->copy). */
 xo_status xo_cache_gather(xo_cache **out, const xo_cache *src, const int *rows, int n);
 /* Bytes of cached state per token (all layers), and in use for the stored tokens. */

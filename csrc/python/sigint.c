@@ -16,11 +16,12 @@ static PyObject *getsignal, *default_int_handler;
 
 static void on_sigint(int sig, siginfo_t *info, void *context) {
     const int saved_errno = errno;
-    atomic_fetch_add_explicit(&sigint_count, 1, memory_order_relaxed);
+    /* Python's first, so that the call that stops on the count finds the signal recorded */
     if (python_action.sa_flags & SA_SIGINFO)
         python_action.sa_sigaction(sig, info, context);
     else
         python_action.sa_handler(sig);
+    atomic_fetch_add_explicit(&sigint_count, 1, memory_order_release);
     errno = saved_errno;
 }
 
