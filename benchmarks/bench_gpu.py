@@ -322,10 +322,11 @@ def main():
 
     # ---- the eager model, same weights ----
     if not args.no_eager and left() > 30:
-        sd = {k: torch.from_numpy(v) for k, v in m.state_dict().items()}
+        sd = {k: torch.as_tensor(v) for k, v in m.state_dict().items()}
         with torch.device("meta"):
             tm = TorchMoELlama(CONFIG)
-        tm.load_state_dict({k: v.to("cuda", torch.bfloat16) for k, v in sd.items()}, strict=True, assign=True)
+        # the names it has (xoron's state_dict also names a tied lm_head)
+        tm.load_state_dict({k: sd[k].to("cuda", torch.bfloat16) for k in tm.state_dict()}, strict=True, assign=True)
         tm = tm.eval()
         del sd
         attempt(E, "prefill_T4096", "eager prefill T=4096", eager_prefill, tm, 4096)
