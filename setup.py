@@ -186,10 +186,15 @@ class XoronBuildExt(build_ext):
             raise BuildError("xoron: linking the CUDA plugin failed.")
 
 
-def make_extension():
+def _c_sources(*folders):
+    return sorted(f for d in folders for f in glob.glob(os.path.join("csrc", d, "**", "*.c"), recursive=True))
+
+
+def make_extensions():
+    """xoron._C (the engine and its binding) and xoron._testing (test-only: the kernel-level
+    entry points of csrc/testing/ with the engine they drive, reached through ctypes)."""
     import numpy
     dnnl_inc, dnnl_lib = find_onednn()
-    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.c"), recursive=True))
     cflags = ["-std=c11", "-O3", "-fopenmp", "-Wall", "-Wextra", "-fno-math-errno",
               "-fvisibility=hidden", "-D_GNU_SOURCE"]
     if os.environ.get("XORON_NATIVE") == "1":
@@ -202,9 +207,7 @@ def make_extension():
                "-Wl,-rpath,$ORIGIN/../../..", f"-Wl,-rpath,{dnnl_lib}"]
     if os.environ.get("XORON_SANITIZE") == "1":
         ldflags.append("-fsanitize=address,undefined")
-    return Extension(
-        "xoron._C",
-        sources=sources,
+    common = dict(
         depends=sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True)),
         include_dirs=["csrc", dnnl_inc, numpy.get_include()],
         library_dirs=[dnnl_lib],
@@ -214,14 +217,20 @@ def make_extension():
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
                        ("XO_WITH_CUDA", "1" if NVCC else "0"), ("XO_BUILD_ID", f'"{BUILD_ID}"')],
     )
+    engine = Extension("xoron._C", sources=_c_sources("engine", "backends", "python"), **common)
+    hooks = _c_sources("testing")
+    if not hooks:  # a source tree without the test entry points builds the engine alone
+        return [engine]
+    # its own copy of the engine: _C's symbols stay hidden
+    return [engine, Extension("xoron._testing", sources=hooks + _c_sources("engine", "backends"), **common)]
 
 
 try:
     NVCC = find_nvcc() if CUDA_SOURCES else None
     BUILD_ID = build_id(NVCC is not None)
-    ext = make_extension()
+    exts = make_extensions()
 except BuildError as e:
     sys.stderr.write(str(e) + "\n")
     raise
 
-setup(ext_modules=[ext], cmdclass={"build_ext": XoronBuildExt})
+setup(ext_modules=exts, cmdclass={"build_ext": XoronBuildExt})

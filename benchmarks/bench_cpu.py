@@ -72,7 +72,7 @@ sys.path.insert(0, ROOT)  # run from a source checkout without installing
 import numpy as np  # noqa: E402
 
 import xoron  # noqa: E402
-from xoron import _C  # noqa: E402
+from xoron import _testing  # noqa: E402
 from xoron.config import DEFAULTS, MOE_DEFAULTS  # noqa: E402
 
 THREADS = ARGS.threads or xoron.get_num_threads()
@@ -111,14 +111,14 @@ def active_bytes(cfg: dict, dtype: str) -> float:
 
 
 def read_bandwidth() -> float:
-    lib = ctypes.CDLL(_C.__file__)
+    lib = ctypes.CDLL(_testing.__file__)
     lib.xo_hook_read_bandwidth.argtypes = [ctypes.c_int, ctypes.c_int]
     lib.xo_hook_read_bandwidth.restype = ctypes.c_double
     return max(lib.xo_hook_read_bandwidth(1024, 5) for _ in range(2)) * 1e9
 
 
 def kernel_isa() -> str:
-    lib = ctypes.CDLL(_C.__file__)
+    lib = ctypes.CDLL(_testing.__file__)
     lib.xo_hook_isa_name.restype = ctypes.c_char_p
     return lib.xo_hook_isa_name().decode()
 

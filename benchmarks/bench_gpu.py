@@ -1,22 +1,28 @@
-"""GPU benchmark: xoron's CUDA backend beside the eager PyTorch model (xoron/torch_reference.py),
-same GPU, same process, default configuration (vocab 151643, hidden 1024, 12 layers, 16 heads,
-MoE 8 experts top-2 on every 2nd layer, intermediate 2048), random weights, bfloat16.
+"""GPU benchmark: xoron's CUDA backend beside the compiled PyTorch peer (benchmarks/torch_peer.py)
+and the eager PyTorch model (xoron/torch_reference.py), same GPU, same process, same weights; default configuration
+(vocab 151643, hidden 1024, 12 layers, 16 heads, MoE 8 experts top-2 on every 2nd layer,
+intermediate 2048), random weights, bfloat16.
 
-    python benchmarks/bench_gpu.py [--quick] [--json out.json] [--skip-torch] [--budget SECONDS]
+    python benchmarks/bench_gpu.py [--quick] [--json out.json] [--budget SECONDS] [--no-eager] [--variants]
+
+First the peer is checked in this run, at batch 1 and 64 (its two MoE paths): in float32 its
+prefill and compiled decode logits must equal xoron's within SPEC section 8's 1e-4, or the
+benchmark stops; in bfloat16 the distance of its logits and of xoron's from the float32 ones
+is printed. (bf16 logits of this random model can miss the float32 ones by more than 3e-2 in
+both engines: a nearly tied router choice flips under bf16 rounding. The router's gate is
+scaled by 10 to make such ties rarer; it does not change the work per token.)
 
 Measures
-  prefill  tokens/s to the first token for one sequence of T tokens (T = 512, 4096, 32768):
-           xoron: one forward computing the last position's logits (engine forward,
-           last_only); PyTorch: the model's layers over T tokens, then norm + lm_head on
-           the last position only (its forward would also compute all T x V logits).
-  decode   tokens/s for batch b at context c: one token per row per step through the cache.
-           xoron: generate() (greedy; the loop in C, each step a replayed CUDA graph; the
-           prefill's time subtracted), with the latent cache and with cache_format="kv";
-           also generate() sampling (top_k=50, top_p=0.9). PyTorch: a loop of forward calls
-           with its working KV cache (fixed random tokens, no argmax or sampling timed).
-  memory   peak GPU memory of each (xoron: device memory in use after its runs, measured
-           with cudaMemGetInfo while nothing else is allocated; PyTorch: max_memory_allocated).
-Each figure is the best of a few timed repetitions after a warm-up.
+  prefill  tokens/s to the first token of one sequence of T tokens (T = 4096, 32768, 131072):
+           xoron: one forward with logits_to_keep=1 (latent cache, discarded); the peer: its
+           prefill into a static K/V cache, last position's logits; eager: T = 4096 only.
+  decode   tokens/s for batch b at context c, greedy: xoron generate() (the loop in C, steps
+           replayed as CUDA graphs; the prefill's time subtracted) with the latent cache and
+           with cache_format="kv"; the peer: its compiled step (one CUDA graph) fed its own
+           argmax; eager: its forward with its latent cache (context 32 only).
+  memory   GPU memory in use after xoron's prefills (cudaMemGetInfo), and the peer's peak.
+Each figure is the best of a few timed repetitions after a warm-up; "x/peer" is xoron's figure
+over the peer's.
 """
 from __future__ import annotations
 
@@ -32,20 +38,23 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # torch_peer beside this file
 sys.path.insert(0, os.path.dirname(HERE))  # run from a source checkout without installing
 
-from xoron.torch_reference import TorchMoELlama  # noqa: E402
-
 import xoron  # noqa: E402
+from torch_peer import TorchPeer, rel_err  # noqa: E402
+from xoron.torch_reference import TorchMoELlama  # noqa: E402
 
 from xoron.config import DEFAULTS, MOE_DEFAULTS  # noqa: E402
 
 # The SPEC section 1 defaults with MoE on, as in the documented usage example.
 CONFIG = dict(DEFAULTS, num_key_value_heads=DEFAULTS["num_attention_heads"],
               moe_config=dict(MOE_DEFAULTS, use_moe=True, intermediate_size=DEFAULTS["intermediate_size"]))
+TOL_F32 = 1e-4  # SPEC section 8
+V = CONFIG["vocab_size"]
 
 T0 = time.time()
-BUDGET = 170.0
+BUDGET = 400.0
 VARIANTS = {  # model options (xoron.option_table())
     "moe_host": {"cuda_moe": "host"},            # per-expert cuBLASLt GEMMs sized from host-read counts
     "attn_rows": {"cuda_attention": "rows"},     # the row-wise attention kernel for prefill too
@@ -80,22 +89,25 @@ def best_time(fn, reps=3, warm=1) -> float:
     return best
 
 
+def random_ids(b, t, seed):
+    return np.random.default_rng(seed).integers(0, V, size=(b, t), dtype=np.int64)
+
+
 # ------------------------------------------------------------------ xoron
 
 
 def xo_prefill(m, T):
-    ids = np.random.default_rng(T).integers(0, CONFIG["vocab_size"], size=(1, T), dtype=np.int64).astype(np.int32)
+    ids = random_ids(1, T, T).astype(np.int32)
 
     def run():
-        m._engine.forward(ids, last_only=True)
-    reps = 3 if T <= 4096 else 1
-    return T / best_time(run, reps=reps, warm=1)
+        m._engine.forward(ids, logits_to_keep=1)
+    return T / best_time(run, reps=3 if T <= 4096 else 1)
 
 
 def xo_generate(m, b, ctx, steps, cache_format="latent", **sampling):
-    """Decode tokens/s of generate() (the loop in C; steps replayed as CUDA graphs): the time of
-    generate(steps + 1 new tokens) less that of generate(1 new token), i.e. without the prefill."""
-    prompt = np.random.default_rng(b + ctx).integers(0, CONFIG["vocab_size"], size=(b, ctx), dtype=np.int64)
+    """Decode tokens/s of generate(): the time of generate(steps + 1 new tokens) less that of
+    generate(1 new token), i.e. without the prefill."""
+    prompt = random_ids(b, ctx, b + ctx)
     kw = {"do_sample": False, "eos_token_id": None, **sampling}
     m.cache_format = cache_format
     try:
@@ -114,39 +126,92 @@ def xo_generate(m, b, ctx, steps, cache_format="latent", **sampling):
     return b * steps / (best_full - best_prefill)
 
 
-# ------------------------------------------------------------------ torch
+# ------------------------------------------------------------------ the compiled peer
+
+WARM_STEPS = 3  # the first calls compile and record the graph
+
+
+def peer_cache(peer, b, slots):
+    cache = peer.new_cache(b, slots)
+    torch._dynamo.mark_dynamic(cache.k, 3)  # one compiled step for every context length
+    torch._dynamo.mark_dynamic(cache.v, 3)
+    return cache
+
+
+def peer_step(peer, tok, cache):
+    torch.compiler.cudagraph_mark_step_begin()
+    return peer.decode(tok, cache)
+
+
+def peer_check(peer, m, ref, b, prompt_len=32, steps=4):
+    """Relative distance of the peer's prefill (last position) and compiled decode logits, and
+    of xoron model m's, from those of xoron model ref: (peer, m)."""
+    ids = torch.from_numpy(random_ids(b, prompt_len + steps, 7 + b)).cuda()
+    truth = np.asarray(ref(ids.cpu().numpy(), logits_to_keep=steps + 1).logits)
+    ours = truth if m is ref else np.asarray(m(ids.cpu().numpy(), logits_to_keep=steps + 1).logits)
+    cache = peer_cache(peer, b, prompt_len + steps + 8)
+    got = [peer.prefill(ids[:, :prompt_len], cache).cpu().numpy()]
+    for s in range(steps):
+        got.append(peer_step(peer, ids[:, prompt_len + s:prompt_len + s + 1], cache).cpu().numpy())
+    return rel_err(np.stack(got, 1), truth), rel_err(ours, truth)
 
 
 @torch.no_grad()
-def torch_prefill(m, T):
-    dev = "cuda"
-    ids = torch.randint(0, CONFIG["vocab_size"], (1, T), device=dev)
+def peer_prefill(peer, T):
+    ids = torch.from_numpy(random_ids(1, T, T)).cuda()
+    cache = peer.new_cache(1, T)
 
     def run():
-        pos = torch.arange(T, device=dev)[None]
-        rope = m.rotary(pos)
-        qi = torch.arange(T, device=dev)[:, None]
-        allowed = (torch.arange(T, device=dev)[None, :] <= qi)[None, None]
-        h = m.model.embed_tokens(ids)
-        for layer in m.model.layers:
-            h, _ = layer(h, rope, rope, allowed, None)
-        h = m.model.norm(h[:, -1:])
-        return torch.nn.functional.linear(h, m.lm_head_weight()).float()
-    reps = 3 if T <= 512 else 2
-    return T / best_time(run, reps=reps, warm=1)
+        cache.length = 0
+        peer.prefill(ids, cache)
+    r = T / best_time(run, reps=3 if T <= 4096 else 1)
+    del cache
+    return r
 
 
 @torch.no_grad()
-def torch_decode(m, b, ctx, steps):
-    dev = "cuda"
-    prompt = torch.randint(0, CONFIG["vocab_size"], (b, ctx), device=dev)
-    toks = torch.randint(0, CONFIG["vocab_size"], (steps + 2, b, 1), device=dev)
-    _, _, past = m(prompt, use_cache=True)
-    _, _, past = m(toks[0], past=past, use_cache=True)
+def peer_decode(peer, b, ctx, steps):
+    prompt = torch.from_numpy(random_ids(b, ctx, b + ctx)).cuda()
+    cache = peer_cache(peer, b, ctx + WARM_STEPS + steps)
+    tok = peer.prefill(prompt, cache).argmax(-1, keepdim=True)
+    for _ in range(WARM_STEPS):
+        tok = peer_step(peer, tok, cache).argmax(-1, keepdim=True)
     torch.cuda.synchronize()
     t = time.perf_counter()
-    for s in range(steps):
-        _, logits, past = m(toks[s + 1], past=past, use_cache=True)
+    for _ in range(steps):
+        tok = peer_step(peer, tok, cache).argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    return b * steps / (time.perf_counter() - t)
+
+
+# ------------------------------------------------------------------ the eager model
+
+
+@torch.no_grad()
+def eager_prefill(tm, T):
+    ids = torch.from_numpy(random_ids(1, T, T)).cuda()
+
+    def run():
+        pos = torch.arange(T, device="cuda")[None]
+        rope = tm.rotary(pos)
+        allowed = (torch.arange(T, device="cuda")[None, :] <= torch.arange(T, device="cuda")[:, None])[None, None]
+        h = tm.model.embed_tokens(ids)
+        for layer in tm.model.layers:
+            h, _ = layer(h, rope, rope, allowed, None)
+        return torch.nn.functional.linear(tm.model.norm(h[:, -1:]), tm.lm_head_weight()).float()
+    return T / best_time(run, reps=2)
+
+
+@torch.no_grad()
+def eager_decode(tm, b, ctx, steps):
+    prompt = torch.from_numpy(random_ids(b, ctx, b + ctx)).cuda()
+    _, logits, past = tm(prompt, use_cache=True)
+    tok = logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        _, logits, past = tm(tok, past=past, use_cache=True)
+        tok = logits[:, -1:].argmax(-1)
     torch.cuda.synchronize()
     return b * steps / (time.perf_counter() - t)
 
@@ -154,62 +219,88 @@ def torch_decode(m, b, ctx, steps):
 # ------------------------------------------------------------------ main
 
 
+def attempt(res, key, what, fn, *args, **kw):
+    try:
+        res[key] = r = fn(*args, **kw)
+        log(f"{what}: {r:,.0f} tok/s")
+    except Exception as e:  # a figure that cannot be measured (memory, say) is reported, not fatal
+        log(f"{what} failed: {type(e).__name__}: {e}")
+        torch.cuda.empty_cache()
+
+
 def main():
     global BUDGET
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer, shorter measurements")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--skip-torch", action="store_true")
-    ap.add_argument("--variants", action="store_true", help="also prefill T=4096 under the backend's switches")
-    ap.add_argument("--budget", type=float, default=170.0, help="seconds; later measurements are skipped past it")
+    ap.add_argument("--no-eager", action="store_true", help="leave out the eager PyTorch model")
+    ap.add_argument("--variants", action="store_true", help="also prefill T=4096 under the backend's options")
+    ap.add_argument("--budget", type=float, default=400.0, help="seconds; later measurements are skipped past it")
     args = ap.parse_args()
     BUDGET = args.budget
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     torch.backends.cuda.matmul.allow_tf32 = False
-    res = {"device": torch.cuda.get_device_name(0), "xoron": {}, "torch": {}}
-    log("device:", res["device"])
+    torch._dynamo.config.automatic_dynamic_shapes = False  # only the marked cache length is dynamic
+    res = {"device": torch.cuda.get_device_name(0), "xoron": {}, "peer": {}, "eager": {}, "check": {}}
+    X, P, E = res["xoron"], res["peer"], res["eager"]
+    log("device:", res["device"], "torch", torch.__version__)
 
-    prefill_T = [512, 4096] if args.quick else [512, 4096, 32768]
-    decode = [(1, 32), (16, 32), (64, 32)] + ([] if args.quick else [(1, 4096), (16, 4096), (64, 4096)])
+    prefill_T = [4096, 32768] if args.quick else [4096, 32768, 131072]
+    decode = [(1, 32), (64, 32)] if args.quick else [(1, 32), (1, 4096), (1, 32768), (64, 32), (64, 4096)]
 
-    # ---- xoron ----
     base = gpu_used()
-    t = time.time()
     m = xoron.MoELlamaForCausalLM(CONFIG, dtype="bfloat16", device="cuda", seed=0)
-    log(f"xoron model: {m.num_parameters() / 1e6:.0f}M parameters, built in {time.time() - t:.1f}s")
-    X = res["xoron"]
+    # a decisive router (gate x 10): with the 0.02 init nearly tied experts swap under any bf16
+    # rounding, which no two implementations can agree on; the work per token is unchanged
+    m.load_state_dict({k: v * 10 if k.endswith("router.gate.weight") else v for k, v in m.state_dict().items()})
+    peer = TorchPeer.from_xoron(m, dtype=torch.bfloat16, device="cuda")
+    peer.compile()
+    log(f"xoron model: {m.num_parameters() / 1e6:.0f}M parameters; peer built from its weights")
+
+    # ---- the peer computes what xoron computes (both MoE paths: gathered at b=1, masked at b=64) ----
+    m32 = xoron.MoELlamaForCausalLM(CONFIG, dtype="float32", device="cuda", seed=0)
+    m32.load_state_dict(m.state_dict())
+    peer32 = TorchPeer.from_xoron(m32, dtype=torch.float32, device="cuda")
+    peer32.compile()
+    for b in (1, 64):
+        t = time.time()
+        err32, _ = peer_check(peer32, m32, m32, b)
+        err_peer, err_xo = peer_check(peer, m, m32, b)
+        res["check"][f"b{b}"] = {"float32_peer_vs_xoron": err32, "bf16_peer_vs_float32": err_peer,
+                                 "bf16_xoron_vs_float32": err_xo}
+        log(f"prefill 32 + 4 compiled decode steps, b={b}: float32 peer vs xoron {err32:.2e} (tolerance {TOL_F32:.0e}); "
+            f"bf16 vs float32: peer {err_peer:.2e}, xoron {err_xo:.2e} (incl. compiling, {time.time() - t:.0f}s)")
+        if not err32 <= TOL_F32:
+            raise SystemExit(f"the peer's float32 logits differ from xoron's by {err32:.2e}: its figures would mean nothing")
+    del m32, peer32
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    # ---- prefill ----
     for T in prefill_T:
-        if left() < 20:
+        if left() < 30:
             break
-        try:
-            X[f"prefill_T{T}"] = r = xo_prefill(m, T)
-            log(f"xoron prefill T={T}: {r:,.0f} tok/s")
-        except Exception as e:
-            log(f"xoron prefill T={T} failed: {e}")
-    X["gpu_bytes_after_prefill"] = gpu_used() - base
-    log(f"xoron GPU memory in use after the prefills (pool high-water): {X['gpu_bytes_after_prefill'] / 2**30:.2f} GiB")
+        attempt(X, f"prefill_T{T}", f"xoron prefill T={T}", xo_prefill, m, T)
+        if T == prefill_T[-1]:
+            X["gpu_bytes_after_prefill"] = gpu_used() - base
+        attempt(P, f"prefill_T{T}", f"peer prefill T={T}", peer_prefill, peer, T)
+    if "gpu_bytes_after_prefill" in X:
+        log(f"xoron GPU memory in use after the prefills (pool high-water): {X['gpu_bytes_after_prefill'] / 2**30:.2f} GiB")
+
+    # ---- decode, grouped by batch so that the peer compiles once per batch size ----
     for b, ctx in decode:
         steps = 128 if ctx <= 32 else 64
-        for fmt, suffix in (("latent", ""), ("kv", "_kv")):
-            if left() < 25:
-                break
-            try:
-                X[f"decode_b{b}_ctx{ctx}{suffix}"] = r = xo_generate(m, b, ctx, steps, fmt)
-                log(f"xoron generate() decode b={b} ctx={ctx} ({fmt} cache): {r:,.0f} tok/s")
-            except Exception as e:
-                log(f"xoron decode b={b} ctx={ctx} ({fmt}) failed: {e}")
-    for b in (1, 64):
-        if left() < 25:
+        if left() < 40:
             break
-        try:
-            X[f"sample_b{b}_ctx32"] = r = xo_generate(m, b, 32, 128, do_sample=True, top_k=50, top_p=0.9, seed=0)
-            log(f"xoron generate() sampling top_k=50 top_p=0.9 b={b} ctx=32: {r:,.0f} tok/s")
-        except Exception as e:
-            log(f"xoron sampling b={b} failed: {e}")
-    X["peak_gpu_bytes"] = gpu_used() - base
-    log(f"xoron GPU memory in use (pool high-water): {X['peak_gpu_bytes'] / 2**30:.2f} GiB")
-    del m
-    gc.collect()
+        attempt(X, f"decode_b{b}_ctx{ctx}", f"xoron generate() b={b} ctx={ctx} latent", xo_generate, m, b, ctx, steps)
+        attempt(X, f"decode_b{b}_ctx{ctx}_kv", f"xoron generate() b={b} ctx={ctx} kv", xo_generate, m, b, ctx, steps, "kv")
+        attempt(P, f"decode_b{b}_ctx{ctx}", f"peer compiled decode b={b} ctx={ctx}", peer_decode, peer, b, ctx, steps)
+    for b in (1, 64):
+        if left() < 30:
+            break
+        attempt(X, f"sample_b{b}_ctx32", f"xoron generate() sampling top_k=50 top_p=0.9 b={b} ctx=32",
+                xo_generate, m, b, 32, 128, do_sample=True, top_k=50, top_p=0.9, seed=0)
+    P["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
 
     # ---- the backend's options, on prefill T=4096 (each needs a fresh model) ----
     if args.variants:
@@ -229,62 +320,48 @@ def main():
             except Exception as e:
                 log(f"xoron variant {name} failed: {e}")
 
-    # ---- torch ----
-    if not args.skip_torch and left() > 30:
-        P = res["torch"]
-        torch.manual_seed(0)
-        t = time.time()
-        with torch.device("cuda"):
+    # ---- the eager model, same weights ----
+    if not args.no_eager and left() > 30:
+        sd = {k: torch.from_numpy(v) for k, v in m.state_dict().items()}
+        with torch.device("meta"):
             tm = TorchMoELlama(CONFIG)
-        tm = tm.to(torch.bfloat16).eval()
-        torch.cuda.reset_peak_memory_stats()
-        log(f"torch model built in {time.time() - t:.1f}s")
-        for T in prefill_T:
-            if left() < 20 or T > 4096:  # the eager model materialises nh x T x T scores: 68 GB at 32768
-                if T > 4096:
-                    log(f"torch prefill T={T}: not run (its attention needs ~{16 * T * T * 4 * 2 / 2**30:.0f} GiB of scores)")
-                continue
-            try:
-                P[f"prefill_T{T}"] = r = torch_prefill(tm, T)
-                log(f"torch prefill T={T}: {r:,.0f} tok/s")
-            except Exception as e:
-                log(f"torch prefill T={T} failed: {e}")
-        for b, ctx in decode:
-            if left() < 15:
-                break
-            if ctx > 32 and b > 1:
-                continue  # the eager prefill of b x 4096 tokens needs b x 16 x 4096^2 scores
-            steps = 8 if b == 1 else 16
-            try:
-                P[f"decode_b{b}_ctx{ctx}"] = r = torch_decode(tm, b, ctx, steps)
-                log(f"torch decode b={b} ctx={ctx}: {r:,.0f} tok/s")
-            except Exception as e:
-                log(f"torch decode b={b} ctx={ctx} failed: {e}")
-        P["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
-        log(f"torch peak GPU memory: {P['peak_gpu_bytes'] / 2**30:.2f} GiB")
+        tm.load_state_dict({k: v.to("cuda", torch.bfloat16) for k, v in sd.items()}, strict=True, assign=True)
+        tm = tm.eval()
+        del sd
+        attempt(E, "prefill_T4096", "eager prefill T=4096", eager_prefill, tm, 4096)
+        for b in (1, 64):
+            if left() > 15:
+                attempt(E, f"decode_b{b}_ctx32", f"eager decode b={b} ctx=32", eager_decode, tm, b, 32, 8 if b == 1 else 16)
         del tm
-        gc.collect()
-        torch.cuda.empty_cache()
+    del m, peer
+    gc.collect()
+    torch.cuda.empty_cache()
 
     # ---- table ----
-    print("\n| measurement | xoron (tok/s) | PyTorch eager (tok/s) | ratio |")
-    print("|---|---:|---:|---:|")
-    for k in sorted(set(res["xoron"]) | set(res["torch"])):
-        if "bytes" in k:
-            continue
-        a, b = res["xoron"].get(k), res["torch"].get(k)
-        ratio = f"{a / b:.1f}x" if a and b else "-"
-        print(f"| {k} | {a:,.0f} | {b:,.0f} | {ratio} |" if a and b else
-              f"| {k} | {a if a is None else f'{a:,.0f}'} | {b if b is None else f'{b:,.0f}'} | {ratio} |")
-    for who in ("xoron", "torch"):
-        if "peak_gpu_bytes" in res[who]:
-            print(f"peak GPU memory {who}: {res[who]['peak_gpu_bytes'] / 2**30:.2f} GiB")
-    if "gpu_bytes_after_prefill" in res["xoron"]:
-        print(f"xoron GPU memory after the prefill runs: {res['xoron']['gpu_bytes_after_prefill'] / 2**30:.2f} GiB")
+    def f(v):
+        return "-" if v is None else f"{v:,.0f}"
+
+    def ratio(a, b):
+        return f"{a / b:.2f}" if a and b else "-"
+    print("\n| measurement (tok/s) | xoron latent | xoron kv | compiled peer | eager | latent/peer | kv/peer |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    keys = [f"prefill_T{T}" for T in prefill_T] + [f"decode_b{b}_ctx{c}" for b, c in decode]
+    for k in keys:
+        a, akv, p, e = X.get(k), X.get(k + "_kv"), P.get(k), E.get(k)
+        print(f"| {k} | {f(a)} | {f(akv)} | {f(p)} | {f(e)} | {ratio(a, p)} | {ratio(akv, p)} |")
+    for b in (1, 64):
+        k = f"sample_b{b}_ctx32"
+        if k in X:
+            print(f"| {k} (top_k=50, top_p=0.9) | {f(X[k])} | - | - | - | - | - |")
+    if "gpu_bytes_after_prefill" in X:
+        print(f"xoron GPU memory after the prefills: {X['gpu_bytes_after_prefill'] / 2**30:.2f} GiB")
+    print(f"peer peak GPU memory (torch allocator): {P['peak_gpu_bytes'] / 2**30:.2f} GiB")
+    for k, e in res["check"].items():
+        print(f"check {k}: " + ", ".join(f"{n} {v:.2e}" for n, v in e.items()))
     print(f"total benchmark time {time.time() - T0:.0f}s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
   decoding (which runs the matrix-vector kernels);
 - the matrix-product kernels (every storage dtype, every kernel ISA this CPU has, both the
   matrix-vector and the widened-tile path) against float64 numpy on odd shapes, through the
-  extension's C test hooks (ctypes);
+  test-only extension's C entry points (xoron._testing, through ctypes);
 - int8 / int4 quantisation itself: group-wise scales (32 weights of a row per scale), the
   state_dict round trip, quantize();
 - int8 (and bf16) greedy top-1 agreement with float32 over 200 steps on a small random model.
@@ -24,7 +24,7 @@ if ROOT not in sys.path:
 from conftest import TINY_RING, _np, make_model, rel_err  # noqa: E402
 
 import xoron  # noqa: E402
-from xoron import _C  # noqa: E402
+from xoron import _testing  # noqa: E402
 
 TOL = {"bfloat16": 3e-2, "float16": 3e-2, "int8": 5e-2, "int4": 0.35}
 DTYPE_CODE = {"float32": 1, "float16": 2, "bfloat16": 3, "int8": 4, "int4": 5}   # xo_dtype
@@ -37,7 +37,7 @@ ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512"}
 
 @pytest.fixture(scope="module")
 def hooks():
-    lib = ctypes.CDLL(_C.__file__)
+    lib = ctypes.CDLL(_testing.__file__)
     lib.xo_hook_matmul.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 6 + [ctypes.c_int]
     lib.xo_hook_embed.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     return lib, lib.xo_hook_best_isa()
@@ -308,6 +308,15 @@ def test_int8_greedy_agreement_200_steps():
               f"= {rates[dtype]:.3f}; free-running greedy identical for the first {same} tokens")
     assert rates["int8"] >= 0.8
     assert rates["bfloat16"] >= 0.9
+
+
+def test_engine_exports_only_its_init():
+    """The kernel-level entry points live in the test-only extension; the engine exports none."""
+    engine = ctypes.CDLL(xoron._C.__file__)
+    assert hasattr(engine, "PyInit__C")
+    for name in ("xo_hook_matmul", "xo_hook_best_isa", "xo_fail", "xo_model_forward", "xo_cpu_matmul", "xo_options_set"):
+        assert not hasattr(engine, name), name
+    assert hasattr(ctypes.CDLL(_testing.__file__), "xo_hook_matmul")
 
 
 # ---------------------------------------------------------------- the demo model on real text

@@ -309,6 +309,21 @@ def test_long_context_split_decode(dtype, cache_format):
         assert rel_err(full, ref) <= TOL_F32
 
 
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_logits_to_keep_is_the_slice_of_full_logits(dtype):
+    m, cfg, w = build(dict(MOE, hidden_size=64), seed=3, dtype=dtype)
+    ids = ids_for(cfg, 2, 40, seed=7)
+    full = m(input_ids=ids).logits
+    for keep in (1, 5, 40):
+        got = m(input_ids=ids, logits_to_keep=keep).logits
+        assert got.shape == (2, keep, cfg.vocab_size)
+        assert rel_err(got, full[:, -keep:]) <= (1e-5 if dtype == "float32" else TOL_HALF)
+    out = m(input_ids=ids[:, :39], use_cache=True, logits_to_keep=1)
+    step = m(input_ids=ids[:, 39:], past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+    assert rel_err(step.logits, full[:, 39:]) <= TOL[dtype]
+
+
 # ------------------------------------------------------------------ moving, generating, devices
 
 

@@ -293,21 +293,43 @@ def test_sampled_frequencies_follow_filtered_distribution():
         assert chi2 < 22.5, (kw, chi2)
 
 
-def test_bfloat16_model_keeps_its_latent_cache_in_bfloat16():
-    m = make_model(MOE, seed=1, dtype="bfloat16")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("cache_format, per_token", [("latent", 3 * 16 * 2),       # L * r * 16-bit
+                                                     ("kv", 3 * 2 * 4 * 8 * 2)])   # L * (K, V) * nkv * hd * 16-bit
+def test_16bit_model_keeps_its_cache_in_its_dtype(cache_format, per_token, dtype):
+    m = make_model(MOE, seed=1, dtype=dtype)
     ids = m.ids(2, 12, seed=3)
     full = m.model(input_ids=ids).logits
-    out = m.model(input_ids=ids[:, :5], use_cache=True)
+    out = m.model(input_ids=ids[:, :5], past_key_values=m.model.new_cache(2, cache_format), use_cache=True)
     got = [out.logits]
     for i in range(5, 12):
         out = m.model(input_ids=ids[:, i:i + 1], past_key_values=out.past_key_values, use_cache=True)
         got.append(out.logits)
     cache = out.past_key_values
-    assert cache.bytes_per_token == 3 * 16 * 2       # L * r * bfloat16
+    assert cache.format == cache_format
+    assert cache.bytes_per_token == per_token
     assert rel_err(np.concatenate(got, axis=1), full) <= 3e-2
     assert rel_err(full, m.ref(ids)[0]) <= 3e-2
-    # the K/V format stays float32 whatever the weights
-    assert m.model.new_cache(1, "kv").bytes_per_token == 3 * 2 * 4 * 8 * 4
+
+
+def test_bfloat16_kv_cache_across_key_chunks():
+    """600 cached bf16 keys: the CPU attention widens K and V one 256-key chunk at a time."""
+    m = make_model(MOE, seed=2, dtype="bfloat16")
+    ids = m.ids(1, 603, seed=4)
+    full = m.model(input_ids=ids, logits_to_keep=3).logits
+    out = m.model(input_ids=ids[:, :600], past_key_values=m.model.new_cache(1, "kv"), use_cache=True, logits_to_keep=1)
+    got = []
+    for i in range(600, 603):
+        out = m.model(input_ids=ids[:, i:i + 1], past_key_values=out.past_key_values, use_cache=True)
+        got.append(out.logits)
+    assert rel_err(np.concatenate(got, axis=1), full) <= 3e-2
+
+
+def test_float32_and_int8_models_keep_a_float32_cache():
+    for dtype in ("float32", "int8"):
+        m = make_model(MOE, seed=1, dtype=dtype)
+        assert m.model.new_cache(1, "kv").bytes_per_token == 3 * 2 * 4 * 8 * 4
+        assert m.model.new_cache(1, "latent").bytes_per_token == 3 * 16 * 4
 
 
 def test_greedy_generate_with_a_large_batch(device):

@@ -328,10 +328,11 @@ def beam_ref(model, prompt, nb, max_new, eos, lp=1.0, early=False, num_return=1,
 @pytest.mark.parametrize("kw", [
     dict(nb=3, lp=1.0, early=False, num_return=1),
     dict(nb=4, lp=0.5, early=True, num_return=2),
-    dict(nb=2, lp=2.0, early="never", num_return=2),
+    dict(nb=2, lp=2.0, early="never", num_return=2, cache_format="kv"),
 ])
 def test_beam_search_equals_reference(kw):
     m = make_model(dict(num_experts=4, use_moe=True, num_hidden_layers=3), seed=2)
+    m.model.cache_format = kw.get("cache_format", "latent")
     p = m.ids(2, 4, seed=5)
     plain = m.model.generate(p[:1], max_new_tokens=6, do_sample=False)
     eos = int(plain[0, 6])  # a token the beams are likely to meet

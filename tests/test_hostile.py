@@ -16,7 +16,7 @@ import pytest
 from conftest import HERE, TINY_RING, make_model, small_config, write_raw_safetensors
 
 import xoron
-from xoron import MoELlamaForCausalLM, _C
+from xoron import MoELlamaForCausalLM, _C, _testing
 
 SEEDS = os.path.join(HERE, "data", "fuzz_seeds")
 WORKTREE = os.path.dirname(HERE)
@@ -402,7 +402,7 @@ def test_min_new_tokens_with_every_token_an_eos(built):
 
 @pytest.mark.parametrize("fmt", [0, 1], ids=["latent", "kv"])
 def test_cache_growth_is_all_or_nothing(fmt):
-    lib = ctypes.CDLL(_C.__file__)
+    lib = ctypes.CDLL(_testing.__file__)
     lib.xo_hook_cache_failed_growth.argtypes = [ctypes.c_int, ctypes.c_int]
     results = [lib.xo_hook_cache_failed_growth(fmt, k) for k in range(1, 12)]
     allocations = 3 * (1 if fmt == 0 else 2) + 2  # layers x arrays, positions, mask

@@ -92,3 +92,17 @@ def test_from_pretrained_and_to_keep_the_options():
     before = m(input_ids=ids).logits
     m.to(dtype="bfloat16").to(dtype="float32")
     np.testing.assert_allclose(m(input_ids=ids).logits, before, rtol=0, atol=3e-2 * np.abs(before).max())
+
+
+def test_threads_apply_to_the_call_and_are_restored():
+    """threads is this model's OpenMP setting for its own calls; the caller's is put back."""
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("gomp")
+    if not name:
+        pytest.skip("libgomp not found")
+    gomp = ctypes.CDLL(name)
+    before = gomp.omp_get_max_threads()
+    m = model(options={"threads": 1})
+    m(input_ids=np.array([[1, 2, 3]]))
+    assert gomp.omp_get_max_threads() == before

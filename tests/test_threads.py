@@ -157,12 +157,14 @@ def test_team_size_rule():
     """A model's own count, or a process default the user chose, is the team size as given;
     the automatic default (no OMP_NUM_THREADS, no set_num_threads) gives way to other runnable
     work, within 1 .. the physical cores (how much it gives depends on the moment's load)."""
-    code = ("import ctypes, xoron; lib = ctypes.CDLL(xoron._C.__file__); "
-            "auto = lib.xo_hook_team(0); own = lib.xo_hook_team(3); xoron.set_num_threads(5); "
+    # the test-only extension carries its own copy of the engine: its default is set there
+    code = ("import ctypes, xoron; from xoron import _testing; lib = ctypes.CDLL(_testing.__file__); "
+            "auto = lib.xo_hook_team(0); own = lib.xo_hook_team(3); assert lib.xo_hook_set_default_threads(5) == 0; "
             "print(auto, own, lib.xo_hook_team(0), xoron._C.physical_cores())")
     r = run_python(code, env_drop=("OMP_NUM_THREADS",))
     assert r.returncode == 0, r.stderr
     auto, own, chosen, cores = map(int, r.stdout.split())
     assert 1 <= auto <= cores and own == 3 and chosen == 5
-    r = run_python("import ctypes, xoron; print(ctypes.CDLL(xoron._C.__file__).xo_hook_team(0))", OMP_NUM_THREADS="3")
+    r = run_python("import ctypes; from xoron import _testing; print(ctypes.CDLL(_testing.__file__).xo_hook_team(0))",
+                   OMP_NUM_THREADS="3")
     assert r.returncode == 0 and int(r.stdout) == 3, r.stderr

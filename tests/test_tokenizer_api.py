@@ -46,6 +46,10 @@ def test_call_max_length_truncation_and_torch(tok):
     torch = pytest.importorskip("torch")
     pt = tok(["Once upon a time", "Hi"], padding=True, return_tensors="pt")
     assert isinstance(pt.input_ids, torch.Tensor) and pt.input_ids.dtype == torch.int64
+    moved = pt.to("cpu")
+    assert set(moved) == {"input_ids", "attention_mask"} and moved.attention_mask.device.type == "cpu"
+    with pytest.raises(TypeError, match="return_tensors='pt'"):
+        enc.to("cpu")
 
 
 @pytest.mark.parametrize("kw, err, match", [
@@ -108,3 +112,12 @@ def _valid_utf8(b):
         return True
     except UnicodeDecodeError:
         return False
+
+
+def test_generate_takes_the_encoding_unpacked(tok):
+    m = make_model(dict(vocab_size=len(tok)), seed=2)
+    texts = ["Once upon a time", "Hi"]
+    out = m.model.generate(**tok(texts, padding=True, return_tensors="np"), max_new_tokens=4, do_sample=False)
+    for row, text in enumerate(texts):
+        alone = m.model.generate(tok(text, return_tensors="np").input_ids, max_new_tokens=4, do_sample=False)
+        np.testing.assert_array_equal(out[row, -4:], alone[0, -4:])

@@ -340,10 +340,14 @@ class MoELlamaForCausalLM:
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, past_key_values=None,
                 use_cache=False, output_hidden_states=False, return_dict=True, inputs_embeds=None,
-                output_attentions=False):
+                output_attentions=False, logits_to_keep=0, num_logits_to_keep=None):
+        """logits_to_keep=N (transformers' name; num_logits_to_keep is the older alias): the logits of the
+        last N positions only, [b, N, V], the others never computed; 0 keeps every position. With
+        labels the loss needs every position, so N must then be 0 or at least the sequence length."""
         if output_attentions:
             raise ValueError("output_attentions is not supported: the engine never materialises attention weights")
         torch_dev = None
+        keep = _logits_to_keep(logits_to_keep, num_logits_to_keep)
         if input_ids is not None and inputs_embeds is not None:
             raise ValueError("give input_ids or inputs_embeds, not both")
         if input_ids is None and inputs_embeds is None:
@@ -396,12 +400,15 @@ class MoELlamaForCausalLM:
             if lab.shape != (b, t):
                 raise ValueError(f"labels has shape {list(lab.shape)}; expected {[b, t]} like input_ids")
             lab = np.ascontiguousarray(lab, dtype=np.int64)
+            if 0 < keep < t:
+                raise ValueError(f"labels need the logits of every position, but logits_to_keep={keep} keeps "
+                                 f"{keep} of {t}; pass logits_to_keep=0 to compute the loss")
 
         # torch tensors on this model's GPU: the logits stay there and reach torch through DLPack
         on_gpu = torch_dev is not None and lab is None and str(torch_dev).startswith("cuda") \
             and self._engine.device.startswith("cuda") and _same_cuda_device(torch_dev, self._engine.device)
         logits, hidden = self._engine.forward(tokens, positions=pos, mask=mask,
-                                              cache=cache._c if cache is not None else None,
+                                              cache=cache._c if cache is not None else None, logits_to_keep=keep,
                                               want_hidden=bool(output_hidden_states), device_logits=on_gpu)
         if on_gpu:
             import torch.utils.dlpack
@@ -489,6 +496,19 @@ class _IncompatibleKeys:
 def _same_cuda_device(torch_device, ours: str) -> bool:
     index = getattr(torch_device, "index", None)
     return (index or 0) == (int(ours.split(":")[1]) if ":" in ours else 0)
+
+
+def _logits_to_keep(logits_to_keep, num_logits_to_keep) -> int:
+    if num_logits_to_keep is not None:
+        if logits_to_keep != 0:
+            raise TypeError("give logits_to_keep or its alias num_logits_to_keep, not both")
+        logits_to_keep, name = num_logits_to_keep, "num_logits_to_keep"
+    else:
+        name = "logits_to_keep"
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, np.integer)):
+        raise TypeError(f"{name} must be an int (the number of last positions to keep); "
+                        f"got {type(logits_to_keep).__name__}: a tensor of positions is not supported")
+    return max(min(int(logits_to_keep), 2**31 - 1), -1)  # the C core rejects negatives; past t means all
 
 
 def _is_dtype_like(x) -> bool:

@@ -842,6 +842,12 @@ class Encoding(dict):
         except KeyError:
             raise AttributeError(name) from None
 
+    def to(self, device):
+        """The torch tensors moved to `device` (return_tensors="pt"), as BatchEncoding.to does."""
+        if not all(hasattr(v, "to") and hasattr(v, "device") for v in self.values()):
+            raise TypeError("Encoding.to(device) moves torch tensors: encode with return_tensors='pt'")
+        return Encoding({k: v.to(device) for k, v in self.items()})
+
 
 def _as_tensors(rows: list, kind: str):
     if kind == "np":

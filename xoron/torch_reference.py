@@ -10,6 +10,7 @@ K and V are re-expanded from `c` at every step (SPEC section 4).
 Used as the PyTorch baseline in benchmarks and to train small demo models; the forward
 pass without a cache is autograd-friendly (no in-place ops on tensors that need grads).
 
+    from xoron.torch_reference import TorchMoELlama   # needs torch; `import xoron` does not
     model = TorchMoELlama.from_pretrained("ckpt_dir", dtype=torch.bfloat16, device="cuda")
     out = model.generate(ids, max_new_tokens=32)
 """

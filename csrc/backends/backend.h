@@ -59,7 +59,8 @@ typedef struct {
     const void *latent;            /* LATENT: [batch, capacity, rank], normed c, of latent_dtype */
     xo_dtype latent_dtype;         /* F32, BF16 or F16 */
     const xo_linear *kv_b;         /* LATENT: expands c to [K | V], [2*nkv*hd, rank] */
-    const float *k, *v;            /* KV: [batch, capacity, nkv*hd], K rotated */
+    const void *k, *v;             /* KV: [batch, capacity, nkv*hd] of kv_dtype, K rotated */
+    xo_dtype kv_dtype;             /* F32, BF16 or F16 */
     const int32_t *key_pos;        /* [batch, capacity] position ids (LATENT: to rotate K) */
     const uint8_t *key_mask;       /* [batch, capacity] 1 = may be attended */
     const float *inv_freq;         /* [hd/2] */

@@ -24,10 +24,22 @@ typedef struct {
 
 typedef struct { float score; int index; } candidate;  /* index: beam * V + token */
 
-static int by_score_desc(const void *x, const void *y) {
-    const candidate *a = x, *b = y;
-    if (a->score != b->score) return a->score > b->score ? -1 : 1;
-    return (a->index > b->index) - (a->index < b->index);
+/* The k best of n scores (k <= n), best first; among equal scores the lower index first.
+ * Insertion into a short sorted list: most candidates fail the first comparison. */
+static void top_candidates(candidate *top, int k, const float *logits, const float *beam_scores, int nb, int V) {
+    int count = 0;
+    for (int j = 0; j < nb; j++)
+        for (int v = 0; v < V; v++) {
+            const float score = logits[(size_t)j * V + v] + beam_scores[j];
+            /* indices rise, so an equal score never beats one already kept */
+            if (count == k && !(score > top[k - 1].score)) continue;
+            int at = count < k ? count++ : k - 1;
+            while (at > 0 && score > top[at - 1].score) {
+                top[at] = top[at - 1];
+                at--;
+            }
+            top[at] = (candidate){ score, j * V + v };
+        }
 }
 
 static void add_hypothesis(hypotheses *hs, int num_beams, const int32_t *tokens, int len, float sum_logprobs,
@@ -73,7 +85,8 @@ static void log_softmax(float *z, int V) {
 xo_status xo_beam_search(xo_model *m, const xo_generate_args *a) {
     const int B = a->batch, nb = a->num_beams, R = B * nb, V = m->cfg.vocab_size, t0 = a->prompt_len;
     const int max_new = a->max_new_tokens, width = t0 + max_new;
-    const int num_cand = (a->num_eos + 1 > 2 ? a->num_eos + 1 : 2) * nb;
+    int num_cand = (a->num_eos + 1 > 2 ? a->num_eos + 1 : 2) * nb;  /* transformers' count */
+    if (num_cand > nb * V) num_cand = nb * V;
     *a->steps_done = *a->steps_run = 0;
     if (max_new == 0) {  /* the prompts, num_return times each */
         for (int r = 0; r < B * a->num_return; r++)
@@ -89,7 +102,7 @@ xo_status xo_beam_search(xo_model *m, const xo_generate_args *a) {
     int32_t *next = malloc((size_t)R * sizeof *next);
     int *src = malloc((size_t)R * sizeof *src);
     float *beam_scores = malloc((size_t)R * sizeof *beam_scores), *new_scores = malloc((size_t)R * sizeof *new_scores);
-    candidate *cand = malloc((size_t)nb * V * sizeof *cand);
+    candidate *cand = malloc((size_t)num_cand * sizeof *cand);
     hypotheses *hyps = calloc((size_t)B, sizeof *hyps);
     int32_t *hyp_tokens = malloc((size_t)B * (nb + 1) * max_new * sizeof *hyp_tokens);
     hypothesis *hyp_slots = calloc((size_t)B * (nb + 1), sizeof *hyp_slots);
@@ -141,11 +154,7 @@ xo_status xo_beam_search(xo_model *m, const xo_generate_args *a) {
                 }
                 continue;
             }
-            for (int j = 0; j < nb; j++)
-                for (int v = 0; v < V; v++)
-                    cand[(size_t)j * V + v] = (candidate){ logits[(size_t)(base + j) * V + v] + beam_scores[base + j], j * V + v };
-            /* the num_cand best first (a partial sort would do; V * nb is small next to a forward) */
-            qsort(cand, (size_t)nb * V, sizeof *cand, by_score_desc);
+            top_candidates(cand, num_cand, logits + (size_t)base * V, beam_scores + base, nb, V);
             int kept = 0;
             for (int rank = 0; rank < num_cand && kept < nb; rank++) {
                 const int beam = cand[rank].index / V;
@@ -175,6 +184,8 @@ xo_status xo_beam_search(xo_model *m, const xo_generate_args *a) {
         memcpy(beam_scores, new_scores, (size_t)R * sizeof *beam_scores);
         steps = *a->steps_run = step + 1;
         if (all_done || steps == max_new) break;
+        rc = xo_interrupt_poll(m->interrupt);
+        if (rc != XO_OK) break;
         int identity = 1;
         for (int r = 0; r < R; r++) identity &= src[r] == r;
         if (!identity) {
@@ -184,7 +195,7 @@ xo_status xo_beam_search(xo_model *m, const xo_generate_args *a) {
             cache = moved;
             moved = NULL;
         }
-        xo_forward_args sa = { .batch = R, .tokens = 1, .ids = next, .cache = cache, .logits = logits, .last_only = 1 };
+        xo_forward_args sa = { .batch = R, .tokens = 1, .ids = next, .cache = cache, .logits = logits, .logits_to_keep = 1 };
         rc = xo_model_forward(m, &sa);
     }
     if (rc != XO_OK) goto out;

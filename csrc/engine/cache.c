@@ -17,7 +17,7 @@ xo_status xo_cache_create(xo_cache **out, const xo_config *cfg, xo_backend *be, 
     c->batch = batch;
     c->max_length = cfg->max_position_embeddings;
     c->width = format == XO_CACHE_LATENT ? cfg->kv_lora_rank : cfg->num_kv_heads * cfg->head_dim;
-    c->dtype = format == XO_CACHE_LATENT && (model_dtype == XO_BF16 || model_dtype == XO_F16) ? model_dtype : XO_F32;
+    c->dtype = model_dtype == XO_BF16 || model_dtype == XO_F16 ? model_dtype : XO_F32;
     c->latent = calloc((size_t)c->num_layers, sizeof *c->latent);
     c->k = calloc((size_t)c->num_layers, sizeof *c->k);
     c->v = calloc((size_t)c->num_layers, sizeof *c->v);
@@ -67,8 +67,8 @@ xo_status xo_cache_reserve(xo_cache *c, int tokens) {
         if (c->format == XO_CACHE_LATENT) {
             g[k++] = (growing_array){ &c->latent[l], fbytes, 0, NULL };
         } else {
-            g[k++] = (growing_array){ (void **)&c->k[l], fbytes, 0, NULL };
-            g[k++] = (growing_array){ (void **)&c->v[l], fbytes, 0, NULL };
+            g[k++] = (growing_array){ &c->k[l], fbytes, 0, NULL };
+            g[k++] = (growing_array){ &c->v[l], fbytes, 0, NULL };
         }
     }
     g[k++] = (growing_array){ (void **)&c->positions, sizeof(int32_t), 0, NULL };
@@ -123,14 +123,20 @@ xo_status xo_cache_gather(xo_cache **out, const xo_cache *src, const int *rows, 
             return xo_fail(XO_EINVAL, "cache row %d is outside [0, %d)", rows[r], src->batch);
     xo_cache *c = calloc(1, sizeof *c);
     if (!c) return xo_fail(XO_ENOMEM, "out of memory");
-    *c = *src;
+    /* field by field: a copy shares no memory with src */
+    c->be = src->be;
+    c->format = src->format;
+    c->num_layers = src->num_layers;
     c->batch = n;
+    c->width = src->width;
+    c->dtype = src->dtype;
+    c->capacity = src->capacity;
+    c->length = src->length;
+    c->max_length = src->max_length;
     c->latent = calloc((size_t)c->num_layers, sizeof *c->latent);
     c->k = calloc((size_t)c->num_layers, sizeof *c->k);
     c->v = calloc((size_t)c->num_layers, sizeof *c->v);
     c->next_position = calloc((size_t)n, sizeof *c->next_position);
-    c->positions = NULL;
-    c->mask = NULL;
     const size_t cells = (size_t)n * c->capacity;
     c->host_positions = cells ? calloc(cells, sizeof *c->host_positions) : NULL;
     c->host_mask = cells ? calloc(cells, 1) : NULL;

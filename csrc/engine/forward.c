@@ -43,6 +43,8 @@ static xo_status check_args(const xo_model *m, const xo_forward_args *a, const x
     if (a->batch <= 0 || a->tokens <= 0)
         return xo_fail(XO_EINVAL, "input_ids must have at least one row and one token (got [%d, %d])", a->batch, a->tokens);
     if (!a->ids && !a->embeds && !a->ids_device) return xo_fail(XO_EINVAL, "give input_ids or inputs_embeds");
+    if (a->logits_to_keep < 0)
+        return xo_fail(XO_EINVAL, "logits_to_keep must be >= 0 (0 keeps every position), got %d", a->logits_to_keep);
     if (a->ids_device && !m->be->load_ids)
         return xo_fail(XO_EUNSUPPORTED, "backend %s cannot read input_ids from device memory", m->be->name);
     for (size_t i = 0; a->ids && i < (size_t)a->batch * a->tokens; i++)
@@ -61,6 +63,11 @@ static xo_status check_args(const xo_model *m, const xo_forward_args *a, const x
     return XO_OK;
 }
 
+/* Positions per row whose logits are computed: the last logits_to_keep, or all (0 or more than t). */
+static int kept_positions(const xo_forward_args *a) {
+    return a->logits_to_keep > 0 && a->logits_to_keep < a->tokens ? a->logits_to_keep : a->tokens;
+}
+
 /* the graph, then lm_head on the rows asked for */
 static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache *cache, xo_scratch *s) {
     const xo_config *c = &m->cfg;
@@ -71,13 +78,16 @@ static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache 
     XO_TRY(xo_model_layers(m, &la, cache, s));
     /* logits = h @ lm_head.T */
     if (!a->logits && !a->argmax && !a->device_logits) return XO_OK;
+    /* logits[:, -keep:]: only the kept rows go through the lm_head */
+    const int keep = kept_positions(a);
     const float *rows = s->xn;
     int nrows = n;
-    if (a->last_only && t > 1) {
+    if (keep < t) {
         for (int row = 0; row < b; row++)
-            XO_TRY(be->copy(be, s->branch + (size_t)row * H, s->xn + ((size_t)row * t + t - 1) * H, (size_t)H * sizeof(float)));
+            XO_TRY(be->copy(be, s->branch + (size_t)row * keep * H, s->xn + ((size_t)row * t + t - keep) * H,
+                            (size_t)keep * H * sizeof(float)));
         rows = s->branch;
-        nrows = b;
+        nrows = b * keep;
     }
     /* A backend working in host memory writes the logits straight into the caller's array. */
     float *dst = be->host_memory && a->logits ? a->logits : s->logits;
@@ -125,8 +135,9 @@ xo_status xo_model_forward(xo_model *m, const xo_forward_args *a) {
         else rc = xo_fail(XO_ENOMEM, "out of memory");
     }
     if (rc == XO_OK) rc = prepare_positions(m, a, cache, pos);
-    const int logit_rows = m->be->host_memory && a->logits ? 0 : a->last_only ? a->batch : n;
-    if (rc == XO_OK) rc = xo_scratch_alloc(m->be, &m->cfg, n, logit_rows, a->last_only ? a->batch : n, &s);
+    const int out_rows = a->batch * kept_positions(a);
+    const int logit_rows = m->be->host_memory && a->logits ? 0 : out_rows;
+    if (rc == XO_OK) rc = xo_scratch_alloc(m->be, &m->cfg, n, logit_rows, out_rows, &s);
     if (rc == XO_OK && a->ids) rc = m->be->upload(m->be, s.ids, a->ids, (size_t)n * sizeof(int32_t));
     /* ids already on the device are checked there; a bad one is reported after the pass */
     uint64_t *bad = NULL;

@@ -69,7 +69,7 @@ xo_status xo_generate_prefill(xo_model *m, const xo_generate_args *a, xo_cache *
         if (a->mask && !head) return xo_fail(XO_ENOMEM, "out of memory in generate");
         for (int r = 0; head && r < b; r++) memcpy(head + (size_t)r * te, a->mask + (size_t)r * (te + ti), (size_t)te);
         xo_forward_args ea = { .batch = b, .tokens = te, .embeds = a->embeds, .mask = head, .mask_len = te,
-                               .cache = cache, .logits = ti ? NULL : logits, .last_only = 1,
+                               .cache = cache, .logits = ti ? NULL : logits, .logits_to_keep = 1,
                                .argmax = ti ? NULL : argmax, .draw = ti ? NULL : draw };
         xo_status rc = xo_model_forward(m, &ea);
         free(head);
@@ -80,7 +80,7 @@ xo_status xo_generate_prefill(xo_model *m, const xo_generate_args *a, xo_cache *
     if (!ids) return xo_fail(XO_ENOMEM, "out of memory in generate");
     for (int r = 0; r < b; r++) memcpy(ids + (size_t)r * ti, a->prompt + (size_t)r * a->prompt_len + past, (size_t)ti * sizeof *ids);
     xo_forward_args fa = { .batch = b, .tokens = ti, .ids = ids, .mask = a->mask, .mask_len = a->mask ? te + a->prompt_len : 0,
-                           .cache = cache, .logits = logits, .last_only = 1, .argmax = argmax, .draw = draw };
+                           .cache = cache, .logits = logits, .logits_to_keep = 1, .argmax = argmax, .draw = draw };
     xo_status rc = xo_model_forward(m, &fa);
     free(ids);
     return rc;
@@ -233,7 +233,7 @@ xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
         }
         have_argmax = fast && (step + 1 >= a->min_new_tokens || !a->num_eos);
         draw.step = (uint64_t)step + 1;
-        xo_forward_args sa = { .batch = b, .tokens = 1, .ids = next, .cache = cache, .logits = logits, .last_only = 1,
+        xo_forward_args sa = { .batch = b, .tokens = 1, .ids = next, .cache = cache, .logits = logits, .logits_to_keep = 1,
                                .argmax = have_argmax ? best : NULL, .draw = device_draw ? &draw : NULL };
         rc = xo_model_forward(m, &sa);
     }

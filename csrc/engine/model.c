@@ -32,9 +32,10 @@ static xo_status attention(xo_model *m, const xo_layer_weights *lw, int l, const
     } else {
         XO_TRY(be->matmul(be, s->kv, s->latent, &lw->kv_b, n));                          /* [K | V] = c @ Wkvb.T */
         XO_TRY(be->rope(be, s->kv, 2 * (size_t)kvw, s->pos, n, nkv, hd, m->inv_freq, m->mscale));
-        XO_TRY(be->cache_write(be, cache->k[l], XO_F32, cache->capacity, kvw, past, a->past_device, s->kv, b, t, 2 * kvw));
-        XO_TRY(be->cache_write(be, cache->v[l], XO_F32, cache->capacity, kvw, past, a->past_device, s->kv + kvw, b, t,
+        XO_TRY(be->cache_write(be, cache->k[l], cache->dtype, cache->capacity, kvw, past, a->past_device, s->kv, b, t,
                                2 * kvw));
+        XO_TRY(be->cache_write(be, cache->v[l], cache->dtype, cache->capacity, kvw, past, a->past_device, s->kv + kvw, b,
+                               t, 2 * kvw));
     }
     XO_TRY(be->rope(be, s->q, (size_t)nh * hd, s->pos, n, nh, hd, m->inv_freq, m->mscale));
     xo_attention_args at = {
@@ -43,6 +44,7 @@ static xo_status attention(xo_model *m, const xo_layer_weights *lw, int l, const
         .capacity = cache->capacity, .format = cache->format,
         .q = s->q, .out = s->attn,
         .latent = cache->latent[l], .latent_dtype = cache->dtype, .kv_b = &lw->kv_b, .k = cache->k[l], .v = cache->v[l],
+        .kv_dtype = cache->dtype,
         .key_pos = cache->positions, .key_mask = cache->mask,
         .inv_freq = m->inv_freq, .mscale = m->mscale, .scale = 1.0f / sqrtf((float)hd),
         .denom_eps = xo_model_denom_eps(c, past + t),

@@ -54,10 +54,10 @@ typedef struct {
     const uint8_t *mask;       /* host [batch, mask_len] of 1/0, or NULL (all ones) */
     int mask_len;              /* tokens, or cache length + tokens */
     xo_cache *cache;           /* continued and extended; NULL: nothing kept */
-    float *logits;             /* host [batch, tokens, V] ([batch, V] with last_only), or NULL */
+    float *logits;             /* host [batch, kept, V] (kept: see logits_to_keep), or NULL */
     float **device_logits;     /* or: receives the logits left on the backend (the caller releases
                                 * them with be->release); a GPU's logits then never reach the host */
-    int last_only;
+    int logits_to_keep;        /* logits of the last N positions of each row only; 0: of every position */
     int32_t *argmax;           /* host [batch] or NULL: argmax of each row's last logits, computed by the
                                 * backend; `logits` is then not downloaded (a GPU's stay on the GPU) */
     const struct xo_device_draw *draw; /* with argmax: draw with these settings instead of argmax */

@@ -215,16 +215,17 @@ static PyObject *Model_tensor_shapes(ModelObject *self, PyObject *Py_UNUSED(igno
 }
 
 /* forward(ids int32 [b,t] | DLPack capsule of GPU ids | embeds float32 [b,t,H], *, positions int32 [b,t] | None,
- *         mask uint8 [b,m] | None, cache | None, want_logits, last_only, want_hidden, device_logits)
- *   -> (logits | None, hidden | None) */
+ *         mask uint8 [b,m] | None, cache | None, want_logits, logits_to_keep, want_hidden, device_logits)
+ *   -> (logits [b, kept, V] | None, hidden | None); logits_to_keep: the last N positions of each row,
+ *   0 for all (the C core checks it) */
 static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kw) {
-    static char *names[] = { "ids", "positions", "mask", "cache", "want_logits", "last_only", "want_hidden",
+    static char *names[] = { "ids", "positions", "mask", "cache", "want_logits", "logits_to_keep", "want_hidden",
                              "device_logits", NULL };
     PyObject *ids_o, *pos_o = Py_None, *mask_o = Py_None, *cache_o = Py_None;
-    int want_logits = 1, last_only = 0, want_hidden = 0, device_logits = 0;
+    int want_logits = 1, logits_to_keep = 0, want_hidden = 0, device_logits = 0;
     if (ensure_model(self) ||
-        !PyArg_ParseTupleAndKeywords(args, kw, "O|$OOOpppp", names, &ids_o, &pos_o, &mask_o, &cache_o, &want_logits,
-                                     &last_only, &want_hidden, &device_logits))
+        !PyArg_ParseTupleAndKeywords(args, kw, "O|$OOOpipp", names, &ids_o, &pos_o, &mask_o, &cache_o, &want_logits,
+                                     &logits_to_keep, &want_hidden, &device_logits))
         return NULL;
     xo_model *m = self->model;
     PyArrayObject *ids = NULL, *pos = NULL, *mask = NULL;
@@ -268,9 +269,10 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kw) 
         }
     }
     const int V = m->cfg.vocab_size, H = m->cfg.hidden_size, L = m->cfg.num_layers;
+    const int kept = logits_to_keep > 0 && logits_to_keep < t ? logits_to_keep : t;
     if (want_logits && !device_logits) {
-        npy_intp d3[3] = { b, t, V }, d2[2] = { b, V };
-        logits = last_only ? PyArray_SimpleNew(2, d2, NPY_FLOAT32) : PyArray_SimpleNew(3, d3, NPY_FLOAT32);
+        npy_intp d3[3] = { b, kept, V };
+        logits = PyArray_SimpleNew(3, d3, NPY_FLOAT32);
         if (!logits) goto exit;
     }
     if (want_hidden) {
@@ -289,7 +291,7 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kw) 
         .mask_len = mask ? (int)PyArray_DIM(mask, 1) : 0,
         .cache = cache,
         .logits = logits ? PyArray_DATA((PyArrayObject *)logits) : NULL,
-        .last_only = last_only,
+        .logits_to_keep = logits_to_keep,
         .hidden = hidden ? PyArray_DATA((PyArrayObject *)hidden) : NULL,
     };
     float *dev_logits = NULL;
@@ -302,8 +304,8 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kw) 
         goto exit;
     }
     if (dev_logits) {
-        int64_t shape[3] = { b, t, V };
-        logits = last_only ? xo_py_dl_capsule(self, dev_logits, 2, (int64_t[]){ b, V }) : xo_py_dl_capsule(self, dev_logits, 3, shape);
+        int64_t shape[3] = { b, kept, V };
+        logits = xo_py_dl_capsule(self, dev_logits, 3, shape);
         if (!logits) goto exit;
     }
     result = Py_BuildValue("(OO)", logits ? logits : Py_None, hidden ? hidden : Py_None);
@@ -576,7 +578,7 @@ static PyMethodDef Model_methods[] = {
       "[(name, view of the engine's storage (numpy | DLPack capsule) or int8's dequantised copy, dtype, is_view)]" },
     { "forward", (PyCFunction)(void (*)(void))Model_forward, METH_VARARGS | METH_KEYWORDS,
       "forward(ids | GPU ids DLPack capsule, *, positions=None, mask=None, cache=None, want_logits=True, "
-      "last_only=False, want_hidden=False, device_logits=False) -> (logits, hidden)" },
+      "logits_to_keep=0, want_hidden=False, device_logits=False) -> (logits [b, kept, V], hidden)" },
     { "generate", (PyCFunction)(void (*)(void))Model_generate, METH_VARARGS | METH_KEYWORDS,
       "generate(prompt, *, mask, embeds, cache, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, "
       "top_p, min_p, repetition_penalty, no_repeat_ngram_size, bad_words, bad_offsets, eos_ids, pad_id, seed, "

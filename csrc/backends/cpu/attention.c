@@ -142,13 +142,13 @@ xo_status xo_cpu_attention(xo_backend *be, const xo_attention_args *args) {
     float *m = malloc(states * sizeof *m);
     float *l = malloc(states * sizeof *l);
     float *acc = calloc(states * hd, sizeof *acc);
-    float *kvbuf = a->format == XO_CACHE_LATENT ? malloc((size_t)KEY_CHUNK * 2 * nkv * hd * sizeof *kvbuf) : NULL;
-    /* a 16-bit latent is widened one chunk at a time */
-    float *wide = a->format == XO_CACHE_LATENT && a->latent_dtype != XO_F32
-                      ? malloc((size_t)KEY_CHUNK * a->rank * sizeof *wide) : NULL;
+    /* a 16-bit latent, or 16-bit K and V, are widened one chunk at a time */
+    const int latent = a->format == XO_CACHE_LATENT, wide_latent = latent && a->latent_dtype != XO_F32;
+    const int wide_kv = !latent && a->kv_dtype != XO_F32;
+    float *kvbuf = latent || wide_kv ? malloc((size_t)KEY_CHUNK * 2 * nkv * hd * sizeof *kvbuf) : NULL;
+    float *wide = wide_latent ? malloc((size_t)KEY_CHUNK * a->rank * sizeof *wide) : NULL;
     xo_status rc = XO_OK;
-    if (!m || !l || !acc || (a->format == XO_CACHE_LATENT && !kvbuf) || (a->latent_dtype != XO_F32 && !wide &&
-                                                                       a->format == XO_CACHE_LATENT)) {
+    if (!m || !l || !acc || ((latent || wide_kv) && !kvbuf) || (wide_latent && !wide)) {
         rc = xo_fail(XO_ENOMEM, "out of memory in attention (%d tokens)", t);
         goto out;
     }
@@ -178,10 +178,18 @@ xo_status xo_cpu_attention(xo_backend *be, const xo_attention_args *args) {
                 if (rc != XO_OK) break;
                 kbase = kvbuf;
                 vbase = kvbuf + (size_t)nkv * hd;
+            } else if (!wide_kv) {
+                stride = (size_t)nkv * hd;
+                kbase = (const float *)a->k + ((size_t)b * a->capacity + j0) * stride;
+                vbase = (const float *)a->v + ((size_t)b * a->capacity + j0) * stride;
             } else {
                 stride = (size_t)nkv * hd;
-                kbase = a->k + ((size_t)b * a->capacity + j0) * stride;
-                vbase = a->v + ((size_t)b * a->capacity + j0) * stride;
+                const size_t first = ((size_t)b * a->capacity + j0) * stride, count = (size_t)(j1 - j0) * stride;
+                float *kw = kvbuf, *vw = kvbuf + (size_t)KEY_CHUNK * stride;
+                xo_convert_to_f32(kw, (const char *)a->k + first * 2, a->kv_dtype, count);
+                xo_convert_to_f32(vw, (const char *)a->v + first * 2, a->kv_dtype, count);
+                kbase = kw;
+                vbase = vw;
             }
             /* queries whose causal range reaches this chunk: sequence index past+i >= j0 */
             int i0 = j0 - a->past > 0 ? j0 - a->past : 0;

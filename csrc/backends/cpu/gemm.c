@@ -8,7 +8,7 @@
  *     matrix-vector kernels (backends/cpu/gemv.c), memory-bandwidth bound at m = 1;
  *   - other storage, larger m (prefill): W is widened, a tile of rows at a time, into a
  *     per-thread float32 buffer that oneDNN sgemm consumes (single-threaded per tile, the
- *     tiles spread over the threads), so the conversion is paid once per m rows of x: ~90% of
+ *     tiles spread over the threads), so the conversion is paid once per m rows of x, close to
  *     float32 sgemm's speed. oneDNN 3.2's matmul primitive has no implementation for bf16 (or
  *     f32 x bf16 / f32 x s8) weights on an AVX2-only CPU ("unimplemented"), so it is not used. */
 #include <stdlib.h>

@@ -6,12 +6,12 @@
  * read bandwidth: each W element is loaded once, widened to float32 in registers and used for
  * every x row of the block (up to 8). For few x rows each thread walks 4 (or 2) widely separated
  * rows of its span at once, software-prefetched: with the weights on 2 MB pages that reads at
- * the machine's bandwidth where one stream per core, or adjacent rows, reach ~60-70% of it.
- * The grouped formats widen a group (32 weights) at a time and scale it in registers, so one
- * load of the scale serves every x row; their dot products stay in float32 (the weights' bytes,
- * not the arithmetic, bound them at m = 1).
+ * the machine's bandwidth where one stream per core, or adjacent rows, fall well short of it
+ * (benchmarks/RESULTS.md). The grouped formats widen a group (32 weights) at a time and scale
+ * it in registers, so one load of the scale serves every x row; their dot products stay in
+ * float32 (the weights' bytes, not the arithmetic, bound them at m = 1).
  * Three builds of one template: AVX-512F, AVX2+FMA+F16C and a portable one; the best the CPU
- * supports is chosen at run time (XORON_CPU_ISA=generic|avx2|avx512 caps it, for testing).
+ * supports is used unless the model's cpu_isa option caps it.
  * Threading: OpenMP over contiguous spans of output rows. */
 #include <stdlib.h>
 #include <string.h>
@@ -483,9 +483,9 @@ void xo_cpu_gemv(float *y, const float *x, int m, const xo_linear *w, int isa) {
         } else {
             /* more than 8 x rows: blocks of 32 W rows stay in cache while groups of 4 x rows
              * pass over them (2 W rows x 4 x rows per step: 6 loads per 8 FMAs; 4 rows of x stay
-             * in L1 up to in = 2048), so W is read from memory once: ~120-140 GFLOP/s here, as
-             * fast as sgemm up to m ~ 40. (Widening each 32-row block to float32 first, then
-             * running the float32 kernel, measured 10-20% slower.) */
+             * in L1 up to in = 2048), so W is read from memory once, as fast as sgemm up to
+             * m ~ 40. (Widening each 32-row block to float32 first, then running the float32
+             * kernel, was slower: benchmarks/RESULTS.md.) */
             const int rb = 32, xg = 4;
             for (int b0 = r0; b0 < r1; b0 += rb) {
                 const int b1 = b0 + rb < r1 ? b0 + rb : r1;

@@ -13,8 +13,8 @@
  * AMD), "arch=x86-64-v3/v4" on the features */
 
 /* Weight storage: large matrices on 2 MB pages where the kernel allows (transparent huge pages
- * in "madvise" mode are common): streaming a matrix then costs no TLB misses, which lifts the
- * matrix-vector kernels from ~20 to ~30 GB/s on a 2-core Zen 2. Zero-filled (by all threads,
+ * in "madvise" mode are common): streaming a matrix then costs no TLB misses, a large part of
+ * the matrix-vector kernels' bandwidth (benchmarks/RESULTS.md). Zero-filled (by all threads,
  * which also places the pages) like the backend's alloc. Released with free(). */
 void *xo_cpu_weight_alloc(size_t bytes) {
     const size_t huge = (size_t)2 << 20;

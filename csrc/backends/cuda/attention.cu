@@ -5,8 +5,8 @@
  * Two kernels:
  * - k_attn_rows: one block per (head, query row, key split); warps stride over keys with a
  *   running (max, sum, acc) each, merged in shared memory; several splits are merged by a
- *   second kernel (split-K decode). Any head_dim up to 1024, float32 throughout: this is
- *   the decode path and the path of float32 models.
+ *   second kernel (split-K decode). Any head_dim up to 1024, float32 arithmetic on K/V read
+ *   as float32 or as a 16-bit K/V cache: this is the decode path and the path of float32 models.
  * - k_attn_mma: 128 queries (8 warps of 16) x 64 keys per step on the tensor cores
  *   (mma.sync), for prefill of 16-bit models (head_dim 16/32/64/128): Q, K, V and P in
  *   float16, scores, softmax statistics and the output accumulated in float32.
@@ -21,7 +21,7 @@ struct AttnP {
     int t, past, nh, hd, cap, group;
     const float *q;
     float *out;
-    const float *K, *V;
+    const void *K, *V; /* float, or the 16-bit type of a K/V cache (the kernels' KT) */
     size_t kvs; /* elements between consecutive key rows; the row of key (b, j) is b * kcap + j */
     int kcap;   /* key rows per batch row in K/V (the mask and the positions use cap) */
     const uint8_t *mask;
@@ -40,7 +40,7 @@ struct AttnP {
  * the latent) and is rotated here: lane element c pairs with c + NC/2 (needs hd == 32 * NC). */
 enum { KU = 4 };
 
-template <int NC>
+template <int NC, typename KT>
 __global__ __launch_bounds__(128) void k_attn_rows(AttnP p, int split_len, float *part) {
     CU_PDL_ENTRY();
     const int row = blockIdx.x, h = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
@@ -72,11 +72,11 @@ __global__ __launch_bounds__(128) void k_attn_rows(AttnP p, int split_len, float
         for (int u = 0; u < KU; u++) {
             const int j = jb + u;
             ok[u] = j < j1 && mk[j];
-            const float *kp = p.K + ((size_t)bb * p.kcap + (ok[u] ? j : j0)) * p.kvs + (size_t)g * hd;
+            const KT *kp = (const KT *)p.K + ((size_t)bb * p.kcap + (ok[u] ? j : j0)) * p.kvs + (size_t)g * hd;
 #pragma unroll
             for (int c = 0; c < NC; c++) {
                 int d = lane + 32 * c;
-                kv[u][c] = d < hd ? kp[d] : 0.0f;
+                kv[u][c] = d < hd ? cu_ld(kp, d) : 0.0f;
             }
         }
         if (NC % 2 == 0 && p.kpos) {
@@ -120,11 +120,11 @@ __global__ __launch_bounds__(128) void k_attn_rows(AttnP p, int split_len, float
             if (!ok[u]) continue;
             const float e = expf(s[u] - m);
             l += e;
-            const float *vp = p.V + ((size_t)bb * p.kcap + jb + u) * p.kvs + (size_t)g * hd;
+            const KT *vp = (const KT *)p.V + ((size_t)bb * p.kcap + jb + u) * p.kvs + (size_t)g * hd;
 #pragma unroll
             for (int c = 0; c < NC; c++) {
                 int d = lane + 32 * c;
-                if (d < hd) acc[c] = fmaf(e, vp[d], acc[c]);
+                if (d < hd) acc[c] = fmaf(e, cu_ld(vp, d), acc[c]);
             }
         }
     }
@@ -191,10 +191,20 @@ __global__ void k_attn_merge(AttnP p, int nsplit, const float *__restrict__ part
     }
 }
 
-template <int NC>
+template <int NC, typename KT>
 static void launch_rows(CuCtx *c, const AttnP &p, int rows, int nsplit, int split_len, float *part) {
     dim3 grid((unsigned)rows, (unsigned)p.nh, (unsigned)nsplit);
-    cu_launch(c, k_attn_rows<NC>, grid, 128, 0, p, split_len, part);
+    cu_launch(c, k_attn_rows<NC, KT>, grid, 128, 0, p, split_len, part);
+}
+
+template <typename KT>
+static void launch_rows_hd(CuCtx *c, const AttnP &p, int rows, int nsplit, int split_len, float *part) {
+    if (p.hd <= 32) launch_rows<1, KT>(c, p, rows, nsplit, split_len, part);
+    else if (p.hd <= 64) launch_rows<2, KT>(c, p, rows, nsplit, split_len, part);
+    else if (p.hd <= 128) launch_rows<4, KT>(c, p, rows, nsplit, split_len, part);
+    else if (p.hd <= 256) launch_rows<8, KT>(c, p, rows, nsplit, split_len, part);
+    else if (p.hd <= 512) launch_rows<16, KT>(c, p, rows, nsplit, split_len, part);
+    else launch_rows<32, KT>(c, p, rows, nsplit, split_len, part);
 }
 
 /* ------------------------------------------------------------------ mma.sync tiles (f16) */
@@ -389,14 +399,15 @@ static xo_status launch_mma_hd(CuCtx *c, const AttnP16 &a, int batch) {
 
 /* kv16[i, 0:W] = K[row i], kv16[i, W:2W] = V[row i] in float16, for the compact rows
  * i = b * kv_len + j of arrays whose rows are b * cap + j */
-__global__ void k_kv_pack16(__half *kv16, const float *__restrict__ K, const float *__restrict__ V, size_t kstride,
+template <typename KT>
+__global__ void k_kv_pack16(__half *kv16, const KT *__restrict__ K, const KT *__restrict__ V, size_t kstride,
                             int kv_len, int cap, int W, size_t rows) {
     const size_t total = rows * 2 * W;
     for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < total; t += (size_t)gridDim.x * blockDim.x) {
         const size_t i = t / (2 * W);
         const int c = (int)(t - i * 2 * W);
         const size_t src = ((i / kv_len) * cap + i % kv_len) * kstride;
-        kv16[t] = __float2half_rn(c < W ? K[src + c] : V[src + c - W]);
+        kv16[t] = __float2half_rn(c < W ? cu_ld(K, src + c) : cu_ld(V, src + c - W));
     }
 }
 
@@ -504,11 +515,21 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
         p.kvs = (size_t)W;
         p.kcap = a->capacity;
     }
+    const xo_dtype kt = a->format == XO_CACHE_KV ? a->kv_dtype : XO_F32; /* the element type of p.K and p.V */
 
     if (rc == XO_OK && use_mma) {
         const size_t n16 = krows * 2 * W;
         unsigned nb = cu_blocks(n16, 256), cap = (unsigned)c->num_sms * 32;
-        k_kv_pack16<<<nb < cap ? nb : cap, 256, 0, c->stream>>>(kv16, p.K, p.V, p.kvs, kv_len, p.kcap, W, krows);
+        const unsigned grid = nb < cap ? nb : cap;
+        if (kt == XO_BF16)
+            k_kv_pack16<<<grid, 256, 0, c->stream>>>(kv16, (const __nv_bfloat16 *)p.K, (const __nv_bfloat16 *)p.V, p.kvs,
+                                                     kv_len, p.kcap, W, krows);
+        else if (kt == XO_F16)
+            k_kv_pack16<<<grid, 256, 0, c->stream>>>(kv16, (const __half *)p.K, (const __half *)p.V, p.kvs, kv_len, p.kcap,
+                                                     W, krows);
+        else
+            k_kv_pack16<<<grid, 256, 0, c->stream>>>(kv16, (const float *)p.K, (const float *)p.V, p.kvs, kv_len, p.kcap,
+                                                     W, krows);
         rc = cu_check_launch(c, "attention (f16 keys)");
         AttnP16 a16;
         a16.p = p;
@@ -519,12 +540,9 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
         if (rc == XO_OK) rc = launch_mma_hd(c, a16, B);
     } else if (rc == XO_OK) {
         const int split_len = (kv_len + nsplit - 1) / nsplit;
-        if (hd <= 32) launch_rows<1>(c, p, rows, nsplit, split_len, part);
-        else if (hd <= 64) launch_rows<2>(c, p, rows, nsplit, split_len, part);
-        else if (hd <= 128) launch_rows<4>(c, p, rows, nsplit, split_len, part);
-        else if (hd <= 256) launch_rows<8>(c, p, rows, nsplit, split_len, part);
-        else if (hd <= 512) launch_rows<16>(c, p, rows, nsplit, split_len, part);
-        else launch_rows<32>(c, p, rows, nsplit, split_len, part);
+        if (kt == XO_BF16) launch_rows_hd<__nv_bfloat16>(c, p, rows, nsplit, split_len, part);
+        else if (kt == XO_F16) launch_rows_hd<__half>(c, p, rows, nsplit, split_len, part);
+        else launch_rows_hd<float>(c, p, rows, nsplit, split_len, part);
         rc = cu_check_launch(c, "attention");
         if (rc == XO_OK && nsplit > 1) {
             cu_launch(c, k_attn_merge, dim3((unsigned)rows, (unsigned)nh), hd >= 128 ? 128 : 64, 0, p, nsplit, part);

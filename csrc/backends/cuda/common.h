@@ -171,10 +171,18 @@ static inline unsigned cu_blocks(size_t n, unsigned threads) {
 }
 
 /* ---- entry points, one concern per file ---- */
-/* backends/cuda/gemm.cu */
+/* backends/cuda/cublaslt.cu */
 /* cuBLASLt from `library` ("" : the usual names), loaded once per process; NULL where it is not found */
 XoLt *cu_lt_create(CuCtx *c, const char *library);
 void cu_lt_destroy(XoLt *lt);
+/* y[m, n] = x[m, k] @ W[n, k]^T (x of the weight's type t, or float32 with float32 W); 0 when
+ * cuBLASLt cannot do it (the caller uses a kernel), else 1 with *rc set */
+int cu_lt_gemm(CuCtx *c, float *y, const void *x, const void *w, xo_dtype t, int m, int n, int k, xo_status *rc);
+/* the same for `batch` products, x batches x_stride elements apart, y compact (n % 8 == 0) */
+int cu_lt_gemm_batched(CuCtx *c, float *y, const void *x, long long x_stride, const void *w, xo_dtype t, int m, int n,
+                       int k, int batch, xo_status *rc);
+
+/* backends/cuda/gemm.cu */
 xo_status cu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w, int m);
 xo_status cu_gate_up_swiglu(xo_backend *be, float *act, const float *x, float *gu, const xo_linear *w, int m);
 /* y[m, out] = x16[m, k] @ W.T with x already 16-bit (the dtype of w) */

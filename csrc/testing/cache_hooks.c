@@ -1,4 +1,4 @@
-/* C entry point for tests (reached through ctypes, like backends/cpu/test_hooks.c): grows a
+/* C entry point for tests (xoron._testing, reached through ctypes, like testing/hooks.c): grows a
  * cache on the CPU backend while the backend's allocator fails at its k-th call, and checks
  * that the cache is left exactly as it was. Not used by the engine. */
 #include <stdlib.h>

@@ -1,7 +1,7 @@
-/* C entry points for tests and benchmarks, reached from Python through ctypes on the
- * extension library itself (they are the only exported symbols besides PyInit__C):
- * one product through the CPU backend on any storage dtype with any options, kernel timing,
- * the machine's read bandwidth, the best kernel set and the CPU team size. Not used by the engine. */
+/* C entry points for tests and benchmarks, exported by the test-only extension xoron._testing
+ * (testing/module.c) and reached from Python through ctypes: one product through the CPU
+ * backend on any storage dtype with any options, kernel timing, the machine's read
+ * bandwidth, the best kernel set and the CPU team size. Not part of the engine. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -175,3 +175,6 @@ XO_EXPORT int xo_hook_team(int threads) {
     cx.threads = threads;
     return xo_cpu_team(&cx);
 }
+
+/* Sets this library's process default thread count (its copy of the engine's; 0 on success). */
+XO_EXPORT int xo_hook_set_default_threads(int n) { return -(int)xo_cpu_set_default_threads(n); }
