@@ -425,3 +425,15 @@ def test_index_with_a_non_string_file_name(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": 5}}))
     with pytest.raises(ValueError, match=r"index.json: weight_map values must be file names, got int"):
         MoELlamaForCausalLM.from_pretrained(tmp_path)
+
+
+def test_config_json_field_of_the_wrong_kind_is_a_value_error(tmp_path):
+    """A moe_config that is not a mapping, found in config.json: a ValueError naming the file
+    (a TypeError is for a bad argument in the caller's own code)."""
+    d = tmp_path / "m"
+    shutil.copytree(TINY_RING, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["moe_config"] = "abc"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config\.json: moe_config must be a dict"):
+        MoELlamaForCausalLM.from_pretrained(str(d))

@@ -167,6 +167,10 @@ class MoELlamaForCausalLM:
             want = _ckpt.dtype_from_checkpoint(raw, names) if kind == "safetensors" else \
                 _ckpt.dtype_from_checkpoint(raw, [])
         device = _ckpt.single_device(device, device_map)
+        try:   # a field of the wrong kind in the file is a bad checkpoint, not a bad call
+            resolve_config(raw, None, {})
+        except TypeError as e:
+            raise ValueError(f"{cfg_path}: {e}") from None
         config = resolve_config(raw, None, config_overrides)
         _keep_given_attributes(config, {k: v for k, v in raw.items() if k not in _ckpt.FILE_METADATA})
         prefix = _ckpt.tensor_prefix(n for n, _, _ in names)
