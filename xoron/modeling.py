@@ -141,7 +141,7 @@ class MoELlamaForCausalLM:
         beside the multimodal config.json), or a pytorch_model.bin. With check_finite (the
         default) a NaN or infinity in any tensor is a ValueError naming it. `torch_dtype` is
         `dtype`'s transformers name ("auto": the checkpoint's); `device_map` names one device;
-        tensors are always read memory-mapped, one at a time (low_cpu_mem_usage); files are only
+        tensors are always read one at a time with checked reads (low_cpu_mem_usage); files are only
         ever local and no code is run (local_files_only, trust_remote_code). Other keywords
         override config fields."""
         path = os.fspath(path)
