@@ -516,3 +516,77 @@ def test_grouped_weights_are_cpu_only(dtype):
     """int8 / int4 weights are a CPU format: asking for them on the GPU names the dtype."""
     with pytest.raises(RuntimeError, match=f"CUDA weight storage {dtype} is not supported"):
         xoron.MoELlamaForCausalLM(_config(), dtype=dtype, device="cuda", seed=0)
+
+
+# ------------------------------------------------------------------ hostile inputs (issue 17)
+
+NAN_OVER = dict(MOE, tie_word_embeddings=False)  # an embedding row then poisons only its token
+NAN_VOCAB = BASE["vocab_size"]
+DRAWS = {"greedy": dict(do_sample=False), "sampled": dict(do_sample=True, top_k=20, top_p=0.9, temperature=1.5, seed=5)}
+
+
+def _nan_case(device, draw):
+    """A model on `device`, its good weights, a prompt, the good continuation, and weights whose
+    embedding row of a token that is only generated (never in the prompt) is NaN: the logits
+    turn NaN at the session step that first reads that token."""
+    config = _config(NAN_OVER)
+    cfg = R.RefConfig.from_dict(config)
+    w = _weights(cfg, 3)
+    m = xoron.MoELlamaForCausalLM(config, device=device, seed=0)
+    m.load_state_dict(w)
+    prompt = ids_for(cfg, 1, 4, seed=7)
+    good = m.generate(prompt, max_new_tokens=24, eos_token_id=None, **DRAWS[draw])
+    new = [int(t) for t in good[0, 4:]]
+    fresh = [t for i, t in enumerate(new[:-1]) if t not in new[:i] and t not in prompt[0]]  # the last is never read
+    assert fresh, new
+    bad = {k: v.copy() for k, v in w.items()}
+    bad["model.embed_tokens.weight"][fresh[-1]] = np.nan  # the latest first use: deep in the session
+    return m, w, bad, prompt, good
+
+
+@needs_gpu
+@pytest.mark.parametrize("draw", list(DRAWS))
+@pytest.mark.parametrize("eos", [False, True], ids=["read_at_end", "read_every_8"])
+def test_nan_logits_in_a_decode_session_are_a_clear_error(draw, eos):
+    """A NaN met by the device argmax / sampler inside a replayed decode step is recorded on the
+    GPU and raised at the session's next read; the flag is cleared, so the model works after."""
+    m, w, bad, prompt, good = _nan_case("cuda", draw)
+    kw = dict(max_new_tokens=24, eos_token_id=[int(np.setdiff1d(np.arange(NAN_VOCAB), good)[0])] if eos else None,
+              **DRAWS[draw])
+    m.load_state_dict(bad, check_finite=False)
+    for _ in range(2):  # the second call fails the same way: nothing stale, nothing stuck
+        with pytest.raises(ValueError, match=r"logits contain NaN at row 0 \(token \d+\)"):
+            m.generate(prompt, **kw)
+    m.load_state_dict(w)
+    np.testing.assert_array_equal(m.generate(prompt, **kw), good)
+
+
+@needs_gpu
+@pytest.mark.parametrize("draw", list(DRAWS))
+def test_nan_logits_in_the_prefill_are_a_clear_error(draw):
+    """NaN in every row (the final norm): the forward's device argmax / draw reports it."""
+    m, w, _, prompt, good = _nan_case("cuda", draw)
+    bad = {k: v.copy() for k, v in w.items()}
+    bad["model.norm.weight"][3] = np.nan
+    m.load_state_dict(bad, check_finite=False)
+    with pytest.raises(ValueError, match=r"logits contain NaN at row 0"):
+        m.generate(prompt, max_new_tokens=24, eos_token_id=None, **DRAWS[draw])
+    # batch 2 with only row 1 poisoned: the error names row 1
+    tok = int(np.setdiff1d(np.arange(NAN_VOCAB), prompt[0])[0])
+    w2 = {k: v.copy() for k, v in w.items()}
+    w2["model.embed_tokens.weight"][tok] = np.nan
+    m.load_state_dict(w2, check_finite=False)
+    p2 = np.concatenate([prompt, prompt], 0)
+    p2[1, -1] = tok
+    with pytest.raises(ValueError, match=r"logits contain NaN at row 1"):
+        m.generate(p2, max_new_tokens=4, eos_token_id=None, **DRAWS[draw])
+    m.load_state_dict(w)
+    np.testing.assert_array_equal(m.generate(prompt, max_new_tokens=24, eos_token_id=None, **DRAWS[draw]), good)
+
+
+@needs_gpu
+def test_more_experts_than_the_cuda_moe_takes_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"num_experts = 129 is above the 128 the cuda backend \(device 0\) supports"):
+        xoron.MoELlamaForCausalLM(_config(dict(MOE, num_experts=129)), device="cuda", seed=0)
+    m = xoron.MoELlamaForCausalLM(_config(dict(MOE, num_experts=128)), device="cuda", seed=0)
+    assert np.isfinite(np.asarray(m(input_ids=np.array([[1, 2, 3]])).logits)).all()

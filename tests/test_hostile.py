@@ -255,6 +255,14 @@ def test_config_bounds(kw, match):
         MoELlamaForCausalLM(small_config(kw), _init=False)
 
 
+def test_cpu_moe_takes_more_experts_than_the_cuda_kernels():
+    """The CUDA backend's 128-expert limit (checked at construction there) is not the CPU's:
+    the CPU takes up to the config bound, 1024."""
+    MoELlamaForCausalLM(small_config(dict(use_moe=True, num_experts=1024)), _init=False)
+    m = MoELlamaForCausalLM(small_config(dict(use_moe=True, num_experts=129)), seed=0)
+    assert np.isfinite(np.asarray(m(input_ids=np.array([[1, 2, 3]])).logits)).all()
+
+
 def test_deeply_nested_config_is_a_value_error(tmp_path):
     deep = []
     for _ in range(50000):

@@ -101,6 +101,7 @@ struct xo_backend {
     const char *name;
     void *ctx;
     int host_memory;   /* 1: "device" pointers are host memory (the graph may write into caller arrays) */
+    int max_experts;   /* the most MoE experts the backend's kernels take; 0: no limit of its own */
 
     /* memory */
     /* zero-filled; NULL on failure, with an XO_ENOMEM message naming the size recorded (xo_fail) */

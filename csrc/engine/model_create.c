@@ -11,6 +11,10 @@ xo_status xo_model_create(xo_model **out, const xo_config *cfg, xo_backend *be, 
     xo_config c = *cfg;
     xo_status rc = xo_config_validate(&c);
     if (rc == XO_OK && c.head_dim > 1024) rc = xo_fail(XO_EINVAL, "config: head_dim %d above the supported 1024", c.head_dim);
+    /* checked here, not at the first forward: a model its backend cannot run is refused outright */
+    if (rc == XO_OK && c.use_moe && be->max_experts > 0 && c.num_experts > be->max_experts)
+        rc = xo_fail(XO_EINVAL, "config: moe_config.num_experts = %d is above the %d the %s backend (device %d) supports",
+                     c.num_experts, be->max_experts, be->name, be->device_index);
     if (rc != XO_OK) { be->destroy(be); return rc; }
     xo_model *m = calloc(1, sizeof *m);
     if (!m) { be->destroy(be); return xo_fail(XO_ENOMEM, "out of memory"); }

@@ -126,11 +126,13 @@ static xo_status be_upload(xo_backend *be, void *dst, const void *host, size_t b
 
 xo_status cu_take_fault(CuCtx *c) {
     volatile CuFault *f = c->fault;
-    if (f->kind == CU_FAULT_NONE) return XO_OK;
-    const int value = f->value, limit = f->limit;
-    f->value = f->limit = 0;
-    f->kind = CU_FAULT_NONE;
-    return cu_fail(c, XO_EINVAL, "router picked expert %d of %d", value, limit);
+    const int kind = f->kind;
+    if (kind == CU_FAULT_NONE) return XO_OK;
+    const int a = f->a, b = f->b;
+    f->a = f->b = 0;
+    f->kind = CU_FAULT_NONE; /* cleared: the next call starts clean, the model stays usable */
+    if (kind == CU_FAULT_NAN_LOGIT) return cu_fail(c, XO_EINVAL, "logits contain NaN at row %d (token %d)", a, b);
+    return cu_fail(c, XO_EINVAL, "router picked expert %d of %d", a, b);
 }
 
 static xo_status be_download(xo_backend *be, void *host, const void *src, size_t bytes) {
@@ -352,6 +354,7 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
     }
 
     be->name = "cuda";
+    be->max_experts = CU_MAX_GROUPS; /* the MoE kernels hold per-expert state in arrays this long */
     be->ctx = c;
     be->alloc = be_alloc;
     be->release = be_release;

@@ -19,12 +19,13 @@ extern "C" {
 
 struct XoLt;  /* cuBLASLt state, backends/cuda/gemm.cu */
 
-/* A bad value a kernel met in its inputs (an expert id out of range). Kept in mapped host
- * memory: a kernel writes it only on a fault, and the host reads it after the stream
- * synchronises without a copy. */
-enum { CU_FAULT_NONE = 0, CU_FAULT_EXPERT_ID = 1 };
+/* A bad value a kernel met in its inputs (an expert id out of range, a NaN logit). Kept in
+ * mapped host memory: a kernel writes it only on a fault, and the host reads it after the
+ * stream synchronises without a copy; the first fault since the last read wins. */
+enum { CU_FAULT_NONE = 0, CU_FAULT_EXPERT_ID = 1, CU_FAULT_NAN_LOGIT = 2 };
 struct CuFault {
-    int kind, value, limit;
+    int kind;
+    int a, b; /* EXPERT_ID: the id, the number of experts; NAN_LOGIT: the row, the token */
 };
 
 struct CuCtx {
@@ -61,10 +62,10 @@ xo_status cu_check_launch(CuCtx *c, const char *what);
     } while (0)
 
 /* records the first fault of a launch sequence; the caller then reads a safe value instead */
-__device__ __forceinline__ void cu_report_fault(CuFault *f, int kind, int value, int limit) {
+__device__ __forceinline__ void cu_report_fault(CuFault *f, int kind, int a, int b) {
     if (atomicCAS(&f->kind, CU_FAULT_NONE, kind) == CU_FAULT_NONE) {
-        f->value = value;
-        f->limit = limit;
+        f->a = a;
+        f->b = b;
     }
 }
 /* an expert id checked against E: a bad one is reported and replaced by 0 */

@@ -349,14 +349,22 @@ __device__ __forceinline__ void block_best(float &v, int &idx) {
     }
 }
 
-/* pass 1: block (s, r) takes columns [s * span, (s + 1) * span) of row r */
-__global__ void k_argmax_part(float *pv, int *pi, const float *__restrict__ logits, int cols, int span) {
+/* pass 1: block (s, r) takes columns [s * span, (s + 1) * span) of row r (row0 + r of the call).
+ * A NaN is a fault, as on the CPU: each thread remembers its first one and reports it (one
+ * atomic, only then), so a clean row costs a compare a column. */
+__global__ void k_argmax_part(float *pv, int *pi, const float *__restrict__ logits, int cols, int span, int row0,
+                              CuFault *fault) {
     CU_PDL_ENTRY();
     const float *z = logits + (size_t)blockIdx.y * cols;
     const int end = min(cols, (int)(blockIdx.x + 1) * span);
     float v = -INFINITY;
-    int idx = 0x7fffffff;
-    for (int j = blockIdx.x * span + threadIdx.x; j < end; j += blockDim.x) better(v, idx, z[j], j);
+    int idx = 0x7fffffff, nan_at = -1;
+    for (int j = blockIdx.x * span + threadIdx.x; j < end; j += blockDim.x) {
+        const float x = z[j];
+        if (x != x && nan_at < 0) nan_at = j;
+        better(v, idx, x, j);
+    }
+    if (nan_at >= 0) cu_report_fault(fault, CU_FAULT_NAN_LOGIT, row0 + (int)blockIdx.y, nan_at);
     block_best(v, idx);
     if (threadIdx.x == 0) {
         pv[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = v;
@@ -372,7 +380,7 @@ __global__ void k_argmax_final(int32_t *out, const float *__restrict__ pv, const
     for (int s = threadIdx.x; s < parts; s += blockDim.x)
         better(v, idx, pv[(size_t)blockIdx.x * parts + s], pi[(size_t)blockIdx.x * parts + s]);
     block_best(v, idx);
-    if (threadIdx.x == 0) out[blockIdx.x] = idx == 0x7fffffff ? 0 : idx; /* all-NaN row: 0, as the CPU */
+    if (threadIdx.x == 0) out[blockIdx.x] = idx == 0x7fffffff ? 0 : idx; /* all-NaN row (reported above): 0 */
 }
 
 xo_status cu_argmax_rows(xo_backend *be, int32_t *out, const float *logits, int rows, int cols) {
@@ -391,7 +399,7 @@ xo_status cu_argmax_rows(xo_backend *be, int32_t *out, const float *logits, int 
     for (int r0 = 0; r0 < rows; r0 += 65535) { /* grid.y is at most 65535 */
         const int nr = rows - r0 < 65535 ? rows - r0 : 65535;
         cu_launch(c, k_argmax_part, dim3((unsigned)parts, (unsigned)nr), 256, 0, pv + (size_t)r0 * parts, pi + (size_t)r0 * parts,
-                                                                              logits + (size_t)r0 * cols, cols, span);
+                                                                              logits + (size_t)r0 * cols, cols, span, r0, c->fault_dev);
     }
     cu_launch(c, k_argmax_final, rows, 128, 0, out, pv, pi, parts);
     cu_free(c, buf);

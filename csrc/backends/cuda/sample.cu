@@ -30,9 +30,10 @@ struct TopkSel {
 enum { HIST_BLOCKS_PER_ROW = 64 };
 
 /* pass `shift` (24, 16, 8, 0): count the digit (key >> shift) & 255 of the keys whose higher
- * bits equal the prefix found so far */
+ * bits equal the prefix found so far. The first pass reads every logit, so it also reports a
+ * NaN as a fault (as the CPU sampler does; one atomic a thread, only when it met one). */
 __global__ void k_topk_hist(unsigned *hist, const TopkSel *__restrict__ sel, const float *__restrict__ logits, int cols,
-                            int shift) {
+                            int shift, CuFault *fault) {
     CU_PDL_ENTRY();
     __shared__ unsigned h[256];
     const int r = blockIdx.y;
@@ -40,10 +41,14 @@ __global__ void k_topk_hist(unsigned *hist, const TopkSel *__restrict__ sel, con
     __syncthreads();
     const float *z = logits + (size_t)r * cols;
     const unsigned want = sel[r].prefix;
+    int nan_at = -1;
     for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < cols; j += gridDim.x * blockDim.x) {
-        const unsigned key = order_key(z[j]);
+        const float x = z[j];
+        if (x != x && nan_at < 0) nan_at = j;
+        const unsigned key = order_key(x);
         if (shift == 24 || (key >> (shift + 8)) == want) atomicAdd(&h[(key >> shift) & 255u], 1u);
     }
+    if (shift == 24 && nan_at >= 0) cu_report_fault(fault, CU_FAULT_NAN_LOGIT, r, nan_at);
     __syncthreads();
     for (int i = threadIdx.x; i < 256; i += blockDim.x)
         if (h[i]) atomicAdd(&hist[(size_t)r * 256 + i], h[i]);
@@ -167,7 +172,8 @@ xo_status cu_sample_rows(xo_backend *be, int32_t *out, const float *logits, int 
     int per_row = (cols + 4095) / 4096;
     if (per_row > HIST_BLOCKS_PER_ROW) per_row = HIST_BLOCKS_PER_ROW;
     for (int shift = 24; shift >= 0; shift -= 8) {
-        cu_launch(c, k_topk_hist, dim3((unsigned)per_row, (unsigned)rows), 256, 0, hist, sel, logits, cols, shift);
+        cu_launch(c, k_topk_hist, dim3((unsigned)per_row, (unsigned)rows), 256, 0, hist, sel, logits, cols, shift,
+                  c->fault_dev);
         cu_launch(c, k_topk_pick, rows, 32, 0, hist, sel, rows);
     }
     cu_launch(c, k_sample_rows, rows, SAMPLE_THREADS, 0, out, logits, cols, temperature, top_p, seed, step,
