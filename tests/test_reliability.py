@@ -322,3 +322,52 @@ def test_sigint_handler_of_python_is_kept():
     finally:
         signal.signal(signal.SIGINT, old)
     assert signal.getsignal(signal.SIGINT) is old
+
+
+_SIGNAL_GUARD_CHILD = textwrap.dedent("""
+    import ctypes, os, signal, sys, threading
+    import numpy as np
+    sys.path.insert(0, {tests!r})
+    from conftest import small_config
+    from xoron import MoELlamaForCausalLM
+
+    before = set(os.listdir("/proc/self/task"))  # numpy's BLAS threads, say: they run no sgemm of ours
+    m = MoELlamaForCausalLM(small_config(hidden_size=64), seed=1)
+    m(np.ones((1, 200), dtype=np.int64))  # a call: the team is started and guarded
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    class StackT(ctypes.Structure):
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+    st = StackT()
+    assert libc.sigaltstack(None, ctypes.byref(st)) == 0
+    print("caller alt stack", not (st.ss_flags & 2) and st.ss_size >= 65536)  # SS_DISABLE = 2
+
+    act = ctypes.create_string_buffer(256)  # struct sigaction: handler, 128-byte mask, int flags, ...
+    assert libc.sigaction(signal.SIGINT, None, act) == 0
+    flags = int.from_bytes(act.raw[8 + 128:8 + 128 + 4], "little")
+    print("handler on alt stack", bool(flags & 0x08000000))  # SA_ONSTACK
+
+    python_threads = {{t.native_id for t in threading.enumerate()}}
+    workers = [int(t) for t in set(os.listdir("/proc/self/task")) - before if int(t) not in python_threads]
+    def blocks_sigint(tid):
+        with open(f"/proc/self/task/{{tid}}/status") as f:
+            blk = next(int(l.split()[1], 16) for l in f if l.startswith("SigBlk:"))
+        return bool(blk & (1 << (signal.SIGINT - 1)))
+    print("workers", len(workers) > 0, all(blocks_sigint(t) for t in workers))
+    print("caller blocks sigint", blocks_sigint(threading.main_thread().native_id))
+""")
+
+
+def test_signals_never_land_in_onednn_sgemm():
+    # oneDNN's JIT sgemm (3.2) points rsp at a heap buffer while it runs: a signal handled on
+    # that thread writes its frame over the heap (the "corrupted size vs. prev_size" aborts
+    # of the Ctrl-C bench). The team's threads block signals; the caller, which still takes
+    # Ctrl-C, has its handler run on an alternate stack.
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="2",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_GUARD_CHILD.format(tests=here)], env=env,
+                          capture_output=True, text=True, timeout=HANG)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["caller alt stack True", "handler on alt stack True", "workers True True",
+                                        "caller blocks sigint False"], proc.stdout

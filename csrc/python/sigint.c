@@ -34,7 +34,9 @@ static int chain_handler(void) {
     if (!(cur.sa_flags & SA_SIGINFO) && (cur.sa_handler == SIG_DFL || cur.sa_handler == SIG_IGN)) return -1;
     python_action = cur;
     struct sigaction ours = cur;
-    ours.sa_flags = (cur.sa_flags | SA_SIGINFO) & ~SA_RESETHAND;
+    /* SA_ONSTACK: on the alternate stack the CPU backend gives a calling thread (threads.c:
+     * oneDNN's sgemm points rsp at the heap while it runs) */
+    ours.sa_flags = (cur.sa_flags | SA_SIGINFO | SA_ONSTACK) & ~SA_RESETHAND;
     ours.sa_sigaction = on_sigint;
     return sigaction(SIGINT, &ours, NULL);
 }

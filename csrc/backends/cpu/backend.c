@@ -40,6 +40,7 @@ static xo_status cpu_sync(xo_backend *be) {
 static void cpu_enter(xo_backend *be) {
     xo_cpu_ctx *cx = be->ctx;
     cx->saved_threads = omp_get_max_threads();
+    xo_cpu_guard_signals(cx);  /* before any oneDNN call: a signal there can corrupt the heap */
     const int n = xo_cpu_team(cx);
     if (n != cx->saved_threads) omp_set_num_threads(n);
 }

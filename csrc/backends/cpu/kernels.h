@@ -29,6 +29,8 @@ xo_status xo_cpu_set_default_threads(long long n);
 /* the team size for the next parallel work of a backend: its option, else the process default,
  * which when automatic leaves a core to each other runnable task */
 int xo_cpu_team(const xo_cpu_ctx *cx);
+/* the calling thread and its OpenMP team made safe for signals during oneDNN's sgemm (threads.c) */
+void xo_cpu_guard_signals(const xo_cpu_ctx *cx);
 
 /* backends/cpu/gemm.c */
 xo_status xo_cpu_linear_init(xo_backend *be, xo_linear *w, const void *host, xo_dtype src_t, int row_offset, int rows);

@@ -12,6 +12,8 @@
  * each decode step, at how much other work is runnable (xo_cpu_team). */
 #include <ctype.h>
 #include <limits.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -117,4 +119,80 @@ int xo_cpu_team(const xo_cpu_ctx *cx) {
     const long others = runnable_now() - 1;
     const long free_cores = others > 0 ? cores - others : n;
     return free_cores < 1 ? 1 : free_cores < n ? (int)free_cores : n;
+}
+
+/* Signals and oneDNN's JIT sgemm. oneDNN's generated f32 GEMM kernels (3.2 here; fixed
+ * upstream in oneDNN 3.11, uxlfoundation/oneDNN#4845) point rsp at a heap workspace while they
+ * run. A signal handled on such a thread has the kernel push its frame (several KB with the
+ * AVX-512 state) below that pointer: over the heap chunk before the workspace, which glibc
+ * later reports as "corrupted size vs. prev_size" and the like. SIGINT arrives during a long
+ * call by design (Ctrl-C, python/sigint.c), on whichever thread Linux picks: the caller or
+ * any thread of the OpenMP team. So:
+ *   - the team's other threads block every asynchronous signal (Linux then hands a
+ *     process-wide signal to another thread; nothing of theirs needs one);
+ *   - the calling thread, which must still take Ctrl-C, gets an alternate signal stack:
+ *     handlers installed with SA_ONSTACK (Python's, and ours in front of it) then run there,
+ *     whatever rsp points at. */
+enum { ALT_STACK_BYTES = 256 * 1024 };
+
+static pthread_key_t g_alt_key;
+static pthread_once_t g_alt_once = PTHREAD_ONCE_INIT;
+static _Thread_local int t_guarded;   /* 1: this thread's signals are set up (blocked or alt stack) */
+
+/* at the exit of a thread that got our alternate stack: stop using it, then free it */
+static void alt_stack_free(void *mem) {
+    stack_t cur;
+    if (sigaltstack(NULL, &cur) == 0 && cur.ss_sp == mem && !(cur.ss_flags & SS_ONSTACK)) {
+        stack_t off = { .ss_flags = SS_DISABLE };
+        sigaltstack(&off, NULL);
+    }
+    free(mem);
+}
+
+static void alt_key_create(void) {
+    if (pthread_key_create(&g_alt_key, alt_stack_free) != 0) g_alt_key = (pthread_key_t)-1;
+}
+
+static void guard_caller(void) {
+    stack_t cur;
+    if (sigaltstack(NULL, &cur) != 0) return;
+    t_guarded = 1;
+    if (!(cur.ss_flags & SS_DISABLE)) return;   /* the thread has one already (faulthandler's, say) */
+    pthread_once(&g_alt_once, alt_key_create);
+    if (g_alt_key == (pthread_key_t)-1) return;
+    long min = sysconf(_SC_MINSIGSTKSZ);
+    size_t bytes = min > 0 && (size_t)min * 4 > ALT_STACK_BYTES ? (size_t)min * 4 : ALT_STACK_BYTES;
+    void *mem = malloc(bytes);
+    if (!mem) { t_guarded = 0; return; }
+    stack_t ss = { .ss_sp = mem, .ss_size = bytes, .ss_flags = 0 };
+    if (sigaltstack(&ss, NULL) != 0 || pthread_setspecific(g_alt_key, mem) != 0) {
+        stack_t off = { .ss_flags = SS_DISABLE };
+        sigaltstack(&off, NULL);
+        free(mem);
+        t_guarded = 0;
+    }
+}
+
+static void guard_worker(void) {
+    sigset_t all;
+    sigfillset(&all);
+    /* faults stay deliverable */
+    sigdelset(&all, SIGSEGV);
+    sigdelset(&all, SIGBUS);
+    sigdelset(&all, SIGFPE);
+    sigdelset(&all, SIGILL);
+    sigdelset(&all, SIGTRAP);
+    sigdelset(&all, SIGABRT);
+    if (pthread_sigmask(SIG_BLOCK, &all, NULL) == 0) t_guarded = 1;
+}
+
+void xo_cpu_guard_signals(const xo_cpu_ctx *cx) {
+    if (!t_guarded) guard_caller();
+    /* every thread a team of this call may use: the count asked for, else the default (the
+     * largest team xo_cpu_team gives); a team uses the first threads of the caller's pool */
+    const int most = cx->threads > 0 ? cx->threads : xo_cpu_default_threads();
+    #pragma omp parallel num_threads(most) if (most > 1)
+    {
+        if (omp_get_thread_num() != 0 && !t_guarded) guard_worker();
+    }
 }
