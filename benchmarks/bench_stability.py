@@ -231,7 +231,7 @@ def main():
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args()
     m = MoELlamaForCausalLM.from_pretrained(DEMO)
-    print(f"demo model ({sum(v.size for v in m.state_dict().values()) / 1e6:.1f} M parameters), "
+    print(f"demo model ({sum(int(np.prod(v.shape)) for v in m.state_dict().values()) / 1e6:.1f} M parameters), "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs", flush=True)
     print("memory:", flush=True)
     mem = memory_figures(m)
