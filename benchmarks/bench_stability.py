@@ -33,6 +33,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import xoron  # noqa: E402
 from xoron import MoELlamaForCausalLM  # noqa: E402
 
 DEMO = os.path.join(ROOT, "xoron", "demo")
@@ -236,6 +237,9 @@ def main():
     print("memory:", flush=True)
     mem = memory_figures(m)
     print("threads:", flush=True)
+    # bitwise equality needs a fixed thread count: the automatic one follows the machine's load,
+    # and oneDNN's products for prompts round differently with another team size
+    xoron.set_num_threads(xoron.get_num_threads())
     thr = thread_figures(m, a.threads, a.threads_seconds)
     print("interrupts:", flush=True)
     intr = interrupt_figures(a.interrupts)
