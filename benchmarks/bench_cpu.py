@@ -231,7 +231,7 @@ def main():
             sd = xoron.MoELlamaForCausalLM(cfg, dtype="float32", seed=ARGS.seed).state_dict()
         with torch.device("meta"):
             tm = TorchMoELlama(cfg)
-        tm.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True, assign=True)
+        tm.load_state_dict({k: torch.as_tensor(sd[k]) for k in tm.state_dict()}, strict=True, assign=True)
         tm.eval()
         name = "torch float32"
         print(f"torch {torch.__version__} eager float32, {torch.get_num_threads()} threads", flush=True)

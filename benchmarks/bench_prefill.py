@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         sd = model.state_dict()
         with torch.device("meta"):
             tm = TorchMoELlama(config)
-        tm.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True, assign=True)
+        tm.load_state_dict({k: torch.as_tensor(sd[k]) for k in tm.state_dict()}, strict=True, assign=True)
         tm.eval()
         del sd
         print(f"torch model loaded with the same weights in {time.perf_counter() - t0:.1f} s")
