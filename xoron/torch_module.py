@@ -272,17 +272,11 @@ class MoELlamaForCausalLM(nn.Module, _m.MoELlamaForCausalLM):
             raise DeviceError(f"bad device or dtype in to(): {e}") from None
         return nn.Module.to(self, *args, **kwargs)
 
-    def float(self):
-        return self.to(dtype="float32")
-
-    def bfloat16(self):
-        return self.to(dtype="bfloat16")
-
-    def half(self):
-        return self.to(dtype="float16")
-
-    def cpu(self):
-        return self.to(device="cpu")
+    # nn.Module comes first in the bases, so the engine class's forms are named here (they call self.to)
+    float = _m.MoELlamaForCausalLM.float
+    bfloat16 = _m.MoELlamaForCausalLM.bfloat16
+    half = _m.MoELlamaForCausalLM.half
+    cpu = _m.MoELlamaForCausalLM.cpu
 
     def cuda(self, device=None):
         index = device if isinstance(device, int) else torch.device(device).index if device is not None else None

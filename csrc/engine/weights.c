@@ -30,27 +30,19 @@ static xo_weight_slot *push(slot_list *L, int kind, int rows, int cols, const ch
     __attribute__((format(printf, 5, 6)));
 
 static xo_weight_slot *push(slot_list *L, int kind, int rows, int cols, const char *fmt, ...) {
-    if (L->check) {
-        xo_weight_slot *s = &L->scratch;
-        memset(s, 0, sizeof *s);
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(s->name, sizeof s->name, fmt, ap);
-        va_end(ap);
-        s->kind = kind;
-        s->rows = rows;
-        s->cols = cols;
-        if ((L->rc = check_slot(L->check, s)) != XO_OK) return NULL;
-        return s;
+    xo_weight_slot *s;
+    if (L->check) {   /* checking only: one scratch slot, nothing kept */
+        s = &L->scratch;
+    } else {
+        if (L->n == L->cap) {
+            int cap = L->cap ? 2 * L->cap : 64;
+            xo_weight_slot *ns = realloc(L->s, (size_t)cap * sizeof *ns);
+            if (!ns) { L->rc = xo_fail(XO_ENOMEM, "out of memory"); return NULL; }
+            L->s = ns;
+            L->cap = cap;
+        }
+        s = &L->s[L->n++];
     }
-    if (L->n == L->cap) {
-        int cap = L->cap ? 2 * L->cap : 64;
-        xo_weight_slot *ns = realloc(L->s, (size_t)cap * sizeof *ns);
-        if (!ns) { L->rc = xo_fail(XO_ENOMEM, "out of memory"); return NULL; }
-        L->s = ns;
-        L->cap = cap;
-    }
-    xo_weight_slot *s = &L->s[L->n++];
     memset(s, 0, sizeof *s);
     va_list ap;
     va_start(ap, fmt);
@@ -59,6 +51,7 @@ static xo_weight_slot *push(slot_list *L, int kind, int rows, int cols, const ch
     s->kind = kind;
     s->rows = rows;
     s->cols = cols;
+    if (L->check && (L->rc = check_slot(L->check, s)) != XO_OK) return NULL;
     return s;
 }
 
