@@ -97,32 +97,29 @@ typedef struct {
     int32_t pad_id;            /* written for finished rows */
 } xo_decode_state;
 
-struct xo_backend {
-    const char *name;
-    void *ctx;
-    int host_memory;   /* 1: "device" pointers are host memory (the graph may write into caller arrays) */
-    int max_experts;   /* the most MoE experts the backend's kernels take; 0: no limit of its own */
-
-    /* memory */
+/* The table's entries by concern: memory, weight storage, the kernels of a forward pass, the
+ * bookkeeping of a decode step, and graph capture. */
+typedef struct {
     /* zero-filled; NULL on failure, with an XO_ENOMEM message naming the size recorded (xo_fail) */
     void *(*alloc)(xo_backend *be, size_t bytes);
     void (*release)(xo_backend *be, void *ptr);
     /* frees memory that another framework's streams may still read (waits for the device) */
     void (*release_shared)(xo_backend *be, void *ptr);
-    int device_index;  /* for DLPack: the device the memory lives on */
-    void *native_stream; /* CUDA: the cudaStream_t the kernels run on (handed to a DLPack producer, which
-                          * orders its pending work before ours); else NULL */
     xo_status (*upload)(xo_backend *be, void *dst, const void *host, size_t bytes);
     xo_status (*download)(xo_backend *be, void *host, const void *src, size_t bytes);
     xo_status (*copy)(xo_backend *be, void *dst, const void *src, size_t bytes);
     xo_status (*synchronize)(xo_backend *be);
+} xo_memory_ops;
 
+typedef struct {
     /* weights: rows [row_offset, row_offset+rows) of w (out, in, dtype set by the caller; storage
      * allocated on first use) from host data [rows, in] of dtype src_t */
     xo_status (*linear_init)(xo_backend *be, xo_linear *w, const void *host, xo_dtype src_t, int row_offset, int rows);
     void (*linear_free)(xo_backend *be, xo_linear *w);
     xo_status (*linear_to_host)(xo_backend *be, const xo_linear *w, float *host); /* dequantised */
+} xo_weight_ops;
 
+typedef struct {
     /* y[m, w.out] = x[m, w.in] @ W.T */
     xo_status (*matmul)(xo_backend *be, float *y, const float *x, const xo_linear *w, int m);
     /* y[n, d] = w * x / sqrt(mean(x^2) + eps); x rows are x_stride apart */
@@ -170,7 +167,9 @@ struct xo_backend {
     xo_status (*sample_rows)(xo_backend *be, int32_t *out, const float *logits, int rows, int cols,
                              float temperature, int top_k, float top_p, uint64_t seed, uint64_t step,
                              const int32_t *step_device);
+} xo_kernel_ops;
 
+typedef struct {
     /* decode sessions (engine/decode_session.c): the bookkeeping of one step on the backend, so that a
      * step needs nothing from the host and can be replayed */
     xo_status (*decode_begin)(xo_backend *be, const xo_decode_state *st);
@@ -178,12 +177,31 @@ struct xo_backend {
     /* logits[r, ids[i]] = -inf for every row while the step counter is below `below` */
     xo_status (*suppress_tokens)(xo_backend *be, float *logits, int rows, int cols, const int32_t *ids, int n,
                                  const int32_t *step_device, int below);
+} xo_decode_ops;
+
+typedef struct {
     /* optional (NULL: steps run eagerly): record the work queued between capture_begin and
      * capture_end as a graph, replayed by graph_launch */
     xo_status (*capture_begin)(xo_backend *be);
     xo_status (*capture_end)(xo_backend *be, void **graph);
     xo_status (*graph_launch)(xo_backend *be, void *graph);
     void (*graph_free)(xo_backend *be, void *graph);
+} xo_graph_ops;
+
+struct xo_backend {
+    const char *name;
+    void *ctx;
+    int host_memory;   /* 1: "device" pointers are host memory (the graph may write into caller arrays) */
+    int max_experts;   /* the most MoE experts the backend's kernels take; 0: no limit of its own */
+    int device_index;  /* for DLPack: the device the memory lives on */
+    void *native_stream; /* CUDA: the cudaStream_t the kernels run on (handed to a DLPack producer, which
+                          * orders its pending work before ours); else NULL */
+
+    xo_memory_ops mem;
+    xo_weight_ops weights;
+    xo_kernel_ops ops;
+    xo_decode_ops decode;
+    xo_graph_ops graphs;
 
     /* optional: around each call into the model from one host thread (its lock held); the CPU
      * applies its thread count there */

@@ -41,7 +41,7 @@ typedef struct {
 static void release_fresh(xo_backend *be, growing_array *g, int n) {
     for (int i = 0; i < n; i++) {
         if (g[i].host) free(g[i].fresh);
-        else be->release(be, g[i].fresh);
+        else be->mem.release(be, g[i].fresh);
         g[i].fresh = NULL;
     }
 }
@@ -78,7 +78,7 @@ xo_status xo_cache_reserve(xo_cache *c, int tokens) {
     xo_status rc = XO_OK;
     for (int i = 0; i < n && rc == XO_OK; i++) {
         const size_t bytes = (size_t)c->batch * cap * g[i].slot_bytes;
-        g[i].fresh = g[i].host ? calloc((size_t)c->batch * cap, g[i].slot_bytes) : be->alloc(be, bytes);
+        g[i].fresh = g[i].host ? calloc((size_t)c->batch * cap, g[i].slot_bytes) : be->mem.alloc(be, bytes);
         if (!g[i].fresh) rc = xo_fail_more(XO_ENOMEM, "out of memory growing the cache to %d tokens", cap);
     }
     for (int i = 0; i < n && rc == XO_OK; i++) {
@@ -87,7 +87,7 @@ xo_status xo_cache_reserve(xo_cache *c, int tokens) {
             char *dst = (char *)g[i].fresh + (size_t)b * cap * row;
             const char *src = (const char *)*g[i].arr + (size_t)b * old * row;
             if (g[i].host) memcpy(dst, src, (size_t)len * row);
-            else rc = be->copy(be, dst, src, (size_t)len * row);
+            else rc = be->mem.copy(be, dst, src, (size_t)len * row);
         }
     }
     if (rc != XO_OK) {
@@ -97,7 +97,7 @@ xo_status xo_cache_reserve(xo_cache *c, int tokens) {
     }
     for (int i = 0; i < n; i++) {
         if (g[i].host) free(*g[i].arr);
-        else be->release(be, *g[i].arr);
+        else be->mem.release(be, *g[i].arr);
         *g[i].arr = g[i].fresh;
     }
     free(g);
@@ -109,10 +109,10 @@ xo_status xo_cache_reserve(xo_cache *c, int tokens) {
 static xo_status gather_rows(xo_backend *be, void **dst, const void *src, const int *rows, int n, int cap, int len,
                              size_t slot_bytes) {
     const size_t row_bytes = (size_t)cap * slot_bytes;
-    if (!(*dst = be->alloc(be, (size_t)n * row_bytes)))
+    if (!(*dst = be->mem.alloc(be, (size_t)n * row_bytes)))
         return xo_fail(XO_ENOMEM, "out of memory copying a cache of %d rows", n);
     for (int r = 0; r < n && len > 0; r++)
-        XO_TRY(be->copy(be, (char *)*dst + r * row_bytes, (const char *)src + rows[r] * row_bytes, (size_t)len * slot_bytes));
+        XO_TRY(be->mem.copy(be, (char *)*dst + r * row_bytes, (const char *)src + rows[r] * row_bytes, (size_t)len * slot_bytes));
     return XO_OK;
 }
 
@@ -173,15 +173,15 @@ xo_status xo_cache_gather(xo_cache **out, const xo_cache *src, const int *rows, 
 void xo_cache_free(xo_cache *c) {
     if (!c) return;
     for (int l = 0; l < c->num_layers; l++) {
-        if (c->latent) c->be->release(c->be, c->latent[l]);
-        if (c->k) c->be->release(c->be, c->k[l]);
-        if (c->v) c->be->release(c->be, c->v[l]);
+        if (c->latent) c->be->mem.release(c->be, c->latent[l]);
+        if (c->k) c->be->mem.release(c->be, c->k[l]);
+        if (c->v) c->be->mem.release(c->be, c->v[l]);
     }
     free(c->latent);
     free(c->k);
     free(c->v);
-    c->be->release(c->be, c->positions);
-    c->be->release(c->be, c->mask);
+    c->be->mem.release(c->be, c->positions);
+    c->be->mem.release(c->be, c->mask);
     free(c->host_positions);
     free(c->host_mask);
     free(c->next_position);

@@ -34,7 +34,7 @@ xo_status xo_cache_reserve(xo_cache *c, int tokens);
 void xo_cache_free(xo_cache *c);
 /* A new cache whose row r is a copy of row rows[r] of src (a field added to xo_cache must be
  * copied there too) (n rows, each in [0, src->batch));
- * beam search reorders its rows this way. Copies run where the cache lives (be->copy). */
+ * beam search reorders its rows this way. Copies run where the cache lives (be->mem.copy). */
 xo_status xo_cache_gather(xo_cache **out, const xo_cache *src, const int *rows, int n);
 /* Bytes of cached state per token (all layers), and in use for the stored tokens. */
 size_t xo_cache_bytes_per_token(const xo_cache *c);

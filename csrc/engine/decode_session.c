@@ -39,26 +39,26 @@ static xo_status queue_step(xo_decoder *d, int bound) {
     xo_backend *be = m->be;
     const xo_config *c = &m->cfg;
     const int b = d->st.batch, V = c->vocab_size;
-    XO_TRY(be->decode_begin(be, &d->st));
+    XO_TRY(be->decode.decode_begin(be, &d->st));
     xo_layers_args la = { .batch = b, .tokens = 1, .past = bound - 1, .past_device = &d->st.state[0] };
     XO_TRY(xo_model_layers(m, &la, d->cache, &d->s));
     XO_TRY(xo_model_lm_head(m, d->s.logits, d->s.xn, b));
     if (d->p.min_new_tokens > d->p.first_step && d->p.num_eos > 0)
-        XO_TRY(be->suppress_tokens(be, d->s.logits, b, V, d->eos_dev, d->p.num_eos, &d->st.state[1], d->p.min_new_tokens));
+        XO_TRY(be->decode.suppress_tokens(be, d->s.logits, b, V, d->eos_dev, d->p.num_eos, &d->st.state[1], d->p.min_new_tokens));
     if (d->p.draw)
-        XO_TRY(be->sample_rows(be, d->st.tokens, d->s.logits, b, V, d->draw.temperature, d->draw.top_k, d->draw.top_p,
+        XO_TRY(be->ops.sample_rows(be, d->st.tokens, d->s.logits, b, V, d->draw.temperature, d->draw.top_k, d->draw.top_p,
                                d->draw.seed, 0, &d->st.state[1]));
     else
-        XO_TRY(be->argmax_rows(be, d->st.tokens, d->s.logits, b, V));
-    return be->decode_end(be, &d->st);
+        XO_TRY(be->ops.argmax_rows(be, d->st.tokens, d->s.logits, b, V));
+    return be->decode.decode_end(be, &d->st);
 }
 
 xo_status xo_decoder_create(xo_decoder **out, xo_model *m, xo_cache *cache, const xo_decoder_params *p) {
     xo_backend *be = m->be;
     const int b = cache->batch;
-    if (!be->decode_begin || !be->decode_end || !be->suppress_tokens)
+    if (!be->decode.decode_begin || !be->decode.decode_end || !be->decode.suppress_tokens)
         return xo_fail(XO_EUNSUPPORTED, "backend %s has no decode sessions", be->name);
-    if (p->draw && !be->sample_rows) return xo_fail(XO_EUNSUPPORTED, "backend %s cannot sample", be->name);
+    if (p->draw && !be->ops.sample_rows) return xo_fail(XO_EUNSUPPORTED, "backend %s cannot sample", be->name);
     if (p->ring <= 0) return xo_fail(XO_EINVAL, "decode session ring must be positive");
     xo_decoder *d = calloc(1, sizeof *d);
     if (!d) return xo_fail(XO_ENOMEM, "out of memory");
@@ -70,7 +70,7 @@ xo_status xo_decoder_create(xo_decoder **out, xo_model *m, xo_cache *cache, cons
     /* st's arrays in one block: state[2], tokens, next_pos, out[ring*b], eos, finished */
     const size_t ints = 2 + 2 * (size_t)b + (size_t)p->ring * b + (size_t)(p->num_eos > 0 ? p->num_eos : 1);
     xo_status rc = xo_scratch_alloc(be, &m->cfg, b, b, b, &d->s);
-    if (rc == XO_OK && !(d->block = be->alloc(be, ints * sizeof(int32_t) + (size_t)b)))
+    if (rc == XO_OK && !(d->block = be->mem.alloc(be, ints * sizeof(int32_t) + (size_t)b)))
         rc = xo_fail_more(XO_ENOMEM, "out of memory for a decode session of %d rows", b);
     if (rc != XO_OK) {
         xo_scratch_free(be, &d->s);
@@ -96,11 +96,11 @@ xo_status xo_decoder_create(xo_decoder **out, xo_model *m, xo_cache *cache, cons
     st->num_eos = p->num_eos;
     st->pad_id = p->pad_id;
     const int32_t state[2] = { cache->length, p->first_step };
-    rc = be->upload(be, st->state, state, sizeof state);
-    if (rc == XO_OK) rc = be->upload(be, st->tokens, p->tokens, (size_t)b * sizeof(int32_t));
-    if (rc == XO_OK) rc = be->upload(be, st->next_pos, cache->next_position, (size_t)b * sizeof(int32_t));
-    if (rc == XO_OK) rc = be->upload(be, st->finished, p->finished, (size_t)b);
-    if (rc == XO_OK && p->num_eos > 0) rc = be->upload(be, d->eos_dev, p->eos, (size_t)p->num_eos * sizeof(int32_t));
+    rc = be->mem.upload(be, st->state, state, sizeof state);
+    if (rc == XO_OK) rc = be->mem.upload(be, st->tokens, p->tokens, (size_t)b * sizeof(int32_t));
+    if (rc == XO_OK) rc = be->mem.upload(be, st->next_pos, cache->next_position, (size_t)b * sizeof(int32_t));
+    if (rc == XO_OK) rc = be->mem.upload(be, st->finished, p->finished, (size_t)b);
+    if (rc == XO_OK && p->num_eos > 0) rc = be->mem.upload(be, d->eos_dev, p->eos, (size_t)p->num_eos * sizeof(int32_t));
     if (rc != XO_OK) {
         xo_decoder_free(d);
         return rc;
@@ -113,13 +113,13 @@ xo_status xo_decoder_create(xo_decoder **out, xo_model *m, xo_cache *cache, cons
 static xo_status grow_cache(xo_decoder *d) {
     xo_backend *be = d->m->be;
     xo_cache *c = d->cache;
-    XO_TRY(be->synchronize(be));
+    XO_TRY(be->mem.synchronize(be));
     c->length = d->past;  /* the slots the regrow keeps; the host mirrors are refreshed at the end */
     XO_TRY(xo_cache_reserve(c, d->past + 1));
     d->st.capacity = c->capacity;
     d->st.cache_pos = c->positions;
     d->st.cache_mask = c->mask;
-    if (d->graph) be->graph_free(be, d->graph);
+    if (d->graph) be->graphs.graph_free(be, d->graph);
     d->graph = NULL;
     d->warm_bound = 0;
     return XO_OK;
@@ -130,28 +130,28 @@ xo_status xo_decoder_step(xo_decoder *d) {
     if (d->past + 1 > d->cache->capacity) XO_TRY(grow_cache(d));
     const int bound = key_bound(d, d->past + 1);
     xo_status rc = XO_OK;
-    const int can_record = be->capture_begin && !d->no_graph;
+    const int can_record = be->graphs.capture_begin && !d->no_graph;
     if (can_record && d->graph && d->graph_bound == bound) {
-        rc = be->graph_launch(be, d->graph);
+        rc = be->graphs.graph_launch(be, d->graph);
     } else if (can_record && d->warm_bound == bound) {
         /* record this bound's step (its first step ran eagerly, so every buffer it grows is grown) */
-        if (d->graph) be->graph_free(be, d->graph);
+        if (d->graph) be->graphs.graph_free(be, d->graph);
         d->graph = NULL;
         void *g = NULL;
-        rc = be->capture_begin(be);
+        rc = be->graphs.capture_begin(be);
         if (rc == XO_OK) {
             xo_status step_rc = queue_step(d, bound);
-            rc = be->capture_end(be, &g);
+            rc = be->graphs.capture_end(be, &g);
             if (step_rc != XO_OK) rc = step_rc;
         }
         if (rc == XO_OK) {
             d->graph = g;
             d->graph_bound = bound;
-            rc = be->graph_launch(be, g);
+            rc = be->graphs.graph_launch(be, g);
         } else {  /* the backend could not record this step: run every step eagerly instead */
-            if (g) be->graph_free(be, g);
+            if (g) be->graphs.graph_free(be, g);
             d->no_graph = 1;
-            rc = be->synchronize(be);
+            rc = be->mem.synchronize(be);
             if (rc == XO_OK) rc = queue_step(d, bound);
         }
     } else {
@@ -171,7 +171,7 @@ xo_status xo_decoder_read(xo_decoder *d, int32_t *host, int first, int count) {
     for (int i = 0; i < count;) {
         const int slot = (first + i) % ring;
         const int run = count - i < ring - slot ? count - i : ring - slot;
-        XO_TRY(d->m->be->download(d->m->be, host + (size_t)i * b, d->st.out + (size_t)slot * b, (size_t)run * b * sizeof(int32_t)));
+        XO_TRY(d->m->be->mem.download(d->m->be, host + (size_t)i * b, d->st.out + (size_t)slot * b, (size_t)run * b * sizeof(int32_t)));
         i += run;
     }
     return XO_OK;
@@ -181,18 +181,18 @@ xo_status xo_decoder_free(xo_decoder *d) {
     if (!d) return XO_OK;
     xo_backend *be = d->m->be;
     xo_cache *c = d->cache;
-    xo_status rc = be->synchronize(be);
-    if (d->graph) be->graph_free(be, d->graph);
+    xo_status rc = be->mem.synchronize(be);
+    if (d->graph) be->graphs.graph_free(be, d->graph);
     /* the cache now holds the session's tokens: bring its host mirrors up to date */
     if (rc == XO_OK && d->steps > 0) {
         const size_t cells = (size_t)c->batch * c->capacity;
-        rc = be->download(be, c->next_position, d->st.next_pos, (size_t)c->batch * sizeof(int32_t));
-        if (rc == XO_OK) rc = be->download(be, c->host_positions, c->positions, cells * sizeof(int32_t));
-        if (rc == XO_OK) rc = be->download(be, c->host_mask, c->mask, cells);
+        rc = be->mem.download(be, c->next_position, d->st.next_pos, (size_t)c->batch * sizeof(int32_t));
+        if (rc == XO_OK) rc = be->mem.download(be, c->host_positions, c->positions, cells * sizeof(int32_t));
+        if (rc == XO_OK) rc = be->mem.download(be, c->host_mask, c->mask, cells);
         if (rc == XO_OK) c->length = d->past;
     }
     xo_scratch_free(be, &d->s);
-    be->release(be, d->block);
+    be->mem.release(be, d->block);
     free(d);
     return rc;
 }

@@ -35,8 +35,8 @@ static xo_status prepare_positions(xo_model *m, const xo_forward_args *a, xo_cac
                 cache->host_mask[(size_t)r * cache->capacity + j] = a->mask[(size_t)r * a->mask_len + j] != 0;
         cache->next_position[r] = next;
     }
-    XO_TRY(m->be->upload(m->be, cache->positions, cache->host_positions, (size_t)b * cache->capacity * sizeof(int32_t)));
-    return m->be->upload(m->be, cache->mask, cache->host_mask, (size_t)b * cache->capacity);
+    XO_TRY(m->be->mem.upload(m->be, cache->positions, cache->host_positions, (size_t)b * cache->capacity * sizeof(int32_t)));
+    return m->be->mem.upload(m->be, cache->mask, cache->host_mask, (size_t)b * cache->capacity);
 }
 
 static xo_status check_args(const xo_model *m, const xo_forward_args *a, const xo_cache *cache) {
@@ -45,7 +45,7 @@ static xo_status check_args(const xo_model *m, const xo_forward_args *a, const x
     if (!a->ids && !a->embeds && !a->ids_device) return xo_fail(XO_EINVAL, "give input_ids or inputs_embeds");
     if (a->logits_to_keep < 0)
         return xo_fail(XO_EINVAL, "logits_to_keep must be >= 0 (0 keeps every position), got %d", a->logits_to_keep);
-    if (a->ids_device && !m->be->load_ids)
+    if (a->ids_device && !m->be->ops.load_ids)
         return xo_fail(XO_EUNSUPPORTED, "backend %s cannot read input_ids from device memory", m->be->name);
     for (size_t i = 0; a->ids && i < (size_t)a->batch * a->tokens; i++)
         if (a->ids[i] < 0 || a->ids[i] >= m->cfg.vocab_size)
@@ -84,7 +84,7 @@ static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache 
     int nrows = n;
     if (keep < t) {
         for (int row = 0; row < b; row++)
-            XO_TRY(be->copy(be, s->branch + (size_t)row * keep * H, s->xn + ((size_t)row * t + t - keep) * H,
+            XO_TRY(be->mem.copy(be, s->branch + (size_t)row * keep * H, s->xn + ((size_t)row * t + t - keep) * H,
                             (size_t)keep * H * sizeof(float)));
         rows = s->branch;
         nrows = b * keep;
@@ -95,18 +95,18 @@ static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache 
     if (a->argmax) {  /* a few bytes back instead of the whole logits */
         const struct xo_device_draw *d = a->draw;
         if (d)
-            XO_TRY(be->sample_rows(be, s->argmax, dst, nrows, c->vocab_size, d->temperature, d->top_k, d->top_p,
+            XO_TRY(be->ops.sample_rows(be, s->argmax, dst, nrows, c->vocab_size, d->temperature, d->top_k, d->top_p,
                                    d->seed, d->step, NULL));
         else
-            XO_TRY(be->argmax_rows(be, s->argmax, dst, nrows, c->vocab_size));
-        return be->download(be, a->argmax, s->argmax, (size_t)nrows * sizeof(int32_t));
+            XO_TRY(be->ops.argmax_rows(be, s->argmax, dst, nrows, c->vocab_size));
+        return be->mem.download(be, a->argmax, s->argmax, (size_t)nrows * sizeof(int32_t));
     }
     if (a->device_logits) {  /* hand the buffer over instead of copying it */
         *a->device_logits = s->logits;
         s->logits = NULL;
         return XO_OK;
     }
-    if (dst != a->logits) XO_TRY(be->download(be, a->logits, dst, (size_t)nrows * c->vocab_size * sizeof(float)));
+    if (dst != a->logits) XO_TRY(be->mem.download(be, a->logits, dst, (size_t)nrows * c->vocab_size * sizeof(float)));
     return XO_OK;
 }
 
@@ -138,25 +138,25 @@ xo_status xo_model_forward(xo_model *m, const xo_forward_args *a) {
     const int out_rows = a->batch * kept_positions(a);
     const int logit_rows = m->be->host_memory && a->logits ? 0 : out_rows;
     if (rc == XO_OK) rc = xo_scratch_alloc(m->be, &m->cfg, n, logit_rows, out_rows, &s);
-    if (rc == XO_OK && a->ids) rc = m->be->upload(m->be, s.ids, a->ids, (size_t)n * sizeof(int32_t));
+    if (rc == XO_OK && a->ids) rc = m->be->mem.upload(m->be, s.ids, a->ids, (size_t)n * sizeof(int32_t));
     /* ids already on the device are checked there; a bad one is reported after the pass */
     uint64_t *bad = NULL;
     if (rc == XO_OK && a->ids_device) {
-        if (!(bad = m->be->alloc(m->be, 2 * sizeof(uint64_t)))) rc = xo_fail_more(XO_ENOMEM, "out of memory");
+        if (!(bad = m->be->mem.alloc(m->be, 2 * sizeof(uint64_t)))) rc = xo_fail_more(XO_ENOMEM, "out of memory");
         if (rc == XO_OK)
-            rc = m->be->load_ids(m->be, s.ids, a->ids_device, a->ids_wide, (size_t)n, m->cfg.vocab_size, bad);
+            rc = m->be->ops.load_ids(m->be, s.ids, a->ids_device, a->ids_wide, (size_t)n, m->cfg.vocab_size, bad);
     }
-    if (rc == XO_OK) rc = m->be->upload(m->be, s.pos, pos, (size_t)n * sizeof(int32_t));
+    if (rc == XO_OK) rc = m->be->mem.upload(m->be, s.pos, pos, (size_t)n * sizeof(int32_t));
     if (rc == XO_OK) rc = forward_layers(m, a, cache, &s);
-    if (rc == XO_OK) rc = m->be->synchronize(m->be);
+    if (rc == XO_OK) rc = m->be->mem.synchronize(m->be);
     if (rc == XO_OK && bad) {
         uint64_t hb[2];
-        rc = m->be->download(m->be, hb, bad, sizeof hb);
+        rc = m->be->mem.download(m->be, hb, bad, sizeof hb);
         if (rc == XO_OK && hb[0] != UINT64_MAX)
             rc = xo_fail(XO_EINVAL, "token id %lld at flat index %llu is outside [0, vocab_size=%d)", (long long)hb[1],
                          (unsigned long long)hb[0], m->cfg.vocab_size);
     }
-    m->be->release(m->be, bad);
+    m->be->mem.release(m->be, bad);
     if (rc == XO_OK) {
         cache->length += a->tokens;
     } else if (saved_next) {  /* a failed call leaves the cache as it was */

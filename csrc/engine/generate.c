@@ -181,7 +181,7 @@ xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
                           a->should_stop || a->stops.num || a->bans.num_bad || a->bans.no_repeat_ngram_size;
     const int plain_greedy = !a->sampling.do_sample && !host_work;
     /* Sampling on the device: the same filters, drawn where the logits are (no logits copy). */
-    const int device_draw = a->sampling.do_sample && !host_work && m->be->sample_rows && !m->be->host_memory &&
+    const int device_draw = a->sampling.do_sample && !host_work && m->be->ops.sample_rows && !m->be->host_memory &&
                             a->sampling.min_p == 0.0f && a->sampling.top_k >= 1 && a->sampling.top_k <= XO_DEVICE_TOP_K_MAX;
     struct xo_device_draw draw = { a->sampling.temperature, a->sampling.top_p, a->sampling.top_k, a->seed, 0 };
     const int fast = plain_greedy || device_draw;
@@ -197,7 +197,7 @@ xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
     }
     /* Every step after the prefill's can run as a decode session (bookkeeping on the backend,
      * tokens read every few steps) when the tokens are drawn where the logits are. */
-    const int session = fast && m->be->decode_begin && a->max_new_tokens > 1;
+    const int session = fast && m->be->decode.decode_begin && a->max_new_tokens > 1;
     /* room for the first steps; the session grows the cache as it goes (EOS may come early) */
     if (session) rc = xo_cache_reserve(cache, total + (a->max_new_tokens < 512 ? a->max_new_tokens : 512));
     int have_argmax = fast && (a->min_new_tokens == 0 || !a->num_eos);

@@ -17,27 +17,27 @@ static xo_status attention(xo_model *m, const xo_layer_weights *lw, int l, const
     const int nh = c->num_heads, nkv = c->num_kv_heads, hd = c->head_dim, r = c->kv_lora_rank;
     const int kvw = nkv * hd;
     if (c->q_lora_rank == 0) {
-        XO_TRY(be->matmul(be, s->q, s->xn, &lw->q, n));                                  /* q = x @ Wq.T */
+        XO_TRY(be->ops.matmul(be, s->q, s->xn, &lw->q, n));                                  /* q = x @ Wq.T */
     } else {                                                                              /* q = RMSNorm(x @ Wqa.T) @ Wqb.T */
-        XO_TRY(be->matmul(be, s->q_latent, s->xn, &lw->q_a, n));
-        XO_TRY(be->rmsnorm(be, s->q_latent, s->q_latent, c->q_lora_rank, lw->q_a_norm, n, c->q_lora_rank,
+        XO_TRY(be->ops.matmul(be, s->q_latent, s->xn, &lw->q_a, n));
+        XO_TRY(be->ops.rmsnorm(be, s->q_latent, s->q_latent, c->q_lora_rank, lw->q_a_norm, n, c->q_lora_rank,
                            XO_LATENT_NORM_EPS));
-        XO_TRY(be->matmul(be, s->q, s->q_latent, &lw->q_b, n));
+        XO_TRY(be->ops.matmul(be, s->q, s->q_latent, &lw->q_b, n));
     }
-    XO_TRY(be->matmul(be, s->latent, s->xn, &lw->kv_a, n));                              /* c = (x @ Wkva.T)[:, :r] */
-    XO_TRY(be->rmsnorm(be, s->latent, s->latent, r, lw->kv_a_norm, n, r, XO_LATENT_NORM_EPS)); /* c = RMSNorm(c) */
+    XO_TRY(be->ops.matmul(be, s->latent, s->xn, &lw->kv_a, n));                              /* c = (x @ Wkva.T)[:, :r] */
+    XO_TRY(be->ops.rmsnorm(be, s->latent, s->latent, r, lw->kv_a_norm, n, r, XO_LATENT_NORM_EPS)); /* c = RMSNorm(c) */
     if (cache->format == XO_CACHE_LATENT) {
-        XO_TRY(be->cache_write(be, cache->latent[l], cache->dtype, cache->capacity, r, past, a->past_device, s->latent,
+        XO_TRY(be->ops.cache_write(be, cache->latent[l], cache->dtype, cache->capacity, r, past, a->past_device, s->latent,
                                b, t, r));
     } else {
-        XO_TRY(be->matmul(be, s->kv, s->latent, &lw->kv_b, n));                          /* [K | V] = c @ Wkvb.T */
-        XO_TRY(be->rope(be, s->kv, 2 * (size_t)kvw, s->pos, n, nkv, hd, m->inv_freq, m->mscale));
-        XO_TRY(be->cache_write(be, cache->k[l], cache->dtype, cache->capacity, kvw, past, a->past_device, s->kv, b, t,
+        XO_TRY(be->ops.matmul(be, s->kv, s->latent, &lw->kv_b, n));                          /* [K | V] = c @ Wkvb.T */
+        XO_TRY(be->ops.rope(be, s->kv, 2 * (size_t)kvw, s->pos, n, nkv, hd, m->inv_freq, m->mscale));
+        XO_TRY(be->ops.cache_write(be, cache->k[l], cache->dtype, cache->capacity, kvw, past, a->past_device, s->kv, b, t,
                                2 * kvw));
-        XO_TRY(be->cache_write(be, cache->v[l], cache->dtype, cache->capacity, kvw, past, a->past_device, s->kv + kvw, b,
+        XO_TRY(be->ops.cache_write(be, cache->v[l], cache->dtype, cache->capacity, kvw, past, a->past_device, s->kv + kvw, b,
                                t, 2 * kvw));
     }
-    XO_TRY(be->rope(be, s->q, (size_t)nh * hd, s->pos, n, nh, hd, m->inv_freq, m->mscale));
+    XO_TRY(be->ops.rope(be, s->q, (size_t)nh * hd, s->pos, n, nh, hd, m->inv_freq, m->mscale));
     xo_attention_args at = {
         .batch = b, .new_tokens = t, .past = past, .past_device = a->past_device,
         .num_heads = nh, .num_kv_heads = nkv, .head_dim = hd, .rank = r,
@@ -50,14 +50,14 @@ static xo_status attention(xo_model *m, const xo_layer_weights *lw, int l, const
         .denom_eps = xo_model_denom_eps(c, past + t),
         .interrupt = a->interrupt,
     };
-    XO_TRY(be->attention(be, &at));                                                       /* softmax(q.K / sqrt(hd)) V */
-    return be->matmul(be, s->branch, s->attn, &lw->o, n);                                 /* @ Wo.T */
+    XO_TRY(be->ops.attention(be, &at));                                                       /* softmax(q.K / sqrt(hd)) V */
+    return be->ops.matmul(be, s->branch, s->attn, &lw->o, n);                                 /* @ Wo.T */
 }
 
 /* SwiGLU FFN: out = down(silu(gate(x)) * up(x)) */
 static xo_status ffn(xo_backend *be, const xo_ffn *f, const float *x, float *out, int n, xo_scratch *s) {
-    XO_TRY(be->gate_up_swiglu(be, s->ffn_act, x, s->gate_up, &f->gate_up, n));
-    return be->matmul(be, out, s->ffn_act, &f->down, n);
+    XO_TRY(be->ops.gate_up_swiglu(be, s->ffn_act, x, s->gate_up, &f->gate_up, n));
+    return be->ops.matmul(be, out, s->ffn_act, &f->down, n);
 }
 
 /* MLP(x): s->xn -> s->branch, a dense FFN or the MoE of SPEC 6 */
@@ -67,14 +67,14 @@ static xo_status mlp(xo_model *m, const xo_layer_weights *lw, int n, xo_scratch 
     if (!lw->is_moe) return ffn(be, &lw->mlp, s->xn, s->branch, n, s);
     /* top-k of softmax(RMSNorm(x; w_router_norm) @ Wgate.T), renormalised; s->branch is free
      * until the shared expert writes it */
-    XO_TRY(be->moe_router(be, s->topk_idx, s->topk_weight, s->xn, lw->router_norm, &lw->router, n, c->experts_per_tok,
+    XO_TRY(be->ops.moe_router(be, s->topk_idx, s->topk_weight, s->xn, lw->router_norm, &lw->router, n, c->experts_per_tok,
                           s->branch, s->router_logits));
     /* out = SharedExpert(x) + sum_k pk[k] * Expert_ik[k](x) */
     XO_TRY(ffn(be, &lw->shared, s->xn, s->branch, n, s));
     xo_moe_args ma = { .tokens = n, .hidden = c->hidden_size, .num_experts = c->num_experts, .top_k = c->experts_per_tok,
                        .x = s->xn, .out = s->branch, .topk_idx = s->topk_idx, .topk_weight = s->topk_weight,
                        .experts = lw->experts };
-    return be->moe_experts(be, &ma);
+    return be->ops.moe_experts(be, &ma);
 }
 
 xo_status xo_model_layers(xo_model *m, const xo_layers_args *a, xo_cache *cache, xo_scratch *s) {
@@ -86,37 +86,37 @@ xo_status xo_model_layers(xo_model *m, const xo_layers_args *a, xo_cache *cache,
 
     /* h = embed[ids] */
     if (a->embeds)
-        XO_TRY(be->upload(be, s->h, a->embeds, hsize * sizeof(float)));
+        XO_TRY(be->mem.upload(be, s->h, a->embeds, hsize * sizeof(float)));
     else
-        XO_TRY(be->embed(be, s->h, &m->w.embed, s->ids, n));
-    if (a->hidden) XO_TRY(be->download(be, a->hidden, s->h, hsize * sizeof(float)));
+        XO_TRY(be->ops.embed(be, s->h, &m->w.embed, s->ids, n));
+    if (a->hidden) XO_TRY(be->mem.download(be, a->hidden, s->h, hsize * sizeof(float)));
 
-    XO_TRY(be->rmsnorm(be, s->xn, s->h, H, m->w.layers[0].input_norm, n, H, eps));      /* x = RMSNorm_in(h) */
+    XO_TRY(be->ops.rmsnorm(be, s->xn, s->h, H, m->w.layers[0].input_norm, n, H, eps));      /* x = RMSNorm_in(h) */
     for (int l = 0; l < L; l++) {
         const xo_layer_weights *lw = &m->w.layers[l];
         XO_TRY(xo_interrupt_poll(a->interrupt));
         XO_TRY(attention(m, lw, l, a, cache, s));
-        XO_TRY(be->add_rmsnorm(be, s->h, s->branch, s->xn, lw->post_norm, n, H, eps));  /* h += Attn; x = RMSNorm_post(h) */
+        XO_TRY(be->ops.add_rmsnorm(be, s->h, s->branch, s->xn, lw->post_norm, n, H, eps));  /* h += Attn; x = RMSNorm_post(h) */
         XO_TRY(xo_interrupt_poll(a->interrupt));
         XO_TRY(mlp(m, lw, n, s));
         /* h += MLP; x = the next layer's RMSNorm_in(h), after the last layer RMSNorm(h; model.norm) */
         const float *next_norm = l + 1 < L ? m->w.layers[l + 1].input_norm : m->w.final_norm;
         if (a->hidden && l + 1 < L) {  /* hidden_states[l + 1] is h between the add and the norm */
-            XO_TRY(be->add(be, s->h, s->branch, hsize));
-            XO_TRY(be->download(be, a->hidden + (size_t)(l + 1) * hsize, s->h, hsize * sizeof(float)));
-            XO_TRY(be->rmsnorm(be, s->xn, s->h, H, next_norm, n, H, eps));
+            XO_TRY(be->ops.add(be, s->h, s->branch, hsize));
+            XO_TRY(be->mem.download(be, a->hidden + (size_t)(l + 1) * hsize, s->h, hsize * sizeof(float)));
+            XO_TRY(be->ops.rmsnorm(be, s->xn, s->h, H, next_norm, n, H, eps));
         } else {
-            XO_TRY(be->add_rmsnorm(be, s->h, s->branch, s->xn, next_norm, n, H, eps));
+            XO_TRY(be->ops.add_rmsnorm(be, s->h, s->branch, s->xn, next_norm, n, H, eps));
         }
     }
     /* the last of hidden_states is the normed h, as the original returns it */
-    if (a->hidden) XO_TRY(be->download(be, a->hidden + (size_t)L * hsize, s->xn, hsize * sizeof(float)));
+    if (a->hidden) XO_TRY(be->mem.download(be, a->hidden + (size_t)L * hsize, s->xn, hsize * sizeof(float)));
     return XO_OK;
 }
 
 /* logits[rows, V] = x[rows, H] @ lm_head.T (the embedding when tied) */
 xo_status xo_model_lm_head(xo_model *m, float *logits, const float *x, int rows) {
-    return m->be->matmul(m->be, logits, x, m->w.tied ? &m->w.embed : &m->w.lm_head, rows);
+    return m->be->ops.matmul(m->be, logits, x, m->w.tied ? &m->w.embed : &m->w.lm_head, rows);
 }
 
 /* SPEC 4.4: the original's ring path adds this to the softmax sum once keys outnumber a chunk */

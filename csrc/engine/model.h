@@ -56,7 +56,7 @@ typedef struct {
     xo_cache *cache;           /* continued and extended; NULL: nothing kept */
     float *logits;             /* host [batch, kept, V] (kept: see logits_to_keep), or NULL */
     float **device_logits;     /* or: receives the logits left on the backend (the caller releases
-                                * them with be->release); a GPU's logits then never reach the host */
+                                * them with be->mem.release); a GPU's logits then never reach the host */
     int logits_to_keep;        /* logits of the last N positions of each row only; 0: of every position */
     int32_t *argmax;           /* host [batch] or NULL: argmax of each row's last logits, computed by the
                                 * backend; `logits` is then not downloaded (a GPU's stay on the GPU) */

@@ -25,9 +25,9 @@ xo_status xo_model_create(xo_model **out, const xo_config *cfg, xo_backend *be, 
     pthread_mutex_init(&m->lock, NULL);
     float host[512];
     xo_yarn_frequencies(&c, host, &m->mscale);
-    m->inv_freq = be->alloc(be, (size_t)c.head_dim / 2 * sizeof(float));
+    m->inv_freq = be->mem.alloc(be, (size_t)c.head_dim / 2 * sizeof(float));
     if (!m->inv_freq) { xo_model_free(m); return xo_fail_more(XO_ENOMEM, "out of memory"); }
-    rc = be->upload(be, m->inv_freq, host, (size_t)c.head_dim / 2 * sizeof(float));
+    rc = be->mem.upload(be, m->inv_freq, host, (size_t)c.head_dim / 2 * sizeof(float));
     if (rc != XO_OK) { xo_model_free(m); return rc; }
     *out = m;
     return XO_OK;
@@ -44,7 +44,7 @@ xo_status xo_model_init_random(xo_model *m, uint64_t seed) {
 void xo_model_free(xo_model *m) {
     if (!m) return;
     xo_weights_free(&m->w, &m->cfg, m->be);
-    m->be->release(m->be, m->inv_freq);
+    m->be->mem.release(m->be, m->inv_freq);
     m->be->destroy(m->be);
     pthread_mutex_destroy(&m->lock);
     free(m);

@@ -19,7 +19,7 @@ xo_status xo_fail(xo_status code, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
 /* Records "<printf-style context>: <the message already recorded>" and returns `code`: for a
- * caller that adds what it was doing to the reason a callee gave (a failed be->alloc). */
+ * caller that adds what it was doing to the reason a callee gave (a failed be->mem.alloc). */
 xo_status xo_fail_more(xo_status code, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 

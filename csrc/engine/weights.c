@@ -164,9 +164,9 @@ static xo_status fill_slot(xo_backend *be, const xo_weight_slot *s, const void *
         if (!tmp) return xo_fail(XO_ENOMEM, "out of memory");
         xo_convert_to_f32(tmp, host, src_t, (size_t)s->rows);
         xo_status rc = XO_OK;
-        if (!*s->vec && !(*s->vec = be->alloc(be, (size_t)s->rows * sizeof(float))))
+        if (!*s->vec && !(*s->vec = be->mem.alloc(be, (size_t)s->rows * sizeof(float))))
             rc = xo_fail_more(XO_ENOMEM, "out of memory for %s", s->name);
-        if (rc == XO_OK) rc = be->upload(be, *s->vec, tmp, (size_t)s->rows * sizeof(float));
+        if (rc == XO_OK) rc = be->mem.upload(be, *s->vec, tmp, (size_t)s->rows * sizeof(float));
         free(tmp);
         return rc;
     }
@@ -174,12 +174,12 @@ static xo_status fill_slot(xo_backend *be, const xo_weight_slot *s, const void *
         /* store every row: the storage is sized for s->rows on first use, products read lin->out */
         xo_linear full = *s->lin;
         full.out = s->rows;
-        xo_status rc = be->linear_init(be, &full, host, src_t, 0, s->rows);
+        xo_status rc = be->weights.linear_init(be, &full, host, src_t, 0, s->rows);
         s->lin->data = full.data;
         s->lin->scales = full.scales;
         return rc;
     }
-    return be->linear_init(be, s->lin, host, src_t, s->row_offset, s->rows);
+    return be->weights.linear_init(be, s->lin, host, src_t, s->row_offset, s->rows);
 }
 
 /* The checkpoint's tensors under `prefix`, sorted by the rest of their name. */
@@ -352,7 +352,7 @@ xo_status xo_weights_random(xo_weights *w, const xo_config *c, xo_backend *be, x
 xo_status xo_weights_get(const xo_weights *w, const xo_config *c, xo_backend *be, const xo_weight_slot *s, float *host) {
     (void)w;
     (void)c;
-    if (s->kind == XO_SLOT_VECTOR) return be->download(be, host, *s->vec, (size_t)s->rows * sizeof(float));
+    if (s->kind == XO_SLOT_VECTOR) return be->mem.download(be, host, *s->vec, (size_t)s->rows * sizeof(float));
     xo_linear full = *s->lin;
     if (s->kind == XO_SLOT_KV_A) full.out = s->rows;
     const size_t rowsz = (size_t)full.in;
@@ -360,34 +360,34 @@ xo_status xo_weights_get(const xo_weights *w, const xo_config *c, xo_backend *be
     float *dst = host;
     if (tmp_needed && !(dst = malloc((size_t)full.out * rowsz * sizeof(float))))
         return xo_fail(XO_ENOMEM, "out of memory");
-    xo_status rc = be->linear_to_host(be, &full, dst);
+    xo_status rc = be->weights.linear_to_host(be, &full, dst);
     if (rc == XO_OK && tmp_needed) memcpy(host, dst + (size_t)s->row_offset * rowsz, (size_t)s->rows * rowsz * sizeof(float));
     if (tmp_needed) free(dst);
     return rc;
 }
 
 static void free_ffn(xo_backend *be, xo_ffn *f) {
-    be->linear_free(be, &f->gate_up);
-    be->linear_free(be, &f->down);
+    be->weights.linear_free(be, &f->gate_up);
+    be->weights.linear_free(be, &f->down);
 }
 
 void xo_weights_free(xo_weights *w, const xo_config *c, xo_backend *be) {
     if (w->layers) {
         for (int i = 0; i < c->num_layers; i++) {
             xo_layer_weights *l = &w->layers[i];
-            be->release(be, l->input_norm);
-            be->linear_free(be, &l->q);
-            be->linear_free(be, &l->q_a);
-            be->release(be, l->q_a_norm);
-            be->linear_free(be, &l->q_b);
-            be->linear_free(be, &l->kv_a);
-            be->release(be, l->kv_a_norm);
-            be->linear_free(be, &l->kv_b);
-            be->linear_free(be, &l->o);
-            be->release(be, l->post_norm);
+            be->mem.release(be, l->input_norm);
+            be->weights.linear_free(be, &l->q);
+            be->weights.linear_free(be, &l->q_a);
+            be->mem.release(be, l->q_a_norm);
+            be->weights.linear_free(be, &l->q_b);
+            be->weights.linear_free(be, &l->kv_a);
+            be->mem.release(be, l->kv_a_norm);
+            be->weights.linear_free(be, &l->kv_b);
+            be->weights.linear_free(be, &l->o);
+            be->mem.release(be, l->post_norm);
             free_ffn(be, &l->mlp);
-            be->release(be, l->router_norm);
-            be->linear_free(be, &l->router);
+            be->mem.release(be, l->router_norm);
+            be->weights.linear_free(be, &l->router);
             if (l->experts) {
                 for (int e = 0; e < c->num_experts; e++) free_ffn(be, &l->experts[e]);
                 free(l->experts);
@@ -396,8 +396,8 @@ void xo_weights_free(xo_weights *w, const xo_config *c, xo_backend *be) {
         }
         free(w->layers);
     }
-    be->linear_free(be, &w->embed);
-    if (!w->tied) be->linear_free(be, &w->lm_head);
-    be->release(be, w->final_norm);
+    be->weights.linear_free(be, &w->embed);
+    if (!w->tied) be->weights.linear_free(be, &w->lm_head);
+    be->mem.release(be, w->final_norm);
     memset(w, 0, sizeof *w);
 }

@@ -13,7 +13,7 @@ static void dl_delete(xo_dl_managed_tensor *self) {
     dl_holder *h = (dl_holder *)self;
     PyGILState_STATE g = PyGILState_Ensure();
     ModelObject *mo = (ModelObject *)h->owner;
-    if (mo->model) mo->model->be->release_shared(mo->model->be, h->managed.dl_tensor.data);
+    if (mo->model) mo->model->be->mem.release_shared(mo->model->be, h->managed.dl_tensor.data);
     Py_DECREF(h->owner);
     PyGILState_Release(g);
     free(h);
@@ -32,7 +32,7 @@ static void dl_capsule_destructor(PyObject *capsule) {
 PyObject *xo_py_dl_capsule(ModelObject *self, float *data, int ndim, const int64_t *shape) {
     dl_holder *h = calloc(1, sizeof *h);
     if (!h) {
-        self->model->be->release(self->model->be, data);
+        self->model->be->mem.release(self->model->be, data);
         return PyErr_NoMemory();
     }
     for (int i = 0; i < ndim; i++) h->shape[i] = shape[i];

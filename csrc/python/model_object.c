@@ -299,7 +299,7 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kw) 
     xo_status rc;
     LOCKED_NOGIL(self, rc, xo_model_forward(m, &fa));
     if (rc != XO_OK) {
-        if (dev_logits) m->be->release(m->be, dev_logits);
+        if (dev_logits) m->be->mem.release(m->be, dev_logits);
         xo_py_raise(rc);
         goto exit;
     }

@@ -87,7 +87,7 @@ PyObject *xo_py_model_weight_views(ModelObject *self, PyObject *Py_UNUSED(ignore
     LOCKED_NOGIL(self, rc, xo_weights_layout(&m->cfg, &m->w, m->weight_dtype, &slots, &n));
     if (rc != XO_OK) return xo_py_raise(rc);
     /* the views are read on the consumer's streams: the engine's pending writes land first */
-    LOCKED_NOGIL(self, rc, m->be->synchronize(m->be));
+    LOCKED_NOGIL(self, rc, m->be->mem.synchronize(m->be));
     if (rc != XO_OK) { free(slots); return xo_py_raise(rc); }
     PyObject *out = PyList_New(0);
     for (int i = 0; out && i < n; i++) {

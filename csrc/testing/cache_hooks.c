@@ -67,8 +67,8 @@ XO_EXPORT int xo_hook_cache_failed_growth(int format, int fail_at) {
     const int cap = c->capacity;
     void *before[8] = { c->latent[0], c->latent[2], c->k[0], c->v[2], c->positions, c->mask, c->host_positions,
                         c->host_mask };
-    real_alloc = be->alloc;
-    be->alloc = failing_alloc;
+    real_alloc = be->mem.alloc;
+    be->mem.alloc = failing_alloc;
     allocs_left = fail_at;
     xo_status rc = xo_cache_reserve(c, cap + 1);
     allocs_left = 0;

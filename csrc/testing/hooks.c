@@ -18,8 +18,8 @@ static xo_status make_linear(xo_backend *be, xo_linear *L, int dtype, int out, i
     L->dtype = (xo_dtype)dtype;
     /* written in two halves, as the gate/up pairs are */
     int half = out / 2;
-    XO_TRY(be->linear_init(be, L, w, XO_F32, 0, half));
-    return be->linear_init(be, L, w + (size_t)half * in, XO_F32, half, out - half);
+    XO_TRY(be->weights.linear_init(be, L, w, XO_F32, 0, half));
+    return be->weights.linear_init(be, L, w + (size_t)half * in, XO_F32, half, out - half);
 }
 
 /* a CPU backend with the defaults and then n (name, value) options */
@@ -40,9 +40,9 @@ XO_EXPORT int xo_hook_matmul(int dtype, int out, int in, int m, const float *w, 
     if (made != XO_OK) return -(int)made;
     xo_linear L;
     xo_status rc = make_linear(be, &L, dtype, out, in, w);
-    if (rc == XO_OK) rc = be->matmul(be, y, x, &L, m);
-    if (rc == XO_OK && w_back) rc = be->linear_to_host(be, &L, w_back);
-    be->linear_free(be, &L);
+    if (rc == XO_OK) rc = be->ops.matmul(be, y, x, &L, m);
+    if (rc == XO_OK && w_back) rc = be->weights.linear_to_host(be, &L, w_back);
+    be->weights.linear_free(be, &L);
     be->destroy(be);
     return -(int)rc;
 }
@@ -53,8 +53,8 @@ XO_EXPORT int xo_hook_embed(int dtype, int out, int in, const float *w, const in
     if (make_backend(&be, NULL, NULL, 0) != XO_OK) return -1;
     xo_linear L;
     xo_status rc = make_linear(be, &L, dtype, out, in, w);
-    if (rc == XO_OK) rc = be->embed(be, h, &L, ids, n);
-    be->linear_free(be, &L);
+    if (rc == XO_OK) rc = be->ops.embed(be, h, &L, ids, n);
+    be->weights.linear_free(be, &L);
     be->destroy(be);
     return -(int)rc;
 }
@@ -74,16 +74,16 @@ XO_EXPORT double xo_hook_time_matmul(int dtype, int out, int in, int m, int iter
         uint32_t s = 12345u;
         for (size_t i = 0; i < (size_t)out * in; i++) { s = s * 1664525u + 1013904223u; w[i] = (float)(int)(s >> 8) * 1e-9f; }
         for (size_t i = 0; i < (size_t)m * in; i++) { s = s * 1664525u + 1013904223u; x[i] = (float)(int)(s >> 8) * 1e-9f; }
-        if (make_linear(be, &L, dtype, out, in, w) == XO_OK && be->matmul(be, y, x, &L, m) == XO_OK) {
+        if (make_linear(be, &L, dtype, out, in, w) == XO_OK && be->ops.matmul(be, y, x, &L, m) == XO_OK) {
             for (int it = 0; it < iters; it++) {
                 double t0 = omp_get_wtime();
-                be->matmul(be, y, x, &L, m);
+                be->ops.matmul(be, y, x, &L, m);
                 double dt = omp_get_wtime() - t0;
                 if (best < 0 || dt < best) best = dt;
             }
         }
     }
-    be->linear_free(be, &L);
+    be->weights.linear_free(be, &L);
     free(w);
     free(x);
     free(y);

@@ -34,14 +34,14 @@ xo_status xo_cpu_linear_init(xo_backend *be, xo_linear *w, const void *host, xo_
     if (!w->data && !(w->data = xo_cpu_weight_alloc((size_t)w->out * xo_cpu_row_bytes(w))))
         return xo_fail(XO_ENOMEM, "out of memory for a [%d, %d] %s weight", w->out, w->in, xo_dtype_name(w->dtype));
     const int grouped = w->dtype == XO_I8 || w->dtype == XO_I4;
-    if (grouped && !w->scales && !(w->scales = be->alloc(be, (size_t)w->out * xo_cpu_groups(w->in) * sizeof(float))))
+    if (grouped && !w->scales && !(w->scales = be->mem.alloc(be, (size_t)w->out * xo_cpu_groups(w->in) * sizeof(float))))
         return xo_fail_more(XO_ENOMEM, "out of memory for the scales of a [%d, %d] weight", w->out, w->in);
     return xo_cpu_store_rows(w, host, src_t, row_offset, rows);
 }
 
 void xo_cpu_linear_free(xo_backend *be, xo_linear *w) {
     free(w->data);
-    be->release(be, w->scales);
+    be->mem.release(be, w->scales);
     w->data = NULL;
     w->scales = NULL;
 }
