@@ -98,10 +98,27 @@ def check_storage(dtype, w, back):
 SHAPES = [(37, 29), (70, 131), (5, 1000), (129, 67), (1, 8), (9, 3), (33, 64), (12, 96)]
 
 
+def quantized_activations(x):
+    """x as the grouped matrix-vector kernels see it: per row and group of 32, int16 with the
+    scale d = max|group| / 32767 (float32), q = round(x / d); returned as q * d (float64) and d."""
+    xg = groups(x)
+    d = np.abs(xg).max(axis=2, keepdims=True) / np.float32(32767)
+    q = np.clip(np.rint(xg / np.where(d > 0, d, np.float32(1))), -32767, 32767)
+    q = np.where(d > 0, q, 0)
+    back = (q.astype(np.float64) * d.astype(np.float64)).reshape(x.shape[0], -1)[:, :x.shape[1]]
+    return back, np.repeat(d[..., 0], GROUP, axis=1)[:, :x.shape[1]]
+
+
+GEMV_MAX_ROWS = 40   # the built-in crossover (backends/cpu/kernels.h XO_CPU_GEMV_MAX_ROWS)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8", "int4"])
 def test_matmul_kernels_vs_float64(hooks, dtype):
     """Every kernel ISA available and both non-float32 paths (matrix-vector for small m,
-    widened tiles for large m), m in {1, 3, 8, 17, 64}, in/out not multiples of 8."""
+    widened tiles for large m), m in {1, 3, 8, 17, 64}, in/out not multiples of 8. The grouped
+    formats' matrix-vector kernels take x quantised to int16 per group of 32: against the float64
+    product of those activations they are as exact as the others, and against float32 x within
+    the rounding's bound (half a step of each group times the weights' magnitudes)."""
     lib, best = hooks
     rng = np.random.default_rng(7)
     cases = [(o, k, m) for (o, k) in SHAPES for m in (1, 2, 3, 5, 8, 17, 64)]
@@ -112,9 +129,16 @@ def test_matmul_kernels_vs_float64(hooks, dtype):
             for w, x in data:
                 y, back = hook_matmul(lib, dtype, w, x, cpu_isa=ISA_NAMES[isa], cpu_gemv_max_rows=crossover)
                 check_storage(dtype, w, back)
-                ref = x.astype(np.float64) @ back.astype(np.float64).T
+                limit = {"auto": GEMV_MAX_ROWS, 1000: 1000, 0: 0}[crossover]
+                xq, dx = (quantized_activations(x) if dtype in ("int8", "int4") and x.shape[0] <= limit
+                          else (x.astype(np.float64), np.zeros_like(x)))
+                ref = xq @ back.astype(np.float64).T
                 err = np.abs(y - ref).max() / np.abs(ref).max()
                 assert err <= 2e-6, (ISA_NAMES[isa], crossover, dtype, w.shape, x.shape[0], err)
+                exact = x.astype(np.float64) @ back.astype(np.float64).T
+                bound = (0.5 * dx.astype(np.float64)) @ np.abs(back.astype(np.float64)).T
+                assert np.all(np.abs(y - exact) <= bound * (1 + 1e-6) + 2e-6 * np.abs(exact).max()), \
+                    (ISA_NAMES[isa], crossover, dtype, w.shape, x.shape[0])
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int8", "int4"])

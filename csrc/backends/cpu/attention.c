@@ -109,8 +109,7 @@ static xo_status attention_latent_decode(xo_backend *be, const xo_attention_args
                 float *row = &acc[((size_t)h * t + i) * r];
                 for (int x = 0; x < r; x++) row[x] *= inv;
             }
-            const xo_linear wv = xo_cpu_linear_rows(a->kv_b, kw + (h / group) * hd, hd);
-            rc = xo_cpu_matmul(be, head_out, &acc[(size_t)h * t * r], &wv, t);
+            rc = xo_cpu_matmul_rows(be, head_out, &acc[(size_t)h * t * r], a->kv_b, t, kw + (h / group) * hd, hd);
             for (int i = 0; rc == XO_OK && i < t; i++)
                 memcpy(a->out + (((size_t)b * t + i) * nh + h) * hd, head_out + (size_t)i * hd, (size_t)hd * sizeof(float));
         }

@@ -5,7 +5,8 @@
  * always accumulate in float32:
  *   - float32: oneDNN sgemm, for every m (unchanged exact path);
  *   - other storage, m <= 40 (decode, the latent cache's K/V expansion): our own vectorised
- *     matrix-vector kernels (backends/cpu/gemv.c), memory-bandwidth bound at m = 1;
+ *     matrix-vector kernels (backends/cpu/gemv.c; int8 / int4: qgemv.c, integer dot products
+ *     against the activations quantised to int16), memory-bandwidth bound at m = 1;
  *   - other storage, larger m (prefill): W is widened, a tile of rows at a time, into a
  *     per-thread float32 buffer that oneDNN sgemm consumes (single-threaded per tile, the
  *     tiles spread over the threads), so the conversion is paid once per m rows of x, close to
@@ -31,10 +32,10 @@ xo_status xo_cpu_linear_init(xo_backend *be, xo_linear *w, const void *host, xo_
         return xo_fail(XO_EINVAL, "linear_init: source dtype %s is not float32, float16 or bfloat16", xo_dtype_name(src_t));
     if (row_offset < 0 || rows < 0 || row_offset + rows > w->out)
         return xo_fail(XO_EINVAL, "linear_init: rows [%d, %d) outside a %d-row matrix", row_offset, row_offset + rows, w->out);
-    if (!w->data && !(w->data = xo_cpu_weight_alloc((size_t)w->out * xo_cpu_row_bytes(w))))
+    if (!w->data && !(w->data = xo_cpu_weight_alloc(xo_cpu_weight_bytes(w))))
         return xo_fail(XO_ENOMEM, "out of memory for a [%d, %d] %s weight", w->out, w->in, xo_dtype_name(w->dtype));
-    const int grouped = w->dtype == XO_I8 || w->dtype == XO_I4;
-    if (grouped && !w->scales && !(w->scales = be->mem.alloc(be, (size_t)w->out * xo_cpu_groups(w->in) * sizeof(float))))
+    /* zeroed: the padding rows of the last block must read as zeros */
+    if (xo_cpu_grouped(w->dtype) && !w->scales && !(w->scales = be->mem.alloc(be, xo_cpu_scale_count(w) * sizeof(float))))
         return xo_fail_more(XO_ENOMEM, "out of memory for the scales of a [%d, %d] weight", w->out, w->in);
     return xo_cpu_store_rows(w, host, src_t, row_offset, rows);
 }
@@ -66,9 +67,10 @@ static xo_status sgemm(float *y, int ldy, const float *x, const float *W, int m,
     return XO_OK;
 }
 
-/* y = x @ W.T for non-float32 W: tiles of W widened to float32, one sgemm per tile. */
-static xo_status matmul_tiles(float *y, const float *x, const xo_linear *w, int m, int tile) {
-    const int out = w->out, K = w->in;
+/* y[m, rows] = x @ W[row0 : row0 + rows].T for non-float32 W: tiles of W widened to float32,
+ * one sgemm per tile. */
+static xo_status matmul_tiles(float *y, const float *x, const xo_linear *w, int m, int row0, int out, int tile) {
+    const int K = w->in;
     const int ntiles = (out + tile - 1) / tile;
     const size_t bytes = (((size_t)tile * K * sizeof(float)) + 63) & ~(size_t)63;
     int failed = 0, status = 0;
@@ -83,7 +85,7 @@ static xo_status matmul_tiles(float *y, const float *x, const xo_linear *w, int 
                 continue;
             }
             const int r0 = t * tile, rows = out - r0 < tile ? out - r0 : tile;
-            xo_cpu_dequant_rows(buf, w, (size_t)r0, (size_t)rows);
+            xo_cpu_dequant_rows(buf, w, (size_t)row0 + r0, (size_t)rows);
             /* inside the parallel region oneDNN runs this call on the calling thread */
             dnnl_status_t st = dnnl_sgemm('N', 'T', m, rows, K, 1.0f, x, K, buf, K, 0.0f, y + r0, out);
             if (st != dnnl_success) {
@@ -98,21 +100,31 @@ static xo_status matmul_tiles(float *y, const float *x, const xo_linear *w, int 
     return XO_OK;
 }
 
-xo_status xo_cpu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w, int m) {
+xo_status xo_cpu_matmul_rows(xo_backend *be, float *y, const float *x, const xo_linear *w, int m, int row0, int rows) {
     const xo_cpu_ctx *cx = xo_cpu_ctx_of(be);
-    if (m <= 0 || w->out == 0) return XO_OK;
+    if (row0 < 0 || rows < 0 || row0 + rows > w->out)
+        return xo_fail(XO_EINVAL, "matmul: rows [%d, %d) outside a %d-row matrix", row0, row0 + rows, w->out);
+    if (m <= 0 || rows == 0) return XO_OK;
     if (w->in == 0) {
-        memset(y, 0, (size_t)m * w->out * sizeof(float));
+        memset(y, 0, (size_t)m * rows * sizeof(float));
         return XO_OK;
     }
-    if (w->dtype == XO_F32) return sgemm(y, w->out, x, (const float *)w->data, m, w->out, w->in);
     if (!storage_ok(w->dtype))
         return xo_fail(XO_EUNSUPPORTED, "CPU weight storage %s is not supported", xo_dtype_name(w->dtype));
+    if (w->dtype == XO_F32) return sgemm(y, rows, x, (const float *)w->data + (size_t)row0 * w->in, m, rows, w->in);
     if (m <= cx->gemv_max_rows) {
-        xo_cpu_gemv(y, x, m, w, cx->isa);
+        if (xo_cpu_grouped(w->dtype)) return xo_cpu_qgemv(y, (size_t)rows, x, m, w, row0, rows, cx->isa);
+        xo_linear v = *w;   /* the float formats' rows are contiguous */
+        v.out = rows;
+        v.data = (char *)w->data + (size_t)row0 * w->in * xo_dtype_size(w->dtype);
+        xo_cpu_gemv(y, x, m, &v, cx->isa);
         return XO_OK;
     }
-    return matmul_tiles(y, x, w, m, cx->tile_rows);
+    return matmul_tiles(y, x, w, m, row0, rows, cx->tile_rows);
+}
+
+xo_status xo_cpu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w, int m) {
+    return xo_cpu_matmul_rows(be, y, x, w, m, 0, w->out);
 }
 
 xo_status xo_cpu_embed(xo_backend *be, float *h, const xo_linear *table, const int32_t *ids, int n) {

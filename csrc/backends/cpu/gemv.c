@@ -1,15 +1,12 @@
 /* Matrix-vector kernels for few rows of x (decode): y[i, r] = sum_k x[i, k] * W[r, k] with W
- * stored as bfloat16, float16, float32, or int8 / int4 with a scale per group of 32 weights
- * (kernels.h), accumulated in float32.
+ * stored as bfloat16, float16 or float32, accumulated in float32 (int8 / int4: qgemv.c).
  *
  * Batch-1 decode streams every weight once per token, so these kernels are bound by memory
  * read bandwidth: each W element is loaded once, widened to float32 in registers and used for
  * every x row of the block (up to 8). For few x rows each thread walks 4 (or 2) widely separated
  * rows of its span at once, software-prefetched: with the weights on 2 MB pages that reads at
  * the machine's bandwidth where one stream per core, or adjacent rows, fall well short of it
- * (benchmarks/RESULTS.md). The grouped formats widen a group (32 weights) at a time and scale
- * it in registers, so one load of the scale serves every x row; their dot products stay in
- * float32 (the weights' bytes, not the arithmetic, bound them at m = 1).
+ * (benchmarks/RESULTS.md).
  * Three builds of one template: AVX-512F, AVX2+FMA+F16C and a portable one; the best the CPU
  * supports is used unless the model's cpu_isa option caps it.
  * Threading: OpenMP over contiguous spans of output rows. */
@@ -28,7 +25,7 @@
 #define ALWAYS static inline __attribute__((always_inline))
 
 /* Signature of one kernel: rows [r0, r1) of W [*, K] (elements of the storage dtype), m x rows
- * (m <= 8) ldx floats apart, outputs ldy floats apart. scales: the group scales (int8, int4) or NULL. */
+ * (m <= 8) ldx floats apart, outputs ldy floats apart. scales: NULL (the float formats carry none). */
 typedef void (*gemv_block_fn)(float *y, size_t ldy, const float *x, size_t ldx, int m, int K,
                               const void *W, const float *scales, int r0, int r1);
 
@@ -37,19 +34,6 @@ typedef void (*gemv_block_fn)(float *y, size_t ldy, const float *x, size_t ldx, 
 ALWAYS float sc_f32(const void *W, size_t i) { return ((const float *)W)[i]; }
 ALWAYS float sc_bf16(const void *W, size_t i) { return xo_bf16_to_f32(((const uint16_t *)W)[i]); }
 ALWAYS float sc_f16(const void *W, size_t i) { return xo_f16_to_f32(((const uint16_t *)W)[i]); }
-
-/* element k of a grouped row (q times its group's scale), for the generic build and the
- * last, short group of a row */
-ALWAYS float q_i8_at(const void *row, const float *sc, int k) {
-    return (float)((const int8_t *)row)[k] * sc[k / XO_QGROUP];
-}
-ALWAYS float q_i4_at(const void *row, const float *sc, int k) {
-    const int g = k / XO_QGROUP, j = k % XO_QGROUP, half = XO_QGROUP / 2;
-    const uint8_t b = ((const uint8_t *)row)[(size_t)g * half + (j % half)];
-    return (float)((j < half ? b & 15 : b >> 4) - 8) * sc[g];
-}
-ALWAYS size_t rb_i8(int K) { return (size_t)K; }
-ALWAYS size_t rb_i4(int K) { return (size_t)xo_cpu_groups(K) * (XO_QGROUP / 2); }
 
 /* ------------------------------------------------------------------ portable build */
 
@@ -86,26 +70,6 @@ GENERIC_KERNEL(gemv_generic_f32, sc_f32)
 GENERIC_KERNEL(gemv_generic_bf16, sc_bf16)
 GENERIC_KERNEL(gemv_generic_f16, sc_f16)
 
-/* grouped rows widened one at a time, then one dot product per x row */
-#define GENERIC_QKERNEL(NAME, AT, RB)                                                             \
-    static void NAME(float *y, size_t ldy, const float *x, size_t ldx, int m, int K,              \
-                     const void *W, const float *scales, int r0, int r1) {                        \
-        const int G = xo_cpu_groups(K);                                                           \
-        for (int r = r0; r < r1; r++) {                                                           \
-            const char *row = (const char *)W + (size_t)r * RB(K);                                \
-            const float *sc = scales + (size_t)r * G;                                             \
-            for (int i = 0; i < m; i++) {                                                         \
-                const float *xi = x + (size_t)i * ldx;                                            \
-                float acc = 0.0f;                                                                 \
-                for (int k = 0; k < K; k++) acc += AT(row, sc, k) * xi[k];                         \
-                y[(size_t)i * ldy + r] = acc;                                                     \
-            }                                                                                     \
-        }                                                                                         \
-    }
-
-GENERIC_QKERNEL(gemv_generic_i8, q_i8_at, rb_i8)
-GENERIC_QKERNEL(gemv_generic_i4, q_i4_at, rb_i4)
-
 enum { PREFETCH_BYTES = 1024 };   /* software prefetch distance along a row */
 
 #ifdef XO_X86
@@ -120,20 +84,6 @@ T_AVX2 ALWAYS __m256 ld8_bf16(const void *W, size_t i) {
 }
 T_AVX2 ALWAYS __m256 ld8_f16(const void *W, size_t i) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)W + i)));
-}
-/* one group of 32 weights as four vectors of q (elements 0-7, 8-15, 16-23, 24-31) */
-T_AVX2 ALWAYS void grp8_i8(const char *p, __m256 w[4]) {
-    _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++)
-        w[u] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * u))));
-}
-/* nibbles q + 8: bytes 0-7 hold elements 0-7 (low) and 16-23 (high), bytes 8-15 elements 8-15 and 24-31 */
-T_AVX2 ALWAYS void grp8_i4(const char *p, __m256 w[4]) {
-    const __m128i b = _mm_loadu_si128((const __m128i *)p), lo4 = _mm_set1_epi8(15);
-    const __m128i lo = _mm_and_si128(b, lo4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), lo4);
-    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
 }
 T_AVX2 ALWAYS float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -220,61 +170,6 @@ AVX2_KERNEL(gemv_avx2_f32, blk_avx2_f32, ld8_f32, sc_f32, 4)
 AVX2_KERNEL(gemv_avx2_bf16, blk_avx2_bf16, ld8_bf16, sc_bf16, 2)
 AVX2_KERNEL(gemv_avx2_f16, blk_avx2_f16, ld8_f16, sc_f16, 2)
 
-/* The grouped formats: S rows x M x rows, a group per step: widen, scale (int4: q*d - 8d, the
- * +8 of the nibbles folded in), then M FMAs per vector; two accumulators per (row, x row) when
- * M = 1, one otherwise (16 YMM registers). The last, short group of a row is summed in scalar. */
-#define AVX2_QBLOCK(NAME, GRP, AT, RB, GB, BIAS)                                                  \
-    T_AVX2 ALWAYS void NAME(float *y, size_t ldy, const float *x, size_t ldx, int K, const void *W, \
-                            const float *scales, int r, int stride, const int S, const int M,     \
-                            const int U, size_t pf) {                                             \
-        (void)U;                                                                                  \
-        const int G = xo_cpu_groups(K), full = K / XO_QGROUP, A = M == 1 ? 2 : 1;                 \
-        const size_t rb = RB(K);                                                                  \
-        __m256 acc[4][8][2];                                                                      \
-        _Pragma("GCC unroll 4") for (int s = 0; s < S; s++)                                       \
-            _Pragma("GCC unroll 8") for (int b = 0; b < M; b++)                                   \
-                _Pragma("GCC unroll 2") for (int u = 0; u < A; u++) acc[s][b][u] = _mm256_setzero_ps(); \
-        for (int g = 0; g < full; g++) {                                                          \
-            if ((((size_t)g * (GB)) & 63) < (size_t)(GB))                                         \
-                _Pragma("GCC unroll 4") for (int s = 0; s < S; s++)                               \
-                    _mm_prefetch((const char *)W + (size_t)(r + s * stride) * rb + (size_t)g * (GB) + pf, _MM_HINT_T0); \
-            _Pragma("GCC unroll 4") for (int s = 0; s < S; s++) {                                 \
-                const size_t row = (size_t)(r + s * stride);                                      \
-                __m256 w[4];                                                                      \
-                GRP((const char *)W + row * rb + (size_t)g * (GB), w);                            \
-                const float d = scales[row * G + g];                                              \
-                const __m256 vd = _mm256_set1_ps(d), vb = _mm256_set1_ps((BIAS) * d);              \
-                _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {                             \
-                    const __m256 wu = _mm256_fmadd_ps(w[u], vd, vb);                              \
-                    _Pragma("GCC unroll 8") for (int b = 0; b < M; b++)                           \
-                        acc[s][b][u % A] = _mm256_fmadd_ps(wu, _mm256_loadu_ps(x + (size_t)b * ldx + g * XO_QGROUP + 8 * u), acc[s][b][u % A]); \
-                }                                                                                 \
-            }                                                                                     \
-        }                                                                                         \
-        _Pragma("GCC unroll 4") for (int s = 0; s < S; s++) {                                     \
-            const int rs = r + s * stride;                                                        \
-            const char *row = (const char *)W + (size_t)rs * rb;                                  \
-            _Pragma("GCC unroll 8") for (int b = 0; b < M; b++) {                                 \
-                if (A > 1) acc[s][b][0] = _mm256_add_ps(acc[s][b][0], acc[s][b][A - 1]);          \
-                float t = hsum8(acc[s][b][0]);                                                    \
-                for (int kk = full * XO_QGROUP; kk < K; kk++)                                     \
-                    t += AT(row, scales + (size_t)rs * G, kk) * x[(size_t)b * ldx + kk];          \
-                y[(size_t)b * ldy + rs] = t;                                                      \
-            }                                                                                     \
-        }                                                                                         \
-    }
-
-AVX2_QBLOCK(blk_avx2_i8, grp8_i8, q_i8_at, rb_i8, 32, 0.0f)
-AVX2_QBLOCK(blk_avx2_i4, grp8_i4, q_i4_at, rb_i4, 16, -8.0f)
-T_AVX2 static void gemv_avx2_i8(float *y, size_t ldy, const float *x, size_t ldx, int m, int K,
-                                const void *W, const float *scales, int r0, int r1) {
-    BLOCK_DISPATCH(blk_avx2_i8)
-}
-T_AVX2 static void gemv_avx2_i4(float *y, size_t ldy, const float *x, size_t ldx, int m, int K,
-                                const void *W, const float *scales, int r0, int r1) {
-    BLOCK_DISPATCH(blk_avx2_i4)
-}
-
 /* ------------------------------------------------------------------ AVX-512F build */
 
 #define T_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
@@ -287,18 +182,6 @@ T_AVX512 ALWAYS __m512 ld16_bf16(const void *W, size_t i) {
 T_AVX512 ALWAYS __m512 ld16_f16(const void *W, size_t i) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)W + i)));
 }
-/* one group of 32 weights as two vectors of q (elements 0-15, 16-31) */
-T_AVX512 ALWAYS void grp16_i8(const char *p, __m512 w[2]) {
-    w[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-    w[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
-}
-/* nibbles q + 8: low nibbles are elements 0-15, high nibbles 16-31 */
-T_AVX512 ALWAYS void grp16_i4(const char *p, __m512 w[2]) {
-    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)), lo4 = _mm512_set1_epi32(15);
-    w[0] = _mm512_cvtepi32_ps(_mm512_and_si512(v, lo4));
-    w[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-}
-
 #define AVX512_BLOCK(NAME, LD16, SC, ESZ)                                                            \
     T_AVX512 ALWAYS void NAME(float *y, size_t ldy, const float *x, size_t ldx, int K, const void *W, \
                             const float *scales, int r, int stride, const int S, const int M,     \
@@ -350,57 +233,6 @@ AVX512_KERNEL(gemv_avx512_f32, blk_avx512_f32, ld16_f32, sc_f32, 4)
 AVX512_KERNEL(gemv_avx512_bf16, blk_avx512_bf16, ld16_bf16, sc_bf16, 2)
 AVX512_KERNEL(gemv_avx512_f16, blk_avx512_f16, ld16_f16, sc_f16, 2)
 
-/* the grouped formats, as AVX2_QBLOCK with two accumulators per (row, x row) */
-#define AVX512_QBLOCK(NAME, GRP, AT, RB, GB, BIAS)                                                \
-    T_AVX512 ALWAYS void NAME(float *y, size_t ldy, const float *x, size_t ldx, int K, const void *W, \
-                              const float *scales, int r, int stride, const int S, const int M,   \
-                              const int U, size_t pf) {                                           \
-        (void)U;                                                                                  \
-        const int G = xo_cpu_groups(K), full = K / XO_QGROUP;                                     \
-        const size_t rb = RB(K);                                                                  \
-        __m512 acc[4][8][2];                                                                      \
-        _Pragma("GCC unroll 4") for (int s = 0; s < S; s++)                                       \
-            _Pragma("GCC unroll 8") for (int b = 0; b < M; b++)                                   \
-                _Pragma("GCC unroll 2") for (int u = 0; u < 2; u++) acc[s][b][u] = _mm512_setzero_ps(); \
-        for (int g = 0; g < full; g++) {                                                          \
-            if ((((size_t)g * (GB)) & 63) < (size_t)(GB))                                         \
-                _Pragma("GCC unroll 4") for (int s = 0; s < S; s++)                               \
-                    _mm_prefetch((const char *)W + (size_t)(r + s * stride) * rb + (size_t)g * (GB) + pf, _MM_HINT_T0); \
-            _Pragma("GCC unroll 4") for (int s = 0; s < S; s++) {                                 \
-                const size_t row = (size_t)(r + s * stride);                                      \
-                __m512 w[2];                                                                      \
-                GRP((const char *)W + row * rb + (size_t)g * (GB), w);                            \
-                const float d = scales[row * G + g];                                              \
-                const __m512 vd = _mm512_set1_ps(d), vb = _mm512_set1_ps((BIAS) * d);            \
-                _Pragma("GCC unroll 2") for (int u = 0; u < 2; u++) {                             \
-                    const __m512 wu = _mm512_fmadd_ps(w[u], vd, vb);                              \
-                    _Pragma("GCC unroll 8") for (int b = 0; b < M; b++)                           \
-                        acc[s][b][u] = _mm512_fmadd_ps(wu, _mm512_loadu_ps(x + (size_t)b * ldx + g * XO_QGROUP + 16 * u), acc[s][b][u]); \
-                }                                                                                 \
-            }                                                                                     \
-        }                                                                                         \
-        _Pragma("GCC unroll 4") for (int s = 0; s < S; s++) {                                     \
-            const int rs = r + s * stride;                                                        \
-            const char *row = (const char *)W + (size_t)rs * rb;                                  \
-            _Pragma("GCC unroll 8") for (int b = 0; b < M; b++) {                                 \
-                float t = _mm512_reduce_add_ps(_mm512_add_ps(acc[s][b][0], acc[s][b][1]));        \
-                for (int kk = full * XO_QGROUP; kk < K; kk++)                                     \
-                    t += AT(row, scales + (size_t)rs * G, kk) * x[(size_t)b * ldx + kk];          \
-                y[(size_t)b * ldy + rs] = t;                                                      \
-            }                                                                                     \
-        }                                                                                         \
-    }
-
-AVX512_QBLOCK(blk_avx512_i8, grp16_i8, q_i8_at, rb_i8, 32, 0.0f)
-AVX512_QBLOCK(blk_avx512_i4, grp16_i4, q_i4_at, rb_i4, 16, -8.0f)
-T_AVX512 static void gemv_avx512_i8(float *y, size_t ldy, const float *x, size_t ldx, int m, int K,
-                                    const void *W, const float *scales, int r0, int r1) {
-    BLOCK_DISPATCH(blk_avx512_i8)
-}
-T_AVX512 static void gemv_avx512_i4(float *y, size_t ldy, const float *x, size_t ldx, int m, int K,
-                                    const void *W, const float *scales, int r0, int r1) {
-    BLOCK_DISPATCH(blk_avx512_i4)
-}
 #endif /* XO_X86 */
 
 /* ------------------------------------------------------------------ run-time choice */
@@ -410,7 +242,8 @@ static int detect_isa(void) {
     __builtin_cpu_init();
     int best = XO_ISA_GENERIC;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = XO_ISA_AVX2;
-    if (best == XO_ISA_AVX2 && __builtin_cpu_supports("avx512f")) best = XO_ISA_AVX512;
+    /* AVX-512 means F and BW (the grouped kernels' 16-bit products): every AVX-512 CPU but Xeon Phi */
+    if (best == XO_ISA_AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) best = XO_ISA_AVX512;
     return best;
 #else
     return XO_ISA_GENERIC;
@@ -438,8 +271,6 @@ static gemv_block_fn pick(xo_dtype t, int isa) {
         case XO_F32: return gemv_avx512_f32;
         case XO_BF16: return gemv_avx512_bf16;
         case XO_F16: return gemv_avx512_f16;
-        case XO_I8: return gemv_avx512_i8;
-        case XO_I4: return gemv_avx512_i4;
         default: return NULL;
         }
     }
@@ -448,8 +279,6 @@ static gemv_block_fn pick(xo_dtype t, int isa) {
         case XO_F32: return gemv_avx2_f32;
         case XO_BF16: return gemv_avx2_bf16;
         case XO_F16: return gemv_avx2_f16;
-        case XO_I8: return gemv_avx2_i8;
-        case XO_I4: return gemv_avx2_i4;
         default: return NULL;
         }
     }
@@ -460,8 +289,6 @@ static gemv_block_fn pick(xo_dtype t, int isa) {
     case XO_F32: return gemv_generic_f32;
     case XO_BF16: return gemv_generic_bf16;
     case XO_F16: return gemv_generic_f16;
-    case XO_I8: return gemv_generic_i8;
-    case XO_I4: return gemv_generic_i4;
     default: return NULL;
     }
 }
@@ -469,7 +296,7 @@ static gemv_block_fn pick(xo_dtype t, int isa) {
 void xo_cpu_gemv(float *y, const float *x, int m, const xo_linear *w, int isa) {
     const gemv_block_fn fn = pick(w->dtype, isa);
     const int out = w->out, K = w->in;
-    const float *scales = w->dtype == XO_I8 || w->dtype == XO_I4 ? w->scales : NULL;
+    const float *scales = NULL;
     const double work = (double)out * K * m;
     #pragma omp parallel if (work > 65536.0)
     {

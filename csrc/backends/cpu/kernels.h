@@ -37,31 +37,57 @@ xo_status xo_cpu_linear_init(xo_backend *be, xo_linear *w, const void *host, xo_
 void xo_cpu_linear_free(xo_backend *be, xo_linear *w);
 xo_status xo_cpu_linear_to_host(xo_backend *be, const xo_linear *w, float *host);
 xo_status xo_cpu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w, int m);
+/* y[m, rows] = x[m, w->in] @ W[row0 : row0 + rows].T (a row range of any storage dtype) */
+xo_status xo_cpu_matmul_rows(xo_backend *be, float *y, const float *x, const xo_linear *w, int m, int row0, int rows);
 xo_status xo_cpu_embed(xo_backend *be, float *h, const xo_linear *table, const int32_t *ids, int n);
 /* the largest m that takes the matrix-vector kernels when the option leaves it to the rule */
 enum { XO_CPU_GEMV_MAX_ROWS = 40 };
 /* backends/cpu/weights.c: weight storage. 64-byte aligned, on 2 MB pages (madvise) from 2 MB up, not
  * zeroed; release with free(). */
 void *xo_cpu_weight_alloc(size_t bytes);
-/* Group-wise weights: one float32 scale per XO_QGROUP consecutive weights of a row (the last
- * group of a row may be shorter), scales [out, groups]. I8 rows are `in` bytes, q * scale. I4
- * rows are 16 bytes per group: byte j of group g holds element 32g + j in its low nibble and
- * 32g + 16 + j in its high nibble, each as q + 8 (q in [-8, 7]); a short group is padded with
- * q = 0. (A group's two halves are then two plain vectors of nibbles.) */
-enum { XO_QGROUP = 32 };
+/* Group-wise weights (I8, I4): one float32 scale per XO_QGROUP consecutive weights of a row
+ * (a row's last group is padded with q = 0), rows stored in blocks of XO_QROWS, interleaved so
+ * that one 32-byte piece holds the same few columns of all 16 rows of a block: the dot product
+ * kernels then keep one lane per row and never reduce horizontally. Block b, group g occupies
+ * xo_cpu_group_bytes(dtype) bytes at (b * groups + g) * that; inside it, piece p (32 bytes) holds
+ * for row j of the block (0-15) the bytes 2j and 2j+1:
+ *   I8: q[2p], q[2p + 1] of the group (int8, |q| <= 127), p = 0..15;
+ *   I4: (q[2p] + 8) | (q[16 + 2p] + 8) << 4 and (q[2p + 1] + 8) | (q[17 + 2p] + 8) << 4,
+ *       q in [-8, 7], p = 0..7.
+ * Scales: [blocks][groups][XO_QROWS]. Rows past `out` in the last block are zeros. */
+enum { XO_QGROUP = 32, XO_QROWS = 16 };
 static inline int xo_cpu_groups(int in) { return (in + XO_QGROUP - 1) / XO_QGROUP; }
-size_t xo_cpu_row_bytes(const xo_linear *w);   /* bytes between rows of w->data */
-/* rows [row0, row0 + rows) of w as a linear of their own (no copy) */
-xo_linear xo_cpu_linear_rows(const xo_linear *w, int row0, int rows);
+static inline int xo_cpu_blocks(int out) { return (out + XO_QROWS - 1) / XO_QROWS; }
+static inline int xo_cpu_grouped(xo_dtype t) { return t == XO_I8 || t == XO_I4; }
+/* bytes of one block's group: 16 rows x 32 weights */
+static inline size_t xo_cpu_group_bytes(xo_dtype t) { return t == XO_I4 ? 256 : 512; }
+size_t xo_cpu_weight_bytes(const xo_linear *w);   /* bytes of w->data */
+size_t xo_cpu_scale_count(const xo_linear *w);    /* floats of w->scales (0 unless grouped) */
 /* rows [row_offset, row_offset+rows) of w (storage allocated, w->scales too for I8/I4) from host
  * rows of dtype src_t; bf16/f16 round to nearest even, int8/int4 are group-wise (above) */
 xo_status xo_cpu_store_rows(xo_linear *w, const void *host, xo_dtype src_t, int row_offset, int rows);
 /* dst[rows, w->in] = rows row0.. of w, widened to float32 (int8/int4: times the scales); serial */
 void xo_cpu_dequant_rows(float *dst, const xo_linear *w, size_t row0, size_t rows);
-void xo_cpu_dequant_row(float *dst, const xo_linear *w, size_t r);   /* one row of an I8/I4 linear */
 
-/* backends/cpu/gemv.c: y[m, w->out] = x[m, w->in] @ W.T for any storage dtype with float32 accumulation;
- * vectorised matrix-vector kernels meant for small m (decode), OpenMP over output rows. */
+/* The activations of a grouped product, quantised once per product and shared by every row of
+ * W: row i of x, group g, as int16 with one float32 scale (|q| <= 32767, so the rounding is
+ * 2^-16 of the group's largest magnitude), stored as pairs (k even in the low half), with the
+ * group's sum of q (the I4 nibbles' +8 is taken off through it). */
+typedef struct {
+    int m, G;             /* rows, groups per row */
+    const uint32_t *pair; /* [m][G * 16]: q[2p] & 0xffff | q[2p + 1] << 16 */
+    const float *d;       /* [m][G]; NaN for a group holding a NaN or an infinity */
+    const int32_t *sum;   /* [m][G] */
+} xo_cpu_qx;
+
+/* backends/cpu/qgemv.c: y[i, r - row0] = x[i] . W[r] for rows r in [row0, row0 + rows) of a
+ * grouped W, i < m (outputs ldy floats apart), with x quantised as xo_cpu_qx; OpenMP over blocks
+ * of rows. Fails only for want of memory. */
+xo_status xo_cpu_qgemv(float *y, size_t ldy, const float *x, int m, const xo_linear *w, int row0, int rows, int isa);
+
+/* backends/cpu/gemv.c: y[m, w->out] = x[m, w->in] @ W.T for the float storage dtypes (F32, BF16,
+ * F16) with float32 accumulation; vectorised matrix-vector kernels meant for small m (decode),
+ * OpenMP over output rows. */
 void xo_cpu_gemv(float *y, const float *x, int m, const xo_linear *w, int isa);
 int xo_cpu_best_isa(void);              /* the best kernel set this CPU runs (XO_ISA_*) */
 const char *xo_cpu_isa_name(int level);

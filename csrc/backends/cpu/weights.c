@@ -38,9 +38,9 @@ void *xo_cpu_weight_alloc(size_t bytes) {
     return p;
 }
 
-/* Quantises one float32 row, group by group (int8: q = round(v / d), |q| <= 127, d = max|group|
- * / 127); an all-zero group is stored as zeros. Returns 0, or -1 when the row holds a NaN or an
- * infinity (no scale represents it). */
+/* Quantises one float32 row, group by group, into q[groups * 32] (zero padded) and scales
+ * (int8: q = round(v / d), |q| <= 127, d = max|group| / 127); an all-zero group is stored as
+ * zeros. Returns 0, or -1 when the row holds a NaN or an infinity (no scale represents it). */
 XO_CLONES
 static int quantize_row_i8(int8_t *q, float *scales, const float *v, int n) {
     for (int g0 = 0, g = 0; g0 < n; g0 += XO_QGROUP, g++) {
@@ -51,8 +51,8 @@ static int quantize_row_i8(int8_t *q, float *scales, const float *v, int n) {
             if (!(a <= FLT_MAX)) return -1;   /* NaN or infinity, which the max would skip */
             mx = a > mx ? a : mx;
         }
+        memset(q + g0, 0, XO_QGROUP);
         if (!(mx > 0.0f)) {
-            memset(q + g0, 0, (size_t)len);
             scales[g] = 0.0f;
             continue;
         }
@@ -67,11 +67,11 @@ static int quantize_row_i8(int8_t *q, float *scales, const float *v, int n) {
     return 0;
 }
 
-/* int4, returning as quantize_row_i8; 16 levels: d = -(the group's value of largest magnitude)
- * / 8, q = round(v / d) in [-8, 7], so that value is stored exactly (as -8) and the rest within d/2, or d for a value of
- * the opposite sign and the same magnitude (clamped to 7). Packed as XO_I4 rows (kernels.h). */
+/* int4, as quantize_row_i8 (q in [-8, 7], padding 0); 16 levels: d = -(the group's value of
+ * largest magnitude) / 8, q = round(v / d), so that value is stored exactly (as -8) and the rest
+ * within d/2, or d for a value of the opposite sign and the same magnitude (clamped to 7). */
 XO_CLONES
-static int quantize_row_i4(uint8_t *p, float *scales, const float *v, int n) {
+static int quantize_row_i4(int8_t *q, float *scales, const float *v, int n) {
     for (int g0 = 0, g = 0; g0 < n; g0 += XO_QGROUP, g++) {
         const int len = n - g0 < XO_QGROUP ? n - g0 : XO_QGROUP;
         float big = 0.0f, mx = 0.0f;
@@ -80,23 +80,46 @@ static int quantize_row_i4(uint8_t *p, float *scales, const float *v, int n) {
             if (!(a <= FLT_MAX)) return -1;
             if (a > mx) { mx = a; big = v[g0 + j]; }
         }
-        uint8_t *out = p + (size_t)g * (XO_QGROUP / 2);
+        memset(q + g0, 0, XO_QGROUP);
         if (!(mx > 0.0f)) {
-            memset(out, 0x88, XO_QGROUP / 2);   /* q = 0 */
             scales[g] = 0.0f;
             continue;
         }
-        const float d = big / -8.0f, inv = -8.0f / big;
-        uint8_t nib[XO_QGROUP];
-        for (int j = 0; j < XO_QGROUP; j++) {
-            float r = j < len ? nearbyintf(v[g0 + j] * inv) : 0.0f;
+        const float inv = -8.0f / big;
+        for (int j = 0; j < len; j++) {
+            float r = nearbyintf(v[g0 + j] * inv);
             r = r > 7.0f ? 7.0f : r < -8.0f ? -8.0f : r;
-            nib[j] = (uint8_t)((int)r + 8);
+            q[g0 + j] = (int8_t)r;
         }
-        for (int j = 0; j < XO_QGROUP / 2; j++) out[j] = (uint8_t)(nib[j] | nib[j + XO_QGROUP / 2] << 4);
-        scales[g] = d;
+        scales[g] = big / -8.0f;
     }
     return 0;
+}
+
+/* Byte offset, inside a block's group, of the byte holding column k (0-31) of the block's row j
+ * (kernels.h); for I4 the high nibble when k >= 16. */
+static inline size_t piece_offset(xo_dtype t, int j, int k) {
+    const int kk = t == XO_I4 ? k % 16 : k;
+    return (size_t)(kk / 2) * 32 + 2 * (size_t)j + (kk & 1);
+}
+
+/* row r of a grouped linear from its q (groups * 32) and scales (groups), into the blocks */
+static void place_row(const xo_linear *w, size_t r, const int8_t *q, const float *sc) {
+    const int G = xo_cpu_groups(w->in), j = (int)(r % XO_QROWS);
+    const size_t blk = r / XO_QROWS, gb = xo_cpu_group_bytes(w->dtype);
+    uint8_t *base = (uint8_t *)w->data + blk * G * gb;
+    float *scales = w->scales + blk * G * XO_QROWS + j;
+    for (int g = 0; g < G; g++) {
+        uint8_t *piece = base + (size_t)g * gb;
+        const int8_t *qg = q + (size_t)g * XO_QGROUP;
+        if (w->dtype == XO_I8) {
+            for (int k = 0; k < XO_QGROUP; k++) piece[piece_offset(XO_I8, j, k)] = (uint8_t)qg[k];
+        } else {
+            for (int k = 0; k < XO_QGROUP / 2; k++)
+                piece[piece_offset(XO_I4, j, k)] = (uint8_t)((qg[k] + 8) | (qg[k + 16] + 8) << 4);
+        }
+        scales[(size_t)g * XO_QROWS] = sc[g];
+    }
 }
 
 XO_CLONES
@@ -115,7 +138,10 @@ xo_status xo_cpu_store_rows(xo_linear *w, const void *host, xo_dtype src_t, int 
     int failed = 0, nonfinite_row = -1;
     #pragma omp parallel if ((size_t)rows * K > 65536)
     {
-        float *tmp = malloc((size_t)(K ? K : 1) * sizeof *tmp);
+        /* a row in float32, then (grouped) its q and scales */
+        float *tmp = malloc((size_t)G * (XO_QGROUP * (sizeof(float) + 1) + sizeof(float)) + sizeof(float));
+        int8_t *q = (int8_t *)(tmp + (size_t)G * XO_QGROUP + (size_t)G + 1);
+        float *sc = tmp + (size_t)G * XO_QGROUP + 1;
         if (!tmp) {
             #pragma omp atomic write
             failed = 1;
@@ -133,12 +159,12 @@ xo_status xo_cpu_store_rows(xo_linear *w, const void *host, xo_dtype src_t, int 
                 break;
             case XO_I8:
             case XO_I4: {
-                int bad = w->dtype == XO_I8
-                              ? quantize_row_i8((int8_t *)w->data + r * K, w->scales + r * G, tmp, K)
-                              : quantize_row_i4((uint8_t *)w->data + r * xo_cpu_row_bytes(w), w->scales + r * G, tmp, K);
+                int bad = t == XO_I8 ? quantize_row_i8(q, sc, tmp, K) : quantize_row_i4(q, sc, tmp, K);
                 if (bad) {
                     #pragma omp critical(xo_nonfinite_row)
                     if (nonfinite_row < 0 || i < nonfinite_row) nonfinite_row = i;
+                } else {
+                    place_row(w, r, q, sc);
                 }
                 break;
             }
@@ -171,6 +197,47 @@ static void f16_to_f32(const uint16_t *s, float *d, size_t n) {
     for (size_t i = 0; i < n; i++) d[i] = xo_f16_to_f32(s[i]);
 }
 
+/* rows [row0, row0 + rows) of a grouped linear, widened: per block and group the 16 rows'
+ * byte pairs are first gathered row by row (a 16 x 16 transpose of 16-bit words), then each
+ * row's 32 bytes widen in order */
+XO_CLONES
+static void dequant_grouped(float *dst, const xo_linear *w, size_t row0, size_t rows) {
+    const int K = w->in, G = xo_cpu_groups(K), i4 = w->dtype == XO_I4;
+    const size_t gb = xo_cpu_group_bytes(w->dtype), end = row0 + rows;
+    const int pieces = i4 ? XO_QGROUP / 4 : XO_QGROUP / 2;
+    for (size_t blk = row0 / XO_QROWS; blk * XO_QROWS < end; blk++) {
+        const size_t first = blk * XO_QROWS;
+        const int j0 = row0 > first ? (int)(row0 - first) : 0;
+        const int j1 = end - first < XO_QROWS ? (int)(end - first) : XO_QROWS;
+        const uint8_t *base = (const uint8_t *)w->data + blk * G * gb;
+        const float *sc = w->scales + blk * G * XO_QROWS;
+        for (int g = 0; g < G; g++) {
+            const uint8_t *piece = base + (size_t)g * gb;
+            uint8_t rowq[XO_QROWS][XO_QGROUP];   /* row j: its bytes in order */
+            for (int p = 0; p < pieces; p++)
+                for (int j = j0; j < j1; j++) {
+                    rowq[j][2 * p] = piece[p * 32 + 2 * j];
+                    rowq[j][2 * p + 1] = piece[p * 32 + 2 * j + 1];
+                }
+            const int k0 = g * XO_QGROUP, len = K - k0 < XO_QGROUP ? K - k0 : XO_QGROUP;
+            for (int j = j0; j < j1; j++) {
+                const float d = sc[(size_t)g * XO_QROWS + j];
+                float *o = dst + (first + j - row0) * (size_t)K + k0;
+                if (i4) {
+                    float v[XO_QGROUP];
+                    for (int k = 0; k < XO_QGROUP / 2; k++) {
+                        v[k] = (float)((rowq[j][k] & 15) - 8) * d;
+                        v[k + XO_QGROUP / 2] = (float)((rowq[j][k] >> 4) - 8) * d;
+                    }
+                    memcpy(o, v, (size_t)len * sizeof(float));
+                } else {
+                    for (int k = 0; k < len; k++) o[k] = (float)(int8_t)rowq[j][k] * d;
+                }
+            }
+        }
+    }
+}
+
 XO_CLONES
 void xo_cpu_dequant_rows(float *dst, const xo_linear *w, size_t row0, size_t rows) {
     const size_t K = (size_t)w->in, n = rows * K;
@@ -191,7 +258,7 @@ void xo_cpu_dequant_rows(float *dst, const xo_linear *w, size_t row0, size_t row
         break;
     case XO_I8:
     case XO_I4:
-        for (size_t r = 0; r < rows; r++) xo_cpu_dequant_row(dst + r * K, w, row0 + r);
+        dequant_grouped(dst, w, row0, rows);
         break;
     default:
         memset(dst, 0, n * sizeof(float));
@@ -199,33 +266,12 @@ void xo_cpu_dequant_rows(float *dst, const xo_linear *w, size_t row0, size_t row
     }
 }
 
-size_t xo_cpu_row_bytes(const xo_linear *w) {
-    if (w->dtype == XO_I4) return (size_t)xo_cpu_groups(w->in) * (XO_QGROUP / 2);
-    return (size_t)w->in * xo_dtype_size(w->dtype);
+size_t xo_cpu_weight_bytes(const xo_linear *w) {
+    if (xo_cpu_grouped(w->dtype))
+        return (size_t)xo_cpu_blocks(w->out) * xo_cpu_groups(w->in) * xo_cpu_group_bytes(w->dtype);
+    return (size_t)w->out * w->in * xo_dtype_size(w->dtype);
 }
 
-xo_linear xo_cpu_linear_rows(const xo_linear *w, int row0, int rows) {
-    xo_linear v = *w;
-    v.out = rows;
-    v.data = (char *)w->data + (size_t)row0 * xo_cpu_row_bytes(w);
-    v.scales = w->scales ? w->scales + (size_t)row0 * xo_cpu_groups(w->in) : NULL;
-    return v;
-}
-
-XO_CLONES
-void xo_cpu_dequant_row(float *dst, const xo_linear *w, size_t r) {
-    const int K = w->in, G = xo_cpu_groups(K);
-    const float *sc = w->scales + r * G;
-    if (w->dtype == XO_I8) {
-        const int8_t *q = (const int8_t *)w->data + r * K;
-        for (int k = 0; k < K; k++) dst[k] = (float)q[k] * sc[k / XO_QGROUP];
-        return;
-    }
-    const uint8_t *p = (const uint8_t *)w->data + r * xo_cpu_row_bytes(w);
-    for (int k = 0; k < K; k++) {
-        const int g = k / XO_QGROUP, j = k % XO_QGROUP, half = XO_QGROUP / 2;
-        const uint8_t b = p[(size_t)g * half + (j % half)];
-        const int q = (j < half ? b & 15 : b >> 4) - 8;
-        dst[k] = (float)q * sc[g];
-    }
+size_t xo_cpu_scale_count(const xo_linear *w) {
+    return xo_cpu_grouped(w->dtype) ? (size_t)xo_cpu_blocks(w->out) * XO_QROWS * xo_cpu_groups(w->in) : 0;
 }
