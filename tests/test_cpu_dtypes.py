@@ -29,7 +29,7 @@ from xoron import _testing  # noqa: E402
 TOL = {"bfloat16": 3e-2, "float16": 3e-2, "int8": 5e-2, "int4": 0.35}
 DTYPE_CODE = {"float32": 1, "float16": 2, "bfloat16": 3, "int8": 4, "int4": 5}   # xo_dtype
 GROUP = 32   # weights per scale (int8, int4)
-ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512"}
+ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512", 3: "avx512vnni"}
 
 
 # ---------------------------------------------------------------- C hooks

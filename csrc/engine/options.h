@@ -10,7 +10,7 @@
 #include "engine/status.h"
 
 /* CPU kernel instruction sets, lowest first */
-enum { XO_ISA_AUTO = -1, XO_ISA_GENERIC = 0, XO_ISA_AVX2 = 1, XO_ISA_AVX512 = 2 };
+enum { XO_ISA_AUTO = -1, XO_ISA_GENERIC = 0, XO_ISA_AVX2 = 1, XO_ISA_AVX512 = 2, XO_ISA_AVX512VNNI = 3 };
 
 typedef struct {
     int threads;                 /* CPU threads of this model's kernels; 0: the process default (backends/cpu/threads.c) */

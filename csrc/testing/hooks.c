@@ -60,10 +60,11 @@ XO_EXPORT int xo_hook_embed(int dtype, int out, int in, const float *w, const in
 }
 
 /* Seconds per y = x @ W.T call (best of `iters`, after one warm-up) for a random [out, in]
- * weight stored as dtype; negative on failure. */
-XO_EXPORT double xo_hook_time_matmul(int dtype, int out, int in, int m, int iters) {
+ * weight stored as dtype, on a backend made with n_opts options; negative on failure. */
+XO_EXPORT double xo_hook_time_matmul(int dtype, int out, int in, int m, int iters, const char *const *opt_names,
+                                     const char *const *opt_values, int n_opts) {
     xo_backend *be = NULL;
-    if (make_backend(&be, NULL, NULL, 0) != XO_OK) return -1.0;
+    if (make_backend(&be, opt_names, opt_values, n_opts) != XO_OK) return -1.0;
     float *w = malloc((size_t)out * in * sizeof *w);
     float *x = malloc((size_t)m * in * sizeof *x);
     float *y = malloc((size_t)m * out * sizeof *y);

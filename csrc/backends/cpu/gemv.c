@@ -244,6 +244,7 @@ static int detect_isa(void) {
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = XO_ISA_AVX2;
     /* AVX-512 means F and BW (the grouped kernels' 16-bit products): every AVX-512 CPU but Xeon Phi */
     if (best == XO_ISA_AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) best = XO_ISA_AVX512;
+    if (best == XO_ISA_AVX512 && __builtin_cpu_supports("avx512vnni")) best = XO_ISA_AVX512VNNI;
     return best;
 #else
     return XO_ISA_GENERIC;
@@ -261,12 +262,13 @@ int xo_cpu_best_isa(void) {
 }
 
 const char *xo_cpu_isa_name(int level) {
-    return level == XO_ISA_AVX512 ? "avx512" : level == XO_ISA_AVX2 ? "avx2" : "generic";
+    return level == XO_ISA_AVX512VNNI ? "avx512vnni" : level == XO_ISA_AVX512 ? "avx512" : level == XO_ISA_AVX2 ? "avx2"
+                                                                                                   : "generic";
 }
 
 static gemv_block_fn pick(xo_dtype t, int isa) {
 #ifdef XO_X86
-    if (isa == XO_ISA_AVX512) {
+    if (isa >= XO_ISA_AVX512) {   /* the float formats have no VNNI variant */
         switch (t) {
         case XO_F32: return gemv_avx512_f32;
         case XO_BF16: return gemv_avx512_bf16;

@@ -11,7 +11,7 @@
  * in one vector; each thread walks S blocks far apart at once (S sequential streams, software
  * prefetched) like the float kernels. int4 nibbles are stored as q + 8 and widened unsigned; the
  * +8 is taken off once per group through the activations' group sums.
- * Three builds: AVX-512 (F + BW), AVX2 and a portable one, chosen as in gemv.c. */
+ * Four builds: AVX-512 (F + BW) with and without VNNI, AVX2 and a portable one, chosen as in gemv.c. */
 #include <float.h>
 #include <math.h>
 #include <stdlib.h>
@@ -197,70 +197,78 @@ T_AVX2 ALWAYS void qblk_avx2(float *y, size_t ldy, const xo_cpu_qx *xq, int i0, 
 
 #define T_AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma")))
 
-/* as qblk_avx2, one 16-lane accumulator per block and x row */
-T_AVX512 ALWAYS void qblk_avx512(float *y, size_t ldy, const xo_cpu_qx *xq, int i0, const xo_linear *w, int blk,
-                                 int stride, const int S, const int M, const int I4, int row_lo, int row_hi) {
-    const int G = xq->G;
-    const size_t gb = I4 ? 256 : 512, bb = (size_t)G * gb;
-    const int P = I4 ? PAIRS / 2 : PAIRS;   /* 32-byte pieces per group */
-    const char *W = (const char *)w->data;
-    const uint32_t *xp = xq->pair + (size_t)i0 * G * PAIRS;
-    __m512 facc[4][MAX_M];
-    _Pragma("GCC unroll 4") for (int s = 0; s < S; s++)
-        _Pragma("GCC unroll 8") for (int b = 0; b < M; b++) facc[s][b] = _mm512_setzero_ps();
-    for (int g = 0; g < G; g++) {
-        __m512i iacc[4][MAX_M];
-        _Pragma("GCC unroll 4") for (int s = 0; s < S; s++) {
-            _mm_prefetch((const char *)(w->scales + ((size_t)(blk + s * stride) * G + g + 4) * XO_QROWS), _MM_HINT_T0);
-            _Pragma("GCC unroll 8") for (int b = 0; b < M; b++)
-                iacc[s][b] = I4 ? _mm512_set1_epi32(-8 * xq->sum[(size_t)(i0 + b) * G + g]) : _mm512_setzero_si512();
-        }
-        _Pragma("GCC unroll 16") for (int p = 0; p < P; p++) {
-            __m512i xl[MAX_M], xh[MAX_M];
-            _Pragma("GCC unroll 8") for (int b = 0; b < M; b++) {
-                const uint32_t *xg = xp + ((size_t)b * G + g) * PAIRS;
-                xl[b] = _mm512_set1_epi32((int)xg[p]);
-                if (I4) xh[b] = _mm512_set1_epi32((int)xg[p + 8]);
-            }
-            _Pragma("GCC unroll 4") for (int s = 0; s < S; s++) {
-                const char *src = W + (size_t)(blk + s * stride) * bb + (size_t)g * gb + (size_t)p * 32;
-                if (!(p & 1)) _mm_prefetch(src + PREFETCH_BYTES, _MM_HINT_T0);
-                const __m256i raw = _mm256_loadu_si256((const __m256i *)src);
-                if (I4) {
-                    const __m512i v = _mm512_cvtepu8_epi16(raw);
-                    const __m512i lo = _mm512_and_si512(v, _mm512_set1_epi16(15)), hi = _mm512_srli_epi16(v, 4);
-                    _Pragma("GCC unroll 8") for (int b = 0; b < M; b++) {
-                        iacc[s][b] = _mm512_add_epi32(iacc[s][b], _mm512_madd_epi16(lo, xl[b]));
-                        iacc[s][b] = _mm512_add_epi32(iacc[s][b], _mm512_madd_epi16(hi, xh[b]));
-                    }
-                } else {
-                    const __m512i v = _mm512_cvtepi8_epi16(raw);
-                    _Pragma("GCC unroll 8") for (int b = 0; b < M; b++)
-                        iacc[s][b] = _mm512_add_epi32(iacc[s][b], _mm512_madd_epi16(v, xl[b]));
-                }
-            }
-        }
-        _Pragma("GCC unroll 4") for (int s = 0; s < S; s++) {
-            const __m512 dw = _mm512_loadu_ps(w->scales + ((size_t)(blk + s * stride) * G + g) * XO_QROWS);
-            _Pragma("GCC unroll 8") for (int b = 0; b < M; b++)
-                facc[s][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[s][b]),
-                                             _mm512_mul_ps(dw, _mm512_set1_ps(xq->d[(size_t)(i0 + b) * G + g])), facc[s][b]);
-        }
-    }
-    _Pragma("GCC unroll 4") for (int s = 0; s < S; s++) {
-        const int rs = (blk + s * stride) * XO_QROWS;
-        _Pragma("GCC unroll 8") for (int b = 0; b < M; b++) {
-            float *yb = y + (size_t)(i0 + b) * ldy;
-            if (rs >= row_lo && rs + XO_QROWS <= row_hi) {
-                _mm512_storeu_ps(yb + (rs - row_lo), facc[s][b]);
-            } else {
-                float v[XO_QROWS];
-                _mm512_storeu_ps(v, facc[s][b]);
-                store_rows(yb, v, rs, row_lo, row_hi);
-            }
-        }
-    }
+/* as qblk_avx2, one 16-lane accumulator per block and x row; DOT(acc, a, b) adds the pairwise
+ * products of a and b to acc: pmaddwd + paddd, or one vpdpwssd with AVX-512 VNNI */
+#define QBLK_AVX512(NAME, TARGET, DOT)                                                               \
+TARGET ALWAYS void NAME(float *y, size_t ldy, const xo_cpu_qx *xq, int i0, const xo_linear *w, int blk,    \
+                        int stride, const int S, const int M, const int I4, int row_lo, int row_hi) {        \
+    const int G = xq->G;                                                                             \
+    const size_t gb = I4 ? 256 : 512, bb = (size_t)G * gb;                                           \
+    const int P = I4 ? PAIRS / 2 : PAIRS;   /* 32-byte pieces per group */                           \
+    const char *W = (const char *)w->data;                                                           \
+    const uint32_t *xp = xq->pair + (size_t)i0 * G * PAIRS;                                          \
+    __m512 facc[4][MAX_M];                                                                           \
+    _Pragma("GCC unroll 4") for (int s = 0; s < S; s++)                                              \
+        _Pragma("GCC unroll 8") for (int b = 0; b < M; b++) facc[s][b] = _mm512_setzero_ps();        \
+    for (int g = 0; g < G; g++) {                                                                    \
+        __m512i iacc[4][MAX_M];                                                                      \
+        _Pragma("GCC unroll 4") for (int s = 0; s < S; s++) {                                        \
+            _mm_prefetch((const char *)(w->scales + ((size_t)(blk + s * stride) * G + g + 4) * XO_QROWS), _MM_HINT_T0); \
+            _Pragma("GCC unroll 8") for (int b = 0; b < M; b++)                                      \
+                iacc[s][b] = I4 ? _mm512_set1_epi32(-8 * xq->sum[(size_t)(i0 + b) * G + g]) : _mm512_setzero_si512(); \
+        }                                                                                            \
+        _Pragma("GCC unroll 16") for (int p = 0; p < P; p++) {                                       \
+            __m512i xl[MAX_M], xh[MAX_M];                                                            \
+            _Pragma("GCC unroll 8") for (int b = 0; b < M; b++) {                                    \
+                const uint32_t *xg = xp + ((size_t)b * G + g) * PAIRS;                               \
+                xl[b] = _mm512_set1_epi32((int)xg[p]);                                               \
+                if (I4) xh[b] = _mm512_set1_epi32((int)xg[p + 8]);                                   \
+            }                                                                                        \
+            _Pragma("GCC unroll 4") for (int s = 0; s < S; s++) {                                    \
+                const char *src = W + (size_t)(blk + s * stride) * bb + (size_t)g * gb + (size_t)p * 32; \
+                if (!(p & 1)) _mm_prefetch(src + PREFETCH_BYTES, _MM_HINT_T0);                       \
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)src);                        \
+                if (I4) {                                                                            \
+                    const __m512i v = _mm512_cvtepu8_epi16(raw);                                     \
+                    const __m512i lo = _mm512_and_si512(v, _mm512_set1_epi16(15)), hi = _mm512_srli_epi16(v, 4); \
+                    _Pragma("GCC unroll 8") for (int b = 0; b < M; b++) {                            \
+                        iacc[s][b] = DOT(iacc[s][b], lo, xl[b]);                                     \
+                        iacc[s][b] = DOT(iacc[s][b], hi, xh[b]);                                     \
+                    }                                                                                \
+                } else {                                                                             \
+                    const __m512i v = _mm512_cvtepi8_epi16(raw);                                     \
+                    _Pragma("GCC unroll 8") for (int b = 0; b < M; b++)                              \
+                        iacc[s][b] = DOT(iacc[s][b], v, xl[b]);                                      \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
+        _Pragma("GCC unroll 4") for (int s = 0; s < S; s++) {                                        \
+            const __m512 dw = _mm512_loadu_ps(w->scales + ((size_t)(blk + s * stride) * G + g) * XO_QROWS); \
+            _Pragma("GCC unroll 8") for (int b = 0; b < M; b++)                                      \
+                facc[s][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[s][b]),                         \
+                                             _mm512_mul_ps(dw, _mm512_set1_ps(xq->d[(size_t)(i0 + b) * G + g])), facc[s][b]); \
+        }                                                                                            \
+    }                                                                                                \
+    _Pragma("GCC unroll 4") for (int s = 0; s < S; s++) {                                            \
+        const int rs = (blk + s * stride) * XO_QROWS;                                                \
+        _Pragma("GCC unroll 8") for (int b = 0; b < M; b++) {                                        \
+            float *yb = y + (size_t)(i0 + b) * ldy;                                                  \
+            if (rs >= row_lo && rs + XO_QROWS <= row_hi) {                                           \
+                _mm512_storeu_ps(yb + (rs - row_lo), facc[s][b]);                                    \
+            } else {                                                                                 \
+                float v[XO_QROWS];                                                                   \
+                _mm512_storeu_ps(v, facc[s][b]);                                                     \
+                store_rows(yb, v, rs, row_lo, row_hi);                                               \
+            }                                                                                        \
+        }                                                                                            \
+    }                                                                                                \
 }
+
+#define T_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma")))
+#define DOT_MADD(acc, a, b) _mm512_add_epi32((acc), _mm512_madd_epi16((a), (b)))
+#define DOT_VNNI(acc, a, b) _mm512_dpwssd_epi32((acc), (a), (b))
+QBLK_AVX512(qblk_avx512, T_AVX512, DOT_MADD)
+QBLK_AVX512(qblk_avx512vnni, T_AVX512VNNI, DOT_VNNI)
 
 /* Blocks [b0, b1) as S interleaved spans (the remainder one block at a time) for m <= 8 x rows,
  * in one pass over W; more x rows go in chunks of 8 over one block at a time (it stays in cache). */
@@ -307,12 +315,15 @@ T_AVX2 QBLOCKS(qblocks_avx2_i8, qblk_avx2, 0, 2, 1, 1)
 T_AVX2 QBLOCKS(qblocks_avx2_i4, qblk_avx2, 1, 2, 1, 1)
 T_AVX512 QBLOCKS(qblocks_avx512_i8, qblk_avx512, 0, 4, 2, 2)
 T_AVX512 QBLOCKS(qblocks_avx512_i4, qblk_avx512, 1, 4, 2, 2)
+T_AVX512VNNI QBLOCKS(qblocks_avx512vnni_i8, qblk_avx512vnni, 0, 4, 2, 2)
+T_AVX512VNNI QBLOCKS(qblocks_avx512vnni_i4, qblk_avx512vnni, 1, 4, 2, 2)
 #endif /* XO_X86 */
 
 /* ------------------------------------------------------------------ run-time choice */
 
 static qblocks_fn pick(xo_dtype t, int isa) {
 #ifdef XO_X86
+    if (isa == XO_ISA_AVX512VNNI) return t == XO_I4 ? qblocks_avx512vnni_i4 : qblocks_avx512vnni_i8;
     if (isa == XO_ISA_AVX512) return t == XO_I4 ? qblocks_avx512_i4 : qblocks_avx512_i8;
     if (isa == XO_ISA_AVX2) return t == XO_I4 ? qblocks_avx2_i4 : qblocks_avx2_i8;
 #else
