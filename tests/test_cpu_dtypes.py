@@ -141,6 +141,54 @@ def test_matmul_kernels_vs_float64(hooks, dtype):
                     (ISA_NAMES[isa], crossover, dtype, w.shape, x.shape[0])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4"])
+def test_matmul_row_ranges(hooks, dtype):
+    """A range of a matrix's rows (the latent attention's per-head slices of kv_b) equals those
+    columns of the whole product, on every kernel ISA, for ranges that start and end inside
+    the grouped formats' blocks of 16 rows."""
+    lib, best = hooks
+    lib.xo_hook_matmul_rows.argtypes = [ctypes.c_int] * 6 + [ctypes.c_void_p] * 5 + [ctypes.c_int]
+    rng = np.random.default_rng(13)
+    w = rng.standard_normal((70, 45)).astype(np.float32)
+    for m in (1, 3, 9, 50):
+        x = rng.standard_normal((m, 45)).astype(np.float32)
+        for isa in range(best + 1):
+            full, _ = hook_matmul(lib, dtype, w, x, cpu_isa=ISA_NAMES[isa])
+            for row0, rows in ((0, 70), (5, 12), (16, 16), (17, 40), (69, 1), (30, 0)):
+                y = np.full((m, rows), np.nan, np.float32)
+                names = (ctypes.c_char_p * 1)(b"cpu_isa")
+                values = (ctypes.c_char_p * 1)(ISA_NAMES[isa].encode())
+                assert lib.xo_hook_matmul_rows(DTYPE_CODE[dtype], 70, 45, m, row0, rows, w.ctypes.data, x.ctypes.data,
+                                               y.ctypes.data, ctypes.cast(names, ctypes.c_void_p),
+                                               ctypes.cast(values, ctypes.c_void_p), 1) == 0
+                want = full[:, row0:row0 + rows]   # sgemm may block a slice differently: rounding only
+                np.testing.assert_allclose(y, want, rtol=0, atol=1e-6 * np.abs(full).max(),
+                                           err_msg=f"{ISA_NAMES[isa]} {m} {row0} {rows}")
+    y = np.zeros((1, 8), np.float32)
+    x = np.zeros((1, 45), np.float32)
+    assert lib.xo_hook_matmul_rows(DTYPE_CODE[dtype], 70, 45, 1, 66, 8, w.ctypes.data, x.ctypes.data, y.ctypes.data,
+                                   None, None, 0) != 0   # past the last row: refused
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_grouped_non_finite_activations(hooks, dtype):
+    """Activations holding an infinity or a NaN give non-finite outputs on the matrix-vector
+    kernels as in float32 (a group with no int16 scale gives NaN), and the other rows of x
+    stay exact."""
+    lib, best = hooks
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((40, 70)).astype(np.float32)
+    for bad in (np.inf, -np.inf, np.nan):
+        x = rng.standard_normal((3, 70)).astype(np.float32)
+        x[1, 33] = bad
+        for isa in range(best + 1):
+            y, back = hook_matmul(lib, dtype, w, x, cpu_isa=ISA_NAMES[isa])
+            assert not np.isfinite(y[1]).any(), (ISA_NAMES[isa], bad)
+            ok = x[[0, 2]]
+            ref = quantized_activations(ok)[0] @ back.astype(np.float64).T
+            np.testing.assert_allclose(y[[0, 2]], ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int8", "int4"])
 def test_embedding_rows_dequantised(hooks, dtype):
     lib, _ = hooks

@@ -11,7 +11,7 @@ const xo_option_info xo_option_table[] = {
     { "threads", "XORON_NUM_THREADS", "an integer >= 0",
       "CPU threads of the model's kernels; 0: the process default (xoron.set_num_threads; else OMP_NUM_THREADS, else the physical cores)" },
     { "cpu_isa", "XORON_CPU_ISA", "auto, generic, avx2, avx512, avx512vnni",
-      "the highest CPU instruction set the matrix-vector kernels use (a ceiling: the CPU's own is never exceeded)" },
+      "the highest CPU instruction set the matrix-vector kernels use (a ceiling: the CPU's own is never exceeded; avx512 is AVX-512F+BW, avx512vnni adds VNNI for the int8/int4 kernels)" },
     { "cpu_gemv_max_rows", "XORON_CPU_GEMV_MAX_ROWS", "auto or an integer >= 0",
       "16-bit and int8 products of at most this many rows take the matrix-vector kernels, larger ones the widened tiles" },
     { "cpu_tile_rows", "XORON_CPU_TILE_ROWS", "an integer >= 1", "rows of a 16-bit or int8 weight widened per tile (64)" },

@@ -47,6 +47,20 @@ XO_EXPORT int xo_hook_matmul(int dtype, int out, int in, int m, const float *w, 
     return -(int)rc;
 }
 
+/* y[m, rows] = x[m, in] @ W[row0 : row0 + rows].T (xo_cpu_matmul_rows), W as in xo_hook_matmul. */
+XO_EXPORT int xo_hook_matmul_rows(int dtype, int out, int in, int m, int row0, int rows, const float *w, const float *x,
+                                  float *y, const char *const *opt_names, const char *const *opt_values, int n_opts) {
+    xo_backend *be = NULL;
+    xo_status made = make_backend(&be, opt_names, opt_values, n_opts);
+    if (made != XO_OK) return -(int)made;
+    xo_linear L;
+    xo_status rc = make_linear(be, &L, dtype, out, in, w);
+    if (rc == XO_OK) rc = xo_cpu_matmul_rows(be, y, x, &L, m, row0, rows);
+    be->weights.linear_free(be, &L);
+    be->destroy(be);
+    return -(int)rc;
+}
+
 /* h[n, in] = embedding rows ids of W stored as dtype. */
 XO_EXPORT int xo_hook_embed(int dtype, int out, int in, const float *w, const int32_t *ids, int n, float *h) {
     xo_backend *be = NULL;

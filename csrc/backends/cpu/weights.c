@@ -138,10 +138,11 @@ xo_status xo_cpu_store_rows(xo_linear *w, const void *host, xo_dtype src_t, int 
     int failed = 0, nonfinite_row = -1;
     #pragma omp parallel if ((size_t)rows * K > 65536)
     {
-        /* a row in float32, then (grouped) its q and scales */
-        float *tmp = malloc((size_t)G * (XO_QGROUP * (sizeof(float) + 1) + sizeof(float)) + sizeof(float));
-        int8_t *q = (int8_t *)(tmp + (size_t)G * XO_QGROUP + (size_t)G + 1);
-        float *sc = tmp + (size_t)G * XO_QGROUP + 1;
+        /* a row in float32 (padded to whole groups), then (grouped) its scales and q */
+        const size_t padded = (size_t)G * XO_QGROUP;
+        float *tmp = malloc(padded * sizeof(float) + (size_t)G * sizeof(float) + padded + 1);
+        float *sc = tmp ? tmp + padded : NULL;
+        int8_t *q = tmp ? (int8_t *)(sc + G) : NULL;
         if (!tmp) {
             #pragma omp atomic write
             failed = 1;
