@@ -3,6 +3,7 @@
     python benchmarks/quant_accuracy.py                  # float32 / bf16 / int8 / int4 as stored
     python benchmarks/quant_accuracy.py --sensitivity    # which tensors int8's error comes from
     python benchmarks/quant_accuracy.py --levels         # how fine a rounding the targets need
+    python benchmarks/quant_accuracy.py --groups         # smaller groups, a searched scale
 
 tests/data/heldout_sample.txt, tokenised, in windows of 257 tokens (256 scored positions each),
 each window one full forward. Against float32, per scored position: the largest absolute logit
@@ -16,7 +17,8 @@ products, float32 activations) and, with --gemv, with every product on the matri
 --sensitivity and --levels round chosen tensors in numpy the way the engine's int8 does (group
 of 32 along the input, symmetric, scale max|group| / levels) and load them into a float32
 model: --sensitivity one class of tensors at a time, --levels finer roundings of every tensor
-(levels 127 is int8 exactly), with and without the (tied) embedding kept in float32.
+(levels 127 is int8 exactly), --groups int8 with smaller groups or a searched scale; each with
+and without the (tied) embedding kept in float32.
 """
 from __future__ import annotations
 
@@ -69,26 +71,37 @@ def row(name, ppl, logits, ppl32, l32):
           f"{np.sqrt(np.mean((logits - l32) ** 2)):.4f} | {agree:.2%} |", flush=True)
 
 
-def rounded(w, levels):
-    """w rounded per group of 32 along the input to integers in [-levels, levels] times
-    max|group| / levels (the engine's int8 for levels = 127)."""
+def rounded(w, levels, group=GROUP, search=False):
+    """w rounded per group along the input to integers in [-levels, levels] times
+    max|group| / levels (the engine's int8 for levels = 127, group = 32); with search, each
+    group's scale is instead the one of max|group| x {0.70, 0.71, ..., 1.00} / levels with the
+    least squared error."""
     o, k = w.shape
-    g = -(-k // GROUP)
-    p = np.zeros((o, g * GROUP), np.float32)
+    g = -(-k // group)
+    p = np.zeros((o, g * group), np.float32)
     p[:, :k] = w
-    p = p.reshape(o, g, GROUP)
+    p = p.reshape(o, g, group)
     mx = np.abs(p).max(axis=2, keepdims=True)
-    inv = (np.float32(levels) / np.where(mx > 0, mx, 1)).astype(np.float32)
-    q = np.clip(np.rint(p * inv), -levels, levels)
-    back = q * (mx / np.float32(levels)).astype(np.float32)
-    return back.reshape(o, g * GROUP)[:, :k].astype(np.float32)
+    best, best_err = None, None
+    for f in (np.linspace(0.7, 1.0, 31) if search else [1.0]):
+        top = (mx * np.float32(f)).astype(np.float32)
+        inv = (np.float32(levels) / np.where(top > 0, top, 1)).astype(np.float32)
+        q = np.clip(np.rint(p * inv), -levels, levels)
+        back = q * (top / np.float32(levels)).astype(np.float32)
+        err = ((back - p) ** 2).sum(axis=2, keepdims=True)
+        if best is None:
+            best, best_err = back, err
+        else:
+            better = err < best_err
+            best, best_err = np.where(better, back, best), np.where(better, err, best_err)
+    return best.reshape(o, g * group)[:, :k].astype(np.float32)
 
 
-def emulated(sd, patterns, levels):
+def emulated(sd, patterns, levels, group=GROUP, search=False):
     out = dict(sd)
     for n, w in sd.items():
         if w.ndim == 2 and ".router." not in n and any(re.search(p, n) for p in patterns):
-            out[n] = rounded(w, levels)
+            out[n] = rounded(w, levels, group, search)
     m = MoELlamaForCausalLM.from_pretrained(DEMO)
     m.load_state_dict(out)
     return m
@@ -100,6 +113,7 @@ def main():
     ap.add_argument("--gemv", action="store_true", help="also every product on the matrix-vector kernels")
     ap.add_argument("--sensitivity", action="store_true")
     ap.add_argument("--levels", action="store_true")
+    ap.add_argument("--groups", action="store_true", help="int8 with groups of 16 and 8, and a searched scale")
     a = ap.parse_args()
     wins = windows()
     f32 = MoELlamaForCausalLM.from_pretrained(DEMO)
@@ -107,6 +121,10 @@ def main():
     print(f"python {' '.join(sys.argv)}\n")
     print(f"{sum(w.shape[1] - 1 for w in wins)} scored positions ({sum(w.shape[1] for w in wins)} logit rows compared) in {len(wins)} windows; float32 perplexity "
           f"{ppl32:.4f}\n")
+    top2 = np.sort(l32, axis=-1)[:, -2:]
+    gap = top2[:, 1] - top2[:, 0]
+    print("float32's two best logits lie " + ", ".join(f"within {t} of each other at {np.mean(gap < t):.2%}"
+                                                       for t in (0.01, 0.03, 0.1)) + " of the positions\n")
     print("| case | perplexity | vs float32 | max logit diff | positions > 0.3 | rms logit diff | argmax agreement |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for dt in a.dtypes:
@@ -125,6 +143,13 @@ def main():
             row(f"levels +-{levels}, every tensor", *run(emulated(sd, list(CLASSES.values()), levels), wins),
                 ppl32, l32)
             row(f"levels +-{levels}, embedding float32", *run(emulated(sd, rest, levels), wins), ppl32, l32)
+    if a.groups:
+        rest = [p for n, p in CLASSES.items() if not n.startswith("embedding")]
+        for group, search in ((16, False), (8, False), (32, True)):
+            name = f"int8 (numpy), group {group}" + (", searched scale" if search else "")
+            row(f"{name}, every tensor", *run(emulated(sd, list(CLASSES.values()), 127, group, search), wins),
+                ppl32, l32)
+            row(f"{name}, embedding float32", *run(emulated(sd, rest, 127, group, search), wins), ppl32, l32)
 
 
 if __name__ == "__main__":
