@@ -9,6 +9,12 @@
 
 #include "engine/status.h"
 
+/* setup.py sets it for every file of a build: 1 when the build's CUDA plugin has its cuBLASLt
+ * path (setup.py found cublasLt.h). */
+#ifndef XO_CUDA_CUBLASLT
+#define XO_CUDA_CUBLASLT 0
+#endif
+
 /* CPU kernel instruction sets, lowest first */
 enum { XO_ISA_AUTO = -1, XO_ISA_GENERIC = 0, XO_ISA_AVX2 = 1, XO_ISA_AVX512 = 2 };
 
