@@ -13,6 +13,13 @@
 3. Ctrl-C latency: a child process runs a long generate, a streamed generate and a long
    forward; a timer sends it SIGINT, and the child reports the time until KeyboardInterrupt
    arrives (median and worst of --interrupts tries each); the model is used again after each.
+4. With --device cuda: the same on the GPU (the memory rows also give the device memory in use,
+   read through torch when it is installed), then forced out-of-memory: a forward whose logits
+   cannot fit on the device, a cache grown past the device, and a model capped by the
+   cuda_memory_limit option at 1 GiB; each must raise MemoryError and leave the model giving the same
+   logits and generations as before.
+
+    python benchmarks/bench_stability.py --device cuda --threads-seconds 60
 """
 from __future__ import annotations
 
@@ -39,6 +46,21 @@ from xoron import MoELlamaForCausalLM  # noqa: E402
 DEMO = os.path.join(ROOT, "xoron", "demo")
 
 
+DEVICE = "cpu"
+
+
+def device_used_mb():
+    """Memory in use on the GPU (all processes), or None on the CPU or without torch."""
+    if DEVICE == "cpu":
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    free, total = torch.cuda.mem_get_info(int(DEVICE.partition(":")[2] or 0))
+    return (total - free) / 2 ** 20
+
+
 def rss_kb() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -50,16 +72,20 @@ def rss_kb() -> int:
 def growth(label: str, fn, n: int, warm: int) -> dict:
     for i in range(warm):
         fn(i)
-    before = rss_kb()
+    before, dev_before = rss_kb(), device_used_mb()
     t = time.perf_counter()
     for i in range(n):
         fn(i)
     secs = time.perf_counter() - t
-    after = rss_kb()
+    after, dev_after = rss_kb(), device_used_mb()
     row = {"what": label, "calls": n, "rss_before_mb": before / 1024, "rss_after_mb": after / 1024,
            "growth_mb": (after - before) / 1024, "seconds": secs}
+    dev = ""
+    if dev_before is not None:
+        row.update(device_before_mb=dev_before, device_after_mb=dev_after, device_growth_mb=dev_after - dev_before)
+        dev = f"  device {dev_before:8.1f} -> {dev_after:8.1f} MB"
     print(f"  {label:<34} {n:5d} calls  RSS {before / 1024:8.1f} -> {after / 1024:8.1f} MB  "
-          f"growth {row['growth_mb']:+6.2f} MB  ({secs:.1f} s)", flush=True)
+          f"growth {row['growth_mb']:+6.2f} MB{dev}  ({secs:.1f} s)", flush=True)
     return row
 
 
@@ -98,7 +124,7 @@ def memory_figures(m: MoELlamaForCausalLM) -> list:
     cfg = dict(m.config.to_dict(), num_hidden_layers=2)
 
     def create_free(i):
-        MoELlamaForCausalLM(cfg, seed=i)
+        MoELlamaForCausalLM(cfg, seed=i, device=DEVICE)
 
     return [growth("forward [1, 16] (demo model)", forward, 1000, 100),
             growth("generate 8 new tokens", generate, 300, 30),
@@ -171,9 +197,12 @@ import os, signal, sys, threading, time
 import numpy as np
 sys.path.insert(0, ROOT)
 from xoron import MoELlamaForCausalLM
-m = MoELlamaForCausalLM.from_pretrained(DEMO)
+m = MoELlamaForCausalLM.from_pretrained(DEMO, device=DEVICE)
 ids = np.arange(1, 9)[None, :]
 long = np.arange(4000)[None, :] % 4000 + 1
+if DEVICE != "cpu":  # one row of 4000 tokens is over within the timer's delay on a GPU
+    long = np.repeat(long, 256, axis=0)
+keep = 1 if DEVICE != "cpu" else 0
 sent = [0.0]
 def kill_in(s):
     def f():
@@ -184,7 +213,7 @@ def stream():
     for _ in m.generate_stream(ids, max_new_tokens=4000, do_sample=False, eos_token_id=None):
         pass
 work = {"generate": lambda: m.generate(ids, max_new_tokens=4000, do_sample=False, eos_token_id=None),
-        "stream": stream, "forward": lambda: m(long)}
+        "stream": stream, "forward": lambda: m(long, logits_to_keep=keep)}
 for kind in KINDS:
     for i in range(TRIES):
         kill_in(0.2 + 0.05 * (i % 5))
@@ -200,6 +229,7 @@ for kind in KINDS:
 def interrupt_figures(tries: int) -> list:
     kinds = ["generate", "stream", "forward"]
     code = _CHILD.replace("ROOT", repr(ROOT)).replace("DEMO", repr(DEMO)).replace("KINDS", repr(kinds)) \
+        .replace("DEVICE", repr(DEVICE)) \
         .replace("TRIES", str(tries))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                          env=dict(os.environ))
@@ -224,15 +254,62 @@ def interrupt_figures(tries: int) -> list:
     return rows
 
 
+def out_of_memory_figures(m: MoELlamaForCausalLM) -> list:
+    rng = np.random.default_rng(2)
+    V = m.config.vocab_size
+    prompt = rng.integers(1, V, size=(2, 12))
+    want_logits = m(prompt).logits
+    want_gen = m.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    cfg = dict(m.config.to_dict(), num_hidden_layers=2)
+    capped = MoELlamaForCausalLM(cfg, seed=5, device=DEVICE, options={"cuda_memory_limit": 1 << 30})
+    capped_want = capped(prompt).logits
+
+    T = m.config.max_position_embeddings
+
+    def huge_logits():       # [4096, T, V] float32 logits: far more than the device holds
+        m(np.ones((4096, T), dtype=np.int64))
+
+    def huge_cache():        # a cache of 16384 rows of T tokens: more than the device holds
+        m(np.ones((16384, T), dtype=np.int64), past_key_values=m.new_cache(16384), use_cache=True,
+          logits_to_keep=1)
+
+    def over_the_cap():      # a 1 GiB pool: the model fits, a batch of long prompts does not
+        capped(np.ones((256, T), dtype=np.int64), logits_to_keep=1)
+
+    rows = []
+    for what, fn, model, want in [("forward with [4096, T, V] logits", huge_logits, m, want_logits),
+                                  ("cache grown past the device", huge_cache, m, want_logits),
+                                  ("pool capped at 1 GiB (cuda_memory_limit)", over_the_cap, capped, capped_want)]:
+        t = time.perf_counter()
+        try:
+            fn()
+            err = None
+        except MemoryError as e:
+            err = str(e)
+        secs = time.perf_counter() - t
+        same = np.array_equal(model(prompt).logits, want)
+        if model is m:
+            same = same and np.array_equal(m.generate(prompt, max_new_tokens=8, do_sample=False,
+                                                      eos_token_id=None), want_gen)
+        rows.append({"what": what, "memory_error": err, "seconds": secs, "usable_after": same,
+                     "device_used_after_mb": device_used_mb()})
+        print(f"  {what:<42} {'MemoryError' if err else 'NO ERROR'} after {secs:.1f} s; "
+              f"same results afterwards: {same}\n      {(err or '')[:160]}", flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--threads-seconds", type=float, default=120)
     ap.add_argument("--interrupts", type=int, default=10)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args()
-    m = MoELlamaForCausalLM.from_pretrained(DEMO)
-    print(f"demo model ({sum(int(np.prod(v.shape)) for v in m.state_dict().values()) / 1e6:.1f} M parameters), "
+    global DEVICE
+    DEVICE = a.device
+    m = MoELlamaForCausalLM.from_pretrained(DEMO, device=DEVICE)
+    print(f"device {DEVICE}; demo model ({sum(int(np.prod(v.shape)) for v in m.state_dict().values()) / 1e6:.1f} M parameters), "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs", flush=True)
     print("memory:", flush=True)
     mem = memory_figures(m)
@@ -243,11 +320,18 @@ def main():
     thr = thread_figures(m, a.threads, a.threads_seconds)
     print("interrupts:", flush=True)
     intr = interrupt_figures(a.interrupts)
+    oom = []
+    if DEVICE != "cpu":
+        print("out of memory:", flush=True)
+        oom = out_of_memory_figures(m)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"memory": mem, "threads": thr, "interrupts": intr}, f, indent=1)
-    ok = all(r["growth_mb"] <= 1.0 for r in mem) and thr["mismatches"] == 0 and \
-        all(r["max_s"] is not None and r["max_s"] < 0.2 and not r["completed_uninterrupted"] for r in intr)
+            json.dump({"device": DEVICE, "memory": mem, "threads": thr, "interrupts": intr, "out_of_memory": oom},
+                      f, indent=1)
+    ok = all(r["growth_mb"] <= 1.0 and r.get("device_growth_mb", 0) <= 1.0 for r in mem) and \
+        thr["mismatches"] == 0 and \
+        all(r["max_s"] is not None and r["max_s"] < 0.2 and not r["completed_uninterrupted"] for r in intr) and \
+        all(r["memory_error"] and r["usable_after"] for r in oom)
     print("all within bounds" if ok else "OUT OF BOUNDS", flush=True)
     return 0 if ok else 1
 
