@@ -169,13 +169,12 @@ def test_stream_decoder_split_utf8(demo):
     assert xt.StreamDecoder(demo).push(0) == "<|endoftext|>"
 
 
-def test_encode_is_cached_and_fast(demo):
-    import time
+def test_long_text_round_trips_and_repeats(demo):
+    # the second encode goes through the word cache the first one filled
     text = " ".join(ROUND_TRIP) * 50
-    t0 = time.perf_counter()
     ids = demo.encode(text)
-    assert time.perf_counter() - t0 < 5.0
     assert demo.decode(ids) == text
+    assert demo.encode(text) == ids
 
 
 # ------------------------------------------------------------------------------------------------
