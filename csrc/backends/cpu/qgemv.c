@@ -33,6 +33,7 @@ enum { PAIRS = XO_QGROUP / 2, PREFETCH_BYTES = 1024, MAX_M = 8 };
 
 /* one row of x: per group, d = max|x| / 32767 and q = round(x / d); a group holding a NaN or
  * an infinity gets d = NaN (its products come out NaN, as in float32), an all-zero one d = 0 */
+XO_CLONES   /* rounding and division inline and vectorised, not a libm call per element */
 static void quantize_x_row(uint32_t *pair, float *d, int32_t *sum, const float *x, int K, int G) {
     for (int g = 0; g < G; g++) {
         const int k0 = g * XO_QGROUP, len = K - k0 < XO_QGROUP ? K - k0 : XO_QGROUP;
