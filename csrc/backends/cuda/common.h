@@ -250,4 +250,9 @@ xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a);
 /* backends/cuda/attention.cu */
 xo_status cu_attention(xo_backend *be, const xo_attention_args *a);
 
+/* backends/cuda/decode_attention.cu: one new token per row over a 16-bit latent cache, K expanded
+ * on the tensor cores inside the kernel and V absorbed; fits says whether the call qualifies */
+bool cu_latent_decode_fits(const CuCtx *c, const xo_attention_args *a);
+xo_status cu_latent_decode(CuCtx *c, const xo_attention_args *a);
+
 #endif
