@@ -16,7 +16,8 @@
  * j iff j <= past and key_mask[j]; the output is acc / (sum + denom_eps), 0 when no key is
  * visible; past is read from past_device when given (a replayed step). Shapes: head_dim 64,
  * num_heads == num_kv_heads, rank a multiple of 64 up to 512, latent and weights of one
- * 16-bit type; cu_latent_decode_fits says whether a call qualifies. */
+ * 16-bit type, and the option cuda_attention=latent_decode; cu_latent_decode_fits says whether a
+ * call qualifies. */
 #include <math.h>
 
 #include "backends/cuda/common.h"
@@ -461,7 +462,7 @@ xo_status launch(CuCtx *c, const LatP &p, int batch) {
 
 bool cu_latent_decode_fits(const CuCtx *c, const xo_attention_args *a) {
     const xo_linear *w = a->kv_b;
-    return !c->attn_rows && a->format == XO_CACHE_LATENT && a->new_tokens == 1 && w &&
+    return c->attn_latent && a->format == XO_CACHE_LATENT && a->new_tokens == 1 && w &&
            (a->latent_dtype == XO_BF16 || a->latent_dtype == XO_F16) && w->dtype == a->latent_dtype &&
            a->head_dim == 64 && a->num_heads == a->num_kv_heads && a->rank % LD_CHUNK == 0 && a->rank >= LD_CHUNK &&
            a->rank <= LD_MAX_RANK && w->in == a->rank && w->out == 2 * a->num_kv_heads * a->head_dim;
