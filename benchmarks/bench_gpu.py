@@ -4,6 +4,7 @@ and the eager PyTorch model (xoron/torch_reference.py), same GPU, same process, 
 intermediate 2048), random weights, bfloat16.
 
     python benchmarks/bench_gpu.py [--quick] [--json out.json] [--budget SECONDS] [--no-eager] [--variants]
+        [--cases prefill,decode,sample] [--decode-shapes 1x32,64x4096] [--no-peer] [--no-kv] [--latent-decode]
 
 First the peer is checked in this run, at batch 1 and 64 (its two MoE paths): in float32 its
 prefill and compiled decode logits must equal xoron's within SPEC section 8's 1e-4, or the
@@ -236,7 +237,20 @@ def main():
     ap.add_argument("--no-eager", action="store_true", help="leave out the eager PyTorch model")
     ap.add_argument("--variants", action="store_true", help="also prefill T=4096 under the backend's options")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds; later measurements are skipped past it")
+    ap.add_argument("--cases", default="prefill,decode,sample",
+                    help="comma-separated groups to measure: prefill, decode, sample (default all)")
+    ap.add_argument("--decode-shapes", default=None,
+                    help="decode batch x context pairs, e.g. 1x32,64x4096 (default: the standard set)")
+    ap.add_argument("--no-peer", action="store_true", help="leave out the compiled PyTorch peer (and its logits check)")
+    ap.add_argument("--no-kv", action="store_true", help="leave out decode with cache_format='kv'")
+    ap.add_argument("--latent-decode", action="store_true",
+                    help="also decode the latent cache under cuda_attention='latent_decode' (K expanded inside the "
+                         "attention kernel, V absorbed)")
     args = ap.parse_args()
+    cases = set(args.cases.split(","))
+    bad = cases - {"prefill", "decode", "sample"}
+    if bad:
+        ap.error(f"unknown --cases {sorted(bad)}: choose from prefill, decode, sample")
     BUDGET = args.budget
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -247,22 +261,37 @@ def main():
 
     prefill_T = [4096, 32768] if args.quick else [4096, 32768, 131072]
     decode = [(1, 32), (64, 32)] if args.quick else [(1, 32), (1, 4096), (1, 32768), (64, 32), (64, 4096)]
+    if args.decode_shapes:
+        decode = [tuple(int(x) for x in s.split("x")) for s in args.decode_shapes.split(",")]
+    if "prefill" not in cases:
+        prefill_T = []
+    if "decode" not in cases:
+        decode = []
 
     base = gpu_used()
     m = xoron.MoELlamaForCausalLM(CONFIG, dtype="bfloat16", device="cuda", seed=0)
     # a decisive router (gate x 10): with the 0.02 init nearly tied experts swap under any bf16
     # rounding, which no two implementations can agree on; the work per token is unchanged
     m.load_state_dict({k: v * 10 if k.endswith("router.gate.weight") else v for k, v in m.state_dict().items()})
-    peer = TorchPeer.from_xoron(m, dtype=torch.bfloat16, device="cuda")
-    peer.compile()
-    log(f"xoron model: {m.num_parameters() / 1e6:.0f}M parameters; peer built from its weights")
+    peer = None
+    if not args.no_peer:
+        peer = TorchPeer.from_xoron(m, dtype=torch.bfloat16, device="cuda")
+        peer.compile()
+    log(f"xoron model: {m.num_parameters() / 1e6:.0f}M parameters" + ("" if args.no_peer else "; peer built from its weights"))
+    m_ld = None
+    if args.latent_decode:
+        m_ld = xoron.MoELlamaForCausalLM(CONFIG, dtype="bfloat16", device="cuda", seed=0,
+                                         options={"cuda_attention": "latent_decode"})
+        m_ld.load_state_dict(m.state_dict())
 
     # ---- the peer computes what xoron computes (both MoE paths: gathered at b=1, masked at b=64) ----
-    m32 = xoron.MoELlamaForCausalLM(CONFIG, dtype="float32", device="cuda", seed=0)
-    m32.load_state_dict(m.state_dict())
-    peer32 = TorchPeer.from_xoron(m32, dtype=torch.float32, device="cuda")
-    peer32.compile()
-    for b in (1, 64):
+    m32 = peer32 = None
+    if peer is not None:
+        m32 = xoron.MoELlamaForCausalLM(CONFIG, dtype="float32", device="cuda", seed=0)
+        m32.load_state_dict(m.state_dict())
+        peer32 = TorchPeer.from_xoron(m32, dtype=torch.float32, device="cuda")
+        peer32.compile()
+    for b in ((1, 64) if peer is not None else ()):
         t = time.time()
         err32, _ = peer_check(peer32, m32, m32, b)
         err_peer, err_xo = peer_check(peer, m, m32, b)
@@ -283,7 +312,8 @@ def main():
         attempt(X, f"prefill_T{T}", f"xoron prefill T={T}", xo_prefill, m, T)
         if T == prefill_T[-1]:
             X["gpu_bytes_after_prefill"] = gpu_used() - base
-        attempt(P, f"prefill_T{T}", f"peer prefill T={T}", peer_prefill, peer, T)
+        if peer is not None:
+            attempt(P, f"prefill_T{T}", f"peer prefill T={T}", peer_prefill, peer, T)
     if "gpu_bytes_after_prefill" in X:
         log(f"xoron GPU memory in use after the prefills (pool high-water): {X['gpu_bytes_after_prefill'] / 2**30:.2f} GiB")
 
@@ -293,11 +323,18 @@ def main():
         if left() < 40:
             break
         attempt(X, f"decode_b{b}_ctx{ctx}", f"xoron generate() b={b} ctx={ctx} latent", xo_generate, m, b, ctx, steps)
-        attempt(X, f"decode_b{b}_ctx{ctx}_kv", f"xoron generate() b={b} ctx={ctx} kv", xo_generate, m, b, ctx, steps, "kv")
-        attempt(P, f"decode_b{b}_ctx{ctx}", f"peer compiled decode b={b} ctx={ctx}", peer_decode, peer, b, ctx, steps)
-    for b in (1, 64):
+        if m_ld is not None:
+            attempt(X, f"decode_b{b}_ctx{ctx}_ld", f"xoron generate() b={b} ctx={ctx} latent, cuda_attention=latent_decode",
+                    xo_generate, m_ld, b, ctx, steps)
+        if not args.no_kv:
+            attempt(X, f"decode_b{b}_ctx{ctx}_kv", f"xoron generate() b={b} ctx={ctx} kv", xo_generate, m, b, ctx, steps, "kv")
+        if peer is not None:
+            attempt(P, f"decode_b{b}_ctx{ctx}", f"peer compiled decode b={b} ctx={ctx}", peer_decode, peer, b, ctx, steps)
+    for b in ((1, 64) if "sample" in cases else ()):
         if left() < 30:
             break
+        if "decode" not in cases or (b, 32) not in decode:  # greedy beside it, for the ratio
+            attempt(X, f"decode_b{b}_ctx32", f"xoron generate() b={b} ctx=32 latent (greedy)", xo_generate, m, b, 32, 128)
         attempt(X, f"sample_b{b}_ctx32", f"xoron generate() sampling top_k=50 top_p=0.9 b={b} ctx=32",
                 xo_generate, m, b, 32, 128, do_sample=True, top_k=50, top_p=0.9, seed=0)
     P["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
@@ -334,7 +371,7 @@ def main():
             if left() > 15:
                 attempt(E, f"decode_b{b}_ctx32", f"eager decode b={b} ctx=32", eager_decode, tm, b, 32, 8 if b == 1 else 16)
         del tm
-    del m, peer
+    del m, peer, m_ld
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -344,16 +381,18 @@ def main():
 
     def ratio(a, b):
         return f"{a / b:.2f}" if a and b else "-"
-    print("\n| measurement (tok/s) | xoron latent | xoron kv | compiled peer | eager | latent/peer | kv/peer |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| measurement (tok/s) | xoron latent | latent, cuda_attention=latent_decode | xoron kv | compiled peer | eager "
+          "| latent/peer | kv/peer | latent_decode/latent |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     keys = [f"prefill_T{T}" for T in prefill_T] + [f"decode_b{b}_ctx{c}" for b, c in decode]
     for k in keys:
-        a, akv, p, e = X.get(k), X.get(k + "_kv"), P.get(k), E.get(k)
-        print(f"| {k} | {f(a)} | {f(akv)} | {f(p)} | {f(e)} | {ratio(a, p)} | {ratio(akv, p)} |")
+        a, ald, akv, p, e = X.get(k), X.get(k + "_ld"), X.get(k + "_kv"), P.get(k), E.get(k)
+        print(f"| {k} | {f(a)} | {f(ald)} | {f(akv)} | {f(p)} | {f(e)} | {ratio(a, p)} | {ratio(akv, p)} | {ratio(ald, a)} |")
     for b in (1, 64):
         k = f"sample_b{b}_ctx32"
         if k in X:
-            print(f"| {k} (top_k=50, top_p=0.9) | {f(X[k])} | - | - | - | - | - |")
+            g = X.get(f"decode_b{b}_ctx32")
+            print(f"| {k} (top_k=50, top_p=0.9) | {f(X[k])} | - | - | - | - | - | - | sampling/greedy {ratio(X[k], g)} |")
     if "gpu_bytes_after_prefill" in X:
         print(f"xoron GPU memory after the prefills: {X['gpu_bytes_after_prefill'] / 2**30:.2f} GiB")
     print(f"peer peak GPU memory (torch allocator): {P['peak_gpu_bytes'] / 2**30:.2f} GiB")

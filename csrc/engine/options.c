@@ -17,8 +17,9 @@ const xo_option_info xo_option_table[] = {
     { "cpu_tile_rows", "XORON_CPU_TILE_ROWS", "an integer >= 1", "rows of a 16-bit or int8 weight widened per tile (64)" },
     { "cuda_moe", "XORON_CUDA_MOE", "device, host",
       "device: expert groups counted and run on the GPU; host: per-expert GEMMs sized from counts read back" },
-    { "cuda_attention", "XORON_CUDA_ATTN", "auto, rows",
-      "auto: tensor-core prefill attention for 16-bit models; rows: the row-wise kernel always" },
+    { "cuda_attention", "XORON_CUDA_ATTN", "auto, rows, latent_decode",
+      "auto: tensor-core prefill attention for 16-bit models; rows: the row-wise kernel always; latent_decode: as "
+      "auto, and decode steps over a 16-bit latent cache expand K on the tensor cores inside the kernel (V absorbed)" },
     { "cuda_gemm", "XORON_CUDA_GEMM", "cublaslt, builtin",
       "cublaslt: cuBLASLt where it is found, else the built-in kernels; builtin: the built-in kernels always" },
     { "cublaslt_library", "XORON_CUBLASLT", "a path, or empty",
@@ -106,7 +107,7 @@ xo_status xo_options_set(xo_options *o, const char *name, const char *value) {
     } else if (!strcmp(name, "cuda_moe")) {
         XO_TRY(parse_choice(name, value, "device, host", &o->cuda_moe_host));
     } else if (!strcmp(name, "cuda_attention")) {
-        XO_TRY(parse_choice(name, value, "auto, rows", &o->cuda_attention_rows));
+        XO_TRY(parse_choice(name, value, "auto, rows, latent_decode", &o->cuda_attention));
     } else if (!strcmp(name, "cuda_gemm")) {
         XO_TRY(parse_choice(name, value, "cublaslt, builtin", &o->cuda_gemm_builtin));
     } else if (!strcmp(name, "cublaslt_library")) {

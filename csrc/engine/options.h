@@ -24,7 +24,8 @@ typedef struct {
     int cpu_gemv_max_rows;       /* largest m that takes the matrix-vector kernels; -1: XO_CPU_GEMV_MAX_ROWS */
     int cpu_tile_rows;           /* rows of a 16-bit or int8 W widened per tile for the CPU sgemm */
     int cuda_moe_host;           /* 1: per-expert GEMMs sized from counts read back to the host */
-    int cuda_attention_rows;     /* 1: the row-wise attention kernel only, never the tensor-core one */
+    int cuda_attention;          /* 0 auto; 1 rows: the row-wise attention kernel only, never a tensor-core one;
+                                  * 2 latent_decode: auto plus the in-kernel latent expansion for decode steps */
     int cuda_gemm_builtin;       /* 1: the built-in GEMM kernels even where cuBLASLt is found */
     int cuda_pdl;                /* programmatic dependent launch on compute capability 9.0+ */
     int cuda_graphs;             /* decode steps recorded and replayed as CUDA graphs */

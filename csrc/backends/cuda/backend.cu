@@ -313,7 +313,8 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
     c->device = device;
     c->sink = *sink;
     c->moe_host = opts->cuda_moe_host;
-    c->attn_rows = opts->cuda_attention_rows;
+    c->attn_rows = opts->cuda_attention == 1;
+    c->attn_latent = opts->cuda_attention == 2;
     c->memory_limit = opts->cuda_memory_limit;
     int major = 0;
     if ((e = cudaSetDevice(device)) != cudaSuccess ||

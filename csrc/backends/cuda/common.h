@@ -38,6 +38,7 @@ struct CuCtx {
     size_t act16_bytes;
     int moe_host;         /* option cuda_moe=host: per-expert GEMMs sized from host-read counts */
     int attn_rows;        /* option cuda_attention=rows: never the tensor-core attention kernel */
+    int attn_latent;      /* option cuda_attention=latent_decode: decode over a 16-bit latent cache in decode_attention.cu */
     int pdl;              /* programmatic dependent launch (compute capability 9.0+ and option cuda_pdl) */
     size_t memory_limit;  /* 0: none; else cu_alloc_raw fails once the pool would hand out more */
     xo_error_sink sink;   /* the engine's error channel: every failure is reported through it */
@@ -263,5 +264,10 @@ xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a);
 
 /* backends/cuda/attention.cu */
 xo_status cu_attention(xo_backend *be, const xo_attention_args *a);
+
+/* backends/cuda/decode_attention.cu: one new token per row over a 16-bit latent cache, K expanded
+ * on the tensor cores inside the kernel and V absorbed; fits says whether the call qualifies */
+bool cu_latent_decode_fits(const CuCtx *c, const xo_attention_args *a);
+xo_status cu_latent_decode(CuCtx *c, const xo_attention_args *a);
 
 #endif

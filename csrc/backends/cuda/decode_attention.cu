@@ -1,0 +1,508 @@
+/* Decode attention over a 16-bit LATENT cache (one new token per row), without expanding K or
+ * V into scratch (SPEC 4, the latent contract of backends/backend.h):
+ *
+ * k_latent_decode: a block takes one batch row, 4 heads and a range of its keys in blocks of
+ * 128. For each key block it expands K = C_block @ Wk_heads.T on the tensor cores (mma.sync
+ * m16n8k16; the C tile stays in shared memory, Wk streamed in chunks of 64 latent dims by
+ * cp.async double buffering), rotates K in registers (a thread holds dims d and d + hd/2 of
+ * the same key: n-tiles nt and nt + 4), takes the scores with the row's queries, updates the
+ * online softmax and accumulates the absorbed value sum_j p_j c_j ([rank] per head) with
+ * another mma over the C tile already in shared memory. Each block writes (max, sum, acc).
+ *
+ * k_latent_combine: merges the key splits of (row, head) and applies Wv once:
+ * out = (sum_s e^(m_s - M) acc_s) / (L + eps) @ Wv_h.T.
+ *
+ * Semantics as the row-wise kernel of attention.cu: the query at sequence index past sees key
+ * j iff j <= past and key_mask[j]; the output is acc / (sum + denom_eps), 0 when no key is
+ * visible; past is read from past_device when given (a replayed step). Shapes: head_dim 64,
+ * num_heads == num_kv_heads, rank a multiple of 64 up to 512, latent and weights of one
+ * 16-bit type, and the option cuda_attention=latent_decode; cu_latent_decode_fits says whether a
+ * call qualifies. */
+#include <math.h>
+
+#include "backends/cuda/common.h"
+
+namespace {
+
+constexpr int LD_KEYS = 128;       /* keys per block step */
+constexpr int LD_HEADS = 4;        /* heads per block: 256 columns of Wk */
+constexpr int LD_COLS = LD_HEADS * 64;
+constexpr int LD_CHUNK = 64;       /* latent dims per pipeline stage */
+constexpr int LD_MAX_RANK = 512;
+constexpr int LD_THREADS = 256;    /* 8 warps: (key half, head) */
+constexpr int LD_PT_LD = LD_KEYS + 8; /* row stride of the transposed P tile (bank spread) */
+constexpr int LD_MAX_SPLITS = 128;
+
+struct LatP {
+    int nh, rank, cap, past, nsplit;
+    const int32_t *past_dev;
+    const float *q;       /* [B, nh*64], rotated */
+    const void *latent;   /* [B, cap, rank] */
+    const void *w;        /* kv_b [2*nh*64, rank]: K rows then V rows */
+    const int32_t *kpos;  /* [B, cap] */
+    const uint8_t *mask;  /* [B, cap] */
+    const float *inv_freq;
+    float qscale;         /* 1/sqrt(hd) * mscale (the keys' rotary factor, folded into q) */
+    float eps;
+    float *part_ml;       /* [B, nh, nsplit, 2] */
+    float *part_acc;      /* [B, nh, nsplit, rank] */
+    float *out;           /* [B, nh*64] */
+};
+
+/* element offset of (row, col) in a tile of 64-element (128-byte) rows, 16-byte units XOR-swizzled
+ * by the row so that 8 consecutive rows of one unit fall in 8 different bank groups */
+__device__ __forceinline__ int swz(int row, int unit) { return row * 64 + ((unit ^ (row & 7)) << 3); }
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool fill) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(fill ? 16 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t *r, const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t *r, const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+template <typename T> __device__ __forceinline__ void mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1);
+template <> __device__ __forceinline__ void mma<__nv_bfloat16>(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma<__half>(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* sin and cos of a float32 angle: reduced by multiples of pi/2 (three-part Cody-Waite with
+ * fma, exact to ~1e-7 for any angle a position id can make), then the hardware functions on
+ * [-pi/4, pi/4], where they are accurate to ~4e-7 */
+__device__ __forceinline__ void sincos_reduced(float x, float *s, float *c) {
+    const float k = rintf(x * 0.636619772f);
+    float r = fmaf(k, -1.57079601e+00f, x);
+    r = fmaf(k, -3.13916473e-07f, r);
+    r = fmaf(k, -5.39030253e-15f, r);
+    float sr = __sinf(r), cr = __cosf(r);
+    const int qd = (int)k;
+    if (qd & 1) {
+        const float t = sr;
+        sr = cr;
+        cr = -t;
+    }
+    if (qd & 2) {
+        sr = -sr;
+        cr = -cr;
+    }
+    *s = sr;
+    *c = cr;
+}
+
+template <typename T> __device__ __forceinline__ T to16(float v);
+template <> __device__ __forceinline__ __nv_bfloat16 to16<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half to16<__half>(float v) { return __float2half_rn(v); }
+
+struct LatSmem {
+    static constexpr size_t c_bytes = (size_t)(LD_MAX_RANK / LD_CHUNK) * LD_KEYS * LD_CHUNK * 2;
+    static constexpr size_t w_bytes = (size_t)2 * LD_COLS * LD_CHUNK * 2;
+    static constexpr size_t pt_bytes = (size_t)8 * LD_PT_LD * 2;
+    static constexpr size_t s_bytes = (size_t)LD_HEADS * LD_KEYS * 4;
+    static constexpr size_t total = c_bytes + w_bytes + pt_bytes + s_bytes + 8 * 4 + LD_KEYS * 4 + LD_KEYS;
+};
+
+template <typename T>
+__global__ __launch_bounds__(LD_THREADS, 1) void k_latent_decode(LatP p) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    T *Cs = (T *)smem;                                        /* [rank/64][128 keys][64] */
+    T *Ws = (T *)(smem + LatSmem::c_bytes);                   /* [2 stages][256 cols][64] */
+    T *Pt = (T *)(smem + LatSmem::c_bytes + LatSmem::w_bytes); /* [8 heads][LD_PT_LD keys]; rows 4..7 stay 0 */
+    float *S = (float *)(smem + LatSmem::c_bytes + LatSmem::w_bytes + LatSmem::pt_bytes); /* [4][128] scores */
+    float *corr = S + LD_HEADS * LD_KEYS;                     /* [8] per-head rescale of the accumulators */
+    int *posb = (int *)(corr + 8);                            /* [128] key positions of the block */
+    uint8_t *vis = (uint8_t *)(posb + LD_KEYS);               /* [128] 1: key visible */
+
+    const int hg = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int gr = lane >> 2, gc = (lane & 3) * 2;
+    const int kh = warp >> 2, hl = warp & 3;        /* this warp's key half and head in the expansion */
+    const int rank = p.rank, nch = rank / LD_CHUNK;
+    const int h0 = hg * LD_HEADS, nvalid = min(LD_HEADS, p.nh - h0);
+    const bool head_ok = hl < nvalid;
+
+    for (int i = tid; i < 8 * LD_PT_LD; i += LD_THREADS) Pt[i] = to16<T>(0.0f);
+    if (tid < 8) corr[tid] = 0.0f;
+
+    CU_PDL_ENTRY();
+    const int past = p.past_dev ? *p.past_dev : p.past;
+    const int kv_len = past + 1;
+    const int nblk = (kv_len + LD_KEYS - 1) / LD_KEYS;
+    const int bps = (nblk + p.nsplit - 1) / p.nsplit;
+    const int blk0 = split * bps, blk1 = min(blk0 + bps, nblk);
+
+    const T *lat = (const T *)p.latent + (size_t)b * p.cap * rank; /* slot k0 of the current key block */
+    const T *wk = (const T *)p.w + (size_t)h0 * 64 * rank;
+    const uint8_t *mrow = p.mask + (size_t)b * p.cap;
+    const int32_t *prow = p.kpos + (size_t)b * p.cap;
+
+    /* W chunk kc -> stage s: 256 rows x 8 units, 8 per thread */
+    auto load_w = [&](int kc, int s) {
+        T *dst = Ws + s * LD_COLS * LD_CHUNK;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const int e = tid + i * LD_THREADS, n = e >> 3, u = e & 7;
+            const bool ok = (n >> 6) < nvalid;
+            cp_async16(dst + swz(n, u), wk + (size_t)(ok ? n : 0) * rank + kc * LD_CHUNK + u * 8, ok);
+        }
+    };
+    /* C chunk kc of the key block whose slots start at `lat`: 128 rows x 8 units, 4 per thread;
+     * invisible keys are zero-filled (their source address, unread, is the block's first slot) */
+    bool row_ok[4];
+    auto load_c = [&](int kc) {
+        T *dst = Cs + kc * LD_KEYS * LD_CHUNK;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int e = tid + i * LD_THREADS, r = e >> 3, u = e & 7;
+            cp_async16(dst + swz(r, u), lat + (size_t)(row_ok[i] ? r : 0) * rank + kc * LD_CHUNK + u * 8, row_ok[i]);
+        }
+    };
+
+    float acc_o[4][4]; /* P.C: cd (warp*64 + mt*16 + row) x head (col) */
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++) acc_o[mt][0] = acc_o[mt][1] = acc_o[mt][2] = acc_o[mt][3] = 0.0f;
+    float m_run = -INFINITY, l_run = 0.0f; /* the softmax state of head `warp` (warps 0..3) */
+
+    if (blk0 < blk1) {
+        load_w(0, 0);
+        if (nch > 1) load_w(1, 1);
+        cp_commit();
+    }
+    for (int blk = blk0; blk < blk1; blk++) {
+        const int k0 = blk * LD_KEYS, nkeys = min(LD_KEYS, kv_len - k0);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int r = (tid >> 3) + 32 * i, j = k0 + r;
+            row_ok[i] = r < nkeys && mrow[j];
+        }
+        lat = (const T *)p.latent + ((size_t)b * p.cap + k0) * rank;
+        load_c(0);
+        cp_commit();
+        if (nch > 1) load_c(1);
+        cp_commit();
+        if (tid < LD_KEYS) {
+            const int j = k0 + tid;
+            const bool ok = tid < nkeys && mrow[j];
+            vis[tid] = ok;
+            posb[tid] = ok ? prow[j] : 0;
+        }
+
+        float acc[4][8][4];
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
+        const int mrow0 = kh * 64;
+        const bool warp_busy = head_ok && mrow0 < nkeys;
+
+        for (int kc = 0; kc < nch; kc++) {
+            cp_wait<1>();
+            __syncthreads();
+            if (warp_busy) {
+                const T *A = Cs + kc * LD_KEYS * LD_CHUNK;
+                const T *B = Ws + (kc & 1) * LD_COLS * LD_CHUNK;
+#pragma unroll
+                for (int ks = 0; ks < 4; ks++) {
+                    uint32_t af[4][4];
+#pragma unroll
+                    for (int mt = 0; mt < 4; mt++)
+                        if (mrow0 + mt * 16 < nkeys) ldsm_x4(af[mt], A + swz(mrow0 + mt * 16 + (lane & 15), ks * 2 + (lane >> 4)));
+#pragma unroll
+                    for (int np = 0; np < 4; np++) {
+                        uint32_t bf[4];
+                        const int n = hl * 64 + np * 16 + ((lane >> 4) << 3) + (lane & 7);
+                        ldsm_x4(bf, B + swz(n, ks * 2 + ((lane >> 3) & 1)));
+#pragma unroll
+                        for (int mt = 0; mt < 4; mt++) {
+                            if (mrow0 + mt * 16 < nkeys) {
+                                mma<T>(acc[mt][2 * np], af[mt], bf[0], bf[1]);
+                                mma<T>(acc[mt][2 * np + 1], af[mt], bf[2], bf[3]);
+                            }
+                        }
+                    }
+                }
+            }
+            __syncthreads();
+            if (kc + 2 < nch) {
+                load_c(kc + 2);
+                load_w(kc + 2, kc & 1);
+            }
+            cp_commit();
+        }
+        /* both W stages are free: start the next block's first chunks */
+        if (blk + 1 < blk1) {
+            load_w(0, 0);
+            if (nch > 1) load_w(1, 1);
+        }
+        cp_commit();
+
+        /* rotate K, scores with the queries (scale and mscale folded into q) */
+        if (warp_busy) {
+            const float *qh = p.q + (size_t)b * p.nh * 64 + (size_t)(h0 + hl) * 64;
+            float qa[8][2], fr[4][2];
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) {
+                qa[nt][0] = qh[nt * 8 + gc] * p.qscale;
+                qa[nt][1] = qh[nt * 8 + gc + 1] * p.qscale;
+            }
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                fr[nt][0] = p.inv_freq[nt * 8 + gc];
+                fr[nt][1] = p.inv_freq[nt * 8 + gc + 1];
+            }
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++) {
+                if (mrow0 + mt * 16 >= nkeys) continue;
+#pragma unroll
+                for (int e2 = 0; e2 < 2; e2++) {
+                    const int r = mrow0 + mt * 16 + gr + 8 * e2;
+                    const float pos = (float)posb[r];
+                    float s = 0.0f;
+#pragma unroll
+                    for (int nt = 0; nt < 4; nt++) {
+#pragma unroll
+                        for (int e1 = 0; e1 < 2; e1++) {
+                            float sn, cs;
+                            sincos_reduced(pos * fr[nt][e1], &sn, &cs);
+                            const float x1 = acc[mt][nt][2 * e2 + e1], x2 = acc[mt][nt + 4][2 * e2 + e1];
+                            s = fmaf(qa[nt][e1], x1 * cs - x2 * sn, s);
+                            s = fmaf(qa[nt + 4][e1], x2 * cs + x1 * sn, s);
+                        }
+                    }
+                    s += __shfl_xor_sync(0xffffffffu, s, 1);
+                    s += __shfl_xor_sync(0xffffffffu, s, 2);
+                    if ((lane & 3) == 0) S[hl * LD_KEYS + r] = s;
+                }
+            }
+        }
+        __syncthreads();
+        /* online softmax of head `warp`; P (rounded to T, as the product takes it) transposed into Pt */
+        if (warp < nvalid) {
+            float sv[4], bm = -INFINITY;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int key = lane + 32 * i;
+                sv[i] = vis[key] ? S[warp * LD_KEYS + key] : -INFINITY;
+                bm = fmaxf(bm, sv[i]);
+            }
+#pragma unroll
+            for (int o = 16; o; o >>= 1) bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, o));
+            const float mn = fmaxf(m_run, bm);
+            float cr = 1.0f, ps = 0.0f;
+            if (mn != -INFINITY) cr = m_run == -INFINITY ? 0.0f : expf(m_run - mn);
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const float pe = sv[i] == -INFINITY ? 0.0f : expf(sv[i] - mn);
+                const T pt = to16<T>(pe);
+                Pt[warp * LD_PT_LD + lane + 32 * i] = pt;
+                ps += (float)pt;
+            }
+#pragma unroll
+            for (int o = 16; o; o >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, o);
+            l_run = l_run * cr + ps;
+            m_run = mn;
+            if (lane == 0) corr[warp] = cr;
+        }
+        __syncthreads();
+        /* acc_o[cd, head] += C_block[:, cd]^T @ P[:, head], warp w over latent dims w*64 .. w*64+63 */
+        if (warp < nch) {
+            const float c0 = corr[gc], c1 = corr[gc + 1];
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++) {
+                acc_o[mt][0] *= c0;
+                acc_o[mt][1] *= c1;
+                acc_o[mt][2] *= c0;
+                acc_o[mt][3] *= c1;
+            }
+            const T *Cw = Cs + warp * LD_KEYS * LD_CHUNK;
+#pragma unroll
+            for (int ks = 0; ks < LD_KEYS / 16; ks++) {
+                if (ks * 16 >= nkeys) break;
+                const T *pp = Pt + gr * LD_PT_LD + ks * 16 + gc;
+                const uint32_t b0 = *(const uint32_t *)pp, b1 = *(const uint32_t *)(pp + 8);
+#pragma unroll
+                for (int mt = 0; mt < 4; mt++) {
+                    uint32_t af[4];
+                    ldsm_x4_t(af, Cw + swz(ks * 16 + (lane & 7) + ((lane >> 4) << 3), mt * 2 + ((lane >> 3) & 1)));
+                    mma<T>(acc_o[mt], af, b0, b1);
+                }
+            }
+        }
+        __syncthreads();
+    }
+    cp_wait<0>();
+
+    /* this split's (max, sum, acc) per head; an empty split writes (-inf, 0, 0) */
+    const size_t rowh = (size_t)b * p.nh + h0;
+    if (warp < nvalid && lane == 0) {
+        float *ml = p.part_ml + ((rowh + warp) * p.nsplit + split) * 2;
+        ml[0] = m_run;
+        ml[1] = l_run;
+    }
+    if (warp < nch) {
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int hcol = gc + (e & 1);
+                if (hcol < nvalid) {
+                    const int cd = warp * 64 + mt * 16 + gr + 8 * (e >> 1);
+                    p.part_acc[((rowh + hcol) * p.nsplit + split) * rank + cd] = acc_o[mt][e];
+                }
+            }
+    }
+}
+
+constexpr int LC_ROWS = 8; /* batch rows per combine block */
+
+template <typename T>
+__global__ __launch_bounds__(256) void k_latent_combine(LatP p, int batch) {
+    __shared__ float o[LC_ROWS][LD_MAX_RANK];
+    __shared__ float wts[LC_ROWS][LD_MAX_SPLITS];
+    __shared__ float inv[LC_ROWS];
+    const int h = blockIdx.x, b0 = blockIdx.y * LC_ROWS, nr = min(LC_ROWS, batch - b0);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int rank = p.rank, ns = p.nsplit;
+    const T *wv = (const T *)p.w + ((size_t)p.nh * 64 + (size_t)h * 64) * rank;
+    CU_PDL_ENTRY();
+    if (warp < nr) {
+        const float *ml = p.part_ml + ((size_t)(b0 + warp) * p.nh + h) * ns * 2;
+        float M = -INFINITY;
+        for (int s = lane; s < ns; s += 32) M = fmaxf(M, ml[2 * s]);
+#pragma unroll
+        for (int off = 16; off; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
+        float L = 0.0f;
+        for (int s = lane; s < ns; s += 32) {
+            const float ms = ml[2 * s];
+            const float wgt = ms == -INFINITY ? 0.0f : expf(ms - M);
+            wts[warp][s] = wgt;
+            L += ml[2 * s + 1] * wgt;
+        }
+#pragma unroll
+        for (int off = 16; off; off >>= 1) L += __shfl_xor_sync(0xffffffffu, L, off);
+        if (lane == 0) inv[warp] = L > 0.0f ? 1.0f / (L + p.eps) : 0.0f;
+    }
+    __syncthreads();
+    for (int i = tid; i < nr * rank; i += 256) {
+        const int r = i / rank, cd = i - r * rank;
+        const float *pa = p.part_acc + ((size_t)(b0 + r) * p.nh + h) * ns * rank + cd;
+        float a = 0.0f;
+        for (int s = 0; s < ns; s++) {
+            const float wgt = wts[r][s];
+            if (wgt != 0.0f) a = fmaf(pa[(size_t)s * rank], wgt, a);
+        }
+        o[r][cd] = a * inv[r];
+    }
+    __syncthreads();
+    /* out[r, h*64 + d] = o[r] . Wv[h*64 + d]: warp w takes d = w*8 .. w*8+7 */
+    for (int dd = 0; dd < 8; dd++) {
+        const int d = warp * 8 + dd;
+        const T *wr = wv + (size_t)d * rank;
+        float a[LC_ROWS];
+#pragma unroll
+        for (int r = 0; r < LC_ROWS; r++) a[r] = 0.0f;
+        for (int c0 = lane * 8; c0 < rank; c0 += 256) {
+            float wf[8];
+            load8(wr + c0, wf);
+#pragma unroll
+            for (int r = 0; r < LC_ROWS; r++) {
+                if (r < nr) {
+#pragma unroll
+                    for (int k = 0; k < 8; k++) a[r] = fmaf(wf[k], o[r][c0 + k], a[r]);
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < LC_ROWS; r++) {
+#pragma unroll
+            for (int off = 16; off; off >>= 1) a[r] += __shfl_xor_sync(0xffffffffu, a[r], off);
+        }
+        if (lane < nr) {
+            float v = 0.0f;
+#pragma unroll
+            for (int r = 0; r < LC_ROWS; r++)
+                if (r == lane) v = a[r];
+            p.out[(size_t)(b0 + lane) * p.nh * 64 + (size_t)h * 64 + d] = v;
+        }
+    }
+}
+
+template <typename T>
+xo_status launch(CuCtx *c, const LatP &p, int batch) {
+    const int groups = (p.nh + LD_HEADS - 1) / LD_HEADS;
+    cudaError_t e = cudaFuncSetAttribute(k_latent_decode<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)LatSmem::total);
+    if (e != cudaSuccess) return cu_check(c, e, "latent decode attention (shared memory)");
+    cu_launch(c, k_latent_decode<T>, dim3((unsigned)groups, (unsigned)p.nsplit, (unsigned)batch), LD_THREADS,
+              LatSmem::total, p);
+    xo_status rc = cu_check_launch(c, "latent decode attention");
+    if (rc != XO_OK) return rc;
+    cu_launch(c, k_latent_combine<T>, dim3((unsigned)p.nh, (unsigned)((batch + LC_ROWS - 1) / LC_ROWS)), 256, 0, p,
+              batch);
+    return cu_check_launch(c, "latent decode attention (combine)");
+}
+
+} // namespace
+
+bool cu_latent_decode_fits(const CuCtx *c, const xo_attention_args *a) {
+    const xo_linear *w = a->kv_b;
+    return c->attn_latent && a->format == XO_CACHE_LATENT && a->new_tokens == 1 && w &&
+           (a->latent_dtype == XO_BF16 || a->latent_dtype == XO_F16) && w->dtype == a->latent_dtype &&
+           a->head_dim == 64 && a->num_heads == a->num_kv_heads && a->rank % LD_CHUNK == 0 && a->rank >= LD_CHUNK &&
+           a->rank <= LD_MAX_RANK && w->in == a->rank && w->out == 2 * a->num_kv_heads * a->head_dim;
+}
+
+xo_status cu_latent_decode(CuCtx *c, const xo_attention_args *a) {
+    const int B = a->batch, nh = a->num_heads, rank = a->rank;
+    const int kv_bound = a->past + 1; /* past is the true length, or its bound when past_device is given */
+    const int blocks = (kv_bound + LD_KEYS - 1) / LD_KEYS;
+    const int groups = (nh + LD_HEADS - 1) / LD_HEADS;
+    /* about two blocks per SM in all (one is resident at a time): splits over the keys when
+     * the rows and heads alone do not fill the GPU */
+    const long base = (long)groups * B, want = 2L * c->num_sms;
+    int nsplit = base >= want ? 1 : (int)((want + base - 1) / base);
+    if (nsplit > blocks) nsplit = blocks;
+    if (nsplit > LD_MAX_SPLITS) nsplit = LD_MAX_SPLITS;
+    if (nsplit < 1) nsplit = 1;
+    const size_t cells = (size_t)B * nh * nsplit;
+    const size_t b_ml = (cells * 2 * sizeof(float) + 255) & ~(size_t)255;
+    char *blk = (char *)cu_alloc_raw(c, b_ml + cells * rank * sizeof(float));
+    if (!blk) return cu_fail_more(c, XO_ENOMEM, "latent decode attention scratch (%zu partials)", cells);
+    LatP p;
+    p.nh = nh;
+    p.rank = rank;
+    p.cap = a->capacity;
+    p.past = a->past;
+    p.nsplit = nsplit;
+    p.past_dev = a->past_device;
+    p.q = a->q;
+    p.latent = a->latent;
+    p.w = a->kv_b->data;
+    p.kpos = a->key_pos;
+    p.mask = a->key_mask;
+    p.inv_freq = a->inv_freq;
+    p.qscale = a->scale * a->mscale;
+    p.eps = a->denom_eps;
+    p.part_ml = (float *)blk;
+    p.part_acc = (float *)(blk + b_ml);
+    p.out = a->out;
+    const xo_status rc = a->latent_dtype == XO_BF16 ? launch<__nv_bfloat16>(c, p, B) : launch<__half>(c, p, B);
+    cu_free(c, blk);
+    return rc;
+}
