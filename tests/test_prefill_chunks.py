@@ -144,3 +144,8 @@ def test_environment_sets_the_chunk(built, monkeypatch):
     m.load_state_dict(built.weights, strict=True)
     ids = built.ids(1, 13, seed=9)
     assert rel_err(m(input_ids=ids).logits, built.ref(ids)[0]) <= TOL_F32
+
+
+def test_memory_stats_are_none_on_the_cpu(built):
+    assert built.model.memory_stats() is None
+    assert built.model.memory_stats(reset_peak=True) is None
