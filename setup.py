@@ -15,6 +15,12 @@ by default it is built when nvcc is found. It is a separate shared library
 (xoron/_xoron_cuda.so, beside `_C` in every kind of build: install, wheel, in place, editable)
 that `_C` loads only when a CUDA device is asked for, so the CPU engine imports and runs on
 machines without CUDA. `_C` loads only the plugin of its own build (see build_id).
+
+cuBLASLt is loaded by the plugin at run time (no link-time dependency), but its types come from
+the toolkit's own cublasLt.h, found, in order, in the include directories of the nvcc used,
+under CUDA_HOME / CUDA_PATH, then in an installed `nvidia-cublas-cu12` or `nvidia-cublas`
+distribution (torch's CUDA wheels bring one). Without the header the plugin is built with its
+built-in GEMM kernels only (xoron.build_info()["cublaslt"] is False).
 """
 import glob
 import hashlib
@@ -85,12 +91,47 @@ def find_nvcc():
     return nvcc
 
 
+def _nvcc_include_dirs(nvcc):
+    """The include directories nvcc itself passes to its compilers (a wrapper script or a
+    symlinked nvcc included), else the toolkit's include beside the nvcc binary."""
+    dirs = []
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+        for line in (out.stdout + out.stderr).splitlines():
+            if line.startswith("#$ INCLUDES="):
+                dirs += [d[2:] for d in line.split("=", 1)[1].replace('"', " ").split() if d.startswith("-I")]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return dirs + [os.path.join(root, "include"), os.path.join(root, "targets", "x86_64-linux", "include")]
+
+
+def find_cublaslt_include(nvcc):
+    """(the directory holding cublasLt.h, the flags nvcc needs to see it), or (None, []): the
+    plugin is then built without cuBLASLt. nvcc's own include directories need no flag."""
+    own = _nvcc_include_dirs(nvcc)
+    cands = []
+    for env in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(env):
+            cands.append(os.path.join(os.environ[env], "include"))
+    for dist in ("nvidia-cublas-cu12", "nvidia-cublas"):  # torch's CUDA 12 / CUDA 13 wheels
+        header = _dist_file(dist, "include/cublasLt.h")
+        if header:
+            cands.append(os.path.dirname(header))
+    for d in own + cands:
+        if os.path.isfile(os.path.join(d, "cublasLt.h")):
+            return d, ([] if d in own else ["-isystem", d])
+    return None, []
+
+
 PLUGIN = "_xoron_cuda.so"  # beside _C, which loads it (xoron/__init__.py says where)
 CUDA_SOURCES = sorted(glob.glob(os.path.join(HERE, "csrc", "backends", "cuda", "*.cu")))
+CUBLASLT_SOURCE = os.path.join(HERE, "csrc", "backends", "cuda", "cublaslt.cu")  # only with cublasLt.h
 
 
-def build_id(with_cuda):
-    """Names this source tree and CUDA choice. _C and the plugin both carry it, and _C loads
+def build_id(with_cuda, with_cublaslt):
+    """Names this source tree and CUDA choices. _C and the plugin both carry it, and _C loads
     only a plugin with its own id, so a plugin left over from another build is never used."""
     h = hashlib.sha256()
     for path in sorted(glob.glob(os.path.join(HERE, "csrc", "**", "*"), recursive=True)):
@@ -98,7 +139,7 @@ def build_id(with_cuda):
             h.update(os.path.relpath(path, HERE).encode() + b"\0")
             with open(path, "rb") as f:
                 h.update(f.read())
-    return h.hexdigest()[:16] + ("-cuda" if with_cuda else "-cpu")
+    return h.hexdigest()[:16] + ("-cuda" if with_cuda else "-cpu") + ("-cublaslt" if with_cublaslt else "")
 
 
 def _read(path):
@@ -124,7 +165,8 @@ class XoronBuildExt(build_ext):
         # --inplace), or the source tree for older setuptools building in place directly.
         plugin = os.path.join(os.path.dirname(self.get_ext_fullpath("xoron._C")), PLUGIN)
         if NVCC:
-            self._build_cuda_plugin(NVCC, CUDA_SOURCES, plugin)
+            sources = [s for s in CUDA_SOURCES if CUBLASLT_INCLUDE or s != CUBLASLT_SOURCE]
+            self._build_cuda_plugin(NVCC, sources, plugin)
         elif os.path.exists(plugin):
             os.remove(plugin)
         os.makedirs(self.build_temp, exist_ok=True)
@@ -169,9 +211,10 @@ class XoronBuildExt(build_ext):
         jobs = []
         for src in sources:
             obj = os.path.join(tmp, os.path.basename(src) + ".o")
-            cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
+            cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC,-Wall,-Wextra",
                    "--expt-relaxed-constexpr", "-I", os.path.join(HERE, "csrc"),
-                   f'-DXO_BUILD_ID="{BUILD_ID}"'] + gencode
+                   f'-DXO_BUILD_ID="{BUILD_ID}"', f"-DXO_CUDA_CUBLASLT={1 if CUBLASLT_INCLUDE else 0}"] + gencode
+            cmd += CUBLASLT_FLAGS
             jobs.append(subprocess.Popen(cmd))
             objs.append(obj)
         if any(j.wait() != 0 for j in jobs):
@@ -215,7 +258,8 @@ def make_extensions():
         extra_compile_args=cflags,
         extra_link_args=ldflags,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
-                       ("XO_WITH_CUDA", "1" if NVCC else "0"), ("XO_BUILD_ID", f'"{BUILD_ID}"')],
+                       ("XO_WITH_CUDA", "1" if NVCC else "0"), ("XO_CUDA_CUBLASLT", "1" if CUBLASLT_INCLUDE else "0"),
+                       ("XO_BUILD_ID", f'"{BUILD_ID}"')],
     )
     engine = Extension("xoron._C", sources=_c_sources("engine", "backends", "python"), **common)
     hooks = _c_sources("testing")
@@ -227,7 +271,12 @@ def make_extensions():
 
 try:
     NVCC = find_nvcc() if CUDA_SOURCES else None
-    BUILD_ID = build_id(NVCC is not None)
+    CUBLASLT_INCLUDE, CUBLASLT_FLAGS = find_cublaslt_include(NVCC) if NVCC else (None, [])
+    if NVCC and not CUBLASLT_INCLUDE:
+        print("xoron: cublasLt.h not found (nvcc's include directories, CUDA_HOME/CUDA_PATH, the "
+              "nvidia-cublas-cu12 / nvidia-cublas wheels): the CUDA plugin is built without cuBLASLt, "
+              "with its built-in GEMM kernels only", file=sys.stderr)
+    BUILD_ID = build_id(NVCC is not None, CUBLASLT_INCLUDE is not None)
     exts = make_extensions()
 except BuildError as e:
     sys.stderr.write(str(e) + "\n")

@@ -16,7 +16,7 @@
 4. With --device cuda: the same on the GPU (the memory rows also give the device memory in use,
    read through torch when it is installed), then forced out-of-memory: a forward whose logits
    cannot fit on the device, a cache grown past the device, and a model capped by the
-   cuda_memory_limit option; each must raise MemoryError and leave the model giving the same
+   cuda_memory_limit option at 1 GiB; each must raise MemoryError and leave the model giving the same
    logits and generations as before.
 
     python benchmarks/bench_stability.py --device cuda --threads-seconds 60
@@ -200,6 +200,9 @@ from xoron import MoELlamaForCausalLM
 m = MoELlamaForCausalLM.from_pretrained(DEMO, device=DEVICE)
 ids = np.arange(1, 9)[None, :]
 long = np.arange(4000)[None, :] % 4000 + 1
+if DEVICE != "cpu":  # one row of 4000 tokens is over within the timer's delay on a GPU
+    long = np.repeat(long, 256, axis=0)
+keep = 1 if DEVICE != "cpu" else 0
 sent = [0.0]
 def kill_in(s):
     def f():
@@ -210,7 +213,7 @@ def stream():
     for _ in m.generate_stream(ids, max_new_tokens=4000, do_sample=False, eos_token_id=None):
         pass
 work = {"generate": lambda: m.generate(ids, max_new_tokens=4000, do_sample=False, eos_token_id=None),
-        "stream": stream, "forward": lambda: m(long)}
+        "stream": stream, "forward": lambda: m(long, logits_to_keep=keep)}
 for kind in KINDS:
     for i in range(TRIES):
         kill_in(0.2 + 0.05 * (i % 5))
@@ -258,7 +261,7 @@ def out_of_memory_figures(m: MoELlamaForCausalLM) -> list:
     want_logits = m(prompt).logits
     want_gen = m.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None)
     cfg = dict(m.config.to_dict(), num_hidden_layers=2)
-    capped = MoELlamaForCausalLM(cfg, seed=5, device=DEVICE, options={"cuda_memory_limit": 64 << 20})
+    capped = MoELlamaForCausalLM(cfg, seed=5, device=DEVICE, options={"cuda_memory_limit": 1 << 30})
     capped_want = capped(prompt).logits
 
     T = m.config.max_position_embeddings
@@ -270,13 +273,13 @@ def out_of_memory_figures(m: MoELlamaForCausalLM) -> list:
         m(np.ones((16384, T), dtype=np.int64), past_key_values=m.new_cache(16384), use_cache=True,
           logits_to_keep=1)
 
-    def over_the_cap():      # 64 MiB pool: the model fits, a batch of long prompts does not
-        capped(np.ones((16, 2048), dtype=np.int64), logits_to_keep=1)
+    def over_the_cap():      # a 1 GiB pool: the model fits, a batch of long prompts does not
+        capped(np.ones((256, T), dtype=np.int64), logits_to_keep=1)
 
     rows = []
     for what, fn, model, want in [("forward with [4096, T, V] logits", huge_logits, m, want_logits),
                                   ("cache grown past the device", huge_cache, m, want_logits),
-                                  ("pool capped at 64 MiB (cuda_memory_limit)", over_the_cap, capped, capped_want)]:
+                                  ("pool capped at 1 GiB (cuda_memory_limit)", over_the_cap, capped, capped_want)]:
         t = time.perf_counter()
         try:
             fn()

@@ -34,9 +34,9 @@ def _tree(tmp_path, with_kernel=False):
     if with_kernel:
         (tmp_path / "csrc" / "backends" / "cuda").mkdir(parents=True)
         (tmp_path / "csrc" / "backends" / "cuda" / "kernel.cu").write_text(STAND_IN_KERNEL)
-    (tmp_path / "xoron" / "demo").mkdir(parents=True)
-    (tmp_path / "xoron" / "__init__.py").write_text("")
-    (tmp_path / "xoron" / "demo" / "__init__.py").write_text("")
+    for package in ("xoron", "xoron/demo", "xoron/tokenizer"):  # pyproject.toml's packages
+        (tmp_path / package).mkdir(parents=True, exist_ok=True)
+        (tmp_path / package / "__init__.py").write_text("")
     return tmp_path
 
 

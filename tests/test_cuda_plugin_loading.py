@@ -15,7 +15,7 @@ from xoron import _C
 
 TINY = {"vocab_size": 16, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
         "intermediate_size": 16, "kv_lora_rank": 8}
-CUDA_BUILD = _C.build_id.endswith("-cuda")
+CUDA_BUILD = xoron.build_info()["cuda"]
 CC = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 

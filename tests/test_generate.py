@@ -224,13 +224,16 @@ def test_repetition_penalty_changes_greedy_choice(device):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(max_new_tokens=-1), "max_new_tokens"),
-    (dict(temperature=0.0, do_sample=True), "temperature"),
-    (dict(temperature=-1.0, do_sample=True), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(top_k=-1), "top_k"),
-    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(max_new_tokens=-1), r"max_new_tokens must be >= 0 \(got -1\)"),
+    (dict(temperature=0.0, do_sample=True), r"temperature must be > 0 when sampling \(got 0\)"),
+    (dict(temperature=-1.0, do_sample=True), r"temperature must be > 0 when sampling \(got -1\)"),
+    (dict(temperature=float("inf"), do_sample=True), "temperature must be finite"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\] \(got 0\)"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\] \(got 1.5\)"),
+    (dict(top_p=float("nan")), r"top_p must be in \(0, 1\]"),
+    (dict(top_k=-1), r"top_k must be >= 0 \(got -1\)"),
+    (dict(repetition_penalty=0.0), r"repetition_penalty must be > 0 \(got 0\)"),
+    (dict(min_p=1.5), r"min_p must be in \[0, 1\]"),
     (dict(max_new_tokens=200), "max_position_embeddings"),
     (dict(attention_mask=np.ones((1, 3), np.int64)), "attention_mask"),
     (dict(attention_mask=np.full((1, 4), 2)), "attention_mask"),

@@ -73,6 +73,31 @@ def test_environment_is_the_fallback_and_as_strict(monkeypatch):
         model()
 
 
+def test_build_info_says_what_the_build_has():
+    info = xoron.build_info()
+    assert set(info) == {"cuda", "cublaslt", "build_id"}
+    assert isinstance(info["cuda"], bool) and isinstance(info["cublaslt"], bool)
+    assert info["build_id"] == xoron._C.build_id
+    assert info["build_id"].endswith("-cuda-cublaslt" if info["cublaslt"] else "-cuda" if info["cuda"] else "-cpu")
+    assert info["cuda"] or not info["cublaslt"]  # no cuBLASLt path without the CUDA plugin
+
+
+def test_cublaslt_library_needs_a_build_with_cublaslt(monkeypatch, tmp_path):
+    """Asking for a cuBLASLt library is an error on a build without the cuBLASLt path (setup.py
+    found no cublasLt.h), never silently the built-in GEMM; an empty path asks for nothing."""
+    model(options={"cublaslt_library": ""})
+    path = str(tmp_path / "libcublasLt.so.12")
+    if xoron.build_info()["cublaslt"]:
+        model(options={"cublaslt_library": path})  # taken; loaded only when a CUDA model is made
+        return
+    expected = r"option cublaslt_library: this build of xoron has no cuBLASLt path"
+    with pytest.raises(RuntimeError, match=expected):
+        model(options={"cublaslt_library": path})
+    monkeypatch.setenv("XORON_CUBLASLT", path)
+    with pytest.raises(RuntimeError, match=r"environment variable XORON_CUBLASLT: " + expected):
+        model()
+
+
 def test_cpu_options_keep_the_numbers():
     """Thread count, kernel set and the product paths are choices of speed, not of results."""
     ids = np.random.default_rng(0).integers(0, 97, size=(2, 9))

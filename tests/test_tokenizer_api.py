@@ -19,6 +19,17 @@ def tok():
     return xoron.load_tokenizer(DEMO)
 
 
+def test_public_names_of_the_tokenizer_package(tok):
+    """xoron.tokenizer is a package of one module per concern; its names stay where they were."""
+    from xoron.tokenizer import (GPT2_PATTERN, QWEN2_PATTERN, Encoding, StreamDecoder, Tokenizer, bytes_to_unicode,
+                                 load_tokenizer, translate_regex)
+    assert isinstance(tok, Tokenizer) and isinstance(load_tokenizer(DEMO), Tokenizer)
+    assert isinstance(tok("Hi"), Encoding)
+    assert isinstance(tok.stream_decoder(), StreamDecoder)
+    assert xoron.streaming.StreamDecoder is StreamDecoder
+    assert len(bytes_to_unicode()) == 256 and translate_regex(GPT2_PATTERN) and translate_regex(QWEN2_PATTERN)
+
+
 def test_call_pads_on_the_left_with_a_mask(tok):
     texts = ["Once upon a time", "Hi"]
     enc = tok(texts, padding=True, return_tensors="np")

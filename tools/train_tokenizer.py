@@ -2,7 +2,7 @@
 """Train the demo model's byte-level BPE tokenizer and write the token-id training files.
 
 Dev-time tool: needs the HuggingFace ``tokenizers`` package (``pip install tokenizers``) and
-numpy; the shipped runtime loader is the dependency-free ``xoron/tokenizer.py``.
+numpy; the shipped runtime loader is the dependency-free package ``xoron/tokenizer/``.
 
 Input : ``data/train.txt`` and ``data/heldout.txt`` from ``tools/prepare_corpus.py`` (documents
         separated by a line holding only ``<|endoftext|>``).
@@ -100,8 +100,12 @@ def main(argv=None) -> int:
 
     if not args.no_check:
         # Cross-check the dependency-free runtime loader against the reference implementation.
-        spec = importlib.util.spec_from_file_location("xoron_tokenizer", os.path.join(REPO, "xoron", "tokenizer.py"))
+        # loaded by file path: the check needs neither the built extension nor an installed xoron
+        package = os.path.join(REPO, "xoron", "tokenizer")
+        spec = importlib.util.spec_from_file_location("xoron_tokenizer", os.path.join(package, "__init__.py"),
+                                                      submodule_search_locations=[package])
         mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # its modules import one another relatively
         spec.loader.exec_module(mod)
         ours = mod.load_tokenizer(args.out)
         t0 = time.time()

@@ -80,7 +80,7 @@ from .modeling import CausalLMOutput, KVCache  # noqa: E402
 from .streaming import TextStreamer  # noqa: E402
 
 __all__ = ["MoELlamaForCausalLM", "LlamaConfig", "CausalLMOutput", "KVCache", "TextStreamer", "load_tokenizer",
-           "cuda_available", "option_names", "option_table", "set_num_threads", "get_num_threads"]
+           "cuda_available", "build_info", "option_names", "option_table", "set_num_threads", "get_num_threads"]
 __version__ = "0.1.0"
 
 
@@ -110,6 +110,13 @@ def cuda_available() -> bool:
     """True when device="cuda" can work here: this build has its CUDA plugin, and the plugin's
     CUDA runtime finds a driver and at least one GPU."""
     return _C.cuda_device_count() > 0
+
+
+def build_info():
+    """What this build was compiled with: {"cuda": the CUDA plugin was built (nvcc was found),
+    "cublaslt": the plugin has its cuBLASLt path (setup.py found cublasLt.h; without it every
+    GPU product takes the built-in kernels), "build_id": the id _C and its plugin share}."""
+    return _C.build_info()
 
 
 def option_table():

@@ -247,8 +247,6 @@ def generate(model, input_ids=None, **kwargs):
         max_new_tokens = max_length - te - t
     else:
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0 (got {max_new_tokens})")
     min_new_tokens = max(_int_arg(a["min_new_tokens"] or 0, "min_new_tokens"),
                          _int_arg(a["min_length"] or 0, "min_length") - te - t)
 
@@ -260,25 +258,16 @@ def generate(model, input_ids=None, **kwargs):
     if do_sample is None:  # xoron samples by default; beam search is deterministic
         do_sample = num_beams == 1
     do_sample = bool(do_sample)
-    if num_beams > 1 and do_sample:
-        raise ValueError("beam sampling is not supported: give do_sample=False with num_beams > 1")
     if num_beams == 1 and num_return > 1 and not do_sample:
         raise ValueError("greedy search returns one sequence per prompt: num_return_sequences > 1 needs "
                          "do_sample=True or num_beams >= num_return_sequences")
+    # the engine checks what the values mean (ranges, beam sampling); here they are only converted
     top_k = _int_arg(a["top_k"] if a["top_k"] is not None else 0, "top_k")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (got {top_k})")
     temperature = _float_arg(a["temperature"], "temperature", 1.0)
     top_p = _float_arg(a["top_p"], "top_p", 1.0)
     min_p = _float_arg(a["min_p"], "min_p", 0.0)
     repetition_penalty = _float_arg(a["repetition_penalty"], "repetition_penalty", 1.0)
     length_penalty = _float_arg(a["length_penalty"], "length_penalty", 1.0)
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling (got {temperature})")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0 (got {repetition_penalty})")
     early = a["early_stopping"]
     if early not in EARLY_STOPPING or isinstance(early, (int, float)) and not isinstance(early, bool):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early!r}")

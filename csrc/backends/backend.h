@@ -227,7 +227,10 @@ xo_status xo_cuda_backend_create(xo_backend **out, int device, const xo_options 
 void xo_cuda_set_plugin_path(const char *path);
 /* CUDA devices this build can use: 0 when it has no plugin, or no GPU or driver. Never fails. */
 int xo_cuda_device_count(void);
-/* The id a plugin must report to be loaded: this build's, ending in "-cuda" or "-cpu". */
+/* The id a plugin must report to be loaded: this build's, ending in "-cpu", "-cuda" or
+ * "-cuda-cublaslt". */
 const char *xo_cuda_build_id(void);
+/* 1 when this build has a CUDA plugin (whether a GPU is there or not: xo_cuda_device_count). */
+int xo_cuda_built(void);
 
 #endif

@@ -67,6 +67,8 @@ static void *load_plugin(int *count, char *why, size_t why_len) {
 
 const char *xo_cuda_build_id(void) { return XO_BUILD_ID; }
 
+int xo_cuda_built(void) { return XO_WITH_CUDA; }
+
 int xo_cuda_device_count(void) {
     int count;
     char why[WHY_LEN];

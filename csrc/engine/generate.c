@@ -31,6 +31,7 @@ static xo_status check(const xo_model *m, const xo_generate_args *a) {
     const int V = m->cfg.vocab_size, total = a->embeds_len + a->prompt_len;
     if (a->max_new_tokens < 0) return xo_fail(XO_EINVAL, "max_new_tokens must be >= 0 (got %d)", a->max_new_tokens);
     if (a->min_new_tokens < 0) return xo_fail(XO_EINVAL, "min_new_tokens must be >= 0 (got %d)", a->min_new_tokens);
+    XO_TRY(xo_sampling_check(&a->sampling));
     if (a->batch <= 0 || total <= 0) return xo_fail(XO_EINVAL, "the prompt is empty; give at least one token");
     if ((long)total + a->max_new_tokens > m->cfg.max_position_embeddings)
         return xo_fail(XO_EINVAL, "prompt (%d tokens) plus max_new_tokens (%d) exceeds max_position_embeddings (%d)",
@@ -53,11 +54,10 @@ static xo_status check(const xo_model *m, const xo_generate_args *a) {
     if (a->num_return < 1 || a->num_return > a->num_beams)
         return xo_fail(XO_EINVAL, "num_return_sequences must be in [1, num_beams=%d] (got %d)", a->num_beams, a->num_return);
     if (a->num_beams > 1 && a->sampling.do_sample)
-        return xo_fail(XO_EINVAL, "beam search samples nothing: give do_sample=False with num_beams > 1");
+        return xo_fail(XO_EINVAL, "beam sampling is not supported: give do_sample=False with num_beams > 1");
     if (!isfinite(a->length_penalty)) return xo_fail(XO_EINVAL, "length_penalty must be finite");
     XO_TRY(xo_logits_bans_check(&a->bans, V));
-    XO_TRY(xo_stop_strings_check(&a->stops, V));
-    return xo_sampling_check(&a->sampling);
+    return xo_stop_strings_check(&a->stops, V);
 }
 
 xo_status xo_generate_prefill(xo_model *m, const xo_generate_args *a, xo_cache *cache, float *logits, int32_t *argmax,

@@ -24,7 +24,8 @@ const xo_option_info xo_option_table[] = {
     { "cuda_gemm", "XORON_CUDA_GEMM", "cublaslt, builtin",
       "cublaslt: cuBLASLt where it is found, else the built-in kernels; builtin: the built-in kernels always" },
     { "cublaslt_library", "XORON_CUBLASLT", "a path, or empty",
-      "the cuBLASLt library to load (empty: the usual names); the first model to load it decides for the process" },
+      "the cuBLASLt library to load (empty: the usual names); the first model to load it decides for the process; "
+      "a build without cuBLASLt (xoron.build_info()) refuses a path" },
     { "cuda_pdl", "XORON_CUDA_PDL", "0, 1", "programmatic dependent launch on compute capability 9.0 and newer" },
     { "cuda_graphs", "XORON_CUDA_GRAPHS", "0, 1", "decode steps recorded once and replayed as CUDA graphs" },
     { "cuda_memory_limit", "XORON_CUDA_MEMORY_LIMIT", "an integer >= 0 (bytes)",
@@ -114,6 +115,10 @@ xo_status xo_options_set(xo_options *o, const char *name, const char *value) {
     } else if (!strcmp(name, "cuda_gemm")) {
         XO_TRY(parse_choice(name, value, "cublaslt, builtin", &o->cuda_gemm_builtin));
     } else if (!strcmp(name, "cublaslt_library")) {
+        if (*value && !XO_CUDA_CUBLASLT)
+            return xo_fail(XO_EUNSUPPORTED, "option cublaslt_library: this build of xoron has no cuBLASLt path "
+                           "(built without CUDA, or setup.py found no cublasLt.h for the CUDA plugin); "
+                           "xoron.build_info() shows what a build has");
         if (strlen(value) >= sizeof o->cublaslt_library)
             return xo_fail(XO_EINVAL, "option cublaslt_library: the path is longer than %zu bytes",
                            sizeof o->cublaslt_library - 1);

@@ -150,7 +150,15 @@ static PyObject *mod_cuda_device_count(PyObject *Py_UNUSED(m), PyObject *Py_UNUS
     return PyLong_FromLong(xo_cuda_device_count());
 }
 
+/* build_info() -> {"cuda": the CUDA plugin was built, "cublaslt": it has its cuBLASLt path, "build_id"} */
+static PyObject *mod_build_info(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(args)) {
+    return Py_BuildValue("{sOsOss}", "cuda", xo_cuda_built() ? Py_True : Py_False, "cublaslt",
+                         XO_CUDA_CUBLASLT ? Py_True : Py_False, "build_id", xo_cuda_build_id());
+}
+
 static PyMethodDef module_methods[] = {
+    { "build_info", mod_build_info, METH_NOARGS,
+      "build_info() -> {'cuda': bool, 'cublaslt': bool, 'build_id': str}: what this build was compiled with" },
     { "option_table", mod_option_table, METH_NOARGS,
       "option_table() -> [(name, environment variable, values, meaning)] of every model option" },
     { "set_num_threads", mod_set_num_threads, METH_O, "set_num_threads(n): the CPU thread count of models without their own" },

@@ -3,9 +3,10 @@
  * Storage (xo_linear.dtype): float32 (the exact mode), bfloat16, float16, or int8 / int4 with
  * one float32 scale per group of 32 weights of a row (weight-only, kernels.h). Products
  * always accumulate in float32:
- *   - float32: oneDNN sgemm, for every m (unchanged exact path);
- *   - other storage, m <= 40 (decode, the latent cache's K/V expansion): our own vectorised
- *     matrix-vector kernels (backends/cpu/gemv.c), memory-bandwidth bound at m = 1;
+ *   - float32: oneDNN sgemm, for every m (the exact path);
+ *   - other storage, m <= cpu_gemv_max_rows (the option, XO_CPU_GEMV_MAX_ROWS by default;
+ *     decode, the latent cache's K/V expansion): our own vectorised matrix-vector kernels
+ *     (backends/cpu/gemv.c), memory-bandwidth bound at m = 1;
  *   - other storage, larger m (prefill): W is widened, a tile of rows at a time, into a
  *     per-thread float32 buffer that oneDNN sgemm consumes (single-threaded per tile, the
  *     tiles spread over the threads), so the conversion is paid once per m rows of x, close to

@@ -17,7 +17,7 @@ extern "C" {
 #include "backends/backend.h"
 }
 
-struct XoLt;  /* cuBLASLt state, backends/cuda/gemm.cu */
+struct XoLt;  /* cuBLASLt state, backends/cuda/cublaslt.cu */
 
 /* A bad value a kernel met in its inputs (an expert id out of range, a NaN logit). Kept in
  * mapped host memory: a kernel writes it only on a fault, and the host reads it after the
@@ -172,7 +172,8 @@ static inline unsigned cu_blocks(size_t n, unsigned threads) {
 }
 
 /* ---- entry points, one concern per file ---- */
-/* backends/cuda/cublaslt.cu */
+/* backends/cuda/cublaslt.cu, built where setup.py finds cublasLt.h (XO_CUDA_CUBLASLT) */
+#if XO_CUDA_CUBLASLT
 /* cuBLASLt from `library` ("" : the usual names), loaded once per process; NULL where it is not found */
 XoLt *cu_lt_create(CuCtx *c, const char *library);
 void cu_lt_destroy(XoLt *lt);
@@ -182,6 +183,19 @@ int cu_lt_gemm(CuCtx *c, float *y, const void *x, const void *w, xo_dtype t, int
 /* the same for `batch` products, x batches x_stride elements apart, y compact (n % 8 == 0) */
 int cu_lt_gemm_batched(CuCtx *c, float *y, const void *x, long long x_stride, const void *w, xo_dtype t, int m, int n,
                        int k, int batch, xo_status *rc);
+#else
+/* A plugin built without the header has no cuBLASLt path: c->lt stays NULL and every product
+ * takes the built-in kernels (the options refuse an explicit cublaslt_library on such a build). */
+static inline XoLt *cu_lt_create(CuCtx *, const char *) { return NULL; }
+static inline void cu_lt_destroy(XoLt *) {}
+static inline int cu_lt_gemm(CuCtx *, float *, const void *, const void *, xo_dtype, int, int, int, xo_status *) {
+    return 0;
+}
+static inline int cu_lt_gemm_batched(CuCtx *, float *, const void *, long long, const void *, xo_dtype, int, int, int,
+                                     int, xo_status *) {
+    return 0;
+}
+#endif
 
 /* backends/cuda/gemm.cu */
 xo_status cu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w, int m);

@@ -1,8 +1,10 @@
-/* cuBLASLt, loaded at run time with dlopen (neither its headers nor its import library are
- * needed to build; a missing library leaves the built-in kernels of gemm.cu), with a cache of
- * plans (descriptors and the heuristic's algorithm) per shape. 16-bit weights: x converted to
+/* cuBLASLt, with its types from the toolkit's cublasLt.h and the library loaded at run time
+ * with dlopen (its import library is not needed to build; a missing library leaves the built-in
+ * kernels of gemm.cu), with a cache of plans (descriptors and the heuristic's algorithm) per
+ * shape. setup.py builds this file only where it finds the header. 16-bit weights: x converted to
  * the weight's type, fp32 accumulation and output; float32 weights: pure fp32 GEMM
  * (CUBLAS_COMPUTE_32F, no TF32). */
+#include <cublasLt.h>
 #include <dlfcn.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -11,47 +13,24 @@
 
 #include "backends/cuda/common.h"
 
-/* ------------------------------------------------------------------ the library's ABI, by hand */
+/* ------------------------------------------------------------------ the library, loaded at run time */
 
-typedef int lt_status;
-typedef struct {
-    uint64_t data[8];
-} lt_algo;
-typedef struct {
-    lt_algo algo;
-    size_t workspaceSize;
-    int state;
-    float wavesCount;
-    int reserved[4];
-} lt_heur;
-
-enum {
-    LT_COMPUTE_32F = 68,         /* CUBLAS_COMPUTE_32F */
-    LT_DESC_TRANSA = 3,          /* CUBLASLT_MATMUL_DESC_TRANSA */
-    LT_DESC_TRANSB = 4,          /* CUBLASLT_MATMUL_DESC_TRANSB */
-    LT_PREF_MAX_WORKSPACE = 1,   /* CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES */
-    LT_PREF_MIN_ALIGN_A = 5,     /* CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_{A,B,C,D}_BYTES = 5..8 */
-    LT_LAYOUT_BATCH_COUNT = 5,   /* CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT */
-    LT_LAYOUT_BATCH_STRIDE = 6,  /* CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET */
-    LT_OP_N = 0,
-    LT_OP_T = 1,
-};
-
+/* The header declares the functions; only their types are used here, and the addresses come
+ * from dlsym, so the plugin has no link-time dependency on cuBLAS. */
 struct LtApi {
-    lt_status (*create)(void **);
-    lt_status (*destroy)(void *);
-    lt_status (*desc_create)(void **, int, int);
-    lt_status (*desc_destroy)(void *);
-    lt_status (*desc_set)(void *, int, const void *, size_t);
-    lt_status (*layout_create)(void **, int, uint64_t, uint64_t, int64_t);
-    lt_status (*layout_destroy)(void *);
-    lt_status (*layout_set)(void *, int, const void *, size_t); /* optional: strided batches */
-    lt_status (*pref_create)(void **);
-    lt_status (*pref_destroy)(void *);
-    lt_status (*pref_set)(void *, int, const void *, size_t);
-    lt_status (*heuristic)(void *, void *, void *, void *, void *, void *, void *, int, lt_heur *, int *);
-    lt_status (*matmul)(void *, void *, const void *, const void *, void *, const void *, void *, const void *, const void *,
-                        void *, void *, void *, const lt_algo *, void *, size_t, cudaStream_t);
+    decltype(&cublasLtCreate) create;
+    decltype(&cublasLtDestroy) destroy;
+    decltype(&cublasLtMatmulDescCreate) desc_create;
+    decltype(&cublasLtMatmulDescDestroy) desc_destroy;
+    decltype(&cublasLtMatmulDescSetAttribute) desc_set;
+    decltype(&cublasLtMatrixLayoutCreate) layout_create;
+    decltype(&cublasLtMatrixLayoutDestroy) layout_destroy;
+    decltype(&cublasLtMatrixLayoutSetAttribute) layout_set; /* optional: strided batches */
+    decltype(&cublasLtMatmulPreferenceCreate) pref_create;
+    decltype(&cublasLtMatmulPreferenceDestroy) pref_destroy;
+    decltype(&cublasLtMatmulPreferenceSetAttribute) pref_set;
+    decltype(&cublasLtMatmulAlgoGetHeuristic) heuristic;
+    decltype(&cublasLtMatmul) matmul;
 };
 
 static LtApi g_lt;
@@ -91,7 +70,7 @@ static int lt_load(const char *library) {
         g_lt_ok = 0;
         void *h = lt_open(library);
         if (h) {
-#define SYM(field, name) *(void **)&g_lt.field = dlsym(h, name)
+#define SYM(field, name) g_lt.field = reinterpret_cast<decltype(g_lt.field)>(dlsym(h, name))
             SYM(create, "cublasLtCreate");
             SYM(destroy, "cublasLtDestroy");
             SYM(desc_create, "cublasLtMatmulDescCreate");
@@ -121,26 +100,27 @@ struct LtPlan {
     int m, n, k, ldc, type, align, used;
     int batch;               /* > 1: strided batches of x (xstride elements apart) and y (m * ldc apart) */
     long long xstride;
-    void *desc, *a, *b, *cd;
-    lt_algo algo;
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t a, b, cd;
+    cublasLtMatmulAlgo_t algo;
 };
 
 enum { LT_PLANS = 512 };
 
 struct XoLt {
-    void *handle;
+    cublasLtHandle_t handle;
     void *ws;
     size_t ws_bytes;
     LtPlan plans[LT_PLANS];
 };
 
-static int cuda_type(xo_dtype t) { return t == XO_F32 ? 0 : t == XO_F16 ? 2 : 14; }
+static cudaDataType_t cuda_type(xo_dtype t) { return t == XO_F32 ? CUDA_R_32F : t == XO_F16 ? CUDA_R_16F : CUDA_R_16BF; }
 
 XoLt *cu_lt_create(CuCtx *c, const char *library) {
     if (!lt_load(library)) return NULL;
     XoLt *lt = (XoLt *)calloc(1, sizeof *lt);
     if (!lt) return NULL;
-    if (g_lt.create(&lt->handle) != 0) {
+    if (g_lt.create(&lt->handle) != CUBLAS_STATUS_SUCCESS) {
         free(lt);
         return NULL;
     }
@@ -175,39 +155,45 @@ void cu_lt_destroy(XoLt *lt) {
 static int plan_build(XoLt *lt, LtPlan *p, int m, int n, int k, int ldc, xo_dtype t, int align, int batch,
                       long long xstride) {
     memset(p, 0, sizeof *p);
-    const int ab = cuda_type(t);
-    int opT = LT_OP_T, opN = LT_OP_N;
-    if (g_lt.desc_create(&p->desc, LT_COMPUTE_32F, 0 /* CUDA_R_32F scale */) != 0) goto fail;
-    if (g_lt.desc_set(p->desc, LT_DESC_TRANSA, &opT, sizeof opT) != 0) goto fail;
-    if (g_lt.desc_set(p->desc, LT_DESC_TRANSB, &opN, sizeof opN) != 0) goto fail;
+    const cudaDataType_t ab = cuda_type(t);
+    const cublasOperation_t opT = CUBLAS_OP_T, opN = CUBLAS_OP_N;
+    const cublasStatus_t ok = CUBLAS_STATUS_SUCCESS;
+    if (g_lt.desc_create(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F /* alpha, beta */) != ok) goto fail;
+    if (g_lt.desc_set(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &opT, sizeof opT) != ok) goto fail;
+    if (g_lt.desc_set(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &opN, sizeof opN) != ok) goto fail;
     /* column-major view: D[n, m] = W[k, n]^T * X[k, m]   (row-major y[m, n] = x[m, k] W[n, k]^T) */
-    if (g_lt.layout_create(&p->a, ab, (uint64_t)k, (uint64_t)n, k) != 0) goto fail;
-    if (g_lt.layout_create(&p->b, ab, (uint64_t)k, (uint64_t)m, k) != 0) goto fail;
-    if (g_lt.layout_create(&p->cd, 0, (uint64_t)n, (uint64_t)m, ldc) != 0) goto fail;
+    if (g_lt.layout_create(&p->a, ab, (uint64_t)k, (uint64_t)n, k) != ok) goto fail;
+    if (g_lt.layout_create(&p->b, ab, (uint64_t)k, (uint64_t)m, k) != ok) goto fail;
+    if (g_lt.layout_create(&p->cd, CUDA_R_32F, (uint64_t)n, (uint64_t)m, ldc) != ok) goto fail;
     if (batch > 1) {
         const int32_t count = batch;
         const int64_t zero = 0, xs = xstride, ys = (int64_t)m * ldc;
+        const cublasLtMatrixLayoutAttribute_t n_batches = CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                                              stride = CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET;
         if (!g_lt.layout_set) goto fail;
-        if (g_lt.layout_set(p->a, LT_LAYOUT_BATCH_COUNT, &count, sizeof count) != 0 ||
-            g_lt.layout_set(p->a, LT_LAYOUT_BATCH_STRIDE, &zero, sizeof zero) != 0 ||
-            g_lt.layout_set(p->b, LT_LAYOUT_BATCH_COUNT, &count, sizeof count) != 0 ||
-            g_lt.layout_set(p->b, LT_LAYOUT_BATCH_STRIDE, &xs, sizeof xs) != 0 ||
-            g_lt.layout_set(p->cd, LT_LAYOUT_BATCH_COUNT, &count, sizeof count) != 0 ||
-            g_lt.layout_set(p->cd, LT_LAYOUT_BATCH_STRIDE, &ys, sizeof ys) != 0)
+        if (g_lt.layout_set(p->a, n_batches, &count, sizeof count) != ok ||
+            g_lt.layout_set(p->a, stride, &zero, sizeof zero) != ok ||
+            g_lt.layout_set(p->b, n_batches, &count, sizeof count) != ok ||
+            g_lt.layout_set(p->b, stride, &xs, sizeof xs) != ok ||
+            g_lt.layout_set(p->cd, n_batches, &count, sizeof count) != ok ||
+            g_lt.layout_set(p->cd, stride, &ys, sizeof ys) != ok)
             goto fail;
     }
     {
-        void *pref = NULL;
-        if (g_lt.pref_create(&pref) != 0) goto fail;
+        cublasLtMatmulPreference_t pref = NULL;
+        if (g_lt.pref_create(&pref) != ok) goto fail;
         uint64_t ws = lt->ws_bytes;
-        g_lt.pref_set(pref, LT_PREF_MAX_WORKSPACE, &ws, sizeof ws);
+        g_lt.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
         uint32_t al = (uint32_t)align; /* the heuristic assumes 256-byte aligned pointers unless told */
-        for (int attr = LT_PREF_MIN_ALIGN_A; attr < LT_PREF_MIN_ALIGN_A + 4; attr++) g_lt.pref_set(pref, attr, &al, sizeof al);
-        lt_heur res[1];
+        const cublasLtMatmulPreferenceAttributes_t aligns[] = {
+            CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+            CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES };
+        for (cublasLtMatmulPreferenceAttributes_t attr : aligns) g_lt.pref_set(pref, attr, &al, sizeof al);
+        cublasLtMatmulHeuristicResult_t res[1];
         int got = 0;
-        lt_status st = g_lt.heuristic(lt->handle, p->desc, p->a, p->b, p->cd, p->cd, pref, 1, res, &got);
+        cublasStatus_t st = g_lt.heuristic(lt->handle, p->desc, p->a, p->b, p->cd, p->cd, pref, 1, res, &got);
         g_lt.pref_destroy(pref);
-        if (st != 0 || got < 1 || res[0].state != 0) goto fail;
+        if (st != ok || got < 1 || res[0].state != ok) goto fail;
         p->algo = res[0].algo;
     }
     p->m = m;
@@ -256,11 +242,11 @@ static int lt_gemm_ld(CuCtx *c, float *y, int ldc, const void *x, const void *w,
         temp = 1;
     }
     const float one = 1.0f, zero = 0.0f;
-    lt_status st = g_lt.matmul(lt->handle, p->desc, &one, w, p->a, x, p->b, &zero, y, p->cd, y, p->cd, &p->algo, lt->ws,
-                               lt->ws_bytes, c->stream);
+    cublasStatus_t st = g_lt.matmul(lt->handle, p->desc, &one, w, p->a, x, p->b, &zero, y, p->cd, y, p->cd, &p->algo,
+                                    lt->ws, lt->ws_bytes, c->stream);
     if (temp) plan_release(p);
-    if (st != 0) {
-        *rc = cu_fail(c, XO_EDEVICE, "cublasLtMatmul failed (status %d) for [%d, %d] x [%d, %d]^T", st, m, k, n, k);
+    if (st != CUBLAS_STATUS_SUCCESS) {
+        *rc = cu_fail(c, XO_EDEVICE, "cublasLtMatmul failed (status %d) for [%d, %d] x [%d, %d]^T", (int)st, m, k, n, k);
         return 1;
     }
     *rc = cu_check_launch(c, "cublasLtMatmul");

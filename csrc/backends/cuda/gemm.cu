@@ -1,11 +1,12 @@
 /* Matrix products y[m, out] = x[m, in] @ W.T.
  *
- * - cuBLASLt where it was loaded (backends/cuda/cublaslt.cu), else the kernels below.
+ * - cuBLASLt where the build has it (setup.py found cublasLt.h) and the library was loaded
+ *   (backends/cuda/cublaslt.cu), else the kernels below.
  * - a "skinny" kernel for a few rows (decode): one warp per output row, the weight row
  *   streamed once with 16-byte loads for up to 8 activation rows at a time.
  * - grouped products for the MoE, driven by device-side group offsets (no host round trip):
  *   a WMMA tensor-core kernel (16-bit) and the skinny kernel per group.
- * - a plain tiled fp32 kernel as the last resort when cuBLASLt is missing. */
+ * - a plain tiled fp32 kernel for the products the others do not take. */
 #include <mma.h>
 #include <stdlib.h>
 #include <string.h>
