@@ -590,3 +590,49 @@ def test_more_experts_than_the_cuda_moe_takes_is_refused_at_construction():
         xoron.MoELlamaForCausalLM(_config(dict(MOE, num_experts=129)), device="cuda", seed=0)
     m = xoron.MoELlamaForCausalLM(_config(dict(MOE, num_experts=128)), device="cuda", seed=0)
     assert np.isfinite(np.asarray(m(input_ids=np.array([[1, 2, 3]])).logits)).all()
+
+
+# ------------------------------------------------------------------ chunked prefill, key blocks
+
+
+@needs_gpu
+@pytest.mark.parametrize("attention", ["auto", "rows"])
+@pytest.mark.parametrize("cache_format", ["latent", "kv"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunked_prefill_and_key_blocks(dtype, cache_format, attention):
+    """prefill_chunk=64: passes of 32 tokens per row, and the attention's keys expanded in blocks
+    of 64 whose softmax partials are folded (the tensor-core kernel's too); a decode over more
+    keys than a block folds them as well. Results as one pass over every key at once."""
+    over = dict(MOE, hidden_size=64, num_key_value_heads=2)
+    opts = {"cuda_attention": attention}
+    whole, cfg, w = build(over, seed=12, dtype=dtype, cache_format=cache_format, options=opts)
+    parts, _, _ = build(over, seed=12, dtype=dtype, cache_format=cache_format, options=dict(opts, prefill_chunk=64))
+    b, t = 2, 203
+    ids = ids_for(cfg, b, t, seed=9)
+    mask = np.ones((b, t), np.int64)
+    mask[1, :37] = 0
+    keep = mask.astype(bool)
+    ref, _ = R.forward(cfg, rounded(w, dtype), ids, attention_mask=mask)
+    want = whole(input_ids=ids, attention_mask=mask).logits
+    got = parts(input_ids=ids, attention_mask=mask).logits
+    assert rel_err(got[keep], ref[keep]) <= TOL[dtype]
+    assert rel_err(got[keep], want[keep]) <= TOL[dtype]
+    got_last = parts(input_ids=ids, attention_mask=mask, logits_to_keep=3).logits
+    assert rel_err(got_last, want[:, -3:]) <= TOL[dtype]
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, eos_token_id=None, output_scores=True,
+              return_dict_in_generate=True)
+    a, g = whole.generate(ids, **kw), parts.generate(ids, **kw)
+    assert rel_err(np.stack(g.scores), np.stack(a.scores)) <= TOL[dtype]
+    if dtype == "float32":
+        np.testing.assert_array_equal(g.sequences, a.sequences)
+
+
+@needs_gpu
+def test_memory_stats_track_the_pool():
+    m, cfg, _ = build(dict(MOE, hidden_size=64))
+    s = m.memory_stats(reset_peak=True)
+    assert set(s) == {"in_use", "peak"} and 0 < s["in_use"] <= s["peak"]
+    m(input_ids=ids_for(cfg, 4, 300, seed=1))
+    after = m.memory_stats()
+    assert after["peak"] > s["in_use"]  # the call's activations were counted, then released
+    assert m.memory_stats(reset_peak=True)["peak"] < after["peak"]

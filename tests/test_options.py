@@ -22,7 +22,7 @@ def model(**kw):
 def test_every_option_has_a_variable_values_and_a_meaning():
     table = xoron.option_table()
     assert [r[0] for r in table] == xoron.option_names()
-    assert {"threads", "cpu_isa", "cpu_gemv_max_rows", "cpu_tile_rows", "cuda_moe", "cuda_attention", "cuda_gemm",
+    assert {"threads", "cpu_isa", "cpu_gemv_max_rows", "cpu_tile_rows", "prefill_chunk", "cuda_moe", "cuda_attention", "cuda_gemm",
             "cublaslt_library", "cuda_pdl", "cuda_graphs", "cuda_memory_limit"} == set(xoron.option_names())
     for name, env, values, doc in table:
         assert env.startswith("XORON_") and values and doc, name

@@ -333,6 +333,12 @@ class MoELlamaForCausalLM:
 
     # ---- forward ----
 
+    def memory_stats(self, reset_peak: bool = False) -> Optional[dict]:
+        """{"in_use": bytes, "peak": bytes} of the GPU memory pool the model draws from (shared by every
+        model on that device; peak: the high-water mark since the last reset_peak=True), or None on
+        the CPU, whose allocations are not tracked."""
+        return self._engine.memory_stats(reset_peak=bool(reset_peak))
+
     def new_cache(self, batch_size: int, cache_format: Optional[str] = None) -> KVCache:
         fmt = cache_format or self.cache_format
         if fmt not in CACHE_FORMATS:

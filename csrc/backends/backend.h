@@ -67,6 +67,8 @@ typedef struct {
     float mscale;
     float scale;                   /* 1/sqrt(hd) */
     float denom_eps;               /* added to the softmax denominator (SPEC 4.4 ring formulation) */
+    int key_block;                 /* keys per row a kernel may expand or convert into scratch at once, so
+                                    * that its scratch does not grow with the context; 0: no bound */
     const xo_interrupt *interrupt; /* a long prefill may stop between key blocks; or NULL */
 } xo_attention_args;
 
@@ -109,6 +111,9 @@ typedef struct {
     xo_status (*download)(xo_backend *be, void *host, const void *src, size_t bytes);
     xo_status (*copy)(xo_backend *be, void *dst, const void *src, size_t bytes);
     xo_status (*synchronize)(xo_backend *be);
+    /* optional (NULL: not tracked): bytes the backend's allocator hands out now, and at most since
+     * the last reset (reset_peak: the peak restarts from now); the queued work is finished first */
+    xo_status (*usage)(xo_backend *be, size_t *in_use, size_t *peak, int reset_peak);
 } xo_memory_ops;
 
 typedef struct {

@@ -68,30 +68,65 @@ static int kept_positions(const xo_forward_args *a) {
     return a->logits_to_keep > 0 && a->logits_to_keep < a->tokens ? a->logits_to_keep : a->tokens;
 }
 
-/* the graph, then lm_head on the rows asked for */
-static xo_status forward_layers(xo_model *m, const xo_forward_args *a, xo_cache *cache, xo_scratch *s) {
+/* Tokens per row of one pass through the layers: the whole call when it fits the prefill
+ * chunk (prefill_chunk tokens over all rows), else near-equal passes of at most that (no
+ * short tail pass). */
+static int pass_tokens(const xo_model *m, int batch, int tokens) {
+    const int per_row = m->prefill_chunk / batch > 0 ? m->prefill_chunk / batch : 1;
+    if (tokens <= per_row) return tokens;
+    const int passes = (tokens + per_row - 1) / per_row;
+    return (tokens + passes - 1) / passes;
+}
+
+/* The logits of the kept positions among this pass's tokens [first, first + nt):
+ * dst[b, keep, V] <- lm_head(s->xn). */
+static xo_status pass_logits(xo_model *m, const xo_forward_args *a, int first, int nt, float *dst, xo_scratch *s) {
     const xo_config *c = &m->cfg;
     xo_backend *be = m->be;
-    const int b = a->batch, t = a->tokens, n = b * t, H = c->hidden_size;
-    xo_layers_args la = { .batch = b, .tokens = t, .past = cache->length, .embeds = a->embeds, .hidden = a->hidden,
-                          .interrupt = m->interrupt };
-    XO_TRY(xo_model_layers(m, &la, cache, s));
-    /* logits = h @ lm_head.T */
-    if (!a->logits && !a->argmax && !a->device_logits) return XO_OK;
-    /* logits[:, -keep:]: only the kept rows go through the lm_head */
-    const int keep = kept_positions(a);
-    const float *rows = s->xn;
-    int nrows = n;
-    if (keep < t) {
-        for (int row = 0; row < b; row++)
-            XO_TRY(be->mem.copy(be, s->branch + (size_t)row * keep * H, s->xn + ((size_t)row * t + t - keep) * H,
-                            (size_t)keep * H * sizeof(float)));
-        rows = s->branch;
-        nrows = b * keep;
+    const int b = a->batch, t = a->tokens, keep = kept_positions(a), H = c->hidden_size;
+    const size_t V = (size_t)c->vocab_size;
+    const int k0 = first > t - keep ? first : t - keep, nk = first + nt - k0; /* kept tokens [k0, first + nt) */
+    if (nk <= 0) return XO_OK;
+    const size_t out_row = (size_t)(k0 - (t - keep)), in_row = (size_t)(k0 - first);
+    if (nk == nt && nk == keep) return xo_model_lm_head(m, dst, s->xn, b * nk);
+    if (nk == keep && b > 1) {  /* each row's kept tokens, gathered: one product */
+        for (int r = 0; r < b; r++)
+            XO_TRY(be->mem.copy(be, s->branch + (size_t)r * keep * H, s->xn + ((size_t)r * nt + in_row) * H,
+                                (size_t)keep * H * sizeof(float)));
+        return xo_model_lm_head(m, dst, s->branch, b * keep);
     }
+    for (int r = 0; r < b; r++)
+        XO_TRY(xo_model_lm_head(m, dst + ((size_t)r * keep + out_row) * V, s->xn + ((size_t)r * nt + in_row) * H, nk));
+    return XO_OK;
+}
+
+/* The graph over the call's tokens in passes of `per` tokens per row (each pass writes its cache
+ * slots; later passes attend to them as past keys), then the kept rows' logits handed back.
+ * ids_all: the call's ids on the backend, or NULL when they come from a->ids per pass. */
+static xo_status forward_passes(xo_model *m, const xo_forward_args *a, xo_cache *cache, xo_scratch *s, int per,
+                                const int32_t *pos, const int32_t *ids_all) {
+    const xo_config *c = &m->cfg;
+    xo_backend *be = m->be;
+    const int b = a->batch, t = a->tokens, past = cache->length;
+    const int want_logits = a->logits || a->argmax || a->device_logits;
     /* A backend working in host memory writes the logits straight into the caller's array. */
     float *dst = be->host_memory && a->logits ? a->logits : s->logits;
-    XO_TRY(xo_model_lm_head(m, dst, rows, nrows));
+    for (int first = 0; first < t; first += per) {
+        const int nt = first + per < t ? per : t - first;
+        const size_t bytes = (size_t)nt * sizeof(int32_t);
+        for (int r = 0; r < b; r++) {
+            const size_t from = (size_t)r * t + first, to = (size_t)r * nt;
+            XO_TRY(be->mem.upload(be, s->pos + to, pos + from, bytes));
+            if (a->ids) XO_TRY(be->mem.upload(be, s->ids + to, a->ids + from, bytes));
+            else if (ids_all && ids_all != s->ids) XO_TRY(be->mem.copy(be, s->ids + to, ids_all + from, bytes));
+        }
+        xo_layers_args la = { .batch = b, .tokens = nt, .past = past + first, .first = first, .row_tokens = t,
+                              .keys = past + t, .embeds = a->embeds, .hidden = a->hidden, .interrupt = m->interrupt };
+        XO_TRY(xo_model_layers(m, &la, cache, s));
+        if (want_logits) XO_TRY(pass_logits(m, a, first, nt, dst, s));
+    }
+    if (!want_logits) return XO_OK;
+    const int nrows = b * kept_positions(a);
     if (a->argmax) {  /* a few bytes back instead of the whole logits */
         const struct xo_device_draw *d = a->draw;
         if (d)
@@ -137,17 +172,20 @@ xo_status xo_model_forward(xo_model *m, const xo_forward_args *a) {
     if (rc == XO_OK) rc = prepare_positions(m, a, cache, pos);
     const int out_rows = a->batch * kept_positions(a);
     const int logit_rows = m->be->host_memory && a->logits ? 0 : out_rows;
-    if (rc == XO_OK) rc = xo_scratch_alloc(m->be, &m->cfg, n, logit_rows, out_rows, &s);
-    if (rc == XO_OK && a->ids) rc = m->be->mem.upload(m->be, s.ids, a->ids, (size_t)n * sizeof(int32_t));
-    /* ids already on the device are checked there; a bad one is reported after the pass */
+    const int per = pass_tokens(m, a->batch, a->tokens);
+    if (rc == XO_OK) rc = xo_scratch_alloc(m->be, &m->cfg, a->batch * per, logit_rows, out_rows, &s);
+    /* ids already on the device are checked there; a bad one is reported after the pass. With
+     * several passes they are loaded whole (4 bytes a token) and sliced per pass. */
     uint64_t *bad = NULL;
+    int32_t *ids_all = NULL;
     if (rc == XO_OK && a->ids_device) {
         if (!(bad = m->be->mem.alloc(m->be, 2 * sizeof(uint64_t)))) rc = xo_fail_more(XO_ENOMEM, "out of memory");
+        ids_all = per < a->tokens ? m->be->mem.alloc(m->be, (size_t)n * sizeof(int32_t)) : s.ids;
+        if (rc == XO_OK && !ids_all) rc = xo_fail_more(XO_ENOMEM, "out of memory for %d token ids", n);
         if (rc == XO_OK)
-            rc = m->be->ops.load_ids(m->be, s.ids, a->ids_device, a->ids_wide, (size_t)n, m->cfg.vocab_size, bad);
+            rc = m->be->ops.load_ids(m->be, ids_all, a->ids_device, a->ids_wide, (size_t)n, m->cfg.vocab_size, bad);
     }
-    if (rc == XO_OK) rc = m->be->mem.upload(m->be, s.pos, pos, (size_t)n * sizeof(int32_t));
-    if (rc == XO_OK) rc = forward_layers(m, a, cache, &s);
+    if (rc == XO_OK) rc = forward_passes(m, a, cache, &s, per, pos, ids_all);
     if (rc == XO_OK) rc = m->be->mem.synchronize(m->be);
     if (rc == XO_OK && bad) {
         uint64_t hb[2];
@@ -156,6 +194,7 @@ xo_status xo_model_forward(xo_model *m, const xo_forward_args *a) {
             rc = xo_fail(XO_EINVAL, "token id %lld at flat index %llu is outside [0, vocab_size=%d)", (long long)hb[1],
                          (unsigned long long)hb[0], m->cfg.vocab_size);
     }
+    if (ids_all != s.ids) m->be->mem.release(m->be, ids_all);
     m->be->mem.release(m->be, bad);
     if (rc == XO_OK) {
         cache->length += a->tokens;

@@ -47,7 +47,8 @@ static xo_status attention(xo_model *m, const xo_layer_weights *lw, int l, const
         .kv_dtype = cache->dtype,
         .key_pos = cache->positions, .key_mask = cache->mask,
         .inv_freq = m->inv_freq, .mscale = m->mscale, .scale = 1.0f / sqrtf((float)hd),
-        .denom_eps = xo_model_denom_eps(c, past + t),
+        .denom_eps = xo_model_denom_eps(c, a->keys ? a->keys : past + t),
+        .key_block = m->prefill_chunk,
         .interrupt = a->interrupt,
     };
     XO_TRY(be->ops.attention(be, &at));                                                       /* softmax(q.K / sqrt(hd)) V */
@@ -77,19 +78,44 @@ static xo_status mlp(xo_model *m, const xo_layer_weights *lw, int n, xo_scratch 
     return be->ops.moe_experts(be, &ma);
 }
 
+/* The caller's [batch, row_tokens, H] arrays hold the whole call; a pass's rows [batch, tokens,
+ * H] are the slice [first, first + tokens) of each row. */
+static size_t pass_row_offset(const xo_layers_args *a, int r, int H) {
+    const int rt = a->row_tokens ? a->row_tokens : a->tokens;
+    return ((size_t)r * rt + a->first) * H;
+}
+
+static xo_status upload_pass_rows(xo_backend *be, const xo_layers_args *a, int H, float *dev, const float *host) {
+    const size_t row = (size_t)a->tokens * H;
+    if (!a->row_tokens || a->row_tokens == a->tokens) return be->mem.upload(be, dev, host, a->batch * row * sizeof(float));
+    for (int r = 0; r < a->batch; r++)
+        XO_TRY(be->mem.upload(be, dev + r * row, host + pass_row_offset(a, r, H), row * sizeof(float)));
+    return XO_OK;
+}
+
+static xo_status download_pass_rows(xo_backend *be, const xo_layers_args *a, int H, float *host, const float *dev) {
+    const size_t row = (size_t)a->tokens * H;
+    if (!a->row_tokens || a->row_tokens == a->tokens) return be->mem.download(be, host, dev, a->batch * row * sizeof(float));
+    for (int r = 0; r < a->batch; r++)
+        XO_TRY(be->mem.download(be, host + pass_row_offset(a, r, H), dev + r * row, row * sizeof(float)));
+    return XO_OK;
+}
+
 xo_status xo_model_layers(xo_model *m, const xo_layers_args *a, xo_cache *cache, xo_scratch *s) {
     const xo_config *c = &m->cfg;
     xo_backend *be = m->be;
     const int n = a->batch * a->tokens, H = c->hidden_size, L = c->num_layers;
     const float eps = c->rms_norm_eps;
     const size_t hsize = (size_t)n * H;
+    /* hidden_states[l] of the whole call: [batch, row_tokens, H] each */
+    const size_t hidden_stride = (size_t)a->batch * (a->row_tokens ? a->row_tokens : a->tokens) * H;
 
     /* h = embed[ids] */
     if (a->embeds)
-        XO_TRY(be->mem.upload(be, s->h, a->embeds, hsize * sizeof(float)));
+        XO_TRY(upload_pass_rows(be, a, H, s->h, a->embeds));
     else
         XO_TRY(be->ops.embed(be, s->h, &m->w.embed, s->ids, n));
-    if (a->hidden) XO_TRY(be->mem.download(be, a->hidden, s->h, hsize * sizeof(float)));
+    if (a->hidden) XO_TRY(download_pass_rows(be, a, H, a->hidden, s->h));
 
     XO_TRY(be->ops.rmsnorm(be, s->xn, s->h, H, m->w.layers[0].input_norm, n, H, eps));      /* x = RMSNorm_in(h) */
     for (int l = 0; l < L; l++) {
@@ -103,14 +129,14 @@ xo_status xo_model_layers(xo_model *m, const xo_layers_args *a, xo_cache *cache,
         const float *next_norm = l + 1 < L ? m->w.layers[l + 1].input_norm : m->w.final_norm;
         if (a->hidden && l + 1 < L) {  /* hidden_states[l + 1] is h between the add and the norm */
             XO_TRY(be->ops.add(be, s->h, s->branch, hsize));
-            XO_TRY(be->mem.download(be, a->hidden + (size_t)(l + 1) * hsize, s->h, hsize * sizeof(float)));
+            XO_TRY(download_pass_rows(be, a, H, a->hidden + (size_t)(l + 1) * hidden_stride, s->h));
             XO_TRY(be->ops.rmsnorm(be, s->xn, s->h, H, next_norm, n, H, eps));
         } else {
             XO_TRY(be->ops.add_rmsnorm(be, s->h, s->branch, s->xn, next_norm, n, H, eps));
         }
     }
     /* the last of hidden_states is the normed h, as the original returns it */
-    if (a->hidden) XO_TRY(be->mem.download(be, a->hidden + (size_t)L * hsize, s->xn, hsize * sizeof(float)));
+    if (a->hidden) XO_TRY(download_pass_rows(be, a, H, a->hidden + (size_t)L * hidden_stride, s->xn));
     return XO_OK;
 }
 

@@ -19,13 +19,16 @@ typedef struct {
     xo_dtype weight_dtype;
     float *inv_freq;         /* device [hd/2], YaRN frequencies (SPEC section 5) */
     float mscale;
+    int prefill_chunk;       /* tokens per pass through the layers (option prefill_chunk) */
     pthread_mutex_t lock;    /* one call at a time: scratch and caches are not shared */
     const xo_interrupt *interrupt; /* polled by forward and generate; set by the lock holder, or NULL */
 } xo_model;
 
-/* Creates an empty model on a backend (takes ownership of be). Weights are filled by
- * xo_model_load or xo_model_init_random. */
-xo_status xo_model_create(xo_model **out, const xo_config *cfg, xo_backend *be, xo_dtype weight_dtype);
+/* Creates an empty model on a backend (takes ownership of be); opts: the engine's own options
+ * (the backend took its own at creation). Weights are filled by xo_model_load or
+ * xo_model_init_random. */
+xo_status xo_model_create(xo_model **out, const xo_config *cfg, xo_backend *be, xo_dtype weight_dtype,
+                          const xo_options *opts);
 xo_status xo_model_load(xo_model *m, const xo_tensor_view *tensors, int n, const char *prefix, int check_finite);
 xo_status xo_model_init_random(xo_model *m, uint64_t seed);
 void xo_model_free(xo_model *m);
@@ -73,8 +76,14 @@ typedef struct {
     int batch, tokens;
     int past;                   /* tokens already in the cache (with past_device: an upper bound) */
     const int32_t *past_device; /* or NULL: see xo_attention_args */
-    const float *embeds;        /* host, or NULL: s->ids are embedded */
-    float *hidden;              /* host, or NULL */
+    /* A pass over part of a longer input (engine/forward.c runs long inputs in chunks): the
+     * new tokens of each row are [first, first + tokens) of a call of row_tokens per row, and
+     * the caller's embeds and hidden arrays are laid out for the whole call. 0, 0: the call. */
+    int first, row_tokens;
+    int keys;                   /* the keys of the whole call (past + its tokens): they set the softmax
+                                 * epsilon, so every chunk computes what the whole call would; 0: past + tokens */
+    const float *embeds;        /* host [batch, row_tokens, H], or NULL: s->ids are embedded */
+    float *hidden;              /* host [L+1, batch, row_tokens, H], or NULL */
     const xo_interrupt *interrupt; /* polled between layers, or NULL (a recorded step must run whole) */
 } xo_layers_args;
 

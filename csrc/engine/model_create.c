@@ -7,7 +7,8 @@
 
 #include "engine/rope.h"
 
-xo_status xo_model_create(xo_model **out, const xo_config *cfg, xo_backend *be, xo_dtype weight_dtype) {
+xo_status xo_model_create(xo_model **out, const xo_config *cfg, xo_backend *be, xo_dtype weight_dtype,
+                          const xo_options *opts) {
     xo_config c = *cfg;
     xo_status rc = xo_config_validate(&c);
     if (rc == XO_OK && c.head_dim > 1024) rc = xo_fail(XO_EINVAL, "config: head_dim %d above the supported 1024", c.head_dim);
@@ -22,6 +23,7 @@ xo_status xo_model_create(xo_model **out, const xo_config *cfg, xo_backend *be, 
     m->be = be;
     xo_backend_fill_defaults(be);
     m->weight_dtype = weight_dtype;
+    m->prefill_chunk = opts->prefill_chunk;
     pthread_mutex_init(&m->lock, NULL);
     float host[512];
     xo_yarn_frequencies(&c, host, &m->mscale);

@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { MAX_THREADS = 4096, MAX_TILE_ROWS = 4096, MAX_GEMV_ROWS = 1 << 20 };
+enum { MAX_THREADS = 4096, MAX_TILE_ROWS = 4096, MAX_GEMV_ROWS = 1 << 20, MAX_PREFILL_CHUNK = 1 << 20 };
 
 const xo_option_info xo_option_table[] = {
     { "threads", "XORON_NUM_THREADS", "an integer >= 0",
@@ -15,6 +15,8 @@ const xo_option_info xo_option_table[] = {
     { "cpu_gemv_max_rows", "XORON_CPU_GEMV_MAX_ROWS", "auto or an integer >= 0",
       "16-bit and int8 products of at most this many rows take the matrix-vector kernels, larger ones the widened tiles" },
     { "cpu_tile_rows", "XORON_CPU_TILE_ROWS", "an integer >= 1", "rows of a 16-bit or int8 weight widened per tile (64)" },
+    { "prefill_chunk", "XORON_PREFILL_CHUNK", "an integer >= 1",
+      "tokens (over all rows) per pass of a long input through the layers: activation memory is sized by it, not by the input" },
     { "cuda_moe", "XORON_CUDA_MOE", "device, host",
       "device: expert groups counted and run on the GPU; host: per-expert GEMMs sized from counts read back" },
     { "cuda_attention", "XORON_CUDA_ATTN", "auto, rows, latent_decode",
@@ -104,6 +106,9 @@ xo_status xo_options_set(xo_options *o, const char *name, const char *value) {
     } else if (!strcmp(name, "cpu_tile_rows")) {
         XO_TRY(parse_long(name, value, 1, MAX_TILE_ROWS, &v));
         o->cpu_tile_rows = (int)v;
+    } else if (!strcmp(name, "prefill_chunk")) {
+        XO_TRY(parse_long(name, value, 1, MAX_PREFILL_CHUNK, &v));
+        o->prefill_chunk = (int)v;
     } else if (!strcmp(name, "cuda_moe")) {
         XO_TRY(parse_choice(name, value, "device, host", &o->cuda_moe_host));
     } else if (!strcmp(name, "cuda_attention")) {
@@ -140,6 +145,7 @@ xo_status xo_options_init(xo_options *o) {
     o->cpu_isa = XO_ISA_AUTO;
     o->cpu_gemv_max_rows = -1;
     o->cpu_tile_rows = 64;
+    o->prefill_chunk = XO_DEFAULT_PREFILL_CHUNK;
     o->cuda_pdl = 1;
     o->cuda_graphs = 1;
     for (size_t i = 0; i < sizeof retired / sizeof *retired; i++)

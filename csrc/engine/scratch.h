@@ -1,5 +1,6 @@
-/* The activation buffers of one forward call, all in the backend's memory. n = tokens of the
- * call (batch * new tokens); shapes are [rows, columns] of float32 unless marked. */
+/* The activation buffers of one pass through the layers, all in the backend's memory. n = tokens
+ * of the pass (batch * new tokens, at most about the prefill chunk: engine/forward.c runs a longer
+ * input in several passes); shapes are [rows, columns] of float32 unless marked. */
 #ifndef XO_SCRATCH_H
 #define XO_SCRATCH_H
 

@@ -47,7 +47,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
     }
     if (rc != XO_OK) { xo_py_raise(rc); return -1; }
     xo_model *m = NULL;
-    rc = xo_model_create(&m, &cfg, be, t);
+    rc = xo_model_create(&m, &cfg, be, t, &opts);
     if (rc != XO_OK) { xo_py_raise(rc); return -1; }
     self->model = m;
     snprintf(self->device, sizeof self->device, "%s", device);
@@ -557,6 +557,20 @@ static PyObject *Model_new_cache(ModelObject *self, PyObject *args) {
     return xo_py_cache_new(self, c);
 }
 
+/* {"in_use", "peak"} bytes of the backend's allocator, or None where it tracks none */
+static PyObject *Model_memory_stats(ModelObject *self, PyObject *args, PyObject *kw) {
+    static char *names[] = { "reset_peak", NULL };
+    int reset = 0;
+    if (ensure_model(self) || !PyArg_ParseTupleAndKeywords(args, kw, "|p", names, &reset)) return NULL;
+    xo_backend *be = self->model->be;
+    if (!be->mem.usage) Py_RETURN_NONE;
+    size_t in_use = 0, peak = 0;
+    xo_status rc;
+    LOCKED_NOGIL(self, rc, be->mem.usage(be, &in_use, &peak, reset));
+    if (rc != XO_OK) return xo_py_raise(rc);
+    return Py_BuildValue("{s:n,s:n}", "in_use", (Py_ssize_t)in_use, "peak", (Py_ssize_t)peak);
+}
+
 static PyObject *Model_get_device(ModelObject *self, void *Py_UNUSED(c)) { return PyUnicode_FromString(self->device); }
 
 /* the CUDA stream the model's kernels run on, as an integer (DLPack's `stream`), or None */
@@ -586,6 +600,8 @@ static PyMethodDef Model_methods[] = {
       "stop_bytes, stop_offsets, token_bytes, token_offsets, callback, logits_hook, stop_hook) "
       "-> (tokens [rows, t+max_new], scores | None, logits | None, sequence_scores | None, new tokens, steps run)" },
     { "new_cache", (PyCFunction)Model_new_cache, METH_VARARGS, "new_cache(batch, format=0) -> Cache (0 latent, 1 K/V)" },
+    { "memory_stats", (PyCFunction)(void (*)(void))Model_memory_stats, METH_VARARGS | METH_KEYWORDS,
+      "memory_stats(reset_peak=False) -> {'in_use': bytes, 'peak': bytes} of the device's memory pool, or None (CPU)" },
     { NULL, NULL, 0, NULL },
 };
 

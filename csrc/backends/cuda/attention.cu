@@ -1,6 +1,8 @@
 /* Causal attention over the cache on the GPU, flash style: key tiles, online softmax, no
  * t x t buffer. With the latent cache, K and V are first expanded from c for the keys in
- * range (c @ Wkvb.T, K rotated with the key positions), one GEMM per call.
+ * range (c @ Wkvb.T, K rotated with the key positions), one GEMM per block of keys: a long
+ * context runs in blocks of key_block keys, each kernel leaving its softmax partials, which are
+ * folded into a running state, so the scratch is sized by the block and not by the context.
  *
  * Two kernels:
  * - k_attn_rows: one block per (head, query row, key split); warps stride over keys with a
@@ -22,8 +24,9 @@ struct AttnP {
     const float *q;
     float *out;
     const void *K, *V; /* float, or the 16-bit type of a K/V cache (the kernels' KT) */
-    size_t kvs; /* elements between consecutive key rows; the row of key (b, j) is b * kcap + j */
+    size_t kvs; /* elements between consecutive key rows; the row of key (b, j) is b * kcap + j - kbeg */
     int kcap;   /* key rows per batch row in K/V (the mask and the positions use cap) */
+    int kbeg, kstop; /* the keys [kbeg, kstop) of this launch (a block of a long context) */
     const uint8_t *mask;
     float scale, eps;
     /* the row-wise kernel only: */
@@ -47,8 +50,8 @@ __global__ __launch_bounds__(128) void k_attn_rows(AttnP p, int split_len, float
     const int bb = row / p.t, i = row % p.t;
     const int past = p.past_dev ? *p.past_dev : p.past;
     const int qi = past + i, kv_len = past + p.t;
-    const int kend = min(qi + 1, kv_len);
-    const int j0 = split * split_len, j1 = min(j0 + split_len, kend);
+    const int kend = min(min(qi + 1, kv_len), p.kstop);
+    const int j0 = p.kbeg + split * split_len, j1 = min(j0 + split_len, kend);
     const int g = h / p.group, hd = p.hd;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const float *qp = p.q + (size_t)row * p.nh * hd + (size_t)h * hd;
@@ -72,7 +75,7 @@ __global__ __launch_bounds__(128) void k_attn_rows(AttnP p, int split_len, float
         for (int u = 0; u < KU; u++) {
             const int j = jb + u;
             ok[u] = j < j1 && mk[j];
-            const KT *kp = (const KT *)p.K + ((size_t)bb * p.kcap + (ok[u] ? j : j0)) * p.kvs + (size_t)g * hd;
+            const KT *kp = (const KT *)p.K + ((size_t)bb * p.kcap + (ok[u] ? j : j0) - p.kbeg) * p.kvs + (size_t)g * hd;
 #pragma unroll
             for (int c = 0; c < NC; c++) {
                 int d = lane + 32 * c;
@@ -120,7 +123,7 @@ __global__ __launch_bounds__(128) void k_attn_rows(AttnP p, int split_len, float
             if (!ok[u]) continue;
             const float e = expf(s[u] - m);
             l += e;
-            const KT *vp = (const KT *)p.V + ((size_t)bb * p.kcap + jb + u) * p.kvs + (size_t)g * hd;
+            const KT *vp = (const KT *)p.V + ((size_t)bb * p.kcap + jb + u - p.kbeg) * p.kvs + (size_t)g * hd;
 #pragma unroll
             for (int c = 0; c < NC; c++) {
                 int d = lane + 32 * c;
@@ -144,7 +147,7 @@ __global__ __launch_bounds__(128) void k_attn_rows(AttnP p, int split_len, float
         f[w] = sm[w] == -INFINITY ? 0.0f : expf(sm[w] - M);
         L += sl[w] * f[w];
     }
-    if (nsplit == 1) {
+    if (!part) {
         const float inv = L > 0.0f ? 1.0f / (L + p.eps) : 0.0f;
         float *o = p.out + (size_t)row * p.nh * hd + (size_t)h * hd;
         for (int d = threadIdx.x; d < hd; d += 128) {
@@ -168,13 +171,17 @@ __global__ __launch_bounds__(128) void k_attn_rows(AttnP p, int split_len, float
     }
 }
 
-__global__ void k_attn_merge(AttnP p, int nsplit, const float *__restrict__ part) {
+/* Folds the nsplit partials (max, sum, acc) of each (query row, head) into the running state of
+ * earlier key blocks (none when first); the last block writes acc / (sum + eps) to the output. */
+__global__ void k_attn_fold(AttnP p, int nsplit, const float *__restrict__ part, float *state, int first, int last) {
     CU_PDL_ENTRY();
     const int row = blockIdx.x, h = blockIdx.y, hd = p.hd;
     const float *base = part + ((size_t)row * p.nh + h) * nsplit * (hd + 2);
-    float M = -INFINITY;
+    float *st = state ? state + ((size_t)row * p.nh + h) * (hd + 2) : NULL;
+    const float m_run = first ? -INFINITY : st[0];
+    float M = m_run;
     for (int s = 0; s < nsplit; s++) M = fmaxf(M, base[(size_t)s * (hd + 2)]);
-    float L = 0.0f;
+    float L = m_run == -INFINITY ? 0.0f : st[1] * expf(m_run - M);
     for (int s = 0; s < nsplit; s++) {
         float ms = base[(size_t)s * (hd + 2)];
         if (ms != -INFINITY) L += base[(size_t)s * (hd + 2) + 1] * expf(ms - M);
@@ -182,12 +189,19 @@ __global__ void k_attn_merge(AttnP p, int nsplit, const float *__restrict__ part
     const float inv = L > 0.0f ? 1.0f / (L + p.eps) : 0.0f;
     float *o = p.out + (size_t)row * p.nh * hd + (size_t)h * hd;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float A = 0.0f;
+        float A = m_run == -INFINITY ? 0.0f : st[2 + d] * expf(m_run - M);
         for (int s = 0; s < nsplit; s++) {
             float ms = base[(size_t)s * (hd + 2)];
             if (ms != -INFINITY) A += base[(size_t)s * (hd + 2) + 2 + d] * expf(ms - M);
         }
-        o[d] = A * inv;
+        if (last) o[d] = A * inv;
+        else st[2 + d] = A;
+    }
+    if (last) return;
+    __syncthreads(); /* every thread has read the old max and sum */
+    if (threadIdx.x == 0) {
+        st[0] = M;
+        st[1] = L;
     }
 }
 
@@ -228,7 +242,8 @@ __device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
 
 struct AttnP16 {
     AttnP p;
-    const __half *K16, *V16; /* row of key (b, j): b * p.kcap + j, p.kvs halfs apart */
+    const __half *K16, *V16; /* row of key (b, j): b * p.kcap + j - p.kbeg, p.kvs halfs apart */
+    float *part;             /* or NULL: the (max, sum, acc) of each row and head instead of the output */
 };
 
 /* NW warps: NW * 16 queries per block share each K/V tile */
@@ -274,26 +289,26 @@ __global__ __launch_bounds__(NW * 32, HD <= 64 ? 512 / (NW * 32) : 1) void k_att
     const bool ok0 = r0 + gr < p.t, ok1 = r0 + gr + 8 < p.t;
 
     const int qlast = min(q0 + NW * 16, p.t) - 1;
-    const int kend = min(kv_len, p.past + qlast + 1);
-    for (int k0 = 0; k0 < kend; k0 += 64) {
+    const int kend = min(min(kv_len, p.past + qlast + 1), p.kstop), kv_end = min(kv_len, p.kstop);
+    for (int k0 = p.kbeg; k0 < kend; k0 += 64) {
         __syncthreads();
         for (int e = tid; e < 64 * (HD / 8); e += NW * 32) { /* K: a row's 16-byte pieces on neighbouring lanes */
             const int r = e / (HD / 8), c8 = (e % (HD / 8)) * 8, j = k0 + r;
             uint4 kv = make_uint4(0, 0, 0, 0);
-            if (j < kv_len) kv = *(const uint4 *)(a.K16 + ((size_t)bb * p.kcap + j) * p.kvs + (size_t)g * HD + c8);
+            if (j < kv_end) kv = *(const uint4 *)(a.K16 + ((size_t)bb * p.kcap + j - p.kbeg) * p.kvs + (size_t)g * HD + c8);
             *(uint4 *)(Ks + r * LK + c8) = kv;
         }
         for (int e = tid; e < 64 * (HD / 8); e += NW * 32) { /* V, transposed: neighbouring lanes on neighbouring keys */
             const int r = e % 64, c8 = (e / 64) * 8, j = k0 + r;
             uint4 vv = make_uint4(0, 0, 0, 0);
-            if (j < kv_len) vv = *(const uint4 *)(a.V16 + ((size_t)bb * p.kcap + j) * p.kvs + (size_t)g * HD + c8);
+            if (j < kv_end) vv = *(const uint4 *)(a.V16 + ((size_t)bb * p.kcap + j - p.kbeg) * p.kvs + (size_t)g * HD + c8);
             const __half *vh = (const __half *)&vv;
 #pragma unroll
             for (int x = 0; x < 8; x++) Vt[(c8 + x) * LV + r] = vh[x];
         }
         if (tid < 64) {
             const int j = k0 + tid;
-            kval[tid] = j < kv_len && p.mask[(size_t)bb * p.cap + j];
+            kval[tid] = j < kv_end && p.mask[(size_t)bb * p.cap + j];
         }
         __syncthreads();
 
@@ -370,6 +385,24 @@ __global__ __launch_bounds__(NW * 32, HD <= 64 ? 512 / (NW * 32) : 1) void k_att
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
     }
+    if (a.part) { /* a block of a long context: the partials, in k_attn_fold's layout */
+        const size_t ps = (size_t)HD + 2;
+        float *pp0 = a.part + (((size_t)bb * p.t + r0 + gr) * p.nh + h) * ps, *pp1 = pp0 + 8 * p.nh * ps;
+        if (ok0 && (lane & 3) == 0) {
+            pp0[0] = m[0];
+            pp0[1] = l[0];
+        }
+        if (ok1 && (lane & 3) == 0) {
+            pp1[0] = m[1];
+            pp1[1] = l[1];
+        }
+#pragma unroll
+        for (int dt = 0; dt < HD / 8; dt++) {
+            if (ok0) *(float2 *)(pp0 + 2 + dt * 8 + gc) = make_float2(o[dt][0], o[dt][1]);
+            if (ok1) *(float2 *)(pp1 + 2 + dt * 8 + gc) = make_float2(o[dt][2], o[dt][3]);
+        }
+        return;
+    }
     const float inv0 = l[0] > 0.0f ? 1.0f / (l[0] + p.eps) : 0.0f;
     const float inv1 = l[1] > 0.0f ? 1.0f / (l[1] + p.eps) : 0.0f;
     float *out0 = p.out + ((size_t)bb * p.t + r0 + gr) * qrow + (size_t)h * HD + gc;
@@ -413,6 +446,53 @@ __global__ void k_kv_pack16(__half *kv16, const KT *__restrict__ K, const KT *__
 
 /* ------------------------------------------------------------------ entry */
 
+/* The latent expansion of the keys [j0, j0 + len) of every row into kvbuf (compact rows
+ * b * len + j - j0, [K | V], K rotated unless fuse_rope), through lat when rows are gathered. */
+static xo_status expand_latent_block(xo_backend *be, CuCtx *c, const xo_attention_args *a, int j0, int len, float *kvbuf,
+                                     float *lat, bool fuse_rope) {
+    const int B = a->batch, W = a->num_kv_heads * a->head_dim;
+    const xo_dtype wt = a->kv_b ? a->kv_b->dtype : XO_F32;
+    const size_t krows = (size_t)B * len, es = a->latent_dtype == XO_F32 ? sizeof(float) : 2;
+    const char *first = (const char *)a->latent + (size_t)j0 * a->rank * es; /* slot j0 of row 0 */
+    /* a 16-bit latent of the weights' type feeds the expansion GEMM as it is (rows gathered) */
+    const bool direct16 = a->latent_dtype == wt && wt != XO_F32 && krows > 8;
+    xo_status rc = XO_OK;
+    const float *src = (const float *)first;
+    if (direct16) {
+        const void *x16 = first;
+        int batched = 0;
+        if (B > 1) /* each row's slots straight from the cache, one strided-batch product */
+            batched = cu_matmul16_batched(c, kvbuf, first, (long long)a->capacity * a->rank, a->kv_b, len, B, &rc);
+        if (B > 1 && !batched) {
+            const size_t rb = (size_t)a->rank * 2;
+            rc = cu_check(c, cudaMemcpy2DAsync(lat, len * rb, first, (size_t)a->capacity * rb, len * rb, (size_t)B,
+                                               cudaMemcpyDeviceToDevice, c->stream), "attention (gather latents)");
+            x16 = lat;
+        }
+        if (rc == XO_OK && !batched) rc = cu_matmul16(c, kvbuf, x16, a->kv_b, (int)krows);
+    } else if (a->latent_dtype != XO_F32) { /* widen a 16-bit latent while gathering */
+        rc = cu_gather_rows(c, lat, first, a->latent_dtype, B, a->capacity, len, a->rank);
+        src = lat;
+    } else if (B > 1) {
+        const size_t rb = (size_t)a->rank * sizeof(float);
+        rc = cu_check(c, cudaMemcpy2DAsync(lat, len * rb, first, (size_t)a->capacity * rb, len * rb, (size_t)B,
+                                           cudaMemcpyDeviceToDevice, c->stream), "attention (gather latents)");
+        src = lat;
+    }
+    if (rc == XO_OK && !direct16) rc = cu_matmul(be, kvbuf, src, a->kv_b, (int)krows);
+    if (rc == XO_OK && !fuse_rope)
+        rc = cu_rope_rows(c, kvbuf, (size_t)2 * W, a->key_pos + j0, (int)krows, a->num_kv_heads, a->head_dim, a->inv_freq,
+                          a->mscale, len, a->capacity);
+    return rc;
+}
+
+/* whether expand_latent_block gathers rows through lat for `krows` key rows */
+static bool latent_gathers(const xo_attention_args *a, size_t krows) {
+    const xo_dtype wt = a->kv_b ? a->kv_b->dtype : XO_F32;
+    const bool direct16 = a->latent_dtype == wt && wt != XO_F32 && krows > 8;
+    return a->batch > 1 || (a->latent_dtype != XO_F32 && !direct16);
+}
+
 xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
     CuCtx *c = cu_ctx(be);
     const int t = a->new_tokens, nh = a->num_heads, nkv = a->num_kv_heads, hd = a->head_dim;
@@ -439,19 +519,29 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
     p.mscale = a->mscale;
     const xo_dtype wt = a->kv_b ? a->kv_b->dtype : XO_F32;
     const int W = nkv * hd;
-    const size_t krows = (size_t)B * kv_len; /* compact key rows b * kv_len + j */
+    const bool latent = a->format == XO_CACHE_LATENT;
 
     /* kernel choice: tensor cores for prefill of 16-bit models, the row-wise kernel otherwise */
     const bool hd_ok = hd == 16 || hd == 32 || hd == 64 || hd == 128;
     const bool tc = !c->attn_rows && !a->past_device && (wt == XO_BF16 || wt == XO_F16) && hd_ok && t >= 16;
     const bool use_mma = tc;
 
-    /* scratch: f32 expanded [K | V] (latent), f16 copies (mma), split partials (row-wise) */
+    /* keys per block (a multiple of the mma kernel's 64-key tile): every key at once unless the
+     * keys need scratch (expanded from the latent, or f16 copies) and outnumber key_block */
+    int kb = kv_len;
+    if ((latent || use_mma) && a->key_block > 0 && a->key_block < kv_len) {
+        kb = (a->key_block + 63) / 64 * 64;
+        if (kb > kv_len) kb = kv_len;
+    }
+    const int nblocks = (kv_len + kb - 1) / kb;
+    const size_t krows = (size_t)B * kb; /* compact key rows b * kb + j - j0 of one block */
+
+    /* scratch: f32 expanded [K | V] (latent), f16 copies (mma), split partials and the running
+     * state of several blocks */
     auto up = [](size_t b) { return (b + 255) & ~(size_t)255; };
-    const size_t b_exp = a->format == XO_CACHE_LATENT ? up(krows * 2 * W * sizeof(float)) : 0;
-    /* a 16-bit latent of the weights' type feeds the expansion GEMM as it is (rows gathered) */
-    const bool direct16 = a->format == XO_CACHE_LATENT && a->latent_dtype == wt && wt != XO_F32 && krows > 8;
-    const bool gather = a->format == XO_CACHE_LATENT && (B > 1 || (a->latent_dtype != XO_F32 && !direct16));
+    const size_t b_exp = latent ? up(krows * 2 * W * sizeof(float)) : 0;
+    const int last_len = kv_len - (nblocks - 1) * kb;
+    const bool gather = latent && (latent_gathers(a, krows) || latent_gathers(a, (size_t)B * last_len));
     const size_t b_lat = gather ? up(krows * (size_t)a->rank * sizeof(float)) : 0;
     const size_t b_16 = use_mma ? up(krows * 2 * W * sizeof(__half)) : 0;
     int nsplit = 1;
@@ -459,95 +549,83 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
         const long blocks = (long)rows * nh, want = 8L * c->num_sms;
         if (blocks < want) {
             nsplit = (int)((want + blocks - 1) / blocks);
-            const int by_len = kv_len / 32 > 1 ? kv_len / 32 : 1;
+            const int by_len = kb / 32 > 1 ? kb / 32 : 1;
             if (nsplit > by_len) nsplit = by_len;
             if (nsplit > 64) nsplit = 64;
         }
     }
     /* the row-wise kernel rotates expanded keys as it loads them (lane pairs c, c + NC/2) */
-    const bool fuse_rope = !tc && a->format == XO_CACHE_LATENT && (hd == 64 || hd == 128 || hd == 256 || hd == 512 || hd == 1024);
-    const size_t b_part = nsplit > 1 ? up((size_t)rows * nh * nsplit * (hd + 2) * sizeof(float)) : 0;
+    const bool fuse_rope = !tc && latent && (hd == 64 || hd == 128 || hd == 256 || hd == 512 || hd == 1024);
+    const bool partials = nsplit > 1 || nblocks > 1;
+    const size_t b_part = partials ? up((size_t)rows * nh * nsplit * (hd + 2) * sizeof(float)) : 0;
+    const size_t b_state = nblocks > 1 ? up((size_t)rows * nh * (hd + 2) * sizeof(float)) : 0;
+    const size_t total = b_exp + b_lat + b_16 + b_part + b_state;
     char *blk = NULL;
-    if (b_exp + b_lat + b_16 + b_part) {
-        blk = (char *)cu_alloc_raw(c, b_exp + b_lat + b_16 + b_part);
+    if (total) {
+        blk = (char *)cu_alloc_raw(c, total);
         if (!blk) return cu_fail_more(c, XO_ENOMEM, "attention scratch (%zu key rows)", krows);
     }
     float *kvbuf = (float *)blk, *lat = (float *)(blk + b_exp);
     __half *kv16 = (__half *)(blk + b_exp + b_lat);
-    float *part = (float *)(blk + b_exp + b_lat + b_16);
+    float *part = partials ? (float *)(blk + b_exp + b_lat + b_16) : NULL;
+    float *state = nblocks > 1 ? (float *)(blk + b_exp + b_lat + b_16 + b_part) : NULL;
+    const xo_dtype kt = latent ? XO_F32 : a->kv_dtype; /* the element type of p.K and p.V */
     xo_status rc = XO_OK;
 
-    if (a->format == XO_CACHE_LATENT) {
-        /* [K | V] = c @ Wkvb.T for the kv_len keys of each row (gathered compact), K rotated */
-        const float *src = (const float *)a->latent;
-        if (direct16) {
-            const void *x16 = a->latent;
-            int batched = 0;
-            if (B > 1) /* each row's slots straight from the cache, one strided-batch product */
-                batched = cu_matmul16_batched(c, kvbuf, a->latent, (long long)a->capacity * a->rank, a->kv_b, kv_len, B, &rc);
-            if (B > 1 && !batched) {
-                const size_t rb = (size_t)a->rank * 2;
-                rc = cu_check(c, cudaMemcpy2DAsync(lat, kv_len * rb, a->latent, (size_t)a->capacity * rb, kv_len * rb, (size_t)B,
-                                                   cudaMemcpyDeviceToDevice, c->stream), "attention (gather latents)");
-                x16 = lat;
-            }
-            if (rc == XO_OK && !batched) rc = cu_matmul16(c, kvbuf, x16, a->kv_b, (int)krows);
-        } else if (gather && a->latent_dtype != XO_F32) { /* widen a 16-bit latent while gathering */
-            rc = cu_gather_rows(c, lat, a->latent, a->latent_dtype, B, a->capacity, kv_len, a->rank);
-            src = lat;
-        } else if (gather) {
-            const size_t rb = (size_t)a->rank * sizeof(float);
-            rc = cu_check(c, cudaMemcpy2DAsync(lat, kv_len * rb, a->latent, (size_t)a->capacity * rb, kv_len * rb, (size_t)B,
-                                               cudaMemcpyDeviceToDevice, c->stream), "attention (gather latents)");
-            src = lat;
+    for (int blk_i = 0; blk_i < nblocks && rc == XO_OK; blk_i++) {
+        const int j0 = blk_i * kb, len = blk_i + 1 < nblocks ? kb : last_len;
+        const size_t brows = (size_t)B * len;
+        p.kbeg = j0;
+        p.kstop = j0 + len;
+        if (latent) {
+            rc = expand_latent_block(be, c, a, j0, len, kvbuf, lat, fuse_rope);
+            p.K = kvbuf;
+            p.V = kvbuf + W;
+            p.kvs = (size_t)2 * W;
+            p.kcap = len;
+            if (fuse_rope) p.kpos = a->key_pos;
+        } else { /* the cache itself: rows b * capacity + j */
+            p.K = a->k;
+            p.V = a->v;
+            p.kvs = (size_t)W;
+            p.kcap = a->capacity;
+            p.kbeg = 0;
         }
-        if (rc == XO_OK && !direct16) rc = cu_matmul(be, kvbuf, src, a->kv_b, (int)krows);
-        if (rc == XO_OK && !fuse_rope)
-            rc = cu_rope_rows(c, kvbuf, (size_t)2 * W, a->key_pos, (int)krows, nkv, hd, a->inv_freq, a->mscale, kv_len,
-                              a->capacity);
-        p.K = kvbuf;
-        p.V = kvbuf + W;
-        p.kvs = (size_t)2 * W;
-        p.kcap = kv_len;
-        if (fuse_rope) p.kpos = a->key_pos;
-    } else {
-        p.K = a->k;
-        p.V = a->v;
-        p.kvs = (size_t)W;
-        p.kcap = a->capacity;
-    }
-    const xo_dtype kt = a->format == XO_CACHE_KV ? a->kv_dtype : XO_F32; /* the element type of p.K and p.V */
-
-    if (rc == XO_OK && use_mma) {
-        const size_t n16 = krows * 2 * W;
-        unsigned nb = cu_blocks(n16, 256), cap = (unsigned)c->num_sms * 32;
-        const unsigned grid = nb < cap ? nb : cap;
-        if (kt == XO_BF16)
-            k_kv_pack16<<<grid, 256, 0, c->stream>>>(kv16, (const __nv_bfloat16 *)p.K, (const __nv_bfloat16 *)p.V, p.kvs,
-                                                     kv_len, p.kcap, W, krows);
-        else if (kt == XO_F16)
-            k_kv_pack16<<<grid, 256, 0, c->stream>>>(kv16, (const __half *)p.K, (const __half *)p.V, p.kvs, kv_len, p.kcap,
-                                                     W, krows);
-        else
-            k_kv_pack16<<<grid, 256, 0, c->stream>>>(kv16, (const float *)p.K, (const float *)p.V, p.kvs, kv_len, p.kcap,
-                                                     W, krows);
-        rc = cu_check_launch(c, "attention (f16 keys)");
-        AttnP16 a16;
-        a16.p = p;
-        a16.p.kcap = kv_len;
-        a16.p.kvs = (size_t)2 * W;
-        a16.K16 = kv16;
-        a16.V16 = kv16 + W;
-        if (rc == XO_OK) rc = launch_mma_hd(c, a16, B);
-    } else if (rc == XO_OK) {
-        const int split_len = (kv_len + nsplit - 1) / nsplit;
-        if (kt == XO_BF16) launch_rows_hd<__nv_bfloat16>(c, p, rows, nsplit, split_len, part);
-        else if (kt == XO_F16) launch_rows_hd<__half>(c, p, rows, nsplit, split_len, part);
-        else launch_rows_hd<float>(c, p, rows, nsplit, split_len, part);
-        rc = cu_check_launch(c, "attention");
-        if (rc == XO_OK && nsplit > 1) {
-            cu_launch(c, k_attn_merge, dim3((unsigned)rows, (unsigned)nh), hd >= 128 ? 128 : 64, 0, p, nsplit, part);
-            rc = cu_check_launch(c, "attention (merge)");
+        if (rc == XO_OK && use_mma) {
+            /* f16 copies of the block's keys, compact rows b * len + j - j0 */
+            const size_t n16 = brows * 2 * W, skip = (size_t)(j0 - p.kbeg) * p.kvs;
+            unsigned nb = cu_blocks(n16, 256), cap = (unsigned)c->num_sms * 32;
+            const unsigned grid = nb < cap ? nb : cap;
+            if (kt == XO_BF16)
+                k_kv_pack16<<<grid, 256, 0, c->stream>>>(kv16, (const __nv_bfloat16 *)p.K + skip,
+                                                         (const __nv_bfloat16 *)p.V + skip, p.kvs, len, p.kcap, W, brows);
+            else if (kt == XO_F16)
+                k_kv_pack16<<<grid, 256, 0, c->stream>>>(kv16, (const __half *)p.K + skip, (const __half *)p.V + skip, p.kvs,
+                                                         len, p.kcap, W, brows);
+            else
+                k_kv_pack16<<<grid, 256, 0, c->stream>>>(kv16, (const float *)p.K + skip, (const float *)p.V + skip, p.kvs,
+                                                         len, p.kcap, W, brows);
+            rc = cu_check_launch(c, "attention (f16 keys)");
+            AttnP16 a16;
+            a16.p = p;
+            a16.p.kcap = len;
+            a16.p.kbeg = j0;
+            a16.p.kvs = (size_t)2 * W;
+            a16.K16 = kv16;
+            a16.V16 = kv16 + W;
+            a16.part = part;
+            if (rc == XO_OK) rc = launch_mma_hd(c, a16, B);
+        } else if (rc == XO_OK) {
+            const int split_len = (len + nsplit - 1) / nsplit;
+            if (kt == XO_BF16) launch_rows_hd<__nv_bfloat16>(c, p, rows, nsplit, split_len, part);
+            else if (kt == XO_F16) launch_rows_hd<__half>(c, p, rows, nsplit, split_len, part);
+            else launch_rows_hd<float>(c, p, rows, nsplit, split_len, part);
+            rc = cu_check_launch(c, "attention");
+        }
+        if (rc == XO_OK && partials) {
+            cu_launch(c, k_attn_fold, dim3((unsigned)rows, (unsigned)nh), hd >= 128 ? 128 : 64, 0, p, nsplit,
+                      (const float *)part, state, (int)(blk_i == 0), (int)(blk_i + 1 == nblocks));
+            rc = cu_check_launch(c, "attention (fold)");
         }
     }
     cu_free(c, blk);

@@ -94,6 +94,20 @@ xo_status cu_act16_reserve(CuCtx *c, size_t bytes) {
 
 #define SETDEV(c) cudaSetDevice((c)->device)
 
+/* The device's pool (shared by every model on the device): in use now, and its high-water mark. */
+static xo_status be_usage(xo_backend *be, size_t *in_use, size_t *peak, int reset_peak) {
+    CuCtx *c = cu_ctx(be);
+    SETDEV(c);
+    XO_TRY(cu_check(c, cudaStreamSynchronize(c->stream), "memory usage"));
+    unsigned long long now = 0, high = 0, zero = 0;
+    if (reset_peak) XO_TRY(cu_check(c, cudaMemPoolSetAttribute(c->pool, cudaMemPoolAttrUsedMemHigh, &zero), "memory usage"));
+    XO_TRY(cu_check(c, cudaMemPoolGetAttribute(c->pool, cudaMemPoolAttrUsedMemCurrent, &now), "memory usage"));
+    XO_TRY(cu_check(c, cudaMemPoolGetAttribute(c->pool, cudaMemPoolAttrUsedMemHigh, &high), "memory usage"));
+    *in_use = (size_t)now;
+    *peak = (size_t)high;
+    return XO_OK;
+}
+
 static void *be_alloc(xo_backend *be, size_t bytes) {
     CuCtx *c = cu_ctx(be);
     SETDEV(c);
@@ -365,6 +379,7 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
     be->mem.download = be_download;
     be->mem.copy = be_copy;
     be->mem.synchronize = be_sync;
+    be->mem.usage = be_usage;
     be->weights.linear_init = be_linear_init;
     be->weights.linear_free = be_linear_free;
     be->weights.linear_to_host = be_linear_to_host;
