@@ -43,6 +43,7 @@ print(best)
 SETTINGS = [
     ("xoron default", {}, 0),
     ("GOMP_SPINCOUNT=300000 (libgomp's default)", {"GOMP_SPINCOUNT": "300000"}, 0),
+    ("GOMP_SPINCOUNT=10000", {"GOMP_SPINCOUNT": "10000"}, 0),
     ("OMP_WAIT_POLICY=passive", {"OMP_WAIT_POLICY": "passive"}, 0),
     ("xoron default, 1 thread", {}, 1),
 ]

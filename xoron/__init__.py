@@ -51,13 +51,14 @@ def _import_extension():
 
 # OpenMP threads that wait for work spin before they sleep. libgomp's default spin (300000
 # rounds of PAUSE, milliseconds on recent Intel cores) lets a waiting thread hold a core that
-# another process needs while the thread its team waits for sits descheduled, so beside one
-# busy process a decode step crawls. A spin about as long as a futex wake-up keeps back-to-back
-# parallel regions cheap on an idle machine, and a waiting thread sleeps almost at once under
-# load. libgomp reads the variable only when it loads (with _C), so it is set for that moment,
-# and only when the user has chosen neither it nor OMP_WAIT_POLICY (benchmarks/RESULTS.md).
+# another process needs. Too short a spin costs the other way: the gaps between a decode step's
+# parallel regions outlast it, so every region pays a futex wake-up (a third of the speed on an
+# idle machine). 10000 rounds cover those gaps and still let a thread sleep well within a step
+# once work runs out. libgomp reads the variable only when it loads (with _C), so it is set for
+# that moment, and only when the user has chosen neither it nor OMP_WAIT_POLICY
+# (benchmarks/RESULTS.md, "Spin bound").
 _SPIN_ENV = "GOMP_SPINCOUNT"
-_SPIN_DEFAULT = "100"
+_SPIN_DEFAULT = "10000"
 
 
 def _import_with_short_spin():

@@ -526,10 +526,12 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
     const bool tc = !c->attn_rows && !a->past_device && (wt == XO_BF16 || wt == XO_F16) && hd_ok && t >= 16;
     const bool use_mma = tc;
 
-    /* keys per block (a multiple of the mma kernel's 64-key tile): every key at once unless the
-     * keys need scratch (expanded from the latent, or f16 copies) and outnumber key_block */
+    /* keys per block (a multiple of the mma kernel's 64-key tile): every key at once unless a
+     * prefill pass's keys need scratch (expanded from the latent, or f16 copies) and outnumber
+     * key_block. A decode step (one query per row) takes every key at once: its scratch is one
+     * row of keys per sequence, and folding blocks for a single query costs more than it saves. */
     int kb = kv_len;
-    if ((latent || use_mma) && a->key_block > 0 && a->key_block < kv_len) {
+    if ((latent || use_mma) && t > 1 && a->key_block > 0 && a->key_block < kv_len) {
         kb = (a->key_block + 63) / 64 * 64;
         if (kb > kv_len) kb = kv_len;
     }
