@@ -511,6 +511,22 @@ def test_device_memory_limit_is_memory_error_naming_the_size():
 
 
 @needs_gpu
+def test_model_is_usable_after_device_out_of_memory():
+    """A forward whose activations do not fit the capped pool is a MemoryError, and the model's
+    next calls give the same results as before (no buffer freed twice, no CUDA error left over)."""
+    probe, _, _ = build(seed=3)
+    in_use = probe.memory_stats()["in_use"]  # the cap counts the device's whole pool
+    m, cfg, _ = build(seed=3, options={"cuda_memory_limit": in_use + (64 << 20)})
+    ids = ids_for(cfg, 2, 6)
+    want = m(input_ids=ids).logits
+    want_gen = m.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    with pytest.raises(MemoryError, match=r"would exceed cuda_memory_limit"):
+        m(input_ids=ids_for(cfg, 64, 4096, seed=1))  # its [64*4096, 97] float32 logits: 100 MB
+    np.testing.assert_array_equal(m(input_ids=ids).logits, want)
+    np.testing.assert_array_equal(m.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None), want_gen)
+
+
+@needs_gpu
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_grouped_weights_are_cpu_only(dtype):
     """int8 / int4 weights are a CPU format: asking for them on the GPU names the dtype."""

@@ -418,6 +418,19 @@ def test_cache_growth_is_all_or_nothing(fmt):
     assert lib.xo_hook_cache_failed_growth(fmt, 0) == 1
 
 
+# ---------------------------------------------------------------- scratch allocation failure
+
+def test_failed_scratch_allocation_is_released_once():
+    """Each of a forward's 17 scratch buffers failing in turn: MemoryError's path frees what was
+    allocated exactly once (a second release freed GPU memory twice and left a CUDA error that
+    the next call reported as "embed: invalid argument")."""
+    lib = ctypes.CDLL(_testing.__file__)
+    lib.xo_hook_scratch_failed_alloc.argtypes = [ctypes.c_int]
+    results = [lib.xo_hook_scratch_failed_alloc(k) for k in range(1, 20)]
+    assert results == [0] * 17 + [1] * 2, results
+    assert lib.xo_hook_scratch_failed_alloc(0) == 1
+
+
 # ---------------------------------------------------------------- the fuzz harness's regression inputs
 
 def test_regression_seeds_are_rejected():

@@ -6,6 +6,7 @@ void xo_scratch_free(xo_backend *be, xo_scratch *s) {
     void *all[] = { s->h, s->xn, s->branch, s->q, s->q_latent, s->latent, s->kv, s->attn, s->gate_up, s->ffn_act,
                     s->router_logits, s->topk_weight, s->topk_idx, s->ids, s->pos, s->argmax, s->logits };
     for (size_t i = 0; i < sizeof all / sizeof *all; i++) be->mem.release(be, all[i]);
+    memset(s, 0, sizeof *s); /* a failed xo_scratch_alloc has freed; its caller's free must find nothing */
 }
 
 xo_status xo_scratch_alloc(xo_backend *be, const xo_config *c, int n, int logit_rows, int out_rows, xo_scratch *s) {
