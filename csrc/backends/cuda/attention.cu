@@ -1,8 +1,9 @@
 /* Causal attention over the cache on the GPU, flash style: key tiles, online softmax, no
  * t x t buffer. With the latent cache, K and V are first expanded from c for the keys in
- * range (c @ Wkvb.T, K rotated with the key positions), one GEMM per block of keys: a long
- * context runs in blocks of key_block keys, each kernel leaving its softmax partials, which are
- * folded into a running state, so the scratch is sized by the block and not by the context.
+ * range (c @ Wkvb.T, K rotated with the key positions), one GEMM per block of keys: a prefill
+ * pass over a long context runs in blocks of key_block keys, each kernel leaving its softmax
+ * partials, which are folded into a running state, so the scratch is sized by the block and not
+ * by the context (a decode step takes its keys at once).
  *
  * Two kernels:
  * - k_attn_rows: one block per (head, query row, key split); warps stride over keys with a
