@@ -6,7 +6,9 @@ which records every kernel of the process, xoron's included).
 
 Prints, per shape and option, the kernels' GPU microseconds per decode step (summed over the
 12 layers), the largest first, and the total. Steps run eagerly (cuda_graphs=0): the kernels
-are those a replayed graph holds, without the launch gaps.
+are those a replayed graph holds, without the launch gaps; and without programmatic dependent
+launch (cuda_pdl=0), under which a kernel starts before the one it depends on ends and its span
+includes that wait.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def main():
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     for opt in args.options.split(","):
         m = xoron.MoELlamaForCausalLM(CONFIG, dtype="bfloat16", device="cuda", seed=0,
-                                      options={"cuda_attention": opt, "cuda_graphs": False})
+                                      options={"cuda_attention": opt, "cuda_graphs": False, "cuda_pdl": False})
         for b, ctx in shapes:
             rows = kernel_times(m, b, ctx, args.steps)
             total = sum(r[0] for r in rows)

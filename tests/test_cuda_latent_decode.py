@@ -34,7 +34,10 @@ from test_cuda import GPU_OK, GPU_WHY, TOL_HALF, _config, ids_for, rel_err, roun
 needs_gpu = pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)
 pytestmark = pytest.mark.cuda
 
+LATENT = {"cuda_attention": "latent_decode"}  # the kernel at every cached length
 ROWS = {"cuda_attention": "rows"}  # the reference: K and V expanded into scratch
+# auto takes the kernel from this many keys on (LD_AUTO_MIN_KEYS in decode_attention.cu)
+AUTO_MIN_KEYS = 512
 MILD = {"q_proj": 3.0, "kv_b_proj": 3.0, "o_proj": 2.0, "gate_proj": 3.0, "up_proj": 3.0, "down_proj": 2.0}
 
 
@@ -80,11 +83,19 @@ def counts(m):
     return m._engine.decode_attention_counts()
 
 
+def _took(m, before):
+    now = counts(m)
+    return {k: now[k] - before[k] for k in now}
+
+
 def _expect_kernel(m, before, fused):
     """Every decode-attention call over the latent cache since `before` took the in-kernel
-    expansion (fused) or the expansion into scratch (not fused), and there was at least one."""
-    now = counts(m)
-    took = {k: now[k] - before[k] for k in now}
+    expansion (fused) or the expansion into scratch (not fused), and there was at least one;
+    fused="both": some calls took each."""
+    took = _took(m, before)
+    if fused == "both":
+        assert took["latent_decode"] > 0 and took["expand"] > 0, took
+        return
     want, other = ("latent_decode", "expand") if fused else ("expand", "latent_decode")
     assert took[want] > 0 and took[other] == 0, took
 
@@ -107,7 +118,7 @@ def _left_mask(b, t, pads):
     return mask
 
 
-def _check_steps(over, b, prompt, steps, pads, dtype, seed, oracle_rows=None, options=None):
+def _check_steps(over, b, prompt, steps, pads, dtype, seed, oracle_rows=None, options=LATENT, fused=True):
     m, cfg, w = build(over, seed=seed, dtype=dtype, options=options)
     rows_model, _, _ = build(over, seed=seed, dtype=dtype, options=ROWS)
     t = prompt + steps
@@ -116,7 +127,7 @@ def _check_steps(over, b, prompt, steps, pads, dtype, seed, oracle_rows=None, op
     before, before_rows = counts(m), counts(rows_model)
     got = _steps(m, ids, mask, prompt)
     want_rows = _steps(rows_model, ids, mask, prompt)
-    _expect_kernel(m, before, fused=True)
+    _expect_kernel(m, before, fused)
     _expect_kernel(rows_model, before_rows, fused=False)
     err_rows = rel_err(got, want_rows)
     assert err_rows <= TOL_HALF, f"latent decode kernel vs expanding into scratch: {err_rows:.2e}"
@@ -161,12 +172,22 @@ def test_latent_decode_in_graph_replay(dtype):
 @pytest.mark.parametrize("prompt", [1020, 2040])
 def test_latent_decode_in_graph_replay_across_heads_per_block(prompt):
     """Recorded bounds on both sides of a change of heads per block (1024 keys: 1 -> 2 heads,
-    2048: 2 -> 4, one row of the default attention): each recording holds its own choice."""
-    _check_generate(DEFAULT_ATTN, 1, prompt, 12, [0], "bfloat16", seed=53)
+    2048: 2 -> 4, one row of the default attention), under auto (above its threshold): each
+    recording holds its own choice."""
+    _check_generate(DEFAULT_ATTN, 1, prompt, 12, [0], "bfloat16", seed=53, options=None)
 
 
-def _check_generate(over, b, prompt, new, pads, dtype, seed):
-    m, cfg, w = build(over, seed=seed, dtype=dtype)
+@needs_gpu
+def test_auto_threshold_in_graph_replay():
+    """auto across its threshold in generate(): 440 + 20 tokens are recorded for the bounds 448
+    (below: K and V expanded into scratch) and 512 (the kernel); the tokens as the oracle's."""
+    over, b, _, _, pads = SHAPES["short_context"]
+    assert 448 < AUTO_MIN_KEYS <= 512
+    _check_generate(over, b, 440, 20, pads, "bfloat16", seed=57, options=None, fused="both")
+
+
+def _check_generate(over, b, prompt, new, pads, dtype, seed, options=LATENT, fused=True):
+    m, cfg, w = build(over, seed=seed, dtype=dtype, options=options)
     rows_model, _, _ = build(over, seed=seed, dtype=dtype, options=ROWS)
     before = counts(m)
     ids = ids_for(cfg, b, prompt, seed=seed + 1)
@@ -174,7 +195,7 @@ def _check_generate(over, b, prompt, new, pads, dtype, seed):
     kw = dict(attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None)
     seq = np.asarray(m.generate(ids, **kw))
     seq_rows = np.asarray(rows_model.generate(ids, **kw))
-    _expect_kernel(m, before, fused=True)
+    _expect_kernel(m, before, fused)
     t0 = ids.shape[1]
     full_mask = np.concatenate([mask, np.ones((b, seq.shape[1] - t0), np.int64)], axis=1)
     ref, _ = R.forward(cfg, rounded(w, dtype), seq, attention_mask=full_mask)
@@ -195,8 +216,26 @@ def _check_generate(over, b, prompt, new, pads, dtype, seed):
                                           ("bfloat16", 1022), ("bfloat16", 2046)])
 def test_latent_decode_default_attention(dtype, prompt):
     """One row of the default attention shape, eager steps across 128 keys (126), from 1 to 2
-    heads per block (1022: 1024 keys) and from 2 to 4 (2046: 2048 keys)."""
-    _check_steps(DEFAULT_ATTN, 1, prompt, 4, [0], dtype, seed=61)
+    heads per block (1022: 1024 keys) and from 2 to 4 (2046: 2048 keys); the long ones under
+    auto, which takes the kernel there."""
+    options = None if prompt >= AUTO_MIN_KEYS else LATENT
+    _check_steps(DEFAULT_ATTN, 1, prompt, 4, [0], dtype, seed=61, options=options)
+
+
+@needs_gpu
+def test_auto_threshold_eager_steps():
+    """auto across its threshold in eager steps: 509 cached keys + 4 steps see 510 .. 513 keys,
+    the first two below the threshold (expanded into scratch), the last two the kernel's; all
+    as the oracle's."""
+    over, b, _, _, pads = SHAPES["short_context"]
+    assert AUTO_MIN_KEYS == 512
+    _check_steps(over, b, 509, 4, pads, "bfloat16", seed=58, options=None, fused="both")
+    m, cfg, _ = build(over, seed=58, dtype="bfloat16")
+    layers = _config(over)["num_hidden_layers"]
+    ids = ids_for(cfg, b, 513, seed=59)
+    before = counts(m)
+    _steps(m, ids, np.ones((b, 513), np.int64), 509)
+    assert _took(m, before) == {"expand": 2 * layers, "latent_decode": 2 * layers}
 
 
 @needs_gpu
@@ -208,9 +247,9 @@ def test_latent_decode_default_attention_rows():
 
 @needs_gpu
 def test_latent_decode_selection():
-    """Which decode steps take the kernel: 16-bit latent caches of a fitting shape under auto and
-    latent_decode; never under rows, with a float32 model, or with head_dim 8; a K/V cache is
-    no decode over the latent."""
+    """Which decode steps take the kernel at a short context: 16-bit latent caches of a fitting
+    shape under latent_decode; not under auto (below its threshold), never under rows, with a
+    float32 model, or with head_dim 8; a K/V cache is no decode over the latent."""
     over = SHAPES["short_context"][0]
 
     def run(m, cfg, cache_format="latent"):
@@ -221,7 +260,7 @@ def test_latent_decode_selection():
         return {k: now[k] - before[k] for k in now}
 
     calls = 3 * _config(over)["num_hidden_layers"]  # 3 steps, one call per layer
-    for options, fused in ((None, True), ({"cuda_attention": "latent_decode"}, True), (ROWS, False)):
+    for options, fused in ((None, False), (LATENT, True), (ROWS, False)):
         m, cfg, _ = build(over, seed=5, dtype="bfloat16", options=options)
         took = run(m, cfg)
         assert (took["latent_decode"], took["expand"]) == ((calls, 0) if fused else (0, calls)), (options, took)

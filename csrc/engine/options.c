@@ -21,7 +21,7 @@ const xo_option_info xo_option_table[] = {
       "device: expert groups counted and run on the GPU; host: per-expert GEMMs sized from counts read back" },
     { "cuda_attention", "XORON_CUDA_ATTN", "auto, rows, latent_decode",
       "auto: tensor-core prefill attention for 16-bit models, and decode steps over a 16-bit latent cache expand K "
-      "on the tensor cores inside the attention kernel (V absorbed) where that wins (by the cached length); "
+      "on the tensor cores inside the attention kernel (V absorbed) from 512 cached keys on, where that wins; "
       "rows: the row-wise kernel always (decode over the latent: K and V of every key expanded into scratch first); "
       "latent_decode: as auto, with the in-kernel expansion at every cached length" },
     { "cuda_gemm", "XORON_CUDA_GEMM", "cublaslt, builtin",

@@ -535,11 +535,12 @@ bool cu_latent_decode_fits(const xo_attention_args *a) {
            a->rank <= LD_MAX_RANK && w->in == a->rank && w->out == 2 * a->num_kv_heads * a->head_dim;
 }
 
-/* Under cuda_attention=auto: the in-kernel expansion beats expanding K and V into scratch for
- * key bounds of at least LD_AUTO_MIN_KEYS (benchmarks/RESULTS.md). The bound is what a decode
- * session records a step for (it records again when the bound grows), so a replayed graph
- * holds the choice of its own bound. */
-constexpr int LD_AUTO_MIN_KEYS = 0;
+/* Under cuda_attention=auto: the in-kernel expansion beats expanding K and V into scratch from
+ * about LD_AUTO_MIN_KEYS keys on (measured in benchmarks/RESULTS.md: one row loses below, where
+ * each layer's wait for Wk chunk after chunk is not yet paid back). The key count is past + 1,
+ * and past is the bound a decode session records a step for (it records again each time the
+ * bound grows), so a replayed graph holds the choice made for its own bound. */
+constexpr int LD_AUTO_MIN_KEYS = 512;
 
 bool cu_latent_decode_wins(const xo_attention_args *a) {
     return a->past + 1 >= LD_AUTO_MIN_KEYS;
