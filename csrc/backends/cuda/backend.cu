@@ -94,13 +94,13 @@ xo_status cu_act16_reserve(CuCtx *c, size_t bytes) {
 
 #define SETDEV(c) cudaSetDevice((c)->device)
 
-/* The device's pool (shared by every model on the device): in use now, and its high-water mark. */
 static void be_decode_attention_counts(xo_backend *be, long long counts[2]) {
     const CuCtx *c = cu_ctx(be);
     counts[0] = c->decode_counts[0];
     counts[1] = c->decode_counts[1];
 }
 
+/* The device's pool (shared by every model on the device): in use now, and its high-water mark. */
 static xo_status be_usage(xo_backend *be, size_t *in_use, size_t *peak, int reset_peak) {
     CuCtx *c = cu_ctx(be);
     SETDEV(c);
