@@ -5,6 +5,7 @@ intermediate 2048), random weights, bfloat16.
 
     python benchmarks/bench_gpu.py [--quick] [--json out.json] [--budget SECONDS] [--no-eager] [--variants]
         [--cases prefill,decode,sample] [--decode-shapes 1x32,64x4096] [--no-peer] [--no-kv] [--latent-decode]
+        [--rows-decode]
 
 First the peer is checked in this run, at batch 1 and 64 (its two MoE paths): in float32 its
 prefill and compiled decode logits must equal xoron's within SPEC section 8's 1e-4, or the
@@ -245,7 +246,10 @@ def main():
     ap.add_argument("--no-kv", action="store_true", help="leave out decode with cache_format='kv'")
     ap.add_argument("--latent-decode", action="store_true",
                     help="also decode the latent cache under cuda_attention='latent_decode' (K expanded inside the "
-                         "attention kernel, V absorbed)")
+                         "attention kernel, V absorbed, at every length)")
+    ap.add_argument("--rows-decode", action="store_true",
+                    help="also decode the latent cache under cuda_attention='rows' (K and V of every cached key "
+                         "expanded into scratch, then the row-wise kernel: the decode path auto had before)")
     args = ap.parse_args()
     cases = set(args.cases.split(","))
     bad = cases - {"prefill", "decode", "sample"}
@@ -283,6 +287,11 @@ def main():
         m_ld = xoron.MoELlamaForCausalLM(CONFIG, dtype="bfloat16", device="cuda", seed=0,
                                          options={"cuda_attention": "latent_decode"})
         m_ld.load_state_dict(m.state_dict())
+    m_rows = None
+    if args.rows_decode:
+        m_rows = xoron.MoELlamaForCausalLM(CONFIG, dtype="bfloat16", device="cuda", seed=0,
+                                           options={"cuda_attention": "rows"})
+        m_rows.load_state_dict(m.state_dict())
 
     # ---- the peer computes what xoron computes (both MoE paths: gathered at b=1, masked at b=64) ----
     m32 = peer32 = None
@@ -326,6 +335,9 @@ def main():
         if m_ld is not None:
             attempt(X, f"decode_b{b}_ctx{ctx}_ld", f"xoron generate() b={b} ctx={ctx} latent, cuda_attention=latent_decode",
                     xo_generate, m_ld, b, ctx, steps)
+        if m_rows is not None:
+            attempt(X, f"decode_b{b}_ctx{ctx}_rows", f"xoron generate() b={b} ctx={ctx} latent, cuda_attention=rows",
+                    xo_generate, m_rows, b, ctx, steps)
         if not args.no_kv:
             attempt(X, f"decode_b{b}_ctx{ctx}_kv", f"xoron generate() b={b} ctx={ctx} kv", xo_generate, m, b, ctx, steps, "kv")
         if peer is not None:
@@ -371,7 +383,7 @@ def main():
             if left() > 15:
                 attempt(E, f"decode_b{b}_ctx32", f"eager decode b={b} ctx=32", eager_decode, tm, b, 32, 8 if b == 1 else 16)
         del tm
-    del m, peer, m_ld
+    del m, peer, m_ld, m_rows
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -381,18 +393,20 @@ def main():
 
     def ratio(a, b):
         return f"{a / b:.2f}" if a and b else "-"
-    print("\n| measurement (tok/s) | xoron latent | latent, cuda_attention=latent_decode | xoron kv | compiled peer | eager "
-          "| latent/peer | kv/peer | latent_decode/latent |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| measurement (tok/s) | xoron latent | latent, cuda_attention=latent_decode | latent, cuda_attention=rows "
+          "| xoron kv | compiled peer | eager | latent/peer | kv/peer | latent_decode/latent | latent/rows |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     keys = [f"prefill_T{T}" for T in prefill_T] + [f"decode_b{b}_ctx{c}" for b, c in decode]
     for k in keys:
-        a, ald, akv, p, e = X.get(k), X.get(k + "_ld"), X.get(k + "_kv"), P.get(k), E.get(k)
-        print(f"| {k} | {f(a)} | {f(ald)} | {f(akv)} | {f(p)} | {f(e)} | {ratio(a, p)} | {ratio(akv, p)} | {ratio(ald, a)} |")
+        a, ald, arw, akv = X.get(k), X.get(k + "_ld"), X.get(k + "_rows"), X.get(k + "_kv")
+        p, e = P.get(k), E.get(k)
+        print(f"| {k} | {f(a)} | {f(ald)} | {f(arw)} | {f(akv)} | {f(p)} | {f(e)} | {ratio(a, p)} | {ratio(akv, p)} "
+              f"| {ratio(ald, a)} | {ratio(a, arw)} |")
     for b in (1, 64):
         k = f"sample_b{b}_ctx32"
         if k in X:
             g = X.get(f"decode_b{b}_ctx32")
-            print(f"| {k} (top_k=50, top_p=0.9) | {f(X[k])} | - | - | - | - | - | - | sampling/greedy {ratio(X[k], g)} |")
+            print(f"| {k} (top_k=50, top_p=0.9) | {f(X[k])} | - | - | - | - | - | - | - | sampling/greedy {ratio(X[k], g)} | - |")
     if "gpu_bytes_after_prefill" in X:
         print(f"xoron GPU memory after the prefills: {X['gpu_bytes_after_prefill'] / 2**30:.2f} GiB")
     print(f"peer peak GPU memory (torch allocator): {P['peak_gpu_bytes'] / 2**30:.2f} GiB")

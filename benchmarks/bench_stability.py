@@ -195,6 +195,8 @@ def thread_figures(m: MoELlamaForCausalLM, threads: int, seconds: float) -> dict
 _CHILD = r"""
 import os, signal, sys, threading, time
 import numpy as np
+# a bench started in the background (`cmd &`, nohup) inherits SIGINT ignored: restore Python's handler
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, ROOT)
 from xoron import MoELlamaForCausalLM
 m = MoELlamaForCausalLM.from_pretrained(DEMO, device=DEVICE)

@@ -213,6 +213,11 @@ struct xo_backend {
     void (*enter)(xo_backend *be);
     void (*leave)(xo_backend *be);
 
+    /* optional (NULL: not counted): decode-attention calls over the latent cache since the backend
+     * was made, by the kernel they took: counts[0] K and V expanded into scratch first, counts[1]
+     * the in-kernel expansion (a recorded step counts once, when recorded); for tests */
+    void (*decode_attention_counts)(xo_backend *be, long long counts[2]);
+
     void (*destroy)(xo_backend *be);
 };
 

@@ -20,8 +20,10 @@ const xo_option_info xo_option_table[] = {
     { "cuda_moe", "XORON_CUDA_MOE", "device, host",
       "device: expert groups counted and run on the GPU; host: per-expert GEMMs sized from counts read back" },
     { "cuda_attention", "XORON_CUDA_ATTN", "auto, rows, latent_decode",
-      "auto: tensor-core prefill attention for 16-bit models; rows: the row-wise kernel always; latent_decode: as "
-      "auto, and decode steps over a 16-bit latent cache expand K on the tensor cores inside the kernel (V absorbed)" },
+      "auto: tensor-core prefill attention for 16-bit models, and decode steps over a 16-bit latent cache expand K "
+      "on the tensor cores inside the attention kernel (V absorbed) from 512 cached keys on, where that wins; "
+      "rows: the row-wise kernel always (decode over the latent: K and V of every key expanded into scratch first); "
+      "latent_decode: as auto, with the in-kernel expansion at every cached length" },
     { "cuda_gemm", "XORON_CUDA_GEMM", "cublaslt, builtin",
       "cublaslt: cuBLASLt where it is found, else the built-in kernels; builtin: the built-in kernels always" },
     { "cublaslt_library", "XORON_CUBLASLT", "a path, or empty",

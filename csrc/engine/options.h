@@ -29,7 +29,8 @@ typedef struct {
     int prefill_chunk;           /* tokens per pass through the layers (rows of every scratch buffer) */
     int cuda_moe_host;           /* 1: per-expert GEMMs sized from counts read back to the host */
     int cuda_attention;          /* 0 auto; 1 rows: the row-wise attention kernel only, never a tensor-core one;
-                                  * 2 latent_decode: auto plus the in-kernel latent expansion for decode steps */
+                                  * 2 latent_decode: decode steps over a 16-bit latent cache take the in-kernel
+                                  * expansion at every length (auto: where it wins) */
     int cuda_gemm_builtin;       /* 1: the built-in GEMM kernels even where cuBLASLt is found */
     int cuda_pdl;                /* programmatic dependent launch on compute capability 9.0+ */
     int cuda_graphs;             /* decode steps recorded and replayed as CUDA graphs */

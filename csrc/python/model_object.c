@@ -571,6 +571,19 @@ static PyObject *Model_memory_stats(ModelObject *self, PyObject *args, PyObject 
     return Py_BuildValue("{s:n,s:n}", "in_use", (Py_ssize_t)in_use, "peak", (Py_ssize_t)peak);
 }
 
+/* {'expand': n, 'latent_decode': n}: decode-attention calls over the latent cache by kernel, or
+ * None where the backend does not count them (a test's view of which kernel ran) */
+static PyObject *Model_decode_attention_counts(ModelObject *self, PyObject *Py_UNUSED(args)) {
+    if (ensure_model(self)) return NULL;
+    xo_backend *be = self->model->be;
+    if (!be->decode_attention_counts) Py_RETURN_NONE;
+    long long counts[2] = { 0, 0 };
+    xo_status rc;
+    LOCKED_NOGIL(self, rc, (be->decode_attention_counts(be, counts), XO_OK)); /* read under the model's lock */
+    if (rc != XO_OK) return xo_py_raise(rc);
+    return Py_BuildValue("{s:L,s:L}", "expand", counts[0], "latent_decode", counts[1]);
+}
+
 static PyObject *Model_get_device(ModelObject *self, void *Py_UNUSED(c)) { return PyUnicode_FromString(self->device); }
 
 /* the CUDA stream the model's kernels run on, as an integer (DLPack's `stream`), or None */
@@ -602,6 +615,9 @@ static PyMethodDef Model_methods[] = {
     { "new_cache", (PyCFunction)Model_new_cache, METH_VARARGS, "new_cache(batch, format=0) -> Cache (0 latent, 1 K/V)" },
     { "memory_stats", (PyCFunction)(void (*)(void))Model_memory_stats, METH_VARARGS | METH_KEYWORDS,
       "memory_stats(reset_peak=False) -> {'in_use': bytes, 'peak': bytes} of the device's memory pool, or None (CPU)" },
+    { "decode_attention_counts", (PyCFunction)Model_decode_attention_counts, METH_NOARGS,
+      "decode_attention_counts() -> {'expand': n, 'latent_decode': n} of decode steps over the latent cache "
+      "(recorded steps counted once), or None (CPU)" },
     { NULL, NULL, 0, NULL },
 };
 

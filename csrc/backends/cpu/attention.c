@@ -14,6 +14,37 @@
 #include "backends/cpu/kernels.h"
 
 enum { KEY_CHUNK = 256 };
+enum { TILE_ROWS = 4 };        /* query rows that share each key load in a prefill tile */
+enum { SCORE_BLOCK = 32 };     /* keys per register block of the score product */
+enum { PV_COLUMNS = 32 };      /* output columns per register block of the value product */
+
+
+/* exp(x) for x <= 0 as a loop the compiler vectorises (expf is a call per element): n = rint(x /
+ * ln2) by the round-to-nearest of adding 1.5 * 2^23, r = x - n ln2 in two parts, e^r by its
+ * degree-6 Taylor polynomial (|r| <= ln2 / 2, error under 2e-7 relative), times 2^n built in the
+ * exponent bits. Inputs are clamped to [-87, 0] (below -87 the weight is 0 beside the row's largest,
+ * 1); NaN is returned as it came. No branches, so the loop stays vectorised. */
+static inline float exp_nonpositive(float x) {
+    float y = x < -87.0f ? -87.0f : x;
+    y = y > 0.0f ? 0.0f : y;
+    y = x != x ? 0.0f : y;
+    const float shifted = y * 1.44269504088896341f + 12582912.0f;
+    const float n = shifted - 12582912.0f;
+    const float r = (y - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+    float e = 1.0f / 720.0f;
+    e = e * r + 1.0f / 120.0f;
+    e = e * r + 1.0f / 24.0f;
+    e = e * r + 1.0f / 6.0f;
+    e = e * r + 0.5f;
+    e = e * r + 1.0f;
+    e = e * r + 1.0f;
+    int32_t bits;
+    memcpy(&bits, &shifted, sizeof bits);
+    bits = (bits - 0x4B400000 + 127) << 23;  /* the low bits of shifted hold n, in [-126, 0] */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return x != x ? x : e * scale;
+}
 
 
 /* One query row against keys [j0, jend) of one chunk: updates (m, l, acc). Key rows are
@@ -49,6 +80,112 @@ static void attend_chunk(const float *qv, const float *kbase, size_t k_stride, c
     }
     *m = mnew;
     *l = lsum;
+}
+
+/* p[j] = exp(p[j] - max) for the keys a row sees (j < end, valid[j]), 0 for the others, up to nb;
+ * returns their sum. */
+XO_CLONES
+static float softmax_weights(float *restrict p, const float *restrict valid, int end, int nb, float max) {
+    float sum = 0.0f;
+    #pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < nb; j++) {
+        const float e = exp_nonpositive(p[j] - max);
+        const float w = (j < end) & (valid[j] != 0.0f) ? e : 0.0f;
+        p[j] = w;
+        sum += w;
+    }
+    return sum;
+}
+
+/* TILE_ROWS query rows of one head against one chunk's keys, so that each key is loaded once for
+ * the whole tile (attend_chunk loads it once per row). kt: the keys of this head's group
+ * transposed, kt[x * KEY_CHUNK + j], zero past the chunk's length; valid[j]: key j is in the chunk
+ * and not masked out; row r sees keys j < ends[r] (causal). Updates each row's (m, l, acc). */
+XO_CLONES
+static void attend_tile(const float *const q[TILE_ROWS], const int ends[TILE_ROWS], const float *kt,
+                        const float *valid, const float *vbase, size_t v_stride, int hd, float scale,
+                        float *const m[TILE_ROWS], float *const l[TILE_ROWS], float *const acc[TILE_ROWS]) {
+    float s[TILE_ROWS][KEY_CHUNK];
+    int n = 0;
+    for (int r = 0; r < TILE_ROWS; r++) n = ends[r] > n ? ends[r] : n;
+    const int nb = (n + SCORE_BLOCK - 1) / SCORE_BLOCK * SCORE_BLOCK;
+    for (int jb = 0; jb < nb; jb += SCORE_BLOCK) {
+        float blk[TILE_ROWS][SCORE_BLOCK] = {{0}};
+        for (int x = 0; x < hd; x++) {
+            const float *k = kt + (size_t)x * KEY_CHUNK + jb;
+            for (int r = 0; r < TILE_ROWS; r++) {
+                const float qx = q[r][x];
+                #pragma omp simd
+                for (int j = 0; j < SCORE_BLOCK; j++) blk[r][j] = __builtin_fmaf(qx, k[j], blk[r][j]);
+            }
+        }
+        for (int r = 0; r < TILE_ROWS; r++)
+            for (int j = 0; j < SCORE_BLOCK; j++) s[r][jb + j] = blk[r][j] * scale;
+    }
+    for (int r = 0; r < TILE_ROWS; r++) {
+        const int end = ends[r];
+        float mloc = -INFINITY;
+        #pragma omp simd reduction(max : mloc)
+        for (int j = 0; j < end; j++) {
+            const float x = valid[j] != 0.0f ? s[r][j] : -INFINITY;
+            mloc = x > mloc ? x : mloc;
+        }
+        if (mloc == -INFINITY) {  /* no visible key in this chunk: the row's state is unchanged */
+            memset(s[r], 0, (size_t)nb * sizeof(float));
+            continue;
+        }
+        const float mnew = *m[r] > mloc ? *m[r] : mloc;
+        const float corr = *m[r] == -INFINITY ? 0.0f : expf(*m[r] - mnew);
+        const float lsum = softmax_weights(s[r], valid, end, nb, mnew);
+        float *o = acc[r];
+        #pragma omp simd
+        for (int x = 0; x < hd; x++) o[x] *= corr;
+        *l[r] = *l[r] * corr + lsum;
+        *m[r] = mnew;
+    }
+    /* acc += P V, PV_COLUMNS output columns of every row at a time held in registers across the
+     * keys (TILE_ROWS x PV_COLUMNS accumulators: enough independent chains to hide the FMA latency) */
+    for (int x0 = 0; x0 < hd; x0 += PV_COLUMNS) {
+        const int w = hd - x0 < PV_COLUMNS ? hd - x0 : PV_COLUMNS;
+        float ob[TILE_ROWS][PV_COLUMNS] = {{0}};
+        for (int j = 0; j < n; j++) {
+            const float *v = vbase + (size_t)j * v_stride + x0;
+            float vb[PV_COLUMNS];
+            for (int x = 0; x < PV_COLUMNS; x++) vb[x] = x < w ? v[x] : 0.0f;
+            for (int r = 0; r < TILE_ROWS; r++) {
+                const float p = s[r][j];
+                #pragma omp simd
+                for (int x = 0; x < PV_COLUMNS; x++) ob[r][x] = __builtin_fmaf(p, vb[x], ob[r][x]);
+            }
+        }
+        for (int r = 0; r < TILE_ROWS; r++)
+            for (int x = 0; x < w; x++) acc[r][x0 + x] += ob[r][x];
+    }
+}
+
+/* kt[g][x][j] = key j's element x of kv group g; zero for j in [len, KEY_CHUNK). */
+static void transpose_keys(float *kt, const float *kbase, size_t stride, int len, int nkv, int hd) {
+    for (int g = 0; g < nkv; g++) {
+        float *dst = kt + (size_t)g * hd * KEY_CHUNK;
+        for (int j = 0; j < len; j++) {
+            const float *k = kbase + (size_t)j * stride + (size_t)g * hd;
+            for (int x = 0; x < hd; x++) dst[(size_t)x * KEY_CHUNK + j] = k[x];
+        }
+        for (int x = 0; x < hd; x++) memset(dst + (size_t)x * KEY_CHUNK + len, 0, (size_t)(KEY_CHUNK - len) * sizeof(float));
+    }
+}
+
+/* Whether every value of a chunk is finite. A tile multiplies a weight of 0 into the values of the
+ * keys a row does not see (masked, or after it), which is only exact when they are finite: a chunk
+ * holding Inf or NaN takes attend_chunk, which skips those keys. */
+static int values_finite(const float *vbase, size_t stride, int len, int width) {
+    float sum = 0.0f;
+    for (int j = 0; j < len; j++) {
+        const float *v = vbase + (size_t)j * stride;
+        #pragma omp simd reduction(+ : sum)
+        for (int x = 0; x < width; x++) sum += v[x] - v[x];  /* 0 for a finite value, else NaN */
+    }
+    return sum == 0.0f;
 }
 
 enum { DECODE_MAX_TOKENS = 8 };
@@ -188,8 +325,10 @@ xo_status xo_cpu_attention(xo_backend *be, const xo_attention_args *args) {
     const int wide_kv = !latent && a->kv_dtype != XO_F32;
     float *kvbuf = latent || wide_kv ? malloc((size_t)KEY_CHUNK * 2 * nkv * hd * sizeof *kvbuf) : NULL;
     float *wide = wide_latent ? malloc((size_t)KEY_CHUNK * a->rank * sizeof *wide) : NULL;
+    const int tiled = t >= TILE_ROWS;  /* decode steps of a few rows keep one row per task */
+    float *kt = tiled ? malloc((size_t)nkv * hd * KEY_CHUNK * sizeof *kt) : NULL;
     xo_status rc = XO_OK;
-    if (!m || !l || !acc || ((latent || wide_kv) && !kvbuf) || (wide_latent && !wide)) {
+    if (!m || !l || !acc || ((latent || wide_kv) && !kvbuf) || (wide_latent && !wide) || (tiled && !kt)) {
         rc = xo_fail(XO_ENOMEM, "out of memory in attention (%d tokens)", t);
         goto out;
     }
@@ -232,13 +371,42 @@ xo_status xo_cpu_attention(xo_backend *be, const xo_attention_args *args) {
                 kbase = kw;
                 vbase = vw;
             }
-            /* queries whose causal range reaches this chunk: sequence index past+i >= j0 */
-            int i0 = j0 - a->past > 0 ? j0 - a->past : 0;
-            int nq = t - i0;
-            #pragma omp parallel for collapse(2) schedule(static) if (nq * nh > 4)
+            /* queries whose causal range reaches this chunk: sequence index past+i >= j0; whole
+             * tiles of them first, then the rows left over one by one */
+            const int i0 = j0 - a->past > 0 ? j0 - a->past : 0;
+            const int tiles = tiled && values_finite(vbase, stride, j1 - j0, nkv * hd) ? (t - i0) / TILE_ROWS : 0;
+            const int i_rest = i0 + tiles * TILE_ROWS;
+            float valid[KEY_CHUNK];  /* 1: key j of the chunk is visible, 0: past its end or masked */
+            if (tiles) {
+                transpose_keys(kt, kbase, stride, j1 - j0, nkv, hd);
+                for (int j = 0; j < KEY_CHUNK; j++) valid[j] = j < j1 - j0 && mask[j0 + j] ? 1.0f : 0.0f;
+            }
+            #pragma omp parallel for collapse(2) schedule(static) if (tiles * nh > 1)
             for (int h = 0; h < nh; h++) {
-                for (int i = i0; i < t; i++) {
+                for (int tile = 0; tile < tiles; tile++) {
                     if (xo_interrupt_requested(a->interrupt)) continue;  /* the call fails below */
+                    const float *qr[TILE_ROWS];
+                    int ends[TILE_ROWS];
+                    float *mr[TILE_ROWS], *lr[TILE_ROWS], *ar[TILE_ROWS];
+                    for (int r = 0; r < TILE_ROWS; r++) {
+                        const int i = i0 + tile * TILE_ROWS + r, qi = a->past + i;
+                        const size_t st = ((size_t)b * t + i) * nh + h;
+                        qr[r] = a->q + ((size_t)b * t + i) * qw + (size_t)h * hd;
+                        ends[r] = (j1 < qi + 1 ? j1 : qi + 1) - j0;
+                        mr[r] = &m[st];
+                        lr[r] = &l[st];
+                        ar[r] = &acc[st * hd];
+                    }
+                    const int g = h / group;
+                    attend_tile(qr, ends, kt + (size_t)g * hd * KEY_CHUNK, valid, vbase + (size_t)g * hd, stride, hd,
+                                a->scale, mr, lr, ar);
+                }
+            }
+            const int rest = t - i_rest;
+            #pragma omp parallel for collapse(2) schedule(static) if (rest * nh > 4)
+            for (int h = 0; h < nh; h++) {
+                for (int i = i_rest; i < t; i++) {
+                    if (xo_interrupt_requested(a->interrupt)) continue;
                     int qi = a->past + i;
                     int jend = j1 < qi + 1 ? j1 : qi + 1;
                     size_t st = ((size_t)b * t + i) * nh + h;
@@ -265,5 +433,6 @@ out:
     free(acc);
     free(kvbuf);
     free(wide);
+    free(kt);
     return rc;
 }

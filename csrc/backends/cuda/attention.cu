@@ -501,7 +501,11 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
     if (rows <= 0) return XO_OK;
     if (hd > 1024) return cu_fail(c, XO_EINVAL, "head_dim %d above the supported 1024", hd);
     if (nkv <= 0 || nh % nkv) return cu_fail(c, XO_EINVAL, "num_heads %d is not a multiple of num_kv_heads %d", nh, nkv);
-    if (cu_latent_decode_fits(c, a)) return cu_latent_decode(c, a);
+    if (a->format == XO_CACHE_LATENT && t == 1) {
+        const bool fused = cu_latent_decode_chosen(c, a);
+        c->decode_counts[fused]++;
+        if (fused) return cu_latent_decode(c, a);
+    }
     AttnP p;
     p.t = t;
     p.past = a->past;

@@ -94,6 +94,12 @@ xo_status cu_act16_reserve(CuCtx *c, size_t bytes) {
 
 #define SETDEV(c) cudaSetDevice((c)->device)
 
+static void be_decode_attention_counts(xo_backend *be, long long counts[2]) {
+    const CuCtx *c = cu_ctx(be);
+    counts[0] = c->decode_counts[0];
+    counts[1] = c->decode_counts[1];
+}
+
 /* The device's pool (shared by every model on the device): in use now, and its high-water mark. */
 static xo_status be_usage(xo_backend *be, size_t *in_use, size_t *peak, int reset_peak) {
     CuCtx *c = cu_ctx(be);
@@ -328,7 +334,8 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
     c->sink = *sink;
     c->moe_host = opts->cuda_moe_host;
     c->attn_rows = opts->cuda_attention == 1;
-    c->attn_latent = opts->cuda_attention == 2;
+    /* rows: decode steps too expand K and V into scratch for the row-wise kernel */
+    c->attn_decode = opts->cuda_attention == 2 ? CU_DECODE_LATENT : c->attn_rows ? CU_DECODE_EXPAND : CU_DECODE_AUTO;
     c->memory_limit = opts->cuda_memory_limit;
     int major = 0;
     if ((e = cudaSetDevice(device)) != cudaSuccess ||
@@ -409,6 +416,7 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
         be->graphs.graph_launch = w_graph_launch;
         be->graphs.graph_free = w_graph_free;
     }
+    be->decode_attention_counts = be_decode_attention_counts;
     be->destroy = be_destroy;
     *out = be;
     return XO_OK;

@@ -28,6 +28,9 @@ struct CuFault {
     int a, b; /* EXPERT_ID: the id, the number of experts; NAN_LOGIT: the row, the token */
 };
 
+/* which kernel a decode step over a 16-bit latent cache takes */
+enum { CU_DECODE_AUTO = 0, CU_DECODE_LATENT = 1, CU_DECODE_EXPAND = 2 };
+
 struct CuCtx {
     int device;
     int num_sms;
@@ -38,7 +41,9 @@ struct CuCtx {
     size_t act16_bytes;
     int moe_host;         /* option cuda_moe=host: per-expert GEMMs sized from host-read counts */
     int attn_rows;        /* option cuda_attention=rows: never the tensor-core attention kernel */
-    int attn_latent;      /* option cuda_attention=latent_decode: decode over a 16-bit latent cache in decode_attention.cu */
+    int attn_decode;      /* decode over a 16-bit latent cache: CU_DECODE_* (option cuda_attention) */
+    long long decode_counts[2]; /* decode-attention calls over the latent cache: [0] expanded into scratch,
+                                 * [1] decode_attention.cu (a recorded step counts when recorded) */
     int pdl;              /* programmatic dependent launch (compute capability 9.0+ and option cuda_pdl) */
     size_t memory_limit;  /* 0: none; else cu_alloc_raw fails once the pool would hand out more */
     xo_error_sink sink;   /* the engine's error channel: every failure is reported through it */
@@ -267,7 +272,11 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a);
 
 /* backends/cuda/decode_attention.cu: one new token per row over a 16-bit latent cache, K expanded
  * on the tensor cores inside the kernel and V absorbed; fits says whether the call qualifies */
-bool cu_latent_decode_fits(const CuCtx *c, const xo_attention_args *a);
+/* whether the call is a decode step decode_attention.cu takes (shape and dtypes), and whether it
+ * is to take it (cu_latent_decode_fits and the option, under auto cu_latent_decode_wins) */
+bool cu_latent_decode_fits(const xo_attention_args *a);
+bool cu_latent_decode_wins(const xo_attention_args *a);
+bool cu_latent_decode_chosen(const CuCtx *c, const xo_attention_args *a);
 xo_status cu_latent_decode(CuCtx *c, const xo_attention_args *a);
 
 #endif

@@ -1,23 +1,25 @@
 /* Decode attention over a 16-bit LATENT cache (one new token per row), without expanding K or
  * V into scratch (SPEC 4, the latent contract of backends/backend.h):
  *
- * k_latent_decode: a block takes one batch row, 4 heads and a range of its keys in blocks of
- * 128. For each key block it expands K = C_block @ Wk_heads.T on the tensor cores (mma.sync
+ * k_latent_decode: a block takes one batch row, 4 heads (2 or 1 when the grid would be too
+ * small to fill the GPU) and a range of its keys in blocks of 128. For each key block it expands K = C_block @ Wk_heads.T on the tensor cores (mma.sync
  * m16n8k16; the C tile stays in shared memory, Wk streamed in chunks of 64 latent dims by
  * cp.async double buffering), rotates K in registers (a thread holds dims d and d + hd/2 of
  * the same key: n-tiles nt and nt + 4), takes the scores with the row's queries, updates the
  * online softmax and accumulates the absorbed value sum_j p_j c_j ([rank] per head) with
- * another mma over the C tile already in shared memory. Each block writes (max, sum, acc).
+ * another mma over the C tile already in shared memory (p as a sum of two 16-bit values). Each
+ * block writes (max, sum, acc). The first Wk chunks are requested before the wait on the
+ * earlier kernels (programmatic dependent launch).
  *
  * k_latent_combine: merges the key splits of (row, head) and applies Wv once:
- * out = (sum_s e^(m_s - M) acc_s) / (L + eps) @ Wv_h.T.
+ * out = (sum_s e^(m_s - M) acc_s) / (L + eps) @ Wv_h.T, its Wv rows loaded before the wait.
  *
  * Semantics as the row-wise kernel of attention.cu: the query at sequence index past sees key
  * j iff j <= past and key_mask[j]; the output is acc / (sum + denom_eps), 0 when no key is
  * visible; past is read from past_device when given (a replayed step). Shapes: head_dim 64,
  * num_heads == num_kv_heads, rank a multiple of 64 up to 512, latent and weights of one
- * 16-bit type, and the option cuda_attention=latent_decode; cu_latent_decode_fits says whether a
- * call qualifies. */
+ * 16-bit type (cu_latent_decode_fits); taken under cuda_attention=auto where
+ * cu_latent_decode_wins, under latent_decode always, under rows never. */
 #include <math.h>
 
 #include "backends/cuda/common.h"
@@ -25,8 +27,7 @@
 namespace {
 
 constexpr int LD_KEYS = 128;       /* keys per block step */
-constexpr int LD_HEADS = 4;        /* heads per block: 256 columns of Wk */
-constexpr int LD_COLS = LD_HEADS * 64;
+constexpr int LD_MAX_HEADS = 4;    /* heads per block at most: 256 columns of Wk */
 constexpr int LD_CHUNK = 64;       /* latent dims per pipeline stage */
 constexpr int LD_MAX_RANK = 512;
 constexpr int LD_THREADS = 256;    /* 8 warps: (key half, head) */
@@ -111,35 +112,60 @@ template <typename T> __device__ __forceinline__ T to16(float v);
 template <> __device__ __forceinline__ __nv_bfloat16 to16<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half to16<__half>(float v) { return __float2half_rn(v); }
 
-struct LatSmem {
+template <int HEADS> struct LatSmem {
     static constexpr size_t c_bytes = (size_t)(LD_MAX_RANK / LD_CHUNK) * LD_KEYS * LD_CHUNK * 2;
-    static constexpr size_t w_bytes = (size_t)2 * LD_COLS * LD_CHUNK * 2;
-    static constexpr size_t pt_bytes = (size_t)8 * LD_PT_LD * 2;
-    static constexpr size_t s_bytes = (size_t)LD_HEADS * LD_KEYS * 4;
+    static constexpr size_t w_bytes = (size_t)2 * HEADS * 64 * LD_CHUNK * 2;
+    static constexpr size_t pt_bytes = (size_t)2 * 8 * LD_PT_LD * 2;
+    static constexpr size_t s_bytes = (size_t)HEADS * LD_KEYS * 4;
     static constexpr size_t total = c_bytes + w_bytes + pt_bytes + s_bytes + 8 * 4 + LD_KEYS * 4 + LD_KEYS;
 };
 
-template <typename T>
+/* HEADS (4, 2 or 1) heads per block: the 8 warps of the expansion are (key group, head), each
+ * over 128 / (8 / HEADS) keys = HEADS m-tiles of 16; fewer heads per block make more blocks,
+ * each streaming less of Wk, for the grids too small to fill the GPU otherwise */
+template <typename T, int HEADS>
 __global__ __launch_bounds__(LD_THREADS, 1) void k_latent_decode(LatP p) {
+    constexpr int COLS = HEADS * 64, MT = HEADS, KEYS_PER_WARP = MT * 16;
+    using Smem = LatSmem<HEADS>;
     extern __shared__ __align__(16) unsigned char smem[];
     T *Cs = (T *)smem;                                        /* [rank/64][128 keys][64] */
-    T *Ws = (T *)(smem + LatSmem::c_bytes);                   /* [2 stages][256 cols][64] */
-    T *Pt = (T *)(smem + LatSmem::c_bytes + LatSmem::w_bytes); /* [8 heads][LD_PT_LD keys]; rows 4..7 stay 0 */
-    float *S = (float *)(smem + LatSmem::c_bytes + LatSmem::w_bytes + LatSmem::pt_bytes); /* [4][128] scores */
-    float *corr = S + LD_HEADS * LD_KEYS;                     /* [8] per-head rescale of the accumulators */
+    T *Ws = (T *)(smem + Smem::c_bytes);                      /* [2 stages][COLS][64] */
+    /* P as hi + lo, two values of T ([8 heads][LD_PT_LD keys] each; rows HEADS..7 stay 0): the
+     * product with C then weighs the keys as exactly as float32 weights would */
+    T *Pt = (T *)(smem + Smem::c_bytes + Smem::w_bytes);
+    T *Ptl = Pt + 8 * LD_PT_LD;
+    float *S = (float *)(smem + Smem::c_bytes + Smem::w_bytes + Smem::pt_bytes); /* [HEADS][128] scores */
+    float *corr = S + HEADS * LD_KEYS;                        /* [8] per-head rescale of the accumulators */
     int *posb = (int *)(corr + 8);                            /* [128] key positions of the block */
     uint8_t *vis = (uint8_t *)(posb + LD_KEYS);               /* [128] 1: key visible */
 
     const int hg = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gr = lane >> 2, gc = (lane & 3) * 2;
-    const int kh = warp >> 2, hl = warp & 3;        /* this warp's key half and head in the expansion */
+    const int kh = warp / HEADS, hl = warp % HEADS; /* this warp's key group and head in the expansion */
     const int rank = p.rank, nch = rank / LD_CHUNK;
-    const int h0 = hg * LD_HEADS, nvalid = min(LD_HEADS, p.nh - h0);
+    const int h0 = hg * HEADS, nvalid = min(HEADS, p.nh - h0);
     const bool head_ok = hl < nvalid;
+    const T *wk = (const T *)p.w + (size_t)h0 * 64 * rank;
 
-    for (int i = tid; i < 8 * LD_PT_LD; i += LD_THREADS) Pt[i] = to16<T>(0.0f);
+    for (int i = tid; i < 2 * 8 * LD_PT_LD; i += LD_THREADS) Pt[i] = to16<T>(0.0f);
     if (tid < 8) corr[tid] = 0.0f;
+
+    /* W chunk kc -> stage s: COLS rows x 8 units, COLS / 32 per thread */
+    auto load_w = [&](int kc, int s) {
+        T *dst = Ws + s * COLS * LD_CHUNK;
+#pragma unroll
+        for (int i = 0; i < COLS / 32; i++) {
+            const int e = tid + i * LD_THREADS, n = e >> 3, u = e & 7;
+            const bool ok = (n >> 6) < nvalid;
+            cp_async16(dst + swz(n, u), wk + (size_t)(ok ? n : 0) * rank + kc * LD_CHUNK + u * 8, ok);
+        }
+    };
+    /* the first two W chunks need nothing from the earlier kernels: in flight while they finish
+     * (a block without keys leaves them unused) */
+    load_w(0, 0);
+    if (nch > 1) load_w(1, 1);
+    cp_commit();
 
     CU_PDL_ENTRY();
     const int past = p.past_dev ? *p.past_dev : p.past;
@@ -149,20 +175,8 @@ __global__ __launch_bounds__(LD_THREADS, 1) void k_latent_decode(LatP p) {
     const int blk0 = split * bps, blk1 = min(blk0 + bps, nblk);
 
     const T *lat = (const T *)p.latent + (size_t)b * p.cap * rank; /* slot k0 of the current key block */
-    const T *wk = (const T *)p.w + (size_t)h0 * 64 * rank;
     const uint8_t *mrow = p.mask + (size_t)b * p.cap;
     const int32_t *prow = p.kpos + (size_t)b * p.cap;
-
-    /* W chunk kc -> stage s: 256 rows x 8 units, 8 per thread */
-    auto load_w = [&](int kc, int s) {
-        T *dst = Ws + s * LD_COLS * LD_CHUNK;
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            const int e = tid + i * LD_THREADS, n = e >> 3, u = e & 7;
-            const bool ok = (n >> 6) < nvalid;
-            cp_async16(dst + swz(n, u), wk + (size_t)(ok ? n : 0) * rank + kc * LD_CHUNK + u * 8, ok);
-        }
-    };
     /* C chunk kc of the key block whose slots start at `lat`: 128 rows x 8 units, 4 per thread;
      * invisible keys are zero-filled (their source address, unread, is the block's first slot) */
     bool row_ok[4];
@@ -178,13 +192,7 @@ __global__ __launch_bounds__(LD_THREADS, 1) void k_latent_decode(LatP p) {
     float acc_o[4][4]; /* P.C: cd (warp*64 + mt*16 + row) x head (col) */
 #pragma unroll
     for (int mt = 0; mt < 4; mt++) acc_o[mt][0] = acc_o[mt][1] = acc_o[mt][2] = acc_o[mt][3] = 0.0f;
-    float m_run = -INFINITY, l_run = 0.0f; /* the softmax state of head `warp` (warps 0..3) */
-
-    if (blk0 < blk1) {
-        load_w(0, 0);
-        if (nch > 1) load_w(1, 1);
-        cp_commit();
-    }
+    float m_run = -INFINITY, l_run = 0.0f; /* the softmax state of head `warp` (warps 0..HEADS-1) */
     for (int blk = blk0; blk < blk1; blk++) {
         const int k0 = blk * LD_KEYS, nkeys = min(LD_KEYS, kv_len - k0);
 #pragma unroll
@@ -204,12 +212,12 @@ __global__ __launch_bounds__(LD_THREADS, 1) void k_latent_decode(LatP p) {
             posb[tid] = ok ? prow[j] : 0;
         }
 
-        float acc[4][8][4];
+        float acc[MT][8][4];
 #pragma unroll
-        for (int mt = 0; mt < 4; mt++)
+        for (int mt = 0; mt < MT; mt++)
 #pragma unroll
             for (int nt = 0; nt < 8; nt++) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
-        const int mrow0 = kh * 64;
+        const int mrow0 = kh * KEYS_PER_WARP;
         const bool warp_busy = head_ok && mrow0 < nkeys;
 
         for (int kc = 0; kc < nch; kc++) {
@@ -217,12 +225,12 @@ __global__ __launch_bounds__(LD_THREADS, 1) void k_latent_decode(LatP p) {
             __syncthreads();
             if (warp_busy) {
                 const T *A = Cs + kc * LD_KEYS * LD_CHUNK;
-                const T *B = Ws + (kc & 1) * LD_COLS * LD_CHUNK;
+                const T *B = Ws + (kc & 1) * COLS * LD_CHUNK;
 #pragma unroll
                 for (int ks = 0; ks < 4; ks++) {
-                    uint32_t af[4][4];
+                    uint32_t af[MT][4];
 #pragma unroll
-                    for (int mt = 0; mt < 4; mt++)
+                    for (int mt = 0; mt < MT; mt++)
                         if (mrow0 + mt * 16 < nkeys) ldsm_x4(af[mt], A + swz(mrow0 + mt * 16 + (lane & 15), ks * 2 + (lane >> 4)));
 #pragma unroll
                     for (int np = 0; np < 4; np++) {
@@ -230,7 +238,7 @@ __global__ __launch_bounds__(LD_THREADS, 1) void k_latent_decode(LatP p) {
                         const int n = hl * 64 + np * 16 + ((lane >> 4) << 3) + (lane & 7);
                         ldsm_x4(bf, B + swz(n, ks * 2 + ((lane >> 3) & 1)));
 #pragma unroll
-                        for (int mt = 0; mt < 4; mt++) {
+                        for (int mt = 0; mt < MT; mt++) {
                             if (mrow0 + mt * 16 < nkeys) {
                                 mma<T>(acc[mt][2 * np], af[mt], bf[0], bf[1]);
                                 mma<T>(acc[mt][2 * np + 1], af[mt], bf[2], bf[3]);
@@ -268,7 +276,7 @@ __global__ __launch_bounds__(LD_THREADS, 1) void k_latent_decode(LatP p) {
                 fr[nt][1] = p.inv_freq[nt * 8 + gc + 1];
             }
 #pragma unroll
-            for (int mt = 0; mt < 4; mt++) {
+            for (int mt = 0; mt < MT; mt++) {
                 if (mrow0 + mt * 16 >= nkeys) continue;
 #pragma unroll
                 for (int e2 = 0; e2 < 2; e2++) {
@@ -293,7 +301,7 @@ __global__ __launch_bounds__(LD_THREADS, 1) void k_latent_decode(LatP p) {
             }
         }
         __syncthreads();
-        /* online softmax of head `warp`; P (rounded to T, as the product takes it) transposed into Pt */
+        /* online softmax of head `warp`; P (as hi + lo in T, as the product takes it) transposed into Pt, Ptl */
         if (warp < nvalid) {
             float sv[4], bm = -INFINITY;
 #pragma unroll
@@ -310,9 +318,11 @@ __global__ __launch_bounds__(LD_THREADS, 1) void k_latent_decode(LatP p) {
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const float pe = sv[i] == -INFINITY ? 0.0f : expf(sv[i] - mn);
-                const T pt = to16<T>(pe);
-                Pt[warp * LD_PT_LD + lane + 32 * i] = pt;
-                ps += (float)pt;
+                const T hi = to16<T>(pe);
+                const T lo = to16<T>(pe - (float)hi);
+                Pt[warp * LD_PT_LD + lane + 32 * i] = hi;
+                Ptl[warp * LD_PT_LD + lane + 32 * i] = lo;
+                ps += (float)hi + (float)lo;
             }
 #pragma unroll
             for (int o = 16; o; o >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, o);
@@ -335,13 +345,15 @@ __global__ __launch_bounds__(LD_THREADS, 1) void k_latent_decode(LatP p) {
 #pragma unroll
             for (int ks = 0; ks < LD_KEYS / 16; ks++) {
                 if (ks * 16 >= nkeys) break;
-                const T *pp = Pt + gr * LD_PT_LD + ks * 16 + gc;
+                const T *pp = Pt + gr * LD_PT_LD + ks * 16 + gc, *pl = pp + 8 * LD_PT_LD;
                 const uint32_t b0 = *(const uint32_t *)pp, b1 = *(const uint32_t *)(pp + 8);
+                const uint32_t l0 = *(const uint32_t *)pl, l1 = *(const uint32_t *)(pl + 8);
 #pragma unroll
                 for (int mt = 0; mt < 4; mt++) {
                     uint32_t af[4];
                     ldsm_x4_t(af, Cw + swz(ks * 16 + (lane & 7) + ((lane >> 4) << 3), mt * 2 + ((lane >> 3) & 1)));
                     mma<T>(acc_o[mt], af, b0, b1);
+                    mma<T>(acc_o[mt], af, l0, l1);
                 }
             }
         }
@@ -370,7 +382,29 @@ __global__ __launch_bounds__(LD_THREADS, 1) void k_latent_decode(LatP p) {
     }
 }
 
-constexpr int LC_ROWS = 8; /* batch rows per combine block */
+constexpr int LC_ROWS = 8;                    /* batch rows per combine block */
+constexpr int LC_PIECES = LD_MAX_RANK / 256;  /* 8-element pieces of a Wv row per lane */
+
+template <typename T> __device__ __forceinline__ void unpack8(const uint4 &u, float *v);
+template <> __device__ __forceinline__ void unpack8<__nv_bfloat16>(const uint4 &u, float *v) {
+    const uint32_t w[4] = { u.x, u.y, u.z, u.w };
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        v[2 * i] = __uint_as_float(w[i] << 16);
+        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+template <> __device__ __forceinline__ void unpack8<__half>(const uint4 &u, float *v) {
+    const uint32_t w[4] = { u.x, u.y, u.z, u.w };
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        __half2 h2;
+        memcpy(&h2, &w[i], sizeof h2);
+        const float2 f = __half22float2(h2);
+        v[2 * i] = f.x;
+        v[2 * i + 1] = f.y;
+    }
+}
 
 template <typename T>
 __global__ __launch_bounds__(256) void k_latent_combine(LatP p, int batch) {
@@ -381,6 +415,16 @@ __global__ __launch_bounds__(256) void k_latent_combine(LatP p, int batch) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int rank = p.rank, ns = p.nsplit;
     const T *wv = (const T *)p.w + ((size_t)p.nh * 64 + (size_t)h * 64) * rank;
+    /* this warp's rows d = warp*8 .. warp*8+7 of Wv_h, all loads in flight at once and before
+     * the wait: no earlier kernel writes them, so they stream while the decode kernel runs */
+    uint4 wraw[8][LC_PIECES];
+#pragma unroll
+    for (int dd = 0; dd < 8; dd++)
+#pragma unroll
+        for (int it = 0; it < LC_PIECES; it++) {
+            const int c0 = lane * 8 + it * 256;
+            wraw[dd][it] = c0 < rank ? __ldg((const uint4 *)(wv + (size_t)(warp * 8 + dd) * rank + c0)) : make_uint4(0, 0, 0, 0);
+        }
     CU_PDL_ENTRY();
     if (warp < nr) {
         const float *ml = p.part_ml + ((size_t)(b0 + warp) * p.nh + h) * ns * 2;
@@ -400,6 +444,7 @@ __global__ __launch_bounds__(256) void k_latent_combine(LatP p, int batch) {
         if (lane == 0) inv[warp] = L > 0.0f ? 1.0f / (L + p.eps) : 0.0f;
     }
     __syncthreads();
+#pragma unroll 4
     for (int i = tid; i < nr * rank; i += 256) {
         const int r = i / rank, cd = i - r * rank;
         const float *pa = p.part_acc + ((size_t)(b0 + r) * p.nh + h) * ns * rank + cd;
@@ -411,16 +456,19 @@ __global__ __launch_bounds__(256) void k_latent_combine(LatP p, int batch) {
         o[r][cd] = a * inv[r];
     }
     __syncthreads();
-    /* out[r, h*64 + d] = o[r] . Wv[h*64 + d]: warp w takes d = w*8 .. w*8+7 */
+    /* out[r, h*64 + d] = o[r] . Wv[h*64 + d] */
+    float res[8]; /* lane r < nr: row r's output for d = warp*8 + dd */
+#pragma unroll
     for (int dd = 0; dd < 8; dd++) {
-        const int d = warp * 8 + dd;
-        const T *wr = wv + (size_t)d * rank;
         float a[LC_ROWS];
 #pragma unroll
         for (int r = 0; r < LC_ROWS; r++) a[r] = 0.0f;
-        for (int c0 = lane * 8; c0 < rank; c0 += 256) {
+#pragma unroll
+        for (int it = 0; it < LC_PIECES; it++) {
+            const int c0 = lane * 8 + it * 256;
+            if (c0 >= rank) break;
             float wf[8];
-            load8(wr + c0, wf);
+            unpack8<T>(wraw[dd][it], wf);
 #pragma unroll
             for (int r = 0; r < LC_ROWS; r++) {
                 if (r < nr) {
@@ -429,28 +477,38 @@ __global__ __launch_bounds__(256) void k_latent_combine(LatP p, int batch) {
                 }
             }
         }
+        float v = 0.0f;
 #pragma unroll
         for (int r = 0; r < LC_ROWS; r++) {
 #pragma unroll
             for (int off = 16; off; off >>= 1) a[r] += __shfl_xor_sync(0xffffffffu, a[r], off);
+            if (r == lane) v = a[r];
         }
-        if (lane < nr) {
-            float v = 0.0f;
-#pragma unroll
-            for (int r = 0; r < LC_ROWS; r++)
-                if (r == lane) v = a[r];
-            p.out[(size_t)(b0 + lane) * p.nh * 64 + (size_t)h * 64 + d] = v;
-        }
+        res[dd] = v;
+    }
+    if (lane < nr) {
+        float *dst = p.out + (size_t)(b0 + lane) * p.nh * 64 + (size_t)h * 64 + warp * 8;
+        *(float4 *)dst = make_float4(res[0], res[1], res[2], res[3]);
+        *(float4 *)(dst + 4) = make_float4(res[4], res[5], res[6], res[7]);
     }
 }
 
-template <typename T>
+/* Heads per block: 4 (each C tile read by the fewest blocks) unless that grid, even split to
+ * one key block per block, would leave most of the GPU idle; then 2 or 1, so that more SMs
+ * stream Wk. Depends only on the batch, the heads and the key bound (a recorded step keeps it). */
+int heads_per_block(const CuCtx *c, int batch, int nh, int key_blocks) {
+    int heads = LD_MAX_HEADS;
+    while (heads > 1 && 2L * batch * ((nh + heads - 1) / heads) * key_blocks <= c->num_sms) heads /= 2;
+    return heads;
+}
+
+template <typename T, int HEADS>
 xo_status launch(CuCtx *c, const LatP &p, int batch) {
-    const int groups = (p.nh + LD_HEADS - 1) / LD_HEADS;
-    cudaError_t e = cudaFuncSetAttribute(k_latent_decode<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)LatSmem::total);
+    const int groups = (p.nh + HEADS - 1) / HEADS;
+    const size_t smem = LatSmem<HEADS>::total;
+    cudaError_t e = cudaFuncSetAttribute(k_latent_decode<T, HEADS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return cu_check(c, e, "latent decode attention (shared memory)");
-    cu_launch(c, k_latent_decode<T>, dim3((unsigned)groups, (unsigned)p.nsplit, (unsigned)batch), LD_THREADS,
-              LatSmem::total, p);
+    cu_launch(c, k_latent_decode<T, HEADS>, dim3((unsigned)groups, (unsigned)p.nsplit, (unsigned)batch), LD_THREADS, smem, p);
     xo_status rc = cu_check_launch(c, "latent decode attention");
     if (rc != XO_OK) return rc;
     cu_launch(c, k_latent_combine<T>, dim3((unsigned)p.nh, (unsigned)((batch + LC_ROWS - 1) / LC_ROWS)), 256, 0, p,
@@ -458,21 +516,47 @@ xo_status launch(CuCtx *c, const LatP &p, int batch) {
     return cu_check_launch(c, "latent decode attention (combine)");
 }
 
+template <typename T>
+xo_status launch_heads(CuCtx *c, const LatP &p, int batch, int heads) {
+    switch (heads) {
+    case 1: return launch<T, 1>(c, p, batch);
+    case 2: return launch<T, 2>(c, p, batch);
+    default: return launch<T, 4>(c, p, batch);
+    }
+}
+
 } // namespace
 
-bool cu_latent_decode_fits(const CuCtx *c, const xo_attention_args *a) {
+bool cu_latent_decode_fits(const xo_attention_args *a) {
     const xo_linear *w = a->kv_b;
-    return c->attn_latent && a->format == XO_CACHE_LATENT && a->new_tokens == 1 && w &&
+    return a->format == XO_CACHE_LATENT && a->new_tokens == 1 && w &&
            (a->latent_dtype == XO_BF16 || a->latent_dtype == XO_F16) && w->dtype == a->latent_dtype &&
            a->head_dim == 64 && a->num_heads == a->num_kv_heads && a->rank % LD_CHUNK == 0 && a->rank >= LD_CHUNK &&
            a->rank <= LD_MAX_RANK && w->in == a->rank && w->out == 2 * a->num_kv_heads * a->head_dim;
+}
+
+/* Under cuda_attention=auto: the in-kernel expansion beats expanding K and V into scratch from
+ * about LD_AUTO_MIN_KEYS keys on (measured in benchmarks/RESULTS.md: one row loses below, where
+ * each layer's wait for Wk chunk after chunk is not yet paid back). The key count is past + 1,
+ * and past is the bound a decode session records a step for (it records again each time the
+ * bound grows), so a replayed graph holds the choice made for its own bound. */
+constexpr int LD_AUTO_MIN_KEYS = 512;
+
+bool cu_latent_decode_wins(const xo_attention_args *a) {
+    return a->past + 1 >= LD_AUTO_MIN_KEYS;
+}
+
+bool cu_latent_decode_chosen(const CuCtx *c, const xo_attention_args *a) {
+    if (c->attn_decode == CU_DECODE_EXPAND || !cu_latent_decode_fits(a)) return false;
+    return c->attn_decode == CU_DECODE_LATENT || cu_latent_decode_wins(a);
 }
 
 xo_status cu_latent_decode(CuCtx *c, const xo_attention_args *a) {
     const int B = a->batch, nh = a->num_heads, rank = a->rank;
     const int kv_bound = a->past + 1; /* past is the true length, or its bound when past_device is given */
     const int blocks = (kv_bound + LD_KEYS - 1) / LD_KEYS;
-    const int groups = (nh + LD_HEADS - 1) / LD_HEADS;
+    const int heads = heads_per_block(c, B, nh, blocks);
+    const int groups = (nh + heads - 1) / heads;
     /* about two blocks per SM in all (one is resident at a time): splits over the keys when
      * the rows and heads alone do not fill the GPU */
     const long base = (long)groups * B, want = 2L * c->num_sms;
@@ -502,7 +586,8 @@ xo_status cu_latent_decode(CuCtx *c, const xo_attention_args *a) {
     p.part_ml = (float *)blk;
     p.part_acc = (float *)(blk + b_ml);
     p.out = a->out;
-    const xo_status rc = a->latent_dtype == XO_BF16 ? launch<__nv_bfloat16>(c, p, B) : launch<__half>(c, p, B);
+    const xo_status rc = a->latent_dtype == XO_BF16 ? launch_heads<__nv_bfloat16>(c, p, B, heads)
+                                                  : launch_heads<__half>(c, p, B, heads);
     cu_free(c, blk);
     return rc;
 }

@@ -1,0 +1,73 @@
+"""GPU time per kernel of eager decode steps (the default configuration of bench_gpu.py, bf16,
+latent cache), under each cuda_attention value given, from the CUDA profiler (torch.profiler,
+which records every kernel of the process, xoron's included).
+
+    python benchmarks/profile_decode_kernels.py [--shapes 1x32,64x32,1x4096] [--options auto,rows] [--steps 8]
+
+Prints, per shape and option, the kernels' GPU microseconds per decode step (summed over the
+12 layers), the largest first, and the total. Steps run eagerly (cuda_graphs=0): the kernels
+are those a replayed graph holds, without the launch gaps; and without programmatic dependent
+launch (cuda_pdl=0), under which a kernel starts before the one it depends on ends and its span
+includes that wait.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import xoron  # noqa: E402
+from bench_gpu import CONFIG, random_ids  # noqa: E402
+
+
+def kernel_times(m, b, ctx, steps):
+    ids = random_ids(b, ctx + steps + 2, b + ctx)
+    out = m(input_ids=ids[:, :ctx], use_cache=True)
+    cache = out.past_key_values
+    out = m(input_ids=ids[:, ctx:ctx + 1], past_key_values=cache, use_cache=True)  # warm-up step
+    cache = out.past_key_values
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(ctx + 1, ctx + 1 + steps):
+            out = m(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        if t is None:
+            t = getattr(e, "cuda_time_total", 0.0)
+        if t > 0:
+            rows.append((t / steps, e.count // steps, e.key))
+    return sorted(rows, reverse=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="1x32,64x32,1x4096")
+    ap.add_argument("--options", default="auto,rows", help="cuda_attention values, comma-separated")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--top", type=int, default=12)
+    args = ap.parse_args()
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    for opt in args.options.split(","):
+        m = xoron.MoELlamaForCausalLM(CONFIG, dtype="bfloat16", device="cuda", seed=0,
+                                      options={"cuda_attention": opt, "cuda_graphs": False, "cuda_pdl": False})
+        for b, ctx in shapes:
+            rows = kernel_times(m, b, ctx, args.steps)
+            total = sum(r[0] for r in rows)
+            print(f"\n## cuda_attention={opt} b={b} ctx={ctx}: {total:.1f} us of kernels per step")
+            for us, n, name in rows[:args.top]:
+                print(f"{us:9.1f} us  x{n:<4d} {name[:110]}")
+        del m
+
+
+if __name__ == "__main__":
+    main()
