@@ -242,22 +242,20 @@ AVX512_KERNEL(gemv_avx512_f16, blk_avx512_f16, ld16_f16, sc_f16, 2)
  * rounding of long rows near that of the vector-wide partial sums. */
 enum { MANY_M = 14, SPAN_COLS = 64 };
 
-/* wt[k][j] = W[r0 + j][k] as float32 for j < rows (<= 16), 0 for the rest */
-#define TRANSPOSE16(NAME, ESZ, LO, HI, ONE)                                                          \
+/* wt[k][j] = W[r0 + j][k] (16-bit W) as float32 for j < rows (<= 16), 0 for the rest */
+#define TRANSPOSE16(NAME, LO, HI, ONE)                                                               \
     T_AVX512 static void NAME(float *wt, const void *W, int K, int r0, int rows) {                  \
         const __mmask16 live = (__mmask16)((1u << rows) - 1u);                                       \
         const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, \
                                                                  14, 15), _mm512_set1_epi32(K));     \
-        const char *base = (const char *)W + (size_t)r0 * K * (ESZ);                                 \
+        const char *base = (const char *)W + (size_t)r0 * K * 2;                                     \
         int k = 0;                                                                                   \
-        if ((ESZ) == 2) {                                                                            \
-            for (; k + 2 <= K; k += 2) {   /* one 32-bit gather holds columns k and k + 1 */         \
-                const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, idx, base + (size_t)k * 2, 2); \
-                _mm512_storeu_ps(wt + (size_t)k * 16, LO(v));                                        \
-                _mm512_storeu_ps(wt + (size_t)(k + 1) * 16, HI(v));                                  \
-            }                                                                                        \
+        for (; k + 2 <= K; k += 2) {   /* one 32-bit gather holds columns k and k + 1 */             \
+            const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, idx, base + (size_t)k * 2, 2); \
+            _mm512_storeu_ps(wt + (size_t)k * 16, LO(v));                                            \
+            _mm512_storeu_ps(wt + (size_t)(k + 1) * 16, HI(v));                                      \
         }                                                                                            \
-        for (; k < K; k++) {                                                                         \
+        for (; k < K; k++) {   /* an odd last column */                                              \
             float col[16] = {0};                                                                     \
             for (int j = 0; j < rows; j++) col[j] = ONE(W, (size_t)(r0 + j) * K + k);                \
             _mm512_storeu_ps(wt + (size_t)k * 16, _mm512_loadu_ps(col));                             \
@@ -270,10 +268,8 @@ T_AVX512 ALWAYS __m512 bf16_hi(__m512i v) {
 }
 T_AVX512 ALWAYS __m512 f16_lo(__m512i v) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)); }
 T_AVX512 ALWAYS __m512 f16_hi(__m512i v) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16))); }
-T_AVX512 ALWAYS __m512 f32_none(__m512i v) { return _mm512_castsi512_ps(v); }
-TRANSPOSE16(transpose16_bf16, 2, bf16_lo, bf16_hi, sc_bf16)
-TRANSPOSE16(transpose16_f16, 2, f16_lo, f16_hi, sc_f16)
-TRANSPOSE16(transpose16_f32, 4, f32_none, f32_none, sc_f32)
+TRANSPOSE16(transpose16_bf16, bf16_lo, bf16_hi, sc_bf16)
+TRANSPOSE16(transpose16_f16, f16_lo, f16_hi, sc_f16)
 
 /* y[b, r0 + j] = x[b] . W[r0 + j] for b < M (a constant after inlining), j < rows, from wt */
 T_AVX512 ALWAYS void many_rows(float *y, size_t ldy, const float *x, size_t ldx, int K, const float *wt, int r0,
@@ -390,8 +386,8 @@ void xo_cpu_gemv(float *y, const float *x, int m, const xo_linear *w, int isa) {
     float *wt = NULL;
 #ifdef XO_X86
     transpose_fn transpose = NULL;
-    if (m > 8 && isa >= XO_ISA_AVX512) {
-        transpose = w->dtype == XO_BF16 ? transpose16_bf16 : w->dtype == XO_F16 ? transpose16_f16 : transpose16_f32;
+    if (m > 8 && isa >= XO_ISA_AVX512 && (w->dtype == XO_BF16 || w->dtype == XO_F16)) {
+        transpose = w->dtype == XO_BF16 ? transpose16_bf16 : transpose16_f16;
         wt = malloc((size_t)omp_get_max_threads() * 16 * K * sizeof *wt);
     }
 #endif
