@@ -171,6 +171,102 @@ def test_matmul_row_ranges(hooks, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_grouped_activations_quantised_by_the_team(hooks, dtype):
+    """With many groups of x (a context's latents, say) the team quantises them, split at any
+    group of any row: the product is the same bits whatever the team's size, and as exact as
+    the serial quantisation against the float64 product of the int16 activations."""
+    lib, best = hooks
+    rng = np.random.default_rng(17)
+    for o, k in ((300, 1000), (96, 515)):
+        w = rng.standard_normal((o, k)).astype(np.float32)
+        for m in (3, 4, 17, 33, 40):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            x[m // 2, 40:70] = 0.0   # an all-zero group where a split may fall
+            for isa in range(best + 1):
+                one, back = hook_matmul(lib, dtype, w, x, cpu_isa=ISA_NAMES[isa], threads=1)
+                for threads in (2, 3):
+                    y, _ = hook_matmul(lib, dtype, w, x, cpu_isa=ISA_NAMES[isa], threads=threads)
+                    np.testing.assert_array_equal(y, one, err_msg=f"{ISA_NAMES[isa]} m={m} threads={threads}")
+                ref = quantized_activations(x)[0] @ back.astype(np.float64).T
+                assert np.abs(one - ref).max() / np.abs(ref).max() <= 2e-6, (ISA_NAMES[isa], o, k, m)
+
+
+def hook_argmax(lib, z, threads):
+    """(status, indices) of the backend's argmax_rows over the rows of z with a team of `threads`."""
+    z = np.ascontiguousarray(z, np.float32)
+    out = np.full(z.shape[0], -1, np.int32)
+    lib.xo_hook_argmax_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    rc = lib.xo_hook_argmax_rows(z.ctypes.data, z.shape[0], z.shape[1], threads, out.ctypes.data)
+    return rc, out
+
+
+@pytest.mark.parametrize("cols", [100, 40000, 151643])
+def test_argmax_rows_first_largest_over_threads(hooks, cols):
+    """Greedy decoding's argmax: the first index of the largest logit (numpy's argmax), whatever
+    the team's size (a vocabulary this large is split over the team): ties on both sides of any
+    split, the largest in any part, -0.0 beside 0.0, all -inf, +inf; a NaN anywhere fails."""
+    lib, _ = hooks
+    rng = np.random.default_rng(3)
+    rows = [rng.standard_normal(cols).astype(np.float32) for _ in range(4)]
+    tie = rng.standard_normal(cols).astype(np.float32)
+    tie[[cols // 3, cols // 2, cols - 1]] = 9.0           # equal maxima in different parts
+    rows.append(tie)
+    late = np.full(cols, -5.0, np.float32)
+    late[-1] = 1.0                                         # the largest in the last part only
+    rows.append(late)
+    zeros = np.zeros(cols, np.float32)
+    zeros[: cols // 2] = -0.0
+    rows.append(zeros)
+    rows.append(np.full(cols, -np.inf, np.float32))
+    inf = rng.standard_normal(cols).astype(np.float32)
+    inf[[cols // 4, cols - 2]] = np.inf
+    rows.append(inf)
+    z = np.stack(rows)
+    want = z.argmax(axis=1)
+    for threads in (1, 2, 3, 4):
+        rc, got = hook_argmax(lib, z, threads)
+        assert rc == 0
+        np.testing.assert_array_equal(got, want, err_msg=f"threads={threads}")
+        for where in (0, cols // 2, cols - 1):
+            bad = z.copy()
+            bad[2, where] = np.nan
+            rc, _ = hook_argmax(lib, bad, threads)
+            assert rc != 0, (threads, where)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4"])
+def test_latent_decode_same_over_threads(dtype):
+    """Decode over the latent cache spreads the heads' value products over the team, each on
+    one thread: the logits of 1 and 3 new tokens after a prompt are the same bits with 1, 2 or
+    3 threads, and match the cache_format="kv" path (values expanded per key) within its rounding."""
+    cfg = dict(num_hidden_layers=2, vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=128, kv_lora_rank=32)
+    built = make_model(cfg, seed=21)
+    before = xoron.get_num_threads()
+    got = {}
+    try:
+        for fmt in ("latent", "kv"):
+            m = xoron.MoELlamaForCausalLM(built.config, dtype=dtype, seed=0)
+            m.load_state_dict(built.weights)
+            m.cache_format = fmt
+            prompt = built.ids(1, 6, seed=2)
+            for threads in (1, 2, 3):
+                xoron.set_num_threads(threads)
+                past = m(input_ids=prompt, use_cache=True).past_key_values
+                one = np.asarray(m(input_ids=built.ids(1, 1, seed=4), past_key_values=past, use_cache=True).logits)
+                three = np.asarray(m(input_ids=built.ids(1, 3, seed=5), past_key_values=past, use_cache=True).logits)
+                got[fmt, threads] = np.concatenate([one, three], axis=1)
+    finally:
+        xoron.set_num_threads(before)
+    for threads in (2, 3):
+        np.testing.assert_array_equal(got["latent", threads], got["latent", 1], err_msg=f"threads={threads}")
+    # the paths round differently: a 16-bit cache (bfloat16 models), int16 activations of
+    # different vectors (the weighted latents here, each key's latent there)
+    bound = {"float32": 1e-5, "bfloat16": 1e-2, "int8": 5e-4, "int4": 5e-4}[dtype]
+    assert rel_err(got["latent", 1], got["kv", 1]) <= bound, rel_err(got["latent", 1], got["kv", 1])
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_grouped_non_finite_activations(hooks, dtype):
     """Activations holding an infinity or a NaN give non-finite outputs on the matrix-vector
     kernels as in float32 (a group with no int16 scale gives NaN), and the other rows of x

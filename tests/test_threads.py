@@ -168,3 +168,20 @@ def test_team_size_rule():
     r = run_python("import ctypes; from xoron import _testing; print(ctypes.CDLL(_testing.__file__).xo_hook_team(0))",
                    OMP_NUM_THREADS="3")
     assert r.returncode == 0 and int(r.stdout) == 3, r.stderr
+
+
+def test_runnable_count_read_again_each_time():
+    """The automatic team size reads the runnable count from /proc/loadavg at each step, from a
+    file kept open and read again from its start: every read parses (this caller is runnable,
+    so at least 1; 0 would mean the read or the parse failed) and stays within the task count."""
+    import ctypes
+    from xoron import _testing
+    if not os.path.exists("/proc/loadavg"):
+        pytest.skip("no /proc/loadavg on this system")
+    lib = ctypes.CDLL(_testing.__file__)
+    lib.xo_hook_runnable_now.restype = ctypes.c_long
+    for _ in range(3):
+        got = lib.xo_hook_runnable_now()
+        with open("/proc/loadavg") as f:
+            running, total = map(int, f.read().split()[3].split("/"))
+        assert 1 <= got <= total + 64   # tasks come and go between the two reads

@@ -2,6 +2,7 @@
  * (testing/module.c) and reached from Python through ctypes: one product through the CPU
  * backend on any storage dtype with any options, kernel timing, the machine's read
  * bandwidth, the best kernel set and the CPU team size. Not part of the engine. */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -39,8 +40,13 @@ XO_EXPORT int xo_hook_matmul(int dtype, int out, int in, int m, const float *w, 
     xo_status made = make_backend(&be, opt_names, opt_values, n_opts);
     if (made != XO_OK) return -(int)made;
     xo_linear L;
+    /* a `threads` option is applied as a model call applies it (the team of the product) */
+    int own_team = 0;
+    for (int i = 0; i < n_opts; i++) own_team |= strcmp(opt_names[i], "threads") == 0;
     xo_status rc = make_linear(be, &L, dtype, out, in, w);
+    if (own_team) be->enter(be);
     if (rc == XO_OK) rc = be->ops.matmul(be, y, x, &L, m);
+    if (own_team) be->leave(be);
     if (rc == XO_OK && w_back) rc = be->weights.linear_to_host(be, &L, w_back);
     be->weights.linear_free(be, &L);
     be->destroy(be);
@@ -57,6 +63,22 @@ XO_EXPORT int xo_hook_matmul_rows(int dtype, int out, int in, int m, int row0, i
     xo_status rc = make_linear(be, &L, dtype, out, in, w);
     if (rc == XO_OK) rc = xo_cpu_matmul_rows(be, y, x, &L, m, row0, rows);
     be->weights.linear_free(be, &L);
+    be->destroy(be);
+    return -(int)rc;
+}
+
+/* out[r] = the first index of the largest of logits[r, :cols] (the backend's argmax_rows) with a
+ * team of `threads`. 0 on success, else -status. */
+XO_EXPORT int xo_hook_argmax_rows(const float *logits, int rows, int cols, int threads, int32_t *out) {
+    xo_backend *be = NULL;
+    char count[16];
+    snprintf(count, sizeof count, "%d", threads);
+    const char *names[] = { "threads" }, *values[] = { count };
+    xo_status rc = make_backend(&be, names, values, 1);
+    if (rc != XO_OK) return -(int)rc;
+    be->enter(be);
+    rc = be->ops.argmax_rows(be, out, logits, rows, cols);
+    be->leave(be);
     be->destroy(be);
     return -(int)rc;
 }
@@ -190,6 +212,9 @@ XO_EXPORT int xo_hook_team(int threads) {
     cx.threads = threads;
     return xo_cpu_team(&cx);
 }
+
+/* Runnable tasks on the machine as the automatic team size reads them (0: unknown). */
+XO_EXPORT long xo_hook_runnable_now(void) { return xo_cpu_runnable_now(); }
 
 /* Sets this library's process default thread count (its copy of the engine's; 0 on success). */
 XO_EXPORT int xo_hook_set_default_threads(int n) { return -(int)xo_cpu_set_default_threads(n); }

@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <omp.h>
+
 #include "backends/cpu/kernels.h"
 
 enum { KEY_CHUNK = 256 };
@@ -188,6 +190,57 @@ static int values_finite(const float *vbase, size_t stride, int len, int width) 
 
 enum { DECODE_MAX_TOKENS = 8 };
 
+/* out_h = (acc_h / l_h) @ Wv_g.T for every head h of batch row b (acc [h][i][r]; head_out: nh * t
+ * * hd floats). Each head's product is too small to split, so the heads are spread over the
+ * team, each product on one thread; float32 weights (oneDNN's sgemm) and products of more rows
+ * than the matrix-vector kernels take go one head at a time. */
+static xo_status latent_values(xo_backend *be, const xo_attention_args *a, int b, float *acc, const float *l,
+                               float *head_out) {
+    const xo_cpu_ctx *cx = xo_cpu_ctx_of(be);
+    const int t = a->new_tokens, nh = a->num_heads, hd = a->head_dim, r = a->rank;
+    const int group = nh / a->num_kv_heads, kw = a->num_kv_heads * hd;
+    const xo_linear *wv = a->kv_b;
+    for (int h = 0; h < nh; h++) {
+        for (int i = 0; i < t; i++) {
+            const float den = l[i * nh + h] + a->denom_eps;
+            const float inv = l[i * nh + h] > 0.0f ? 1.0f / den : 0.0f;
+            float *row = &acc[((size_t)h * t + i) * r];
+            for (int x = 0; x < r; x++) row[x] *= inv;
+        }
+    }
+    if (wv->dtype == XO_F32 || t > cx->gemv_max_rows) {
+        for (int h = 0; h < nh; h++)
+            XO_TRY(xo_cpu_matmul_rows(be, head_out + (size_t)h * t * hd, &acc[(size_t)h * t * r], wv, t,
+                                      kw + (h / group) * hd, hd));
+    } else {
+        const int grouped = xo_cpu_grouped(wv->dtype);
+        const size_t qx_bytes = grouped ? xo_cpu_qx_bytes(t, r) : 0;
+        char *scratch = grouped ? malloc((size_t)omp_get_max_threads() * qx_bytes) : NULL;
+        if (grouped && !scratch) return xo_fail(XO_ENOMEM, "out of memory in attention");
+        #pragma omp parallel for schedule(static) if (nh > 1)
+        for (int h = 0; h < nh; h++) {
+            float *y = head_out + (size_t)h * t * hd;
+            const float *x = &acc[(size_t)h * t * r];
+            const int row0 = kw + (h / group) * hd;
+            if (grouped) {
+                xo_cpu_qgemv_serial(y, (size_t)hd, x, t, wv, row0, hd, cx->isa,
+                                    scratch + (size_t)omp_get_thread_num() * qx_bytes);
+            } else {   /* the float formats' rows are contiguous */
+                xo_linear v = *wv;
+                v.out = hd;
+                v.data = (char *)wv->data + (size_t)row0 * wv->in * xo_dtype_size(wv->dtype);
+                xo_cpu_gemv(y, x, t, &v, cx->isa);
+            }
+        }
+        free(scratch);
+    }
+    for (int h = 0; h < nh; h++)
+        for (int i = 0; i < t; i++)
+            memcpy(a->out + (((size_t)b * t + i) * nh + h) * hd, head_out + ((size_t)h * t + i) * hd,
+                   (size_t)hd * sizeof(float));
+    return XO_OK;
+}
+
 /* Decode over the latent cache: K expanded per chunk, values through the accumulated latents. */
 static xo_status attention_latent_decode(xo_backend *be, const xo_attention_args *a) {
     const int t = a->new_tokens, nh = a->num_heads, nkv = a->num_kv_heads, hd = a->head_dim, r = a->rank;
@@ -200,7 +253,7 @@ static xo_status attention_latent_decode(xo_backend *be, const xo_attention_args
     float *acc = malloc((size_t)nh * t * r * sizeof *acc);   /* [h][i][r] */
     float *kbuf = malloc((size_t)KEY_CHUNK * kw * sizeof *kbuf);
     float *wide = malloc((size_t)KEY_CHUNK * r * sizeof *wide);
-    float *head_out = malloc((size_t)t * hd * sizeof *head_out);
+    float *head_out = malloc((size_t)nh * t * hd * sizeof *head_out);
     xo_status rc = XO_OK;
     if (!m || !l || !acc || !kbuf || !wide || !head_out) {
         rc = xo_fail(XO_ENOMEM, "out of memory in attention");
@@ -238,18 +291,7 @@ static xo_status attention_latent_decode(xo_backend *be, const xo_attention_args
             }
             rc = xo_interrupt_poll(a->interrupt);
         }
-        /* out_h = (acc_h / l) @ Wv_g.T */
-        for (int h = 0; h < nh && rc == XO_OK; h++) {
-            for (int i = 0; i < t; i++) {
-                float den = l[i * nh + h] + a->denom_eps;
-                float inv = l[i * nh + h] > 0.0f ? 1.0f / den : 0.0f;
-                float *row = &acc[((size_t)h * t + i) * r];
-                for (int x = 0; x < r; x++) row[x] *= inv;
-            }
-            rc = xo_cpu_matmul_rows(be, head_out, &acc[(size_t)h * t * r], a->kv_b, t, kw + (h / group) * hd, hd);
-            for (int i = 0; rc == XO_OK && i < t; i++)
-                memcpy(a->out + (((size_t)b * t + i) * nh + h) * hd, head_out + (size_t)i * hd, (size_t)hd * sizeof(float));
-        }
+        if (rc == XO_OK) rc = latent_values(be, a, b, acc, l, head_out);
     }
 out:
     free(m);

@@ -2,6 +2,8 @@
 #include <math.h>
 #include <string.h>
 
+#include <omp.h>
+
 #include "backends/cpu/kernels.h"
 
 
@@ -96,12 +98,28 @@ static void swiglu_row(float *y, const float *g, const float *u, int n) {
     for (int j = 0; j < n; j++) y[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
 }
 
+/* Products below this many outputs are computed by one thread. */
+enum { SWIGLU_SPLIT = 1024 };
+
 xo_status xo_cpu_swiglu(xo_backend *be, float *y, const float *gu, int n, int inter) {
     (void)be;
-    #pragma omp parallel for schedule(static) if (n > 4)
-    for (int i = 0; i < n; i++) {
-        const float *row = gu + (size_t)i * 2 * inter;
-        swiglu_row(y + (size_t)i * inter, row, row + inter, inter);
+    if (n > 4) {
+        #pragma omp parallel for schedule(static)
+        for (int i = 0; i < n; i++) {
+            const float *row = gu + (size_t)i * 2 * inter;
+            swiglu_row(y + (size_t)i * inter, row, row + inter, inter);
+        }
+        return XO_OK;
+    }
+    /* few rows (decode): each row's columns split over the team, libm's expf being the cost */
+    #pragma omp parallel if ((long)n * inter >= SWIGLU_SPLIT)
+    {
+        const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        const int c0 = (int)((long)inter * id / nt), c1 = (int)((long)inter * (id + 1) / nt);
+        for (int i = 0; i < n; i++) {
+            const float *row = gu + (size_t)i * 2 * inter;
+            swiglu_row(y + (size_t)i * inter + c0, row + c0, row + inter + c0, c1 - c0);
+        }
     }
     return XO_OK;
 }
@@ -126,16 +144,49 @@ xo_status xo_cpu_cache_write(xo_backend *be, void *cache, xo_dtype cache_t, int 
     return XO_OK;
 }
 
+/* The first index of the largest of z[v0, v1) (as a strict '>' scan finds it) into *best and
+ * its value into *top; returns whether the span holds a NaN. Two vectorised passes: the
+ * largest value, then the first index holding it. */
+XO_CLONES
+static int argmax_span(const float *z, int v0, int v1, int *best, float *top) {
+    float mx = -INFINITY;
+    int nan = 0;
+    #pragma omp simd reduction(max : mx) reduction(| : nan)
+    for (int v = v0; v < v1; v++) {
+        nan |= z[v] != z[v];
+        mx = z[v] > mx ? z[v] : mx;
+    }
+    int at = v0;
+    while (at < v1 && !(z[at] == mx)) at++;
+    *best = at < v1 ? at : v0;   /* all -inf: the first, as the scan keeps it */
+    *top = mx;
+    return nan;
+}
+
+/* Rows shorter than this are scanned by one thread; at most ARGMAX_PARTS threads share one. */
+enum { ARGMAX_SPLIT = 32768, ARGMAX_PARTS = 64 };
+
 xo_status xo_cpu_argmax_rows(xo_backend *be, int32_t *out, const float *logits, int rows, int cols) {
     (void)be;
+    const int team = omp_get_max_threads() < ARGMAX_PARTS ? omp_get_max_threads() : ARGMAX_PARTS;
     for (int r = 0; r < rows; r++) {
         const float *z = logits + (size_t)r * cols;
-        int best = 0, nan = 0;
-        for (int v = 0; v < cols; v++) {
-            nan |= z[v] != z[v];
-            if (z[v] > z[best]) best = v;
+        int idx[ARGMAX_PARTS], nan[ARGMAX_PARTS], parts = 1;
+        float top[ARGMAX_PARTS];
+        #pragma omp parallel num_threads(team) if (cols >= ARGMAX_SPLIT)
+        {
+            const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+            if (id == 0) parts = nt;
+            const int v0 = (int)((long)cols * id / nt), v1 = (int)((long)cols * (id + 1) / nt);
+            nan[id] = argmax_span(z, v0, v1, &idx[id], &top[id]);
         }
-        if (nan) return xo_fail(XO_EINVAL, "logits contain NaN at row %d", r);
+        int best = idx[0], any_nan = nan[0];
+        float best_v = top[0];
+        for (int p = 1; p < parts; p++) {   /* a later part wins only with a larger value */
+            any_nan |= nan[p];
+            if (top[p] > best_v) { best = idx[p]; best_v = top[p]; }
+        }
+        if (any_nan) return xo_fail(XO_EINVAL, "logits contain NaN at row %d", r);
         out[r] = best;
     }
     return XO_OK;

@@ -233,6 +233,87 @@ AVX512_KERNEL(gemv_avx512_f32, blk_avx512_f32, ld16_f32, sc_f32, 4)
 AVX512_KERNEL(gemv_avx512_bf16, blk_avx512_bf16, ld16_bf16, sc_bf16, 2)
 AVX512_KERNEL(gemv_avx512_f16, blk_avx512_f16, ld16_f16, sc_f16, 2)
 
+/* Many x rows (m > 8: a context's latents, short prompts): the products are bound by arithmetic,
+ * and widening each weight again for every few x rows, then reducing each output's 16 partial
+ * sums, cost as much as the multiply-adds. Instead 16 rows of W at a time are widened once and
+ * transposed into wt [K][16] floats (columns gathered in pairs), and each x row's 16 outputs
+ * accumulate in one vector: per column one load of wt and one multiply-add per x row with the x
+ * value broadcast. Sums run over spans of SPAN_COLS columns, then across spans, which keeps the
+ * rounding of long rows near that of the vector-wide partial sums. */
+enum { MANY_M = 14, SPAN_COLS = 64 };
+
+/* wt[k][j] = W[r0 + j][k] (16-bit W) as float32 for j < rows (<= 16), 0 for the rest */
+#define TRANSPOSE16(NAME, LO, HI, ONE)                                                               \
+    T_AVX512 static void NAME(float *wt, const void *W, int K, int r0, int rows) {                  \
+        const __mmask16 live = (__mmask16)((1u << rows) - 1u);                                       \
+        const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, \
+                                                                 14, 15), _mm512_set1_epi32(K));     \
+        const char *base = (const char *)W + (size_t)r0 * K * 2;                                     \
+        int k = 0;                                                                                   \
+        for (; k + 2 <= K; k += 2) {   /* one 32-bit gather holds columns k and k + 1 */             \
+            const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, idx, base + (size_t)k * 2, 2); \
+            _mm512_storeu_ps(wt + (size_t)k * 16, LO(v));                                            \
+            _mm512_storeu_ps(wt + (size_t)(k + 1) * 16, HI(v));                                      \
+        }                                                                                            \
+        for (; k < K; k++) {   /* an odd last column */                                              \
+            float col[16] = {0};                                                                     \
+            for (int j = 0; j < rows; j++) col[j] = ONE(W, (size_t)(r0 + j) * K + k);                \
+            _mm512_storeu_ps(wt + (size_t)k * 16, _mm512_loadu_ps(col));                             \
+        }                                                                                            \
+    }
+
+T_AVX512 ALWAYS __m512 bf16_lo(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+T_AVX512 ALWAYS __m512 bf16_hi(__m512i v) {
+    return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+}
+T_AVX512 ALWAYS __m512 f16_lo(__m512i v) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)); }
+T_AVX512 ALWAYS __m512 f16_hi(__m512i v) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16))); }
+TRANSPOSE16(transpose16_bf16, bf16_lo, bf16_hi, sc_bf16)
+TRANSPOSE16(transpose16_f16, f16_lo, f16_hi, sc_f16)
+
+/* y[b, r0 + j] = x[b] . W[r0 + j] for b < M (a constant after inlining), j < rows, from wt */
+T_AVX512 ALWAYS void many_rows(float *y, size_t ldy, const float *x, size_t ldx, int K, const float *wt, int r0,
+                               int rows, const int M) {
+    __m512 total[MANY_M], acc[MANY_M];
+    _Pragma("GCC unroll 14") for (int b = 0; b < M; b++) total[b] = _mm512_setzero_ps();
+    for (int k0 = 0; k0 < K; k0 += SPAN_COLS) {
+        const int k1 = k0 + SPAN_COLS < K ? k0 + SPAN_COLS : K;
+        _Pragma("GCC unroll 14") for (int b = 0; b < M; b++) acc[b] = _mm512_setzero_ps();
+        for (int k = k0; k < k1; k++) {
+            const __m512 w = _mm512_loadu_ps(wt + (size_t)k * 16);
+            _Pragma("GCC unroll 14") for (int b = 0; b < M; b++)
+                acc[b] = _mm512_fmadd_ps(_mm512_set1_ps(x[(size_t)b * ldx + k]), w, acc[b]);
+        }
+        _Pragma("GCC unroll 14") for (int b = 0; b < M; b++) total[b] = _mm512_add_ps(total[b], acc[b]);
+    }
+    const __mmask16 live = (__mmask16)((1u << rows) - 1u);
+    _Pragma("GCC unroll 14") for (int b = 0; b < M; b++) _mm512_mask_storeu_ps(y + (size_t)b * ldy + r0, live, total[b]);
+}
+
+/* rows [r0, r1) of W against all m x rows, wt: 16 * K floats of scratch */
+typedef void (*transpose_fn)(float *wt, const void *W, int K, int r0, int rows);
+T_AVX512 static void gemv_many_avx512(float *y, size_t ldy, const float *x, size_t ldx, int m, int K, const void *W,
+                                      transpose_fn transpose, float *wt, int r0, int r1) {
+    const int chunks = (m + MANY_M - 1) / MANY_M;
+    for (int r = r0; r < r1; r += 16) {
+        const int rows = r1 - r < 16 ? r1 - r : 16;
+        transpose(wt, W, K, r, rows);
+        for (int c = 0, i0 = 0; c < chunks; c++) {   /* x rows in near-equal chunks of at most MANY_M */
+            const int mm = (m - i0) / (chunks - c);
+            float *yc = y + (size_t)i0 * ldy;
+            const float *xc = x + (size_t)i0 * ldx;
+            switch (mm) {
+#define MANY_CASE(N) case N: many_rows(yc, ldy, xc, ldx, K, wt, r, rows, N); break;
+            MANY_CASE(1) MANY_CASE(2) MANY_CASE(3) MANY_CASE(4) MANY_CASE(5) MANY_CASE(6) MANY_CASE(7)
+            MANY_CASE(8) MANY_CASE(9) MANY_CASE(10) MANY_CASE(11) MANY_CASE(12) MANY_CASE(13)
+            default: many_rows(yc, ldy, xc, ldx, K, wt, r, rows, MANY_M); break;
+#undef MANY_CASE
+            }
+            i0 += mm;
+        }
+    }
+}
+
 #endif /* XO_X86 */
 
 /* ------------------------------------------------------------------ run-time choice */
@@ -300,17 +381,33 @@ void xo_cpu_gemv(float *y, const float *x, int m, const xo_linear *w, int isa) {
     const int out = w->out, K = w->in;
     const float *scales = NULL;
     const double work = (double)out * K * m;
+    /* AVX-512, many x rows: each thread's transposed block of W (without the memory, the
+     * path below, which needs none) */
+    float *wt = NULL;
+#ifdef XO_X86
+    transpose_fn transpose = NULL;
+    if (m > 8 && isa >= XO_ISA_AVX512 && (w->dtype == XO_BF16 || w->dtype == XO_F16)) {
+        transpose = w->dtype == XO_BF16 ? transpose16_bf16 : transpose16_f16;
+        wt = malloc((size_t)omp_get_max_threads() * 16 * K * sizeof *wt);
+    }
+#endif
     #pragma omp parallel if (work > 65536.0)
     {
         /* one contiguous span of rows per thread, so each core streams its own part of W */
         const int nt = omp_get_num_threads(), id = omp_get_thread_num();
         int per = (out + nt - 1) / nt;
-        per = (per + 3) & ~3;
+        per = wt ? (per + 15) & ~15 : (per + 3) & ~3;
         const int r0 = id * per, r1 = r0 + per < out ? r0 + per : out;
         if (m <= 8) {
             if (r0 < r1) fn(y, (size_t)out, x, (size_t)K, m, K, w->data, scales, r0, r1);
+#ifdef XO_X86
+        } else if (wt) {
+            if (r0 < r1)
+                gemv_many_avx512(y, (size_t)out, x, (size_t)K, m, K, w->data, transpose,
+                                 wt + (size_t)id * 16 * K, r0, r1);
+#endif
         } else {
-            /* more than 8 x rows: blocks of 32 W rows stay in cache while groups of 4 x rows
+            /* more than 8 x rows (AVX2, portable): blocks of 32 W rows stay in cache while groups of 4 x rows
              * pass over them (2 W rows x 4 x rows per step: 6 loads per 8 FMAs; 4 rows of x stay
              * in L1 up to in = 2048), so W is read from memory once, as fast as sgemm up to
              * m ~ 40. (Widening each 32-row block to float32 first, then running the float32
@@ -325,4 +422,5 @@ void xo_cpu_gemv(float *y, const float *x, int m, const xo_linear *w, int isa) {
             }
         }
     }
+    free(wt);
 }

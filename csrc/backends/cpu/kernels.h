@@ -29,6 +29,7 @@ xo_status xo_cpu_set_default_threads(long long n);
 /* the team size for the next parallel work of a backend: its option, else the process default,
  * which when automatic leaves a core to each other runnable task */
 int xo_cpu_team(const xo_cpu_ctx *cx);
+long xo_cpu_runnable_now(void);   /* runnable tasks on the machine (/proc/loadavg), 0 when unknown */
 /* the calling thread and its OpenMP team made safe for signals during oneDNN's sgemm (threads.c) */
 void xo_cpu_guard_signals(const xo_cpu_ctx *cx);
 
@@ -84,6 +85,11 @@ typedef struct {
  * grouped W, i < m (outputs ldy floats apart), with x quantised as xo_cpu_qx; OpenMP over blocks
  * of rows. Fails only for want of memory. */
 xo_status xo_cpu_qgemv(float *y, size_t ldy, const float *x, int m, const xo_linear *w, int row0, int rows, int isa);
+/* the same on the calling thread alone (inside a parallel region), with the activations
+ * quantised into scratch: xo_cpu_qx_bytes(m, w->in) bytes */
+size_t xo_cpu_qx_bytes(int m, int K);
+void xo_cpu_qgemv_serial(float *y, size_t ldy, const float *x, int m, const xo_linear *w, int row0, int rows, int isa,
+                         void *scratch);
 
 /* backends/cpu/gemv.c: y[m, w->out] = x[m, w->in] @ W.T for the float storage dtypes (F32, BF16,
  * F16) with float32 accumulation; vectorised matrix-vector kernels meant for small m (decode),

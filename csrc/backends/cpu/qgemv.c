@@ -15,6 +15,7 @@
 #include <float.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include <omp.h>
 
@@ -31,16 +32,19 @@ enum { PAIRS = XO_QGROUP / 2, PREFETCH_BYTES = 1024, MAX_M = 8 };
 
 /* ------------------------------------------------------------------ activations */
 
-/* one row of x: per group, d = max|x| / 32767 and q = round(x / d); a group holding a NaN or
- * an infinity gets d = NaN (its products come out NaN, as in float32), an all-zero one d = 0 */
+/* groups [g0, g1) of one row of x: per group, d = max|x| / 32767 and q = round(x / d); a group
+ * holding a NaN or an infinity gets d = NaN (its products come out NaN, as in float32), an
+ * all-zero one d = 0. The pairs are the int16 q in memory order (little-endian: q[2p] low). */
 XO_CLONES   /* rounding and division inline and vectorised, not a libm call per element */
-static void quantize_x_row(uint32_t *pair, float *d, int32_t *sum, const float *x, int K, int G) {
-    for (int g = 0; g < G; g++) {
+static void quantize_x_groups(uint32_t *pair, float *d, int32_t *sum, const float *x, int K, int g0, int g1) {
+    for (int g = g0; g < g1; g++) {
         const int k0 = g * XO_QGROUP, len = K - k0 < XO_QGROUP ? K - k0 : XO_QGROUP;
+        float v[XO_QGROUP] = {0};
+        for (int j = 0; j < len; j++) v[j] = x[k0 + j];
         float mx = 0.0f;
         int finite = 1;
-        for (int j = 0; j < len; j++) {
-            const float a = fabsf(x[k0 + j]);
+        for (int j = 0; j < XO_QGROUP; j++) {
+            const float a = fabsf(v[j]);
             finite &= a <= FLT_MAX;
             mx = a > mx ? a : mx;
         }
@@ -53,16 +57,31 @@ static void quantize_x_row(uint32_t *pair, float *d, int32_t *sum, const float *
             d[g] = 0.0f;
         } else {
             d[g] = dg;
-            for (int j = 0; j < len; j++) {
-                float r = nearbyintf(x[k0 + j] / dg);
+            for (int j = 0; j < XO_QGROUP; j++) {   /* the padding is 0 and stays 0 */
+                float r = nearbyintf(v[j] / dg);
                 r = r > 32767.0f ? 32767.0f : r < -32767.0f ? -32767.0f : r;
                 q[j] = (int16_t)r;
                 s += q[j];
             }
         }
         sum[g] = s;
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        memcpy(pair + (size_t)g * PAIRS, q, sizeof q);
+#else
         for (int p = 0; p < PAIRS; p++)
             pair[(size_t)g * PAIRS + p] = (uint32_t)(uint16_t)q[2 * p] | (uint32_t)(uint16_t)q[2 * p + 1] << 16;
+#endif
+    }
+}
+
+/* groups [f0, f1) of the m x G groups of x, counted row by row */
+static void quantize_x_span(const xo_cpu_qx *xq, const float *x, int K, int f0, int f1) {
+    const int G = xq->G;
+    for (int f = f0; f < f1;) {
+        const int i = f / G, g0 = f - i * G, g1 = f1 - i * G < G ? f1 - i * G : G;
+        quantize_x_groups((uint32_t *)xq->pair + (size_t)i * G * PAIRS, (float *)xq->d + (size_t)i * G,
+                          (int32_t *)xq->sum + (size_t)i * G, x + (size_t)i * K, K, g0, g1);
+        f += g1 - g0;
     }
 }
 
@@ -333,24 +352,50 @@ static qblocks_fn pick(xo_dtype t, int isa) {
     return qblocks_generic;
 }
 
-xo_status xo_cpu_qgemv(float *y, size_t ldy, const float *x, int m, const xo_linear *w, int row0, int rows, int isa) {
-    const int K = w->in, G = xo_cpu_groups(K);
-    const size_t per_row = (size_t)G * (PAIRS * sizeof(uint32_t) + sizeof(float) + sizeof(int32_t));
-    char *buf = malloc((size_t)m * per_row + 1);
-    if (!buf) return xo_fail(XO_ENOMEM, "out of memory quantising a [%d, %d] product's activations", m, K);
-    uint32_t *pair = (uint32_t *)buf;
+size_t xo_cpu_qx_bytes(int m, int K) {
+    return (size_t)m * xo_cpu_groups(K) * (PAIRS * sizeof(uint32_t) + sizeof(float) + sizeof(int32_t));
+}
+
+static xo_cpu_qx qx_in(void *scratch, int m, int K) {
+    const int G = xo_cpu_groups(K);
+    uint32_t *pair = scratch;
     float *d = (float *)(pair + (size_t)m * G * PAIRS);
     int32_t *sum = (int32_t *)(d + (size_t)m * G);
-    for (int i = 0; i < m; i++)
-        quantize_x_row(pair + (size_t)i * G * PAIRS, d + (size_t)i * G, sum + (size_t)i * G, x + (size_t)i * K, K, G);
-    const xo_cpu_qx xq = { .m = m, .G = G, .pair = pair, .d = d, .sum = sum };
+    return (xo_cpu_qx){ .m = m, .G = G, .pair = pair, .d = d, .sum = sum };
+}
+
+void xo_cpu_qgemv_serial(float *y, size_t ldy, const float *x, int m, const xo_linear *w, int row0, int rows, int isa,
+                         void *scratch) {
+    const xo_cpu_qx xq = qx_in(scratch, m, w->in);
+    quantize_x_span(&xq, x, w->in, 0, m * xq.G);
+    pick(w->dtype, isa)(y, ldy, &xq, w, row0 / XO_QROWS, xo_cpu_blocks(row0 + rows), row0, row0 + rows);
+}
+
+/* Groups of x below this are quantised by one thread: splitting them costs a barrier's wait. */
+enum { SPLIT_QUANTISE_GROUPS = 96 };
+
+xo_status xo_cpu_qgemv(float *y, size_t ldy, const float *x, int m, const xo_linear *w, int row0, int rows, int isa) {
+    const int K = w->in;
+    void *buf = malloc(xo_cpu_qx_bytes(m, K) + 1);
+    if (!buf) return xo_fail(XO_ENOMEM, "out of memory quantising a [%d, %d] product's activations", m, K);
+    const xo_cpu_qx xq = qx_in(buf, m, K);
+    const int groups = m * xq.G;
     const qblocks_fn fn = pick(w->dtype, isa);
     const int first = row0 / XO_QROWS, last = xo_cpu_blocks(row0 + rows), nb = last - first;
     const double work = (double)rows * K * m;
     #pragma omp parallel if (work > 65536.0)
     {
-        /* contiguous spans of blocks, one per thread, so each core streams its own part of W */
         const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        /* the activations first (in the team when there are many, a context's latents say),
+         * then contiguous spans of blocks, one per thread, so each core streams its own part of W */
+        if (nt > 1 && groups >= SPLIT_QUANTISE_GROUPS) {
+            quantize_x_span(&xq, x, K, (int)((long)groups * id / nt), (int)((long)groups * (id + 1) / nt));
+        } else if (id == 0) {
+            quantize_x_span(&xq, x, K, 0, groups);
+        }
+        if (nt > 1) {
+            #pragma omp barrier
+        }
         const int per = (nb + nt - 1) / nt, b0 = first + id * per, b1 = b0 + per < last ? b0 + per : last;
         if (b0 < b1) fn(y, ldy, &xq, w, b0, b1, row0, row0 + rows);
     }

@@ -11,6 +11,7 @@
  * regions from the same ICV, follows along. The automatic default also looks, at each call and
  * each decode step, at how much other work is runnable (xo_cpu_team). */
 #include <ctype.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
 #include <signal.h>
@@ -96,15 +97,36 @@ xo_status xo_cpu_set_default_threads(long long n) {
 }
 
 /* Runnable tasks on the machine right now (the kernel's count in /proc/loadavg, this caller
- * included), or 0 when it cannot be read. */
-static long runnable_now(void) {
-    FILE *f = fopen("/proc/loadavg", "r");
-    if (!f) return 0;
-    double l1, l5, l15;
-    long running = 0, total = 0;
-    if (fscanf(f, "%lf %lf %lf %ld/%ld", &l1, &l5, &l15, &running, &total) != 5) running = 0;
-    fclose(f);
-    return running;
+ * included), or 0 when it cannot be read. Asked once per decode step: the file stays open and
+ * is read again from its start (one system call, no stdio). */
+static int g_loadavg_fd = -2;   /* -2: not opened yet; -1: cannot be opened */
+
+long xo_cpu_runnable_now(void) {
+    int fd = __atomic_load_n(&g_loadavg_fd, __ATOMIC_ACQUIRE);
+    if (fd == -2) {
+        int opened = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+        int expected = -2;
+        if (!__atomic_compare_exchange_n(&g_loadavg_fd, &expected, opened < 0 ? -1 : opened, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE)) {
+            if (opened >= 0) close(opened);   /* another thread opened it first */
+        }
+        fd = __atomic_load_n(&g_loadavg_fd, __ATOMIC_ACQUIRE);
+    }
+    if (fd < 0) return 0;
+    char buf[128];
+    const ssize_t n = pread(fd, buf, sizeof buf - 1, 0);
+    if (n <= 0) return 0;
+    buf[n] = '\0';
+    /* "l1 l5 l15 running/total last_pid": the fourth field's numerator */
+    const char *p = buf;
+    for (int field = 0; field < 3; field++) {
+        while (*p && *p != ' ') p++;
+        while (*p == ' ') p++;
+    }
+    long running = 0;
+    if (!isdigit((unsigned char)*p)) return 0;
+    while (isdigit((unsigned char)*p)) running = running * 10 + (*p++ - '0');
+    return *p == '/' ? running : 0;
 }
 
 /* The automatic default gives way to other work: each other runnable task takes a core first,
@@ -116,7 +138,7 @@ int xo_cpu_team(const xo_cpu_ctx *cx) {
     if (__atomic_load_n(&g_default_chosen, __ATOMIC_RELAXED)) return n;
     int cores = __atomic_load_n(&g_cores, __ATOMIC_RELAXED);
     if (!cores) __atomic_store_n(&g_cores, cores = xo_cpu_physical_cores(), __ATOMIC_RELAXED);
-    const long others = runnable_now() - 1;
+    const long others = xo_cpu_runnable_now() - 1;
     const long free_cores = others > 0 ? cores - others : n;
     return free_cores < 1 ? 1 : free_cores < n ? (int)free_cores : n;
 }
