@@ -225,6 +225,9 @@ def test_engine_init_on_a_live_engine_is_refused():
 _CHILD = textwrap.dedent("""
     import os, signal, sys, threading, time
     import numpy as np
+    # started from a background job the interpreter inherits SIGINT ignored and installs no handler:
+    # give it Python's, as an interactive session has
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {tests!r})
     from conftest import small_config
     from xoron import MoELlamaForCausalLM
@@ -327,6 +330,9 @@ def test_sigint_handler_of_python_is_kept():
 _SIGNAL_GUARD_CHILD = textwrap.dedent("""
     import ctypes, os, signal, sys, threading
     import numpy as np
+    # started from a background job the interpreter inherits SIGINT ignored and installs no handler:
+    # give it Python's, as an interactive session has
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {tests!r})
     from conftest import small_config
     from xoron import MoELlamaForCausalLM
