@@ -19,16 +19,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-# The SPEC section 1 defaults with MoE on (the configuration of bench_gpu.py), written out so that
-# an old checkout's config module is not needed.
-CONFIG = {
-    "vocab_size": 151643, "hidden_size": 1024, "intermediate_size": 2048, "num_hidden_layers": 12,
-    "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-6, "rope_theta": 500000.0, "tie_word_embeddings": True,
-    "use_ring_attention": True, "ring_attention_chunk_size": 4096, "kv_lora_rank": 512, "q_lora_rank": 0,
-    "moe_config": {"use_moe": True, "num_experts": 8, "num_experts_per_tok": 2, "moe_layer_freq": 2,
-                   "intermediate_size": 2048},
-}
+sys.path.insert(0, ROOT)  # this checkout's config table; the children import each side's own engine
+from xoron.config import DEFAULTS, MOE_DEFAULTS  # noqa: E402
+
+# The SPEC section 1 defaults with MoE on, as bench_gpu.py measures them.
+CONFIG = dict(DEFAULTS, num_key_value_heads=DEFAULTS["num_attention_heads"],
+              moe_config=dict(MOE_DEFAULTS, use_moe=True, intermediate_size=DEFAULTS["intermediate_size"]))
 
 CHILD = r"""
 import json, math, sys, time
