@@ -25,7 +25,7 @@ import xoron  # noqa: E402
 from xoron import _testing  # noqa: E402
 
 DTYPES = {"bfloat16": (3, 2.0), "int8": (4, 1.125), "int4": (5, 0.625)}   # xo_dtype, bytes per weight
-ISAS = ["generic", "avx2", "avx512", "avx512vnni"]
+ISAS = ["generic", "avx2", "avx512", "avx512vnni", "amx"]
 
 
 def main():

@@ -29,7 +29,8 @@ from xoron import _testing  # noqa: E402
 TOL = {"bfloat16": 3e-2, "float16": 3e-2, "int8": 5e-2, "int4": 0.35}
 DTYPE_CODE = {"float32": 1, "float16": 2, "bfloat16": 3, "int8": 4, "int4": 5}   # xo_dtype
 GROUP = 32   # weights per scale (int8, int4)
-ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512", 3: "avx512vnni"}
+ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512", 3: "avx512vnni", 4: "amx"}
+AMX = 4
 
 
 # ---------------------------------------------------------------- C hooks
@@ -110,28 +111,63 @@ def quantized_activations(x):
 
 
 GEMV_MAX_ROWS = 40   # the built-in crossover (backends/cpu/kernels.h XO_CPU_GEMV_MAX_ROWS)
+AMX_BF16_GEMV_MAX_ROWS = 8   # bfloat16 on the AMX kernel set (XO_CPU_AMX_BF16_GEMV_MAX_ROWS)
+
+
+def product_path(isa, dtype, m, crossover):
+    """Which kernels a product of m rows takes: "gemv", "amx" or "tiles" (backends/cpu/gemm.c)."""
+    if dtype == "float32":
+        return "sgemm"
+    if crossover == "auto":
+        limit = AMX_BF16_GEMV_MAX_ROWS if isa >= AMX and dtype == "bfloat16" else GEMV_MAX_ROWS
+    else:
+        limit = crossover
+    if m <= limit:
+        return "gemv"
+    return "amx" if isa >= AMX and dtype in ("bfloat16", "int8", "int4") else "tiles"
+
+
+def bf16_round(a):
+    """a rounded to bfloat16 (nearest even), as float32."""
+    bits = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def amx_activations(x):
+    """x as the AMX kernels carry it: hi = bf16(x), lo = bf16(x - hi); returned as hi + lo
+    (float64) and the remainder's magnitude."""
+    hi = bf16_round(x)
+    lo = bf16_round(x - hi)
+    back = hi.astype(np.float64) + lo
+    return back, np.abs(x.astype(np.float64) - back)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8", "int4"])
 def test_matmul_kernels_vs_float64(hooks, dtype):
-    """Every kernel ISA available and both non-float32 paths (matrix-vector for small m,
-    widened tiles for large m), m in {1, 3, 8, 17, 64}, in/out not multiples of 8. The grouped
-    formats' matrix-vector kernels take x quantised to int16 per group of 32: against the float64
-    product of those activations they are as exact as the others, and against float32 x within
-    the rounding's bound (half a step of each group times the weights' magnitudes)."""
+    """Every kernel ISA available and every non-float32 path (matrix-vector for small m, widened
+    tiles or, with AMX, tile products for large m), m in {1, 3, 8, 17, 64}, in/out not multiples
+    of 8. The grouped formats' matrix-vector kernels take x quantised to int16 per group of 32,
+    the AMX kernels x as bfloat16 hi + lo: against the float64 product of those activations they
+    are as exact as the others, and against float32 x within the rounding's bound."""
     lib, best = hooks
     rng = np.random.default_rng(7)
     cases = [(o, k, m) for (o, k) in SHAPES for m in (1, 2, 3, 5, 8, 17, 64)]
     data = [(rng.standard_normal((o, k)).astype(np.float32), rng.standard_normal((m, k)).astype(np.float32))
             for o, k, m in cases]
     for isa in range(best + 1):
-        for crossover in ("auto", 1000, 0):   # built-in rule, matrix-vector always, tiles always
+        for crossover in ("auto", 1000, 0):   # built-in rule, matrix-vector always, the large-m kernels always
             for w, x in data:
                 y, back = hook_matmul(lib, dtype, w, x, cpu_isa=ISA_NAMES[isa], cpu_gemv_max_rows=crossover)
                 check_storage(dtype, w, back)
-                limit = {"auto": GEMV_MAX_ROWS, 1000: 1000, 0: 0}[crossover]
-                xq, dx = (quantized_activations(x) if dtype in ("int8", "int4") and x.shape[0] <= limit
-                          else (x.astype(np.float64), np.zeros_like(x)))
+                path = product_path(isa, dtype, x.shape[0], crossover)
+                if path == "amx":
+                    xq, dx = amx_activations(x)
+                    dx = 2 * dx   # the bound below takes half of it
+                elif path == "gemv" and dtype in ("int8", "int4"):
+                    xq, dx = quantized_activations(x)
+                else:
+                    xq, dx = x.astype(np.float64), np.zeros_like(x)
                 ref = xq @ back.astype(np.float64).T
                 err = np.abs(y - ref).max() / np.abs(ref).max()
                 assert err <= 2e-6, (ISA_NAMES[isa], crossover, dtype, w.shape, x.shape[0], err)
@@ -268,9 +304,9 @@ def test_latent_decode_same_over_threads(dtype):
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_grouped_non_finite_activations(hooks, dtype):
-    """Activations holding an infinity or a NaN give non-finite outputs on the matrix-vector
-    kernels as in float32 (a group with no int16 scale gives NaN), and the other rows of x
-    stay exact."""
+    """Activations holding an infinity or a NaN give non-finite outputs as in float32, on the
+    matrix-vector kernels (a group with no int16 scale gives NaN) and on the large-m ones (the
+    AMX kernels keep an infinity's lo half zero), and the other rows of x stay exact."""
     lib, best = hooks
     rng = np.random.default_rng(5)
     w = rng.standard_normal((40, 70)).astype(np.float32)
@@ -278,11 +314,15 @@ def test_grouped_non_finite_activations(hooks, dtype):
         x = rng.standard_normal((3, 70)).astype(np.float32)
         x[1, 33] = bad
         for isa in range(best + 1):
-            y, back = hook_matmul(lib, dtype, w, x, cpu_isa=ISA_NAMES[isa])
-            assert not np.isfinite(y[1]).any(), (ISA_NAMES[isa], bad)
-            ok = x[[0, 2]]
-            ref = quantized_activations(ok)[0] @ back.astype(np.float64).T
-            np.testing.assert_allclose(y[[0, 2]], ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+            for crossover in ("auto", 0):
+                y, back = hook_matmul(lib, dtype, w, x, cpu_isa=ISA_NAMES[isa], cpu_gemv_max_rows=crossover)
+                assert not np.isfinite(y[1]).any(), (ISA_NAMES[isa], crossover, bad)
+                ok = x[[0, 2]]
+                path = product_path(isa, dtype, 3, crossover)
+                xq = (quantized_activations(ok)[0] if path == "gemv" else amx_activations(ok)[0] if path == "amx"
+                      else ok.astype(np.float64))
+                ref = xq @ back.astype(np.float64).T
+                np.testing.assert_allclose(y[[0, 2]], ref, rtol=0, atol=2e-6 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int8", "int4"])

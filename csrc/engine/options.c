@@ -10,8 +10,8 @@ enum { MAX_THREADS = 4096, MAX_TILE_ROWS = 4096, MAX_GEMV_ROWS = 1 << 20, MAX_PR
 const xo_option_info xo_option_table[] = {
     { "threads", "XORON_NUM_THREADS", "an integer >= 0",
       "CPU threads of the model's kernels; 0: the process default (xoron.set_num_threads; else OMP_NUM_THREADS, else the physical cores)" },
-    { "cpu_isa", "XORON_CPU_ISA", "auto, generic, avx2, avx512, avx512vnni",
-      "the highest CPU instruction set the matrix-vector kernels use (a ceiling: the CPU's own is never exceeded; avx512 is AVX-512F+BW, avx512vnni adds VNNI for the int8/int4 kernels)" },
+    { "cpu_isa", "XORON_CPU_ISA", "auto, generic, avx2, avx512, avx512vnni, amx",
+      "the highest CPU instruction set the matrix kernels use (a ceiling: the CPU's own is never exceeded; avx512 is AVX-512F+BW, avx512vnni adds VNNI for the int8/int4 kernels, amx adds AMX-BF16 tiles for the 16-bit, int8 and int4 products of more than a few rows)" },
     { "cpu_gemv_max_rows", "XORON_CPU_GEMV_MAX_ROWS", "auto or an integer >= 0",
       "16-bit and int8 products of at most this many rows take the matrix-vector kernels, larger ones the widened tiles" },
     { "cpu_tile_rows", "XORON_CPU_TILE_ROWS", "an integer >= 1", "rows of a 16-bit or int8 weight widened per tile (64)" },
@@ -96,7 +96,7 @@ xo_status xo_options_set(xo_options *o, const char *name, const char *value) {
         XO_TRY(parse_long(name, value, 0, MAX_THREADS, &v));
         o->threads = (int)v;
     } else if (!strcmp(name, "cpu_isa")) {
-        XO_TRY(parse_choice(name, value, "auto, generic, avx2, avx512, avx512vnni", &k));
+        XO_TRY(parse_choice(name, value, "auto, generic, avx2, avx512, avx512vnni, amx", &k));
         o->cpu_isa = k - 1;  /* auto = XO_ISA_AUTO, then the sets in order */
     } else if (!strcmp(name, "cpu_gemv_max_rows")) {
         if (!strcmp(value, "auto")) {

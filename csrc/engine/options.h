@@ -16,7 +16,7 @@
 #endif
 
 /* CPU kernel instruction sets, lowest first */
-enum { XO_ISA_AUTO = -1, XO_ISA_GENERIC = 0, XO_ISA_AVX2 = 1, XO_ISA_AVX512 = 2, XO_ISA_AVX512VNNI = 3 };
+enum { XO_ISA_AUTO = -1, XO_ISA_GENERIC = 0, XO_ISA_AVX2 = 1, XO_ISA_AVX512 = 2, XO_ISA_AVX512VNNI = 3, XO_ISA_AMX = 4 };
 
 /* the prefill_chunk default (benchmarks/RESULTS.md, "Chunked prefill") */
 enum { XO_DEFAULT_PREFILL_CHUNK = 4096 };

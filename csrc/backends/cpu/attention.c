@@ -208,7 +208,7 @@ static xo_status latent_values(xo_backend *be, const xo_attention_args *a, int b
             for (int x = 0; x < r; x++) row[x] *= inv;
         }
     }
-    if (wv->dtype == XO_F32 || t > cx->gemv_max_rows) {
+    if (wv->dtype == XO_F32 || t > xo_cpu_gemv_limit(cx, wv->dtype)) {
         for (int h = 0; h < nh; h++)
             XO_TRY(xo_cpu_matmul_rows(be, head_out + (size_t)h * t * hd, &acc[(size_t)h * t * r], wv, t,
                                       kw + (h / group) * hd, hd));

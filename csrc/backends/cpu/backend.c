@@ -65,7 +65,7 @@ xo_status xo_cpu_backend_create(xo_backend **out, const xo_options *opts) {
     }
     const int best = xo_cpu_best_isa();
     cx->isa = opts->cpu_isa == XO_ISA_AUTO || opts->cpu_isa > best ? best : opts->cpu_isa;
-    cx->gemv_max_rows = opts->cpu_gemv_max_rows >= 0 ? opts->cpu_gemv_max_rows : XO_CPU_GEMV_MAX_ROWS;
+    cx->gemv_max_rows = opts->cpu_gemv_max_rows;
     cx->tile_rows = opts->cpu_tile_rows;
     cx->threads = opts->threads;
     be->ctx = cx;

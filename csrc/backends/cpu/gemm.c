@@ -4,11 +4,14 @@
  * one float32 scale per group of 32 weights of a row (weight-only, kernels.h). Products
  * always accumulate in float32:
  *   - float32: oneDNN sgemm, for every m (the exact path);
- *   - other storage, m <= cpu_gemv_max_rows (the option, XO_CPU_GEMV_MAX_ROWS by default;
- *     decode, the latent cache's K/V expansion): our own vectorised matrix-vector kernels
- *     (backends/cpu/gemv.c; int8 / int4: qgemv.c, integer dot products against the
- *     activations quantised to int16), memory-bandwidth bound at m = 1;
- *   - other storage, larger m (prefill): W is widened, a tile of rows at a time, into a
+ *   - other storage, m <= cpu_gemv_max_rows (the option; by default XO_CPU_GEMV_MAX_ROWS, for
+ *     bfloat16 on an AMX CPU XO_CPU_AMX_BF16_GEMV_MAX_ROWS; decode, the latent cache's K/V
+ *     expansion): our own vectorised matrix-vector kernels (backends/cpu/gemv.c; int8 / int4:
+ *     qgemv.c, integer dot products against the activations quantised to int16), memory-bandwidth
+ *     bound at m = 1;
+ *   - bfloat16, int8 and int4, larger m, on a CPU with AMX-BF16 (cpu_isa amx): the tile kernels
+ *     of backends/cpu/amx.c;
+ *   - other storage, larger m (prefill) otherwise: W is widened, a tile of rows at a time, into a
  *     per-thread float32 buffer that oneDNN sgemm consumes (single-threaded per tile, the
  *     tiles spread over the threads), so the conversion is paid once per m rows of x, close to
  *     float32 sgemm's speed. oneDNN 3.2's matmul primitive has no implementation for bf16 (or
@@ -20,9 +23,9 @@
 
 #include "backends/cpu/kernels.h"
 
-/* The crossover between the two non-float32 paths (XO_CPU_GEMV_MAX_ROWS, option
- * cpu_gemv_max_rows) and the tile height (option cpu_tile_rows, 64) were measured on a 2-core
- * Zen 2 (benchmarks/RESULTS.md). */
+/* The crossovers between the non-float32 paths (XO_CPU_GEMV_MAX_ROWS, option cpu_gemv_max_rows;
+ * XO_CPU_AMX_BF16_GEMV_MAX_ROWS) and the tile height (option cpu_tile_rows, 64) were measured
+ * (benchmarks/RESULTS.md). */
 
 static int storage_ok(xo_dtype t) { return t == XO_F32 || t == XO_BF16 || t == XO_F16 || t == XO_I8 || t == XO_I4; }
 
@@ -101,6 +104,11 @@ static xo_status matmul_tiles(float *y, const float *x, const xo_linear *w, int 
     return XO_OK;
 }
 
+int xo_cpu_gemv_limit(const xo_cpu_ctx *cx, xo_dtype t) {
+    if (cx->gemv_max_rows >= 0) return cx->gemv_max_rows;
+    return cx->isa >= XO_ISA_AMX && t == XO_BF16 ? XO_CPU_AMX_BF16_GEMV_MAX_ROWS : XO_CPU_GEMV_MAX_ROWS;
+}
+
 xo_status xo_cpu_matmul_rows(xo_backend *be, float *y, const float *x, const xo_linear *w, int m, int row0, int rows) {
     const xo_cpu_ctx *cx = xo_cpu_ctx_of(be);
     if (row0 < 0 || rows < 0 || row0 + rows > w->out)
@@ -113,7 +121,7 @@ xo_status xo_cpu_matmul_rows(xo_backend *be, float *y, const float *x, const xo_
     if (!storage_ok(w->dtype))
         return xo_fail(XO_EUNSUPPORTED, "CPU weight storage %s is not supported", xo_dtype_name(w->dtype));
     if (w->dtype == XO_F32) return sgemm(y, rows, x, (const float *)w->data + (size_t)row0 * w->in, m, rows, w->in);
-    if (m <= cx->gemv_max_rows) {
+    if (m <= xo_cpu_gemv_limit(cx, w->dtype)) {
         if (xo_cpu_grouped(w->dtype)) return xo_cpu_qgemv(y, (size_t)rows, x, m, w, row0, rows, cx->isa);
         xo_linear v = *w;   /* the float formats' rows are contiguous */
         v.out = rows;
@@ -121,6 +129,7 @@ xo_status xo_cpu_matmul_rows(xo_backend *be, float *y, const float *x, const xo_
         xo_cpu_gemv(y, x, m, &v, cx->isa);
         return XO_OK;
     }
+    if (cx->isa >= XO_ISA_AMX && xo_cpu_amx_dtype(w->dtype)) return xo_cpu_amx_matmul(y, (size_t)rows, x, m, w, row0, rows);
     return matmul_tiles(y, x, w, m, row0, rows, cx->tile_rows);
 }
 

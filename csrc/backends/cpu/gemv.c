@@ -326,6 +326,7 @@ static int detect_isa(void) {
     /* AVX-512 means F and BW (the grouped kernels' 16-bit products): every AVX-512 CPU but Xeon Phi */
     if (best == XO_ISA_AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) best = XO_ISA_AVX512;
     if (best == XO_ISA_AVX512 && __builtin_cpu_supports("avx512vnni")) best = XO_ISA_AVX512VNNI;
+    if (best == XO_ISA_AVX512VNNI && xo_cpu_amx_available()) best = XO_ISA_AMX;
     return best;
 #else
     return XO_ISA_GENERIC;
@@ -343,7 +344,7 @@ int xo_cpu_best_isa(void) {
 }
 
 const char *xo_cpu_isa_name(int level) {
-    return level == XO_ISA_AVX512VNNI ? "avx512vnni" : level == XO_ISA_AVX512 ? "avx512" : level == XO_ISA_AVX2 ? "avx2"
+    return level == XO_ISA_AMX ? "amx" : level == XO_ISA_AVX512VNNI ? "avx512vnni" : level == XO_ISA_AVX512 ? "avx512" : level == XO_ISA_AVX2 ? "avx2"
                                                                                                    : "generic";
 }
 

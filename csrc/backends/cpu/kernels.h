@@ -8,7 +8,7 @@
 /* The CPU backend's context (be->ctx): this model's kernel choices, from its options. */
 typedef struct {
     int isa;            /* XO_ISA_* of the matrix-vector kernels: the option's ceiling on what the CPU has */
-    int gemv_max_rows;  /* largest m of a non-float32 product that takes the matrix-vector kernels */
+    int gemv_max_rows;  /* the option: largest m of a non-float32 product on the matrix-vector kernels; -1 auto */
     int tile_rows;      /* rows of W widened per tile for the sgemm of larger m */
     int threads;        /* OpenMP threads while one of this model's calls runs; 0: the process default */
     int saved_threads;  /* the calling thread's count, restored by leave */
@@ -41,8 +41,10 @@ xo_status xo_cpu_matmul(xo_backend *be, float *y, const float *x, const xo_linea
 /* y[m, rows] = x[m, w->in] @ W[row0 : row0 + rows].T (a row range of any storage dtype) */
 xo_status xo_cpu_matmul_rows(xo_backend *be, float *y, const float *x, const xo_linear *w, int m, int row0, int rows);
 xo_status xo_cpu_embed(xo_backend *be, float *h, const xo_linear *table, const int32_t *ids, int n);
-/* the largest m that takes the matrix-vector kernels when the option leaves it to the rule */
-enum { XO_CPU_GEMV_MAX_ROWS = 40 };
+/* the largest m that takes the matrix-vector kernels when the option leaves it to the rule: before
+ * the widened tiles or the AMX tiles (backends/cpu/amx.c), and before the AMX tiles for bfloat16
+ * (measured: benchmarks/RESULTS.md) */
+enum { XO_CPU_GEMV_MAX_ROWS = 40, XO_CPU_AMX_BF16_GEMV_MAX_ROWS = 8 };
 /* backends/cpu/weights.c: weight storage. 64-byte aligned, on 2 MB pages (madvise) from 2 MB up, not
  * zeroed; release with free(). */
 void *xo_cpu_weight_alloc(size_t bytes);
@@ -97,6 +99,15 @@ void xo_cpu_qgemv_serial(float *y, size_t ldy, const float *x, int m, const xo_l
 void xo_cpu_gemv(float *y, const float *x, int m, const xo_linear *w, int isa);
 int xo_cpu_best_isa(void);              /* the best kernel set this CPU runs (XO_ISA_*) */
 const char *xo_cpu_isa_name(int level);
+
+/* backends/cpu/amx.c: y[i, r - row0] = x[i] . W[r] for rows r in [row0, row0 + rows) of a
+ * bfloat16, int8 or int4 W (xo_cpu_amx_dtype), on AMX tiles; OpenMP over blocks of 16 rows. */
+int xo_cpu_amx_available(void);          /* AMX-BF16 on this CPU, and the OS lets the process use it */
+int xo_cpu_amx_dtype(xo_dtype t);
+xo_status xo_cpu_amx_matmul(float *y, size_t ldy, const float *x, int m, const xo_linear *w, int row0, int rows);
+/* the largest m of a product that takes the matrix-vector kernels: the option, else the rule
+ * for this storage (AMX takes over from fewer rows than the widened tiles do) */
+int xo_cpu_gemv_limit(const xo_cpu_ctx *cx, xo_dtype t);
 
 /* backends/cpu/elementwise.c */
 xo_status xo_cpu_rmsnorm(xo_backend *be, float *y, const float *x, int x_stride, const float *w, int n, int d, float eps);

@@ -342,7 +342,7 @@ T_AVX512VNNI QBLOCKS(qblocks_avx512vnni_i4, qblk_avx512vnni, 1, 4, 2, 2)
 
 static qblocks_fn pick(xo_dtype t, int isa) {
 #ifdef XO_X86
-    if (isa == XO_ISA_AVX512VNNI) return t == XO_I4 ? qblocks_avx512vnni_i4 : qblocks_avx512vnni_i8;
+    if (isa >= XO_ISA_AVX512VNNI) return t == XO_I4 ? qblocks_avx512vnni_i4 : qblocks_avx512vnni_i8;
     if (isa == XO_ISA_AVX512) return t == XO_I4 ? qblocks_avx512_i4 : qblocks_avx512_i8;
     if (isa == XO_ISA_AVX2) return t == XO_I4 ? qblocks_avx2_i4 : qblocks_avx2_i8;
 #else
