@@ -22,7 +22,9 @@
 
 #include "backends/cpu/kernels.h"
 
-#if defined(__x86_64__) && defined(__linux__)
+/* the AMX intrinsics and __builtin_cpu_supports("amx-*") came with GCC 11 and clang 12 */
+#if defined(__x86_64__) && defined(__linux__) && \
+    (defined(__clang__) ? __clang_major__ >= 12 : (defined(__GNUC__) && __GNUC__ >= 11))
 #define XO_AMX 1
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -364,7 +366,7 @@ xo_status xo_cpu_amx_matmul(float *y, size_t ldy, const float *x, int m, const x
     return XO_OK;
 }
 
-#else  /* not x86-64 Linux */
+#else  /* not x86-64 Linux, or a compiler without AMX */
 
 int xo_cpu_amx_available(void) { return 0; }
 
