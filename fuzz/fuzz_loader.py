@@ -15,6 +15,7 @@ random.Random(seed, i), so --seed and a case number reproduce it (--replay DIR r
 from __future__ import annotations
 
 import argparse
+import copy
 import glob
 import json
 import os
@@ -128,7 +129,9 @@ def _mutate_bytes(rng: random.Random, data: bytes, limit: int) -> bytes:
 
 
 def _odd(rng: random.Random):
-    return rng.choice(ODD_VALUES)
+    # a copy: the lists and dicts among them are mutated later, and a shared one could end up
+    # holding itself (json.dumps: "Circular reference detected")
+    return copy.deepcopy(rng.choice(ODD_VALUES))
 
 
 def _mutate_json_value(rng: random.Random, d):
