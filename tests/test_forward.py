@@ -96,17 +96,10 @@ def test_position_ids_broadcast_from_one_row(device):
 
 # ---------------------------------------------------------------- attention_mask
 
-@pytest.mark.parametrize("overrides", [
-    {},
-    {"ring_attention_chunk_size": 4},
-    {"use_ring_attention": False, "ring_attention_chunk_size": 4},
-    dict(MOE, num_key_value_heads=2, q_lora_rank=8),
-], ids=["plain", "ring4", "noring4", "moe_gqa_qlora"])
-def test_left_padded_batch(overrides, device):
-    m = make_model(overrides, seed=7, device=device)
-    t = 14
-    pads = [0, 3, 9]
-    ids = m.ids(len(pads), t, seed=4)
+def left_padded_logits(m, t, pads, seed):
+    """A batch of t-token rows, row r left-padded by pads[r] (pad id 0, mask 0): (ids, the engine's
+    logits), checked against the oracle at the kept positions."""
+    ids = m.ids(len(pads), t, seed=seed)
     mask = np.ones_like(ids)
     for r, p in enumerate(pads):
         mask[r, :p] = 0
@@ -115,6 +108,19 @@ def test_left_padded_batch(overrides, device):
     got = m.model(ids, attention_mask=mask).logits
     keep = mask.astype(bool)
     assert rel_err(got[keep], ref[keep]) <= TOL_F32
+    return ids, got
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"ring_attention_chunk_size": 4},
+    {"use_ring_attention": False, "ring_attention_chunk_size": 4},
+    dict(MOE, num_key_value_heads=2, q_lora_rank=8),
+], ids=["plain", "ring4", "noring4", "moe_gqa_qlora"])
+def test_left_padded_batch(overrides, device):
+    m = make_model(overrides, seed=7, device=device)
+    pads = [0, 3, 9]
+    ids, got = left_padded_logits(m, 14, pads, seed=4)
     # each row equals that row run alone without its padding
     for r, p in enumerate(pads):
         alone = m.model(ids[r:r + 1, p:]).logits[0]
@@ -126,18 +132,7 @@ def test_left_padded_batch(overrides, device):
 def test_left_padding_across_key_blocks(device):
     """Padding that covers a whole block of keys (256 on the CPU) for one row and part of one for
     another, queries in whole tiles and one left over."""
-    m = make_model(seed=9, device=device)
-    t = 293
-    pads = [0, 5, 261]
-    ids = m.ids(len(pads), t, seed=6)
-    mask = np.ones_like(ids)
-    for r, p in enumerate(pads):
-        mask[r, :p] = 0
-        ids[r, :p] = 0
-    ref, _ = m.ref(ids, attention_mask=mask)
-    got = m.model(ids, attention_mask=mask).logits
-    keep = mask.astype(bool)
-    assert rel_err(got[keep], ref[keep]) <= TOL_F32
+    left_padded_logits(make_model(seed=9, device=device), 293, [0, 5, 261], seed=6)
 
 
 def test_non_finite_masked_positions_do_not_reach_the_others(device):

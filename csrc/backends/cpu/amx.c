@@ -176,7 +176,7 @@ AMX_TARGET static void group_tiles(float *cg, const uint16_t *xt, int has_lo, co
 }
 
 /* y columns [row0, row1) of blocks [b0, b1) for the panel's mp rows (m of them real); xt: the
- * panel's x tiles (tile_layout); scratch: BLOCKS_AT_ONCE blocks' G widened groups, then their G
+ * panel's x tiles (split_row_tiles); scratch: BLOCKS_AT_ONCE blocks' G widened groups, then their G
  * result tiles. */
 AMX_TARGET static void grouped_blocks(float *y, size_t ldy, const uint16_t *xt, int has_lo, int mp, int m,
                                       const xo_linear *w, int b0, int b1, int row0, int row1, void *scratch) {
@@ -205,17 +205,19 @@ AMX_TARGET static void grouped_blocks(float *y, size_t ldy, const uint16_t *xt, 
     }
 }
 
-/* x's rows [16 t, 16 t + 16) of the panel as A tiles: group g's hi tile at xt + (2 (t G + g)) * 512,
- * its lo tile right after (16 rows x 32 bfloat16 each, row-major). */
-static void tile_layout(uint16_t *xt, const uint16_t *xh, const uint16_t *xl, int Kp, int t, int G) {
+/* row i of the panel, split, straight into its A tiles (grouped W): group g's hi tile at
+ * xt + 2 (t G + g) 512 for the panel's tile t = i / 16, its lo tile right after (16 rows x 32
+ * bfloat16 each, row-major); x NULL for a padding row. Returns nonzero if any lo is nonzero. */
+AMX_TARGET static int split_row_tiles(uint16_t *xt, const float *x, int i, int K, int G) {
+    const int t = i / TILE, r = i % TILE;
+    int any = 0;
     for (int g = 0; g < G; g++) {
-        uint16_t *dh = xt + (size_t)(2 * ((size_t)t * G + g)) * TILE * KSTEP, *dl = dh + TILE * KSTEP;
-        for (int r = 0; r < TILE; r++) {
-            const size_t src = ((size_t)t * TILE + r) * Kp + (size_t)g * KSTEP;
-            memcpy(dh + r * KSTEP, xh + src, KSTEP * sizeof(uint16_t));
-            memcpy(dl + r * KSTEP, xl + src, KSTEP * sizeof(uint16_t));
-        }
+        uint16_t *dh = xt + (size_t)(2 * ((size_t)t * G + g)) * TILE * KSTEP + r * KSTEP, *dl = dh + TILE * KSTEP;
+        memset(dh, 0, KSTEP * sizeof(uint16_t));
+        memset(dl, 0, KSTEP * sizeof(uint16_t));
+        if (x) any |= split_row(dh, dl, x + (size_t)g * KSTEP, K - g * KSTEP < KSTEP ? K - g * KSTEP : KSTEP);
     }
+    return any;
 }
 
 /* ------------------------------------------------------------------ bfloat16: W as A, x as B */
@@ -299,11 +301,12 @@ xo_status xo_cpu_amx_matmul(float *y, size_t ldy, const float *x, int m, const x
     const int first = row0 / TILE, last = (row0 + rows + TILE - 1) / TILE, nb = last - first;
     const int panel = m < PANEL_ROWS ? m : PANEL_ROWS, pp = (panel + TILE - 1) / TILE * TILE;
     const size_t xbytes = (size_t)pp * Kp * sizeof(uint16_t);
-    /* x split (hi, lo), then laid out as tiles: A tiles for grouped W, B tiles for bfloat16 W */
-    char *shared = malloc(4 * xbytes + 64);
+    /* grouped W: x split (hi, lo) straight into A tiles (xt); bfloat16 W: x split row-major (xh,
+     * xl), then laid out as B tiles (bh, bl) */
+    char *shared = malloc((grouped ? 2 : 4) * xbytes + 64);
     if (!shared) return xo_fail(XO_ENOMEM, "out of memory for a [%d, %d] AMX product's activations", m, K);
-    uint16_t *xh = (uint16_t *)shared, *xl = xh + (size_t)pp * Kp;
-    uint32_t *bh = (uint32_t *)(xl + (size_t)pp * Kp), *bl = bh + (size_t)pp * Kp / 2;
+    uint16_t *xt = (uint16_t *)shared, *xh = xt, *xl = xh + (size_t)pp * Kp;
+    uint32_t *bh = grouped ? NULL : (uint32_t *)(xl + (size_t)pp * Kp), *bl = grouped ? NULL : bh + (size_t)pp * Kp / 2;
     int failed = 0;
     for (int p0 = 0; p0 < m; p0 += PANEL_ROWS) {
         const int pm = m - p0 < PANEL_ROWS ? m - p0 : PANEL_ROWS, mp = (pm + TILE - 1) / TILE * TILE;
@@ -314,21 +317,24 @@ xo_status xo_cpu_amx_matmul(float *y, size_t ldy, const float *x, int m, const x
             int mine = 0;
             #pragma omp for schedule(static) nowait
             for (int i = 0; i < mp; i++) {
+                const float *row = i < pm ? x + (size_t)(p0 + i) * K : NULL;
+                if (grouped) {
+                    mine |= split_row_tiles(xt, row, i, K, G);
+                    continue;
+                }
                 uint16_t *h = xh + (size_t)i * Kp, *l = xl + (size_t)i * Kp;
                 memset(h, 0, (size_t)Kp * sizeof(uint16_t));
                 memset(l, 0, (size_t)Kp * sizeof(uint16_t));
-                if (i < pm) mine |= split_row(h, l, x + (size_t)(p0 + i) * K, K);
+                if (row) mine |= split_row(h, l, row, K);
             }
             if (mine) {
                 #pragma omp atomic write
                 has_lo = 1;
             }
             #pragma omp barrier
-            #pragma omp for schedule(static)
-            for (int t = 0; t < mp / TILE; t++) {
-                if (grouped) {
-                    tile_layout((uint16_t *)bh, xh, xl, Kp, t, G);
-                } else {
+            if (!grouped) {
+                #pragma omp for schedule(static)
+                for (int t = 0; t < mp / TILE; t++) {
                     pair_layout(bh, xh, Kp, t, G);
                     pair_layout(bl, xl, Kp, t, G);
                 }
@@ -351,7 +357,7 @@ xo_status xo_cpu_amx_matmul(float *y, size_t ldy, const float *x, int m, const x
                     tiles_on();
                     float *yp = y + (size_t)p0 * ldy;
                     if (grouped)
-                        grouped_blocks(yp, ldy, (const uint16_t *)bh, lo, mp, pm, w, b0, b1, row0, row0 + rows, scratch);
+                        grouped_blocks(yp, ldy, xt, lo, mp, pm, w, b0, b1, row0, row0 + rows, scratch);
                     else
                         bf16_blocks(yp, ldy, bh, bl, lo, mp, pm, G, w, b0, b1, row0, row0 + rows, scratch);
                     tiles_off();
