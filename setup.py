@@ -22,6 +22,7 @@ under CUDA_HOME / CUDA_PATH, then in an installed `nvidia-cublas-cu12` or `nvidi
 distribution (torch's CUDA wheels bring one). Without the header the plugin is built with its
 built-in GEMM kernels only (xoron.build_info()["cublaslt"] is False).
 """
+import concurrent.futures
 import glob
 import hashlib
 import os
@@ -160,15 +161,23 @@ class XoronBuildExt(build_ext):
         stamp = os.path.join(self.build_temp, "xoron_build_id")
         if _read(stamp) != BUILD_ID:
             self.force = True
-        super().build_extensions()
-        # Where _C went: build/lib* (setuptools >= 65 builds there and copies back for
+        # Where _C goes: build/lib* (setuptools >= 65 builds there and copies back for
         # --inplace), or the source tree for older setuptools building in place directly.
         plugin = os.path.join(os.path.dirname(self.get_ext_fullpath("xoron._C")), PLUGIN)
-        if NVCC:
+        cuda_jobs = None
+        if NVCC:  # nvcc runs while the C sources compile
             sources = [s for s in CUDA_SOURCES if CUBLASLT_INCLUDE or s != CUBLASLT_SOURCE]
-            self._build_cuda_plugin(NVCC, sources, plugin)
+            cuda_jobs = self._start_cuda_objects(NVCC, sources)
         elif os.path.exists(plugin):
             os.remove(plugin)
+        # _C and _testing compile the same sources to the same object paths, so the extensions
+        # are built one after the other (setuptools' -j would build them at once and race), each
+        # with its sources compiled in parallel.
+        self.parallel = None
+        self._compile_sources_in_parallel()
+        super().build_extensions()
+        if cuda_jobs is not None:
+            self._link_cuda_plugin(NVCC, cuda_jobs, plugin)
         os.makedirs(self.build_temp, exist_ok=True)
         with open(stamp, "w") as f:
             f.write(BUILD_ID)
@@ -199,31 +208,45 @@ class XoronBuildExt(build_ext):
             outputs.append(os.path.join(os.path.dirname(self.get_ext_fullpath("xoron._C")), PLUGIN))
         return outputs
 
-    def _build_cuda_plugin(self, nvcc, sources, out):
+    def _compile_sources_in_parallel(self):
+        serial_compile = self.compiler.compile
+
+        def compile_each(sources, *args, **kwargs):
+            with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                parts = list(pool.map(lambda src: serial_compile([src], *args, **kwargs), sources))
+            return [obj for part in parts for obj in part]
+        self.compiler.compile = compile_each
+
+    def _cuda_gencode(self):
+        gencode = []
+        for a in os.environ.get("XORON_CUDA_ARCHS", "80;90").split(";"):
+            gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+        return gencode
+
+    def _start_cuda_objects(self, nvcc, sources):
+        """[(nvcc process, object path)] for every CUDA source, all started at once."""
         tmp = os.path.join(self.build_temp, "cuda")
         os.makedirs(tmp, exist_ok=True)
-        cuda_root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-        archs = os.environ.get("XORON_CUDA_ARCHS", "80;90").split(";")
-        gencode = []
-        for a in archs:
-            gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-        objs = []
         jobs = []
         for src in sources:
             obj = os.path.join(tmp, os.path.basename(src) + ".o")
             cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC,-Wall,-Wextra",
                    "--expt-relaxed-constexpr", "-I", os.path.join(HERE, "csrc"),
-                   f'-DXO_BUILD_ID="{BUILD_ID}"', f"-DXO_CUDA_CUBLASLT={1 if CUBLASLT_INCLUDE else 0}"] + gencode
-            cmd += CUBLASLT_FLAGS
-            jobs.append(subprocess.Popen(cmd))
-            objs.append(obj)
-        if any(j.wait() != 0 for j in jobs):
+                   f'-DXO_BUILD_ID="{BUILD_ID}"', f"-DXO_CUDA_CUBLASLT={1 if CUBLASLT_INCLUDE else 0}"]
+            cmd += self._cuda_gencode() + CUBLASLT_FLAGS
+            jobs.append((subprocess.Popen(cmd), obj))
+        return jobs
+
+    def _link_cuda_plugin(self, nvcc, jobs, out):
+        if any(proc.wait() != 0 for proc, _ in jobs):
             raise BuildError("xoron: compiling the CUDA plugin failed (see nvcc's output above). "
                              "Set XORON_CUDA=0 to build the CPU engine alone.")
+        cuda_root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
         libdirs = [os.path.join(cuda_root, d) for d in ("lib64", "lib", "targets/x86_64-linux/lib")]
         libdirs = [d for d in libdirs if os.path.isdir(d)]
-        cmd = [nvcc, "-shared", "-o", out] + objs + [f"-L{d}" for d in libdirs] + \
-              ["-lcudart"] + gencode + \
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        cmd = [nvcc, "-shared", "-o", out] + [obj for _, obj in jobs] + [f"-L{d}" for d in libdirs] + \
+              ["-lcudart"] + self._cuda_gencode() + \
               [f"-Xlinker=-rpath,{d}" for d in libdirs]
         if subprocess.call(cmd) != 0:
             raise BuildError("xoron: linking the CUDA plugin failed.")
