@@ -193,6 +193,10 @@ typedef struct {
     void (*graph_free)(xo_backend *be, void *graph);
 } xo_graph_ops;
 
+/* the CUDA backend's routed-expert paths, as moe_path_counts names them */
+enum { XO_MOE_PATH_INDEXED, XO_MOE_PATH_DECODE_BATCH, XO_MOE_PATH_SKINNY, XO_MOE_PATH_GROUPED, XO_MOE_PATH_HOST,
+       XO_MOE_PATHS };
+
 struct xo_backend {
     const char *name;
     void *ctx;
@@ -217,6 +221,9 @@ struct xo_backend {
      * was made, by the kernel they took: counts[0] K and V expanded into scratch first, counts[1]
      * the in-kernel expansion (a recorded step counts once, when recorded); for tests */
     void (*decode_attention_counts)(xo_backend *be, long long counts[2]);
+    /* optional (NULL: not counted): routed-expert calls since the backend was made, by the path
+     * they took (XO_MOE_PATH_*; a recorded step counts once, when recorded); for tests */
+    void (*moe_path_counts)(xo_backend *be, long long counts[XO_MOE_PATHS]);
 
     void (*destroy)(xo_backend *be);
 };

@@ -584,6 +584,21 @@ static PyObject *Model_decode_attention_counts(ModelObject *self, PyObject *Py_U
     return Py_BuildValue("{s:L,s:L}", "expand", counts[0], "latent_decode", counts[1]);
 }
 
+/* {'indexed': n, 'decode_batch': n, 'skinny': n, 'grouped': n, 'host': n}: routed-expert calls by
+ * the path they took, or None where the backend does not count them (a test's view of the MoE path) */
+static PyObject *Model_moe_path_counts(ModelObject *self, PyObject *Py_UNUSED(args)) {
+    if (ensure_model(self)) return NULL;
+    xo_backend *be = self->model->be;
+    if (!be->moe_path_counts) Py_RETURN_NONE;
+    long long n[XO_MOE_PATHS] = { 0 };
+    xo_status rc;
+    LOCKED_NOGIL(self, rc, (be->moe_path_counts(be, n), XO_OK));
+    if (rc != XO_OK) return xo_py_raise(rc);
+    return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L}", "indexed", n[XO_MOE_PATH_INDEXED], "decode_batch",
+                         n[XO_MOE_PATH_DECODE_BATCH], "skinny", n[XO_MOE_PATH_SKINNY], "grouped", n[XO_MOE_PATH_GROUPED],
+                         "host", n[XO_MOE_PATH_HOST]);
+}
+
 static PyObject *Model_get_device(ModelObject *self, void *Py_UNUSED(c)) { return PyUnicode_FromString(self->device); }
 
 /* the CUDA stream the model's kernels run on, as an integer (DLPack's `stream`), or None */
@@ -618,6 +633,9 @@ static PyMethodDef Model_methods[] = {
     { "decode_attention_counts", (PyCFunction)Model_decode_attention_counts, METH_NOARGS,
       "decode_attention_counts() -> {'expand': n, 'latent_decode': n} of decode steps over the latent cache "
       "(recorded steps counted once), or None (CPU)" },
+    { "moe_path_counts", (PyCFunction)Model_moe_path_counts, METH_NOARGS,
+      "moe_path_counts() -> {'indexed', 'decode_batch', 'skinny', 'grouped', 'host': n} of routed-expert calls by "
+      "the CUDA path they took (recorded steps counted once), or None (CPU)" },
     { NULL, NULL, 0, NULL },
 };
 

@@ -100,6 +100,11 @@ static void be_decode_attention_counts(xo_backend *be, long long counts[2]) {
     counts[1] = c->decode_counts[1];
 }
 
+static void be_moe_path_counts(xo_backend *be, long long counts[XO_MOE_PATHS]) {
+    const CuCtx *c = cu_ctx(be);
+    for (int i = 0; i < XO_MOE_PATHS; i++) counts[i] = c->moe_counts[i];
+}
+
 /* The device's pool (shared by every model on the device): in use now, and its high-water mark. */
 static xo_status be_usage(xo_backend *be, size_t *in_use, size_t *peak, int reset_peak) {
     CuCtx *c = cu_ctx(be);
@@ -417,6 +422,7 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
         be->graphs.graph_free = w_graph_free;
     }
     be->decode_attention_counts = be_decode_attention_counts;
+    be->moe_path_counts = be_moe_path_counts;
     be->destroy = be_destroy;
     *out = be;
     return XO_OK;

@@ -44,6 +44,7 @@ struct CuCtx {
     int attn_decode;      /* decode over a 16-bit latent cache: CU_DECODE_* (option cuda_attention) */
     long long decode_counts[2]; /* decode-attention calls over the latent cache: [0] expanded into scratch,
                                  * [1] decode_attention.cu (a recorded step counts when recorded) */
+    long long moe_counts[XO_MOE_PATHS]; /* cu_moe_experts calls by the path taken (XO_MOE_PATH_*) */
     int pdl;              /* programmatic dependent launch (compute capability 9.0+ and option cuda_pdl) */
     size_t memory_limit;  /* 0: none; else cu_alloc_raw fails once the pool would hand out more */
     xo_error_sink sink;   /* the engine's error channel: every failure is reported through it */

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "backends/cuda/common.h"
+#include "backends/cuda/mma.h"
 
 using namespace nvcuda;
 
@@ -184,14 +185,6 @@ xo_status cu_gate_up_swiglu(xo_backend *be, float *act, const float *x, float *g
 
 enum { G_BM = 64, G_BN = 128, G_BK = 32, G_LDS = G_BK + 8, G_LDC = G_BN + 4 };
 
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool pred) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    int sz = pred ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(sz));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 constexpr int G_SMEM_STAGE = (G_BM + G_BN) * G_LDS * 2;             /* bytes, one stage of A and B */
 constexpr int G_SMEM = 2 * G_SMEM_STAGE > G_BM * G_LDC * 4 ? 2 * G_SMEM_STAGE : G_BM * G_LDC * 4;
 
@@ -246,14 +239,14 @@ __global__ __launch_bounds__(256) void k_grouped_wmma(float *__restrict__ y, con
 
     const int nk = (k + G_BK - 1) / G_BK;
     load(0, 0);
-    cp_async_commit();
+    cp_commit();
     for (int kt = 0; kt < nk; kt++) {
         if (kt + 1 < nk) {
             load((kt + 1) & 1, (kt + 1) * G_BK);
-            cp_async_commit();
-            cp_async_wait<1>();
+            cp_commit();
+            cp_wait<1>();
         } else {
-            cp_async_wait<0>();
+            cp_wait<0>();
         }
         __syncthreads();
         const T *a = As(kt & 1), *b = Bs(kt & 1);
@@ -330,14 +323,14 @@ __global__ __launch_bounds__(256) void k_grouped_wmma2(float *__restrict__ y, co
 #pragma unroll
     for (int s = 0; s < H_ST - 1; s++) {
         if (s < nk) load(s, s * H_BK);
-        cp_async_commit();
+        cp_commit();
     }
     for (int kt = 0; kt < nk; kt++) {
-        cp_async_wait<H_ST - 2>();
+        cp_wait<H_ST - 2>();
         __syncthreads();
         const int nxt = kt + H_ST - 1;
         if (nxt < nk) load(nxt % H_ST, nxt * H_BK);
-        cp_async_commit();
+        cp_commit();
         const T *a = As(kt % H_ST), *b = Bs(kt % H_ST);
 #pragma unroll
         for (int kk = 0; kk < H_BK; kk += 16) {
@@ -353,7 +346,7 @@ __global__ __launch_bounds__(256) void k_grouped_wmma2(float *__restrict__ y, co
                 for (int j = 0; j < 2; j++) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
         }
     }
-    cp_async_wait<0>();
+    cp_wait<0>();
     float *st = (float *)(hsm + H_ST * H_STAGE) + warp * 16 * H_LDE;
 #pragma unroll
     for (int i = 0; i < 4; i++)

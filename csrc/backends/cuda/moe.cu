@@ -1,14 +1,23 @@
 /* MoE on the GPU: routing (softmax, top-k with ties to the lower index, renormalised by
- * sum + 1e-5), then the routed experts without a host round trip: slots are counted and
- * permuted by expert on the device, and the expert products read the device-side group
- * offsets (a skinny kernel for few tokens, a WMMA grouped GEMM for many). The combine
- * adds sum_k w_k * expert_k(x) to `out` in k order, as the CPU backend does. An expert id
- * outside [0, E) is rejected as on the CPU: the kernels record it (cu_expert_id) and the call
- * fails with XO_EINVAL when the stream next synchronises. */
+ * sum + 1e-5), then the routed experts without a host round trip, by the number of slots
+ * (tokens x top_k):
+ * - up to 8 (a few decode rows): each slot's expert rows read straight from the routing
+ *   (moe_indexed; top-k picks distinct experts, so one token reads no expert twice);
+ * - up to 512 with 16-bit experts, H and I multiples of 64 (decode batches): one block per
+ *   (row tile, expert) lists its expert's slots itself and streams that weight tile once for
+ *   all of them, gate/up and SwiGLU then down on the tensor cores, then the combine
+ *   (moe_decode_batch: three launches);
+ * - otherwise slots are counted and permuted by expert on the device and the expert products
+ *   read the device-side group offsets (a skinny kernel for up to 64 slots, a WMMA grouped GEMM
+ *   beyond); cuda_moe=host sizes per-expert GEMMs from counts read back instead.
+ * The combine adds sum_k w_k * expert_k(x) to `out` in k order, as the CPU backend does. An
+ * expert id outside [0, E) is rejected as on the CPU: the kernels record it (cu_expert_id) and
+ * the call fails with XO_EINVAL when the stream next synchronises. */
 #include <stdlib.h>
 #include <string.h>
 
 #include "backends/cuda/common.h"
+#include "backends/cuda/mma.h"
 
 /* softmax over z[E], top-k (ties: lower index), renormalised by sum + 1e-5 */
 __device__ void route_row(int32_t *ix, float *wt, const float *z, int E, int K) {
@@ -274,6 +283,303 @@ static xo_status moe_indexed(CuCtx *c, const xo_moe_args *a, const CuGroupPtrs &
     return cu_check_launch(c, "moe (indexed experts)");
 }
 
+/* ---- decode batches (16-bit experts, H % 64 == 0, I % 64 == 0): each expert's weights read once ----
+ *
+ * k_moe_dec<T, GU> (one block per (row tile, expert[, k split])): the block lists the slots routed
+ * to its expert (ascending), then computes a [128 weight rows x up to 64 slots] tile per pass on
+ * the tensor cores (mma.sync m16n8k16: A = the weight rows, B = the slots' input rows, both
+ * K-contiguous in shared memory), the weight tile streamed through three cp.async stages. More
+ * than 64 slots on one expert take further passes over the same weight tile (read again, mostly
+ * from L2). GU: the rows are gate rows r0..r0+63 and up rows I+r0..I+r0+63, the inputs the
+ * tokens' float32 rows of x converted to T as they are staged (through registers, one stage
+ * ahead), and the epilogue writes act[slot, r] = silu(g) * u rounded to T (as the grouped-GEMM
+ * path rounds its activations). Down: 128 rows of W_down over one range of k (the product is
+ * split over k so that the grid fills the GPU), inputs act's 16-bit rows copied by cp.async,
+ * the float32 partial products written to part[split, slot, :]. k_moe_dec_combine then adds
+ * sum_k w[i, k] * (sum over splits in order) to out in k order: no atomics, so the result is
+ * the same from run to run. */
+enum {
+    DEC_MAX_SLOTS = 512,      /* the slot list lives in shared memory */
+    DEC_ROWS = 128,           /* weight rows per block */
+    DEC_TOK = 64,             /* slots per pass */
+    DEC_BK = 32,              /* k per pipeline stage */
+    DEC_LDS = DEC_BK + 8,     /* smem row stride (elements): ldmatrix rows fall in distinct banks */
+    DEC_STAGES = 3,
+    DEC_THREADS = 256,        /* 8 warps: 4 row groups of 32 rows x 2 halves of the 64 slots */
+    DEC_MIN_SPLIT_K = 256,    /* the down product's k per split at least this */
+};
+
+struct DecSmem {
+    uint16_t w[DEC_STAGES][DEC_ROWS][DEC_LDS];
+    uint16_t x[DEC_STAGES][DEC_TOK][DEC_LDS];
+    int slot[DEC_MAX_SLOTS];
+    int warp_count[DEC_THREADS / 32];
+};
+static_assert(sizeof(DecSmem) <= 48 * 1024, "k_moe_dec's static shared memory");
+
+struct DecArgs {
+    CuGroupPtrs w;           /* per expert: gate_up [2I, H] (GU) or down [H, I] */
+    const int32_t *idx;      /* topk_idx [slots] */
+    const float *x;          /* GU: [tokens, H] */
+    const void *act;         /* down: [slots, I] of T */
+    void *dst;               /* GU: act [slots, I] of T; down: part [splits, slots, H] float */
+    int slots, K, E;
+    int rows;                /* GU: I; down: H */
+    int k;                   /* GU: H; down: I (the weight's row length) */
+    int kspan;               /* down: k per split (a multiple of DEC_BK) */
+    CuFault *fault;
+};
+
+/* sm.slot[0 .. m) = the slots routed to expert e in ascending order; returns m (bad ids count
+ * as expert 0 and are recorded, as the other kernels do) */
+__device__ int dec_slot_list(DecSmem &sm, const int32_t *__restrict__ idx, int slots, int e, int E, CuFault *fault) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int total = 0;
+    for (int base = 0; base < slots; base += DEC_THREADS) {
+        const int s = base + threadIdx.x;
+        const bool mine = s < slots && cu_expert_id(idx[s], E, fault) == e;
+        const unsigned ballot = __ballot_sync(0xffffffffu, mine);
+        if (lane == 0) sm.warp_count[warp] = __popc(ballot);
+        __syncthreads();
+        int at = total;
+        for (int w = 0; w < warp; w++) at += sm.warp_count[w];
+        if (mine) sm.slot[at + __popc(ballot & ((1u << lane) - 1))] = s;
+        for (int w = 0; w < DEC_THREADS / 32; w++) total += sm.warp_count[w];
+        __syncthreads();
+    }
+    return total;
+}
+
+__device__ __forceinline__ uint2 pack4(float4 v, __nv_bfloat16 *) {
+    __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+    return make_uint2(*(const uint32_t *)&lo, *(const uint32_t *)&hi);
+}
+__device__ __forceinline__ uint2 pack4(float4 v, __half *) {
+    __half2 lo = __floats2half2_rn(v.x, v.y), hi = __floats2half2_rn(v.z, v.w);
+    return make_uint2(*(const uint32_t *)&lo, *(const uint32_t *)&hi);
+}
+
+template <typename T, bool GU>
+__global__ __launch_bounds__(DEC_THREADS) void k_moe_dec(DecArgs p) {
+    __shared__ __align__(16) DecSmem sm;
+    const int e = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const T *W = (const T *)p.w.p[e];
+    const int r0 = blockIdx.x * (GU ? DEC_ROWS / 2 : DEC_ROWS);
+    const int k_begin = GU ? 0 : blockIdx.z * p.kspan;
+    const int nk = (GU ? p.k : min(p.kspan, p.k - k_begin)) / DEC_BK;
+    /* the weight row of tile row lr, -1 past the matrix (down, H % 128 != 0) */
+    auto weight_row = [&](int lr) -> int {
+        if (GU) return lr < DEC_ROWS / 2 ? r0 + lr : p.rows + r0 + lr - DEC_ROWS / 2;
+        return r0 + lr < p.rows ? r0 + lr : -1;
+    };
+    if (tid < DEC_ROWS) { /* the first two stages' weight lines: they depend on no earlier kernel */
+        const int row = weight_row(tid);
+        if (row >= 0) cu_prefetch_l2(W + (size_t)row * p.k + k_begin);
+    }
+    CU_PDL_ENTRY();
+    const int m = dec_slot_list(sm, p.idx, p.slots, e, p.E, p.fault);
+    if (m == 0) return;
+
+    const int rg = warp & 3, half = warp >> 2;
+    /* the warp's two 16-row tiles: GU gate rows and the matching up rows; down 32 rows */
+    const int mrow0 = GU ? 16 * rg : 32 * rg, mrow1 = GU ? DEC_ROWS / 2 + 16 * rg : 32 * rg + 16;
+    const T *act = (const T *)p.act;
+
+    for (int c0 = 0; c0 < m; c0 += DEC_TOK) {
+        const int mc = min(DEC_TOK, m - c0);
+        /* the warp's 8-slot tiles that hold a slot of this pass (0..4) */
+        const int ntiles = max(0, min(4, (mc - 32 * half + 7) / 8));
+        float acc[2][4][4];
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int q = 0; q < 4; q++) acc[i][j][q] = 0.0f;
+
+        auto load_w = [&](int st, int kt) {
+            const int k0 = k_begin + kt * DEC_BK;
+#pragma unroll
+            for (int i = 0; i < 2; i++) { /* 128 rows x 4 chunks of 8 */
+                const int q = tid + DEC_THREADS * i, lr = q >> 2, c8 = (q & 3) * 8, row = weight_row(lr);
+                cp_async16(&sm.w[st][lr][c8], row >= 0 ? W + (size_t)row * p.k + k0 + c8 : W, row >= 0);
+            }
+            if (!GU) { /* 64 act rows x 4 chunks of 8 */
+                const int j = tid >> 2, c8 = (tid & 3) * 8;
+                const bool ok = j < mc;
+                cp_async16(&sm.x[st][j][c8], ok ? act + (size_t)sm.slot[c0 + j] * p.k + k0 + c8 : act, ok);
+            }
+        };
+        float4 xr[2]; /* GU: the next stage's x, held while this stage is multiplied */
+        auto fetch_x = [&](int kt) {
+#pragma unroll
+            for (int i = 0; i < 2; i++) { /* 64 rows x 8 float4 */
+                const int q = tid + DEC_THREADS * i, j = q >> 3, c4 = (q & 7) * 4;
+                xr[i] = j < mc ? *(const float4 *)(p.x + (size_t)(sm.slot[c0 + j] / p.K) * p.k + kt * DEC_BK + c4)
+                               : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            }
+        };
+        auto store_x = [&](int st) {
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                const int q = tid + DEC_THREADS * i, j = q >> 3, c4 = (q & 7) * 4;
+                *(uint2 *)&sm.x[st][j][c4] = pack4(xr[i], (T *)nullptr);
+            }
+        };
+        auto multiply = [&](int st) {
+            if (ntiles == 0) return;
+#pragma unroll
+            for (int kk = 0; kk < DEC_BK; kk += 16) {
+                uint32_t a0[4], a1[4], b[4][2];
+                ldsm_x4(a0, &sm.w[st][mrow0 + (lane & 15)][kk + (lane >> 4) * 8]);
+                ldsm_x4(a1, &sm.w[st][mrow1 + (lane & 15)][kk + (lane >> 4) * 8]);
+#pragma unroll
+                for (int jp = 0; jp < 2; jp++) { /* two 8-slot tiles per ldmatrix */
+                    if (2 * jp >= ntiles) break;
+                    uint32_t r[4];
+                    ldsm_x4(r, &sm.x[st][32 * half + 16 * jp + (lane & 7) + ((lane >> 4) << 3)][kk + ((lane >> 3) & 1) * 8]);
+                    b[2 * jp][0] = r[0];
+                    b[2 * jp][1] = r[1];
+                    b[2 * jp + 1][0] = r[2];
+                    b[2 * jp + 1][1] = r[3];
+                }
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    if (j >= ntiles) break;
+                    mma<T>(acc[0][j], a0, b[j][0], b[j][1]);
+                    mma<T>(acc[1][j], a1, b[j][0], b[j][1]);
+                }
+            }
+        };
+
+#pragma unroll
+        for (int s = 0; s < DEC_STAGES - 1; s++) {
+            if (s < nk) {
+                load_w(s, s);
+                if (GU) {
+                    fetch_x(s);
+                    store_x(s);
+                }
+            }
+            cp_commit();
+        }
+        for (int kt = 0; kt < nk; kt++) {
+            cp_wait<DEC_STAGES - 2>();
+            __syncthreads(); /* stage kt is in; every warp is done with stage kt - 1, the one refilled now */
+            const int next = kt + DEC_STAGES - 1;
+            if (next < nk) {
+                load_w(next % DEC_STAGES, next);
+                if (GU) fetch_x(next);
+            }
+            cp_commit();
+            multiply(kt % DEC_STAGES);
+            if (GU && next < nk) store_x(next % DEC_STAGES);
+        }
+        cp_wait<0>();
+
+        /* c[q]: row lane / 4 (+ 8 for q >= 2) of the 16-row tile, slot 2 * (lane % 4) + (q & 1) of the 8 */
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            if (j >= ntiles) break;
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                const int n = 32 * half + 8 * j + 2 * (lane & 3) + (q & 1), lr = (lane >> 2) + 8 * (q >> 1);
+                if (n >= mc) continue;
+                const int s = sm.slot[c0 + n];
+                if (GU) {
+                    const float g = acc[0][j][q], u = acc[1][j][q];
+                    ((T *)p.dst)[(size_t)s * p.rows + r0 + 16 * rg + lr] = cu_from_f32<T>(g / (1.0f + expf(-g)) * u);
+                } else {
+                    float *part = (float *)p.dst + ((size_t)blockIdx.z * p.slots + s) * p.rows;
+                    const int row0 = r0 + 32 * rg + lr, row1 = row0 + 16;
+                    if (row0 < p.rows) part[row0] = acc[0][j][q];
+                    if (row1 < p.rows) part[row1] = acc[1][j][q];
+                }
+            }
+        }
+        __syncthreads(); /* the next pass refills the stages */
+    }
+}
+
+/* out[i, :] += sum_k w[i, k] * (sum over the splits of part[split, i*K + k, :]), k in order (H % 4 == 0) */
+__global__ void k_moe_dec_combine(float *__restrict__ out, const float *__restrict__ part, const float *__restrict__ w,
+                                  int K, int H, int slots, int splits) {
+    CU_PDL_ENTRY();
+    const int i = blockIdx.x;
+    float4 *o = (float4 *)(out + (size_t)i * H);
+    for (int j = threadIdx.x; j < H / 4; j += blockDim.x) {
+        float4 v = o[j];
+        for (int k = 0; k < K; k++) {
+            const int s = i * K + k;
+            float4 y = ((const float4 *)(part + (size_t)s * H))[j];
+            for (int sp = 1; sp < splits; sp++) {
+                const float4 t = ((const float4 *)(part + ((size_t)sp * slots + s) * H))[j];
+                y.x += t.x;
+                y.y += t.y;
+                y.z += t.z;
+                y.w += t.w;
+            }
+            const float ws = w[s];
+            v.x += ws * y.x;
+            v.y += ws * y.y;
+            v.z += ws * y.z;
+            v.w += ws * y.w;
+        }
+        o[j] = v;
+    }
+}
+
+static bool moe_decode_batch_fits(const xo_moe_args *a, xo_dtype t, int slots, int inter) {
+    return (t == XO_BF16 || t == XO_F16) && slots <= DEC_MAX_SLOTS && a->hidden % 64 == 0 && inter % 64 == 0 &&
+           ((uintptr_t)a->out & 15) == 0;
+}
+
+template <typename T>
+static xo_status moe_decode_batch(CuCtx *c, const xo_moe_args *a, const CuGroupPtrs &gup, const CuGroupPtrs &dnp,
+                                  int inter) {
+    const int n = a->tokens, K = a->top_k, E = a->num_experts, H = a->hidden, slots = n * K;
+    const int row_tiles = (H + DEC_ROWS - 1) / DEC_ROWS;
+    /* split the down product's k until its grid is about twice the GPU (as the gate/up grid is
+     * at the default sizes), no split shorter than DEC_MIN_SPLIT_K */
+    int splits = (2 * c->num_sms + row_tiles * E - 1) / (row_tiles * E);
+    const int most = inter / DEC_MIN_SPLIT_K > 1 ? inter / DEC_MIN_SPLIT_K : 1;
+    splits = splits < 1 ? 1 : splits > most ? most : splits;
+    const int kspan = (inter / DEC_BK + splits - 1) / splits * DEC_BK;
+    splits = (inter + kspan - 1) / kspan;
+
+    const size_t b_act = ((size_t)slots * inter * sizeof(T) + 255) & ~(size_t)255;
+    char *blk = (char *)cu_alloc_raw(c, b_act + (size_t)splits * slots * H * sizeof(float));
+    if (!blk) return cu_fail_more(c, XO_ENOMEM, "the MoE layer (%d tokens)", n);
+    float *part = (float *)(blk + b_act);
+
+    DecArgs p;
+    p.idx = a->topk_idx;
+    p.x = a->x;
+    p.slots = slots;
+    p.K = K;
+    p.E = E;
+    p.fault = c->fault_dev;
+    p.w = gup;
+    p.act = NULL;
+    p.dst = blk;
+    p.rows = inter;
+    p.k = H;
+    p.kspan = H;
+    cu_launch(c, k_moe_dec<T, true>, dim3((unsigned)(inter / (DEC_ROWS / 2)), (unsigned)E), DEC_THREADS, 0, p);
+    p.w = dnp;
+    p.x = NULL;
+    p.act = blk;
+    p.dst = part;
+    p.rows = H;
+    p.k = inter;
+    p.kspan = kspan;
+    cu_launch(c, k_moe_dec<T, false>, dim3((unsigned)row_tiles, (unsigned)E, (unsigned)splits), DEC_THREADS, 0, p);
+    cu_launch(c, k_moe_dec_combine, n, H >= 1024 ? 256 : 64, 0, a->out, (const float *)part, a->topk_weight, K, H, slots,
+              splits);
+    cu_free(c, blk);
+    return cu_check_launch(c, "moe (decode batch)");
+}
+
 xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a) {
     CuCtx *c = cu_ctx(be);
     const int n = a->tokens, K = a->top_k, E = a->num_experts, H = a->hidden;
@@ -287,7 +593,7 @@ xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a) {
                   a->experts[e].gate_up.out == 2 * inter && a->experts[e].down.out == H;
     if (!uniform) return cu_fail(c, XO_EUNSUPPORTED, "CUDA MoE: experts must share one shape and dtype (and be <= %d)", CU_MAX_GROUPS);
 
-    if (!c->moe_host && slots <= INDEXED_MAX_SLOTS && H % 8 == 0 && inter % 8 == 0 && ((uintptr_t)a->x & 15) == 0) {
+    if (!c->moe_host && ((uintptr_t)a->x & 15) == 0) {
         CuGroupPtrs gup, dnp;
         bool aligned = true;
         for (int e = 0; e < E; e++) {
@@ -295,10 +601,16 @@ xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a) {
             dnp.p[e] = a->experts[e].down.data;
             aligned &= (((uintptr_t)gup.p[e] | (uintptr_t)dnp.p[e]) & 15) == 0;
         }
-        if (aligned) {
+        if (aligned && slots <= INDEXED_MAX_SLOTS && H % 8 == 0 && inter % 8 == 0) {
+            c->moe_counts[XO_MOE_PATH_INDEXED]++;
             if (t == XO_BF16) return moe_indexed<__nv_bfloat16>(c, a, gup, dnp, inter);
             if (t == XO_F16) return moe_indexed<__half>(c, a, gup, dnp, inter);
             return moe_indexed<float>(c, a, gup, dnp, inter);
+        }
+        if (aligned && moe_decode_batch_fits(a, t, slots, inter)) {
+            c->moe_counts[XO_MOE_PATH_DECODE_BATCH]++;
+            if (t == XO_BF16) return moe_decode_batch<__nv_bfloat16>(c, a, gup, dnp, inter);
+            return moe_decode_batch<__half>(c, a, gup, dnp, inter);
         }
     }
     enum { HOST, SKINNY, WMMA } mode;
@@ -306,6 +618,7 @@ xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a) {
     else if (slots <= SKINNY_MAX_SLOTS) mode = SKINNY;
     else if (t != XO_F32 && H % 8 == 0 && inter % 8 == 0) mode = WMMA;
     else mode = HOST;
+    c->moe_counts[mode == HOST ? XO_MOE_PATH_HOST : mode == SKINNY ? XO_MOE_PATH_SKINNY : XO_MOE_PATH_GROUPED]++;
     const size_t es = mode == WMMA ? 2 : 4; /* grouped activations: 16-bit for the tensor cores */
 
     /* one scratch block: ints (counts[E] offsets[E+1] tile_start[E+1] rank[slots] slot_of[slots]),
