@@ -5,10 +5,12 @@ which records every kernel of the process, xoron's included).
     python benchmarks/profile_decode_kernels.py [--shapes 1x32,64x32,1x4096] [--options auto,rows] [--steps 8]
 
 Prints, per shape and option, the kernels' GPU microseconds per decode step (summed over the
-12 layers), the largest first, and the total. Steps run eagerly (cuda_graphs=0): the kernels
-are those a replayed graph holds, without the launch gaps; and without programmatic dependent
-launch (cuda_pdl=0), under which a kernel starts before the one it depends on ends and its span
-includes that wait.
+12 layers), the largest first, the total, and how many kernels (and copies or memsets) a step
+launches: at batch 1 their latencies, not their bytes, bound a step. Steps run eagerly
+(cuda_graphs=0): the kernels are those a replayed graph holds, without the launch gaps (an eager
+step also uploads its ids and reads its logits back: copies a replayed step does not make); and
+without programmatic dependent launch (cuda_pdl=0), under which a kernel starts before the one
+it depends on ends and its span includes that wait.
 """
 from __future__ import annotations
 
@@ -45,8 +47,13 @@ def kernel_times(m, b, ctx, steps):
         if t is None:
             t = getattr(e, "cuda_time_total", 0.0)
         if t > 0:
-            rows.append((t / steps, e.count // steps, e.key))
+            rows.append((t / steps, e.count / steps, e.key))
     return sorted(rows, reverse=True)
+
+
+def is_copy(name):
+    """a copy or memset node of the step (the profiler names them so), not a kernel"""
+    return name.startswith(("Memcpy", "Memset", "memcpy", "memset"))
 
 
 def main():
@@ -63,9 +70,12 @@ def main():
         for b, ctx in shapes:
             rows = kernel_times(m, b, ctx, args.steps)
             total = sum(r[0] for r in rows)
-            print(f"\n## cuda_attention={opt} b={b} ctx={ctx}: {total:.1f} us of kernels per step")
+            kernels = sum(r[1] for r in rows if not is_copy(r[2]))
+            copies = sum(r[1] for r in rows if is_copy(r[2]))
+            print(f"\n## cuda_attention={opt} b={b} ctx={ctx}: {total:.1f} us of kernels per step, "
+                  f"{kernels:g} kernels + {copies:g} copies/memsets per step")
             for us, n, name in rows[:args.top]:
-                print(f"{us:9.1f} us  x{n:<4d} {name[:110]}")
+                print(f"{us:9.1f} us  x{n:<6g} {name[:110]}")
         del m
 
 

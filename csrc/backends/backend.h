@@ -30,6 +30,14 @@ typedef struct {
     float *scales;   /* device, I8 / I4: one per group of `in` (the backend's layout) */
 } xo_linear;
 
+/* The rotation rope() applies (SPEC 5) to rows of `heads` heads of head_dim each, row i at pos[i]. */
+typedef struct {
+    const int32_t *pos;     /* device [rows] */
+    int heads, head_dim;
+    const float *inv_freq;  /* device [head_dim / 2] */
+    float mscale;
+} xo_rotary;
+
 /* One SwiGLU FFN: gate and up stored as one [2*I, H] linear (gate rows first). */
 typedef struct {
     xo_linear gate_up;
@@ -134,6 +142,11 @@ typedef struct {
     /* rows of x (row_stride floats apart) rotated in place, heads*hd each; row i uses pos[i] */
     xo_status (*rope)(xo_backend *be, float *x, size_t row_stride, const int32_t *pos, int n, int heads, int hd,
                       const float *inv_freq, float mscale);
+    /* optional (NULL: two matmuls, then rope): y1[m, w1.out] = x @ w1.T and y2[m, w2.out] = x @ w2.T
+     * (w1.in == w2.in); with rot, y1's rows are then rotated as rope(y1, w1.out, rot->pos, m, rot->heads,
+     * rot->head_dim, ...) rotates them (rot->heads * rot->head_dim == w1.out) */
+    xo_status (*matmul_pair)(xo_backend *be, float *y1, const xo_linear *w1, float *y2, const xo_linear *w2,
+                             const float *x, int m, const xo_rotary *rot);
     /* optional (NULL: ids come from the host): dst[i] = src[i] for n token ids in the backend's
      * memory (int64 when wide, else int32); an id outside [0, vocab) becomes 0 and the first such
      * is reported in bad[0] (its flat index; UINT64_MAX when none) and bad[1] (its value) */
@@ -163,6 +176,20 @@ typedef struct {
      * start is read from start_device when that is not NULL */
     xo_status (*cache_write)(xo_backend *be, void *cache, xo_dtype cache_t, int capacity, int width, int start,
                              const int32_t *start_device, const float *src, int batch, int n, int src_stride);
+    /* optional (NULL: rmsnorm, then cache_write): the rows of x [batch*n, d] normed as
+     * rmsnorm(normed, x, d, w, batch*n, d, eps) norms them, stored as cache_write(cache, cache_t, capacity,
+     * d, start, start_device, normed, batch, n, d) stores them; normed [batch*n, d] (may be x) is
+     * scratch the backend may use */
+    xo_status (*rmsnorm_cache_write)(xo_backend *be, void *cache, xo_dtype cache_t, int capacity, int start,
+                                     const int32_t *start_device, float *normed, const float *x, const float *w,
+                                     int batch, int n, int d, float eps);
+    /* optional (NULL: rope, then two cache_writes): kv [batch*n, 2*W] holds rows [K | V], W =
+     * rot->heads * rot->head_dim; K rotated as rope(kv, 2*W, rot->pos, batch*n, ...) rotates it, then
+     * stored as cache_write(k_cache, cache_t, capacity, W, start, start_device, kv, batch, n, 2*W) and V
+     * as the same into v_cache from kv + W; kv is scratch the backend may leave rotated or not */
+    xo_status (*rope_kv_cache_write)(xo_backend *be, void *k_cache, void *v_cache, xo_dtype cache_t, int capacity,
+                                     int start, const int32_t *start_device, float *kv, int batch, int n,
+                                     const xo_rotary *rot);
     /* out[r] = argmax of logits row r, lower index on ties */
     xo_status (*argmax_rows)(xo_backend *be, int32_t *out, const float *logits, int rows, int cols);
     /* optional (NULL: sampling runs on the host): out[r] = a token drawn from row r after
@@ -229,7 +256,8 @@ struct xo_backend {
 };
 
 /* Fills each optional slot left NULL with its default composed from the required ones
- * (gate_up_swiglu, moe_router), so the graph makes one call per step. */
+ * (matmul_pair, gate_up_swiglu, moe_router, rmsnorm_cache_write, rope_kv_cache_write), so the graph
+ * makes one call per step. */
 void xo_backend_fill_defaults(xo_backend *be);
 
 /* The CPU backend (oneDNN + OpenMP), with the model's options (engine/options.h). */

@@ -2,6 +2,34 @@
  * for a backend that has no fused kernel for the step. */
 #include "backends/backend.h"
 
+/* y1 = x @ w1.T (rotated by rot when given), y2 = x @ w2.T */
+static xo_status default_matmul_pair(xo_backend *be, float *y1, const xo_linear *w1, float *y2, const xo_linear *w2,
+                                     const float *x, int m, const xo_rotary *rot) {
+    XO_TRY(be->ops.matmul(be, y1, x, w1, m));
+    XO_TRY(be->ops.matmul(be, y2, x, w2, m));
+    if (!rot) return XO_OK;
+    return be->ops.rope(be, y1, (size_t)w1->out, rot->pos, m, rot->heads, rot->head_dim, rot->inv_freq, rot->mscale);
+}
+
+/* the normed rows through `normed`, then into the cache */
+static xo_status default_rmsnorm_cache_write(xo_backend *be, void *cache, xo_dtype cache_t, int capacity, int start,
+                                             const int32_t *start_device, float *normed, const float *x,
+                                             const float *w, int batch, int n, int d, float eps) {
+    XO_TRY(be->ops.rmsnorm(be, normed, x, d, w, batch * n, d, eps));
+    return be->ops.cache_write(be, cache, cache_t, capacity, d, start, start_device, normed, batch, n, d);
+}
+
+/* K rotated in place in kv, then K and V into their caches */
+static xo_status default_rope_kv_cache_write(xo_backend *be, void *k_cache, void *v_cache, xo_dtype cache_t,
+                                             int capacity, int start, const int32_t *start_device, float *kv, int batch,
+                                             int n, const xo_rotary *rot) {
+    const int W = rot->heads * rot->head_dim;
+    XO_TRY(be->ops.rope(be, kv, 2 * (size_t)W, rot->pos, batch * n, rot->heads, rot->head_dim, rot->inv_freq,
+                        rot->mscale));
+    XO_TRY(be->ops.cache_write(be, k_cache, cache_t, capacity, W, start, start_device, kv, batch, n, 2 * W));
+    return be->ops.cache_write(be, v_cache, cache_t, capacity, W, start, start_device, kv + W, batch, n, 2 * W);
+}
+
 /* act = swiglu(x @ gate_up.T), through gu [n, 2I] */
 static xo_status default_gate_up_swiglu(xo_backend *be, float *act, const float *x, float *gu, const xo_linear *gate_up,
                                         int n) {
@@ -19,6 +47,9 @@ static xo_status default_moe_router(xo_backend *be, int32_t *idx, float *weight,
 }
 
 void xo_backend_fill_defaults(xo_backend *be) {
+    if (!be->ops.matmul_pair) be->ops.matmul_pair = default_matmul_pair;
+    if (!be->ops.rmsnorm_cache_write) be->ops.rmsnorm_cache_write = default_rmsnorm_cache_write;
+    if (!be->ops.rope_kv_cache_write) be->ops.rope_kv_cache_write = default_rope_kv_cache_write;
     if (!be->ops.gate_up_swiglu) be->ops.gate_up_swiglu = default_gate_up_swiglu;
     if (!be->ops.moe_router) be->ops.moe_router = default_moe_router;
 }

@@ -15,29 +15,26 @@ static xo_status attention(xo_model *m, const xo_layer_weights *lw, int l, const
     xo_backend *be = m->be;
     const int b = a->batch, t = a->tokens, n = b * t, past = a->past;
     const int nh = c->num_heads, nkv = c->num_kv_heads, hd = c->head_dim, r = c->kv_lora_rank;
-    const int kvw = nkv * hd;
-    if (c->q_lora_rank == 0) {
-        XO_TRY(be->ops.matmul(be, s->q, s->xn, &lw->q, n));                                  /* q = x @ Wq.T */
-    } else {                                                                              /* q = RMSNorm(x @ Wqa.T) @ Wqb.T */
-        XO_TRY(be->ops.matmul(be, s->q_latent, s->xn, &lw->q_a, n));
+    const xo_rotary rot_q = { .pos = s->pos, .heads = nh, .head_dim = hd, .inv_freq = m->inv_freq, .mscale = m->mscale };
+    const xo_rotary rot_k = { .pos = s->pos, .heads = nkv, .head_dim = hd, .inv_freq = m->inv_freq, .mscale = m->mscale };
+    if (c->q_lora_rank == 0) {                                  /* q = RoPE(x @ Wq.T), c = (x @ Wkva.T)[:, :r] */
+        XO_TRY(be->ops.matmul_pair(be, s->q, &lw->q, s->latent, &lw->kv_a, s->xn, n, &rot_q));
+    } else {                                                    /* q = RoPE(RMSNorm(x @ Wqa.T) @ Wqb.T), c as above */
+        XO_TRY(be->ops.matmul_pair(be, s->q_latent, &lw->q_a, s->latent, &lw->kv_a, s->xn, n, NULL));
         XO_TRY(be->ops.rmsnorm(be, s->q_latent, s->q_latent, c->q_lora_rank, lw->q_a_norm, n, c->q_lora_rank,
-                           XO_LATENT_NORM_EPS));
+                               XO_LATENT_NORM_EPS));
         XO_TRY(be->ops.matmul(be, s->q, s->q_latent, &lw->q_b, n));
+        XO_TRY(be->ops.rope(be, s->q, (size_t)nh * hd, s->pos, n, nh, hd, m->inv_freq, m->mscale));
     }
-    XO_TRY(be->ops.matmul(be, s->latent, s->xn, &lw->kv_a, n));                              /* c = (x @ Wkva.T)[:, :r] */
-    XO_TRY(be->ops.rmsnorm(be, s->latent, s->latent, r, lw->kv_a_norm, n, r, XO_LATENT_NORM_EPS)); /* c = RMSNorm(c) */
-    if (cache->format == XO_CACHE_LATENT) {
-        XO_TRY(be->ops.cache_write(be, cache->latent[l], cache->dtype, cache->capacity, r, past, a->past_device, s->latent,
-                               b, t, r));
+    if (cache->format == XO_CACHE_LATENT) {                     /* the cache's slots <- RMSNorm(c) */
+        XO_TRY(be->ops.rmsnorm_cache_write(be, cache->latent[l], cache->dtype, cache->capacity, past, a->past_device,
+                                           s->latent, s->latent, lw->kv_a_norm, b, t, r, XO_LATENT_NORM_EPS));
     } else {
-        XO_TRY(be->ops.matmul(be, s->kv, s->latent, &lw->kv_b, n));                          /* [K | V] = c @ Wkvb.T */
-        XO_TRY(be->ops.rope(be, s->kv, 2 * (size_t)kvw, s->pos, n, nkv, hd, m->inv_freq, m->mscale));
-        XO_TRY(be->ops.cache_write(be, cache->k[l], cache->dtype, cache->capacity, kvw, past, a->past_device, s->kv, b, t,
-                               2 * kvw));
-        XO_TRY(be->ops.cache_write(be, cache->v[l], cache->dtype, cache->capacity, kvw, past, a->past_device, s->kv + kvw, b,
-                               t, 2 * kvw));
+        XO_TRY(be->ops.rmsnorm(be, s->latent, s->latent, r, lw->kv_a_norm, n, r, XO_LATENT_NORM_EPS)); /* c = RMSNorm(c) */
+        XO_TRY(be->ops.matmul(be, s->kv, s->latent, &lw->kv_b, n));                      /* [K | V] = c @ Wkvb.T */
+        XO_TRY(be->ops.rope_kv_cache_write(be, cache->k[l], cache->v[l], cache->dtype, cache->capacity, past,
+                                           a->past_device, s->kv, b, t, &rot_k));         /* the slots <- RoPE(K), V */
     }
-    XO_TRY(be->ops.rope(be, s->q, (size_t)nh * hd, s->pos, n, nh, hd, m->inv_freq, m->mscale));
     xo_attention_args at = {
         .batch = b, .new_tokens = t, .past = past, .past_device = a->past_device,
         .num_heads = nh, .num_kv_heads = nkv, .head_dim = hd, .rank = r,

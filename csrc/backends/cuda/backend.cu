@@ -277,6 +277,15 @@ WRAP(add_rmsnorm, (xo_backend *be, float *h, const float *x, float *y, const flo
      (be, h, x, y, w, n, d, eps))
 WRAP(rope, (xo_backend *be, float *x, size_t rs, const int32_t *pos, int n, int heads, int hd, const float *f, float ms),
      (be, x, rs, pos, n, heads, hd, f, ms))
+WRAP(matmul_pair, (xo_backend *be, float *y1, const xo_linear *w1, float *y2, const xo_linear *w2, const float *x, int m,
+                   const xo_rotary *rot),
+     (be, y1, w1, y2, w2, x, m, rot))
+WRAP(rmsnorm_cache_write, (xo_backend *be, void *cache, xo_dtype ct, int cap, int start, const int32_t *sd, float *normed,
+                           const float *x, const float *w, int b, int n, int d, float eps),
+     (be, cache, ct, cap, start, sd, normed, x, w, b, n, d, eps))
+WRAP(rope_kv_cache_write, (xo_backend *be, void *kc, void *vc, xo_dtype ct, int cap, int start, const int32_t *sd, float *kv,
+                           int b, int n, const xo_rotary *rot),
+     (be, kc, vc, ct, cap, start, sd, kv, b, n, rot))
 WRAP(load_ids, (xo_backend *be, int32_t *dst, const void *src, int wide, size_t n, int vocab, uint64_t *bad),
      (be, dst, src, wide, n, vocab, bad))
 WRAP(embed, (xo_backend *be, float *h, const xo_linear *t, const int32_t *ids, int n), (be, h, t, ids, n))
@@ -399,6 +408,9 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
     be->ops.rmsnorm = w_rmsnorm;
     be->ops.add_rmsnorm = w_add_rmsnorm;
     be->ops.rope = w_rope;
+    be->ops.matmul_pair = w_matmul_pair;
+    be->ops.rmsnorm_cache_write = w_rmsnorm_cache_write;
+    be->ops.rope_kv_cache_write = w_rope_kv_cache_write;
     be->ops.embed = w_embed;
     be->ops.load_ids = w_load_ids;
     be->native_stream = c->stream;

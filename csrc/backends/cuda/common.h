@@ -137,6 +137,20 @@ __device__ __forceinline__ void load8(const __half *p, float *v) {
     }
 }
 
+/* The rotary embedding of SPEC 5 on one pair (a, b) = (v[j], v[j + hd/2]) at angle theta = pos *
+ * inv_freq[j]: every kernel that rotates goes through these, so fused and plain rotations agree
+ * to the bit. */
+__device__ __forceinline__ void cu_rope_angle(int32_t pos, float inv_freq, float mscale, float &cs, float &sn) {
+    const float theta = (float)pos * inv_freq;
+    cs = cosf(theta) * mscale;
+    sn = sinf(theta) * mscale;
+}
+__device__ __forceinline__ void cu_rope_pair(float &a, float &b, float cs, float sn) {
+    const float ra = a * cs - b * sn, rb = b * cs + a * sn;
+    a = ra;
+    b = rb;
+}
+
 /* Programmatic dependent launch (Hopper): a small kernel started by cu_launch may begin while
  * the kernel before it drains, so its launch and prologue overlap that tail (decode steps are
  * chains of such kernels; large grids gain nothing and are launched plainly). Every kernel
@@ -207,6 +221,9 @@ static inline int cu_lt_gemm_batched(CuCtx *, float *, const void *, long long, 
 /* backends/cuda/gemm.cu */
 xo_status cu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w, int m);
 xo_status cu_gate_up_swiglu(xo_backend *be, float *act, const float *x, float *gu, const xo_linear *w, int m);
+/* y1 = x @ w1.T (rotated by rot when not NULL), y2 = x @ w2.T: one kernel for a few rows */
+xo_status cu_matmul_pair(xo_backend *be, float *y1, const xo_linear *w1, float *y2, const xo_linear *w2, const float *x,
+                         int m, const xo_rotary *rot);
 /* y[m, out] = x16[m, k] @ W.T with x already 16-bit (the dtype of w) */
 xo_status cu_matmul16(CuCtx *c, float *y, const void *x16, const xo_linear *w, int m);
 /* batch products of m rows each, y[b] = x16[b] @ W.T, x16 batches x_stride elements apart, y compact;
@@ -243,6 +260,12 @@ xo_status cu_add(xo_backend *be, float *y, const float *x, size_t n);
 xo_status cu_swiglu(xo_backend *be, float *y, const float *gu, int n, int inter);
 xo_status cu_cache_write(xo_backend *be, void *cache, xo_dtype cache_t, int capacity, int width, int start,
                          const int32_t *start_dev, const float *src, int batch, int n, int src_stride);
+/* the kernel table's rmsnorm_cache_write and rope_kv_cache_write (backend.h), each one kernel */
+xo_status cu_rmsnorm_cache_write(xo_backend *be, void *cache, xo_dtype cache_t, int capacity, int start,
+                                 const int32_t *start_dev, float *normed, const float *x, const float *w, int batch,
+                                 int n, int d, float eps);
+xo_status cu_rope_kv_cache_write(xo_backend *be, void *k_cache, void *v_cache, xo_dtype cache_t, int capacity,
+                                 int start, const int32_t *start_dev, float *kv, int batch, int n, const xo_rotary *rot);
 /* dst [batch * len, width] f32 <- slots [r, 0 .. len) of a [batch, capacity, width] array of dtype t */
 xo_status cu_gather_rows(CuCtx *c, float *dst, const void *src, xo_dtype t, int batch, int capacity, int len, int width);
 xo_status cu_argmax_rows(xo_backend *be, int32_t *out, const float *logits, int rows, int cols);

@@ -1,5 +1,6 @@
 /* Elementwise and row-wise kernels: dtype conversion, RMSNorm, rotary embedding, embedding
- * lookup, residual add, SwiGLU, cache writes. Semantics as in csrc/backends/cpu/elementwise.c. */
+ * lookup, residual add, SwiGLU, cache writes (plain, or fused with the RMSNorm or the rotation
+ * before them). Semantics as in csrc/backends/cpu/elementwise.c and backends/defaults.c. */
 #include "backends/cuda/common.h"
 
 template <typename S, typename D>
@@ -31,6 +32,22 @@ xo_status cu_convert_act(CuCtx *c, void *dst, const float *src, size_t n, xo_dty
 }
 
 /* ---- RMSNorm: one block per row ---- */
+
+/* the sum of ss over the block's THREADS threads, returned to every thread */
+template <int THREADS>
+__device__ __forceinline__ float block_sum(float ss) {
+    __shared__ float red[THREADS / 32];
+    for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float r = threadIdx.x < THREADS / 32 ? red[threadIdx.x] : 0.0f;
+        for (int o = 16; o; o >>= 1) r += __shfl_xor_sync(0xffffffffu, r, o);
+        if (threadIdx.x == 0) red[0] = r;
+    }
+    __syncthreads();
+    return red[0];
+}
 
 /* with add (then x_stride == d): x += add first, written back, and normed (the residual add fused).
  * Rows of up to 8 * THREADS values stay in registers: one pass over memory, w loaded early. */
@@ -69,17 +86,7 @@ __global__ void k_rmsnorm(float *y, float *x, int x_stride, const float *__restr
     } else {
         for (int j = threadIdx.x; j < d; j += THREADS) ss += xr[j] * xr[j];
     }
-    __shared__ float red[THREADS / 32];
-    for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float r = threadIdx.x < THREADS / 32 ? red[threadIdx.x] : 0.0f;
-        for (int o = 16; o; o >>= 1) r += __shfl_xor_sync(0xffffffffu, r, o);
-        if (threadIdx.x == 0) red[0] = r;
-    }
-    __syncthreads();
-    const float inv = 1.0f / sqrtf(red[0] / (float)d + eps);
+    const float inv = 1.0f / sqrtf(block_sum<THREADS>(ss) / (float)d + eps);
     if (in_regs) {
 #pragma unroll
         for (int p = 0; p < PER; p++)
@@ -106,6 +113,52 @@ xo_status cu_add_rmsnorm(xo_backend *be, float *h, const float *x, float *y, con
     return cu_check_launch(c, "add_rmsnorm");
 }
 
+/* ---- RMSNorm straight into a cache (the latent's): one block per row, the block sizes and sums of
+ * cu_rmsnorm, so the stored values are those of rmsnorm then cache_write ---- */
+
+template <int THREADS, typename D>
+__global__ void k_rmsnorm_cache_write(D *cache, int capacity, int start, const int32_t *start_dev,
+                                      const float *__restrict__ x, const float *__restrict__ w, int n, int d, float eps) {
+    CU_PDL_ENTRY();
+    if (start_dev) start = *start_dev;
+    const float *xr = x + (size_t)blockIdx.x * d;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < d; j += THREADS) ss += xr[j] * xr[j];
+    const float inv = 1.0f / sqrtf(block_sum<THREADS>(ss) / (float)d + eps);
+    const size_t r = blockIdx.x / n, i = blockIdx.x % n;
+    D *slot = cache + (r * capacity + start + i) * (size_t)d;
+    for (int j = threadIdx.x; j < d; j += THREADS) cu_st(slot, j, w[j] * (xr[j] * inv));
+}
+
+template <int THREADS>
+static void launch_rmsnorm_cache_write(CuCtx *c, void *cache, xo_dtype t, int capacity, int start, const int32_t *start_dev,
+                                       const float *x, const float *w, int rows, int n, int d, float eps) {
+    if (t == XO_BF16)
+        cu_launch(c, k_rmsnorm_cache_write<THREADS, __nv_bfloat16>, rows, THREADS, 0, (__nv_bfloat16 *)cache, capacity,
+                  start, start_dev, x, w, n, d, eps);
+    else if (t == XO_F16)
+        cu_launch(c, k_rmsnorm_cache_write<THREADS, __half>, rows, THREADS, 0, (__half *)cache, capacity, start, start_dev,
+                  x, w, n, d, eps);
+    else
+        cu_launch(c, k_rmsnorm_cache_write<THREADS, float>, rows, THREADS, 0, (float *)cache, capacity, start, start_dev,
+                  x, w, n, d, eps);
+}
+
+/* the normed rows go to the cache only: nothing reads `normed` after this step */
+xo_status cu_rmsnorm_cache_write(xo_backend *be, void *cache, xo_dtype cache_t, int capacity, int start,
+                                 const int32_t *start_dev, float *normed, const float *x, const float *w, int batch,
+                                 int n, int d, float eps) {
+    CuCtx *c = cu_ctx(be);
+    (void)normed;
+    if (cache_t != XO_F32 && cache_t != XO_BF16 && cache_t != XO_F16)
+        return cu_fail(c, XO_EUNSUPPORTED, "CUDA rmsnorm_cache_write: cache dtype %d unsupported", (int)cache_t);
+    if (batch <= 0 || n <= 0 || d <= 0) return XO_OK;
+    const int rows = batch * n;
+    if (d <= 256) launch_rmsnorm_cache_write<128>(c, cache, cache_t, capacity, start, start_dev, x, w, rows, n, d, eps);
+    else launch_rmsnorm_cache_write<256>(c, cache, cache_t, capacity, start, start_dev, x, w, rows, n, d, eps);
+    return cu_check_launch(c, "rmsnorm_cache_write");
+}
+
 /* ---- rotary embedding (SPEC section 5): pairs j and j + hd/2, theta = (float)pos * inv_freq ---- */
 
 /* one thread per (row, head group, pair j): cos/sin once per thread, applied to the heads
@@ -120,13 +173,14 @@ __global__ void k_rope(float *x, size_t row_stride, const int32_t *__restrict__ 
         const size_t rest = t / half;
         const int hg = (int)(rest % hgroups);
         const size_t i = rest / hgroups;
-        const float theta = (float)pos[(i / rpb) * (size_t)pcap + i % rpb] * inv_freq[j];
-        const float cs = cosf(theta) * mscale, sn = sinf(theta) * mscale;
+        float cs, sn;
+        cu_rope_angle(pos[(i / rpb) * (size_t)pcap + i % rpb], inv_freq[j], mscale, cs, sn);
         float *v = x + i * row_stride + (size_t)hg * hd + j;
         for (int h = hg; h < heads; h += hgroups, v += (size_t)hgroups * hd) {
-            const float a = v[0], b = v[half];
-            v[0] = a * cs - b * sn;
-            v[half] = b * cs + a * sn;
+            float a = v[0], b = v[half];
+            cu_rope_pair(a, b, cs, sn);
+            v[0] = a;
+            v[half] = b;
         }
     }
 }
@@ -145,6 +199,60 @@ xo_status cu_rope_rows(CuCtx *c, float *x, size_t row_stride, const int32_t *pos
 xo_status cu_rope(xo_backend *be, float *x, size_t row_stride, const int32_t *pos, int n, int heads, int hd,
                   const float *inv_freq, float mscale) {
     return cu_rope_rows(cu_ctx(be), x, row_stride, pos, n, heads, hd, inv_freq, mscale, n, 0);
+}
+
+/* ---- the new keys of a KV cache: K of each [K | V] row rotated and both stored, in one kernel; one
+ * thread per (row, head, pair j) ---- */
+
+template <typename D>
+__global__ void k_rope_kv_cache_write(D *kc, D *vc, int capacity, int start, const int32_t *start_dev,
+                                      const float *__restrict__ kv, int n, int heads, int hd,
+                                      const int32_t *__restrict__ pos, const float *__restrict__ inv_freq, float mscale,
+                                      size_t total) {
+    CU_PDL_ENTRY();
+    if (start_dev) start = *start_dev;
+    const int half = hd / 2;
+    const size_t W = (size_t)heads * hd;
+    for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < total; t += (size_t)gridDim.x * blockDim.x) {
+        const int j = (int)(t % half);
+        const size_t rest = t / half;
+        const int h = (int)(rest % heads);
+        const size_t ri = rest / heads; /* r * n + i */
+        const size_t r = ri / n, i = ri % n;
+        const float *src = kv + ri * 2 * W + (size_t)h * hd + j;
+        float a = src[0], b = src[half], cs, sn;
+        cu_rope_angle(pos[ri], inv_freq[j], mscale, cs, sn);
+        cu_rope_pair(a, b, cs, sn);
+        const size_t dst = (r * capacity + start + i) * W + (size_t)h * hd + j;
+        cu_st(kc, dst, a);
+        cu_st(kc, dst + half, b);
+        cu_st(vc, dst, src[W]);
+        cu_st(vc, dst + half, src[W + half]);
+    }
+}
+
+xo_status cu_rope_kv_cache_write(xo_backend *be, void *k_cache, void *v_cache, xo_dtype cache_t, int capacity,
+                                 int start, const int32_t *start_dev, float *kv, int batch, int n, const xo_rotary *rot) {
+    CuCtx *c = cu_ctx(be);
+    if (cache_t != XO_F32 && cache_t != XO_BF16 && cache_t != XO_F16)
+        return cu_fail(c, XO_EUNSUPPORTED, "CUDA rope_kv_cache_write: cache dtype %d unsupported", (int)cache_t);
+    if (rot->head_dim < 2 || rot->head_dim % 2)
+        return cu_fail(c, XO_EINVAL, "rope_kv_cache_write: head_dim %d is not even", rot->head_dim);
+    const size_t total = (size_t)batch * n * rot->heads * (rot->head_dim / 2);
+    if (batch <= 0 || n <= 0 || !total) return XO_OK;
+    unsigned b = cu_blocks(total, 256), cap = (unsigned)c->num_sms * 16;
+    if (b > cap) b = cap;
+    const int heads = rot->heads, hd = rot->head_dim;
+    if (cache_t == XO_BF16)
+        cu_launch(c, k_rope_kv_cache_write<__nv_bfloat16>, b, 256, 0, (__nv_bfloat16 *)k_cache, (__nv_bfloat16 *)v_cache,
+                  capacity, start, start_dev, (const float *)kv, n, heads, hd, rot->pos, rot->inv_freq, rot->mscale, total);
+    else if (cache_t == XO_F16)
+        cu_launch(c, k_rope_kv_cache_write<__half>, b, 256, 0, (__half *)k_cache, (__half *)v_cache, capacity, start,
+                  start_dev, (const float *)kv, n, heads, hd, rot->pos, rot->inv_freq, rot->mscale, total);
+    else
+        cu_launch(c, k_rope_kv_cache_write<float>, b, 256, 0, (float *)k_cache, (float *)v_cache, capacity, start,
+                  start_dev, (const float *)kv, n, heads, hd, rot->pos, rot->inv_freq, rot->mscale, total);
+    return cu_check_launch(c, "rope_kv_cache_write");
 }
 
 /* ---- token ids from the caller's device memory, checked against the vocabulary ---- */

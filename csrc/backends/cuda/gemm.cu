@@ -4,6 +4,8 @@
  *   (backends/cuda/cublaslt.cu), else the kernels below.
  * - a "skinny" kernel for a few rows (decode): one warp per output row, the weight row
  *   streamed once with 16-byte loads for up to 8 activation rows at a time.
+ * - two products of one x in one launch for a few rows (matmul_pair), the first optionally
+ *   rotated as it is stored.
  * - grouped products for the MoE, driven by device-side group offsets (no host round trip):
  *   a WMMA tensor-core kernel (16-bit) and the skinny kernel per group.
  * - a plain tiled fp32 kernel for the products the others do not take. */
@@ -494,4 +496,143 @@ xo_status cu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w
     XO_TRY(cu_act16_reserve(c, n * 2));
     XO_TRY(cu_convert_act(c, c->act16, x, n, w->dtype));
     return cu_matmul16(c, y, c->act16, w, m);
+}
+
+/* ------------------------------------------------------------------ two products from one x */
+
+/* y1 = x @ W1.T and y2 = x @ W2.T for a few rows in one launch (matmul_pair: q and kv_a). Each
+ * warp takes a unit of two output rows, so a rotated y1 needs no second pass: with ROT the
+ * units of y1 are the rotary pairs (h*hd + j, h*hd + j + hd/2), which the warp rotates as it
+ * stores them; the other units are rows (2u, 2u + 1), of y1 first, then of y2. Each dot product
+ * runs in k_skinny's order, so the values are those of two matmuls and a rope, to the bit.
+ * k % 8 == 0, 16-byte aligned x and weights. */
+struct CuPairRot {
+    const int32_t *pos;
+    const float *inv_freq;
+    float mscale;
+    int half; /* head_dim / 2 */
+};
+
+enum { PAIR_WARPS = 4 };
+
+template <typename W, int MT, bool ROT>
+__global__ __launch_bounds__(PAIR_WARPS * 32) void k_skinny_pair(float *__restrict__ y1, float *__restrict__ y2,
+                                                                 const float *__restrict__ x, const W *__restrict__ w1,
+                                                                 const W *__restrict__ w2, int out1, int out2, int k,
+                                                                 int m, int units1, CuPairRot rot) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int u = blockIdx.x * PAIR_WARPS + warp;
+    const bool first = u < units1, rotate = ROT && first;
+    int ra, j = 0;
+    if (rotate) {
+        const int h = u / rot.half;
+        j = u - h * rot.half;
+        ra = 2 * h * rot.half + j;
+    } else {
+        ra = 2 * (first ? u : u - units1);
+    }
+    const int rb = rotate ? ra + rot.half : ra + 1;
+    const int out = first ? out1 : out2;
+    const bool live = ra < out, has_b = rb < out;
+    const W *wa = (first ? w1 : w2) + (size_t)ra * k;
+    const W *wb = has_b ? (first ? w1 : w2) + (size_t)rb * k : wa; /* a lone last row: its second dot is dropped */
+    float *y = first ? y1 : y2;
+    if (live)
+        for (int kk = lane * 8; kk < k; kk += 256) {
+            cu_prefetch_l2(wa + kk);
+            if (has_b) cu_prefetch_l2(wb + kk);
+        }
+    CU_PDL_ENTRY();
+    if (!live) return;
+    for (int t0 = 0; t0 < m; t0 += MT) {
+        float aa[MT], ab[MT];
+#pragma unroll
+        for (int t = 0; t < MT; t++) aa[t] = ab[t] = 0.0f;
+#pragma unroll 4
+        for (int kk = lane * 8; kk < k; kk += 256) {
+            float va[8], vb[8];
+            load8(wa + kk, va);
+            load8(wb + kk, vb);
+#pragma unroll
+            for (int t = 0; t < MT; t++) {
+                if (t0 + t < m) {
+                    float xv[8];
+                    load8(x + (size_t)(t0 + t) * k + kk, xv);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) {
+                        aa[t] = fmaf(va[e], xv[e], aa[t]);
+                        ab[t] = fmaf(vb[e], xv[e], ab[t]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < MT; t++) {
+            float a = aa[t], b = ab[t];
+            for (int o = 16; o; o >>= 1) {
+                a += __shfl_xor_sync(0xffffffffu, a, o);
+                b += __shfl_xor_sync(0xffffffffu, b, o);
+            }
+            if (lane == 0 && t0 + t < m) {
+                if (rotate) {
+                    float cs, sn;
+                    cu_rope_angle(rot.pos[t0 + t], rot.inv_freq[j], rot.mscale, cs, sn);
+                    cu_rope_pair(a, b, cs, sn);
+                }
+                float *yr = y + (size_t)(t0 + t) * out;
+                yr[ra] = a;
+                if (has_b) yr[rb] = b;
+            }
+        }
+    }
+}
+
+template <typename W, int MT>
+static void launch_pair_mt(CuCtx *c, unsigned grid, float *y1, float *y2, const float *x, const void *w1, const void *w2,
+                           int out1, int out2, int k, int m, int units1, const CuPairRot *rot) {
+    if (rot)
+        cu_launch(c, k_skinny_pair<W, MT, true>, grid, PAIR_WARPS * 32, 0, y1, y2, x, (const W *)w1, (const W *)w2, out1,
+                  out2, k, m, units1, *rot);
+    else
+        cu_launch(c, k_skinny_pair<W, MT, false>, grid, PAIR_WARPS * 32, 0, y1, y2, x, (const W *)w1, (const W *)w2, out1,
+                  out2, k, m, units1, CuPairRot{});
+}
+
+template <typename W>
+static void launch_pair(CuCtx *c, unsigned grid, float *y1, float *y2, const float *x, const void *w1, const void *w2,
+                        int out1, int out2, int k, int m, int units1, const CuPairRot *rot) {
+    if (m <= 1) launch_pair_mt<W, 1>(c, grid, y1, y2, x, w1, w2, out1, out2, k, m, units1, rot);
+    else if (m <= 2) launch_pair_mt<W, 2>(c, grid, y1, y2, x, w1, w2, out1, out2, k, m, units1, rot);
+    else if (m <= 4) launch_pair_mt<W, 4>(c, grid, y1, y2, x, w1, w2, out1, out2, k, m, units1, rot);
+    else launch_pair_mt<W, 8>(c, grid, y1, y2, x, w1, w2, out1, out2, k, m, units1, rot);
+}
+
+xo_status cu_matmul_pair(xo_backend *be, float *y1, const xo_linear *w1, float *y2, const xo_linear *w2, const float *x,
+                         int m, const xo_rotary *rot) {
+    CuCtx *c = cu_ctx(be);
+    if (m <= 0) return XO_OK;
+    const int k = w1->in;
+    const bool same_storage = w2->in == k && w1->dtype == w2->dtype &&
+                              (w1->dtype == XO_F32 || w1->dtype == XO_BF16 || w1->dtype == XO_F16);
+    const bool rot_pairs = !rot || (rot->head_dim >= 2 && rot->head_dim % 2 == 0 && rot->heads * rot->head_dim == w1->out);
+    const bool fused = m <= SKINNY_MAX_M && same_storage && rot_pairs && k > 0 && k % 8 == 0 && w1->out > 0 &&
+                       w2->out > 0 && (((uintptr_t)x | (uintptr_t)w1->data | (uintptr_t)w2->data) & 15) == 0;
+    if (!fused) { /* many rows (each product its own GEMM), or shapes the kernel does not take */
+        XO_TRY(cu_matmul(be, y1, x, w1, m));
+        XO_TRY(cu_matmul(be, y2, x, w2, m));
+        if (!rot) return XO_OK;
+        return cu_rope(be, y1, (size_t)w1->out, rot->pos, m, rot->heads, rot->head_dim, rot->inv_freq, rot->mscale);
+    }
+    const int units1 = rot ? w1->out / 2 : (w1->out + 1) / 2, units2 = (w2->out + 1) / 2;
+    const unsigned grid = (unsigned)((units1 + units2 + PAIR_WARPS - 1) / PAIR_WARPS);
+    CuPairRot pr = {};
+    if (rot) pr = CuPairRot{ rot->pos, rot->inv_freq, rot->mscale, rot->head_dim / 2 };
+    const CuPairRot *prp = rot ? &pr : NULL;
+    if (w1->dtype == XO_BF16)
+        launch_pair<__nv_bfloat16>(c, grid, y1, y2, x, w1->data, w2->data, w1->out, w2->out, k, m, units1, prp);
+    else if (w1->dtype == XO_F16)
+        launch_pair<__half>(c, grid, y1, y2, x, w1->data, w2->data, w1->out, w2->out, k, m, units1, prp);
+    else
+        launch_pair<float>(c, grid, y1, y2, x, w1->data, w2->data, w1->out, w2->out, k, m, units1, prp);
+    return cu_check_launch(c, "matmul pair");
 }

@@ -1,0 +1,146 @@
+/* C entry points for tests (xoron._testing, reached through ctypes, like testing/hooks.c): the
+ * attention steps the kernel table fuses (matmul_pair, rmsnorm_cache_write, rope_kv_cache_write)
+ * on the CPU (device < 0) or a CUDA device, either through the backend's own entry or through
+ * the default composed from its plain entries (backends/defaults.c), so a test can hold the
+ * fused kernel to both the composition and an oracle. Host arrays in and out; caches as their
+ * raw bytes; rmsnorm_cache_write's scratch aliases x, as in the graph. Each returns 0, or
+ * -status. Not used by the engine. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "backends/backend.h"
+
+#define XO_EXPORT __attribute__((visibility("default")))
+
+/* a backend for `device`; fused == 0: the three entries replaced by their defaults */
+static xo_status make_backend(xo_backend **be, const char *plugin, int device, int fused) {
+    xo_options o;
+    XO_TRY(xo_options_init(&o));
+    if (device < 0) {
+        XO_TRY(xo_cpu_backend_create(be, &o));
+    } else {
+        xo_cuda_set_plugin_path(plugin);
+        XO_TRY(xo_cuda_backend_create(be, device, &o));
+    }
+    xo_backend_fill_defaults(*be);
+    if (!fused) {
+        (*be)->ops.matmul_pair = NULL;
+        (*be)->ops.rmsnorm_cache_write = NULL;
+        (*be)->ops.rope_kv_cache_write = NULL;
+        xo_backend_fill_defaults(*be);
+    }
+    return XO_OK;
+}
+
+/* device copies of host arrays, released together */
+typedef struct {
+    xo_backend *be;
+    void *p[8];
+    int n;
+} dev_arrays;
+
+static void *put(dev_arrays *d, const void *host, size_t bytes, xo_status *rc) {
+    if (*rc != XO_OK) return NULL;
+    void *p = d->be->mem.alloc(d->be, bytes);
+    if (!p) {
+        *rc = XO_ENOMEM;
+        return NULL;
+    }
+    d->p[d->n++] = p;
+    if (host) *rc = d->be->mem.upload(d->be, p, host, bytes);
+    return p;
+}
+
+static void release(dev_arrays *d) {
+    for (int i = 0; i < d->n; i++) d->be->mem.release(d->be, d->p[i]);
+    d->be->destroy(d->be);
+}
+
+static xo_status load_linear(xo_backend *be, xo_linear *L, int dtype, int out, int in, const float *w) {
+    memset(L, 0, sizeof *L);
+    L->out = out;
+    L->in = in;
+    L->dtype = (xo_dtype)dtype;
+    return be->weights.linear_init(be, L, w, XO_F32, 0, out);
+}
+
+/* y1[m, out1] = x @ w1.T (rotated when rotate: heads * hd == out1, pos [m], inv_freq [hd/2]),
+ * y2[m, out2] = x @ w2.T, weights float32 stored as `dtype` */
+XO_EXPORT int xo_hook_matmul_pair(const char *plugin, int device, int fused, int dtype, int out1, int out2, int in,
+                                  int m, const float *w1, const float *w2, const float *x, int rotate, int heads, int hd,
+                                  const int32_t *pos, const float *inv_freq, float mscale, float *y1, float *y2) {
+    dev_arrays d = { 0 };
+    xo_status rc = make_backend(&d.be, plugin, device, fused);
+    if (rc != XO_OK) return -(int)rc;
+    xo_linear L1, L2;
+    memset(&L1, 0, sizeof L1);
+    memset(&L2, 0, sizeof L2);
+    rc = load_linear(d.be, &L1, dtype, out1, in, w1);
+    if (rc == XO_OK) rc = load_linear(d.be, &L2, dtype, out2, in, w2);
+    const float *dx = put(&d, x, (size_t)m * in * sizeof(float), &rc);
+    float *dy1 = put(&d, NULL, (size_t)m * out1 * sizeof(float), &rc);
+    float *dy2 = put(&d, NULL, (size_t)m * out2 * sizeof(float), &rc);
+    const int32_t *dpos = put(&d, pos, (size_t)m * sizeof(int32_t), &rc);
+    const float *dfreq = put(&d, inv_freq, (size_t)(hd / 2 > 0 ? hd / 2 : 1) * sizeof(float), &rc);
+    const xo_rotary rot = { .pos = dpos, .heads = heads, .head_dim = hd, .inv_freq = dfreq, .mscale = mscale };
+    if (rc == XO_OK) rc = d.be->ops.matmul_pair(d.be, dy1, &L1, dy2, &L2, dx, m, rotate ? &rot : NULL);
+    if (rc == XO_OK) rc = d.be->mem.download(d.be, y1, dy1, (size_t)m * out1 * sizeof(float));
+    if (rc == XO_OK) rc = d.be->mem.download(d.be, y2, dy2, (size_t)m * out2 * sizeof(float));
+    d.be->weights.linear_free(d.be, &L1);
+    d.be->weights.linear_free(d.be, &L2);
+    release(&d);
+    return -(int)rc;
+}
+
+/* cache [batch, capacity, d] of cache_dtype (its bytes, in and out) <- rmsnorm of x [batch*n, d] at
+ * slots start.., read from device memory when start_on_device (the host value passed is then 0,
+ * which a backend ignoring the device's would show) */
+XO_EXPORT int xo_hook_rmsnorm_cache_write(const char *plugin, int device, int fused, int cache_dtype, int capacity,
+                                          int start, int start_on_device, const float *x, const float *w, int batch,
+                                          int n, int d, float eps, void *cache) {
+    dev_arrays da = { 0 };
+    xo_status rc = make_backend(&da.be, plugin, device, fused);
+    if (rc != XO_OK) return -(int)rc;
+    const size_t cache_bytes = (size_t)batch * capacity * d * xo_dtype_size((xo_dtype)cache_dtype);
+    const int32_t start_host = start;
+    float *dx = put(&da, x, (size_t)batch * n * d * sizeof(float), &rc);
+    const float *dw = put(&da, w, (size_t)d * sizeof(float), &rc);
+    void *dcache = put(&da, cache, cache_bytes, &rc);
+    const int32_t *dstart = put(&da, &start_host, sizeof start_host, &rc);
+    if (rc == XO_OK)
+        rc = da.be->ops.rmsnorm_cache_write(da.be, dcache, (xo_dtype)cache_dtype, capacity,
+                                            start_on_device ? 0 : start, start_on_device ? dstart : NULL, dx, dx,
+                                            dw, batch, n, d, eps);
+    if (rc == XO_OK) rc = da.be->mem.download(da.be, cache, dcache, cache_bytes);
+    release(&da);
+    return -(int)rc;
+}
+
+/* k and v caches [batch, capacity, heads*hd] of cache_dtype (bytes in and out) <- RoPE(K), V of
+ * kv [batch*n, 2*heads*hd] at slots start.. (read as in xo_hook_rmsnorm_cache_write), row i at pos[i] */
+XO_EXPORT int xo_hook_rope_kv_cache_write(const char *plugin, int device, int fused, int cache_dtype, int capacity,
+                                          int start, int start_on_device, const float *kv, int batch, int n, int heads,
+                                          int hd, const int32_t *pos, const float *inv_freq, float mscale, void *k_cache,
+                                          void *v_cache) {
+    dev_arrays da = { 0 };
+    xo_status rc = make_backend(&da.be, plugin, device, fused);
+    if (rc != XO_OK) return -(int)rc;
+    const size_t W = (size_t)heads * hd, rows = (size_t)batch * n;
+    const size_t cache_bytes = (size_t)batch * capacity * W * xo_dtype_size((xo_dtype)cache_dtype);
+    const int32_t start_host = start;
+    float *dkv = put(&da, kv, rows * 2 * W * sizeof(float), &rc);
+    void *dk = put(&da, k_cache, cache_bytes, &rc);
+    void *dv = put(&da, v_cache, cache_bytes, &rc);
+    const int32_t *dpos = put(&da, pos, rows * sizeof(int32_t), &rc);
+    const float *dfreq = put(&da, inv_freq, (size_t)(hd / 2 > 0 ? hd / 2 : 1) * sizeof(float), &rc);
+    const int32_t *dstart = put(&da, &start_host, sizeof start_host, &rc);
+    const xo_rotary rot = { .pos = dpos, .heads = heads, .head_dim = hd, .inv_freq = dfreq, .mscale = mscale };
+    if (rc == XO_OK)
+        rc = da.be->ops.rope_kv_cache_write(da.be, dk, dv, (xo_dtype)cache_dtype, capacity,
+                                            start_on_device ? 0 : start, start_on_device ? dstart : NULL, dkv,
+                                            batch, n, &rot);
+    if (rc == XO_OK) rc = da.be->mem.download(da.be, k_cache, dk, cache_bytes);
+    if (rc == XO_OK) rc = da.be->mem.download(da.be, v_cache, dv, cache_bytes);
+    release(&da);
+    return -(int)rc;
+}
