@@ -4,8 +4,8 @@ user would write for inference, the yardstick of benchmarks/bench_gpu.py (issue 
 - A static K/V cache in the model's dtype, [layers, batch, nkv, slots, hd] for K and for V,
   allocated once per (batch, slots) and marked static so CUDA graphs may write into it.
 - The decode step under `torch.compile(mode="reduce-overhead", fullgraph=True)`: one CUDA
-  graph per step; the step position is a device tensor the cache advances, so every step
-  replays the same graph and none waits on a host copy.
+  graph per step (static shapes: one per cache size); the step position is a tensor, so
+  every step replays the same graph; weights and cache are static addresses.
   Attention is `scaled_dot_product_attention` over the whole static cache with a mask of
   the filled slots (the usual static-cache formulation).
 - MoE without a host loop: with fewer routed slots (tokens x top-k) than experts, the chosen
@@ -72,13 +72,9 @@ class StaticKVCache:
         self.k = torch.zeros(layers, batch, nkv, slots, hd, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.length = 0
-        # the next slot on the device as well, so that a step needs no copy from the host (which
-        # would wait for the previous step and leave the GPU idle while the next one is queued)
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)
-        if self.k.is_cuda:  # the graph writes the step's keys in place and reads pos where it is
+        if self.k.is_cuda:  # the graph writes the step's keys in place
             torch._dynamo.mark_static_address(self.k)
             torch._dynamo.mark_static_address(self.v)
-            torch._dynamo.mark_static_address(self.pos)
 
     @property
     def slots(self) -> int:
@@ -151,8 +147,17 @@ class TorchPeer:
         return cls(cfg, sd, dtype, device)
 
     def compile(self) -> None:
-        """The decode step as one CUDA graph per step (needs a GPU)."""
+        """The decode step as one CUDA graph per step (needs a GPU). The weights are marked static
+        as an nn.Module's parameters would be: the replayed graph reads them where they are."""
+        for t in self._weights():
+            torch._dynamo.mark_static_address(t)
         self._step = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True)
+
+    def _weights(self) -> list[torch.Tensor]:
+        ts = [self.embed, self.lm_head, self.final_norm, self.inv_freq]
+        for L in self.layers:
+            ts += [v for v in L.values() if isinstance(v, torch.Tensor)]
+        return ts
 
     def new_cache(self, batch: int, slots: int) -> StaticKVCache:
         return StaticKVCache(len(self.layers), batch, self.nkv, slots, self.hd, self.dtype, self.device)
@@ -262,7 +267,6 @@ class TorchPeer:
             else:
                 h = h + self._swiglu(x, L["s_gate_up"], L["s_down"])
         cache.length = P + t
-        cache.pos.fill_(cache.length)
         h = h if all_logits else h[:, -1]
         return (self._norm(h, self.final_norm) @ self.lm_head.T).float()
 
@@ -293,9 +297,10 @@ class TorchPeer:
         (under compile: the graph's output buffer, valid until the next step)."""
         if cache.length >= cache.slots:
             raise ValueError(f"cache of {cache.slots} slots is full")
-        out = self._step(ids, cache.pos if pos is None else pos, cache.k, cache.v)
+        if pos is None:
+            pos = torch.tensor([cache.length], device=self.device)
+        out = self._step(ids, pos, cache.k, cache.v)
         cache.length += 1
-        cache.pos.add_(1)
         return out
 
 
