@@ -44,7 +44,9 @@ def yarn_inv_freq(hd: int, base: float, max_pos: int) -> tuple[torch.Tensor, flo
     """SPEC section 5 (the trained, reversed-direction YaRN), in float32."""
     f32 = np.float32
     s = max_pos / ROPE_L0
-    freq = np.power(f32(base), np.arange(0, hd, 2, dtype=f32) / f32(hd)).astype(f32)
+    # base ** (2i / d) rounded once to float32, as the engine's powf gives it (numpy's float32
+    # power can be an ulp off, which moves the angles by ~1e-3 rad at positions near 1e5)
+    freq = np.power(np.float64(f32(base)), (np.arange(0, hd, 2, dtype=f32) / f32(hd)).astype(np.float64)).astype(f32)
     extra, inter = (f32(1) / freq).astype(f32), (f32(1) / (f32(s) * freq)).astype(f32)
     low = max(math.floor(hd * math.log(ROPE_L0 / (ROPE_BETA_FAST * 2 * math.pi)) / (2 * math.log(base))), 0)
     high = min(math.ceil(hd * math.log(ROPE_L0 / (ROPE_BETA_SLOW * 2 * math.pi)) / (2 * math.log(base))), hd - 1)

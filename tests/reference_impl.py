@@ -221,8 +221,8 @@ def rope_inv_freq(cfg: RefConfig) -> tuple[np.ndarray, float]:
     f32 = np.float32
     exps = np.arange(0, d, 2, dtype=f32) / f32(d)
     # base ** (2i / d) rounded once to float32 (numpy's float32 power can be an ulp off, which
-    # moves theta = p * inv_freq by ~1e5 ulps at positions near 1e5)
-    freq = np.power(np.float64(base), exps.astype(np.float64)).astype(f32)
+    # moves theta = p * inv_freq by ~1e-3 rad at positions near 1e5)
+    freq = np.power(np.float64(f32(base)), exps.astype(np.float64)).astype(f32)
     extra = (f32(1.0) / freq).astype(f32)
     inter = (f32(1.0) / (f32(s) * freq)).astype(f32)
     low = max(math.floor(d * math.log(ROPE_ORIGINAL_MAX_POS / (ROPE_BETA_FAST * 2 * math.pi))

@@ -122,7 +122,9 @@ def yarn_inv_freq(head_dim: int, base: float, max_pos: int) -> tuple[np.ndarray,
     """Inverse frequencies (float32) and mscale, SPEC section 5 (reversed-direction YaRN)."""
     d, f32 = head_dim, np.float32
     s = max_pos / ROPE_L0
-    freq = np.power(f32(base), np.arange(0, d, 2, dtype=f32) / f32(d)).astype(f32)
+    # base ** (2i / d) rounded once to float32, as the engine's powf gives it (numpy's float32
+    # power can be an ulp off, which moves the angles by ~1e-3 rad at positions near 1e5)
+    freq = np.power(np.float64(f32(base)), (np.arange(0, d, 2, dtype=f32) / f32(d)).astype(np.float64)).astype(f32)
     extra = (f32(1) / freq).astype(f32)
     inter = (f32(1) / (f32(s) * freq)).astype(f32)
     low = max(math.floor(d * math.log(ROPE_L0 / (ROPE_BETA_FAST * 2 * math.pi))

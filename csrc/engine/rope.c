@@ -19,7 +19,9 @@ void xo_yarn_frequencies(const xo_config *c, float *inv_freq, float *mscale) {
     if (low < 0.0f) low = 0.0f;
     if (high > (float)(d - 1)) high = (float)(d - 1);
     for (int i = 0; i < d / 2; i++) {
-        float f = powf(base, (float)(2 * i) / (float)d);
+        /* base ** (2i / d) rounded once to float32 (powf can be an ulp off, and an ulp of a
+         * frequency is ~1e-3 rad of angle at positions near 1e5) */
+        float f = (float)pow((double)base, (double)((float)(2 * i) / (float)d));
         float extra = 1.0f / f, inter = 1.0f / (s * f);
         if ((float)i < low) {
             inv_freq[i] = inter;
