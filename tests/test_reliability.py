@@ -346,7 +346,10 @@ _SIGNAL_GUARD_CHILD = textwrap.dedent("""
         _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
     st = StackT()
     assert libc.sigaltstack(None, ctypes.byref(st)) == 0
-    print("caller alt stack", not (st.ss_flags & 2) and st.ss_size >= 65536)  # SS_DISABLE = 2
+    # SS_DISABLE = 2. A stack the thread had already is kept (ASan's is 4 x SIGSTKSZ: 54,016 bytes
+    # on an AVX-512 machine), so the bound is a signal frame's minimum with room, not our size.
+    min_frame = os.sysconf("SC_MINSIGSTKSZ") if "SC_MINSIGSTKSZ" in os.sysconf_names else 2048
+    print("caller alt stack", not (st.ss_flags & 2) and st.ss_size >= max(4 * min_frame, 16384))
 
     act = ctypes.create_string_buffer(256)  # struct sigaction: handler, 128-byte mask, int flags, ...
     assert libc.sigaction(signal.SIGINT, None, act) == 0
