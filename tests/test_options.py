@@ -37,7 +37,7 @@ def test_unknown_option_lists_the_valid_ones():
 
 @pytest.mark.parametrize("name, value, expected", [
     ("cuda_moe", "gpu", r"option cuda_moe: 'gpu' is not valid \(expected device, host\)"),
-    ("cuda_attention", "wmma", r"expected auto, rows, latent_decode"),
+    ("cuda_attention", "wmma", r"expected auto, rows, latent_decode, mma"),
     ("cuda_gemm", "v1", r"expected cublaslt, builtin"),
     ("cpu_isa", "sse", r"expected auto, generic, avx2, avx512"),
     ("threads", -1, r"option threads: '-1' is not valid \(expected an integer in \[0, 4096\]\)"),

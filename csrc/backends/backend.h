@@ -251,6 +251,9 @@ struct xo_backend {
     /* optional (NULL: not counted): routed-expert calls since the backend was made, by the path
      * they took (XO_MOE_PATH_*; a recorded step counts once, when recorded); for tests */
     void (*moe_path_counts)(xo_backend *be, long long counts[XO_MOE_PATHS]);
+    /* optional (NULL: not counted): tensor-core prefill attention launches (one per key block) since the
+     * backend was made: counts[0] the mma.sync kernel, counts[1] the wgmma one (Hopper); for tests */
+    void (*prefill_attention_counts)(xo_backend *be, long long counts[2]);
 
     void (*destroy)(xo_backend *be);
 };

@@ -19,11 +19,12 @@ const xo_option_info xo_option_table[] = {
       "tokens (over all rows) per pass of a long input through the layers: activation memory is sized by it, not by the input" },
     { "cuda_moe", "XORON_CUDA_MOE", "device, host",
       "device: expert groups counted and run on the GPU; host: per-expert GEMMs sized from counts read back" },
-    { "cuda_attention", "XORON_CUDA_ATTN", "auto, rows, latent_decode",
+    { "cuda_attention", "XORON_CUDA_ATTN", "auto, rows, latent_decode, mma",
       "auto: tensor-core prefill attention for 16-bit models, and decode steps over a 16-bit latent cache expand K "
       "on the tensor cores inside the attention kernel (V absorbed) from 512 cached keys on, where that wins; "
       "rows: the row-wise kernel always (decode over the latent: K and V of every key expanded into scratch first); "
-      "latent_decode: as auto, with the in-kernel expansion at every cached length" },
+      "latent_decode: as auto, with the in-kernel expansion at every cached length; "
+      "mma: as auto, with prefill on the mma.sync kernel where the wgmma one (compute capability 9.0, head_dim 64) fits" },
     { "cuda_gemm", "XORON_CUDA_GEMM", "cublaslt, builtin",
       "cublaslt: cuBLASLt where it is found, else the built-in kernels; builtin: the built-in kernels always" },
     { "cublaslt_library", "XORON_CUBLASLT", "a path, or empty",
@@ -114,7 +115,7 @@ xo_status xo_options_set(xo_options *o, const char *name, const char *value) {
     } else if (!strcmp(name, "cuda_moe")) {
         XO_TRY(parse_choice(name, value, "device, host", &o->cuda_moe_host));
     } else if (!strcmp(name, "cuda_attention")) {
-        XO_TRY(parse_choice(name, value, "auto, rows, latent_decode", &o->cuda_attention));
+        XO_TRY(parse_choice(name, value, "auto, rows, latent_decode, mma", &o->cuda_attention));
     } else if (!strcmp(name, "cuda_gemm")) {
         XO_TRY(parse_choice(name, value, "cublaslt, builtin", &o->cuda_gemm_builtin));
     } else if (!strcmp(name, "cublaslt_library")) {

@@ -30,7 +30,8 @@ typedef struct {
     int cuda_moe_host;           /* 1: per-expert GEMMs sized from counts read back to the host */
     int cuda_attention;          /* 0 auto; 1 rows: the row-wise attention kernel only, never a tensor-core one;
                                   * 2 latent_decode: decode steps over a 16-bit latent cache take the in-kernel
-                                  * expansion at every length (auto: where it wins) */
+                                  * expansion at every length (auto: where it wins); 3 mma: prefill on the
+                                  * mma.sync kernel where the wgmma one would be taken */
     int cuda_gemm_builtin;       /* 1: the built-in GEMM kernels even where cuBLASLt is found */
     int cuda_pdl;                /* programmatic dependent launch on compute capability 9.0+ */
     int cuda_graphs;             /* decode steps recorded and replayed as CUDA graphs */

@@ -599,6 +599,18 @@ static PyObject *Model_moe_path_counts(ModelObject *self, PyObject *Py_UNUSED(ar
                          "host", n[XO_MOE_PATH_HOST]);
 }
 
+/* {'mma': n, 'hopper': n}: tensor-core prefill attention launches by kernel, or None (CPU) */
+static PyObject *Model_prefill_attention_counts(ModelObject *self, PyObject *Py_UNUSED(args)) {
+    if (ensure_model(self)) return NULL;
+    xo_backend *be = self->model->be;
+    if (!be->prefill_attention_counts) Py_RETURN_NONE;
+    long long counts[2] = { 0, 0 };
+    xo_status rc;
+    LOCKED_NOGIL(self, rc, (be->prefill_attention_counts(be, counts), XO_OK));
+    if (rc != XO_OK) return xo_py_raise(rc);
+    return Py_BuildValue("{s:L,s:L}", "mma", counts[0], "hopper", counts[1]);
+}
+
 static PyObject *Model_get_device(ModelObject *self, void *Py_UNUSED(c)) { return PyUnicode_FromString(self->device); }
 
 /* the CUDA stream the model's kernels run on, as an integer (DLPack's `stream`), or None */
@@ -636,6 +648,9 @@ static PyMethodDef Model_methods[] = {
     { "moe_path_counts", (PyCFunction)Model_moe_path_counts, METH_NOARGS,
       "moe_path_counts() -> {'indexed', 'decode_batch', 'skinny', 'grouped', 'host': n} of routed-expert calls by "
       "the CUDA path they took (recorded steps counted once), or None (CPU)" },
+    { "prefill_attention_counts", (PyCFunction)Model_prefill_attention_counts, METH_NOARGS,
+      "prefill_attention_counts() -> {'mma': n, 'hopper': n} tensor-core prefill attention launches (one per key "
+      "block), or None (CPU)" },
     { NULL, NULL, 0, NULL },
 };
 

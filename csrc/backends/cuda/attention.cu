@@ -12,7 +12,9 @@
  *   as float32 or as a 16-bit K/V cache: this is the decode path and the path of float32 models.
  * - k_attn_mma: 128 queries (8 warps of 16) x 64 keys per step on the tensor cores
  *   (mma.sync), for prefill of 16-bit models (head_dim 16/32/64/128): Q, K, V and P in
- *   float16, scores, softmax statistics and the output accumulated in float32.
+ *   float16, scores, softmax statistics and the output accumulated in float32. On compute
+ *   capability 9.0 at head_dim 64 attention_hopper.cu takes its place (wgmma), on the same
+ *   float16 copies of each key block, keeping the running state of the blocks itself.
  * Semantics as csrc/backends/cpu/attention.c: key j is visible to the query at sequence index qi
  * iff j <= qi and key_mask[j]; GQA head h reads kv head h / (nh / nkv); the output is
  * acc / (sum + denom_eps), or 0 when no key is visible. */
@@ -431,6 +433,32 @@ static xo_status launch_mma_hd(CuCtx *c, const AttnP16 &a, int batch) {
     }
 }
 
+/* the arguments of attention_hopper.cu for key block blk of nblocks */
+static CuHopperAttn hopper_args(const AttnP16 &a, int batch, float *state, int blk, int nblocks) {
+    CuHopperAttn h;
+    h.batch = batch;
+    h.t = a.p.t;
+    h.past = a.p.past;
+    h.nh = a.p.nh;
+    h.group = a.p.group;
+    h.cap = a.p.cap;
+    h.q = a.p.q;
+    h.out = a.p.out;
+    h.K16 = a.K16;
+    h.V16 = a.V16;
+    h.kvs = a.p.kvs;
+    h.kcap = a.p.kcap;
+    h.kbeg = a.p.kbeg;
+    h.kstop = a.p.kstop;
+    h.mask = a.p.mask;
+    h.scale = a.p.scale;
+    h.eps = a.p.eps;
+    h.state = state;
+    h.first = blk == 0;
+    h.last = blk + 1 == nblocks;
+    return h;
+}
+
 /* kv16[i, 0:W] = K[row i], kv16[i, W:2W] = V[row i] in float16, for the compact rows
  * i = b * kv_len + j of arrays whose rows are b * cap + j */
 template <typename KT>
@@ -530,6 +558,7 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
     const bool hd_ok = hd == 16 || hd == 32 || hd == 64 || hd == 128;
     const bool tc = !c->attn_rows && !a->past_device && (wt == XO_BF16 || wt == XO_F16) && hd_ok && t >= 16;
     const bool use_mma = tc;
+    const bool hopper = tc && cu_attention_hopper_fits(c, hd); /* wgmma: the state folded in the kernel */
 
     /* keys per block (a multiple of the mma kernel's 64-key tile): every key at once unless a
      * prefill pass's keys need scratch (expanded from the latent, or f16 copies) and outnumber
@@ -563,7 +592,7 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
     }
     /* the row-wise kernel rotates expanded keys as it loads them (lane pairs c, c + NC/2) */
     const bool fuse_rope = !tc && latent && (hd == 64 || hd == 128 || hd == 256 || hd == 512 || hd == 1024);
-    const bool partials = nsplit > 1 || nblocks > 1;
+    const bool partials = !hopper && (nsplit > 1 || nblocks > 1);
     const size_t b_part = partials ? up((size_t)rows * nh * nsplit * (hd + 2) * sizeof(float)) : 0;
     const size_t b_state = nblocks > 1 ? up((size_t)rows * nh * (hd + 2) * sizeof(float)) : 0;
     const size_t total = b_exp + b_lat + b_16 + b_part + b_state;
@@ -621,7 +650,9 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
             a16.K16 = kv16;
             a16.V16 = kv16 + W;
             a16.part = part;
-            if (rc == XO_OK) rc = launch_mma_hd(c, a16, B);
+            c->prefill_counts[hopper]++;
+            if (rc == XO_OK && hopper) rc = cu_attention_hopper(c, hopper_args(a16, B, state, blk_i, nblocks));
+            else if (rc == XO_OK) rc = launch_mma_hd(c, a16, B);
         } else if (rc == XO_OK) {
             const int split_len = (len + nsplit - 1) / nsplit;
             if (kt == XO_BF16) launch_rows_hd<__nv_bfloat16>(c, p, rows, nsplit, split_len, part);

@@ -105,6 +105,12 @@ static void be_moe_path_counts(xo_backend *be, long long counts[XO_MOE_PATHS]) {
     for (int i = 0; i < XO_MOE_PATHS; i++) counts[i] = c->moe_counts[i];
 }
 
+static void be_prefill_attention_counts(xo_backend *be, long long counts[2]) {
+    const CuCtx *c = cu_ctx(be);
+    counts[0] = c->prefill_counts[0];
+    counts[1] = c->prefill_counts[1];
+}
+
 /* The device's pool (shared by every model on the device): in use now, and its high-water mark. */
 static xo_status be_usage(xo_backend *be, size_t *in_use, size_t *peak, int reset_peak) {
     CuCtx *c = cu_ctx(be);
@@ -348,6 +354,7 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
     c->sink = *sink;
     c->moe_host = opts->cuda_moe_host;
     c->attn_rows = opts->cuda_attention == 1;
+    c->attn_mma = opts->cuda_attention == 3;
     /* rows: decode steps too expand K and V into scratch for the row-wise kernel */
     c->attn_decode = opts->cuda_attention == 2 ? CU_DECODE_LATENT : c->attn_rows ? CU_DECODE_EXPAND : CU_DECODE_AUTO;
     c->memory_limit = opts->cuda_memory_limit;
@@ -435,6 +442,7 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
     }
     be->decode_attention_counts = be_decode_attention_counts;
     be->moe_path_counts = be_moe_path_counts;
+    be->prefill_attention_counts = be_prefill_attention_counts;
     be->destroy = be_destroy;
     *out = be;
     return XO_OK;

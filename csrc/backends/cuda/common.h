@@ -45,6 +45,10 @@ struct CuCtx {
     long long decode_counts[2]; /* decode-attention calls over the latent cache: [0] expanded into scratch,
                                  * [1] decode_attention.cu (a recorded step counts when recorded) */
     long long moe_counts[XO_MOE_PATHS]; /* cu_moe_experts calls by the path taken (XO_MOE_PATH_*) */
+    int attn_mma;         /* option cuda_attention=mma: prefill on the mma.sync kernel even where wgmma fits */
+    int hopper_attn;      /* attention_hopper.cu usable here: 0 not asked yet, 1 yes, 2 no */
+    long long prefill_counts[2]; /* tensor-core prefill attention launches (one per key block): [0] mma.sync,
+                                  * [1] attention_hopper.cu */
     int pdl;              /* programmatic dependent launch (compute capability 9.0+ and option cuda_pdl) */
     size_t memory_limit;  /* 0: none; else cu_alloc_raw fails once the pool would hand out more */
     xo_error_sink sink;   /* the engine's error channel: every failure is reported through it */
@@ -193,6 +197,23 @@ static inline unsigned cu_blocks(size_t n, unsigned threads) {
 }
 
 /* ---- entry points, one concern per file ---- */
+/* backends/cuda/attention_hopper.cu: one key block of a 16-bit prefill pass on the wgmma tensor
+ * cores, head_dim 64 (k_attn_mma's inputs; the running softmax state kept by the kernel itself) */
+struct CuHopperAttn {
+    int batch, t, past, nh, group, cap; /* group: query heads per kv head; cap: mask row length */
+    const float *q;
+    float *out;
+    const __half *K16, *V16; /* the block's keys: row of key (b, j) b * kcap + j - kbeg, kvs halfs apart */
+    size_t kvs;
+    int kcap, kbeg, kstop;
+    const uint8_t *mask;
+    float scale, eps;
+    float *state;    /* [rows, nh, 66] across the blocks of a pass, or NULL: one block */
+    int first, last; /* this block starts (the state is not read) / ends the pass (the output is written) */
+};
+/* compute capability 9.0 with the sm_90a image, head_dim 64, and not cuda_attention=mma */
+bool cu_attention_hopper_fits(CuCtx *c, int head_dim);
+xo_status cu_attention_hopper(CuCtx *c, const CuHopperAttn &a);
 /* backends/cuda/cublaslt.cu, built where setup.py finds cublasLt.h (XO_CUDA_CUBLASLT) */
 #if XO_CUDA_CUBLASLT
 /* cuBLASLt from `library` ("" : the usual names), loaded once per process; NULL where it is not found */
