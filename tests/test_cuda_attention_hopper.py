@@ -187,11 +187,12 @@ def rel_err(got, ref) -> float:
     return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
 
 
-def check(inputs: dict, compare_mma: bool = True):
-    """the kernel (auto) against the oracle, and against the mma.sync kernel; the counts prove
-    which kernel ran. Prints the errors (pytest -s shows them)."""
+def check(inputs: dict, compare_mma: bool = True, keys: int = 0):
+    """the kernel (auto; keys: cuda_attention_keys, keys per launch) against the oracle, and
+    against the mma.sync kernel; the counts prove which kernel ran and how many launches (key
+    blocks) it took. Prints the errors (pytest -s shows them)."""
     s = inputs["shape"]
-    got, counts = run_attention(inputs, {"cuda_attention": "auto"})
+    got, counts = run_attention(inputs, {"cuda_attention": "auto", "cuda_attention_keys": keys})
     ref = oracle(inputs)
     e_ref = rel_err(got, ref)
     tc = s["t"] >= 16  # the tensor-core kernels' threshold (attention.cu)
@@ -208,6 +209,9 @@ def check(inputs: dict, compare_mma: bool = True):
     assert np.isfinite(got).all(), msg
     if hopper_expected:
         assert counts["hopper"] > 0 and counts["mma"] == 0, "the wgmma kernel was not taken: " + msg
+        per_launch = max(keys // 128 * 128, 128) if keys else 1 << 30
+        launches = -(-(s["past"] + s["t"]) // per_launch)
+        assert counts["hopper"] == launches, f"{launches} key blocks expected: " + msg
     else:
         assert counts["hopper"] == 0, msg
     assert e_ref <= TOL_ORACLE, msg
@@ -228,12 +232,13 @@ def test_one_block_against_the_oracle(t, dtype):
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("t,key_block", [(1000, 64), (1000, 256), (1000, 300), (4097, 4096), (4095, 4096),
-                                         (600, 128)])
-def test_key_blocks_carry_the_state(t, key_block, dtype):
-    """several key blocks per pass: the state kept across them by the kernel (64-key blocks are
-    half a tile; 300 rounds to 320)"""
-    check(make_inputs(t=t, dtype=dtype, key_block=key_block, seed=7))
+@pytest.mark.parametrize("t,keys", [(1000, 64), (1000, 256), (1000, 300), (4097, 4096), (4095, 4096),
+                                   (600, 128)])
+def test_key_blocks_carry_the_state(t, keys, dtype):
+    """several launches (key blocks) per pass under cuda_attention_keys: the state kept across
+    them by the kernel (64 rounds up to one tile of 128 keys, 300 down to 256); the mma.sync
+    kernel takes key blocks of key_block"""
+    check(make_inputs(t=t, dtype=dtype, key_block=keys, seed=7), keys=keys)
 
 
 @needs_gpu
@@ -242,13 +247,13 @@ def test_key_blocks_carry_the_state(t, key_block, dtype):
 def test_positions_past_8192(key_block, dtype):
     """a second prefill chunk after 8200 cached keys: sequence indices past 8192, tiles not
     aligned to the queries, blocks across the past"""
-    check(make_inputs(t=300, past=8200, dtype=dtype, key_block=key_block, seed=3))
+    check(make_inputs(t=300, past=8200, dtype=dtype, key_block=key_block, seed=3), keys=key_block)
 
 
 @needs_gpu
 @pytest.mark.parametrize("nh,nkv", [(8, 1), (8, 2), (8, 8), (16, 4)])
 def test_gqa(nh, nkv):
-    check(make_inputs(t=333, nh=nh, nkv=nkv, seed=nh * 10 + nkv, key_block=128))
+    check(make_inputs(t=333, nh=nh, nkv=nkv, seed=nh * 10 + nkv, key_block=128), keys=128)
 
 
 @needs_gpu
@@ -257,7 +262,8 @@ def test_masked_keys_and_rows_that_see_nothing(key_block):
     """left padding (row 1's first 37 slots hidden: its first queries see no key, output 0) and
     holes inside and at a tile edge (slots 127, 128, 200..259)"""
     hidden = {1: list(range(37)) + [127, 128] + list(range(200, 260))}
-    got = check(make_inputs(batch=2, t=290, dtype="bfloat16", key_block=key_block, hidden=hidden, seed=5))
+    got = check(make_inputs(batch=2, t=290, dtype="bfloat16", key_block=key_block, hidden=hidden, seed=5),
+                keys=key_block)
     assert not got.reshape(2, 290, -1)[1, :37].any()
 
 
@@ -265,12 +271,12 @@ def test_masked_keys_and_rows_that_see_nothing(key_block):
 @pytest.mark.parametrize("q_scale", [8.0, 30.0])
 def test_peaked_softmax(q_scale):
     """large scores: the running max moves across tiles and blocks; nearly one-hot rows"""
-    check(make_inputs(t=700, q_scale=q_scale, key_block=256, seed=11))
+    check(make_inputs(t=700, q_scale=q_scale, key_block=256, seed=11), keys=256)
 
 
 @needs_gpu
 def test_batch_rows():
-    check(make_inputs(batch=3, t=257, past=70, key_block=192, seed=13))
+    check(make_inputs(batch=3, t=257, past=70, key_block=192, seed=13), keys=192)
 
 
 @needs_gpu
@@ -282,10 +288,12 @@ def test_head_dim_128_keeps_the_mma_kernel():
 
 
 @needs_gpu
+@pytest.mark.parametrize("keys", [0, 128])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("cache_format", ["latent", "kv"])
-def test_model_prefill_in_chunks_takes_the_kernel(cache_format, dtype):
-    """a model of head_dim 64 prefilling in chunks (passes of 64 tokens per row, key blocks of 128) under auto and under mma:
+def test_model_prefill_in_chunks_takes_the_kernel(cache_format, dtype, keys):
+    """a model of head_dim 64 prefilling in chunks (passes of 64 tokens per row, a latent cache
+    expanded 128 keys at a time; keys=128: one launch per 128 keys) under auto and under mma:
     the same logits within the 16-bit tolerance, the wgmma kernel counted on compute capability
     9.0 and never under mma"""
     sys.path.insert(0, HERE)
@@ -298,7 +306,8 @@ def test_model_prefill_in_chunks_takes_the_kernel(cache_format, dtype):
     logits, counts = {}, {}
     for attention in ("auto", "mma"):
         m = xoron.MoELlamaForCausalLM(cfg, dtype=dtype, device="cuda", seed=0, cache_format=cache_format,
-                                      options={"cuda_attention": attention, "prefill_chunk": 128})
+                                      options={"cuda_attention": attention, "prefill_chunk": 128,
+                                               "cuda_attention_keys": keys})
         logits[attention] = np.asarray(m(input_ids=ids).logits, np.float64)
         counts[attention] = m._engine.prefill_attention_counts()
     print(counts, rel_err(logits["auto"], logits["mma"]))

@@ -22,8 +22,8 @@ def model(**kw):
 def test_every_option_has_a_variable_values_and_a_meaning():
     table = xoron.option_table()
     assert [r[0] for r in table] == xoron.option_names()
-    assert {"threads", "cpu_isa", "cpu_gemv_max_rows", "cpu_tile_rows", "prefill_chunk", "cuda_moe", "cuda_attention", "cuda_gemm",
-            "cublaslt_library", "cuda_pdl", "cuda_graphs", "cuda_memory_limit"} == set(xoron.option_names())
+    assert {"threads", "cpu_isa", "cpu_gemv_max_rows", "cpu_tile_rows", "prefill_chunk", "cuda_moe", "cuda_attention",
+            "cuda_attention_keys", "cuda_gemm", "cublaslt_library", "cuda_pdl", "cuda_graphs", "cuda_memory_limit"} == set(xoron.option_names())
     for name, env, values, doc in table:
         assert env.startswith("XORON_") and values and doc, name
     assert len({r[1] for r in table}) == len(table)
@@ -46,6 +46,8 @@ def test_unknown_option_lists_the_valid_ones():
     ("cpu_gemv_max_rows", "some", r"option cpu_gemv_max_rows: 'some'"),
     ("cuda_pdl", "yes", r"option cuda_pdl: 'yes' is not valid \(expected 0 or 1\)"),
     ("cuda_memory_limit", -5, r"option cuda_memory_limit: '-5'"),
+    ("cuda_attention_keys", -1, r"option cuda_attention_keys: '-1' is not valid \(expected an integer in \[0, 1073741824\]\)"),
+    ("cuda_attention_keys", "many", r"option cuda_attention_keys: 'many'"),
 ])
 def test_bad_values_name_the_option_and_the_valid_values(name, value, expected):
     with pytest.raises(ValueError, match=expected):

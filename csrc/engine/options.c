@@ -5,7 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { MAX_THREADS = 4096, MAX_TILE_ROWS = 4096, MAX_GEMV_ROWS = 1 << 20, MAX_PREFILL_CHUNK = 1 << 20 };
+enum { MAX_THREADS = 4096, MAX_TILE_ROWS = 4096, MAX_GEMV_ROWS = 1 << 20, MAX_PREFILL_CHUNK = 1 << 20,
+       MAX_ATTENTION_KEYS = 1 << 30 };
 
 const xo_option_info xo_option_table[] = {
     { "threads", "XORON_NUM_THREADS", "an integer >= 0",
@@ -25,6 +26,9 @@ const xo_option_info xo_option_table[] = {
       "rows: the row-wise kernel always (decode over the latent: K and V of every key expanded into scratch first); "
       "latent_decode: as auto, with the in-kernel expansion at every cached length; "
       "mma: as auto, with prefill on the mma.sync kernel where the wgmma one (compute capability 9.0, head_dim 64) fits" },
+    { "cuda_attention_keys", "XORON_CUDA_ATTN_KEYS", "an integer >= 0",
+      "keys of a prefill pass per launch of the wgmma attention kernel, whose scratch is their float16 K and V "
+      "(rounded to a multiple of 128); 0: as many as 512 MiB holds (every key of a 128K-token sequence in one launch)" },
     { "cuda_gemm", "XORON_CUDA_GEMM", "cublaslt, builtin",
       "cublaslt: cuBLASLt where it is found, else the built-in kernels; builtin: the built-in kernels always" },
     { "cublaslt_library", "XORON_CUBLASLT", "a path, or empty",
@@ -116,6 +120,9 @@ xo_status xo_options_set(xo_options *o, const char *name, const char *value) {
         XO_TRY(parse_choice(name, value, "device, host", &o->cuda_moe_host));
     } else if (!strcmp(name, "cuda_attention")) {
         XO_TRY(parse_choice(name, value, "auto, rows, latent_decode, mma", &o->cuda_attention));
+    } else if (!strcmp(name, "cuda_attention_keys")) {
+        XO_TRY(parse_long(name, value, 0, MAX_ATTENTION_KEYS, &v));
+        o->cuda_attention_keys = (int)v;
     } else if (!strcmp(name, "cuda_gemm")) {
         XO_TRY(parse_choice(name, value, "cublaslt, builtin", &o->cuda_gemm_builtin));
     } else if (!strcmp(name, "cublaslt_library")) {

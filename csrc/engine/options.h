@@ -32,6 +32,7 @@ typedef struct {
                                   * 2 latent_decode: decode steps over a 16-bit latent cache take the in-kernel
                                   * expansion at every length (auto: where it wins); 3 mma: prefill on the
                                   * mma.sync kernel where the wgmma one would be taken */
+    int cuda_attention_keys;     /* keys per wgmma prefill attention launch (0: what 512 MiB of float16 K/V holds) */
     int cuda_gemm_builtin;       /* 1: the built-in GEMM kernels even where cuBLASLt is found */
     int cuda_pdl;                /* programmatic dependent launch on compute capability 9.0+ */
     int cuda_graphs;             /* decode steps recorded and replayed as CUDA graphs */

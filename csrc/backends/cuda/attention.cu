@@ -13,8 +13,8 @@
  * - k_attn_mma: 128 queries (8 warps of 16) x 64 keys per step on the tensor cores
  *   (mma.sync), for prefill of 16-bit models (head_dim 16/32/64/128): Q, K, V and P in
  *   float16, scores, softmax statistics and the output accumulated in float32. On compute
- *   capability 9.0 at head_dim 64 attention_hopper.cu takes its place (wgmma), on the same
- *   float16 copies of each key block, keeping the running state of the blocks itself.
+ *   capability 9.0 at head_dim 64 attention_hopper.cu takes its place (wgmma, hopper_prefill
+ *   below): the same float16 rounding of Q, K, V and P, the keys packed into its tile layout.
  * Semantics as csrc/backends/cpu/attention.c: key j is visible to the query at sequence index qi
  * iff j <= qi and key_mask[j]; GQA head h reads kv head h / (nh / nkv); the output is
  * acc / (sum + denom_eps), or 0 when no key is visible. */
@@ -433,32 +433,6 @@ static xo_status launch_mma_hd(CuCtx *c, const AttnP16 &a, int batch) {
     }
 }
 
-/* the arguments of attention_hopper.cu for key block blk of nblocks */
-static CuHopperAttn hopper_args(const AttnP16 &a, int batch, float *state, int blk, int nblocks) {
-    CuHopperAttn h;
-    h.batch = batch;
-    h.t = a.p.t;
-    h.past = a.p.past;
-    h.nh = a.p.nh;
-    h.group = a.p.group;
-    h.cap = a.p.cap;
-    h.q = a.p.q;
-    h.out = a.p.out;
-    h.K16 = a.K16;
-    h.V16 = a.V16;
-    h.kvs = a.p.kvs;
-    h.kcap = a.p.kcap;
-    h.kbeg = a.p.kbeg;
-    h.kstop = a.p.kstop;
-    h.mask = a.p.mask;
-    h.scale = a.p.scale;
-    h.eps = a.p.eps;
-    h.state = state;
-    h.first = blk == 0;
-    h.last = blk + 1 == nblocks;
-    return h;
-}
-
 /* kv16[i, 0:W] = K[row i], kv16[i, W:2W] = V[row i] in float16, for the compact rows
  * i = b * kv_len + j of arrays whose rows are b * cap + j */
 template <typename KT>
@@ -522,6 +496,100 @@ static bool latent_gathers(const xo_attention_args *a, size_t krows) {
     return a->batch > 1 || (a->latent_dtype != XO_F32 && !direct16);
 }
 
+/* A prefill pass on attention_hopper.cu: the keys in blocks of as many as the float16 tiles'
+ * scratch holds (option cuda_attention_keys; by default CU_HOPPER_SCRATCH bytes, every key of one
+ * 128K-token sequence), one launch per block, the running state kept by the kernel across
+ * blocks. A latent cache is expanded key_block keys at a time into float32 scratch and packed
+ * (rotated) into the block's tiles; a K/V cache is packed from the cache. */
+enum : size_t { CU_HOPPER_SCRATCH = (size_t)512 << 20 };
+
+static xo_status hopper_prefill(xo_backend *be, CuCtx *c, const xo_attention_args *a) {
+    const int t = a->new_tokens, nh = a->num_heads, nkv = a->num_kv_heads, hd = a->head_dim, B = a->batch;
+    const int kv_len = a->past + t, W = nkv * hd, TK = CU_HOPPER_TILE_KEYS;
+    const bool latent = a->format == XO_CACHE_LATENT;
+    const size_t key_bytes = (size_t)B * 2 * W * sizeof(__half); /* one key of every row, K and V */
+    long kb = c->attn_keys > 0 ? c->attn_keys : (long)(CU_HOPPER_SCRATCH / key_bytes);
+    kb = kb / TK * TK;
+    if (kb < TK) kb = TK;
+    const long all = ((long)kv_len + TK - 1) / TK * TK;
+    if (kb > all) kb = all;
+    const int nblocks = (int)((kv_len + kb - 1) / kb), ntiles = (int)(kb / TK);
+    /* the expansion of a latent cache: key_block keys (a multiple of the tile) at a time */
+    int sub = a->key_block > 0 ? (a->key_block + TK - 1) / TK * TK : (int)kb;
+    if (sub > kb) sub = (int)kb;
+    const size_t srows = (size_t)B * sub;
+
+    auto up = [](size_t b) { return (b + 255) & ~(size_t)255; };
+    const size_t b_tiles = up((size_t)kb * key_bytes), b_mask = up((size_t)B * ntiles * CU_HOPPER_MASK_BYTES);
+    const size_t b_state = nblocks > 1 ? up((size_t)B * t * nh * (hd + 2) * sizeof(float)) : 0;
+    const size_t b_exp = latent ? up(srows * 2 * W * sizeof(float)) : 0;
+    /* the gather buffer where some piece gathers (a short last piece of one row may, where a long one does not) */
+    const size_t b_lat = latent && latent_gathers(a, (size_t)B) ? up(srows * (size_t)a->rank * sizeof(float)) : 0;
+    char *blk = (char *)cu_alloc_raw(c, b_tiles + b_mask + b_state + b_exp + b_lat);
+    if (!blk) return cu_fail_more(c, XO_ENOMEM, "attention scratch (%ld keys of %d rows)", kb, B);
+    __half *tiles = (__half *)blk;
+    uint8_t *tile_mask = (uint8_t *)(blk + b_tiles);
+    float *state = nblocks > 1 ? (float *)(blk + b_tiles + b_mask) : NULL;
+    float *kvbuf = (float *)(blk + b_tiles + b_mask + b_state), *lat = (float *)(blk + b_tiles + b_mask + b_state + b_exp);
+
+    CuHopperAttn h;
+    h.batch = B;
+    h.t = t;
+    h.past = a->past;
+    h.nh = nh;
+    h.nkv = nkv;
+    h.group = nh / nkv;
+    h.q = a->q;
+    h.out = a->out;
+    h.tiles = tiles;
+    h.tile_mask = tile_mask;
+    h.scale = a->scale;
+    h.eps = a->denom_eps;
+    h.state = state;
+    xo_status rc = XO_OK;
+    for (int bi = 0; bi < nblocks && rc == XO_OK; bi++) {
+        const int kbeg = (int)(bi * kb), kend = kbeg + kb < kv_len ? (int)(kbeg + kb) : kv_len;
+        const int btiles = (kend - kbeg + TK - 1) / TK;
+        CuHopperPack pk;
+        pk.tiles = tiles;
+        pk.batch = B;
+        pk.nkv = nkv;
+        pk.ntiles = btiles;
+        pk.inv_freq = a->inv_freq;
+        pk.mscale = a->mscale;
+        for (int j0 = kbeg; j0 < kend && rc == XO_OK; j0 += latent ? sub : kend - kbeg) {
+            const int len = latent && j0 + sub < kend ? sub : kend - j0;
+            pk.tile0 = (j0 - kbeg) / TK;
+            pk.len = len;
+            if (latent) { /* compact rows b * len + jj, [K | V], K unrotated: rotated as packed */
+                rc = expand_latent_block(be, c, a, j0, len, kvbuf, lat, true);
+                pk.src_rows = len;
+                pk.src_stride = (size_t)2 * W;
+                pk.pos = a->key_pos + j0;
+                pk.pos_rows = a->capacity;
+                if (rc == XO_OK) rc = cu_attention_hopper_pack(c, pk, kvbuf, kvbuf + W, XO_F32);
+            } else { /* the cache's rows b * capacity + j, K rotated when it was stored */
+                const size_t es = a->kv_dtype == XO_F32 ? sizeof(float) : 2;
+                pk.src_rows = a->capacity;
+                pk.src_stride = (size_t)W;
+                pk.pos = NULL;
+                pk.pos_rows = 0;
+                rc = cu_attention_hopper_pack(c, pk, (const char *)a->k + (size_t)j0 * W * es,
+                                              (const char *)a->v + (size_t)j0 * W * es, a->kv_dtype);
+            }
+        }
+        if (rc == XO_OK) rc = cu_attention_hopper_mask(c, tile_mask, a->key_mask, B, a->capacity, kbeg, kend, btiles);
+        h.kbeg = kbeg;
+        h.ntiles = btiles;
+        h.first = bi == 0;
+        h.last = bi + 1 == nblocks;
+        c->prefill_counts[1]++;
+        if (rc == XO_OK) rc = cu_attention_hopper(c, h);
+    }
+    cu_free(c, blk);
+    return rc;
+}
+
 xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
     CuCtx *c = cu_ctx(be);
     const int t = a->new_tokens, nh = a->num_heads, nkv = a->num_kv_heads, hd = a->head_dim;
@@ -558,7 +626,7 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
     const bool hd_ok = hd == 16 || hd == 32 || hd == 64 || hd == 128;
     const bool tc = !c->attn_rows && !a->past_device && (wt == XO_BF16 || wt == XO_F16) && hd_ok && t >= 16;
     const bool use_mma = tc;
-    const bool hopper = tc && cu_attention_hopper_fits(c, hd); /* wgmma: the state folded in the kernel */
+    if (tc && cu_attention_hopper_fits(c, hd)) return hopper_prefill(be, c, a);
 
     /* keys per block (a multiple of the mma kernel's 64-key tile): every key at once unless a
      * prefill pass's keys need scratch (expanded from the latent, or f16 copies) and outnumber
@@ -592,7 +660,7 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
     }
     /* the row-wise kernel rotates expanded keys as it loads them (lane pairs c, c + NC/2) */
     const bool fuse_rope = !tc && latent && (hd == 64 || hd == 128 || hd == 256 || hd == 512 || hd == 1024);
-    const bool partials = !hopper && (nsplit > 1 || nblocks > 1);
+    const bool partials = nsplit > 1 || nblocks > 1;
     const size_t b_part = partials ? up((size_t)rows * nh * nsplit * (hd + 2) * sizeof(float)) : 0;
     const size_t b_state = nblocks > 1 ? up((size_t)rows * nh * (hd + 2) * sizeof(float)) : 0;
     const size_t total = b_exp + b_lat + b_16 + b_part + b_state;
@@ -650,9 +718,8 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
             a16.K16 = kv16;
             a16.V16 = kv16 + W;
             a16.part = part;
-            c->prefill_counts[hopper]++;
-            if (rc == XO_OK && hopper) rc = cu_attention_hopper(c, hopper_args(a16, B, state, blk_i, nblocks));
-            else if (rc == XO_OK) rc = launch_mma_hd(c, a16, B);
+            c->prefill_counts[0]++;
+            if (rc == XO_OK) rc = launch_mma_hd(c, a16, B);
         } else if (rc == XO_OK) {
             const int split_len = (len + nsplit - 1) / nsplit;
             if (kt == XO_BF16) launch_rows_hd<__nv_bfloat16>(c, p, rows, nsplit, split_len, part);

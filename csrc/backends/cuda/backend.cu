@@ -355,6 +355,7 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
     c->moe_host = opts->cuda_moe_host;
     c->attn_rows = opts->cuda_attention == 1;
     c->attn_mma = opts->cuda_attention == 3;
+    c->attn_keys = opts->cuda_attention_keys;
     /* rows: decode steps too expand K and V into scratch for the row-wise kernel */
     c->attn_decode = opts->cuda_attention == 2 ? CU_DECODE_LATENT : c->attn_rows ? CU_DECODE_EXPAND : CU_DECODE_AUTO;
     c->memory_limit = opts->cuda_memory_limit;

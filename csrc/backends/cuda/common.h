@@ -47,6 +47,7 @@ struct CuCtx {
     long long moe_counts[XO_MOE_PATHS]; /* cu_moe_experts calls by the path taken (XO_MOE_PATH_*) */
     int attn_mma;         /* option cuda_attention=mma: prefill on the mma.sync kernel even where wgmma fits */
     int hopper_attn;      /* attention_hopper.cu usable here: 0 not asked yet, 1 yes, 2 no */
+    int attn_keys;        /* option cuda_attention_keys: keys per wgmma prefill launch (0: by CU_HOPPER_SCRATCH) */
     long long prefill_counts[2]; /* tensor-core prefill attention launches (one per key block): [0] mma.sync,
                                   * [1] attention_hopper.cu */
     int pdl;              /* programmatic dependent launch (compute capability 9.0+ and option cuda_pdl) */
@@ -197,22 +198,39 @@ static inline unsigned cu_blocks(size_t n, unsigned threads) {
 }
 
 /* ---- entry points, one concern per file ---- */
-/* backends/cuda/attention_hopper.cu: one key block of a 16-bit prefill pass on the wgmma tensor
- * cores, head_dim 64 (k_attn_mma's inputs; the running softmax state kept by the kernel itself) */
+/* backends/cuda/attention_hopper.cu: a 16-bit prefill pass on the wgmma tensor cores, head_dim 64,
+ * over a block of keys packed as float16 tiles of CU_HOPPER_TILE_KEYS keys (the running softmax
+ * state across blocks kept by the kernel itself) */
+enum { CU_HOPPER_TILE_KEYS = 128, CU_HOPPER_MASK_BYTES = 144 /* a tile's key bytes, then an int */ };
 struct CuHopperAttn {
-    int batch, t, past, nh, group, cap; /* group: query heads per kv head; cap: mask row length */
+    int batch, t, past, nh, nkv, group; /* group: query heads per kv head */
     const float *q;
     float *out;
-    const __half *K16, *V16; /* the block's keys: row of key (b, j) b * kcap + j - kbeg, kvs halfs apart */
-    size_t kvs;
-    int kcap, kbeg, kstop;
-    const uint8_t *mask;
+    const __half *tiles;      /* [batch][nkv][ntiles] K tile then V tile (cu_attention_hopper_pack) */
+    const uint8_t *tile_mask; /* [batch][ntiles] (cu_attention_hopper_mask) */
+    int kbeg, ntiles;         /* the block's first key (a multiple of the tile) and its tiles */
     float scale, eps;
     float *state;    /* [rows, nh, 66] across the blocks of a pass, or NULL: one block */
     int first, last; /* this block starts (the state is not read) / ends the pass (the output is written) */
 };
+/* len keys (the rows b * src_rows + jj, src_stride elements apart, K and V of kv head g at
+ * g * 64) into the tiles tile0.. of a block of ntiles per (row, kv head); pos (or NULL: K is
+ * rotated already): key jj of row b is at position pos[b * pos_rows + jj] */
+struct CuHopperPack {
+    __half *tiles;
+    int batch, nkv, ntiles, tile0, len, src_rows;
+    size_t src_stride;
+    const int32_t *pos;
+    int pos_rows;
+    const float *inv_freq;
+    float mscale;
+};
 /* compute capability 9.0 with the sm_90a image, head_dim 64, and not cuda_attention=mma */
 bool cu_attention_hopper_fits(CuCtx *c, int head_dim);
+xo_status cu_attention_hopper_pack(CuCtx *c, const CuHopperPack &a, const void *K, const void *V, xo_dtype kt);
+/* the tile mask of the keys [kbeg, kbeg + 128 ntiles): visible iff below kend and mask[b * cap + j] */
+xo_status cu_attention_hopper_mask(CuCtx *c, uint8_t *tile_mask, const uint8_t *mask, int batch, int cap, int kbeg,
+                                   int kend, int ntiles);
 xo_status cu_attention_hopper(CuCtx *c, const CuHopperAttn &a);
 /* backends/cuda/cublaslt.cu, built where setup.py finds cublasLt.h (XO_CUDA_CUBLASLT) */
 #if XO_CUDA_CUBLASLT
