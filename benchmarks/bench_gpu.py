@@ -233,20 +233,24 @@ def attention_only(Ts, reps):
     """Prefill attention by itself (causal, 16 heads x 64, bf16 K/V cache, one batch row), in
     TFLOP/s counting 4 T^2 heads head_dim / 2: the wgmma kernel (cuda_attention=auto on compute
     capability 9.0) and the mma.sync one (cuda_attention=mma), each over every key at once and in
-    key blocks of 4096 (as a chunked prefill pass runs), beside torch's flash SDPA. xoron's times
-    include the float16 copy of the block's keys each call makes (tests/test_cuda_attention_hopper.py's hook)."""
+    key blocks of 4096 (wgmma: cuda_attention_keys=4096, one launch per block; mma.sync: the
+    key_block a chunked prefill pass gives it), beside torch's flash SDPA. xoron's times include
+    the float16 copies of the keys each call makes (tests/test_cuda_attention_hopper.py's hook).
+    Torch's SDPA also runs under its own backend choice (cuDNN's on the H200, which the compiled
+    peer's prefill takes)."""
     sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
     import test_cuda_attention_hopper as H  # noqa: PLC0415
     nh, hd = 16, 64
-    print("\n| T | kernel | key_block | ms | TFLOP/s | counts |")
+    print("\n| T | kernel | key blocks | ms | TFLOP/s | counts |")
     print("|---:|---|---:|---:|---:|---|")
     for T in Ts:
         flop = 4.0 * T * T * nh * hd / 2
+        r = reps if T <= 32768 else max(1, reps // 3)
         inp = H.make_inputs(t=T, nh=nh, nkv=nh, hd=hd, dtype="bfloat16", seed=1)
         for opt, name in (("auto", "auto (wgmma on 9.0)"), ("mma", "mma.sync")):
             for kb in (0, 4096):
-                inp["shape"]["key_block"] = kb
-                _, counts, sec = H._hook_call(inp, {"cuda_attention": opt}, reps=reps)
+                inp["shape"]["key_block"] = kb if opt == "mma" else 0
+                _, counts, sec = H._hook_call(inp, {"cuda_attention": opt, "cuda_attention_keys": kb}, reps=r)
                 print(f"| {T} | {name} | {kb or 'all'} | {sec * 1e3:.2f} | {flop / sec / 1e12:.0f} | {counts} |", flush=True)
         q = torch.randn(1, nh, T, hd, device="cuda", dtype=torch.bfloat16)
         k, v = torch.randn_like(q), torch.randn_like(q)
@@ -254,6 +258,8 @@ def attention_only(Ts, reps):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             sec = best_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), reps=reps)
         print(f"| {T} | torch flash SDPA | - | {sec * 1e3:.2f} | {flop / sec / 1e12:.0f} | - |", flush=True)
+        sec = best_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), reps=reps)
+        print(f"| {T} | torch SDPA, its default backend | - | {sec * 1e3:.2f} | {flop / sec / 1e12:.0f} | - |", flush=True)
         del q, k, v, inp
         gc.collect()
 
@@ -281,11 +287,11 @@ def main():
                     help="also decode the latent cache under cuda_attention='rows' (K and V of every cached key "
                          "expanded into scratch, then the row-wise kernel: the decode path auto had before)")
     ap.add_argument("--attention", action="store_true",
-                    help="only prefill attention by itself at T=4096 and 32768: the wgmma and mma.sync kernels "
+                    help="only prefill attention by itself at T=4096, 32768 and 131072 (--quick: the first two): the wgmma and mma.sync kernels "
                          "beside torch flash SDPA (TFLOP/s)")
     args = ap.parse_args()
     if args.attention:
-        attention_only([4096, 32768], reps=3 if args.quick else 10)
+        attention_only([4096, 32768] if args.quick else [4096, 32768, 131072], reps=3 if args.quick else 9)
         return
     cases = set(args.cases.split(","))
     bad = cases - {"prefill", "decode", "sample"}
