@@ -68,19 +68,21 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class StaticKVCache:
-    """K and V [L, b, nkv, slots, hd] in the model's dtype; `length` tokens filled (all rows)."""
+    """K and V per layer, [b, nkv, slots, hd] each, in the model's dtype; `length` tokens filled
+    (all rows). One tensor per layer, as transformers' StaticCache keeps them: the compiled
+    step's in-place writes then go to whole graph inputs, not to slices of one shared tensor."""
 
     def __init__(self, layers: int, batch: int, nkv: int, slots: int, hd: int, dtype, device):
-        self.k = torch.zeros(layers, batch, nkv, slots, hd, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        self.k = [torch.zeros(batch, nkv, slots, hd, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros_like(k) for k in self.k]
         self.length = 0
-        if self.k.is_cuda:  # the graph writes the step's keys in place
-            torch._dynamo.mark_static_address(self.k)
-            torch._dynamo.mark_static_address(self.v)
+        if self.k[0].is_cuda:  # the graph writes the step's keys in place
+            for t in self.k + self.v:
+                torch._dynamo.mark_static_address(t)
 
     @property
     def slots(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
 
 class TorchPeer:
@@ -253,13 +255,13 @@ class TorchPeer:
         h = self.embed[ids].float()
         for li, L in enumerate(self.layers):
             q, k, v = self._qkv(L, self._norm(h, L["in_norm"]), cos, sin)
-            cache.k[li, :, :, P:P + t] = k
-            cache.v[li, :, :, P:P + t] = v
+            cache.k[li][:, :, P:P + t] = k
+            cache.v[li][:, :, P:P + t] = v
             if P == 0:
                 kk, vv = self._expand_heads(k, v)
                 o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
             else:
-                kk, vv = self._expand_heads(cache.k[li, :, :, :P + t], cache.v[li, :, :, :P + t])
+                kk, vv = self._expand_heads(cache.k[li][:, :, :P + t], cache.v[li][:, :, :P + t])
                 allowed = torch.arange(P + t, device=self.device)[None, :] <= torch.arange(P, P + t, device=self.device)[:, None]
                 o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed)
             h = h + o.transpose(1, 2).reshape(b, t, -1) @ L["o"].T
@@ -273,11 +275,11 @@ class TorchPeer:
         return (self._norm(h, self.final_norm) @ self.lm_head.T).float()
 
     def _decode_step(self, ids, pos, k_cache, v_cache):
-        """ids [b, 1] at position pos ([1] int64, the same for every row): writes K/V at slot pos,
-        attends to slots 0 .. pos. Returns float32 logits [b, V]."""
+        """ids [b, 1] at position pos ([1] int64, the same for every row): writes K/V at slot pos
+        of each layer's cache tensor, attends to slots 0 .. pos. Returns float32 logits [b, V]."""
         b = ids.shape[0]
         cos, sin = self._rope(pos)
-        visible = (torch.arange(k_cache.shape[3], device=ids.device) <= pos)[None, None, None, :]
+        visible = (torch.arange(k_cache[0].shape[2], device=ids.device) <= pos)[None, None, None, :]
         h = self.embed[ids].float()
         for li, L in enumerate(self.layers):
             q, k, v = self._qkv(L, self._norm(h, L["in_norm"]), cos, sin)
