@@ -41,13 +41,18 @@ def kernel_times(m, b, ctx, steps):
             out = m(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True)
             cache = out.past_key_values
         torch.cuda.synchronize()
+    return profile_rows(prof, steps)
+
+
+def profile_rows(prof, per=1):
+    """(GPU microseconds, launches, name) of each kernel the profiler saw, over `per`, largest first"""
     rows = []
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None)
         if t is None:
             t = getattr(e, "cuda_time_total", 0.0)
         if t > 0:
-            rows.append((t / steps, e.count / steps, e.key))
+            rows.append((t / per, e.count / per, e.key))
     return sorted(rows, reverse=True)
 
 

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import xoron  # noqa: E402
 from bench_gpu import CONFIG, random_ids  # noqa: E402
+from profile_decode_kernels import profile_rows  # noqa: E402
 
 
 def parse_options(text):
@@ -55,14 +56,7 @@ def main():
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             m._engine.forward(ids, logits_to_keep=1)
             torch.cuda.synchronize()
-        rows = []
-        for e in prof.key_averages():
-            us = getattr(e, "device_time_total", None)
-            if us is None:
-                us = getattr(e, "cuda_time_total", 0.0)
-            if us > 0:
-                rows.append((us / 1e3, e.count, e.key))
-        rows.sort(reverse=True)
+        rows = [(us / 1e3, int(n), name) for us, n, name in profile_rows(prof)]
         total = sum(r[0] for r in rows)
         print(f"\n## T={t} options={args.options or 'defaults'}: wall {wall * 1e3:.1f} ms, "
               f"kernels {total:.1f} ms, {sum(r[1] for r in rows)} launches")

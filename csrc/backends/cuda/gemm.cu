@@ -110,6 +110,41 @@ xo_status cu_grouped_skinny(CuCtx *c, float *y, const float *x, const CuGroupPtr
     return skinny(c, y, x, w, t, out, k, offsets, groups, 0, 4);
 }
 
+/* aa[t] = wa . x[t0 + t] and ab[t] = wb . x[t0 + t] (rows of k) for t < MT and t0 + t < m,
+ * summed over the warp: every lane holds the sums. Lane l takes the pieces l * 8 + 256 i, each
+ * accumulated in k order (k_skinny's order); UNROLL only shapes the code. */
+template <typename W, int MT, int UNROLL>
+__device__ __forceinline__ void warp_dot2(float (&aa)[MT], float (&ab)[MT], const W *__restrict__ wa,
+                                          const W *__restrict__ wb, const float *__restrict__ x, int k, int t0, int m) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int t = 0; t < MT; t++) aa[t] = ab[t] = 0.0f;
+#pragma unroll UNROLL
+    for (int kk = lane * 8; kk < k; kk += 256) {
+        float va[8], vb[8];
+        load8(wa + kk, va);
+        load8(wb + kk, vb);
+#pragma unroll
+        for (int t = 0; t < MT; t++) {
+            if (t0 + t < m) {
+                float xv[8];
+                load8(x + (size_t)(t0 + t) * k + kk, xv);
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    aa[t] = fmaf(va[e], xv[e], aa[t]);
+                    ab[t] = fmaf(vb[e], xv[e], ab[t]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < MT; t++)
+        for (int o = 16; o; o >>= 1) {
+            aa[t] += __shfl_xor_sync(0xffffffffu, aa[t], o);
+            ab[t] += __shfl_xor_sync(0xffffffffu, ab[t], o);
+        }
+}
+
 /* act[m, I] = swiglu(x @ W.T) for a few rows, W = [gate; up] with 2I rows: one warp per
  * activation column r takes gate row r and up row I + r, so gu never goes to memory
  * (k % 8 == 0, 16-byte aligned). */
@@ -127,35 +162,11 @@ __global__ __launch_bounds__(256) void k_skinny_gu(float *__restrict__ act, cons
     CU_PDL_ENTRY();
     if (r >= inter) return;
     float ag[MT], au[MT];
+    warp_dot2<W, MT, 2>(ag, au, wg, wu, x, k, 0, m);
+    if (lane == 0)
 #pragma unroll
-    for (int t = 0; t < MT; t++) ag[t] = au[t] = 0.0f;
-#pragma unroll 2
-    for (int kk = lane * 8; kk < k; kk += 256) {
-        float gv[8], uv[8];
-        load8(wg + kk, gv);
-        load8(wu + kk, uv);
-#pragma unroll
-        for (int t = 0; t < MT; t++) {
-            if (t < m) {
-                float xv[8];
-                load8(x + (size_t)t * k + kk, xv);
-#pragma unroll
-                for (int e = 0; e < 8; e++) {
-                    ag[t] = fmaf(gv[e], xv[e], ag[t]);
-                    au[t] = fmaf(uv[e], xv[e], au[t]);
-                }
-            }
-        }
-    }
-#pragma unroll
-    for (int t = 0; t < MT; t++) {
-        float g = ag[t], u = au[t];
-        for (int o = 16; o; o >>= 1) {
-            g += __shfl_xor_sync(0xffffffffu, g, o);
-            u += __shfl_xor_sync(0xffffffffu, u, o);
-        }
-        if (lane == 0 && t < m) act[(size_t)t * inter + r] = g / (1.0f + expf(-g)) * u;
-    }
+        for (int t = 0; t < MT; t++)
+            if (t < m) act[(size_t)t * inter + r] = ag[t] / (1.0f + expf(-ag[t])) * au[t];
 }
 
 enum { GU_FUSED_MAX_M = 4 };
@@ -546,33 +557,10 @@ __global__ __launch_bounds__(PAIR_WARPS * 32) void k_skinny_pair(float *__restri
     if (!live) return;
     for (int t0 = 0; t0 < m; t0 += MT) {
         float aa[MT], ab[MT];
-#pragma unroll
-        for (int t = 0; t < MT; t++) aa[t] = ab[t] = 0.0f;
-#pragma unroll 4
-        for (int kk = lane * 8; kk < k; kk += 256) {
-            float va[8], vb[8];
-            load8(wa + kk, va);
-            load8(wb + kk, vb);
-#pragma unroll
-            for (int t = 0; t < MT; t++) {
-                if (t0 + t < m) {
-                    float xv[8];
-                    load8(x + (size_t)(t0 + t) * k + kk, xv);
-#pragma unroll
-                    for (int e = 0; e < 8; e++) {
-                        aa[t] = fmaf(va[e], xv[e], aa[t]);
-                        ab[t] = fmaf(vb[e], xv[e], ab[t]);
-                    }
-                }
-            }
-        }
+        warp_dot2<W, MT, 4>(aa, ab, wa, wb, x, k, t0, m);
 #pragma unroll
         for (int t = 0; t < MT; t++) {
             float a = aa[t], b = ab[t];
-            for (int o = 16; o; o >>= 1) {
-                a += __shfl_xor_sync(0xffffffffu, a, o);
-                b += __shfl_xor_sync(0xffffffffu, b, o);
-            }
             if (lane == 0 && t0 + t < m) {
                 if (rotate) {
                     float cs, sn;
