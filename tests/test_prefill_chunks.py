@@ -127,7 +127,9 @@ def test_passes_split_evenly_and_a_chunk_of_one_works(built):
 
 
 @pytest.mark.parametrize("value, msg", [
-    (0, r"option prefill_chunk: '0' is not valid \(expected an integer in \[1, 1048576\]\)"),
+    (0, r"option prefill_chunk: '0' is not valid \(expected auto or an integer in \[1, 1048576\]\)"),
+    (2 ** 21, r"option prefill_chunk: '2097152' is not valid"),
+    ("12x", r"option prefill_chunk: '12x' is not valid"),
     ("big", r"option prefill_chunk: 'big'"),
 ])
 def test_bad_chunk(built, value, msg):
@@ -149,3 +151,11 @@ def test_environment_sets_the_chunk(built, monkeypatch):
 def test_memory_stats_are_none_on_the_cpu(built):
     assert built.model.memory_stats() is None
     assert built.model.memory_stats(reset_peak=True) is None
+
+
+def test_auto_is_the_backends_chunk(built):
+    """'auto' (the default) takes the backend's chunk: 4096 tokens on the CPU (two passes here)"""
+    ids = built.ids(1, 4100, seed=10)
+    want = chunked(built, 4096)(input_ids=ids).logits
+    np.testing.assert_array_equal(chunked(built, "auto")(input_ids=ids).logits, want)
+    np.testing.assert_array_equal(built.model(input_ids=ids).logits, want)

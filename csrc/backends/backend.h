@@ -229,6 +229,7 @@ struct xo_backend {
     void *ctx;
     int host_memory;   /* 1: "device" pointers are host memory (the graph may write into caller arrays) */
     int max_experts;   /* the most MoE experts the backend's kernels take; 0: no limit of its own */
+    int prefill_chunk; /* tokens per pass of a long input under prefill_chunk=auto (benchmarks/RESULTS.md) */
     int device_index;  /* for DLPack: the device the memory lives on */
     void *native_stream; /* CUDA: the cudaStream_t the kernels run on (handed to a DLPack producer, which
                           * orders its pending work before ours); else NULL */

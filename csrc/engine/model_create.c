@@ -23,7 +23,7 @@ xo_status xo_model_create(xo_model **out, const xo_config *cfg, xo_backend *be, 
     m->be = be;
     xo_backend_fill_defaults(be);
     m->weight_dtype = weight_dtype;
-    m->prefill_chunk = opts->prefill_chunk;
+    m->prefill_chunk = opts->prefill_chunk ? opts->prefill_chunk : be->prefill_chunk;
     pthread_mutex_init(&m->lock, NULL);
     float host[512];
     xo_yarn_frequencies(&c, host, &m->mscale);

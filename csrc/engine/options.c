@@ -16,8 +16,9 @@ const xo_option_info xo_option_table[] = {
     { "cpu_gemv_max_rows", "XORON_CPU_GEMV_MAX_ROWS", "auto or an integer >= 0",
       "16-bit, int8 and int4 products of at most this many rows take the matrix-vector kernels, larger ones the AMX tiles (bf16, int8, int4 under cpu_isa amx) or the widened tiles; auto: 40, with AMX 8 for bf16" },
     { "cpu_tile_rows", "XORON_CPU_TILE_ROWS", "an integer >= 1", "rows of a 16-bit or int8 weight widened per tile (64)" },
-    { "prefill_chunk", "XORON_PREFILL_CHUNK", "an integer >= 1",
-      "tokens (over all rows) per pass of a long input through the layers: activation memory is sized by it, not by the input" },
+    { "prefill_chunk", "XORON_PREFILL_CHUNK", "auto or an integer >= 1",
+      "tokens (over all rows) per pass of a long input through the layers: activation memory is sized by it, not by the input; "
+      "auto: 4096 on the CPU, 16384 on CUDA" },
     { "cuda_moe", "XORON_CUDA_MOE", "device, host",
       "device: expert groups counted and run on the GPU; host: per-expert GEMMs sized from counts read back" },
     { "cuda_attention", "XORON_CUDA_ATTN", "auto, rows, latent_decode, mma",
@@ -114,8 +115,15 @@ xo_status xo_options_set(xo_options *o, const char *name, const char *value) {
         XO_TRY(parse_long(name, value, 1, MAX_TILE_ROWS, &v));
         o->cpu_tile_rows = (int)v;
     } else if (!strcmp(name, "prefill_chunk")) {
-        XO_TRY(parse_long(name, value, 1, MAX_PREFILL_CHUNK, &v));
-        o->prefill_chunk = (int)v;
+        char *end;
+        errno = 0;
+        const long long n = strtoll(value, &end, 10);
+        if (!strcmp(value, "auto"))
+            o->prefill_chunk = 0;
+        else if (*value && !*end && !errno && n >= 1 && n <= MAX_PREFILL_CHUNK)
+            o->prefill_chunk = (int)n;
+        else
+            return bad_value(name, value, "auto or an integer in [1, 1048576]");
     } else if (!strcmp(name, "cuda_moe")) {
         XO_TRY(parse_choice(name, value, "device, host", &o->cuda_moe_host));
     } else if (!strcmp(name, "cuda_attention")) {
@@ -155,7 +163,6 @@ xo_status xo_options_init(xo_options *o) {
     o->cpu_isa = XO_ISA_AUTO;
     o->cpu_gemv_max_rows = -1;
     o->cpu_tile_rows = 64;
-    o->prefill_chunk = XO_DEFAULT_PREFILL_CHUNK;
     o->cuda_pdl = 1;
     o->cuda_graphs = 1;
     for (size_t i = 0; i < sizeof retired / sizeof *retired; i++)

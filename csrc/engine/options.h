@@ -18,15 +18,13 @@
 /* CPU kernel instruction sets, lowest first */
 enum { XO_ISA_AUTO = -1, XO_ISA_GENERIC = 0, XO_ISA_AVX2 = 1, XO_ISA_AVX512 = 2, XO_ISA_AVX512VNNI = 3, XO_ISA_AMX = 4 };
 
-/* the prefill_chunk default (benchmarks/RESULTS.md, "Chunked prefill") */
-enum { XO_DEFAULT_PREFILL_CHUNK = 4096 };
-
 typedef struct {
     int threads;                 /* CPU threads of this model's kernels; 0: the process default (backends/cpu/threads.c) */
     int cpu_isa;                 /* the highest CPU kernel set used (XO_ISA_*); AUTO: the best the CPU has */
     int cpu_gemv_max_rows;       /* largest m that takes the matrix-vector kernels; -1: XO_CPU_GEMV_MAX_ROWS */
     int cpu_tile_rows;           /* rows of a 16-bit or int8 W widened per tile for the CPU sgemm */
-    int prefill_chunk;           /* tokens per pass through the layers (rows of every scratch buffer) */
+    int prefill_chunk;           /* tokens per pass through the layers (rows of every scratch buffer);
+                                  * 0 (auto): the backend's (xo_backend.prefill_chunk) */
     int cuda_moe_host;           /* 1: per-expert GEMMs sized from counts read back to the host */
     int cuda_attention;          /* 0 auto; 1 rows: the row-wise attention kernel only, never a tensor-core one;
                                   * 2 latent_decode: decode steps over a 16-bit latent cache take the in-kernel

@@ -71,6 +71,7 @@ xo_status xo_cpu_backend_create(xo_backend **out, const xo_options *opts) {
     be->ctx = cx;
     be->name = "cpu";
     be->host_memory = 1;
+    be->prefill_chunk = 4096; /* RESULTS.md, "Chunked prefill" */
     be->mem.alloc = cpu_alloc;
     be->mem.release = cpu_release;
     be->mem.release_shared = cpu_release;
