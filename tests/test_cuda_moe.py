@@ -3,9 +3,7 @@ slots (tokens x top_k) with bfloat16 / float16 experts whose hidden and intermed
 multiples of 64, one block per (row tile, expert) lists the slots routed to its expert and
 streams that weight tile once for all of them (gate/up + SwiGLU, then down, then the combine).
 Up to 8 slots the indexed kernels run; beyond 512, or for other shapes and float32, the
-permuted grouped kernels: on an H200 (compute capability 9.0) the wgmma ones of
-grouped_gemm_hopper.cu, with the SwiGLU in the gate/up product's epilogue, where the groups
-are counted in 128-row tiles (at least 64 slots per expert on average).
+permuted grouped kernels.
 
 Every forward here runs each MoE layer once over all of its tokens, so the slot count is
 tokens x top_k; the backend's moe_path_counts() show which path each layer took. Logits are held
@@ -32,14 +30,12 @@ if HERE not in sys.path:
 
 import reference_impl as R  # noqa: E402
 from test_cuda import GPU_OK, GPU_WHY, TOL_HALF, build, ids_for, rel_err, rounded  # noqa: E402
-from test_cuda_attention_hopper import HOPPER  # noqa: E402
 from test_decode_session import stepwise_greedy  # noqa: E402
 
 needs_gpu = pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)
 pytestmark = pytest.mark.cuda
 
-PATHS = ("indexed", "decode_batch", "skinny", "grouped", "grouped_wgmma", "host")
-GROUPED = "grouped_wgmma" if HOPPER else "grouped"  # the permuted tile GEMM this GPU runs
+PATHS = ("indexed", "decode_batch", "skinny", "grouped", "host")
 
 
 def moe_config(hidden=64, inter=64, experts=8, top_k=2, layers=1):
@@ -91,7 +87,7 @@ SLOTS = {
     "slots65": (moe_config(top_k=5), 1, 13, "decode_batch"),
     "slots128": (moe_config(), 8, 8, "decode_batch"),
     "slots512": (moe_config(), 4, 64, "decode_batch"),  # some experts take more than one 64-slot pass
-    "slots513": (moe_config(top_k=3), 1, 171, GROUPED),
+    "slots513": (moe_config(top_k=3), 1, 171, "grouped"),
 }
 
 
@@ -127,27 +123,6 @@ SHAPES = {
 def test_shapes_match_the_oracle(name, dtype):
     over, b, t, *seed = SHAPES[name]
     check_forward(over, b, t, dtype, "decode_batch", seed=seed[0] if seed else 5)
-
-
-# name -> (config, batch, tokens per row): the grouped GEMM's 128-row tiles (more than 512 slots,
-# at least 64 per expert on average), slots = batch * tokens * top_k
-GROUPED_TILES = {
-    # 1,200 slots: full and partial row tiles in every expert
-    "wide": (moe_config(hidden=128, inter=256), 2, 300),
-    # H = 208, I = 200: the last k-tile of both products partial (208 = 3 x 64 + 16, 200 = 3 x 64 + 8),
-    # the down product's second column tile and the SwiGLU's fourth (8 of 64 columns) partial
-    "ragged": (moe_config(hidden=208, inter=200), 1, 333),
-    # one expert takes all 600 slots: five row tiles of one group, the last of 88 rows
-    "one_expert": (moe_config(experts=1, top_k=1), 2, 300),
-}
-
-
-@needs_gpu
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("name", list(GROUPED_TILES))
-def test_grouped_gemm_in_128_row_tiles(name, dtype):
-    over, b, t = GROUPED_TILES[name]
-    check_forward(over, b, t, dtype, GROUPED, seed=21)
 
 
 @needs_gpu

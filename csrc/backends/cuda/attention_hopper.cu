@@ -37,11 +37,12 @@
  *   (next core along N = keys) 1024 bytes; k-step ks starts 2 ks cores (256 ks bytes) in.
  *   V as B of O (N = dims, K = keys, MN-major, transpose bit set): LBO (next core along K =
  *   keys) 1024 bytes, SBO (next core along N = dims) 128 bytes; k-step kk starts 2048 kk bytes in.
- * (wgmma.h: what LBO and SBO are, the descriptor's bits) */
+ * For no-swizzle layouts LBO is the K-direction core stride and SBO the M/N-direction one in
+ * both majors (the PTX ISA's canonical layouts). Descriptor bits: 0-13 start address >> 4,
+ * 16-29 LBO >> 4, 32-45 SBO >> 4, 49-51 base offset 0, 62-63 swizzle 0 (none). */
 #include <math.h>
 
 #include "backends/cuda/common.h"
-#include "backends/cuda/wgmma.h"
 
 #ifndef XO_CUDA_SM90A /* setup.py: 1 when this file is built with its sm_90a image */
 #define XO_CUDA_SM90A 0
@@ -66,6 +67,16 @@ __device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
 constexpr float LOG2E = 1.4426950408889634f;
+
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+/* an accumulator register is redefined here, so no read of it moves above the wait before */
+__device__ __forceinline__ void reg_fence(float &x) { asm volatile("" : "+f"(x)::"memory"); }
 
 __device__ __forceinline__ float ex2(float x) {
     float y;
@@ -247,7 +258,7 @@ __global__ __launch_bounds__(THREADS, 1) void k_attn_hopper(CuHopperAttn p) {
             for (int kk = 0; kk < 4; kk++)
                 wgmma_m64n128k16<0>(sc, qa[kk], smem_desc(ks + kk * 256, 128, 1024), kk > 0);
             wgmma_commit();
-            wgmma_wait<0>();
+            wgmma_wait0();
 #pragma unroll
             for (int i = 0; i < 64; i++) reg_fence(sc[i]);
 
@@ -304,7 +315,7 @@ __global__ __launch_bounds__(THREADS, 1) void k_attn_hopper(CuHopperAttn p) {
 #pragma unroll
             for (int kk = 0; kk < 8; kk++) wgmma_m64n64k16<1>(o, pa[kk], smem_desc(vs + kk * 2048, 1024, 128), 1);
             wgmma_commit();
-            wgmma_wait<0>();
+            wgmma_wait0();
 #pragma unroll
             for (int i = 0; i < 32; i++) reg_fence(o[i]);
         }

@@ -47,7 +47,6 @@ struct CuCtx {
     long long moe_counts[XO_MOE_PATHS]; /* cu_moe_experts calls by the path taken (XO_MOE_PATH_*) */
     int attn_mma;         /* option cuda_attention=mma: prefill on the mma.sync kernel even where wgmma fits */
     int hopper_attn;      /* attention_hopper.cu usable here: 0 not asked yet, 1 yes, 2 no */
-    int hopper_gemm;      /* grouped_gemm_hopper.cu usable here: 0 not asked yet, 1 yes, 2 no */
     int attn_keys;        /* option cuda_attention_keys: keys per wgmma prefill launch (0: by CU_HOPPER_SCRATCH) */
     long long prefill_counts[2]; /* tensor-core prefill attention launches (one per key block): [0] mma.sync,
                                   * [1] attention_hopper.cu */
@@ -282,15 +281,6 @@ int cu_grouped_tile_rows(int rows, int groups);
  * bm: the row tile tile_start was counted in (cu_grouped_tile_rows) */
 xo_status cu_grouped_gemm16(CuCtx *c, float *y, const void *x16, const CuGroupPtrs *w, xo_dtype t, int out, int k,
                             const int *offsets, const int *tile_start, int groups, int max_tiles, int bm);
-/* the same on Hopper's wgmma (backends/cuda/grouped_gemm_hopper.cu), for tile_start counted in
- * CU_GROUPED_HOPPER_ROWS-row tiles: whether it runs here for that tile, out and k */
-enum { CU_GROUPED_HOPPER_ROWS = 128 };
-bool cu_grouped_hopper_fits(CuCtx *c, int bm, int out, int k);
-xo_status cu_grouped_gemm_hopper(CuCtx *c, float *y, const void *x16, const CuGroupPtrs *w, xo_dtype t, int out, int k,
-                                 const int *offsets, const int *tile_start, int groups, int max_tiles);
-/* act[rows of g, inter] = silu(X @ gate_g.T) * (X @ up_g.T) in dtype t, W_g = [gate_g; up_g] [2 inter, k] */
-xo_status cu_grouped_swiglu_hopper(CuCtx *c, void *act, const void *x16, const CuGroupPtrs *w, xo_dtype t, int inter,
-                                   int k, const int *offsets, const int *tile_start, int groups, int max_tiles);
 /* skinny version for few rows per group: f32 inputs, any weight dtype; offsets device [G+1] */
 xo_status cu_grouped_skinny(CuCtx *c, float *y, const float *x, const CuGroupPtrs *w, xo_dtype t, int out, int k,
                             const int *offsets, int groups);
