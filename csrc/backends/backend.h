@@ -160,6 +160,10 @@ typedef struct {
     /* optional (NULL: matmul then swiglu): act[n, I] = swiglu(x @ gate_up.T), gate_up [2I, in]
      * with the gate rows first; gu [n, 2I] is scratch the backend may use */
     xo_status (*gate_up_swiglu)(xo_backend *be, float *act, const float *x, float *gu, const xo_linear *gate_up, int n);
+    /* optional (NULL: gate_up_swiglu, then matmul): the SwiGLU FFN, out[n, f->down.out] =
+     * swiglu(x @ f->gate_up.T) @ f->down.T; gu [n, 2I] and act [n, I] are scratch the backend may use
+     * (left unwritten by a backend that keeps the activations in its own, narrower storage) */
+    xo_status (*ffn)(xo_backend *be, float *out, const float *x, const xo_ffn *f, int n, float *gu, float *act);
     /* router: softmax over logits[n, E], top-k (ties: lower index), renormalised by sum + XO_TOPK_RENORM_EPS */
     xo_status (*moe_route)(xo_backend *be, int32_t *idx, float *weight, const float *logits, int n, int experts, int k);
     /* optional (NULL: rmsnorm, matmul, moe_route): the router of SPEC 6 in one call: top-k of
@@ -171,6 +175,10 @@ typedef struct {
     xo_status (*moe_experts)(xo_backend *be, const xo_moe_args *a);
     /* causal attention over the cache, chunked with an online softmax */
     xo_status (*attention)(xo_backend *be, const xo_attention_args *a);
+    /* optional (NULL: attention, then matmul): the heads through the output projection, y[n, o->out] =
+     * attention(a) @ o->T with n = a->batch * a->new_tokens (o->in == num_heads * head_dim); a->out is
+     * scratch the backend may use (left unwritten as ffn's) */
+    xo_status (*attention_o_proj)(xo_backend *be, float *y, const xo_attention_args *a, const xo_linear *o);
     /* cache slots [r, start .. start+n) of a [batch, capacity, width] array of dtype cache_t
      * (F32, BF16 or F16), for every row r, <- float src rows r*n .. r*n+n-1 (src_stride apart);
      * start is read from start_device when that is not NULL */
@@ -260,8 +268,8 @@ struct xo_backend {
 };
 
 /* Fills each optional slot left NULL with its default composed from the required ones
- * (matmul_pair, gate_up_swiglu, moe_router, rmsnorm_cache_write, rope_kv_cache_write), so the graph
- * makes one call per step. */
+ * (matmul_pair, gate_up_swiglu, ffn, moe_router, attention_o_proj, rmsnorm_cache_write,
+ * rope_kv_cache_write), so the graph makes one call per step. */
 void xo_backend_fill_defaults(xo_backend *be);
 
 /* The CPU backend (oneDNN + OpenMP), with the model's options (engine/options.h). */

@@ -37,6 +37,18 @@ static xo_status default_gate_up_swiglu(xo_backend *be, float *act, const float 
     return be->ops.swiglu(be, act, gu, n, gate_up->out / 2);
 }
 
+/* out = swiglu(x @ gate_up.T) @ down.T, through gu [n, 2I] and act [n, I] */
+static xo_status default_ffn(xo_backend *be, float *out, const float *x, const xo_ffn *f, int n, float *gu, float *act) {
+    XO_TRY(be->ops.gate_up_swiglu(be, act, x, gu, &f->gate_up, n));
+    return be->ops.matmul(be, out, act, &f->down, n);
+}
+
+/* y = attention(a) @ o.T, through a->out */
+static xo_status default_attention_o_proj(xo_backend *be, float *y, const xo_attention_args *a, const xo_linear *o) {
+    XO_TRY(be->ops.attention(be, a));
+    return be->ops.matmul(be, y, a->out, o, a->batch * a->new_tokens);
+}
+
 /* top-k of softmax(rmsnorm(x) @ router.T), through normed [n, H] and logits [n, E] */
 static xo_status default_moe_router(xo_backend *be, int32_t *idx, float *weight, const float *x, const float *norm_w,
                                     const xo_linear *router, int n, int k, float *normed, float *logits) {
@@ -52,4 +64,6 @@ void xo_backend_fill_defaults(xo_backend *be) {
     if (!be->ops.rope_kv_cache_write) be->ops.rope_kv_cache_write = default_rope_kv_cache_write;
     if (!be->ops.gate_up_swiglu) be->ops.gate_up_swiglu = default_gate_up_swiglu;
     if (!be->ops.moe_router) be->ops.moe_router = default_moe_router;
+    if (!be->ops.ffn) be->ops.ffn = default_ffn;
+    if (!be->ops.attention_o_proj) be->ops.attention_o_proj = default_attention_o_proj;
 }

@@ -48,14 +48,12 @@ static xo_status attention(xo_model *m, const xo_layer_weights *lw, int l, const
         .key_block = m->prefill_chunk,
         .interrupt = a->interrupt,
     };
-    XO_TRY(be->ops.attention(be, &at));                                                       /* softmax(q.K / sqrt(hd)) V */
-    return be->ops.matmul(be, s->branch, s->attn, &lw->o, n);                                 /* @ Wo.T */
+    return be->ops.attention_o_proj(be, s->branch, &at, &lw->o);           /* softmax(q.K / sqrt(hd)) V, @ Wo.T */
 }
 
 /* SwiGLU FFN: out = down(silu(gate(x)) * up(x)) */
 static xo_status ffn(xo_backend *be, const xo_ffn *f, const float *x, float *out, int n, xo_scratch *s) {
-    XO_TRY(be->ops.gate_up_swiglu(be, s->ffn_act, x, s->gate_up, &f->gate_up, n));
-    return be->ops.matmul(be, out, s->ffn_act, &f->down, n);
+    return be->ops.ffn(be, out, x, f, n, s->gate_up, s->ffn_act);
 }
 
 /* MLP(x): s->xn -> s->branch, a dense FFN or the MoE of SPEC 6 */

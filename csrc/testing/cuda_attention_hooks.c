@@ -26,19 +26,36 @@ static xo_status upload_new(xo_backend *be, void **dst, const void *host, size_t
  * are sequence indices past .. past + t - 1 (cap >= past + t). The CUDA plugin at `plugin`, on
  * `device`, with n_opts options. reps > 0: *seconds = the mean time of reps more calls.
  * counts (optional): the backend's prefill attention counts {mma.sync, wgmma} after the first
- * call. 0 on success, else -status; the message in err (err_len bytes). */
-XO_EXPORT int xo_hook_cuda_attention(const char *plugin, int device, const char *const *opt_names,
-                                     const char *const *opt_values, int n_opts, int batch, int t, int past, int nh,
-                                     int nkv, int hd, int cap, int kv_dtype, int key_block, const float *q,
-                                     const void *k, const void *v, const uint8_t *mask, float scale, float eps,
-                                     float *out, int reps, double *seconds, long long *counts, char *err,
-                                     int err_len) {
+ * call. 0 on success, else -status; the message in err (err_len bytes). With o_w ([o_out, nh * hd]
+ * float32 stored as o_dtype) instead: y [batch * t, o_out] = that output @ o.T through attention_o_proj,
+ * the backend's own (fused) or the default composition, and out is not read back. */
+static int attention_hook(const char *plugin, int device, const char *const *opt_names, const char *const *opt_values,
+                          int n_opts, int batch, int t, int past, int nh, int nkv, int hd, int cap, int kv_dtype,
+                          int key_block, const float *q, const void *k, const void *v, const uint8_t *mask,
+                          float scale, float eps, float *out, int reps, double *seconds, long long *counts,
+                          const float *o_w, int o_out, int o_dtype, int fused, float *y, char *err, int err_len) {
     xo_cuda_set_plugin_path(plugin);
     xo_options o;
     xo_status rc = xo_options_init(&o);
     for (int i = 0; rc == XO_OK && i < n_opts; i++) rc = xo_options_set(&o, opt_names[i], opt_values[i]);
     xo_backend *be = NULL;
     if (rc == XO_OK) rc = xo_cuda_backend_create(&be, device, &o);
+    if (rc == XO_OK) {
+        xo_backend_fill_defaults(be);
+        if (!fused) {
+            be->ops.attention_o_proj = NULL;
+            xo_backend_fill_defaults(be);
+        }
+    }
+    xo_linear ow;
+    memset(&ow, 0, sizeof ow);
+    ow.out = o_out;
+    ow.in = nh * hd;
+    ow.dtype = (xo_dtype)o_dtype;
+    const size_t ny = (size_t)batch * t * o_out;
+    void *dy = NULL;
+    if (rc == XO_OK && o_w) rc = be->weights.linear_init(be, &ow, o_w, XO_F32, 0, o_out);
+    if (rc == XO_OK && o_w && !(dy = be->mem.alloc(be, ny * sizeof(float)))) rc = XO_ENOMEM;
     const size_t nq = (size_t)batch * t * nh * hd, nkvel = (size_t)batch * cap * nkv * hd;
     const size_t es = kv_dtype == XO_F32 ? 4 : 2;
     void *dq = NULL, *dout = NULL, *dk = NULL, *dv = NULL, *dmask = NULL;
@@ -72,13 +89,14 @@ XO_EXPORT int xo_hook_cuda_attention(const char *plugin, int device, const char 
     memset(&kv_b, 0, sizeof kv_b);
     kv_b.dtype = (xo_dtype)kv_dtype;
     a.kv_b = &kv_b;
-    if (rc == XO_OK) rc = be->ops.attention(be, &a);
+    if (rc == XO_OK) rc = o_w ? be->ops.attention_o_proj(be, dy, &a, &ow) : be->ops.attention(be, &a);
     if (rc == XO_OK) rc = be->mem.synchronize(be);
     if (rc == XO_OK && counts) {
         counts[0] = counts[1] = -1;
         if (be->prefill_attention_counts) be->prefill_attention_counts(be, counts);
     }
-    if (rc == XO_OK) rc = be->mem.download(be, out, dout, nq * sizeof(float));
+    if (rc == XO_OK) rc = o_w ? be->mem.download(be, y, dy, ny * sizeof(float))
+                              : be->mem.download(be, out, dout, nq * sizeof(float));
     if (rc == XO_OK && reps > 0) {
         const double t0 = now_s();
         for (int i = 0; rc == XO_OK && i < reps; i++) rc = be->ops.attention(be, &a);
@@ -91,10 +109,36 @@ XO_EXPORT int xo_hook_cuda_attention(const char *plugin, int device, const char 
         err[err_len - 1] = 0;
     }
     if (be) {
-        void *bufs[] = { dq, dout, dk, dv, dmask };
-        for (int i = 0; i < 5; i++)
+        void *bufs[] = { dq, dout, dk, dv, dmask, dy };
+        for (int i = 0; i < 6; i++)
             if (bufs[i]) be->mem.release(be, bufs[i]);
+        if (ow.data) be->weights.linear_free(be, &ow);
         be->destroy(be);
     }
     return rc == XO_OK ? 0 : -(int)rc;
+}
+
+XO_EXPORT int xo_hook_cuda_attention(const char *plugin, int device, const char *const *opt_names,
+                                     const char *const *opt_values, int n_opts, int batch, int t, int past, int nh,
+                                     int nkv, int hd, int cap, int kv_dtype, int key_block, const float *q,
+                                     const void *k, const void *v, const uint8_t *mask, float scale, float eps,
+                                     float *out, int reps, double *seconds, long long *counts, char *err,
+                                     int err_len) {
+    return attention_hook(plugin, device, opt_names, opt_values, n_opts, batch, t, past, nh, nkv, hd, cap, kv_dtype,
+                          key_block, q, k, v, mask, scale, eps, out, reps, seconds, counts, NULL, 0, XO_F32, 1, NULL,
+                          err, err_len);
+}
+
+/* y [batch * t, o_out] = attention (as xo_hook_cuda_attention) @ o.T through attention_o_proj, o_w
+ * [o_out, nh * hd] float32 stored as o_dtype; fused == 0: the default composition (attention, then
+ * matmul) on the same backend */
+XO_EXPORT int xo_hook_cuda_attention_o_proj(const char *plugin, int device, const char *const *opt_names,
+                                            const char *const *opt_values, int n_opts, int fused, int batch, int t,
+                                            int past, int nh, int nkv, int hd, int cap, int kv_dtype, int key_block,
+                                            const float *q, const void *k, const void *v, const uint8_t *mask,
+                                            float scale, float eps, const float *o_w, int o_out, int o_dtype,
+                                            float *y, long long *counts, char *err, int err_len) {
+    return attention_hook(plugin, device, opt_names, opt_values, n_opts, batch, t, past, nh, nkv, hd, cap, kv_dtype,
+                          key_block, q, k, v, mask, scale, eps, NULL, 0, NULL, counts, o_w, o_out, o_dtype, fused, y,
+                          err, err_len);
 }

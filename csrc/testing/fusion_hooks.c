@@ -1,5 +1,5 @@
 /* C entry points for tests (xoron._testing, reached through ctypes, like testing/hooks.c): the
- * attention steps the kernel table fuses (matmul_pair, rmsnorm_cache_write, rope_kv_cache_write)
+ * steps the kernel table fuses (matmul_pair, rmsnorm_cache_write, rope_kv_cache_write, ffn)
  * on the CPU (device < 0) or a CUDA device, either through the backend's own entry or through
  * the default composed from its plain entries (backends/defaults.c), so a test can hold the
  * fused kernel to both the composition and an oracle. Host arrays in and out; caches as their
@@ -12,7 +12,7 @@
 
 #define XO_EXPORT __attribute__((visibility("default")))
 
-/* a backend for `device`; fused == 0: the three entries replaced by their defaults */
+/* a backend for `device`; fused == 0: the fused entries replaced by their defaults */
 static xo_status make_backend(xo_backend **be, const char *plugin, int device, int fused) {
     xo_options o;
     XO_TRY(xo_options_init(&o));
@@ -27,6 +27,7 @@ static xo_status make_backend(xo_backend **be, const char *plugin, int device, i
         (*be)->ops.matmul_pair = NULL;
         (*be)->ops.rmsnorm_cache_write = NULL;
         (*be)->ops.rope_kv_cache_write = NULL;
+        (*be)->ops.ffn = NULL;
         xo_backend_fill_defaults(*be);
     }
     return XO_OK;
@@ -142,5 +143,28 @@ XO_EXPORT int xo_hook_rope_kv_cache_write(const char *plugin, int device, int fu
     if (rc == XO_OK) rc = da.be->mem.download(da.be, k_cache, dk, cache_bytes);
     if (rc == XO_OK) rc = da.be->mem.download(da.be, v_cache, dv, cache_bytes);
     release(&da);
+    return -(int)rc;
+}
+
+/* out[n, hidden] = swiglu(x @ gate_up.T) @ down.T, gate_up [2*inter, hidden] (gate rows first) and
+ * down [hidden, inter] float32 stored as `dtype`, x [n, hidden] */
+XO_EXPORT int xo_hook_ffn(const char *plugin, int device, int fused, int dtype, int hidden, int inter, int n,
+                          const float *gate_up, const float *down, const float *x, float *out) {
+    dev_arrays d = { 0 };
+    xo_status rc = make_backend(&d.be, plugin, device, fused);
+    if (rc != XO_OK) return -(int)rc;
+    xo_ffn f;
+    memset(&f, 0, sizeof f);
+    rc = load_linear(d.be, &f.gate_up, dtype, 2 * inter, hidden, gate_up);
+    if (rc == XO_OK) rc = load_linear(d.be, &f.down, dtype, hidden, inter, down);
+    const float *dx = put(&d, x, (size_t)n * hidden * sizeof(float), &rc);
+    float *dout = put(&d, NULL, (size_t)n * hidden * sizeof(float), &rc);
+    float *dgu = put(&d, NULL, (size_t)n * 2 * inter * sizeof(float), &rc);
+    float *dact = put(&d, NULL, (size_t)n * inter * sizeof(float), &rc);
+    if (rc == XO_OK) rc = d.be->ops.ffn(d.be, dout, dx, &f, n, dgu, dact);
+    if (rc == XO_OK) rc = d.be->mem.download(d.be, out, dout, (size_t)n * hidden * sizeof(float));
+    d.be->weights.linear_free(d.be, &f.gate_up);
+    d.be->weights.linear_free(d.be, &f.down);
+    release(&d);
     return -(int)rc;
 }

@@ -175,8 +175,11 @@ __global__ __launch_bounds__(128) void k_attn_rows(AttnP p, int split_len, float
 }
 
 /* Folds the nsplit partials (max, sum, acc) of each (query row, head) into the running state of
- * earlier key blocks (none when first); the last block writes acc / (sum + eps) to the output. */
-__global__ void k_attn_fold(AttnP p, int nsplit, const float *__restrict__ part, float *state, int first, int last) {
+ * earlier key blocks (none when first); the last block writes acc / (sum + eps) to out (p.out, or its
+ * 16-bit stand-in for attention_o_proj). */
+template <typename O>
+__global__ void k_attn_fold(AttnP p, O *out, int nsplit, const float *__restrict__ part, float *state, int first,
+                            int last) {
     CU_PDL_ENTRY();
     const int row = blockIdx.x, h = blockIdx.y, hd = p.hd;
     const float *base = part + ((size_t)row * p.nh + h) * nsplit * (hd + 2);
@@ -190,14 +193,14 @@ __global__ void k_attn_fold(AttnP p, int nsplit, const float *__restrict__ part,
         if (ms != -INFINITY) L += base[(size_t)s * (hd + 2) + 1] * expf(ms - M);
     }
     const float inv = L > 0.0f ? 1.0f / (L + p.eps) : 0.0f;
-    float *o = p.out + (size_t)row * p.nh * hd + (size_t)h * hd;
+    O *o = out + (size_t)row * p.nh * hd + (size_t)h * hd;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float A = m_run == -INFINITY ? 0.0f : st[2 + d] * expf(m_run - M);
         for (int s = 0; s < nsplit; s++) {
             float ms = base[(size_t)s * (hd + 2)];
             if (ms != -INFINITY) A += base[(size_t)s * (hd + 2) + 2 + d] * expf(ms - M);
         }
-        if (last) o[d] = A * inv;
+        if (last) cu_st(o, d, A * inv);
         else st[2 + d] = A;
     }
     if (last) return;
@@ -247,6 +250,8 @@ struct AttnP16 {
     AttnP p;
     const __half *K16, *V16; /* row of key (b, j): b * p.kcap + j - p.kbeg, p.kvs halfs apart */
     float *part;             /* or NULL: the (max, sum, acc) of each row and head instead of the output */
+    void *out16;             /* or NULL: the output stored as out16_t (BF16 or F16) here instead of p.out */
+    xo_dtype out16_t;
 };
 
 /* NW warps: NW * 16 queries per block share each K/V tile */
@@ -408,12 +413,11 @@ __global__ __launch_bounds__(NW * 32, HD <= 64 ? 512 / (NW * 32) : 1) void k_att
     }
     const float inv0 = l[0] > 0.0f ? 1.0f / (l[0] + p.eps) : 0.0f;
     const float inv1 = l[1] > 0.0f ? 1.0f / (l[1] + p.eps) : 0.0f;
-    float *out0 = p.out + ((size_t)bb * p.t + r0 + gr) * qrow + (size_t)h * HD + gc;
-    float *out1 = out0 + 8 * qrow;
+    const size_t at0 = ((size_t)bb * p.t + r0 + gr) * qrow + (size_t)h * HD + gc, at1 = at0 + 8 * qrow;
 #pragma unroll
     for (int dt = 0; dt < HD / 8; dt++) {
-        if (ok0) *(float2 *)(out0 + dt * 8) = make_float2(o[dt][0] * inv0, o[dt][1] * inv0);
-        if (ok1) *(float2 *)(out1 + dt * 8) = make_float2(o[dt][2] * inv1, o[dt][3] * inv1);
+        if (ok0) cu_st_pair(p.out, a.out16, a.out16_t, at0 + dt * 8, o[dt][0] * inv0, o[dt][1] * inv0);
+        if (ok1) cu_st_pair(p.out, a.out16, a.out16_t, at1 + dt * 8, o[dt][2] * inv1, o[dt][3] * inv1);
     }
 }
 
@@ -503,7 +507,7 @@ static bool latent_gathers(const xo_attention_args *a, size_t krows) {
  * (rotated) into the block's tiles; a K/V cache is packed from the cache. */
 enum : size_t { CU_HOPPER_SCRATCH = (size_t)512 << 20 };
 
-static xo_status hopper_prefill(xo_backend *be, CuCtx *c, const xo_attention_args *a) {
+static xo_status hopper_prefill(xo_backend *be, CuCtx *c, const xo_attention_args *a, void *out16, xo_dtype out16_t) {
     const int t = a->new_tokens, nh = a->num_heads, nkv = a->num_kv_heads, hd = a->head_dim, B = a->batch;
     const int kv_len = a->past + t, W = nkv * hd, TK = CU_HOPPER_TILE_KEYS;
     const bool latent = a->format == XO_CACHE_LATENT;
@@ -541,6 +545,8 @@ static xo_status hopper_prefill(xo_backend *be, CuCtx *c, const xo_attention_arg
     h.group = nh / nkv;
     h.q = a->q;
     h.out = a->out;
+    h.out16 = out16;
+    h.out16_t = out16_t;
     h.tiles = tiles;
     h.tile_mask = tile_mask;
     h.scale = a->scale;
@@ -590,13 +596,32 @@ static xo_status hopper_prefill(xo_backend *be, CuCtx *c, const xo_attention_arg
     return rc;
 }
 
-xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
+/* prefill of a 16-bit model on the tensor cores (mma.sync, or attention_hopper.cu); else the row-wise kernel */
+static bool on_tensor_cores(const CuCtx *c, const xo_attention_args *a) {
+    const int hd = a->head_dim;
+    const xo_dtype wt = a->kv_b ? a->kv_b->dtype : XO_F32;
+    const bool hd_ok = hd == 16 || hd == 32 || hd == 64 || hd == 128;
+    return !c->attn_rows && !a->past_device && (wt == XO_BF16 || wt == XO_F16) && hd_ok && a->new_tokens >= 16;
+}
+
+template <typename O>
+static void launch_fold(CuCtx *c, const AttnP &p, O *out, int rows, int nsplit, const float *part, float *state,
+                        int first, int last) {
+    cu_launch(c, k_attn_fold<O>, dim3((unsigned)rows, (unsigned)p.nh), p.hd >= 128 ? 128 : 64, 0, p, out, nsplit, part,
+              state, first, last);
+}
+
+/* The attention into a->out, or (out16 not NULL, on the tensor-core kernels only) into out16 as
+ * out16_t, each value the float32 one rounded */
+static xo_status attention_to(xo_backend *be, const xo_attention_args *a, void *out16, xo_dtype out16_t) {
     CuCtx *c = cu_ctx(be);
     const int t = a->new_tokens, nh = a->num_heads, nkv = a->num_kv_heads, hd = a->head_dim;
     const int kv_len = a->past + t, rows = a->batch * t, B = a->batch;
     if (rows <= 0) return XO_OK;
     if (hd > 1024) return cu_fail(c, XO_EINVAL, "head_dim %d above the supported 1024", hd);
     if (nkv <= 0 || nh % nkv) return cu_fail(c, XO_EINVAL, "num_heads %d is not a multiple of num_kv_heads %d", nh, nkv);
+    if (out16 && !on_tensor_cores(c, a))
+        return cu_fail(c, XO_EINVAL, "attention: a 16-bit output needs the tensor-core kernels");
     if (a->format == XO_CACHE_LATENT && t == 1) {
         const bool fused = cu_latent_decode_chosen(c, a);
         c->decode_counts[fused]++;
@@ -618,15 +643,13 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
     p.kpos = NULL;
     p.inv_freq = a->inv_freq;
     p.mscale = a->mscale;
-    const xo_dtype wt = a->kv_b ? a->kv_b->dtype : XO_F32;
     const int W = nkv * hd;
     const bool latent = a->format == XO_CACHE_LATENT;
 
     /* kernel choice: tensor cores for prefill of 16-bit models, the row-wise kernel otherwise */
-    const bool hd_ok = hd == 16 || hd == 32 || hd == 64 || hd == 128;
-    const bool tc = !c->attn_rows && !a->past_device && (wt == XO_BF16 || wt == XO_F16) && hd_ok && t >= 16;
+    const bool tc = on_tensor_cores(c, a);
     const bool use_mma = tc;
-    if (tc && cu_attention_hopper_fits(c, hd)) return hopper_prefill(be, c, a);
+    if (tc && cu_attention_hopper_fits(c, hd)) return hopper_prefill(be, c, a, out16, out16_t);
 
     /* keys per block (a multiple of the mma kernel's 64-key tile): every key at once unless a
      * prefill pass's keys need scratch (expanded from the latent, or f16 copies) and outnumber
@@ -718,6 +741,8 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
             a16.K16 = kv16;
             a16.V16 = kv16 + W;
             a16.part = part;
+            a16.out16 = out16;
+            a16.out16_t = out16_t;
             c->prefill_counts[0]++;
             if (rc == XO_OK) rc = launch_mma_hd(c, a16, B);
         } else if (rc == XO_OK) {
@@ -728,11 +753,32 @@ xo_status cu_attention(xo_backend *be, const xo_attention_args *a) {
             rc = cu_check_launch(c, "attention");
         }
         if (rc == XO_OK && partials) {
-            cu_launch(c, k_attn_fold, dim3((unsigned)rows, (unsigned)nh), hd >= 128 ? 128 : 64, 0, p, nsplit,
-                      (const float *)part, state, (int)(blk_i == 0), (int)(blk_i + 1 == nblocks));
+            const int first = blk_i == 0, last = blk_i + 1 == nblocks;
+            if (out16 && out16_t == XO_BF16)
+                launch_fold(c, p, (__nv_bfloat16 *)out16, rows, nsplit, part, state, first, last);
+            else if (out16)
+                launch_fold(c, p, (__half *)out16, rows, nsplit, part, state, first, last);
+            else
+                launch_fold(c, p, p.out, rows, nsplit, part, state, first, last);
             rc = cu_check_launch(c, "attention (fold)");
         }
     }
     cu_free(c, blk);
     return rc;
+}
+
+xo_status cu_attention(xo_backend *be, const xo_attention_args *a) { return attention_to(be, a, NULL, XO_F32); }
+
+xo_status cu_attention_o_proj(xo_backend *be, float *y, const xo_attention_args *a, const xo_linear *o) {
+    CuCtx *c = cu_ctx(be);
+    const int n = a->batch * a->new_tokens, width = a->num_heads * a->head_dim;
+    /* where cu_matmul would convert the float32 output for a 16-bit GEMM (the tensor-core kernels take
+     * 16 rows and more), the kernels store it converted */
+    if (on_tensor_cores(c, a) && cu_is16(o->dtype) && o->in == width && o->out > 0 && n > CU_SKINNY_MAX_M) {
+        XO_TRY(cu_attn16_reserve(c, (size_t)n * width * 2));
+        XO_TRY(attention_to(be, a, c->attn16, o->dtype));
+        return cu_matmul16(c, y, c->attn16, o, n);
+    }
+    XO_TRY(cu_attention(be, a));
+    return cu_matmul(be, y, a->out, o, n);
 }

@@ -347,12 +347,11 @@ __global__ __launch_bounds__(THREADS, 1) void k_attn_hopper(CuHopperAttn p) {
     }
     const float inv_a = l_a > 0.0f ? 1.0f / (l_a + p.eps) : 0.0f;
     const float inv_b = l_b > 0.0f ? 1.0f / (l_b + p.eps) : 0.0f;
-    float *out_a = p.out + ((size_t)bb * p.t + ra) * qrow + (size_t)h * HD + gc;
-    float *out_b = out_a + 8 * qrow;
+    const size_t at_a = ((size_t)bb * p.t + ra) * qrow + (size_t)h * HD + gc, at_b = at_a + 8 * qrow;
 #pragma unroll
     for (int i = 0; i < 8; i++) {
-        if (ok_a) *(float2 *)(out_a + 8 * i) = make_float2(o[4 * i] * inv_a, o[4 * i + 1] * inv_a);
-        if (ok_b) *(float2 *)(out_b + 8 * i) = make_float2(o[4 * i + 2] * inv_b, o[4 * i + 3] * inv_b);
+        if (ok_a) cu_st_pair(p.out, p.out16, p.out16_t, at_a + 8 * i, o[4 * i] * inv_a, o[4 * i + 1] * inv_a);
+        if (ok_b) cu_st_pair(p.out, p.out16, p.out16_t, at_b + 8 * i, o[4 * i + 2] * inv_b, o[4 * i + 3] * inv_b);
     }
 #else
     /* an image without wgmma: never launched (cu_attention_hopper_fits) */

@@ -81,15 +81,24 @@ void cu_free(CuCtx *c, void *p) {
     if (p) cudaFreeAsync(p, c->stream);
 }
 
-xo_status cu_act16_reserve(CuCtx *c, size_t bytes) {
-    if (bytes <= c->act16_bytes) return XO_OK;
+/* grows one of the context's scratch buffers (the old one freed in stream order, after its readers) */
+static xo_status scratch_reserve(CuCtx *c, void **buf, size_t *have, size_t bytes, const char *what) {
+    if (bytes <= *have) return XO_OK;
     size_t want = bytes + bytes / 4;
     void *p = cu_alloc_raw(c, want);
-    if (!p) return cu_fail_more(c, XO_ENOMEM, "GEMM scratch");
-    cu_free(c, c->act16);
-    c->act16 = p;
-    c->act16_bytes = want;
+    if (!p) return cu_fail_more(c, XO_ENOMEM, "%s", what);
+    cu_free(c, *buf);
+    *buf = p;
+    *have = want;
     return XO_OK;
+}
+
+xo_status cu_act16_reserve(CuCtx *c, size_t bytes) {
+    return scratch_reserve(c, &c->act16, &c->act16_bytes, bytes, "GEMM scratch");
+}
+
+xo_status cu_attn16_reserve(CuCtx *c, size_t bytes) {
+    return scratch_reserve(c, &c->attn16, &c->attn16_bytes, bytes, "attention output scratch");
 }
 
 #define SETDEV(c) cudaSetDevice((c)->device)
@@ -260,6 +269,7 @@ static void be_destroy(xo_backend *be) {
         SETDEV(c);
         cudaStreamSynchronize(c->stream);
         cu_free(c, c->act16);
+        cu_free(c, c->attn16);
         if (c->lt) cu_lt_destroy(c->lt);
         cudaStreamSynchronize(c->stream);
         cudaStreamDestroy(c->stream);
@@ -298,6 +308,8 @@ WRAP(embed, (xo_backend *be, float *h, const xo_linear *t, const int32_t *ids, i
 WRAP(add, (xo_backend *be, float *y, const float *x, size_t n), (be, y, x, n))
 WRAP(gate_up_swiglu, (xo_backend *be, float *act, const float *x, float *gu, const xo_linear *w, int m), (be, act, x, gu, w, m))
 WRAP(swiglu, (xo_backend *be, float *y, const float *gu, int n, int inter), (be, y, gu, n, inter))
+WRAP(ffn, (xo_backend *be, float *out, const float *x, const xo_ffn *f, int n, float *gu, float *act),
+     (be, out, x, f, n, gu, act))
 WRAP(moe_route, (xo_backend *be, int32_t *idx, float *wt, const float *lg, int n, int e, int k), (be, idx, wt, lg, n, e, k))
 /* the fused router kernel needs none of the graph's scratch */
 static xo_status w_moe_router(xo_backend *be, int32_t *idx, float *wt, const float *x, const float *nw, const xo_linear *r,
@@ -309,6 +321,7 @@ static xo_status w_moe_router(xo_backend *be, int32_t *idx, float *wt, const flo
 }
 WRAP(moe_experts, (xo_backend *be, const xo_moe_args *a), (be, a))
 WRAP(attention, (xo_backend *be, const xo_attention_args *a), (be, a))
+WRAP(attention_o_proj, (xo_backend *be, float *y, const xo_attention_args *a, const xo_linear *o), (be, y, a, o))
 WRAP(cache_write, (xo_backend *be, void *cache, xo_dtype ct, int cap, int width, int start, const int32_t *sd, const float *src,
                    int b, int n, int ss),
      (be, cache, ct, cap, width, start, sd, src, b, n, ss))
@@ -426,10 +439,12 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
     be->ops.add = w_add;
     be->ops.swiglu = w_swiglu;
     be->ops.gate_up_swiglu = w_gate_up_swiglu;
+    be->ops.ffn = w_ffn;
     be->ops.moe_route = w_moe_route;
     be->ops.moe_experts = w_moe_experts;
     be->ops.moe_router = w_moe_router;
     be->ops.attention = w_attention;
+    be->ops.attention_o_proj = w_attention_o_proj;
     be->ops.cache_write = w_cache_write;
     be->ops.argmax_rows = w_argmax_rows;
     be->ops.sample_rows = w_sample_rows;

@@ -39,6 +39,9 @@ struct CuCtx {
     XoLt *lt;             /* NULL: cuBLASLt unavailable, the built-in GEMM kernels are used */
     void *act16;          /* scratch: activations converted to 16-bit for the GEMMs */
     size_t act16_bytes;
+    void *attn16;         /* scratch: attention's output stored 16-bit for the output projection (its own
+                           * buffer: the latent expansion inside the attention uses, and may grow, act16) */
+    size_t attn16_bytes;
     int moe_host;         /* option cuda_moe=host: per-expert GEMMs sized from host-read counts */
     int attn_rows;        /* option cuda_attention=rows: never the tensor-core attention kernel */
     int attn_decode;      /* decode over a 16-bit latent cache: CU_DECODE_* (option cuda_attention) */
@@ -94,8 +97,14 @@ xo_status cu_take_fault(CuCtx *c);
 void *cu_alloc(CuCtx *c, size_t bytes);
 void *cu_alloc_raw(CuCtx *c, size_t bytes);
 void cu_free(CuCtx *c, void *p);
-/* grows ctx->act16 to at least `bytes` */
+/* grows ctx->act16 (ctx->attn16) to at least `bytes` */
 xo_status cu_act16_reserve(CuCtx *c, size_t bytes);
+xo_status cu_attn16_reserve(CuCtx *c, size_t bytes);
+
+/* products over at most this many rows take the skinny kernels (float32 x); more rows take a GEMM
+ * over x converted to the weights' 16-bit type (gemm.cu) */
+enum { CU_SKINNY_MAX_M = 8 };
+static inline bool cu_is16(xo_dtype t) { return t == XO_BF16 || t == XO_F16; }
 
 /* weight storage holds this many rows (the extra ones zero) */
 static inline int cu_padded_rows(int out) { return (out + 7) & ~7; }
@@ -139,6 +148,25 @@ __device__ __forceinline__ void load8(const __half *p, float *v) {
         float2 f = __half22float2(h[i]);
         v[2 * i] = f.x;
         v[2 * i + 1] = f.y;
+    }
+}
+
+/* Columns i, i + 1 of an output stored as float32 in out, or (out16 not NULL) in out16 rounded to t
+ * (BF16 or F16) exactly as cu_st rounds them: the attention kernels' store, 16-bit when the product
+ * after them reads 16 bits (attention_o_proj), the same values a conversion of the float32 would give. */
+__device__ __forceinline__ void cu_st_pair(float *out, void *out16, xo_dtype t, size_t i, float a, float b) {
+    if (!out16) {
+        *(float2 *)(out + i) = make_float2(a, b);
+    } else if (t == XO_BF16) {
+        __nv_bfloat162 v;
+        v.x = __float2bfloat16(a);
+        v.y = __float2bfloat16(b);
+        *(__nv_bfloat162 *)((__nv_bfloat16 *)out16 + i) = v;
+    } else {
+        __half2 v;
+        v.x = __float2half(a);
+        v.y = __float2half(b);
+        *(__half2 *)((__half *)out16 + i) = v;
     }
 }
 
@@ -206,6 +234,8 @@ struct CuHopperAttn {
     int batch, t, past, nh, nkv, group; /* group: query heads per kv head */
     const float *q;
     float *out;
+    void *out16;              /* or NULL: the output stored as out16_t (BF16 or F16) here instead of out */
+    xo_dtype out16_t;
     const __half *tiles;      /* [batch][nkv][ntiles] K tile then V tile (cu_attention_hopper_pack) */
     const uint8_t *tile_mask; /* [batch][ntiles] (cu_attention_hopper_mask) */
     int kbeg, ntiles;         /* the block's first key (a multiple of the tile) and its tiles */
@@ -260,6 +290,9 @@ static inline int cu_lt_gemm_batched(CuCtx *, float *, const void *, long long, 
 /* backends/cuda/gemm.cu */
 xo_status cu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w, int m);
 xo_status cu_gate_up_swiglu(xo_backend *be, float *act, const float *x, float *gu, const xo_linear *w, int m);
+/* the kernel table's ffn (backend.h): with 16-bit weights over many rows the SwiGLU result goes
+ * straight to the 16-bit input of the down product */
+xo_status cu_ffn(xo_backend *be, float *out, const float *x, const xo_ffn *f, int n, float *gu, float *act);
 /* y1 = x @ w1.T (rotated by rot when not NULL), y2 = x @ w2.T: one kernel for a few rows */
 xo_status cu_matmul_pair(xo_backend *be, float *y1, const xo_linear *w1, float *y2, const xo_linear *w2, const float *x,
                          int m, const xo_rotary *rot);
@@ -297,6 +330,8 @@ xo_status cu_load_ids(xo_backend *be, int32_t *dst, const void *src, int wide, s
 xo_status cu_embed(xo_backend *be, float *h, const xo_linear *table, const int32_t *ids, int n);
 xo_status cu_add(xo_backend *be, float *y, const float *x, size_t n);
 xo_status cu_swiglu(xo_backend *be, float *y, const float *gu, int n, int inter);
+/* the same into y of type t (F32, or BF16 / F16: the input of a 16-bit GEMM) */
+xo_status cu_swiglu_to(CuCtx *c, void *y, xo_dtype t, const float *gu, size_t rows, int inter);
 xo_status cu_cache_write(xo_backend *be, void *cache, xo_dtype cache_t, int capacity, int width, int start,
                          const int32_t *start_dev, const float *src, int batch, int n, int src_stride);
 /* the kernel table's rmsnorm_cache_write and rope_kv_cache_write (backend.h), each one kernel */
@@ -332,6 +367,9 @@ xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a);
 
 /* backends/cuda/attention.cu */
 xo_status cu_attention(xo_backend *be, const xo_attention_args *a);
+/* the kernel table's attention_o_proj (backend.h): on the tensor-core prefill kernels with a 16-bit
+ * o, the kernels store the output 16-bit for the product (a->out unwritten) */
+xo_status cu_attention_o_proj(xo_backend *be, float *y, const xo_attention_args *a, const xo_linear *o);
 
 /* backends/cuda/decode_attention.cu: one new token per row over a 16-bit latent cache, K expanded
  * on the tensor cores inside the kernel and V absorbed; fits says whether the call qualifies */

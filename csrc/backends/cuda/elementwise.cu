@@ -336,27 +336,35 @@ xo_status cu_add(xo_backend *be, float *y, const float *x, size_t n) {
     return cu_check_launch(c, "add");
 }
 
-/* ---- SwiGLU: y[n, I] = silu(gu[:, :I]) * gu[:, I:] ---- */
+/* ---- SwiGLU: y[n, I] = silu(gu[:, :I]) * gu[:, I:], stored as float32 or as the 16-bit input
+ * of the GEMM that reads it (the same float32 value rounded as cu_convert rounds it) ---- */
 
-__global__ void k_swiglu(float *y, const float *__restrict__ gu, int n, int inter) {
+template <typename T>
+__global__ void k_swiglu(T *y, const float *__restrict__ gu, size_t rows, int inter) {
     CU_PDL_ENTRY();
-    const size_t total = (size_t)n * inter;
+    const size_t total = rows * inter;
     for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < total; t += (size_t)gridDim.x * blockDim.x) {
         size_t i = t / inter;
         int j = (int)(t - i * inter);
         const float *row = gu + i * 2 * (size_t)inter;
         float g = row[j];
-        y[t] = g / (1.0f + expf(-g)) * row[inter + j];
+        cu_st(y, t, g / (1.0f + expf(-g)) * row[inter + j]);
     }
 }
 
-xo_status cu_swiglu(xo_backend *be, float *y, const float *gu, int n, int inter) {
-    CuCtx *c = cu_ctx(be);
-    size_t total = (size_t)n * inter;
+xo_status cu_swiglu_to(CuCtx *c, void *y, xo_dtype t, const float *gu, size_t rows, int inter) {
+    const size_t total = rows * inter;
     if (!total) return XO_OK;
     unsigned b = cu_blocks(total, 256), cap = (unsigned)c->num_sms * 16;
-    cu_launch(c, k_swiglu, b < cap ? b : cap, 256, 0, y, gu, n, inter);
+    if (b > cap) b = cap;
+    if (t == XO_BF16) cu_launch(c, k_swiglu<__nv_bfloat16>, b, 256, 0, (__nv_bfloat16 *)y, gu, rows, inter);
+    else if (t == XO_F16) cu_launch(c, k_swiglu<__half>, b, 256, 0, (__half *)y, gu, rows, inter);
+    else cu_launch(c, k_swiglu<float>, b, 256, 0, (float *)y, gu, rows, inter);
     return cu_check_launch(c, "swiglu");
+}
+
+xo_status cu_swiglu(xo_backend *be, float *y, const float *gu, int n, int inter) {
+    return cu_swiglu_to(cu_ctx(be), y, XO_F32, gu, n > 0 ? (size_t)n : 0, inter);
 }
 
 /* ---- cache slots [r, start .. start+n) <- src rows r*n .. r*n+n-1 (src_stride apart), every row r ---- */

@@ -461,8 +461,6 @@ static xo_status gemm_simt(CuCtx *c, float *y, const X *x, const void *w, xo_dty
 
 /* ------------------------------------------------------------------ entry points */
 
-enum { SKINNY_MAX_M = 8 };
-
 xo_status cu_matmul16(CuCtx *c, float *y, const void *x16, const xo_linear *w, int m) {
     xo_status rc = XO_OK;
     if (cu_lt_gemm(c, y, x16, w->data, w->dtype, m, w->out, w->in, &rc)) return rc;
@@ -487,13 +485,19 @@ int cu_matmul16_batched(CuCtx *c, float *y, const void *x16, long long x_stride,
     return cu_lt_gemm_batched(c, y, x16, x_stride, w->data, w->dtype, m, w->out, w->in, batch, rc);
 }
 
+/* c->act16 <- the n values of x in the 16-bit type t */
+static xo_status act16_of(CuCtx *c, const float *x, size_t n, xo_dtype t) {
+    XO_TRY(cu_act16_reserve(c, n * 2));
+    return cu_convert_act(c, c->act16, x, n, t);
+}
+
 xo_status cu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w, int m) {
     CuCtx *c = cu_ctx(be);
     if (m <= 0 || w->out <= 0) return XO_OK;
     if (w->dtype != XO_F32 && w->dtype != XO_BF16 && w->dtype != XO_F16)
         return cu_fail(c, XO_EUNSUPPORTED, "CUDA matmul: weight dtype %d unsupported", (int)w->dtype);
     if (w->in <= 0) return cu_check(c, cudaMemsetAsync(y, 0, (size_t)m * w->out * sizeof(float), c->stream), "matmul");
-    if (m <= SKINNY_MAX_M) {
+    if (m <= CU_SKINNY_MAX_M) {
         CuGroupPtrs wp;
         wp.p[0] = w->data;
         return skinny(c, y, x, &wp, w->dtype, w->out, w->in, NULL, 1, m, m);
@@ -503,10 +507,26 @@ xo_status cu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w
         if (cu_lt_gemm(c, y, x, w->data, XO_F32, m, w->out, w->in, &rc)) return rc;
         return gemm_simt(c, y, x, w->data, XO_F32, m, w->out, w->in);
     }
-    const size_t n = (size_t)m * w->in;
-    XO_TRY(cu_act16_reserve(c, n * 2));
-    XO_TRY(cu_convert_act(c, c->act16, x, n, w->dtype));
+    XO_TRY(act16_of(c, x, (size_t)m * w->in, w->dtype));
     return cu_matmul16(c, y, c->act16, w, m);
+}
+
+/* The SwiGLU FFN. Over many rows with 16-bit weights the composition would write the activation
+ * float32 and convert it for the down product: here k_swiglu stores it converted, in c->act16 (the
+ * gate_up product has read its own converted x from there by then, in stream order). */
+xo_status cu_ffn(xo_backend *be, float *out, const float *x, const xo_ffn *f, int n, float *gu, float *act) {
+    CuCtx *c = cu_ctx(be);
+    const xo_linear *gw = &f->gate_up, *dw = &f->down;
+    const int inter = gw->out / 2;
+    const bool act16 = n > CU_SKINNY_MAX_M && cu_is16(dw->dtype) && inter > 0 && dw->in == inter && dw->out > 0;
+    if (!act16) {
+        XO_TRY(cu_gate_up_swiglu(be, act, x, gu, gw, n));
+        return cu_matmul(be, out, act, dw, n);
+    }
+    XO_TRY(cu_matmul(be, gu, x, gw, n)); /* as cu_gate_up_swiglu does it for many rows */
+    XO_TRY(cu_act16_reserve(c, (size_t)n * inter * 2));
+    XO_TRY(cu_swiglu_to(c, c->act16, dw->dtype, gu, (size_t)n, inter));
+    return cu_matmul16(c, out, c->act16, dw, n);
 }
 
 /* ------------------------------------------------------------------ two products from one x */
@@ -603,11 +623,18 @@ xo_status cu_matmul_pair(xo_backend *be, float *y1, const xo_linear *w1, float *
     const bool same_storage = w2->in == k && w1->dtype == w2->dtype &&
                               (w1->dtype == XO_F32 || w1->dtype == XO_BF16 || w1->dtype == XO_F16);
     const bool rot_pairs = !rot || (rot->head_dim >= 2 && rot->head_dim % 2 == 0 && rot->heads * rot->head_dim == w1->out);
-    const bool fused = m <= SKINNY_MAX_M && same_storage && rot_pairs && k > 0 && k % 8 == 0 && w1->out > 0 &&
+    const bool fused = m <= CU_SKINNY_MAX_M && same_storage && rot_pairs && k > 0 && k % 8 == 0 && w1->out > 0 &&
                        w2->out > 0 && (((uintptr_t)x | (uintptr_t)w1->data | (uintptr_t)w2->data) & 15) == 0;
     if (!fused) { /* many rows (each product its own GEMM), or shapes the kernel does not take */
-        XO_TRY(cu_matmul(be, y1, x, w1, m));
-        XO_TRY(cu_matmul(be, y2, x, w2, m));
+        if (m > CU_SKINNY_MAX_M && same_storage && cu_is16(w1->dtype) && k > 0 && w1->out > 0 && w2->out > 0) {
+            /* x converted once for both GEMMs, where two cu_matmul would convert it twice */
+            XO_TRY(act16_of(c, x, (size_t)m * k, w1->dtype));
+            XO_TRY(cu_matmul16(c, y1, c->act16, w1, m));
+            XO_TRY(cu_matmul16(c, y2, c->act16, w2, m));
+        } else {
+            XO_TRY(cu_matmul(be, y1, x, w1, m));
+            XO_TRY(cu_matmul(be, y2, x, w2, m));
+        }
         if (!rot) return XO_OK;
         return cu_rope(be, y1, (size_t)w1->out, rot->pos, m, rot->heads, rot->head_dim, rot->inv_freq, rot->mscale);
     }
