@@ -5,11 +5,13 @@
  * partials, which are folded into a running state, so the scratch is sized by the block and not
  * by the context (a decode step takes its keys at once).
  *
- * Two kernels:
+ * The kernels:
  * - k_attn_rows: one block per (head, query row, key split); warps stride over keys with a
  *   running (max, sum, acc) each, merged in shared memory; several splits are merged by a
  *   second kernel (split-K decode). Any head_dim up to 1024, float32 arithmetic on K/V read
  *   as float32 or as a 16-bit K/V cache: this is the decode path and the path of float32 models.
+ *   k_attn_kv16 does its work for a 16-bit K/V cache at head_dim 64 (decode over the kv cache),
+ *   a key per quarter warp so that more of the cache is in flight.
  * - k_attn_mma: 128 queries (8 warps of 16) x 64 keys per step on the tensor cores
  *   (mma.sync), for prefill of 16-bit models (head_dim 16/32/64/128): Q, K, V and P in
  *   float16, scores, softmax statistics and the output accumulated in float32. On compute
@@ -40,6 +42,43 @@ struct AttnP {
 };
 
 /* ------------------------------------------------------------------ row-wise / split-K */
+
+/* The end of a row-wise block: the 4 warps' (max, sum, acc) in shared memory merged, then the
+ * output acc / (sum + eps) written, or the split's partial (max, sum, acc) */
+template <int WIDTH>
+__device__ __forceinline__ void rows_finish(const AttnP &p, int row, int h, int split, int nsplit, float *part,
+                                            const float *sm, const float *sl, const float (*sacc)[WIDTH]) {
+    const int hd = p.hd;
+    float M = fmaxf(fmaxf(sm[0], sm[1]), fmaxf(sm[2], sm[3]));
+    float f[4], L = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 4; w++) {
+        f[w] = sm[w] == -INFINITY ? 0.0f : expf(sm[w] - M);
+        L += sl[w] * f[w];
+    }
+    if (!part) {
+        const float inv = L > 0.0f ? 1.0f / (L + p.eps) : 0.0f;
+        float *o = p.out + (size_t)row * p.nh * hd + (size_t)h * hd;
+        for (int d = threadIdx.x; d < hd; d += 128) {
+            float A = 0.0f;
+#pragma unroll
+            for (int w = 0; w < 4; w++) A += sacc[w][d] * f[w];
+            o[d] = A * inv;
+        }
+    } else {
+        float *pp = part + (((size_t)row * p.nh + h) * nsplit + split) * (hd + 2);
+        if (threadIdx.x == 0) {
+            pp[0] = M;
+            pp[1] = L;
+        }
+        for (int d = threadIdx.x; d < hd; d += 128) {
+            float A = 0.0f;
+#pragma unroll
+            for (int w = 0; w < 4; w++) A += sacc[w][d] * f[w];
+            pp[2 + d] = A;
+        }
+    }
+}
 
 /* Each warp takes KU keys at a time (their loads in flight together), so a block's latency
  * chain is keys / (4 * KU) steps long. With p.kpos set, K arrives unrotated (expanded from
@@ -143,35 +182,100 @@ __global__ __launch_bounds__(128) void k_attn_rows(AttnP p, int split_len, float
 #pragma unroll
     for (int c = 0; c < NC; c++) sacc[warp][lane + 32 * c] = acc[c];
     __syncthreads();
-    float M = fmaxf(fmaxf(sm[0], sm[1]), fmaxf(sm[2], sm[3]));
-    float f[4], L = 0.0f;
+    rows_finish<32 * NC>(p, row, h, split, nsplit, part, sm, sl, sacc);
+}
+
+
+/* The row-wise kernel's work (same grid, splits and output) for a 16-bit K/V cache at head_dim
+ * 64 (decode steps over the kv cache), with more bytes in flight: the 8 lanes of a quarter warp
+ * share one key, 8 dims (16 bytes) each, so a warp loads 16 keys' K and V rows at once before any
+ * of its scores is needed, and a score is a reduction over 8 lanes. Each quarter keeps its own
+ * running (max, sum, acc) over its keys; the quarters, then the warps, are merged at the end. */
+enum { KV16_HD = 64, KV16_U = 4 };
+
+template <typename KT>
+__global__ __launch_bounds__(128) void k_attn_kv16(AttnP p, int split_len, float *part) {
+    CU_PDL_ENTRY();
+    const int row = blockIdx.x, h = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
+    const int bb = row / p.t, i = row % p.t;
+    const int past = p.past_dev ? *p.past_dev : p.past;
+    const int qi = past + i, kv_len = past + p.t;
+    const int kend = min(min(qi + 1, kv_len), p.kstop);
+    const int j0 = p.kbeg + split * split_len, j1 = min(j0 + split_len, kend);
+    const int g = h / p.group;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, quarter = lane >> 3, dims = (lane & 7) * 8;
+    float qv[8], acc[8];
+    load8(p.q + (size_t)row * p.nh * KV16_HD + (size_t)h * KV16_HD + dims, qv);
 #pragma unroll
-    for (int w = 0; w < 4; w++) {
-        f[w] = sm[w] == -INFINITY ? 0.0f : expf(sm[w] - M);
-        L += sl[w] * f[w];
+    for (int d = 0; d < 8; d++) acc[d] = 0.0f;
+    float m = -INFINITY, l = 0.0f;
+    const uint8_t *mk = p.mask + (size_t)bb * p.cap;
+    const KT *K = (const KT *)p.K + (size_t)g * KV16_HD + dims, *V = (const KT *)p.V + (size_t)g * KV16_HD + dims;
+    for (int jb = j0 + warp * 4 * KV16_U; jb < j1; jb += 16 * KV16_U) {
+        float kv[KV16_U][8], vv[KV16_U][8], s[KV16_U];
+        bool ok[KV16_U];
+#pragma unroll
+        for (int u = 0; u < KV16_U; u++) {
+            const int j = jb + 4 * u + quarter;
+            ok[u] = j < j1 && mk[j];
+            const size_t at = ((size_t)bb * p.kcap + (ok[u] ? j : j0) - p.kbeg) * p.kvs;
+            load8(K + at, kv[u]);
+            load8(V + at, vv[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < KV16_U; u++) {
+            s[u] = 0.0f;
+#pragma unroll
+            for (int d = 0; d < 8; d++) s[u] = fmaf(qv[d], kv[u][d], s[u]);
+        }
+#pragma unroll
+        for (int o = 1; o < 8; o <<= 1)
+#pragma unroll
+            for (int u = 0; u < KV16_U; u++) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
+        float mn = m;
+#pragma unroll
+        for (int u = 0; u < KV16_U; u++) {
+            s[u] *= p.scale;
+            if (ok[u]) mn = fmaxf(mn, s[u]);
+        }
+        if (mn == -INFINITY) continue; /* no visible key of this quarter yet */
+        const float corr = expf(m - mn); /* 0 when m is -inf */
+        l *= corr;
+#pragma unroll
+        for (int d = 0; d < 8; d++) acc[d] *= corr;
+        m = mn;
+#pragma unroll
+        for (int u = 0; u < KV16_U; u++) {
+            if (!ok[u]) continue;
+            const float e = expf(s[u] - m);
+            l += e;
+#pragma unroll
+            for (int d = 0; d < 8; d++) acc[d] = fmaf(e, vv[u][d], acc[d]);
+        }
     }
-    if (!part) {
-        const float inv = L > 0.0f ? 1.0f / (L + p.eps) : 0.0f;
-        float *o = p.out + (size_t)row * p.nh * hd + (size_t)h * hd;
-        for (int d = threadIdx.x; d < hd; d += 128) {
-            float A = 0.0f;
+    /* the warp's four quarters (lanes 8 apart hold the same dims) into one state */
 #pragma unroll
-            for (int w = 0; w < 4; w++) A += sacc[w][d] * f[w];
-            o[d] = A * inv;
-        }
-    } else {
-        float *pp = part + (((size_t)row * p.nh + h) * nsplit + split) * (hd + 2);
-        if (threadIdx.x == 0) {
-            pp[0] = M;
-            pp[1] = L;
-        }
-        for (int d = threadIdx.x; d < hd; d += 128) {
-            float A = 0.0f;
+    for (int o = 8; o < 32; o <<= 1) {
+        const float mo = __shfl_xor_sync(0xffffffffu, m, o), lo = __shfl_xor_sync(0xffffffffu, l, o);
+        const float M = fmaxf(m, mo);
+        const float f = m == -INFINITY ? 0.0f : expf(m - M), fo = mo == -INFINITY ? 0.0f : expf(mo - M);
+        l = l * f + lo * fo;
 #pragma unroll
-            for (int w = 0; w < 4; w++) A += sacc[w][d] * f[w];
-            pp[2 + d] = A;
-        }
+        for (int d = 0; d < 8; d++) acc[d] = acc[d] * f + __shfl_xor_sync(0xffffffffu, acc[d], o) * fo;
+        m = M;
     }
+    __shared__ float sm[4], sl[4];
+    __shared__ float sacc[4][KV16_HD];
+    if (lane == 0) {
+        sm[warp] = m;
+        sl[warp] = l;
+    }
+    if (lane < 8) {
+#pragma unroll
+        for (int d = 0; d < 8; d++) sacc[warp][dims + d] = acc[d];
+    }
+    __syncthreads();
+    rows_finish<KV16_HD>(p, row, h, split, nsplit, part, sm, sl, sacc);
 }
 
 /* Folds the nsplit partials (max, sum, acc) of each (query row, head) into the running state of
@@ -697,6 +801,9 @@ static xo_status attention_to(xo_backend *be, const xo_attention_args *a, void *
     float *part = partials ? (float *)(blk + b_exp + b_lat + b_16) : NULL;
     float *state = nblocks > 1 ? (float *)(blk + b_exp + b_lat + b_16 + b_part) : NULL;
     const xo_dtype kt = latent ? XO_F32 : a->kv_dtype; /* the element type of p.K and p.V */
+    /* a 16-bit K/V cache at head_dim 64 off the tensor cores (decode steps): k_attn_kv16 */
+    const bool kv_rows16 = !tc && !latent && hd == KV16_HD && (kt == XO_BF16 || kt == XO_F16) &&
+                      (((uintptr_t)a->k | (uintptr_t)a->v | (uintptr_t)a->q) & 15) == 0;
     xo_status rc = XO_OK;
 
     for (int blk_i = 0; blk_i < nblocks && rc == XO_OK; blk_i++) {
@@ -747,7 +854,11 @@ static xo_status attention_to(xo_backend *be, const xo_attention_args *a, void *
             if (rc == XO_OK) rc = launch_mma_hd(c, a16, B);
         } else if (rc == XO_OK) {
             const int split_len = (len + nsplit - 1) / nsplit;
-            if (kt == XO_BF16) launch_rows_hd<__nv_bfloat16>(c, p, rows, nsplit, split_len, part);
+            const dim3 grid((unsigned)rows, (unsigned)nh, (unsigned)nsplit);
+            if (kv_rows16) {
+                if (kt == XO_BF16) cu_launch(c, k_attn_kv16<__nv_bfloat16>, grid, 128, 0, p, split_len, part);
+                else cu_launch(c, k_attn_kv16<__half>, grid, 128, 0, p, split_len, part);
+            } else if (kt == XO_BF16) launch_rows_hd<__nv_bfloat16>(c, p, rows, nsplit, split_len, part);
             else if (kt == XO_F16) launch_rows_hd<__half>(c, p, rows, nsplit, split_len, part);
             else launch_rows_hd<float>(c, p, rows, nsplit, split_len, part);
             rc = cu_check_launch(c, "attention");
