@@ -412,7 +412,8 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
 
     be->name = "cuda";
     be->max_experts = CU_MAX_GROUPS; /* the MoE kernels hold per-expert state in arrays this long */
-    be->prefill_chunk = 16384;       /* RESULTS.md, "H200, 2026-12-02 (session 2)": 128K in 1.5 s within 2 GiB */
+    be->prefill_chunk = 16384;       /* fewer passes re-expand the latent's keys less often (RESULTS.md,
+                                      * "H200, 2026-12-02 (session 2)") */
     be->ctx = c;
     be->mem.alloc = be_alloc;
     be->mem.release = be_release;
