@@ -173,19 +173,6 @@ __global__ void k_moe_gather(T *xg, const float *__restrict__ x, const int32_t *
     for (int j = threadIdx.x; j < H; j += blockDim.x) dst[j] = cu_from_f32<T>(src[j]);
 }
 
-template <typename T>
-__global__ void k_swiglu_to(T *y, const float *__restrict__ gu, size_t rows, int inter) {
-    CU_PDL_ENTRY();
-    const size_t total = rows * inter;
-    for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < total; t += (size_t)gridDim.x * blockDim.x) {
-        size_t i = t / inter;
-        int j = (int)(t - i * inter);
-        const float *row = gu + i * 2 * (size_t)inter;
-        float g = row[j];
-        y[t] = cu_from_f32<T>(g / (1.0f + expf(-g)) * row[inter + j]);
-    }
-}
-
 __global__ void k_moe_combine(float *out, const float *__restrict__ yg, const int *__restrict__ slot_of,
                               const float *__restrict__ w, int K, int H) {
     CU_PDL_ENTRY();
@@ -671,14 +658,7 @@ xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a) {
         } else if (mode == WMMA) {
             const int max_tiles = (slots + bm - 1) / bm + E;
             rc = cu_grouped_gemm16(c, gu, xg, &gup, t, 2 * inter, H, offsets, tile_start, E, max_tiles, bm);
-            if (rc == XO_OK) {
-                unsigned b = cu_blocks((size_t)slots * inter, 256), cap = (unsigned)c->num_sms * 16;
-                if (t == XO_BF16)
-                    cu_launch(c, k_swiglu_to<__nv_bfloat16>, b < cap ? b : cap, 256, 0, (__nv_bfloat16 *)act, gu, slots, inter);
-                else
-                    cu_launch(c, k_swiglu_to<__half>, b < cap ? b : cap, 256, 0, (__half *)act, gu, slots, inter);
-                rc = cu_check_launch(c, "moe swiglu");
-            }
+            if (rc == XO_OK) rc = cu_swiglu_to(c, act, t, gu, (size_t)slots, inter);
             if (rc == XO_OK) rc = cu_grouped_gemm16(c, yg, act, &dnp, t, H, inter, offsets, tile_start, E, max_tiles, bm);
         } else {
             /* host-sized per-expert products: one small device-to-host read of the counts */
