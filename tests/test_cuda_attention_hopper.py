@@ -150,19 +150,28 @@ def make_inputs(batch=1, t=300, past=0, nh=4, nkv=2, hd=64, dtype="float16", key
 
 def _as_kernel_sees(x: np.ndarray, kv_dtype: int) -> np.ndarray:
     """the cache values widened, then float16 (the kernels' copies)"""
+    return _widened(x, kv_dtype).astype(np.float16).astype(np.float64)
+
+
+def _widened(x: np.ndarray, kv_dtype: int) -> np.ndarray:
+    """the cache values widened exactly (what the float32 kernels read)"""
     if kv_dtype == XO_BF16:
         x = (x.astype(np.uint32) << 16).view(np.float32)
-    return x.astype(np.float16).astype(np.float64)
+    return x.astype(np.float64)
 
 
-def oracle(inputs: dict) -> np.ndarray:
+def oracle(inputs: dict, f16_operands: bool = True) -> np.ndarray:
     """float64 causal attention: key j visible to query index qi iff j <= qi and mask[j]; the
-    output sum_j e_j v_j / (sum_j e_j + eps) with e_j = exp(s_j - max s), 0 when nothing is visible."""
+    output sum_j e_j v_j / (sum_j e_j + eps) with e_j = exp(s_j - max s), 0 when nothing is visible.
+    f16_operands: on Q, K and V rounded to float16 as the tensor-core kernels see them; else on
+    float32 Q and the cache's values widened exactly."""
     s = inputs["shape"]
     B, t, past, nh, nkv, hd = s["batch"], s["t"], s["past"], s["nh"], s["nkv"], s["hd"]
-    q = inputs["q"].astype(np.float16).astype(np.float64).reshape(B, t, nh, hd)
-    k = _as_kernel_sees(inputs["k"], s["kv_dtype"]).reshape(B, s["cap"], nkv, hd)
-    v = _as_kernel_sees(inputs["v"], s["kv_dtype"]).reshape(B, s["cap"], nkv, hd)
+    q = inputs["q"].astype(np.float16) if f16_operands else inputs["q"]
+    q = q.astype(np.float64).reshape(B, t, nh, hd)
+    cache = _as_kernel_sees if f16_operands else _widened
+    k = cache(inputs["k"], s["kv_dtype"]).reshape(B, s["cap"], nkv, hd)
+    v = cache(inputs["v"], s["kv_dtype"]).reshape(B, s["cap"], nkv, hd)
     kv_len = past + t
     out = np.zeros((B, t, nh, hd))
     qi = past + np.arange(t)[:, None]

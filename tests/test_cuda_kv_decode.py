@@ -11,45 +11,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_cuda_attention_hopper import XO_BF16, make_inputs, needs_gpu, rel_err, run_attention
+from test_cuda_attention_hopper import make_inputs, needs_gpu, oracle, rel_err, run_attention
 
 pytestmark = pytest.mark.cuda
 TOL = 2e-5
 
 
-def exact_oracle(inputs: dict) -> np.ndarray:
-    s = inputs["shape"]
-    B, t, past, nh, nkv, hd = s["batch"], s["t"], s["past"], s["nh"], s["nkv"], s["hd"]
-
-    def widen(x):
-        if s["kv_dtype"] == XO_BF16:
-            x = (x.astype(np.uint32) << 16).view(np.float32)
-        return x.astype(np.float64)
-
-    q = inputs["q"].astype(np.float64).reshape(B, t, nh, hd)
-    k = widen(inputs["k"]).reshape(B, s["cap"], nkv, hd)
-    v = widen(inputs["v"]).reshape(B, s["cap"], nkv, hd)
-    kv_len = past + t
-    out = np.zeros((B, t, nh, hd))
-    qi = past + np.arange(t)[:, None]
-    j = np.arange(kv_len)[None, :]
-    for b in range(B):
-        vis = (j <= qi) & (inputs["mask"][b, :kv_len][None, :] != 0)
-        any_vis = vis.any(axis=1)
-        for h in range(nh):
-            g = h // (nh // nkv)
-            sc = np.where(vis, q[b, :, h] @ k[b, :kv_len, g].T * s["scale"], -np.inf)
-            mx = np.where(any_vis, sc.max(axis=1), 0.0)
-            e = np.where(vis, np.exp(sc - mx[:, None]), 0.0)
-            o = e @ v[b, :kv_len, g] / (e.sum(axis=1) + s["eps"])[:, None]
-            out[b, :, h] = np.where(any_vis[:, None], o, 0.0)
-    return out.reshape(B * t, nh * hd)
-
-
 def check(inputs):
     got, counts = run_attention(inputs, {})
     assert counts == {"mma": 0, "hopper": 0}, counts  # off the tensor cores
-    err = rel_err(got, exact_oracle(inputs))
+    err = rel_err(got, oracle(inputs, f16_operands=False))
     assert err <= TOL, f"{inputs['shape']}: {err:.2e}"
 
 

@@ -52,17 +52,27 @@ static xo_status bad_value(const char *name, const char *value, const char *vali
     return xo_fail(XO_EINVAL, "option %s: '%s' is not valid (expected %s)", name, value, valid);
 }
 
-static xo_status parse_long(const char *name, const char *value, long lo, long hi, long *out) {
+/* an integer in [lo, hi]; with auto_value set, "auto" gives *auto_value */
+static xo_status parse_integer(const char *name, const char *value, long lo, long hi, const long *auto_value,
+                               long *out) {
+    if (auto_value && !strcmp(value, "auto")) {
+        *out = *auto_value;
+        return XO_OK;
+    }
     char *end;
     errno = 0;
     long long v = strtoll(value, &end, 10);
     if (!*value || *end || errno || v < lo || v > hi) {
-        char valid[96];
-        snprintf(valid, sizeof valid, "an integer in [%ld, %ld]", lo, hi);
+        char valid[112];
+        snprintf(valid, sizeof valid, "%san integer in [%ld, %ld]", auto_value ? "auto or " : "", lo, hi);
         return bad_value(name, value, valid);
     }
     *out = (long)v;
     return XO_OK;
+}
+
+static xo_status parse_long(const char *name, const char *value, long lo, long hi, long *out) {
+    return parse_integer(name, value, lo, hi, NULL, out);
 }
 
 static xo_status parse_size(const char *name, const char *value, size_t *out) {
@@ -105,25 +115,16 @@ xo_status xo_options_set(xo_options *o, const char *name, const char *value) {
         XO_TRY(parse_choice(name, value, "auto, generic, avx2, avx512, avx512vnni, amx", &k));
         o->cpu_isa = k - 1;  /* auto = XO_ISA_AUTO, then the sets in order */
     } else if (!strcmp(name, "cpu_gemv_max_rows")) {
-        if (!strcmp(value, "auto")) {
-            o->cpu_gemv_max_rows = -1;
-        } else {
-            XO_TRY(parse_long(name, value, 0, MAX_GEMV_ROWS, &v));
-            o->cpu_gemv_max_rows = (int)v;
-        }
+        const long auto_rows = -1;
+        XO_TRY(parse_integer(name, value, 0, MAX_GEMV_ROWS, &auto_rows, &v));
+        o->cpu_gemv_max_rows = (int)v;
     } else if (!strcmp(name, "cpu_tile_rows")) {
         XO_TRY(parse_long(name, value, 1, MAX_TILE_ROWS, &v));
         o->cpu_tile_rows = (int)v;
     } else if (!strcmp(name, "prefill_chunk")) {
-        char *end;
-        errno = 0;
-        const long long n = strtoll(value, &end, 10);
-        if (!strcmp(value, "auto"))
-            o->prefill_chunk = 0;
-        else if (*value && !*end && !errno && n >= 1 && n <= MAX_PREFILL_CHUNK)
-            o->prefill_chunk = (int)n;
-        else
-            return bad_value(name, value, "auto or an integer in [1, 1048576]");
+        const long auto_chunk = 0; /* the backend's */
+        XO_TRY(parse_integer(name, value, 1, MAX_PREFILL_CHUNK, &auto_chunk, &v));
+        o->prefill_chunk = (int)v;
     } else if (!strcmp(name, "cuda_moe")) {
         XO_TRY(parse_choice(name, value, "device, host", &o->cuda_moe_host));
     } else if (!strcmp(name, "cuda_attention")) {

@@ -43,6 +43,17 @@ struct AttnP {
 
 /* ------------------------------------------------------------------ row-wise / split-K */
 
+/* The keys [j0, j1) that split `split` (split_len keys each) of the row-wise grid sees for query
+ * row `row`: causal (the true past read from the device when p.past_dev is set), within the
+ * launch's block [p.kbeg, p.kstop). */
+__device__ __forceinline__ void rows_keys(const AttnP &p, int row, int split, int split_len, int &j0, int &j1) {
+    const int past = p.past_dev ? *p.past_dev : p.past;
+    const int qi = past + row % p.t, kv_len = past + p.t;
+    const int kend = min(min(qi + 1, kv_len), p.kstop);
+    j0 = p.kbeg + split * split_len;
+    j1 = min(j0 + split_len, kend);
+}
+
 /* The end of a row-wise block: the 4 warps' (max, sum, acc) in shared memory merged, then the
  * output acc / (sum + eps) written, or the split's partial (max, sum, acc) */
 template <int WIDTH>
@@ -89,11 +100,9 @@ template <int NC, typename KT>
 __global__ __launch_bounds__(128) void k_attn_rows(AttnP p, int split_len, float *part) {
     CU_PDL_ENTRY();
     const int row = blockIdx.x, h = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
-    const int bb = row / p.t, i = row % p.t;
-    const int past = p.past_dev ? *p.past_dev : p.past;
-    const int qi = past + i, kv_len = past + p.t;
-    const int kend = min(min(qi + 1, kv_len), p.kstop);
-    const int j0 = p.kbeg + split * split_len, j1 = min(j0 + split_len, kend);
+    const int bb = row / p.t;
+    int j0, j1;
+    rows_keys(p, row, split, split_len, j0, j1);
     const int g = h / p.group, hd = p.hd;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const float *qp = p.q + (size_t)row * p.nh * hd + (size_t)h * hd;
@@ -197,11 +206,9 @@ template <typename KT>
 __global__ __launch_bounds__(128) void k_attn_kv16(AttnP p, int split_len, float *part) {
     CU_PDL_ENTRY();
     const int row = blockIdx.x, h = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
-    const int bb = row / p.t, i = row % p.t;
-    const int past = p.past_dev ? *p.past_dev : p.past;
-    const int qi = past + i, kv_len = past + p.t;
-    const int kend = min(min(qi + 1, kv_len), p.kstop);
-    const int j0 = p.kbeg + split * split_len, j1 = min(j0 + split_len, kend);
+    const int bb = row / p.t;
+    int j0, j1;
+    rows_keys(p, row, split, split_len, j0, j1);
     const int g = h / p.group;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, quarter = lane >> 3, dims = (lane & 7) * 8;
     float qv[8], acc[8];
