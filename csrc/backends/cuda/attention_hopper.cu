@@ -37,12 +37,11 @@
  *   (next core along N = keys) 1024 bytes; k-step ks starts 2 ks cores (256 ks bytes) in.
  *   V as B of O (N = dims, K = keys, MN-major, transpose bit set): LBO (next core along K =
  *   keys) 1024 bytes, SBO (next core along N = dims) 128 bytes; k-step kk starts 2048 kk bytes in.
- * For no-swizzle layouts LBO is the K-direction core stride and SBO the M/N-direction one in
- * both majors (the PTX ISA's canonical layouts). Descriptor bits: 0-13 start address >> 4,
- * 16-29 LBO >> 4, 32-45 SBO >> 4, 49-51 base offset 0, 62-63 swizzle 0 (none). */
+ * (Descriptors: wgmma.h.) */
 #include <math.h>
 
 #include "backends/cuda/common.h"
+#include "backends/cuda/wgmma.h"
 
 #ifndef XO_CUDA_SM90A /* setup.py: 1 when this file is built with its sm_90a image */
 #define XO_CUDA_SM90A 0
@@ -68,48 +67,10 @@ __device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
 
 constexpr float LOG2E = 1.4426950408889634f;
 
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32);
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-/* an accumulator register is redefined here, so no read of it moves above the wait before */
-__device__ __forceinline__ void reg_fence(float &x) { asm volatile("" : "+f"(x)::"memory"); }
-
 __device__ __forceinline__ float ex2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
-}
-
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-/* the initialised barriers become visible to the async proxy (the bulk copies complete on them) */
-__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-/* until the barrier's phase of this parity has completed */
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-    uint32_t done = 0;
-    do {
-        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done)
-                     : "r"(bar), "r"(parity)
-                     : "memory");
-    } while (!done);
-}
-/* bytes (a multiple of 16, both addresses 16-byte aligned) from global to shared memory, counted on bar */
-__device__ __forceinline__ void bulk_copy(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-                 "l"(src), "r"(bytes), "r"(bar)
-                 : "memory");
 }
 
 /* D[64 x 128] (+)= A[64 x 16] (registers) * B[16 x 128] (descriptor); TB: B is MN-major (transposed) */
@@ -258,7 +219,7 @@ __global__ __launch_bounds__(THREADS, 1) void k_attn_hopper(CuHopperAttn p) {
             for (int kk = 0; kk < 4; kk++)
                 wgmma_m64n128k16<0>(sc, qa[kk], smem_desc(ks + kk * 256, 128, 1024), kk > 0);
             wgmma_commit();
-            wgmma_wait0();
+            wgmma_wait<0>();
 #pragma unroll
             for (int i = 0; i < 64; i++) reg_fence(sc[i]);
 
@@ -315,7 +276,7 @@ __global__ __launch_bounds__(THREADS, 1) void k_attn_hopper(CuHopperAttn p) {
 #pragma unroll
             for (int kk = 0; kk < 8; kk++) wgmma_m64n64k16<1>(o, pa[kk], smem_desc(vs + kk * 2048, 1024, 128), 1);
             wgmma_commit();
-            wgmma_wait0();
+            wgmma_wait<0>();
 #pragma unroll
             for (int i = 0; i < 32; i++) reg_fence(o[i]);
         }
