@@ -129,7 +129,8 @@ def find_cublaslt_include(nvcc):
 PLUGIN = "_xoron_cuda.so"  # beside _C, which loads it (xoron/__init__.py says where)
 CUDA_SOURCES = sorted(glob.glob(os.path.join(HERE, "csrc", "backends", "cuda", "*.cu")))
 CUBLASLT_SOURCE = os.path.join(HERE, "csrc", "backends", "cuda", "cublaslt.cu")  # only with cublasLt.h
-HOPPER_SOURCE = "attention_hopper.cu"  # built with an sm_90a image where 90 is in XORON_CUDA_ARCHS
+# built with an sm_90a image where 90 is in XORON_CUDA_ARCHS
+HOPPER_SOURCES = ("attention_hopper.cu", "grouped_gemm_hopper.cu")
 
 
 def build_id(with_cuda, with_cublaslt):
@@ -232,7 +233,7 @@ class XoronBuildExt(build_ext):
         for src in sources:
             obj = os.path.join(tmp, os.path.basename(src) + ".o")
             gencode = self._cuda_gencode()
-            if os.path.basename(src) == HOPPER_SOURCE and "arch=compute_90,code=sm_90" in gencode:
+            if os.path.basename(src) in HOPPER_SOURCES and "arch=compute_90,code=sm_90" in gencode:
                 # wgmma needs the arch-specific target: its 9.0 image is sm_90a (runs on 9.0 only)
                 gencode = [g.replace("compute_90,code=sm_90", "compute_90a,code=sm_90a") for g in gencode]
                 gencode.append("-DXO_CUDA_SM90A=1")

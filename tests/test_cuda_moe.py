@@ -3,7 +3,10 @@ slots (tokens x top_k) with bfloat16 / float16 experts whose hidden and intermed
 multiples of 64, one block per (row tile, expert) lists the slots routed to its expert and
 streams that weight tile once for all of them (gate/up + SwiGLU, then down, then the combine).
 Up to 8 slots the indexed kernels run; beyond 512, or for other shapes and float32, the
-permuted grouped kernels.
+permuted grouped kernels: on an H200 (compute capability 9.0) the wgmma ones of
+grouped_gemm_hopper.cu (TMA, wgmma), with the SwiGLU in the gate/up product's epilogue, where
+the groups are counted in 128-row tiles (at least 64 slots per expert on average), there are at
+least 128 slots, hidden >= 128 and intermediate >= 64 (multiples of 8).
 
 Every forward here runs each MoE layer once over all of its tokens, so the slot count is
 tokens x top_k; the backend's moe_path_counts() show which path each layer took. Logits are held
@@ -30,12 +33,14 @@ if HERE not in sys.path:
 
 import reference_impl as R  # noqa: E402
 from test_cuda import GPU_OK, GPU_WHY, TOL_HALF, build, ids_for, rel_err, rounded  # noqa: E402
+from test_cuda_attention_hopper import HOPPER  # noqa: E402
 from test_decode_session import stepwise_greedy  # noqa: E402
 
 needs_gpu = pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)
 pytestmark = pytest.mark.cuda
 
-PATHS = ("indexed", "decode_batch", "skinny", "grouped", "host")
+PATHS = ("indexed", "decode_batch", "skinny", "grouped", "grouped_wgmma", "host")
+GROUPED = "grouped_wgmma" if HOPPER else "grouped"  # the permuted tile GEMM this GPU runs
 
 
 def moe_config(hidden=64, inter=64, experts=8, top_k=2, layers=1):
@@ -60,17 +65,26 @@ def expect_path(m, before, path, calls):
     assert got == {k: (calls if k == path else 0) for k in PATHS}, got
 
 
+# the share of tokens held to the oracle within TOL_HALF: with 16-bit weights and hundreds of
+# tokens, this random model's large router logits (std ~50) make some token's top-k mixing
+# weights tip under rounding (the CPU engine in bfloat16 misses 3e-2 on up to 2.4% of the tokens of
+# these configs too; with one expert it never does). All tokens: against cuda_moe=host below.
+ORACLE_SHARE = 0.95
+
+
 def check_forward(over, b, t, dtype, path, seed=0):
-    """the logits against the oracle, and against the same weights under cuda_moe=host (the same
-    attention and router kernels before the experts: the same routing, so no near-tie of
-    experts can flip between the two)"""
+    """the logits against the oracle (ORACLE_SHARE of the tokens; all of them below 20 tokens),
+    and on every token against the same weights under cuda_moe=host (the same attention and router
+    kernels before the experts: the same routing, so no near-tie of experts can flip between the
+    two)"""
     m, cfg, w = build(over, seed=seed, dtype=dtype)
     ids = ids_for(cfg, b, t, seed=seed + 1)
     before = path_counts(m)
     got = m(input_ids=ids).logits
     expect_path(m, before, path, cfg.num_hidden_layers)
     ref, _ = R.forward(cfg, rounded(w, dtype), ids)
-    assert rel_err(got, ref) <= TOL_HALF
+    per_token = np.abs(np.asarray(got, np.float64) - ref).max(axis=-1) / np.abs(ref).max()
+    assert np.mean(per_token <= TOL_HALF) >= ORACLE_SHARE, np.sort(per_token.ravel())[::-1][:8]
     host, _, _ = build(over, seed=seed, dtype=dtype, options={"cuda_moe": "host"})
     assert rel_err(got, host(input_ids=ids).logits) <= TOL_HALF
 
@@ -87,7 +101,7 @@ SLOTS = {
     "slots65": (moe_config(top_k=5), 1, 13, "decode_batch"),
     "slots128": (moe_config(), 8, 8, "decode_batch"),
     "slots512": (moe_config(), 4, 64, "decode_batch"),  # some experts take more than one 64-slot pass
-    "slots513": (moe_config(top_k=3), 1, 171, "grouped"),
+    "slots513": (moe_config(top_k=3), 1, 171, "grouped"),  # hidden 64: below the Hopper kernel's boxes
 }
 
 
@@ -123,6 +137,38 @@ SHAPES = {
 def test_shapes_match_the_oracle(name, dtype):
     over, b, t, *seed = SHAPES[name]
     check_forward(over, b, t, dtype, "decode_batch", seed=seed[0] if seed else 5)
+
+
+# name -> (config, batch, tokens per row): the grouped GEMM's 128-row tiles (more than 512 slots,
+# at least 64 per expert on average), slots = batch * tokens * top_k
+GROUPED_TILES = {
+    # 1,200 slots: full and partial row tiles in every expert
+    "wide": (moe_config(hidden=128, inter=256), 2, 300),
+    # H = 208, I = 200: the last k-tile of both products partial (208 = 3 x 64 + 16, 200 = 3 x 64 + 8),
+    # the down product's second column tile and the SwiGLU's fourth (8 of 64 columns) partial
+    "ragged": (moe_config(hidden=208, inter=200), 1, 333),
+    # one expert takes all 600 slots: five row tiles of one group, the last of 88 rows
+    "one_expert": (moe_config(hidden=128, inter=128, experts=1, top_k=1), 2, 300),
+    # I = 64: the down product's k is one tile (no k-tile ring turn), the gate/up product's two
+    "down_one_k_tile": (moe_config(hidden=128, inter=64), 2, 300),
+    # I = 1024, H = 256: 16 and 4 k-tiles, the ring of 3 slots turned many times
+    "deep_k": (moe_config(hidden=256, inter=1024, experts=4), 1, 400),
+}
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name", list(GROUPED_TILES))
+def test_grouped_gemm_in_128_row_tiles(name, dtype):
+    over, b, t = GROUPED_TILES[name]
+    check_forward(over, b, t, dtype, GROUPED, seed=21)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_grouped_gemm_below_the_hopper_boxes(dtype):
+    """hidden 64 (< 128 weight rows of the down product's box) takes the WMMA kernels everywhere"""
+    check_forward(moe_config(hidden=64, inter=128), 2, 300, dtype, "grouped", seed=22)
 
 
 @needs_gpu

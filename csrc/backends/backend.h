@@ -229,8 +229,8 @@ typedef struct {
 } xo_graph_ops;
 
 /* the CUDA backend's routed-expert paths, as moe_path_counts names them */
-enum { XO_MOE_PATH_INDEXED, XO_MOE_PATH_DECODE_BATCH, XO_MOE_PATH_SKINNY, XO_MOE_PATH_GROUPED, XO_MOE_PATH_HOST,
-       XO_MOE_PATHS };
+enum { XO_MOE_PATH_INDEXED, XO_MOE_PATH_DECODE_BATCH, XO_MOE_PATH_SKINNY, XO_MOE_PATH_GROUPED,
+       XO_MOE_PATH_GROUPED_WGMMA, XO_MOE_PATH_HOST, XO_MOE_PATHS };
 
 struct xo_backend {
     const char *name;

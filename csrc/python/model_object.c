@@ -584,8 +584,9 @@ static PyObject *Model_decode_attention_counts(ModelObject *self, PyObject *Py_U
     return Py_BuildValue("{s:L,s:L}", "expand", counts[0], "latent_decode", counts[1]);
 }
 
-/* {'indexed': n, 'decode_batch': n, 'skinny': n, 'grouped': n, 'host': n}: routed-expert calls by
- * the path they took, or None where the backend does not count them (a test's view of the MoE path) */
+/* {'indexed': n, 'decode_batch': n, 'skinny': n, 'grouped': n, 'grouped_wgmma': n, 'host': n}: routed-
+ * expert calls by the path they took, or None where the backend does not count them (a test's view of
+ * the MoE path) */
 static PyObject *Model_moe_path_counts(ModelObject *self, PyObject *Py_UNUSED(args)) {
     if (ensure_model(self)) return NULL;
     xo_backend *be = self->model->be;
@@ -594,9 +595,9 @@ static PyObject *Model_moe_path_counts(ModelObject *self, PyObject *Py_UNUSED(ar
     xo_status rc;
     LOCKED_NOGIL(self, rc, (be->moe_path_counts(be, n), XO_OK));
     if (rc != XO_OK) return xo_py_raise(rc);
-    return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L}", "indexed", n[XO_MOE_PATH_INDEXED], "decode_batch",
+    return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L}", "indexed", n[XO_MOE_PATH_INDEXED], "decode_batch",
                          n[XO_MOE_PATH_DECODE_BATCH], "skinny", n[XO_MOE_PATH_SKINNY], "grouped", n[XO_MOE_PATH_GROUPED],
-                         "host", n[XO_MOE_PATH_HOST]);
+                         "grouped_wgmma", n[XO_MOE_PATH_GROUPED_WGMMA], "host", n[XO_MOE_PATH_HOST]);
 }
 
 /* {'mma': n, 'hopper': n}: tensor-core prefill attention launches by kernel, or None (CPU) */
@@ -646,7 +647,7 @@ static PyMethodDef Model_methods[] = {
       "decode_attention_counts() -> {'expand': n, 'latent_decode': n} of decode steps over the latent cache "
       "(recorded steps counted once), or None (CPU)" },
     { "moe_path_counts", (PyCFunction)Model_moe_path_counts, METH_NOARGS,
-      "moe_path_counts() -> {'indexed', 'decode_batch', 'skinny', 'grouped', 'host': n} of routed-expert calls by "
+      "moe_path_counts() -> {'indexed', 'decode_batch', 'skinny', 'grouped', 'grouped_wgmma', 'host': n} of routed-expert calls by "
       "the CUDA path they took (recorded steps counted once), or None (CPU)" },
     { "prefill_attention_counts", (PyCFunction)Model_prefill_attention_counts, METH_NOARGS,
       "prefill_attention_counts() -> {'mma': n, 'hopper': n} tensor-core prefill attention launches (one per key "

@@ -50,6 +50,8 @@ struct CuCtx {
     long long moe_counts[XO_MOE_PATHS]; /* cu_moe_experts calls by the path taken (XO_MOE_PATH_*) */
     int attn_mma;         /* option cuda_attention=mma: prefill on the mma.sync kernel even where wgmma fits */
     int hopper_attn;      /* attention_hopper.cu usable here: 0 not asked yet, 1 yes, 2 no */
+    int hopper_gemm;      /* grouped_gemm_hopper.cu usable here: 0 not asked yet, 1 yes, 2 no */
+    void *tensor_map_encoder; /* the driver's cuTensorMapEncodeTiled, once hopper_gemm is 1 */
     int attn_keys;        /* option cuda_attention_keys: keys per wgmma prefill launch (0: by CU_HOPPER_SCRATCH) */
     long long prefill_counts[2]; /* tensor-core prefill attention launches (one per key block): [0] mma.sync,
                                   * [1] attention_hopper.cu */
@@ -314,6 +316,20 @@ int cu_grouped_tile_rows(int rows, int groups);
  * bm: the row tile tile_start was counted in (cu_grouped_tile_rows) */
 xo_status cu_grouped_gemm16(CuCtx *c, float *y, const void *x16, const CuGroupPtrs *w, xo_dtype t, int out, int k,
                             const int *offsets, const int *tile_start, int groups, int max_tiles, int bm);
+/* the same on Hopper (backends/cuda/grouped_gemm_hopper.cu), x16 [rows, k] with tile_start counted
+ * in CU_GROUPED_HOPPER_ROWS-row tiles: whether both MoE products (gate/up: k = hidden, down: k =
+ * inter) run there for `rows` rows over `groups` experts */
+enum { CU_GROUPED_HOPPER_ROWS = 128 };
+bool cu_grouped_hopper_fits(CuCtx *c, int bm, int groups, int rows, int hidden, int inter);
+xo_status cu_grouped_gemm_hopper(CuCtx *c, float *y, const void *x16, int rows, const CuGroupPtrs *w, xo_dtype t, int out,
+                                 int k, const int *offsets, const int *tile_start, int groups, int max_tiles);
+/* act[rows of g, inter] = silu(X @ gate_g.T) * (X @ up_g.T) in dtype t, W_g = [gate_g; up_g] [2 inter, k] */
+xo_status cu_grouped_swiglu_hopper(CuCtx *c, void *act, const void *x16, int rows, const CuGroupPtrs *w, xo_dtype t,
+                                   int inter, int k, const int *offsets, const int *tile_start, int groups, int max_tiles);
+/* the dense form: act[rows, inter] (16-bit) = silu(x16 @ gate.T) * (x16 @ up.T), gate_up = [gate; up]
+ * [2 inter, k] 16-bit, x16 [rows, k] of its dtype; whether it runs here for that shape */
+bool cu_swiglu_hopper_fits(CuCtx *c, int rows, int k, int inter);
+xo_status cu_swiglu_hopper(CuCtx *c, void *act, const void *x16, int rows, const xo_linear *gate_up, int k);
 /* skinny version for few rows per group: f32 inputs, any weight dtype; offsets device [G+1] */
 xo_status cu_grouped_skinny(CuCtx *c, float *y, const float *x, const CuGroupPtrs *w, xo_dtype t, int out, int k,
                             const int *offsets, int groups);

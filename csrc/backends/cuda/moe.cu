@@ -8,8 +8,10 @@
  *   all of them, gate/up and SwiGLU then down on the tensor cores, then the combine
  *   (moe_decode_batch: three launches);
  * - otherwise slots are counted and permuted by expert on the device and the expert products
- *   read the device-side group offsets (a skinny kernel for up to 64 slots, a WMMA grouped GEMM
- *   beyond); cuda_moe=host sizes per-expert GEMMs from counts read back instead.
+ *   read the device-side group offsets (a skinny kernel for up to 64 slots, a grouped GEMM
+ *   beyond: TMA and wgmma on Hopper with the SwiGLU in the gate/up product's epilogue
+ *   (grouped_gemm_hopper.cu), else WMMA); cuda_moe=host sizes per-expert GEMMs from counts read
+ *   back instead.
  * The combine adds sum_k w_k * expert_k(x) to `out` in k order, as the CPU backend does. An
  * expert id outside [0, E) is rejected as on the CPU: the kernels record it (cu_expert_id) and
  * the call fails with XO_EINVAL when the stream next synchronises. */
@@ -605,7 +607,13 @@ xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a) {
     else if (slots <= SKINNY_MAX_SLOTS) mode = SKINNY;
     else if (t != XO_F32 && H % 8 == 0 && inter % 8 == 0) mode = WMMA;
     else mode = HOST;
-    c->moe_counts[mode == HOST ? XO_MOE_PATH_HOST : mode == SKINNY ? XO_MOE_PATH_SKINNY : XO_MOE_PATH_GROUPED]++;
+    const int bm = cu_grouped_tile_rows(slots, E);
+    /* on Hopper the gate/up product ends in the SwiGLU: no float32 gate|up in between */
+    const bool hopper = mode == WMMA && cu_grouped_hopper_fits(c, bm, E, slots, H, inter);
+    c->moe_counts[mode == HOST     ? XO_MOE_PATH_HOST
+                  : mode == SKINNY ? XO_MOE_PATH_SKINNY
+                  : hopper         ? XO_MOE_PATH_GROUPED_WGMMA
+                                   : XO_MOE_PATH_GROUPED]++;
     const size_t es = mode == WMMA ? 2 : 4; /* grouped activations: 16-bit for the tensor cores */
 
     /* one scratch block: ints (counts[E] offsets[E+1] tile_start[E+1] rank[slots] slot_of[slots]),
@@ -613,7 +621,7 @@ xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a) {
     const size_t ints = (size_t)3 * E + 2 + 2 * (size_t)slots;
     auto up = [](size_t b) { return (b + 255) & ~(size_t)255; };
     const size_t b_int = up(ints * sizeof(int)), b_xg = up((size_t)slots * H * es),
-                 b_gu = up((size_t)slots * 2 * inter * sizeof(float)), b_act = up((size_t)slots * inter * es),
+                 b_gu = hopper ? 0 : up((size_t)slots * 2 * inter * sizeof(float)), b_act = up((size_t)slots * inter * es),
                  b_yg = up((size_t)slots * H * sizeof(float));
     char *blk = (char *)cu_alloc_raw(c, b_int + b_xg + b_gu + b_act + b_yg);
     xo_status rc = XO_OK;
@@ -630,7 +638,6 @@ xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a) {
     {
         int *counts = ib, *offsets = ib + E, *tile_start = offsets + E + 1, *rank = tile_start + E + 1, *slot_of = rank + slots;
         cu_launch(c, k_moe_count, cu_blocks((size_t)slots, 256), 256, 0, a->topk_idx, slots, E, counts, rank, c->fault_dev);
-        const int bm = cu_grouped_tile_rows(slots, E);
         cu_launch(c, k_moe_offsets, 1, 32, 0, counts, E, offsets, tile_start, bm);
         const int gth = H >= 256 ? 256 : 128;
         if (mode == WMMA) {
@@ -655,6 +662,10 @@ xo_status cu_moe_experts(xo_backend *be, const xo_moe_args *a) {
             rc = cu_grouped_skinny(c, gu, (const float *)xg, &gup, t, 2 * inter, H, offsets, E);
             if (rc == XO_OK) rc = cu_swiglu(be, (float *)act, gu, slots, inter);
             if (rc == XO_OK) rc = cu_grouped_skinny(c, yg, (const float *)act, &dnp, t, H, inter, offsets, E);
+        } else if (hopper) {
+            const int max_tiles = (slots + bm - 1) / bm + E;
+            rc = cu_grouped_swiglu_hopper(c, act, xg, slots, &gup, t, inter, H, offsets, tile_start, E, max_tiles);
+            if (rc == XO_OK) rc = cu_grouped_gemm_hopper(c, yg, act, slots, &dnp, t, H, inter, offsets, tile_start, E, max_tiles);
         } else if (mode == WMMA) {
             const int max_tiles = (slots + bm - 1) / bm + E;
             rc = cu_grouped_gemm16(c, gu, xg, &gup, t, 2 * inter, H, offsets, tile_start, E, max_tiles, bm);
