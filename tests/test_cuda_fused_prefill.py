@@ -1,12 +1,14 @@
 """The prefill steps the kernel table fuses so that 16-bit activations pass between kernels
 (csrc/backends/backend.h): ffn (gate_up, SwiGLU and down in one call; on CUDA with 16-bit weights
-over more than 8 rows the SwiGLU result is stored 16-bit, straight into the down GEMM's input) and
+over more than 8 rows the SwiGLU result is stored 16-bit, straight into the down GEMM's input, and
+on Hopper from 128 rows the gate/up product computes the SwiGLU in its epilogue) and
 attention_o_proj (the attention and the output projection; on CUDA's tensor-core prefill kernels
 with a 16-bit o the kernels store their output 16-bit for the GEMM). The CPU runs the defaults of
 backends/defaults.c.
 
 Each entry against its default composition on the same backend, to the bit: the fused versions
-round the same float32 values to the same 16-bit values, only where they are stored changes. The
+round the same float32 values to the same 16-bit values, only where they are stored changes
+(except the Hopper gate/up + SwiGLU kernel, whose own summation order is held to 2e-3). The
 ffn also against a float64 numpy oracle. The attention kernels are held to the oracle by
 test_cuda_attention_hopper.py; here only the fused and composed results are compared, under each
 kernel (wgmma, mma.sync with one or several key blocks, the row-wise kernel) and on both sides
@@ -59,8 +61,13 @@ def hook_ffn(lib, device, fused, dtype, gate_up, down, x):
     return out
 
 
+# from this many rows, on Hopper with 16-bit weights and hidden >= 64, the fused gate/up + SwiGLU kernel
+HOPPER_SWIGLU_ROWS = 128
+
 # (hidden, inter): the default model's dense FFN; sizes off the GEMM tiles
-FFN_SHAPES = {"default_1024x2048": (1024, 2048), "odd_40x24": (40, 24)}
+# (the Hopper kernel's last k-tile partial at 200 = 3 x 64 + 8 and its last gate box running 56 rows
+# into the up rows at 136 = 2 x 64 + 8, columns it must not store)
+FFN_SHAPES = {"default_1024x2048": (1024, 2048), "odd_40x24": (40, 24), "ragged_200x136": (200, 136)}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -75,9 +82,14 @@ def test_ffn(lib, device, dtype, rows, shape):
     x = rng.standard_normal((rows, hidden), dtype=np.float32)
     got = hook_ffn(lib, device, True, dtype, gate_up, down, x)
     comp = hook_ffn(lib, device, False, dtype, gate_up, down, x)
-    np.testing.assert_array_equal(got, comp)
     # past the skinny rows the CUDA products read x and the activation rounded to the weights' type
     narrow = device != "cpu" and rows > SKINNY_MAX_M and dtype != "float32"
+    if narrow and HOPPER and rows >= HOPPER_SWIGLU_ROWS and hidden >= 64:
+        # the gate/up product with the SwiGLU in its epilogue (grouped_gemm_hopper.cu): its own
+        # float32 summation order, so an activation near a rounding boundary may round apart
+        assert rel_err(got, comp) <= 2e-3
+    else:
+        np.testing.assert_array_equal(got, comp)
     seen = store_rounded(x, dtype) if narrow else x
     gu = seen.astype(np.float64) @ store_rounded(gate_up, dtype).astype(np.float64).T
     g, u = gu[:, :inter], gu[:, inter:]

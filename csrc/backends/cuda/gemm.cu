@@ -513,7 +513,9 @@ xo_status cu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w
 
 /* The SwiGLU FFN. Over many rows with 16-bit weights the composition would write the activation
  * float32 and convert it for the down product: here k_swiglu stores it converted, in c->act16 (the
- * gate_up product has read its own converted x from there by then, in stream order). */
+ * gate_up product has read its own converted x from there by then, in stream order). On Hopper
+ * the gate/up product ends in the SwiGLU itself (grouped_gemm_hopper.cu) and stores the 16-bit
+ * activation in the act scratch: no float32 gate|up at all. */
 xo_status cu_ffn(xo_backend *be, float *out, const float *x, const xo_ffn *f, int n, float *gu, float *act) {
     CuCtx *c = cu_ctx(be);
     const xo_linear *gw = &f->gate_up, *dw = &f->down;
@@ -522,6 +524,11 @@ xo_status cu_ffn(xo_backend *be, float *out, const float *x, const xo_ffn *f, in
     if (!act16) {
         XO_TRY(cu_gate_up_swiglu(be, act, x, gu, gw, n));
         return cu_matmul(be, out, act, dw, n);
+    }
+    if (gw->dtype == dw->dtype && cu_swiglu_hopper_fits(c, n, gw->in, inter)) {
+        XO_TRY(act16_of(c, x, (size_t)n * gw->in, gw->dtype));
+        XO_TRY(cu_swiglu_hopper(c, act, c->act16, n, gw, gw->in));
+        return cu_matmul16(c, out, act, dw, n);
     }
     XO_TRY(cu_matmul(be, gu, x, gw, n)); /* as cu_gate_up_swiglu does it for many rows */
     XO_TRY(cu_act16_reserve(c, (size_t)n * inter * 2));
