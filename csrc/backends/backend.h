@@ -44,6 +44,20 @@ typedef struct {
     xo_linear down;
 } xo_ffn;
 
+/* The RMSNorm in front of a product, as the rmsnorm_* entries take it: h[n, d] += add first when add
+ * is not NULL (written back, as add_rmsnorm does), then x[n, d] = rmsnorm(h; w, eps). With keep the
+ * caller reads x afterwards; without, x is scratch a backend may leave unwritten (handing the product
+ * its own, narrower copy of the normed rows instead). */
+typedef struct {
+    float *h;
+    const float *add;
+    float *x;
+    const float *w;
+    int d;
+    float eps;
+    int keep;
+} xo_rmsnorm_in;
+
 /* Cache layout shared by the graph and the attention kernels. Per layer and batch row,
  * `capacity` token slots; slot j of row b holds the token at sequence index j.
  *
@@ -147,6 +161,13 @@ typedef struct {
      * rot->head_dim, ...) rotates them (rot->heads * rot->head_dim == w1.out) */
     xo_status (*matmul_pair)(xo_backend *be, float *y1, const xo_linear *w1, float *y2, const xo_linear *w2,
                              const float *x, int m, const xo_rotary *rot);
+    /* optional (NULL: the norm as add_rmsnorm or rmsnorm computes it, then matmul / matmul_pair / ffn):
+     * the product over the normed rows of nm (xo_rmsnorm_in above), with nm->d == the weights' in */
+    xo_status (*rmsnorm_matmul)(xo_backend *be, float *y, const xo_rmsnorm_in *nm, const xo_linear *w, int m);
+    xo_status (*rmsnorm_matmul_pair)(xo_backend *be, float *y1, const xo_linear *w1, float *y2, const xo_linear *w2,
+                                     const xo_rmsnorm_in *nm, int m, const xo_rotary *rot);
+    xo_status (*rmsnorm_ffn)(xo_backend *be, float *out, const xo_rmsnorm_in *nm, const xo_ffn *f, int n, float *gu,
+                             float *act);
     /* optional (NULL: ids come from the host): dst[i] = src[i] for n token ids in the backend's
      * memory (int64 when wide, else int32); an id outside [0, vocab) becomes 0 and the first such
      * is reported in bad[0] (its flat index; UINT64_MAX when none) and bad[1] (its value) */
@@ -269,7 +290,8 @@ struct xo_backend {
 
 /* Fills each optional slot left NULL with its default composed from the required ones
  * (matmul_pair, gate_up_swiglu, ffn, moe_router, attention_o_proj, rmsnorm_cache_write,
- * rope_kv_cache_write), so the graph makes one call per step. */
+ * rope_kv_cache_write, rmsnorm_matmul, rmsnorm_matmul_pair, rmsnorm_ffn), so the graph makes one
+ * call per step. */
 void xo_backend_fill_defaults(xo_backend *be);
 
 /* The CPU backend (oneDNN + OpenMP), with the model's options (engine/options.h). */

@@ -58,6 +58,29 @@ static xo_status default_moe_router(xo_backend *be, int32_t *idx, float *weight,
     return be->ops.moe_route(be, idx, weight, logits, n, E, k);
 }
 
+/* the norm of nm alone, its rows written to nm->x */
+static xo_status rmsnorm_in(xo_backend *be, const xo_rmsnorm_in *nm, int n) {
+    if (nm->add) return be->ops.add_rmsnorm(be, nm->h, nm->add, nm->x, nm->w, n, nm->d, nm->eps);
+    return be->ops.rmsnorm(be, nm->x, nm->h, nm->d, nm->w, n, nm->d, nm->eps);
+}
+
+static xo_status default_rmsnorm_matmul(xo_backend *be, float *y, const xo_rmsnorm_in *nm, const xo_linear *w, int m) {
+    XO_TRY(rmsnorm_in(be, nm, m));
+    return be->ops.matmul(be, y, nm->x, w, m);
+}
+
+static xo_status default_rmsnorm_matmul_pair(xo_backend *be, float *y1, const xo_linear *w1, float *y2,
+                                             const xo_linear *w2, const xo_rmsnorm_in *nm, int m, const xo_rotary *rot) {
+    XO_TRY(rmsnorm_in(be, nm, m));
+    return be->ops.matmul_pair(be, y1, w1, y2, w2, nm->x, m, rot);
+}
+
+static xo_status default_rmsnorm_ffn(xo_backend *be, float *out, const xo_rmsnorm_in *nm, const xo_ffn *f, int n,
+                                     float *gu, float *act) {
+    XO_TRY(rmsnorm_in(be, nm, n));
+    return be->ops.ffn(be, out, nm->x, f, n, gu, act);
+}
+
 void xo_backend_fill_defaults(xo_backend *be) {
     if (!be->ops.matmul_pair) be->ops.matmul_pair = default_matmul_pair;
     if (!be->ops.rmsnorm_cache_write) be->ops.rmsnorm_cache_write = default_rmsnorm_cache_write;
@@ -66,4 +89,7 @@ void xo_backend_fill_defaults(xo_backend *be) {
     if (!be->ops.moe_router) be->ops.moe_router = default_moe_router;
     if (!be->ops.ffn) be->ops.ffn = default_ffn;
     if (!be->ops.attention_o_proj) be->ops.attention_o_proj = default_attention_o_proj;
+    if (!be->ops.rmsnorm_matmul) be->ops.rmsnorm_matmul = default_rmsnorm_matmul;
+    if (!be->ops.rmsnorm_matmul_pair) be->ops.rmsnorm_matmul_pair = default_rmsnorm_matmul_pair;
+    if (!be->ops.rmsnorm_ffn) be->ops.rmsnorm_ffn = default_rmsnorm_ffn;
 }

@@ -40,9 +40,9 @@ static xo_status queue_step(xo_decoder *d, int bound) {
     const xo_config *c = &m->cfg;
     const int b = d->st.batch, V = c->vocab_size;
     XO_TRY(be->decode.decode_begin(be, &d->st));
-    xo_layers_args la = { .batch = b, .tokens = 1, .past = bound - 1, .past_device = &d->st.state[0] };
+    xo_layers_args la = { .batch = b, .tokens = 1, .past = bound - 1, .past_device = &d->st.state[0],
+                          .logits = d->s.logits };
     XO_TRY(xo_model_layers(m, &la, d->cache, &d->s));
-    XO_TRY(xo_model_lm_head(m, d->s.logits, d->s.xn, b));
     if (d->p.min_new_tokens > d->p.first_step && d->p.num_eos > 0)
         XO_TRY(be->decode.suppress_tokens(be, d->s.logits, b, V, d->eos_dev, d->p.num_eos, &d->st.state[1], d->p.min_new_tokens));
     if (d->p.draw)

@@ -78,8 +78,15 @@ static int pass_tokens(const xo_model *m, int batch, int tokens) {
     return (tokens + passes - 1) / passes;
 }
 
-/* The logits of the kept positions among this pass's tokens [first, first + nt):
- * dst[b, keep, V] <- lm_head(s->xn). */
+/* 1 when the pass's tokens [first, first + nt) are exactly the kept positions of each row: the layers
+ * then end in the lm_head of all their rows (xo_layers_args.logits) */
+static int pass_is_kept(const xo_forward_args *a, int first, int nt) {
+    const int keep = kept_positions(a);
+    return first == a->tokens - keep && nt == keep;
+}
+
+/* The logits of the kept positions among this pass's tokens [first, first + nt), when the pass holds
+ * other tokens too: dst[b, keep, V] <- lm_head(s->xn). */
 static xo_status pass_logits(xo_model *m, const xo_forward_args *a, int first, int nt, float *dst, xo_scratch *s) {
     const xo_config *c = &m->cfg;
     xo_backend *be = m->be;
@@ -88,7 +95,6 @@ static xo_status pass_logits(xo_model *m, const xo_forward_args *a, int first, i
     const int k0 = first > t - keep ? first : t - keep, nk = first + nt - k0; /* kept tokens [k0, first + nt) */
     if (nk <= 0) return XO_OK;
     const size_t out_row = (size_t)(k0 - (t - keep)), in_row = (size_t)(k0 - first);
-    if (nk == nt && nk == keep) return xo_model_lm_head(m, dst, s->xn, b * nk);
     if (nk == keep && b > 1) {  /* each row's kept tokens, gathered: one product */
         for (int r = 0; r < b; r++)
             XO_TRY(be->mem.copy(be, s->branch + (size_t)r * keep * H, s->xn + ((size_t)r * nt + in_row) * H,
@@ -120,10 +126,12 @@ static xo_status forward_passes(xo_model *m, const xo_forward_args *a, xo_cache 
             if (a->ids) XO_TRY(be->mem.upload(be, s->ids + to, a->ids + from, bytes));
             else if (ids_all && ids_all != s->ids) XO_TRY(be->mem.copy(be, s->ids + to, ids_all + from, bytes));
         }
+        const int kept = want_logits && pass_is_kept(a, first, nt);
         xo_layers_args la = { .batch = b, .tokens = nt, .past = past + first, .first = first, .row_tokens = t,
-                              .keys = past + t, .embeds = a->embeds, .hidden = a->hidden, .interrupt = m->interrupt };
+                              .keys = past + t, .embeds = a->embeds, .hidden = a->hidden,
+                              .logits = kept ? dst : NULL, .interrupt = m->interrupt };
         XO_TRY(xo_model_layers(m, &la, cache, s));
-        if (want_logits) XO_TRY(pass_logits(m, a, first, nt, dst, s));
+        if (want_logits && !kept) XO_TRY(pass_logits(m, a, first, nt, dst, s));
     }
     if (!want_logits) return XO_OK;
     const int nrows = b * kept_positions(a);

@@ -2,15 +2,19 @@
  *     h = embed[ids]
  *     for each layer:  h = h + Attn(RMSNorm_in(h));  h = h + MLP(RMSNorm_post(h))
  *     h = RMSNorm(h; model.norm);  logits = h @ lm_head.T
- * Each residual add is fused with the norm that reads h next (add_rmsnorm). Every step is
- * one call into the kernel table (engine/scratch.h names the buffers). */
+ * Each residual add is fused with the norm that reads h next, and each norm with the product
+ * that reads its output (the rmsnorm_* entries: a backend may hand the product a narrower copy
+ * of the normed rows). Every step is one call into the kernel table (engine/scratch.h names
+ * the buffers). */
 #include "engine/model.h"
 
 #include <math.h>
 
-/* Attn(x): s->xn -> s->branch (SPEC 4), the new keys written to the cache at slot a->past */
+static const xo_linear *lm_head_weights(const xo_model *m) { return m->w.tied ? &m->w.embed : &m->w.lm_head; }
+
+/* Attn(x), x = the norm nm: -> s->branch (SPEC 4), the new keys written to the cache at slot a->past */
 static xo_status attention(xo_model *m, const xo_layer_weights *lw, int l, const xo_layers_args *a, xo_cache *cache,
-                           xo_scratch *s) {
+                           xo_scratch *s, const xo_rmsnorm_in *nm) {
     const xo_config *c = &m->cfg;
     xo_backend *be = m->be;
     const int b = a->batch, t = a->tokens, n = b * t, past = a->past;
@@ -18,9 +22,9 @@ static xo_status attention(xo_model *m, const xo_layer_weights *lw, int l, const
     const xo_rotary rot_q = { .pos = s->pos, .heads = nh, .head_dim = hd, .inv_freq = m->inv_freq, .mscale = m->mscale };
     const xo_rotary rot_k = { .pos = s->pos, .heads = nkv, .head_dim = hd, .inv_freq = m->inv_freq, .mscale = m->mscale };
     if (c->q_lora_rank == 0) {                                  /* q = RoPE(x @ Wq.T), c = (x @ Wkva.T)[:, :r] */
-        XO_TRY(be->ops.matmul_pair(be, s->q, &lw->q, s->latent, &lw->kv_a, s->xn, n, &rot_q));
+        XO_TRY(be->ops.rmsnorm_matmul_pair(be, s->q, &lw->q, s->latent, &lw->kv_a, nm, n, &rot_q));
     } else {                                                    /* q = RoPE(RMSNorm(x @ Wqa.T) @ Wqb.T), c as above */
-        XO_TRY(be->ops.matmul_pair(be, s->q_latent, &lw->q_a, s->latent, &lw->kv_a, s->xn, n, NULL));
+        XO_TRY(be->ops.rmsnorm_matmul_pair(be, s->q_latent, &lw->q_a, s->latent, &lw->kv_a, nm, n, NULL));
         XO_TRY(be->ops.rmsnorm(be, s->q_latent, s->q_latent, c->q_lora_rank, lw->q_a_norm, n, c->q_lora_rank,
                                XO_LATENT_NORM_EPS));
         XO_TRY(be->ops.matmul(be, s->q, s->q_latent, &lw->q_b, n));
@@ -51,22 +55,21 @@ static xo_status attention(xo_model *m, const xo_layer_weights *lw, int l, const
     return be->ops.attention_o_proj(be, s->branch, &at, &lw->o);           /* softmax(q.K / sqrt(hd)) V, @ Wo.T */
 }
 
-/* SwiGLU FFN: out = down(silu(gate(x)) * up(x)) */
-static xo_status ffn(xo_backend *be, const xo_ffn *f, const float *x, float *out, int n, xo_scratch *s) {
-    return be->ops.ffn(be, out, x, f, n, s->gate_up, s->ffn_act);
-}
-
-/* MLP(x): s->xn -> s->branch, a dense FFN or the MoE of SPEC 6 */
-static xo_status mlp(xo_model *m, const xo_layer_weights *lw, int n, xo_scratch *s) {
+/* MLP(x), x = the norm nm (into s->xn): -> s->branch, a dense FFN or the MoE of SPEC 6; a SwiGLU FFN
+ * is out = down(silu(gate(x)) * up(x)) */
+static xo_status mlp(xo_model *m, const xo_layer_weights *lw, int n, xo_scratch *s, const xo_rmsnorm_in *nm) {
     const xo_config *c = &m->cfg;
     xo_backend *be = m->be;
-    if (!lw->is_moe) return ffn(be, &lw->mlp, s->xn, s->branch, n, s);
-    /* top-k of softmax(RMSNorm(x; w_router_norm) @ Wgate.T), renormalised; s->branch is free
-     * until the shared expert writes it */
+    if (!lw->is_moe) return be->ops.rmsnorm_ffn(be, s->branch, nm, &lw->mlp, n, s->gate_up, s->ffn_act);
+    /* out = SharedExpert(x) + sum_k pk[k] * Expert_ik[k](x); the shared expert first, with x kept in
+     * s->xn for the router and the routed experts */
+    xo_rmsnorm_in kept = *nm;
+    kept.keep = 1;
+    XO_TRY(be->ops.rmsnorm_ffn(be, s->branch, &kept, &lw->shared, n, s->gate_up, s->ffn_act));
+    /* top-k of softmax(RMSNorm(x; w_router_norm) @ Wgate.T), renormalised; s->attn ([n, nh*hd] = [n, H])
+     * is free until the next layer's attention */
     XO_TRY(be->ops.moe_router(be, s->topk_idx, s->topk_weight, s->xn, lw->router_norm, &lw->router, n, c->experts_per_tok,
-                          s->branch, s->router_logits));
-    /* out = SharedExpert(x) + sum_k pk[k] * Expert_ik[k](x) */
-    XO_TRY(ffn(be, &lw->shared, s->xn, s->branch, n, s));
+                          s->attn, s->router_logits));
     xo_moe_args ma = { .tokens = n, .hidden = c->hidden_size, .num_experts = c->num_experts, .top_k = c->experts_per_tok,
                        .x = s->xn, .out = s->branch, .topk_idx = s->topk_idx, .topk_weight = s->topk_weight,
                        .experts = lw->experts };
@@ -112,24 +115,30 @@ xo_status xo_model_layers(xo_model *m, const xo_layers_args *a, xo_cache *cache,
         XO_TRY(be->ops.embed(be, s->h, &m->w.embed, s->ids, n));
     if (a->hidden) XO_TRY(download_pass_rows(be, a, H, a->hidden, s->h));
 
-    XO_TRY(be->ops.rmsnorm(be, s->xn, s->h, H, m->w.layers[0].input_norm, n, H, eps));      /* x = RMSNorm_in(h) */
+    const float *owed = NULL; /* the last MLP's output, still to be added to h (by the next norm) */
     for (int l = 0; l < L; l++) {
         const xo_layer_weights *lw = &m->w.layers[l];
         XO_TRY(xo_interrupt_poll(a->interrupt));
-        XO_TRY(attention(m, lw, l, a, cache, s));
-        XO_TRY(be->ops.add_rmsnorm(be, s->h, s->branch, s->xn, lw->post_norm, n, H, eps));  /* h += Attn; x = RMSNorm_post(h) */
+        /* h += the last MLP (when owed); x = RMSNorm_in(h) */
+        const xo_rmsnorm_in in = { .h = s->h, .add = owed, .x = s->xn, .w = lw->input_norm, .d = H, .eps = eps };
+        XO_TRY(attention(m, lw, l, a, cache, s, &in));
         XO_TRY(xo_interrupt_poll(a->interrupt));
-        XO_TRY(mlp(m, lw, n, s));
-        /* h += MLP; x = the next layer's RMSNorm_in(h), after the last layer RMSNorm(h; model.norm) */
-        const float *next_norm = l + 1 < L ? m->w.layers[l + 1].input_norm : m->w.final_norm;
+        /* h += Attn; x = RMSNorm_post(h) */
+        const xo_rmsnorm_in post = { .h = s->h, .add = s->branch, .x = s->xn, .w = lw->post_norm, .d = H, .eps = eps };
+        XO_TRY(mlp(m, lw, n, s, &post));
+        owed = s->branch;
         if (a->hidden && l + 1 < L) {  /* hidden_states[l + 1] is h between the add and the norm */
             XO_TRY(be->ops.add(be, s->h, s->branch, hsize));
             XO_TRY(download_pass_rows(be, a, H, a->hidden + (size_t)(l + 1) * hidden_stride, s->h));
-            XO_TRY(be->ops.rmsnorm(be, s->xn, s->h, H, next_norm, n, H, eps));
-        } else {
-            XO_TRY(be->ops.add_rmsnorm(be, s->h, s->branch, s->xn, next_norm, n, H, eps));
+            owed = NULL;
         }
     }
+    /* h += the last MLP; x = RMSNorm(h; model.norm), kept where it is read after (hidden_states, the
+     * caller's own lm_head) */
+    const xo_rmsnorm_in fin = { .h = s->h, .add = s->branch, .x = s->xn, .w = m->w.final_norm, .d = H, .eps = eps,
+                                .keep = !a->logits || a->hidden };
+    if (a->logits) XO_TRY(be->ops.rmsnorm_matmul(be, a->logits, &fin, lm_head_weights(m), n));
+    else XO_TRY(be->ops.add_rmsnorm(be, s->h, s->branch, s->xn, fin.w, n, H, eps));
     /* the last of hidden_states is the normed h, as the original returns it */
     if (a->hidden) XO_TRY(download_pass_rows(be, a, H, a->hidden + (size_t)L * hidden_stride, s->xn));
     return XO_OK;
@@ -137,7 +146,7 @@ xo_status xo_model_layers(xo_model *m, const xo_layers_args *a, xo_cache *cache,
 
 /* logits[rows, V] = x[rows, H] @ lm_head.T (the embedding when tied) */
 xo_status xo_model_lm_head(xo_model *m, float *logits, const float *x, int rows) {
-    return m->be->ops.matmul(m->be, logits, x, m->w.tied ? &m->w.embed : &m->w.lm_head, rows);
+    return m->be->ops.matmul(m->be, logits, x, lm_head_weights(m), rows);
 }
 
 /* SPEC 4.4: the original's ring path adds this to the softmax sum once keys outnumber a chunk */

@@ -84,12 +84,15 @@ typedef struct {
                                  * epsilon, so every chunk computes what the whole call would; 0: past + tokens */
     const float *embeds;        /* host [batch, row_tokens, H], or NULL: s->ids are embedded */
     float *hidden;              /* host [L+1, batch, row_tokens, H], or NULL */
+    float *logits;              /* or NULL: [batch * tokens, V] on the backend <- lm_head of every row of the
+                                 * pass, with the final norm as one step (s->xn then holds the normed states
+                                 * only with hidden) */
     const xo_interrupt *interrupt; /* polled between layers, or NULL (a recorded step must run whole) */
 } xo_layers_args;
 
 /* The decoder layers and the final norm over s->ids (or embeds) at positions s->pos, the
- * new keys written to the cache at slot past; leaves the normed states in s->xn. The cache's
- * positions and mask for the new slots must already be on the backend. */
+ * new keys written to the cache at slot past; leaves the normed states in s->xn (see logits).
+ * The cache's positions and mask for the new slots must already be on the backend. */
 xo_status xo_model_layers(xo_model *m, const xo_layers_args *a, xo_cache *cache, xo_scratch *s);
 /* logits[rows, V] = x[rows, H] @ lm_head.T */
 xo_status xo_model_lm_head(xo_model *m, float *logits, const float *x, int rows);

@@ -1,14 +1,15 @@
 /* C entry points for tests (xoron._testing, reached through ctypes, like testing/hooks.c): the
- * steps the kernel table fuses (matmul_pair, rmsnorm_cache_write, rope_kv_cache_write, ffn)
- * on the CPU (device < 0) or a CUDA device, either through the backend's own entry or through
- * the default composed from its plain entries (backends/defaults.c), so a test can hold the
- * fused kernel to both the composition and an oracle. Host arrays in and out; caches as their
- * raw bytes; rmsnorm_cache_write's scratch aliases x, as in the graph. Each returns 0, or
- * -status. Not used by the engine. */
+ * steps the kernel table fuses (matmul_pair, rmsnorm_cache_write, rope_kv_cache_write, ffn, the
+ * rmsnorm_* products) on the CPU (device < 0) or a CUDA device, either through the backend's own
+ * entry or through the default composed from its plain entries (backends/defaults.c), so a test
+ * can hold the fused kernel to both the composition and an oracle; and a whole forward pass either
+ * way. Host arrays in and out; caches as their raw bytes; rmsnorm_cache_write's scratch aliases x,
+ * as in the graph. Each returns 0, or -status. Not used by the engine. */
 #include <stdlib.h>
 #include <string.h>
 
 #include "backends/backend.h"
+#include "engine/model.h"
 
 #define XO_EXPORT __attribute__((visibility("default")))
 
@@ -28,6 +29,9 @@ static xo_status make_backend(xo_backend **be, const char *plugin, int device, i
         (*be)->ops.rmsnorm_cache_write = NULL;
         (*be)->ops.rope_kv_cache_write = NULL;
         (*be)->ops.ffn = NULL;
+        (*be)->ops.rmsnorm_matmul = NULL;
+        (*be)->ops.rmsnorm_matmul_pair = NULL;
+        (*be)->ops.rmsnorm_ffn = NULL;
         xo_backend_fill_defaults(*be);
     }
     return XO_OK;
@@ -36,13 +40,13 @@ static xo_status make_backend(xo_backend **be, const char *plugin, int device, i
 /* device copies of host arrays, released together */
 typedef struct {
     xo_backend *be;
-    void *p[8];
+    void *p[12];
     int n;
 } dev_arrays;
 
 static void *put(dev_arrays *d, const void *host, size_t bytes, xo_status *rc) {
     if (*rc != XO_OK) return NULL;
-    void *p = d->be->mem.alloc(d->be, bytes);
+    void *p = d->n < (int)(sizeof d->p / sizeof d->p[0]) ? d->be->mem.alloc(d->be, bytes) : NULL;
     if (!p) {
         *rc = XO_ENOMEM;
         return NULL;
@@ -166,5 +170,88 @@ XO_EXPORT int xo_hook_ffn(const char *plugin, int device, int fused, int dtype, 
     d.be->weights.linear_free(d.be, &f.gate_up);
     d.be->weights.linear_free(d.be, &f.down);
     release(&d);
+    return -(int)rc;
+}
+
+/* One of the rmsnorm_* entries (entry 0: rmsnorm_matmul, 1: rmsnorm_matmul_pair, 2: rmsnorm_ffn) over
+ * the norm of h [n, d] (add [n, d] added first when not NULL; norm weights norm_w [d]; keep as
+ * xo_rmsnorm_in has it). w1 [out1, d] is the product's weights (the pair's first, the ffn's gate_up), w2
+ * [out2, d] the pair's second or the ffn's down [out2, out1 / 2]; weights float32 stored as `dtype`.
+ * y1 [n, out1] (ffn: [n, out2]) and y2 [n, out2] (pair) out, with h after the add in h_out and, with
+ * keep, the normed rows in x_out. rotate, heads, hd, pos, inv_freq, mscale: the pair's rotation, as in
+ * xo_hook_matmul_pair. */
+XO_EXPORT int xo_hook_rmsnorm_product(const char *plugin, int device, int fused, int dtype, int entry, int n, int d,
+                                      float eps, const float *h, const float *add, const float *norm_w, int keep,
+                                      int out1, const float *w1, int out2, const float *w2, int rotate, int heads,
+                                      int hd, const int32_t *pos, const float *inv_freq, float mscale, float *y1,
+                                      float *y2, float *h_out, float *x_out) {
+    dev_arrays da = { 0 };
+    xo_status rc = make_backend(&da.be, plugin, device, fused);
+    if (rc != XO_OK) return -(int)rc;
+    xo_backend *be = da.be;
+    xo_linear L1, L2;
+    memset(&L1, 0, sizeof L1);
+    memset(&L2, 0, sizeof L2);
+    const int in2 = entry == 2 ? out1 / 2 : d, rows1 = entry == 2 ? out2 : out1;
+    rc = load_linear(be, &L1, dtype, out1, d, w1);
+    if (rc == XO_OK && entry > 0) rc = load_linear(be, &L2, dtype, out2, in2, w2);
+    const size_t hb = (size_t)n * d * sizeof(float);
+    float *dh = put(&da, h, hb, &rc);
+    const float *dadd = add ? put(&da, add, hb, &rc) : NULL;
+    const float *dw = put(&da, norm_w, (size_t)d * sizeof(float), &rc);
+    float *dx = put(&da, NULL, hb, &rc);
+    float *dy1 = put(&da, NULL, (size_t)n * rows1 * sizeof(float), &rc);
+    float *dy2 = put(&da, NULL, (size_t)n * (size_t)(entry == 2 ? out1 : out2) * sizeof(float), &rc);
+    float *dact = entry == 2 ? put(&da, NULL, (size_t)n * (out1 / 2) * sizeof(float), &rc) : NULL;
+    const int32_t *dpos = put(&da, pos, (size_t)n * sizeof(int32_t), &rc);
+    const float *dfreq = put(&da, inv_freq, (size_t)(hd / 2 > 0 ? hd / 2 : 1) * sizeof(float), &rc);
+    const xo_rotary rot = { .pos = dpos, .heads = heads, .head_dim = hd, .inv_freq = dfreq, .mscale = mscale };
+    const xo_rmsnorm_in nm = { .h = dh, .add = dadd, .x = dx, .w = dw, .d = d, .eps = eps, .keep = keep };
+    xo_ffn f = { .gate_up = L1, .down = L2 };
+    if (rc == XO_OK) {
+        if (entry == 0) rc = be->ops.rmsnorm_matmul(be, dy1, &nm, &L1, n);
+        else if (entry == 1) rc = be->ops.rmsnorm_matmul_pair(be, dy1, &L1, dy2, &L2, &nm, n, rotate ? &rot : NULL);
+        else rc = be->ops.rmsnorm_ffn(be, dy1, &nm, &f, n, dy2, dact);
+    }
+    if (rc == XO_OK) rc = be->mem.download(be, y1, dy1, (size_t)n * rows1 * sizeof(float));
+    if (rc == XO_OK && entry == 1) rc = be->mem.download(be, y2, dy2, (size_t)n * out2 * sizeof(float));
+    if (rc == XO_OK) rc = be->mem.download(be, h_out, dh, hb);
+    if (rc == XO_OK && keep) rc = be->mem.download(be, x_out, dx, hb);
+    be->weights.linear_free(be, &L1);
+    be->weights.linear_free(be, &L2);
+    release(&da);
+    return -(int)rc;
+}
+
+/* A forward pass of a model with random weights (xo_model_init_random, seed 0) stored as `dtype`:
+ * cfg = { vocab, hidden, intermediate, layers, heads, kv_heads, kv_lora_rank, q_lora_rank, use_moe,
+ * experts, experts_per_tok, moe_layer_freq, moe_intermediate }; ids [batch, tokens]; logits [batch,
+ * kept, V] out (logits_to_keep as the forward takes it); hidden [L+1, batch, tokens, H] out, or NULL;
+ * prefill_chunk as the option (0: auto). fused == 0: every fused entry replaced by its default. */
+XO_EXPORT int xo_hook_forward_fused(const char *plugin, int device, int fused, int dtype, const int *cfg, int batch,
+                                    int tokens, const int32_t *ids, int logits_to_keep, int prefill_chunk,
+                                    float *logits, float *hidden) {
+    xo_config c = { .vocab_size = cfg[0], .hidden_size = cfg[1], .intermediate_size = cfg[2], .num_layers = cfg[3],
+                    .num_heads = cfg[4], .num_kv_heads = cfg[5], .max_position_embeddings = 4096,
+                    .rms_norm_eps = 1e-6f, .rope_theta = 10000.0f, .ring_chunk_size = 4096,
+                    .kv_lora_rank = cfg[6], .q_lora_rank = cfg[7], .use_moe = cfg[8], .num_experts = cfg[9],
+                    .experts_per_tok = cfg[10], .moe_layer_freq = cfg[11], .moe_intermediate_size = cfg[12] };
+    xo_options o;
+    xo_status rc = xo_options_init(&o);
+    o.prefill_chunk = prefill_chunk;
+    xo_backend *be = NULL;
+    if (rc == XO_OK) rc = make_backend(&be, plugin, device, fused);
+    if (rc != XO_OK) return -(int)rc;
+    xo_model *m = NULL;
+    rc = xo_model_create(&m, &c, be, (xo_dtype)dtype, &o); /* takes be, even on failure */
+    if (rc == XO_OK) rc = xo_model_init_random(m, 0);
+    if (rc == XO_OK) {
+        xo_forward_args a = { .batch = batch, .tokens = tokens, .ids = ids, .logits = logits,
+                              .logits_to_keep = logits_to_keep, .hidden = hidden };
+        xo_model_lock(m);
+        rc = xo_model_forward(m, &a);
+        xo_model_unlock(m);
+    }
+    if (m) xo_model_free(m);
     return -(int)rc;
 }

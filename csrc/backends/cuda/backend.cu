@@ -296,6 +296,12 @@ WRAP(rope, (xo_backend *be, float *x, size_t rs, const int32_t *pos, int n, int 
 WRAP(matmul_pair, (xo_backend *be, float *y1, const xo_linear *w1, float *y2, const xo_linear *w2, const float *x, int m,
                    const xo_rotary *rot),
      (be, y1, w1, y2, w2, x, m, rot))
+WRAP(rmsnorm_matmul, (xo_backend *be, float *y, const xo_rmsnorm_in *nm, const xo_linear *w, int m), (be, y, nm, w, m))
+WRAP(rmsnorm_matmul_pair, (xo_backend *be, float *y1, const xo_linear *w1, float *y2, const xo_linear *w2,
+                           const xo_rmsnorm_in *nm, int m, const xo_rotary *rot),
+     (be, y1, w1, y2, w2, nm, m, rot))
+WRAP(rmsnorm_ffn, (xo_backend *be, float *out, const xo_rmsnorm_in *nm, const xo_ffn *f, int n, float *gu, float *act),
+     (be, out, nm, f, n, gu, act))
 WRAP(rmsnorm_cache_write, (xo_backend *be, void *cache, xo_dtype ct, int cap, int start, const int32_t *sd, float *normed,
                            const float *x, const float *w, int b, int n, int d, float eps),
      (be, cache, ct, cap, start, sd, normed, x, w, b, n, d, eps))
@@ -432,6 +438,9 @@ extern "C" __attribute__((visibility("default"))) xo_status xo_cuda_plugin_creat
     be->ops.add_rmsnorm = w_add_rmsnorm;
     be->ops.rope = w_rope;
     be->ops.matmul_pair = w_matmul_pair;
+    be->ops.rmsnorm_matmul = w_rmsnorm_matmul;
+    be->ops.rmsnorm_matmul_pair = w_rmsnorm_matmul_pair;
+    be->ops.rmsnorm_ffn = w_rmsnorm_ffn;
     be->ops.rmsnorm_cache_write = w_rmsnorm_cache_write;
     be->ops.rope_kv_cache_write = w_rope_kv_cache_write;
     be->ops.embed = w_embed;

@@ -298,6 +298,14 @@ xo_status cu_ffn(xo_backend *be, float *out, const float *x, const xo_ffn *f, in
 /* y1 = x @ w1.T (rotated by rot when not NULL), y2 = x @ w2.T: one kernel for a few rows */
 xo_status cu_matmul_pair(xo_backend *be, float *y1, const xo_linear *w1, float *y2, const xo_linear *w2, const float *x,
                          int m, const xo_rotary *rot);
+/* the kernel table's rmsnorm_matmul, rmsnorm_matmul_pair and rmsnorm_ffn (backend.h): where the product
+ * reads a 16-bit x (many rows, 16-bit weights) the norm stores its rows 16-bit for it, with no float32
+ * copy to convert (nor any, unless nm->keep) */
+xo_status cu_rmsnorm_matmul(xo_backend *be, float *y, const xo_rmsnorm_in *nm, const xo_linear *w, int m);
+xo_status cu_rmsnorm_matmul_pair(xo_backend *be, float *y1, const xo_linear *w1, float *y2, const xo_linear *w2,
+                                 const xo_rmsnorm_in *nm, int m, const xo_rotary *rot);
+xo_status cu_rmsnorm_ffn(xo_backend *be, float *out, const xo_rmsnorm_in *nm, const xo_ffn *f, int n, float *gu,
+                         float *act);
 /* y[m, out] = x16[m, k] @ W.T with x already 16-bit (the dtype of w) */
 xo_status cu_matmul16(CuCtx *c, float *y, const void *x16, const xo_linear *w, int m);
 /* batch products of m rows each, y[b] = x16[b] @ W.T, x16 batches x_stride elements apart, y compact;
@@ -326,10 +334,10 @@ xo_status cu_grouped_gemm_hopper(CuCtx *c, float *y, const void *x16, int rows, 
 /* act[rows of g, inter] = silu(X @ gate_g.T) * (X @ up_g.T) in dtype t, W_g = [gate_g; up_g] [2 inter, k] */
 xo_status cu_grouped_swiglu_hopper(CuCtx *c, void *act, const void *x16, int rows, const CuGroupPtrs *w, xo_dtype t,
                                    int inter, int k, const int *offsets, const int *tile_start, int groups, int max_tiles);
-/* the dense form: act[rows, inter] (16-bit) = silu(x16 @ gate.T) * (x16 @ up.T), gate_up = [gate; up]
- * [2 inter, k] 16-bit, x16 [rows, k] of its dtype; whether it runs here for that shape */
+/* the dense form: act[rows, inter] (16-bit, or float32 with act_f32) = silu(x16 @ gate.T) * (x16 @ up.T),
+ * gate_up = [gate; up] [2 inter, k] 16-bit, x16 [rows, k] of its dtype; whether it runs here for that shape */
 bool cu_swiglu_hopper_fits(CuCtx *c, int rows, int k, int inter);
-xo_status cu_swiglu_hopper(CuCtx *c, void *act, const void *x16, int rows, const xo_linear *gate_up, int k);
+xo_status cu_swiglu_hopper(CuCtx *c, void *act, bool act_f32, const void *x16, int rows, const xo_linear *gate_up, int k);
 /* skinny version for few rows per group: f32 inputs, any weight dtype; offsets device [G+1] */
 xo_status cu_grouped_skinny(CuCtx *c, float *y, const float *x, const CuGroupPtrs *w, xo_dtype t, int out, int k,
                             const int *offsets, int groups);
@@ -337,6 +345,9 @@ xo_status cu_grouped_skinny(CuCtx *c, float *y, const float *x, const CuGroupPtr
 /* backends/cuda/elementwise.cu */
 xo_status cu_rmsnorm(xo_backend *be, float *y, const float *x, int x_stride, const float *w, int n, int d, float eps);
 xo_status cu_add_rmsnorm(xo_backend *be, float *h, const float *x, float *y, const float *w, int n, int d, float eps);
+/* the norm of nm (backend.h) over n rows stored in y16 as t (BF16 or F16), rounded as cu_convert rounds
+ * the float32 values cu_rmsnorm / cu_add_rmsnorm give; nm->x written too only with nm->keep */
+xo_status cu_rmsnorm_to16(CuCtx *c, void *y16, xo_dtype t, const xo_rmsnorm_in *nm, int n);
 xo_status cu_rope(xo_backend *be, float *x, size_t row_stride, const int32_t *pos, int n, int heads, int hd,
                   const float *inv_freq, float mscale);
 /* rows of x are row_stride floats apart; row i takes position pos[(i / rpb) * pcap + i % rpb] */

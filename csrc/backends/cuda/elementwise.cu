@@ -1,6 +1,8 @@
-/* Elementwise and row-wise kernels: dtype conversion, RMSNorm, rotary embedding, embedding
- * lookup, residual add, SwiGLU, cache writes (plain, or fused with the RMSNorm or the rotation
- * before them). Semantics as in csrc/backends/cpu/elementwise.c and backends/defaults.c. */
+/* Elementwise and row-wise kernels: dtype conversion, RMSNorm (its output float32, or 16-bit
+ * for the GEMM after it, or both), rotary embedding, embedding lookup, residual add, SwiGLU,
+ * cache writes (plain, or fused with the RMSNorm or the rotation before them). Semantics as in csrc/backends/cpu/elementwise.c and backends/defaults.c. */
+#include <type_traits>
+
 #include "backends/cuda/common.h"
 
 template <typename S, typename D>
@@ -50,14 +52,22 @@ __device__ __forceinline__ float block_sum(float ss) {
 }
 
 /* with add (then x_stride == d): x += add first, written back, and normed (the residual add fused).
- * Rows of up to 8 * THREADS values stay in registers: one pass over memory, w loaded early. */
-template <int THREADS>
-__global__ void k_rmsnorm(float *y, float *x, int x_stride, const float *__restrict__ w, int d, float eps,
+ * Rows of up to 8 * THREADS values stay in registers: one pass over memory, w loaded early.
+ * T16 (BF16 / F16; float: none): each normed value also stored in y16 as cu_st rounds it, the input
+ * of the 16-bit GEMM after the norm (the values a conversion of y would give); y may then be NULL. */
+template <int THREADS, typename T16>
+__global__ void k_rmsnorm(float *y, T16 *y16, float *x, int x_stride, const float *__restrict__ w, int d, float eps,
                           const float *__restrict__ add) {
     CU_PDL_ENTRY();
     enum { PER = 8 };
+    constexpr bool with16 = !std::is_same<T16, float>::value;
     float *xr = x + (size_t)blockIdx.x * x_stride;
-    float *yr = y + (size_t)blockIdx.x * d;
+    float *yr = !with16 || y ? y + (size_t)blockIdx.x * d : NULL;
+    T16 *y16r = with16 ? y16 + (size_t)blockIdx.x * d : NULL;
+    auto put = [&](int j, float o) {
+        if (!with16 || yr) yr[j] = o;
+        if (with16) cu_st(y16r, j, o);
+    };
     const float *ar = add ? add + (size_t)blockIdx.x * d : NULL;
     const bool in_regs = d <= PER * THREADS;
     float v[PER], wv[PER];
@@ -90,27 +100,41 @@ __global__ void k_rmsnorm(float *y, float *x, int x_stride, const float *__restr
     if (in_regs) {
 #pragma unroll
         for (int p = 0; p < PER; p++)
-            if (threadIdx.x + p * THREADS < d) yr[threadIdx.x + p * THREADS] = wv[p] * (v[p] * inv);
+            if (threadIdx.x + p * THREADS < d) put(threadIdx.x + p * THREADS, wv[p] * (v[p] * inv));
     } else {
         /* in place (y == x) is safe: each element is read before it is written by the same thread */
-        for (int j = threadIdx.x; j < d; j += THREADS) yr[j] = w[j] * (xr[j] * inv);
+        for (int j = threadIdx.x; j < d; j += THREADS) put(j, w[j] * (xr[j] * inv));
     }
+}
+
+/* the block size by row length, as every RMSNorm launch picks it (the sums, so the values, depend on it) */
+template <typename T16>
+static void launch_rmsnorm(CuCtx *c, float *y, T16 *y16, float *x, int x_stride, const float *w, int n, int d, float eps,
+                           const float *add) {
+    if (d <= 256) cu_launch(c, k_rmsnorm<128, T16>, n, 128, 0, y, y16, x, x_stride, w, d, eps, add);
+    else cu_launch(c, k_rmsnorm<256, T16>, n, 256, 0, y, y16, x, x_stride, w, d, eps, add);
 }
 
 xo_status cu_rmsnorm(xo_backend *be, float *y, const float *x, int x_stride, const float *w, int n, int d, float eps) {
     CuCtx *c = cu_ctx(be);
     if (n <= 0) return XO_OK;
-    if (d <= 256) cu_launch(c, k_rmsnorm<128>, n, 128, 0, y, (float *)x, x_stride, w, d, eps, (const float *)NULL);
-    else cu_launch(c, k_rmsnorm<256>, n, 256, 0, y, (float *)x, x_stride, w, d, eps, (const float *)NULL);
+    launch_rmsnorm(c, y, (float *)NULL, (float *)x, x_stride, w, n, d, eps, (const float *)NULL);
     return cu_check_launch(c, "rmsnorm");
 }
 
 xo_status cu_add_rmsnorm(xo_backend *be, float *h, const float *x, float *y, const float *w, int n, int d, float eps) {
     CuCtx *c = cu_ctx(be);
     if (n <= 0) return XO_OK;
-    if (d <= 256) cu_launch(c, k_rmsnorm<128>, n, 128, 0, y, h, d, w, d, eps, x);
-    else cu_launch(c, k_rmsnorm<256>, n, 256, 0, y, h, d, w, d, eps, x);
+    launch_rmsnorm(c, y, (float *)NULL, h, d, w, n, d, eps, x);
     return cu_check_launch(c, "add_rmsnorm");
+}
+
+xo_status cu_rmsnorm_to16(CuCtx *c, void *y16, xo_dtype t, const xo_rmsnorm_in *nm, int n) {
+    if (n <= 0) return XO_OK;
+    float *y = nm->keep ? nm->x : NULL;
+    if (t == XO_BF16) launch_rmsnorm(c, y, (__nv_bfloat16 *)y16, nm->h, nm->d, nm->w, n, nm->d, nm->eps, nm->add);
+    else launch_rmsnorm(c, y, (__half *)y16, nm->h, nm->d, nm->w, n, nm->d, nm->eps, nm->add);
+    return cu_check_launch(c, "rmsnorm (16-bit out)");
 }
 
 /* ---- RMSNorm straight into a cache (the latent's): one block per row, the block sizes and sums of

@@ -6,6 +6,8 @@
  *   streamed once with 16-byte loads for up to 8 activation rows at a time.
  * - two products of one x in one launch for a few rows (matmul_pair), the first optionally
  *   rotated as it is stored.
+ * - the products after an RMSNorm (rmsnorm_matmul, rmsnorm_matmul_pair, rmsnorm_ffn): over many
+ *   rows with 16-bit weights the norm stores x 16-bit for the GEMM, so no conversion pass.
  * - grouped products for the MoE, driven by device-side group offsets (no host round trip):
  *   a WMMA tensor-core kernel (16-bit) and the skinny kernel per group.
  * - a plain tiled fp32 kernel for the products the others do not take. */
@@ -178,12 +180,19 @@ static void launch_skinny_gu(CuCtx *c, float *act, const float *x, const void *w
     else cu_launch(c, k_skinny_gu<W, GU_FUSED_MAX_M>, grid, 256, 0, act, x, (const W *)w, inter, k, m);
 }
 
+static xo_status act16_of(CuCtx *c, const float *x, size_t n, xo_dtype t);
+
 xo_status cu_gate_up_swiglu(xo_backend *be, float *act, const float *x, float *gu, const xo_linear *w, int m) {
     CuCtx *c = cu_ctx(be);
     const int inter = w->out / 2, k = w->in;
     if (m <= 0 || inter <= 0) return XO_OK;
     const bool fused = m <= GU_FUSED_MAX_M && k > 0 && k % 8 == 0 && (((uintptr_t)x | (uintptr_t)w->data) & 15) == 0 &&
                        (w->dtype == XO_BF16 || w->dtype == XO_F16 || w->dtype == XO_F32);
+    if (!fused && cu_is16(w->dtype) && cu_swiglu_hopper_fits(c, m, k, inter)) {
+        /* the SwiGLU in the product's epilogue, float32 out: the values the ffn entry rounds */
+        XO_TRY(act16_of(c, x, (size_t)m * k, w->dtype));
+        return cu_swiglu_hopper(c, act, true, c->act16, m, w, k);
+    }
     if (!fused) {
         XO_TRY(cu_matmul(be, gu, x, w, m));
         return cu_swiglu(be, act, gu, m, inter);
@@ -511,29 +520,82 @@ xo_status cu_matmul(xo_backend *be, float *y, const float *x, const xo_linear *w
     return cu_matmul16(c, y, c->act16, w, m);
 }
 
-/* The SwiGLU FFN. Over many rows with 16-bit weights the composition would write the activation
+/* The products over a 16-bit x where cu_matmul would convert a float32 one (many rows, 16-bit
+ * weights): the rmsnorm_* entries then have the norm store x 16-bit, in c->act16, instead. */
+static bool reads16(const xo_linear *w, int m) { return m > CU_SKINNY_MAX_M && cu_is16(w->dtype) && w->in > 0 && w->out > 0; }
+
+/* c->act16 <- the normed rows of nm, as the 16-bit type t; nm->x written only if nm->keep */
+static xo_status norm16(CuCtx *c, const xo_rmsnorm_in *nm, int m, xo_dtype t) {
+    XO_TRY(cu_act16_reserve(c, (size_t)m * nm->d * 2));
+    return cu_rmsnorm_to16(c, c->act16, t, nm, m);
+}
+
+/* nm->x <- the normed rows of nm, float32 */
+static xo_status norm32(xo_backend *be, const xo_rmsnorm_in *nm, int m) {
+    if (nm->add) return cu_add_rmsnorm(be, nm->h, nm->add, nm->x, nm->w, m, nm->d, nm->eps);
+    return cu_rmsnorm(be, nm->x, nm->h, nm->d, nm->w, m, nm->d, nm->eps);
+}
+
+xo_status cu_rmsnorm_matmul(xo_backend *be, float *y, const xo_rmsnorm_in *nm, const xo_linear *w, int m) {
+    CuCtx *c = cu_ctx(be);
+    if (m <= 0) return XO_OK;
+    if (!reads16(w, m) || w->in != nm->d) {
+        XO_TRY(norm32(be, nm, m));
+        return cu_matmul(be, y, nm->x, w, m);
+    }
+    XO_TRY(norm16(c, nm, m, w->dtype));
+    return cu_matmul16(c, y, c->act16, w, m);
+}
+
+/* The SwiGLU FFN over x (float32), or over x16 (not NULL: x already in gate_up's 16-bit type, the
+ * product reads16 takes). Over many rows with 16-bit weights the composition would write the activation
  * float32 and convert it for the down product: here k_swiglu stores it converted, in c->act16 (the
- * gate_up product has read its own converted x from there by then, in stream order). On Hopper
- * the gate/up product ends in the SwiGLU itself (grouped_gemm_hopper.cu) and stores the 16-bit
- * activation in the act scratch: no float32 gate|up at all. */
-xo_status cu_ffn(xo_backend *be, float *out, const float *x, const xo_ffn *f, int n, float *gu, float *act) {
+ * gate_up product has read its x from there by then, in stream order). On Hopper the gate/up
+ * product ends in the SwiGLU itself (grouped_gemm_hopper.cu) and stores the 16-bit activation in
+ * the act scratch: no float32 gate|up at all. */
+static xo_status ffn_from(xo_backend *be, float *out, const float *x, const void *x16, const xo_ffn *f, int n, float *gu,
+                          float *act) {
     CuCtx *c = cu_ctx(be);
     const xo_linear *gw = &f->gate_up, *dw = &f->down;
     const int inter = gw->out / 2;
     const bool act16 = n > CU_SKINNY_MAX_M && cu_is16(dw->dtype) && inter > 0 && dw->in == inter && dw->out > 0;
-    if (!act16) {
+    if (!act16 && !x16) {
         XO_TRY(cu_gate_up_swiglu(be, act, x, gu, gw, n));
         return cu_matmul(be, out, act, dw, n);
     }
-    if (gw->dtype == dw->dtype && cu_swiglu_hopper_fits(c, n, gw->in, inter)) {
-        XO_TRY(act16_of(c, x, (size_t)n * gw->in, gw->dtype));
-        XO_TRY(cu_swiglu_hopper(c, act, c->act16, n, gw, gw->in));
+    if (act16 && gw->dtype == dw->dtype && cu_swiglu_hopper_fits(c, n, gw->in, inter)) {
+        if (!x16) {
+            XO_TRY(act16_of(c, x, (size_t)n * gw->in, gw->dtype));
+            x16 = c->act16;
+        }
+        XO_TRY(cu_swiglu_hopper(c, act, false, x16, n, gw, gw->in));
         return cu_matmul16(c, out, act, dw, n);
     }
-    XO_TRY(cu_matmul(be, gu, x, gw, n)); /* as cu_gate_up_swiglu does it for many rows */
+    /* as cu_gate_up_swiglu does it for many rows */
+    XO_TRY(x16 ? cu_matmul16(c, gu, x16, gw, n) : cu_matmul(be, gu, x, gw, n));
+    if (!act16) {
+        XO_TRY(cu_swiglu(be, act, gu, n, inter));
+        return cu_matmul(be, out, act, dw, n);
+    }
     XO_TRY(cu_act16_reserve(c, (size_t)n * inter * 2));
     XO_TRY(cu_swiglu_to(c, c->act16, dw->dtype, gu, (size_t)n, inter));
     return cu_matmul16(c, out, c->act16, dw, n);
+}
+
+xo_status cu_ffn(xo_backend *be, float *out, const float *x, const xo_ffn *f, int n, float *gu, float *act) {
+    return ffn_from(be, out, x, NULL, f, n, gu, act);
+}
+
+xo_status cu_rmsnorm_ffn(xo_backend *be, float *out, const xo_rmsnorm_in *nm, const xo_ffn *f, int n, float *gu,
+                         float *act) {
+    CuCtx *c = cu_ctx(be);
+    if (n <= 0) return XO_OK;
+    if (!reads16(&f->gate_up, n) || f->gate_up.in != nm->d) {
+        XO_TRY(norm32(be, nm, n));
+        return ffn_from(be, out, nm->x, NULL, f, n, gu, act);
+    }
+    XO_TRY(norm16(c, nm, n, f->gate_up.dtype));
+    return ffn_from(be, out, nm->x, c->act16, f, n, gu, act);
 }
 
 /* ------------------------------------------------------------------ two products from one x */
@@ -622,6 +684,32 @@ static void launch_pair(CuCtx *c, unsigned grid, float *y1, float *y2, const flo
     else launch_pair_mt<W, 8>(c, grid, y1, y2, x, w1, w2, out1, out2, k, m, units1, rot);
 }
 
+/* both products over one 16-bit x (the GEMMs cu_matmul would run over x converted) */
+static bool pair_reads16(const xo_linear *w1, const xo_linear *w2, int m) {
+    return reads16(w1, m) && reads16(w2, m) && w1->dtype == w2->dtype && w1->in == w2->in;
+}
+
+/* y1 = x16 @ W1.T (then rotated by rot), y2 = x16 @ W2.T, x16 in c->act16 */
+static xo_status pair16(xo_backend *be, float *y1, const xo_linear *w1, float *y2, const xo_linear *w2, int m,
+                        const xo_rotary *rot) {
+    CuCtx *c = cu_ctx(be);
+    XO_TRY(cu_matmul16(c, y1, c->act16, w1, m));
+    XO_TRY(cu_matmul16(c, y2, c->act16, w2, m));
+    if (!rot) return XO_OK;
+    return cu_rope(be, y1, (size_t)w1->out, rot->pos, m, rot->heads, rot->head_dim, rot->inv_freq, rot->mscale);
+}
+
+xo_status cu_rmsnorm_matmul_pair(xo_backend *be, float *y1, const xo_linear *w1, float *y2, const xo_linear *w2,
+                                 const xo_rmsnorm_in *nm, int m, const xo_rotary *rot) {
+    if (m <= 0) return XO_OK;
+    if (!pair_reads16(w1, w2, m) || w1->in != nm->d) {
+        XO_TRY(norm32(be, nm, m));
+        return cu_matmul_pair(be, y1, w1, y2, w2, nm->x, m, rot);
+    }
+    XO_TRY(norm16(cu_ctx(be), nm, m, w1->dtype));
+    return pair16(be, y1, w1, y2, w2, m, rot);
+}
+
 xo_status cu_matmul_pair(xo_backend *be, float *y1, const xo_linear *w1, float *y2, const xo_linear *w2, const float *x,
                          int m, const xo_rotary *rot) {
     CuCtx *c = cu_ctx(be);
@@ -633,15 +721,12 @@ xo_status cu_matmul_pair(xo_backend *be, float *y1, const xo_linear *w1, float *
     const bool fused = m <= CU_SKINNY_MAX_M && same_storage && rot_pairs && k > 0 && k % 8 == 0 && w1->out > 0 &&
                        w2->out > 0 && (((uintptr_t)x | (uintptr_t)w1->data | (uintptr_t)w2->data) & 15) == 0;
     if (!fused) { /* many rows (each product its own GEMM), or shapes the kernel does not take */
-        if (m > CU_SKINNY_MAX_M && same_storage && cu_is16(w1->dtype) && k > 0 && w1->out > 0 && w2->out > 0) {
-            /* x converted once for both GEMMs, where two cu_matmul would convert it twice */
+        if (pair_reads16(w1, w2, m)) { /* x converted once for both GEMMs, where two cu_matmul would convert it twice */
             XO_TRY(act16_of(c, x, (size_t)m * k, w1->dtype));
-            XO_TRY(cu_matmul16(c, y1, c->act16, w1, m));
-            XO_TRY(cu_matmul16(c, y2, c->act16, w2, m));
-        } else {
-            XO_TRY(cu_matmul(be, y1, x, w1, m));
-            XO_TRY(cu_matmul(be, y2, x, w2, m));
+            return pair16(be, y1, w1, y2, w2, m, rot);
         }
+        XO_TRY(cu_matmul(be, y1, x, w1, m));
+        XO_TRY(cu_matmul(be, y2, x, w2, m));
         if (!rot) return XO_OK;
         return cu_rope(be, y1, (size_t)w1->out, rot->pos, m, rot->heads, rot->head_dim, rot->inv_freq, rot->mscale);
     }

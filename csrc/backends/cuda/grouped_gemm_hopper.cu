@@ -6,7 +6,9 @@
  *           dtype, W_g = [Gate_g; Up_g] [2 inter, k] (gate rows first): the gate/up product with
  *           the SwiGLU in its epilogue, so no [rows, 2 inter] float32 intermediate exists.
  *
- * Without offsets (the dense FFN's gate/up product) the rows are one group of dense_rows.
+ * Without offsets (the dense FFN's gate/up product) the rows are one group of dense_rows, and the
+ * activation may be stored float32 (act_f32: the gate_up_swiglu entry, whose result the down
+ * product then rounds to the same 16-bit values as the 16-bit store would).
  *
  * A CTA computes 128 rows (of one group; tile_start counts each group's 128-row tiles) by 128
  * weight rows, the swiglu kernel's being gate rows c0 .. c0+63 then the matching up rows, so that
@@ -51,10 +53,10 @@ struct GroupedMaps { /* CUtensorMap brings its own alignment */
 
 struct GroupedArgs {
     float *y;   /* plain: [rows, out] */
-    void *act;  /* swiglu: [rows, out] in the 16-bit dtype */
+    void *act;  /* swiglu: [rows, out] in the 16-bit dtype, or float32 with act_f32 */
     int out, k;
     const int *offsets, *tile_start; /* device [groups + 1]; NULL: one group of dense_rows */
-    int groups, dense_rows;
+    int groups, dense_rows, act_f32;
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -172,7 +174,20 @@ __global__ __launch_bounds__(THREADS, 2) void k_grouped_tma(const __grid_constan
     for (int i = 0; i < 64; i++) reg_fence(acc[i]);
 
     const int ra = wg * 64 + warp * 16 + (lane >> 2), rb = ra + 8, gc = (lane & 3) * 2;
-    if (SWIGLU) {
+    if (SWIGLU && p.act_f32) {
+        float *act = (float *)p.act + (size_t)row0 * out;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const int col = n0 + 8 * i + gc;
+            if (col >= out) continue;
+            if (ra < rows)
+                *(float2 *)(act + (size_t)ra * out + col) =
+                    make_float2(silu_times(acc[4 * i], acc[32 + 4 * i]), silu_times(acc[4 * i + 1], acc[33 + 4 * i]));
+            if (rb < rows)
+                *(float2 *)(act + (size_t)rb * out + col) =
+                    make_float2(silu_times(acc[4 * i + 2], acc[34 + 4 * i]), silu_times(acc[4 * i + 3], acc[35 + 4 * i]));
+        }
+    } else if (SWIGLU) {
         uint32_t *act = (uint32_t *)((T *)p.act + (size_t)row0 * out);
 #pragma unroll
         for (int i = 0; i < 8; i++) {
@@ -271,6 +286,7 @@ GroupedArgs grouped_args(int out, int k, const int *offsets, const int *tile_sta
     a.tile_start = tile_start;
     a.groups = groups;
     a.dense_rows = 0;
+    a.act_f32 = 0;
     return a;
 }
 
@@ -307,7 +323,7 @@ bool cu_swiglu_hopper_fits(CuCtx *c, int rows, int k, int inter) {
     return hopper_usable(c);
 }
 
-xo_status cu_swiglu_hopper(CuCtx *c, void *act, const void *x16, int rows, const xo_linear *gate_up, int k) {
+xo_status cu_swiglu_hopper(CuCtx *c, void *act, bool act_f32, const void *x16, int rows, const xo_linear *gate_up, int k) {
     const int inter = gate_up->out / 2;
     CuGroupPtrs w;
     w.p[0] = gate_up->data;
@@ -316,6 +332,7 @@ xo_status cu_swiglu_hopper(CuCtx *c, void *act, const void *x16, int rows, const
     if (rc != XO_OK) return rc;
     GroupedArgs a = grouped_args(inter, k, nullptr, nullptr, 1);
     a.act = act;
+    a.act_f32 = act_f32;
     a.dense_rows = rows;
     const int tiles = (rows + BM - 1) / BM;
     return gate_up->dtype == XO_BF16 ? launch<__nv_bfloat16, true>(c, maps, a, tiles, "gate/up + swiglu (hopper)")
