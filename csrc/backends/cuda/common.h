@@ -181,7 +181,9 @@ __device__ __forceinline__ void cu_rope_angle(int32_t pos, float inv_freq, float
     sn = sinf(theta) * mscale;
 }
 __device__ __forceinline__ void cu_rope_pair(float &a, float &b, float cs, float sn) {
-    const float ra = a * cs - b * sn, rb = b * cs + a * sn;
+    /* the roundings spelled out: left to itself the compiler contracts these into FMAs differently
+     * in different kernels (a GEMV's rotated store against k_rope's were 1 ulp apart) */
+    const float ra = __fmaf_rn(a, cs, -__fmul_rn(b, sn)), rb = __fmaf_rn(b, cs, __fmul_rn(a, sn));
     a = ra;
     b = rb;
 }
