@@ -65,18 +65,18 @@ def expect_path(m, before, path, calls):
     assert got == {k: (calls if k == path else 0) for k in PATHS}, got
 
 
-# the share of tokens held to the oracle within TOL_HALF: with 16-bit weights and hundreds of
-# tokens, this random model's large router logits (std ~50) make some token's top-k mixing
-# weights tip under rounding (the CPU engine in bfloat16 misses 3e-2 on up to 2.4% of the tokens of
-# these configs too; with one expert it never does). All tokens: against cuda_moe=host below.
-ORACLE_SHARE = 0.95
+# the share of tokens the 128-row-tile tests hold to the oracle within TOL_HALF: with 16-bit
+# weights and 300-600 tokens, this random model's large router logits (std ~50) make some token's
+# top-k mixing weights tip under rounding (the CPU engine in bfloat16 misses 3e-2 on up to 2.4% of
+# the tokens of those configs too; with one expert it never does). Every token: against
+# cuda_moe=host in check_forward.
+TILE_ORACLE_SHARE = 0.95
 
 
-def check_forward(over, b, t, dtype, path, seed=0):
-    """the logits against the oracle (ORACLE_SHARE of the tokens; all of them below 20 tokens),
-    and on every token against the same weights under cuda_moe=host (the same attention and router
-    kernels before the experts: the same routing, so no near-tie of experts can flip between the
-    two)"""
+def check_forward(over, b, t, dtype, path, seed=0, oracle_share=1.0):
+    """the logits against the oracle (oracle_share of the tokens; by default all of them), and on
+    every token against the same weights under cuda_moe=host (the same attention and router kernels
+    before the experts: the same routing, so no near-tie of experts can flip between the two)"""
     m, cfg, w = build(over, seed=seed, dtype=dtype)
     ids = ids_for(cfg, b, t, seed=seed + 1)
     before = path_counts(m)
@@ -84,7 +84,7 @@ def check_forward(over, b, t, dtype, path, seed=0):
     expect_path(m, before, path, cfg.num_hidden_layers)
     ref, _ = R.forward(cfg, rounded(w, dtype), ids)
     per_token = np.abs(np.asarray(got, np.float64) - ref).max(axis=-1) / np.abs(ref).max()
-    assert np.mean(per_token <= TOL_HALF) >= ORACLE_SHARE, np.sort(per_token.ravel())[::-1][:8]
+    assert np.mean(per_token <= TOL_HALF) >= oracle_share, np.sort(per_token.ravel())[::-1][:8]
     host, _, _ = build(over, seed=seed, dtype=dtype, options={"cuda_moe": "host"})
     assert rel_err(got, host(input_ids=ids).logits) <= TOL_HALF
 
@@ -161,14 +161,15 @@ GROUPED_TILES = {
 @pytest.mark.parametrize("name", list(GROUPED_TILES))
 def test_grouped_gemm_in_128_row_tiles(name, dtype):
     over, b, t = GROUPED_TILES[name]
-    check_forward(over, b, t, dtype, GROUPED, seed=21)
+    check_forward(over, b, t, dtype, GROUPED, seed=21, oracle_share=TILE_ORACLE_SHARE)
 
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_grouped_gemm_below_the_hopper_boxes(dtype):
     """hidden 64 (< 128 weight rows of the down product's box) takes the WMMA kernels everywhere"""
-    check_forward(moe_config(hidden=64, inter=128), 2, 300, dtype, "grouped", seed=22)
+    check_forward(moe_config(hidden=64, inter=128), 2, 300, dtype, "grouped", seed=22,
+                  oracle_share=TILE_ORACLE_SHARE)
 
 
 @needs_gpu

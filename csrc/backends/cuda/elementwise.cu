@@ -1,6 +1,7 @@
 /* Elementwise and row-wise kernels: dtype conversion, RMSNorm (its output float32, or 16-bit
  * for the GEMM after it, or both), rotary embedding, embedding lookup, residual add, SwiGLU,
- * cache writes (plain, or fused with the RMSNorm or the rotation before them). Semantics as in csrc/backends/cpu/elementwise.c and backends/defaults.c. */
+ * cache writes (plain, or fused with the RMSNorm or the rotation before them). Semantics as in
+ * csrc/backends/cpu/elementwise.c and backends/defaults.c. */
 #include <type_traits>
 
 #include "backends/cuda/common.h"
