@@ -38,6 +38,7 @@ LATENT = {"cuda_attention": "latent_decode"}  # the kernel at every cached lengt
 ROWS = {"cuda_attention": "rows"}  # the reference: K and V expanded into scratch
 # auto takes the kernel from this many keys on (LD_AUTO_MIN_KEYS in decode_attention.cu)
 AUTO_MIN_KEYS = 512
+AUTO_MIN_ROWS = 64  # from this batch on, auto takes the kernel at every length
 MILD = {"q_proj": 3.0, "kv_b_proj": 3.0, "o_proj": 2.0, "gate_proj": 3.0, "up_proj": 3.0, "down_proj": 2.0}
 
 
@@ -70,6 +71,10 @@ SHAPES = {
     # second head group holds 2 (the other shapes take 2 or 1 heads per block)
     "six_heads_four_per_block": ({"hidden_size": 384, "num_attention_heads": 6, "num_key_value_heads": 6,
                                   "kv_lora_rank": 128}, 12, 382, 4, [0, 7, 0, 130, 0, 0, 1, 0, 0, 0, 64, 0]),
+    # rank 192 (48 float4 columns: the merge's split lanes do not tile its 512 threads), one row
+    # over 9 key blocks, each its own split
+    "rank192_one_row": ({"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 4,
+                         "kv_lora_rank": 192}, 1, 1100, 3, [0]),
 }
 
 # the default configuration's attention (16 heads of 64, rank 512) in narrow layers; one row
@@ -239,6 +244,15 @@ def test_auto_threshold_eager_steps():
 
 
 @needs_gpu
+def test_auto_wide_batch_short_context():
+    """auto at AUTO_MIN_ROWS rows takes the kernel at a short context (20 cached keys, rows
+    with left padding); the logits as the oracle's and the scratch expansion's."""
+    over = SHAPES["short_context"][0]
+    pads = [0, 3, 0, 7] * (AUTO_MIN_ROWS // 4)
+    _check_steps(over, AUTO_MIN_ROWS, 20, 3, pads, "bfloat16", seed=63, options=None, fused=True)
+
+
+@needs_gpu
 def test_latent_decode_default_attention_rows():
     """3 rows of the default attention shape over 3-4 key blocks: 2 heads per block, rows of
     different lengths."""
@@ -248,8 +262,9 @@ def test_latent_decode_default_attention_rows():
 @needs_gpu
 def test_latent_decode_selection():
     """Which decode steps take the kernel at a short context: 16-bit latent caches of a fitting
-    shape under latent_decode; not under auto (below its threshold), never under rows, with a
-    float32 model, or with head_dim 8; a K/V cache is no decode over the latent."""
+    shape under latent_decode; under auto only from AUTO_MIN_ROWS rows on (below its key
+    threshold), never under rows, with a float32 model, or with head_dim 8; a K/V cache is no
+    decode over the latent."""
     over = SHAPES["short_context"][0]
 
     def run(m, cfg, cache_format="latent"):
@@ -267,6 +282,12 @@ def test_latent_decode_selection():
         assert run(m, cfg, "kv") == {"expand": 0, "latent_decode": 0}
     m, cfg, _ = build(over, seed=5, dtype="float32")
     assert run(m, cfg) == {"expand": calls, "latent_decode": 0}
+    m, cfg, _ = build(over, seed=5, dtype="bfloat16")  # auto, a batch just below and at its row bound
+    for b, fused in ((AUTO_MIN_ROWS - 1, False), (AUTO_MIN_ROWS, True)):
+        before = counts(m)
+        _steps(m, ids_for(cfg, b, 9, seed=3), np.ones((b, 9), np.int64), 6)
+        took = _took(m, before)
+        assert (took["latent_decode"], took["expand"]) == ((calls, 0) if fused else (0, calls)), (b, took)
     m, cfg, _ = build({"hidden_size": 32}, seed=5, dtype="bfloat16")  # 4 heads of 8
     assert run(m, cfg) == {"expand": calls, "latent_decode": 0}
 

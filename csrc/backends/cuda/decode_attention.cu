@@ -353,7 +353,11 @@ __global__ __launch_bounds__(LD_THREADS, 1) void k_latent_decode(LatP p) {
 }
 
 constexpr int LC_ROWS = 8;                    /* batch rows per combine block */
+constexpr int LC_THREADS = 512;
+constexpr int LC_WARPS = LC_THREADS / 32;
+constexpr int LC_DPW = 64 / LC_WARPS;         /* Wv rows (output dims) per warp */
 constexpr int LC_PIECES = LD_MAX_RANK / 256;  /* 8-element pieces of a Wv row per lane */
+static_assert(LC_DPW == 4, "a warp stores its output dims as one float4");
 
 template <typename T> __device__ __forceinline__ void unpack8(const uint4 &u, float *v);
 template <> __device__ __forceinline__ void unpack8<__nv_bfloat16>(const uint4 &u, float *v) {
@@ -376,24 +380,28 @@ template <> __device__ __forceinline__ void unpack8<__half>(const uint4 &u, floa
     }
 }
 
+/* The merge reads ns partial rows per (row, head): a thread's loads over the splits must be in
+ * flight together, not one dependent load per split (one block per head is all a batch of one
+ * has), so the splits are spread over lanes of the block, four loads unrolled per lane. */
 template <typename T>
-__global__ __launch_bounds__(256) void k_latent_combine(LatP p, int batch) {
+__global__ __launch_bounds__(LC_THREADS) void k_latent_combine(LatP p, int batch) {
     __shared__ float o[LC_ROWS][LD_MAX_RANK];
+    __shared__ float part[LC_THREADS * 4];  /* [split lane][rank] sums of one row */
     __shared__ float wts[LC_ROWS][LD_MAX_SPLITS];
     __shared__ float inv[LC_ROWS];
     const int h = blockIdx.x, b0 = blockIdx.y * LC_ROWS, nr = min(LC_ROWS, batch - b0);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int rank = p.rank, ns = p.nsplit;
     const T *wv = (const T *)p.w + ((size_t)p.nh * 64 + (size_t)h * 64) * rank;
-    /* this warp's rows d = warp*8 .. warp*8+7 of Wv_h, all loads in flight at once and before
-     * the wait: no earlier kernel writes them, so they stream while the decode kernel runs */
-    uint4 wraw[8][LC_PIECES];
+    /* this warp's rows d = warp*LC_DPW .. of Wv_h, all loads in flight at once and before the
+     * wait: no earlier kernel writes them, so they stream while the decode kernel runs */
+    uint4 wraw[LC_DPW][LC_PIECES];
 #pragma unroll
-    for (int dd = 0; dd < 8; dd++)
+    for (int dd = 0; dd < LC_DPW; dd++)
 #pragma unroll
         for (int it = 0; it < LC_PIECES; it++) {
             const int c0 = lane * 8 + it * 256;
-            wraw[dd][it] = c0 < rank ? __ldg((const uint4 *)(wv + (size_t)(warp * 8 + dd) * rank + c0)) : make_uint4(0, 0, 0, 0);
+            wraw[dd][it] = c0 < rank ? __ldg((const uint4 *)(wv + (size_t)(warp * LC_DPW + dd) * rank + c0)) : make_uint4(0, 0, 0, 0);
         }
     CU_PDL_ENTRY();
     if (warp < nr) {
@@ -414,22 +422,48 @@ __global__ __launch_bounds__(256) void k_latent_combine(LatP p, int batch) {
         if (lane == 0) inv[warp] = L > 0.0f ? 1.0f / (L + p.eps) : 0.0f;
     }
     __syncthreads();
-#pragma unroll 4
-    for (int i = tid; i < nr * rank; i += 256) {
-        const int r = i / rank, cd = i - r * rank;
-        const float *pa = p.part_acc + ((size_t)(b0 + r) * p.nh + h) * ns * rank + cd;
-        float a = 0.0f;
-        for (int s = 0; s < ns; s++) {
-            const float wgt = wts[r][s];
-            if (wgt != 0.0f) a = fmaf(pa[(size_t)s * rank], wgt, a);
+    /* thread: 4 latent dims (col4) of every lanes-th split from its lane; rank is a multiple of 64 */
+    const int cols4 = rank / 4, lanes = LC_THREADS / cols4;
+    const int col4 = tid % cols4, sl = tid / cols4;
+    const bool summing = sl < lanes; /* rank 192, 320, 384, 448: a few threads sit out */
+    for (int r = 0; r < nr; r++) {
+        const float4 *pa = (const float4 *)(p.part_acc + ((size_t)(b0 + r) * p.nh + h) * ns * rank) + col4;
+        const int s_end = summing ? ns : 0;
+        float4 a0 = make_float4(0.f, 0.f, 0.f, 0.f), a1 = a0, a2 = a0, a3 = a0;
+        int s = sl;
+        for (; s + 3 * lanes < s_end; s += 4 * lanes) {
+            const float4 v0 = pa[(size_t)s * cols4], v1 = pa[(size_t)(s + lanes) * cols4];
+            const float4 v2 = pa[(size_t)(s + 2 * lanes) * cols4], v3 = pa[(size_t)(s + 3 * lanes) * cols4];
+            const float w0 = wts[r][s], w1 = wts[r][s + lanes], w2 = wts[r][s + 2 * lanes], w3 = wts[r][s + 3 * lanes];
+            a0 = make_float4(fmaf(v0.x, w0, a0.x), fmaf(v0.y, w0, a0.y), fmaf(v0.z, w0, a0.z), fmaf(v0.w, w0, a0.w));
+            a1 = make_float4(fmaf(v1.x, w1, a1.x), fmaf(v1.y, w1, a1.y), fmaf(v1.z, w1, a1.z), fmaf(v1.w, w1, a1.w));
+            a2 = make_float4(fmaf(v2.x, w2, a2.x), fmaf(v2.y, w2, a2.y), fmaf(v2.z, w2, a2.z), fmaf(v2.w, w2, a2.w));
+            a3 = make_float4(fmaf(v3.x, w3, a3.x), fmaf(v3.y, w3, a3.y), fmaf(v3.z, w3, a3.z), fmaf(v3.w, w3, a3.w));
         }
-        o[r][cd] = a * inv[r];
+        for (; s < s_end; s += lanes) {
+            const float4 v = pa[(size_t)s * cols4];
+            const float w = wts[r][s];
+            a0 = make_float4(fmaf(v.x, w, a0.x), fmaf(v.y, w, a0.y), fmaf(v.z, w, a0.z), fmaf(v.w, w, a0.w));
+        }
+        float *dst = part + (summing ? sl : 0) * rank + col4 * 4;
+        if (summing) {
+            dst[0] = (a0.x + a1.x) + (a2.x + a3.x);
+            dst[1] = (a0.y + a1.y) + (a2.y + a3.y);
+            dst[2] = (a0.z + a1.z) + (a2.z + a3.z);
+            dst[3] = (a0.w + a1.w) + (a2.w + a3.w);
+        }
+        __syncthreads();
+        for (int cd = tid; cd < rank; cd += LC_THREADS) {
+            float t = 0.0f;
+            for (int l = 0; l < lanes; l++) t += part[l * rank + cd];
+            o[r][cd] = t * inv[r];
+        }
+        __syncthreads();
     }
-    __syncthreads();
     /* out[r, h*64 + d] = o[r] . Wv[h*64 + d] */
-    float res[8]; /* lane r < nr: row r's output for d = warp*8 + dd */
+    float res[LC_DPW]; /* lane r < nr: row r's output for d = warp*LC_DPW + dd */
 #pragma unroll
-    for (int dd = 0; dd < 8; dd++) {
+    for (int dd = 0; dd < LC_DPW; dd++) {
         float a[LC_ROWS];
 #pragma unroll
         for (int r = 0; r < LC_ROWS; r++) a[r] = 0.0f;
@@ -457,9 +491,8 @@ __global__ __launch_bounds__(256) void k_latent_combine(LatP p, int batch) {
         res[dd] = v;
     }
     if (lane < nr) {
-        float *dst = p.out + (size_t)(b0 + lane) * p.nh * 64 + (size_t)h * 64 + warp * 8;
+        float *dst = p.out + (size_t)(b0 + lane) * p.nh * 64 + (size_t)h * 64 + warp * LC_DPW;
         *(float4 *)dst = make_float4(res[0], res[1], res[2], res[3]);
-        *(float4 *)(dst + 4) = make_float4(res[4], res[5], res[6], res[7]);
     }
 }
 
@@ -481,7 +514,7 @@ xo_status launch(CuCtx *c, const LatP &p, int batch) {
     cu_launch(c, k_latent_decode<T, HEADS>, dim3((unsigned)groups, (unsigned)p.nsplit, (unsigned)batch), LD_THREADS, smem, p);
     xo_status rc = cu_check_launch(c, "latent decode attention");
     if (rc != XO_OK) return rc;
-    cu_launch(c, k_latent_combine<T>, dim3((unsigned)p.nh, (unsigned)((batch + LC_ROWS - 1) / LC_ROWS)), 256, 0, p,
+    cu_launch(c, k_latent_combine<T>, dim3((unsigned)p.nh, (unsigned)((batch + LC_ROWS - 1) / LC_ROWS)), LC_THREADS, 0, p,
               batch);
     return cu_check_launch(c, "latent decode attention (combine)");
 }
@@ -506,14 +539,17 @@ bool cu_latent_decode_fits(const xo_attention_args *a) {
 }
 
 /* Under cuda_attention=auto: the in-kernel expansion beats expanding K and V into scratch from
- * about LD_AUTO_MIN_KEYS keys on (measured in benchmarks/RESULTS.md: one row loses below, where
- * each layer's wait for Wk chunk after chunk is not yet paid back). The key count is past + 1,
+ * about LD_AUTO_MIN_KEYS keys on, and at any length from LD_AUTO_MIN_ROWS rows on (measured in
+ * benchmarks/RESULTS.md: one row loses below, where each layer's wait for Wk chunk after chunk
+ * is not yet paid back; a wide batch wins even at short contexts, because scratch expands every
+ * key up to the recorded bound while the kernel reads the true length). The key count is past + 1,
  * and past is the bound a decode session records a step for (it records again each time the
  * bound grows), so a replayed graph holds the choice made for its own bound. */
 constexpr int LD_AUTO_MIN_KEYS = 512;
+constexpr int LD_AUTO_MIN_ROWS = 64;
 
 bool cu_latent_decode_wins(const xo_attention_args *a) {
-    return a->past + 1 >= LD_AUTO_MIN_KEYS;
+    return a->past + 1 >= LD_AUTO_MIN_KEYS || a->batch >= LD_AUTO_MIN_ROWS;
 }
 
 bool cu_latent_decode_chosen(const CuCtx *c, const xo_attention_args *a) {
