@@ -431,6 +431,21 @@ def test_failed_scratch_allocation_is_released_once():
     assert lib.xo_hook_scratch_failed_alloc(0) == 1
 
 
+def test_failed_logits_allocation_names_the_logits():
+    """The logits buffer (rows x vocabulary, the largest when every position's logits are asked
+    for) failing says so and names logits_to_keep, not "the activations"; the others still say
+    "activations"."""
+    lib = ctypes.CDLL(_testing.__file__)
+    lib.xo_hook_scratch_failed_alloc.argtypes = [ctypes.c_int]
+    lib.xo_hook_last_error.restype = ctypes.c_char_p
+    assert lib.xo_hook_scratch_failed_alloc(17) == 0
+    msg = lib.xo_hook_last_error().decode()
+    assert "out of memory for the logits of 3 positions" in msg and "vocabulary of 32" in msg, msg
+    assert "logits_to_keep=1" in msg, msg
+    assert lib.xo_hook_scratch_failed_alloc(1) == 0
+    assert "out of memory for the activations of 3 tokens" in lib.xo_hook_last_error().decode()
+
+
 # ---------------------------------------------------------------- the fuzz harness's regression inputs
 
 def test_regression_seeds_are_rejected():

@@ -33,10 +33,16 @@ xo_status xo_scratch_alloc(xo_backend *be, const xo_config *c, int n, int logit_
     s->argmax = be->mem.alloc(be, (size_t)out_rows * sizeof(int32_t));
     s->logits = be->mem.alloc(be, (size_t)logit_rows * c->vocab_size * f);
     if (!s->h || !s->xn || !s->q || !s->q_latent || !s->latent || !s->kv || !s->attn || !s->branch || !s->gate_up ||
-        !s->ffn_act || !s->router_logits || !s->topk_weight || !s->ids || !s->pos || !s->topk_idx || !s->argmax ||
-        !s->logits) {
+        !s->ffn_act || !s->router_logits || !s->topk_weight || !s->ids || !s->pos || !s->topk_idx || !s->argmax) {
         xo_scratch_free(be, s);
         return xo_fail_more(XO_ENOMEM, "out of memory for the activations of %d tokens", n);
+    }
+    if (!s->logits) { /* the largest buffer by far when every position's logits are asked for */
+        xo_scratch_free(be, s);
+        return xo_fail_more(XO_ENOMEM,
+                            "out of memory for the logits of %d positions (%.1f GiB of float32 over a vocabulary of %d; "
+                            "logits_to_keep=1 keeps only the last position's)",
+                            logit_rows, (double)logit_rows * c->vocab_size * f / (1024.0 * 1024.0 * 1024.0), c->vocab_size);
     }
     return XO_OK;
 }

@@ -4,6 +4,7 @@
 #include <stdlib.h>
 
 #include "engine/scratch.h"
+#include "engine/status.h"
 
 #define XO_EXPORT __attribute__((visibility("default")))
 
@@ -54,3 +55,6 @@ XO_EXPORT int xo_hook_scratch_failed_alloc(int fail_at) {
     be->destroy(be);
     return result;
 }
+
+/* The message of the last failure on this thread (the one a hook above just made). */
+XO_EXPORT const char *xo_hook_last_error(void) { return xo_last_error(); }
