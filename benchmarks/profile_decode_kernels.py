@@ -1,8 +1,8 @@
-"""GPU time per kernel of eager decode steps (the default configuration of bench_gpu.py, bf16,
-latent cache), under each cuda_attention value given, from the CUDA profiler (torch.profiler,
+"""GPU time per kernel of eager decode steps (the default configuration of bench_gpu.py, bf16),
+under each cuda_attention value and cache format given, from the CUDA profiler (torch.profiler,
 which records every kernel of the process, xoron's included).
 
-    python benchmarks/profile_decode_kernels.py [--shapes 1x32,64x32,1x4096] [--options auto,rows] [--steps 8]
+    python benchmarks/profile_decode_kernels.py [--shapes 1x32,64x32,1x4096] [--options auto,rows] [--cache latent,kv] [--steps 8]
 
 Prints, per shape and option, the kernels' GPU microseconds per decode step (summed over the
 12 layers), the largest first, the total, and how many kernels (and copies or memsets) a step
@@ -65,6 +65,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="1x32,64x32,1x4096")
     ap.add_argument("--options", default="auto,rows", help="cuda_attention values, comma-separated")
+    ap.add_argument("--cache", default="latent", help="cache formats (latent, kv), comma-separated")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--top", type=int, default=12)
     args = ap.parse_args()
@@ -72,15 +73,17 @@ def main():
     for opt in args.options.split(","):
         m = xoron.MoELlamaForCausalLM(CONFIG, dtype="bfloat16", device="cuda", seed=0,
                                       options={"cuda_attention": opt, "cuda_graphs": False, "cuda_pdl": False})
-        for b, ctx in shapes:
-            rows = kernel_times(m, b, ctx, args.steps)
-            total = sum(r[0] for r in rows)
-            kernels = sum(r[1] for r in rows if not is_copy(r[2]))
-            copies = sum(r[1] for r in rows if is_copy(r[2]))
-            print(f"\n## cuda_attention={opt} b={b} ctx={ctx}: {total:.1f} us of kernels per step, "
-                  f"{kernels:g} kernels + {copies:g} copies/memsets per step")
-            for us, n, name in rows[:args.top]:
-                print(f"{us:9.1f} us  x{n:<6g} {name[:110]}")
+        for fmt in args.cache.split(","):
+            m.cache_format = fmt
+            for b, ctx in shapes:
+                rows = kernel_times(m, b, ctx, args.steps)
+                total = sum(r[0] for r in rows)
+                kernels = sum(r[1] for r in rows if not is_copy(r[2]))
+                copies = sum(r[1] for r in rows if is_copy(r[2]))
+                print(f"\n## cuda_attention={opt} cache={fmt} b={b} ctx={ctx}: {total:.1f} us of kernels per step, "
+                      f"{kernels:g} kernels + {copies:g} copies/memsets per step")
+                for us, n, name in rows[:args.top]:
+                    print(f"{us:9.1f} us  x{n:<6g} {name[:110]}")
         del m
 
 

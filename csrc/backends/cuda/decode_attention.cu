@@ -356,22 +356,20 @@ constexpr int LC_ROWS = 8;                    /* batch rows per combine block */
 constexpr int LC_THREADS = 512;
 constexpr int LC_WARPS = LC_THREADS / 32;
 constexpr int LC_DPW = 64 / LC_WARPS;         /* Wv rows (output dims) per warp */
-constexpr int LC_PIECES = LD_MAX_RANK / 256;  /* 8-element pieces of a Wv row per lane */
-static_assert(LC_DPW == 4, "a warp stores its output dims as one float4");
+constexpr int LC_PIECES = LD_MAX_RANK / 128;  /* 4-element pieces of a Wv row per lane */
+static_assert(LC_DPW * LC_ROWS == 32, "a warp's dot products end as one per lane");
 
-template <typename T> __device__ __forceinline__ void unpack8(const uint4 &u, float *v);
-template <> __device__ __forceinline__ void unpack8<__nv_bfloat16>(const uint4 &u, float *v) {
-    const uint32_t w[4] = { u.x, u.y, u.z, u.w };
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        v[2 * i] = __uint_as_float(w[i] << 16);
-        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
+template <typename T> __device__ __forceinline__ void unpack4(const uint2 &u, float *v);
+template <> __device__ __forceinline__ void unpack4<__nv_bfloat16>(const uint2 &u, float *v) {
+    v[0] = __uint_as_float(u.x << 16);
+    v[1] = __uint_as_float(u.x & 0xffff0000u);
+    v[2] = __uint_as_float(u.y << 16);
+    v[3] = __uint_as_float(u.y & 0xffff0000u);
 }
-template <> __device__ __forceinline__ void unpack8<__half>(const uint4 &u, float *v) {
-    const uint32_t w[4] = { u.x, u.y, u.z, u.w };
+template <> __device__ __forceinline__ void unpack4<__half>(const uint2 &u, float *v) {
+    const uint32_t w[2] = { u.x, u.y };
 #pragma unroll
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < 2; i++) {
         __half2 h2;
         memcpy(&h2, &w[i], sizeof h2);
         const float2 f = __half22float2(h2);
@@ -380,28 +378,44 @@ template <> __device__ __forceinline__ void unpack8<__half>(const uint4 &u, floa
     }
 }
 
+/* one step of a warp's reduce-scatter of 2N values: a lane with bit N set keeps entries N..2N-1
+ * (summed with its partner's) in 0..N-1, the other lane entries 0..N-1 */
+template <int N> __device__ __forceinline__ void butterfly_step(float *v, int lane) {
+    const bool upper = lane & N;
+#pragma unroll
+    for (int i = 0; i < N; i++) {
+        const float send = upper ? v[i] : v[i + N];
+        const float keep = upper ? v[i + N] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, N);
+    }
+}
+
 /* The merge reads ns partial rows per (row, head): a thread's loads over the splits must be in
  * flight together, not one dependent load per split (one block per head is all a batch of one
- * has), so the splits are spread over lanes of the block, four loads unrolled per lane. */
+ * has), so the splits are spread over lanes of the block, four loads unrolled per lane; with
+ * fewer splits than lanes, the spare lanes take further rows in the same pass. The product
+ * with Wv reads each lane's latent dims as contiguous float4 (no bank conflicts) and reduces
+ * the warp's 32 dot products (LC_DPW dims x LC_ROWS rows) in one butterfly, one per lane. */
 template <typename T>
 __global__ __launch_bounds__(LC_THREADS) void k_latent_combine(LatP p, int batch) {
-    __shared__ float o[LC_ROWS][LD_MAX_RANK];
-    __shared__ float part[LC_THREADS * 4];  /* [split lane][rank] sums of one row */
+    __shared__ __align__(16) float o[LC_ROWS][LD_MAX_RANK];
+    __shared__ __align__(16) float part[LC_THREADS * 4]; /* [row slot][split lane][rank] sums */
     __shared__ float wts[LC_ROWS][LD_MAX_SPLITS];
     __shared__ float inv[LC_ROWS];
     const int h = blockIdx.x, b0 = blockIdx.y * LC_ROWS, nr = min(LC_ROWS, batch - b0);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int rank = p.rank, ns = p.nsplit;
     const T *wv = (const T *)p.w + ((size_t)p.nh * 64 + (size_t)h * 64) * rank;
-    /* this warp's rows d = warp*LC_DPW .. of Wv_h, all loads in flight at once and before the
-     * wait: no earlier kernel writes them, so they stream while the decode kernel runs */
-    uint4 wraw[LC_DPW][LC_PIECES];
+    /* this warp's rows d = warp*LC_DPW .. of Wv_h, latent dims it*128 + lane*4 .. + 3, all loads
+     * in flight at once and before the wait: no earlier kernel writes them, so they stream while
+     * the decode kernel runs */
+    uint2 wraw[LC_DPW][LC_PIECES];
 #pragma unroll
     for (int dd = 0; dd < LC_DPW; dd++)
 #pragma unroll
         for (int it = 0; it < LC_PIECES; it++) {
-            const int c0 = lane * 8 + it * 256;
-            wraw[dd][it] = c0 < rank ? __ldg((const uint4 *)(wv + (size_t)(warp * LC_DPW + dd) * rank + c0)) : make_uint4(0, 0, 0, 0);
+            const int c0 = it * 128 + lane * 4;
+            wraw[dd][it] = c0 < rank ? __ldg((const uint2 *)(wv + (size_t)(warp * LC_DPW + dd) * rank + c0)) : make_uint2(0, 0);
         }
     CU_PDL_ENTRY();
     if (warp < nr) {
@@ -422,78 +436,86 @@ __global__ __launch_bounds__(LC_THREADS) void k_latent_combine(LatP p, int batch
         if (lane == 0) inv[warp] = L > 0.0f ? 1.0f / (L + p.eps) : 0.0f;
     }
     __syncthreads();
-    /* thread: 4 latent dims (col4) of every lanes-th split from its lane; rank is a multiple of 64 */
+    /* thread: 4 latent dims (col4) of every split_lanes-th split of the row in its slot; rank is
+     * a multiple of 64, so lanes (512 / cols4) is 4 to 32 */
     const int cols4 = rank / 4, lanes = LC_THREADS / cols4;
-    const int col4 = tid % cols4, sl = tid / cols4;
-    const bool summing = sl < lanes; /* rank 192, 320, 384, 448: a few threads sit out */
-    for (int r = 0; r < nr; r++) {
-        const float4 *pa = (const float4 *)(p.part_acc + ((size_t)(b0 + r) * p.nh + h) * ns * rank) + col4;
-        const int s_end = summing ? ns : 0;
+    const int split_lanes = min(lanes, ns), slots = lanes / split_lanes;
+    const int col4 = tid % cols4, lane_id = tid / cols4, sl = lane_id % split_lanes, slot = lane_id / split_lanes;
+    const bool summing = slot < slots; /* rank 192, 320, 384, 448, or lanes not a multiple of ns */
+    for (int r0 = 0; r0 < nr; r0 += slots) {
+        const int r = r0 + slot;
+        const bool live = summing && r < nr;
+        const float4 *pa = (const float4 *)(p.part_acc + ((size_t)(b0 + (live ? r : 0)) * p.nh + h) * ns * rank) + col4;
+        const int s_end = live ? ns : 0;
         float4 a0 = make_float4(0.f, 0.f, 0.f, 0.f), a1 = a0, a2 = a0, a3 = a0;
         int s = sl;
-        for (; s + 3 * lanes < s_end; s += 4 * lanes) {
-            const float4 v0 = pa[(size_t)s * cols4], v1 = pa[(size_t)(s + lanes) * cols4];
-            const float4 v2 = pa[(size_t)(s + 2 * lanes) * cols4], v3 = pa[(size_t)(s + 3 * lanes) * cols4];
-            const float w0 = wts[r][s], w1 = wts[r][s + lanes], w2 = wts[r][s + 2 * lanes], w3 = wts[r][s + 3 * lanes];
+        for (; s + 3 * split_lanes < s_end; s += 4 * split_lanes) {
+            const float4 v0 = pa[(size_t)s * cols4], v1 = pa[(size_t)(s + split_lanes) * cols4];
+            const float4 v2 = pa[(size_t)(s + 2 * split_lanes) * cols4], v3 = pa[(size_t)(s + 3 * split_lanes) * cols4];
+            const float w0 = wts[r][s], w1 = wts[r][s + split_lanes], w2 = wts[r][s + 2 * split_lanes], w3 = wts[r][s + 3 * split_lanes];
             a0 = make_float4(fmaf(v0.x, w0, a0.x), fmaf(v0.y, w0, a0.y), fmaf(v0.z, w0, a0.z), fmaf(v0.w, w0, a0.w));
             a1 = make_float4(fmaf(v1.x, w1, a1.x), fmaf(v1.y, w1, a1.y), fmaf(v1.z, w1, a1.z), fmaf(v1.w, w1, a1.w));
             a2 = make_float4(fmaf(v2.x, w2, a2.x), fmaf(v2.y, w2, a2.y), fmaf(v2.z, w2, a2.z), fmaf(v2.w, w2, a2.w));
             a3 = make_float4(fmaf(v3.x, w3, a3.x), fmaf(v3.y, w3, a3.y), fmaf(v3.z, w3, a3.z), fmaf(v3.w, w3, a3.w));
         }
-        for (; s < s_end; s += lanes) {
+        for (; s < s_end; s += split_lanes) {
             const float4 v = pa[(size_t)s * cols4];
             const float w = wts[r][s];
             a0 = make_float4(fmaf(v.x, w, a0.x), fmaf(v.y, w, a0.y), fmaf(v.z, w, a0.z), fmaf(v.w, w, a0.w));
         }
-        float *dst = part + (summing ? sl : 0) * rank + col4 * 4;
         if (summing) {
+            float *dst = part + (slot * split_lanes + sl) * rank + col4 * 4;
             dst[0] = (a0.x + a1.x) + (a2.x + a3.x);
             dst[1] = (a0.y + a1.y) + (a2.y + a3.y);
             dst[2] = (a0.z + a1.z) + (a2.z + a3.z);
             dst[3] = (a0.w + a1.w) + (a2.w + a3.w);
         }
         __syncthreads();
-        for (int cd = tid; cd < rank; cd += LC_THREADS) {
+        for (int e = tid; e < slots * rank; e += LC_THREADS) {
+            const int rs = e / rank, cd = e % rank, rr = r0 + rs;
+            if (rr >= nr) continue;
             float t = 0.0f;
-            for (int l = 0; l < lanes; l++) t += part[l * rank + cd];
-            o[r][cd] = t * inv[r];
+            for (int l = 0; l < split_lanes; l++) t += part[(rs * split_lanes + l) * rank + cd];
+            o[rr][cd] = t * inv[rr];
         }
         __syncthreads();
     }
-    /* out[r, h*64 + d] = o[r] . Wv[h*64 + d] */
-    float res[LC_DPW]; /* lane r < nr: row r's output for d = warp*LC_DPW + dd */
+    /* v[dd * LC_ROWS + r]: this lane's share of out[r, h*64 + warp*LC_DPW + dd] */
+    float v[32];
 #pragma unroll
-    for (int dd = 0; dd < LC_DPW; dd++) {
-        float a[LC_ROWS];
+    for (int i = 0; i < 32; i++) v[i] = 0.0f;
 #pragma unroll
-        for (int r = 0; r < LC_ROWS; r++) a[r] = 0.0f;
+    for (int it = 0; it < LC_PIECES; it++) {
+        const int c0 = it * 128 + lane * 4;
+        float wf[LC_DPW][4];
 #pragma unroll
-        for (int it = 0; it < LC_PIECES; it++) {
-            const int c0 = lane * 8 + it * 256;
-            if (c0 >= rank) break;
-            float wf[8];
-            unpack8<T>(wraw[dd][it], wf);
+        for (int dd = 0; dd < LC_DPW; dd++) unpack4<T>(wraw[dd][it], wf[dd]);
+        if (c0 < rank) {
 #pragma unroll
             for (int r = 0; r < LC_ROWS; r++) {
                 if (r < nr) {
+                    const float4 ov = *(const float4 *)&o[r][c0];
 #pragma unroll
-                    for (int k = 0; k < 8; k++) a[r] = fmaf(wf[k], o[r][c0 + k], a[r]);
+                    for (int dd = 0; dd < LC_DPW; dd++) {
+                        float a = v[dd * LC_ROWS + r];
+                        a = fmaf(wf[dd][0], ov.x, a);
+                        a = fmaf(wf[dd][1], ov.y, a);
+                        a = fmaf(wf[dd][2], ov.z, a);
+                        a = fmaf(wf[dd][3], ov.w, a);
+                        v[dd * LC_ROWS + r] = a;
+                    }
                 }
             }
         }
-        float v = 0.0f;
-#pragma unroll
-        for (int r = 0; r < LC_ROWS; r++) {
-#pragma unroll
-            for (int off = 16; off; off >>= 1) a[r] += __shfl_xor_sync(0xffffffffu, a[r], off);
-            if (r == lane) v = a[r];
-        }
-        res[dd] = v;
     }
-    if (lane < nr) {
-        float *dst = p.out + (size_t)(b0 + lane) * p.nh * 64 + (size_t)h * 64 + warp * LC_DPW;
-        *(float4 *)dst = make_float4(res[0], res[1], res[2], res[3]);
-    }
+    /* after the five steps lane i holds the whole sum of entry i */
+    butterfly_step<16>(v, lane);
+    butterfly_step<8>(v, lane);
+    butterfly_step<4>(v, lane);
+    butterfly_step<2>(v, lane);
+    butterfly_step<1>(v, lane);
+    const int dd = lane / LC_ROWS, r = lane % LC_ROWS;
+    if (r < nr) p.out[(size_t)(b0 + r) * p.nh * 64 + (size_t)h * 64 + warp * LC_DPW + dd] = v[0];
 }
 
 /* Heads per block: 4 (each C tile read by the fewest blocks) unless that grid, even split to
