@@ -296,6 +296,7 @@ enum {
     DEC_STAGES = 3,
     DEC_THREADS = 256,        /* 8 warps: 4 row groups of 32 rows x 2 halves of the 64 slots */
     DEC_MIN_SPLIT_K = 256,    /* the down product's k per split at least this */
+    DEC_PREFETCH = 8,         /* stages of weight lines requested into L2 ahead of the cp.async ring */
 };
 
 struct DecSmem {
@@ -361,10 +362,16 @@ __global__ __launch_bounds__(DEC_THREADS) void k_moe_dec(DecArgs p) {
         if (GU) return lr < DEC_ROWS / 2 ? r0 + lr : p.rows + r0 + lr - DEC_ROWS / 2;
         return r0 + lr < p.rows ? r0 + lr : -1;
     };
-    if (tid < DEC_ROWS) { /* the first two stages' weight lines: they depend on no earlier kernel */
-        const int row = weight_row(tid);
-        if (row >= 0) cu_prefetch_l2(W + (size_t)row * p.k + k_begin);
-    }
+    /* The three-stage ring alone keeps too few bytes in flight to stream the weights at the
+     * memory's rate, so each thread of the first DEC_ROWS also requests its row's lines into L2
+     * DEC_PREFETCH stages ahead (one 128-byte line per two stages); the first ones depend on no
+     * earlier kernel and go out before the wait. */
+    const T *pf_row = NULL;
+    if (tid < DEC_ROWS && weight_row(tid) >= 0) pf_row = W + (size_t)weight_row(tid) * p.k + k_begin;
+    auto prefetch_stage = [&](int kt) {
+        if (pf_row && kt < nk && (kt * DEC_BK * (int)sizeof(T)) % 128 == 0) cu_prefetch_l2(pf_row + (size_t)kt * DEC_BK);
+    };
+    for (int kt = 0; kt < DEC_PREFETCH; kt++) prefetch_stage(kt);
     CU_PDL_ENTRY();
     const int m = dec_slot_list(sm, p.idx, p.slots, e, p.E, p.fault);
     if (m == 0) return;
@@ -453,6 +460,7 @@ __global__ __launch_bounds__(DEC_THREADS) void k_moe_dec(DecArgs p) {
             cp_commit();
         }
         for (int kt = 0; kt < nk; kt++) {
+            if (c0 == 0) prefetch_stage(kt + DEC_PREFETCH);
             cp_wait<DEC_STAGES - 2>();
             __syncthreads(); /* stage kt is in; every warp is done with stage kt - 1, the one refilled now */
             const int next = kt + DEC_STAGES - 1;
