@@ -3,6 +3,7 @@ under each cuda_attention value and cache format given, from the CUDA profiler (
 which records every kernel of the process, xoron's included).
 
     python benchmarks/profile_decode_kernels.py [--shapes 1x32,64x32,1x4096] [--options auto,rows] [--cache latent,kv] [--steps 8]
+    python benchmarks/profile_decode_kernels.py --draw [--shapes 1x32,64x32] [--steps 32]
 
 Prints, per shape and option, the kernels' GPU microseconds per decode step (summed over the
 12 layers), the largest first, the total, and how many kernels (and copies or memsets) a step
@@ -11,6 +12,11 @@ launches: at batch 1 their latencies, not their bytes, bound a step. Steps run e
 step also uploads its ids and reads its logits back: copies a replayed step does not make); and
 without programmatic dependent launch (cuda_pdl=0), under which a kernel starts before the one
 it depends on ends and its span includes that wait.
+
+--draw profiles whole generate() calls instead (graphs and all, as bench_gpu.py runs them),
+greedy and then sampling with top_k=50, top_p=0.9, and prints the GPU microseconds per step of
+the kernels that choose the next token (argmax or the draw) beside the call's whole kernel time
+per step.
 """
 from __future__ import annotations
 
@@ -44,6 +50,23 @@ def kernel_times(m, b, ctx, steps):
     return profile_rows(prof, steps)
 
 
+def draw_times(m, b, ctx, steps):
+    """per step: (kernel us in a generate() call, [(us, launches, name) of the token-choosing kernels]),
+    greedy then sampling; the prefill's kernels are in the call's total (divided by steps too)"""
+    prompt = random_ids(b, ctx, b + ctx)
+    out = []
+    for kw in ({"do_sample": False}, {"do_sample": True, "top_k": 50, "top_p": 0.9, "seed": 0}):
+        m.generate(prompt, max_new_tokens=steps + 1, eos_token_id=None, **kw)  # warm-up: records the graphs
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            m.generate(prompt, max_new_tokens=steps + 1, eos_token_id=None, **kw)
+            torch.cuda.synchronize()
+        rows = profile_rows(prof, steps)
+        chosen = [r for r in rows if "sample" in r[2] or "argmax" in r[2]]
+        out.append((kw, sum(r[0] for r in rows), chosen))
+    return out
+
+
 def profile_rows(prof, per=1):
     """(GPU microseconds, launches, name) of each kernel the profiler saw, over `per`, largest first"""
     rows = []
@@ -68,8 +91,17 @@ def main():
     ap.add_argument("--cache", default="latent", help="cache formats (latent, kv), comma-separated")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--draw", action="store_true", help="the token-choosing kernels of generate(), greedy and sampling")
     args = ap.parse_args()
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    if args.draw:
+        m = xoron.MoELlamaForCausalLM(CONFIG, dtype="bfloat16", device="cuda", seed=0)
+        for b, ctx in shapes:
+            for kw, total, chosen in draw_times(m, b, ctx, args.steps):
+                print(f"\n## generate() b={b} ctx={ctx} {kw}: {total:.1f} us of kernels per step (prefill included)")
+                for us, n, name in chosen:
+                    print(f"{us:9.1f} us  x{n:<6g} {name[:110]}")
+        return
     for opt in args.options.split(","):
         m = xoron.MoELlamaForCausalLM(CONFIG, dtype="bfloat16", device="cuda", seed=0,
                                       options={"cuda_attention": opt, "cuda_graphs": False, "cuda_pdl": False})

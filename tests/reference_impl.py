@@ -452,7 +452,7 @@ def forward(cfg: RefConfig, weights: Mapping[str, np.ndarray], input_ids,
 
 
 def sample_filter(logits_row, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0) -> np.ndarray:
+                  top_p: float = 1.0, min_p: float = 0.0) -> np.ndarray:
     """Next-token distribution after SPEC section-7 filtering (float64 [V], 0 = removed).
 
     * temperature != 1: logits / temperature.
@@ -461,6 +461,8 @@ def sample_filter(logits_row, temperature: float = 1.0, top_k: int = 0,
       softmax; drop a token when the cumulative probability *before* it already exceeds
       top_p, i.e. keep every token up to and including the first one whose cumulative
       probability crosses top_p (the top-1 is always kept).
+    * min_p > 0 (after those): drop a token whose probability is below min_p times the top
+      token's, i.e. a logit below max + log(min_p).
     Finally a softmax over the kept tokens.
     """
     z = np.asarray(logits_row, dtype=np.float64).copy()
@@ -477,6 +479,8 @@ def sample_filter(logits_row, temperature: float = 1.0, top_k: int = 0,
         remove = np.zeros(z.size, dtype=bool)
         remove[1:] = cum[:-1] > top_p
         z[order[remove]] = -np.inf
+    if min_p > 0.0:
+        z[z < z.max() + np.log(min_p)] = -np.inf
     return _softmax(z)
 
 

@@ -421,6 +421,10 @@ def test_gpu_sampling_top_k_1_is_greedy_and_seeds_reproduce():
     p = ids_for(cfg, 3, 5, seed=1)
     greedy = m.generate(p, max_new_tokens=12, do_sample=False)
     np.testing.assert_array_equal(m.generate(p, max_new_tokens=12, do_sample=True, top_k=1, seed=9), greedy)
+    # min_p = 1 keeps only the top token (and its ties)
+    np.testing.assert_array_equal(m.generate(p, max_new_tokens=12, do_sample=True, top_k=50, min_p=1.0, seed=9), greedy)
+    mp = dict(max_new_tokens=12, do_sample=True, top_k=50, min_p=0.05, temperature=1.5, seed=3)
+    np.testing.assert_array_equal(m.generate(p, **mp), m.generate(p, **mp))
     a = m.generate(p, max_new_tokens=12, do_sample=True, top_k=50, top_p=0.95, temperature=2.0, seed=3)
     b = m.generate(p, max_new_tokens=12, do_sample=True, top_k=50, top_p=0.95, temperature=2.0, seed=3)
     np.testing.assert_array_equal(a, b)
@@ -431,12 +435,14 @@ def test_gpu_sampling_top_k_1_is_greedy_and_seeds_reproduce():
 
 @needs_gpu
 @pytest.mark.parametrize("kw", [dict(top_k=5, top_p=1.0, temperature=1.0), dict(top_k=40, top_p=0.7, temperature=1.5),
-                                dict(top_k=97, top_p=0.9, temperature=3.0)])
+                                dict(top_k=97, top_p=0.9, temperature=3.0),
+                                dict(top_k=97, top_p=1.0, temperature=3.0, min_p=0.3),
+                                dict(top_k=200, top_p=0.95, temperature=2.0, min_p=0.1)])
 def test_gpu_sampling_follows_the_filtered_distribution(kw):
     m, cfg, _ = build(seed=6)
     p = ids_for(cfg, 1, 4, seed=2)
     logits = np.asarray(m(input_ids=p).logits)[0, -1].astype(np.float64)
-    probs = R.sample_filter(logits, kw["temperature"], kw["top_k"], kw["top_p"])
+    probs = R.sample_filter(logits, kw["temperature"], kw["top_k"], kw["top_p"], kw.get("min_p", 0.0))
     draws = 3000
     toks = np.array([m.generate(p, max_new_tokens=1, do_sample=True, seed=s, **kw)[0, -1] for s in range(draws)])
     counts = np.bincount(toks, minlength=cfg.vocab_size)

@@ -222,11 +222,11 @@ typedef struct {
     /* out[r] = argmax of logits row r, lower index on ties */
     xo_status (*argmax_rows)(xo_backend *be, int32_t *out, const float *logits, int rows, int cols);
     /* optional (NULL: sampling runs on the host): out[r] = a token drawn from row r after
-     * temperature, top-k (1 <= top_k <= XO_DEVICE_TOP_K_MAX) and nucleus filtering (SPEC 7), from
-     * a counter-based generator keyed by (seed, step, r); step is read from step_device when
-     * that is not NULL */
+     * temperature, top-k (1 <= top_k <= XO_DEVICE_TOP_K_MAX), nucleus (SPEC 7) and min-p
+     * filtering (as xo_sample_row), from a counter-based generator keyed by (seed, step, r); step
+     * is read from step_device when that is not NULL */
     xo_status (*sample_rows)(xo_backend *be, int32_t *out, const float *logits, int rows, int cols,
-                             float temperature, int top_k, float top_p, uint64_t seed, uint64_t step,
+                             float temperature, int top_k, float top_p, float min_p, uint64_t seed, uint64_t step,
                              const int32_t *step_device);
 } xo_kernel_ops;
 

@@ -47,7 +47,7 @@ static xo_status queue_step(xo_decoder *d, int bound) {
         XO_TRY(be->decode.suppress_tokens(be, d->s.logits, b, V, d->eos_dev, d->p.num_eos, &d->st.state[1], d->p.min_new_tokens));
     if (d->p.draw)
         XO_TRY(be->ops.sample_rows(be, d->st.tokens, d->s.logits, b, V, d->draw.temperature, d->draw.top_k, d->draw.top_p,
-                               d->draw.seed, 0, &d->st.state[1]));
+                               d->draw.min_p, d->draw.seed, 0, &d->st.state[1]));
     else
         XO_TRY(be->ops.argmax_rows(be, d->st.tokens, d->s.logits, b, V));
     return be->decode.decode_end(be, &d->st);

@@ -139,7 +139,7 @@ static xo_status forward_passes(xo_model *m, const xo_forward_args *a, xo_cache 
         const struct xo_device_draw *d = a->draw;
         if (d)
             XO_TRY(be->ops.sample_rows(be, s->argmax, dst, nrows, c->vocab_size, d->temperature, d->top_k, d->top_p,
-                                   d->seed, d->step, NULL));
+                                   d->min_p, d->seed, d->step, NULL));
         else
             XO_TRY(be->ops.argmax_rows(be, s->argmax, dst, nrows, c->vocab_size));
         return be->mem.download(be, a->argmax, s->argmax, (size_t)nrows * sizeof(int32_t));

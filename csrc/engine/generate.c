@@ -182,8 +182,9 @@ xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
     const int plain_greedy = !a->sampling.do_sample && !host_work;
     /* Sampling on the device: the same filters, drawn where the logits are (no logits copy). */
     const int device_draw = a->sampling.do_sample && !host_work && m->be->ops.sample_rows && !m->be->host_memory &&
-                            a->sampling.min_p == 0.0f && a->sampling.top_k >= 1 && a->sampling.top_k <= XO_DEVICE_TOP_K_MAX;
-    struct xo_device_draw draw = { a->sampling.temperature, a->sampling.top_p, a->sampling.top_k, a->seed, 0 };
+                            a->sampling.top_k >= 1 && a->sampling.top_k <= XO_DEVICE_TOP_K_MAX;
+    struct xo_device_draw draw = { a->sampling.temperature, a->sampling.top_p, a->sampling.min_p, a->sampling.top_k,
+                                   a->seed, 0 };
     const int fast = plain_greedy || device_draw;
     /* the penalty runs before the caller's processors; the sampler does the rest */
     xo_sampling_params filters = a->sampling;

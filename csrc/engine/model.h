@@ -42,7 +42,7 @@ void xo_model_unlock(xo_model *m);
 
 /* Sampling done by the backend (xo_backend.sample_rows). */
 struct xo_device_draw {
-    float temperature, top_p;
+    float temperature, top_p, min_p;
     int top_k;
     uint64_t seed, step;
 };

@@ -333,8 +333,8 @@ WRAP(cache_write, (xo_backend *be, void *cache, xo_dtype ct, int cap, int width,
      (be, cache, ct, cap, width, start, sd, src, b, n, ss))
 WRAP(argmax_rows, (xo_backend *be, int32_t *out, const float *logits, int rows, int cols), (be, out, logits, rows, cols))
 WRAP(sample_rows, (xo_backend *be, int32_t *out, const float *logits, int rows, int cols, float temp, int top_k, float top_p,
-                   uint64_t seed, uint64_t step, const int32_t *sd),
-     (be, out, logits, rows, cols, temp, top_k, top_p, seed, step, sd))
+                   float min_p, uint64_t seed, uint64_t step, const int32_t *sd),
+     (be, out, logits, rows, cols, temp, top_k, top_p, min_p, seed, step, sd))
 WRAP(decode_begin, (xo_backend *be, const xo_decode_state *st), (be, st))
 WRAP(decode_end, (xo_backend *be, const xo_decode_state *st), (be, st))
 WRAP(suppress_tokens, (xo_backend *be, float *lg, int rows, int cols, const int32_t *ids, int n, const int32_t *sd, int below),

@@ -376,7 +376,7 @@ xo_status cu_convert(CuCtx *c, void *dst, xo_dtype dt, const void *src, xo_dtype
 
 /* backends/cuda/sample.cu */
 xo_status cu_sample_rows(xo_backend *be, int32_t *out, const float *logits, int rows, int cols, float temperature,
-                         int top_k, float top_p, uint64_t seed, uint64_t step, const int32_t *step_dev);
+                         int top_k, float top_p, float min_p, uint64_t seed, uint64_t step, const int32_t *step_dev);
 
 /* backends/cuda/decode.cu: decode-session bookkeeping and step graphs */
 xo_status cu_decode_begin(xo_backend *be, const xo_decode_state *st);

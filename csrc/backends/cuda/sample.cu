@@ -6,7 +6,7 @@
  * 2. a second read gathers the candidates (keys >= T); they are sorted, and the k-th of the
  *    sorted list gives the exact cut. Should the candidates overflow the shared arrays, an
  *    exact radix select (8 bits a pass over the row) finds the k-th key first;
- * 3. temperature, nucleus and the draw over the survivors.
+ * 3. temperature, nucleus, min-p and the draw over the survivors.
  * Semantics as xo_sample_row in csrc/engine/sampling.c: top-k keeps every value tied with the
  * k-th; the nucleus keeps the top-1 and the token that crosses top_p. The generator is
  * counter-based (seed, step, row), so a seed gives the same draws on the GPU every time (they
@@ -81,7 +81,7 @@ __device__ void sort_keys_desc(unsigned *keys, int n) {
 }
 
 __global__ __launch_bounds__(SAMPLE_THREADS) void k_sample_rows(int32_t *out, const float *__restrict__ logits, int cols,
-                                                                int k, float temperature, float top_p, uint64_t seed,
+                                                                int k, float temperature, float top_p, float min_p, uint64_t seed,
                                                                 uint64_t step, const int32_t *step_dev, CuFault *fault) {
     CU_PDL_ENTRY();
     if (step_dev) step = (uint64_t)*step_dev;
@@ -244,6 +244,12 @@ __global__ __launch_bounds__(SAMPLE_THREADS) void k_sample_rows(int32_t *out, co
                 cum += ev[i] / total;
             }
         }
+        if (min_p > 0.0f) { /* after the nucleus: drop what is below min_p times the top probability
+                             * (ev is exp(v - max), non-increasing along the sorted survivors) */
+            int floor_kept = 1;
+            while (floor_kept < kept && ev[floor_kept] >= (double)min_p) floor_kept++;
+            kept = floor_kept;
+        }
         double kept_total = 0.0;
         for (int i = 0; i < kept; i++) kept_total += ev[i];
         const uint64_t rr = mix64(mix64(seed ^ 0x9e3779b97f4a7c15ULL) + step * 0xd1b54a32d192ed03ULL + blockIdx.x);
@@ -259,14 +265,15 @@ __global__ __launch_bounds__(SAMPLE_THREADS) void k_sample_rows(int32_t *out, co
 }
 
 xo_status cu_sample_rows(xo_backend *be, int32_t *out, const float *logits, int rows, int cols, float temperature,
-                         int top_k, float top_p, uint64_t seed, uint64_t step, const int32_t *step_dev) {
+                         int top_k, float top_p, float min_p, uint64_t seed, uint64_t step, const int32_t *step_dev) {
     CuCtx *c = cu_ctx(be);
     if (rows <= 0 || cols <= 0) return XO_OK;
-    if (top_k < 1 || top_k > XO_DEVICE_TOP_K_MAX || !(temperature > 0.0f))
-        return cu_fail(c, XO_EINVAL, "device sampling needs 1 <= top_k <= %d and temperature > 0", XO_DEVICE_TOP_K_MAX);
+    if (top_k < 1 || top_k > XO_DEVICE_TOP_K_MAX || !(temperature > 0.0f) || !(min_p >= 0.0f && min_p <= 1.0f))
+        return cu_fail(c, XO_EINVAL, "device sampling needs 1 <= top_k <= %d, temperature > 0 and 0 <= min_p <= 1",
+                       XO_DEVICE_TOP_K_MAX);
     if (rows > 65535) return cu_fail(c, XO_EINVAL, "device sampling takes at most 65535 rows at once (got %d)", rows);
     const int k = top_k < cols ? top_k : cols;
-    cu_launch(c, k_sample_rows, rows, SAMPLE_THREADS, 0, out, logits, cols, k, temperature, top_p, seed, step, step_dev,
+    cu_launch(c, k_sample_rows, rows, SAMPLE_THREADS, 0, out, logits, cols, k, temperature, top_p, min_p, seed, step, step_dev,
               c->fault_dev);
     return cu_check_launch(c, "sample_rows");
 }
