@@ -14,9 +14,9 @@ without programmatic dependent launch (cuda_pdl=0), under which a kernel starts 
 it depends on ends and its span includes that wait.
 
 --draw profiles whole generate() calls instead (graphs and all, as bench_gpu.py runs them),
-greedy and then sampling with top_k=50, top_p=0.9, and prints the GPU microseconds per step of
-the kernels that choose the next token (argmax or the draw) beside the call's whole kernel time
-per step.
+greedy and then each sampling setting bench_gpu.py measures (its SAMPLINGS), and prints the
+GPU microseconds per step of the kernels that choose the next token (argmax or the draw) beside
+the call's whole kernel time per step.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import xoron  # noqa: E402
-from bench_gpu import CONFIG, random_ids  # noqa: E402
+from bench_gpu import CONFIG, SAMPLINGS, random_ids  # noqa: E402
 
 
 def kernel_times(m, b, ctx, steps):
@@ -55,7 +55,7 @@ def draw_times(m, b, ctx, steps):
     greedy then sampling; the prefill's kernels are in the call's total (divided by steps too)"""
     prompt = random_ids(b, ctx, b + ctx)
     out = []
-    for kw in ({"do_sample": False}, {"do_sample": True, "top_k": 50, "top_p": 0.9, "seed": 0}):
+    for kw in [{"do_sample": False}] + [{"do_sample": True, "seed": 0, **s} for s in SAMPLINGS.values()]:
         m.generate(prompt, max_new_tokens=steps + 1, eos_token_id=None, **kw)  # warm-up: records the graphs
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -87,14 +87,17 @@ def is_copy(name):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="1x32,64x32,1x4096")
-    ap.add_argument("--options", default="auto,rows", help="cuda_attention values, comma-separated")
-    ap.add_argument("--cache", default="latent", help="cache formats (latent, kv), comma-separated")
+    ap.add_argument("--options", default=None, help="cuda_attention values, comma-separated (default auto,rows)")
+    ap.add_argument("--cache", default=None, help="cache formats (latent, kv), comma-separated (default latent)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--draw", action="store_true", help="the token-choosing kernels of generate(), greedy and sampling")
     args = ap.parse_args()
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     if args.draw:
+        if args.options is not None or args.cache is not None:
+            ap.error("--draw profiles the default model (latent cache, cuda_attention=auto): "
+                     "--options and --cache do not apply to it")
         m = xoron.MoELlamaForCausalLM(CONFIG, dtype="bfloat16", device="cuda", seed=0)
         for b, ctx in shapes:
             for kw, total, chosen in draw_times(m, b, ctx, args.steps):
@@ -102,10 +105,10 @@ def main():
                 for us, n, name in chosen:
                     print(f"{us:9.1f} us  x{n:<6g} {name[:110]}")
         return
-    for opt in args.options.split(","):
+    for opt in (args.options or "auto,rows").split(","):
         m = xoron.MoELlamaForCausalLM(CONFIG, dtype="bfloat16", device="cuda", seed=0,
                                       options={"cuda_attention": opt, "cuda_graphs": False, "cuda_pdl": False})
-        for fmt in args.cache.split(","):
+        for fmt in (args.cache or "latent").split(","):
             m.cache_format = fmt
             for b, ctx in shapes:
                 rows = kernel_times(m, b, ctx, args.steps)
