@@ -1,0 +1,311 @@
+"""The CUDA backend's device draw (csrc/backends/cuda/sample.cu: temperature, top-k, nucleus,
+min-p and a counter-based generator), called through xoron._testing's hook
+(csrc/testing/sample_hooks.c) and held to a numpy reference of the kernel's arithmetic: the
+tokens must be EQUAL, for many (seed, step) pairs, random rows at the real vocabulary width and
+small odd widths, one row (many parts a row) and 70 rows (few), and crafted rows: ties across
+the cut (a part overflowing, more survivors than the kernel keeps), +0 / -0 at the cut, +inf
+maxima, tiny temperatures, every nucleus / min-p edge. NaN logits and bad arguments are errors.
+
+Exactness: the sums run in the kernel's order in float64 here too. One thing is not bit-for-bit
+by construction: CUDA's exp (double, within 1 ulp) against the host's; a 1-ulp difference moves a
+weight by 1e-16 relative, which changes a token only when the uniform draw lands that close to a
+boundary, so exact comparison over these few thousand draws stays valid.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import xoron  # noqa: E402
+from test_cuda import GPU_OK, GPU_WHY  # noqa: E402
+from xoron import _testing  # noqa: E402
+
+needs_gpu = pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)
+VOCAB = 151_643
+SAMPLE_CAP = 2048  # sample.cu: survivors kept (those above the cut's value, then the lowest-index ties)
+TOP_K_MAX = 1024   # XO_DEVICE_TOP_K_MAX
+MASK64 = (1 << 64) - 1
+XO_EINVAL = 1
+BAD_ARGS = r"device sampling needs 1 <= top_k <= 1024, temperature > 0 and 0 <= min_p <= 1"
+
+
+# ------------------------------------------------------------------ the reference
+
+
+def mix64(z: int) -> int:
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def order_keys(x) -> np.ndarray:
+    """float32 -> uint32 of the same order (+0 above -0), as the kernel's order_key"""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    return np.where(u & 0x80000000, ~u, u | 0x80000000).astype(np.uint32)
+
+
+def filtered(row, top_k, temperature=1.0, top_p=1.0, min_p=0.0):
+    """(survivors, running sums of their weights, kept) of one row, as k_sample_final leaves them
+    before the draw: the keys >= the k-th largest key (every tie kept, -0 dropped when the cut is
+    +0), sorted value descending / index ascending, the first SAMPLE_CAP; weights exp of the
+    float32 (v - max) / T (a +inf maximum: 1 for its ties, 0 else); the nucleus keeps the top-1
+    and the token crossing top_p; min-p after it keeps the prefix with weight >= min_p."""
+    row = np.ascontiguousarray(row, np.float32)
+    k = min(top_k, row.size)
+    key = order_keys(row)
+    cut = np.partition(key, row.size - k)[row.size - k]
+    surv = np.flatnonzero(key >= cut)
+    value_key = key[surv].astype(np.int64)
+    value_key[value_key == 0x7FFFFFFF] = 0x80000000  # -0 sorts with +0, by index
+    surv = surv[np.lexsort((surv, -value_key))][:SAMPLE_CAP]
+    val = row[surv].astype(np.float64)
+    mx = val[0]
+    if mx == np.inf:
+        v = np.where(val == np.inf, 0.0, -np.inf).astype(np.float32)
+    else:
+        v = np.fmax((val - mx) / np.float64(np.float32(temperature)), -1e30).astype(np.float32)
+    ev = np.exp(v.astype(np.float64))
+    run = np.cumsum(ev)  # sequential, as the kernel's one-thread loop
+    kept = len(surv)
+    if np.float32(top_p) < 1:
+        before = np.concatenate(([0.0], np.cumsum(ev / run[-1])[:-1]))
+        over = np.flatnonzero(before > np.float64(np.float32(top_p)))
+        over = over[over > 0]
+        if over.size:
+            kept = int(over[0])
+    if np.float32(min_p) > 0:
+        low = np.flatnonzero(~(ev[1:] >= np.float64(np.float32(min_p))))
+        if low.size:
+            kept = min(kept, int(low[0]) + 1)
+    return surv, run, kept
+
+
+def draw(f, seed: int, step: int, row: int) -> int:
+    surv, run, kept = f
+    rr = mix64((mix64(seed ^ 0x9E3779B97F4A7C15) + step * 0xD1B54A32D192ED03 + row) & MASK64)
+    u = float(rr >> 11) * (1.0 / 9007199254740992.0) * float(run[kept - 1])
+    hit = np.flatnonzero(u < run[:kept])
+    return int(surv[hit[0] if hit.size else kept - 1])
+
+
+def reference(logits, seeds, steps, **kw) -> np.ndarray:
+    logits = np.atleast_2d(logits)
+    fs = [filtered(r, **kw) for r in logits]
+    return np.array([[draw(f, int(s), int(t), r) for r, f in enumerate(fs)] for s, t in zip(seeds, steps)], np.int32)
+
+
+def pairs(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 1 << 63, n, dtype=np.uint64), rng.integers(0, 1 << 31, n, dtype=np.uint64)
+
+
+def random_rows(rows, cols, seed=0, scale=3.0):
+    return (np.random.default_rng(seed).standard_normal((rows, cols)) * scale).astype(np.float32)
+
+
+# ------------------------------------------------------------------ the reference itself (no GPU)
+
+
+def test_reference_top1_is_the_first_maximum():
+    row = np.array([0.5, 2.0, -1.0, 2.0, 1.0], np.float32)
+    f = filtered(row, top_k=1, temperature=1.0)
+    assert list(f[0]) == [1, 3] and f[2] == 2  # top-k keeps the tie
+    assert filtered(row, top_k=5, temperature=1.0, top_p=0.0)[2] == 1
+    assert filtered(row, top_k=5, temperature=1.0, min_p=1.0)[2] == 2
+
+
+def test_reference_zero_cut_and_infinite_maximum():
+    row = np.array([1.0, -0.0, 0.0, -0.0, 0.0, -2.0], np.float32)
+    assert list(filtered(row, top_k=2, temperature=1.0)[0]) == [0, 2, 4]      # cut at +0: -0 dropped
+    assert list(filtered(row, top_k=4, temperature=1.0)[0]) == [0, 1, 2, 3, 4]  # cut at -0: every zero
+    inf = np.array([1.0, np.inf, 3.0, np.inf], np.float32)
+    surv, run, kept = filtered(inf, top_k=3, temperature=1.0)
+    assert list(surv) == [1, 3, 2] and list(np.diff(np.concatenate(([0.0], run)))) == [1.0, 1.0, 0.0]
+
+
+def test_reference_draws_follow_the_filtered_distribution():
+    row = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], np.float32)
+    seeds, steps = pairs(20000, seed=1)
+    got = reference(row, seeds, steps, top_k=4, temperature=0.8)[:, 0]
+    p = np.exp((row[:4].astype(np.float64) - 2.0) / np.float64(np.float32(0.8)))
+    np.testing.assert_allclose(np.bincount(got, minlength=6)[:4] / len(got), p / p.sum(), atol=0.015)
+    assert not np.isin(got, [4, 5]).any()
+
+
+# ------------------------------------------------------------------ the device against it
+
+
+@pytest.fixture(scope="module")
+def lib():
+    h = ctypes.CDLL(_testing.__file__)
+    i, p, f = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+    h.xo_hook_cuda_sample_rows.argtypes = [ctypes.c_char_p, i, p, i, i, i, f, i, f, f, p, p, i, i, p, ctypes.c_char_p, i]
+    h.xo_hook_cuda_sample_rows.restype = i
+    return h
+
+
+def device(lib, logits, seeds, steps, *, top_k, temperature=1.0, top_p=1.0, min_p=0.0, offset=0,
+           step_on_device=False):
+    """(status, message, tokens [draws, rows])"""
+    logits = np.ascontiguousarray(np.atleast_2d(logits), np.float32)
+    seeds = np.ascontiguousarray(seeds, np.uint64)
+    steps = np.ascontiguousarray(steps, np.uint64)
+    tokens = np.full((len(seeds), logits.shape[0]), -1, np.int32)
+    err = ctypes.create_string_buffer(512)
+    rc = lib.xo_hook_cuda_sample_rows(xoron._cuda_plugin.encode(), 0, logits.ctypes.data, logits.shape[0],
+                                      logits.shape[1], offset, temperature, top_k, top_p, min_p, seeds.ctypes.data,
+                                      steps.ctypes.data, len(seeds), int(step_on_device), tokens.ctypes.data, err,
+                                      len(err))
+    return rc, err.value.decode(), tokens
+
+
+def assert_draws_equal(lib, logits, draws=32, seed=0, offset=0, step_on_device=False, **kw):
+    seeds, steps = pairs(draws, seed)
+    rc, msg, got = device(lib, logits, seeds, steps, offset=offset, step_on_device=step_on_device, **kw)
+    assert rc == 0, msg
+    np.testing.assert_array_equal(got, reference(logits, seeds, steps, **kw))
+    return got
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("top_k", [1, 2, 50, 64, 1023, 1024])
+def test_one_row_of_the_vocabulary(lib, top_k):
+    got = assert_draws_equal(lib, random_rows(1, VOCAB, seed=top_k), draws=64, top_k=top_k)
+    if top_k > 1:
+        assert len(np.unique(got)) > 1  # the draws do spread
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("top_p", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("min_p", [0.0, 0.05, 0.3, 1.0])
+def test_nucleus_and_min_p(lib, top_p, min_p):
+    assert_draws_equal(lib, random_rows(1, VOCAB, seed=7, scale=1.5), draws=48, top_k=64, temperature=0.7,
+                       top_p=top_p, min_p=min_p)
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("kw", [dict(top_k=50, top_p=0.9), dict(top_k=64, temperature=0.7, min_p=0.05),
+                                dict(top_k=1024, temperature=2.0), dict(top_k=1)])
+def test_seventy_rows(lib, kw):
+    assert_draws_equal(lib, random_rows(70, VOCAB, seed=3), draws=4, **kw)
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("cols", [1, 3, 5, 1000, 1001, 4099, 8195])
+@pytest.mark.parametrize("top_k", [1, 2, 50, 1024])
+def test_small_widths_at_every_alignment(lib, cols, top_k):
+    logits = random_rows(3, cols, seed=cols)
+    for offset in range(4):
+        assert_draws_equal(lib, logits, draws=16, seed=offset, offset=offset, top_k=top_k, top_p=0.95)
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_the_step_from_device_memory(lib):
+    logits = random_rows(2, VOCAB, seed=5)
+    assert_draws_equal(lib, logits, draws=16, top_k=50, top_p=0.9, step_on_device=True)
+
+
+def tied_row(n_ties, spread, seed=0):
+    """ten values above a tie of n_ties at 5.0 (contiguous, or spread over the row), the rest below"""
+    rng = np.random.default_rng(seed)
+    row = np.minimum(rng.standard_normal(VOCAB).astype(np.float32), 4.0)
+    at = np.linspace(0, VOCAB - 1, n_ties).astype(np.int64) if spread else 5000 + np.arange(n_ties)
+    row[at] = 5.0
+    top = rng.choice(np.setdiff1d(np.arange(VOCAB), at), 10, replace=False)
+    row[top] = 5.5 + 0.01 * np.arange(10, dtype=np.float32)
+    return row
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("n_ties,spread", [(1500, False),   # one part overflows; every tie survives
+                                           (3000, True),    # more survivors than kept, no part overflowing
+                                           (6000, True),    # more candidates than the final block holds
+                                           (3000, False)])
+def test_ties_at_the_cut(lib, n_ties, spread):
+    row = tied_row(n_ties, spread)
+    surv = filtered(row, top_k=50, temperature=4.0)[0]
+    assert len(surv) == min(10 + n_ties, SAMPLE_CAP)
+    got = assert_draws_equal(lib, row, draws=96, top_k=50, temperature=4.0)
+    assert (row[got[:, 0]] == 5.0).any()  # the ties are drawn
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("top_k", [1, 50, 1024])
+def test_a_row_of_equal_values(lib, top_k):
+    row = np.full(VOCAB, 0.25, np.float32)
+    got = assert_draws_equal(lib, row, draws=64, top_k=top_k)
+    assert got.max() < SAMPLE_CAP
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("positive_zeros", [45, 20])  # cut at +0 (-0 dropped), cut at -0 (every zero)
+def test_signed_zeros_at_the_cut(lib, positive_zeros):
+    rng = np.random.default_rng(positive_zeros)
+    row = (-5.0 - rng.random(VOCAB)).astype(np.float32)
+    at = rng.choice(VOCAB, 10 + positive_zeros + 55, replace=False)
+    row[at[:10]] = (1e-3 * rng.random(10)).astype(np.float32) + np.float32(1e-4)
+    row[at[10:10 + positive_zeros]] = 0.0
+    row[at[10 + positive_zeros:]] = -0.0
+    surv = filtered(row, top_k=50, temperature=1e-3)[0]
+    assert np.signbit(row[surv]).any() == (positive_zeros < 40)
+    assert_draws_equal(lib, row, draws=96, top_k=50, temperature=1e-3)
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("top_k", [3, 50])
+def test_infinite_maxima(lib, top_k):
+    row = random_rows(1, VOCAB, seed=11)[0]
+    row[[17, 4000, 90001, 151642, 77]] = np.inf
+    row[::7] = -np.inf
+    got = assert_draws_equal(lib, row, draws=48, top_k=top_k)
+    assert set(got[:, 0]) <= {17, 77, 4000, 90001, 151642}
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("temperature", [1e-30, 1e-3, 100.0])
+def test_extreme_temperatures(lib, temperature):
+    logits = random_rows(2, VOCAB, seed=13)
+    got = assert_draws_equal(lib, logits, draws=16, top_k=50, temperature=temperature)
+    if temperature == 1e-30:
+        np.testing.assert_array_equal(got, np.broadcast_to(np.argmax(logits, 1), got.shape))
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_nan_names_its_row_and_first_index(lib):
+    logits = random_rows(3, VOCAB, seed=17)
+    logits[2, [90000, 4100, 151000]] = np.nan
+    rc, msg, _ = device(lib, logits, *pairs(1), top_k=50)
+    assert rc == -XO_EINVAL and msg == "logits contain NaN at row 2 (token 4100)"
+    one = random_rows(1, 1001, seed=19)
+    one[0, [999, 3]] = np.nan
+    rc, msg, _ = device(lib, one, *pairs(1), top_k=1024, offset=1)
+    assert rc == -XO_EINVAL and msg == "logits contain NaN at row 0 (token 3)"
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("kw", [dict(top_k=0), dict(top_k=TOP_K_MAX + 1), dict(top_k=5, temperature=0.0),
+                                dict(top_k=5, temperature=-1.0), dict(top_k=5, min_p=-0.1),
+                                dict(top_k=5, min_p=1.5)])
+def test_bad_arguments(lib, kw):
+    rc, msg, _ = device(lib, random_rows(1, 100), *pairs(1), **kw)
+    assert rc == -XO_EINVAL and msg == BAD_ARGS
