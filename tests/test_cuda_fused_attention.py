@@ -142,7 +142,7 @@ PAIR_SHAPES = {
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("rows", [1, 3, SKINNY_MAX_M, SKINNY_MAX_M + 1, 20])
+@pytest.mark.parametrize("rows", [1, 3, SKINNY_MAX_M, SKINNY_MAX_M + 1, 20, 64])
 @pytest.mark.parametrize("rotate", [True, False], ids=["q_rotated", "q_lora"])
 @pytest.mark.parametrize("shape", list(PAIR_SHAPES))
 def test_matmul_pair(lib, device, dtype, rows, rotate, shape):

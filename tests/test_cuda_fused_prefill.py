@@ -75,7 +75,7 @@ FFN_SHAPES = {"default_1024x2048": (1024, 2048), "odd_40x24": (40, 24), "ragged_
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("rows", [1, 4, SKINNY_MAX_M, SKINNY_MAX_M + 1, 300])
+@pytest.mark.parametrize("rows", [1, 4, SKINNY_MAX_M, SKINNY_MAX_M + 1, 37, 64, 300])
 @pytest.mark.parametrize("shape", list(FFN_SHAPES))
 def test_ffn(lib, device, dtype, rows, shape):
     hidden, inter = FFN_SHAPES[shape]
@@ -130,7 +130,7 @@ def hook_rmsnorm_product(lib, device, fused, dtype, entry, h, add, norm_w, keep,
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("rows", [SKINNY_MAX_M, SKINNY_MAX_M + 1, 300])
+@pytest.mark.parametrize("rows", [SKINNY_MAX_M, SKINNY_MAX_M + 1, 64, 300])
 @pytest.mark.parametrize("width", list(NORM_WIDTHS))
 @pytest.mark.parametrize("kind", list(NORM_KINDS))
 @pytest.mark.parametrize("entry", list(RMSNORM_ENTRY))
