@@ -130,7 +130,7 @@ PLUGIN = "_xoron_cuda.so"  # beside _C, which loads it (xoron/__init__.py says w
 CUDA_SOURCES = sorted(glob.glob(os.path.join(HERE, "csrc", "backends", "cuda", "*.cu")))
 CUBLASLT_SOURCE = os.path.join(HERE, "csrc", "backends", "cuda", "cublaslt.cu")  # only with cublasLt.h
 # built with an sm_90a image where 90 is in XORON_CUDA_ARCHS
-HOPPER_SOURCES = ("attention_hopper.cu", "grouped_gemm_hopper.cu")
+HOPPER_SOURCES = ("attention_hopper.cu", "grouped_gemm_hopper.cu", "latent_decode_hopper.cu")
 
 
 def build_id(with_cuda, with_cublaslt):

@@ -51,6 +51,7 @@ struct CuCtx {
     int attn_mma;         /* option cuda_attention=mma: prefill on the mma.sync kernel even where wgmma fits */
     int hopper_attn;      /* attention_hopper.cu usable here: 0 not asked yet, 1 yes, 2 no */
     int hopper_gemm;      /* grouped_gemm_hopper.cu usable here: 0 not asked yet, 1 yes, 2 no */
+    int hopper_latent;    /* latent_decode_hopper.cu usable here: 0 not asked yet, 1 yes, 2 no */
     void *tensor_map_encoder; /* the driver's cuTensorMapEncodeTiled, once hopper_gemm is 1 */
     int attn_keys;        /* option cuda_attention_keys: keys per wgmma prefill launch (0: by CU_HOPPER_SCRATCH) */
     long long prefill_counts[2]; /* tensor-core prefill attention launches (one per key block): [0] mma.sync,
@@ -408,5 +409,11 @@ bool cu_latent_decode_fits(const xo_attention_args *a);
 bool cu_latent_decode_wins(const xo_attention_args *a);
 bool cu_latent_decode_chosen(const CuCtx *c, const xo_attention_args *a);
 xo_status cu_latent_decode(CuCtx *c, const xo_attention_args *a);
+/* backends/cuda/latent_decode_hopper.cu: decode_attention.cu's key-split kernel for 4 heads per
+ * block on the wgmma tensor cores (compute capability 9.0 with the sm_90a image); it writes the
+ * same partial results (p.part_ml, p.part_acc) for the merge, which the caller then launches */
+struct LatP; /* backends/cuda/latent_decode.h */
+bool cu_latent_decode_hopper_fits(CuCtx *c);
+xo_status cu_latent_decode_hopper(CuCtx *c, const LatP &p, int batch, xo_dtype t);
 
 #endif

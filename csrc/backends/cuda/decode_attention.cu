@@ -9,7 +9,8 @@
  * online softmax and accumulates the absorbed value sum_j p_j c_j ([rank] per head) with
  * another mma over the C tile already in shared memory (p as a sum of two 16-bit values). Each
  * block writes (max, sum, acc). The first Wk chunks are requested before the wait on the
- * earlier kernels (programmatic dependent launch).
+ * earlier kernels (programmatic dependent launch). With 4 heads per block on a Hopper GPU of an
+ * sm_90a build, latent_decode_hopper.cu's wgmma kernel takes its place (the same partials).
  *
  * k_latent_combine: merges the key splits of (row, head) and applies Wv once:
  * out = (sum_s e^(m_s - M) acc_s) / (L + eps) @ Wv_h.T, its Wv rows loaded before the wait.
@@ -22,65 +23,13 @@
  * cu_latent_decode_wins, under latent_decode always, under rows never. */
 #include <math.h>
 
+#include <type_traits>
+
 #include "backends/cuda/common.h"
+#include "backends/cuda/latent_decode.h"
 #include "backends/cuda/mma.h"
 
 namespace {
-
-constexpr int LD_KEYS = 128;       /* keys per block step */
-constexpr int LD_MAX_HEADS = 4;    /* heads per block at most: 256 columns of Wk */
-constexpr int LD_CHUNK = 64;       /* latent dims per pipeline stage */
-constexpr int LD_MAX_RANK = 512;
-constexpr int LD_THREADS = 256;    /* 8 warps: (key half, head) */
-constexpr int LD_PT_LD = LD_KEYS + 8; /* row stride of the transposed P tile (bank spread) */
-constexpr int LD_MAX_SPLITS = 128;
-
-struct LatP {
-    int nh, rank, cap, past, nsplit;
-    const int32_t *past_dev;
-    const float *q;       /* [B, nh*64], rotated */
-    const void *latent;   /* [B, cap, rank] */
-    const void *w;        /* kv_b [2*nh*64, rank]: K rows then V rows */
-    const int32_t *kpos;  /* [B, cap] */
-    const uint8_t *mask;  /* [B, cap] */
-    const float *inv_freq;
-    float qscale;         /* 1/sqrt(hd) * mscale (the keys' rotary factor, folded into q) */
-    float eps;
-    float *part_ml;       /* [B, nh, nsplit, 2] */
-    float *part_acc;      /* [B, nh, nsplit, rank] */
-    float *out;           /* [B, nh*64] */
-};
-
-/* element offset of (row, col) in a tile of 64-element (128-byte) rows, 16-byte units XOR-swizzled
- * by the row so that 8 consecutive rows of one unit fall in 8 different bank groups */
-__device__ __forceinline__ int swz(int row, int unit) { return row * 64 + ((unit ^ (row & 7)) << 3); }
-
-/* sin and cos of a float32 angle: reduced by multiples of pi/2 (three-part Cody-Waite with
- * fma, exact to ~1e-7 for any angle a position id can make), then the hardware functions on
- * [-pi/4, pi/4], where they are accurate to ~4e-7 */
-__device__ __forceinline__ void sincos_reduced(float x, float *s, float *c) {
-    const float k = rintf(x * 0.636619772f);
-    float r = fmaf(k, -1.57079601e+00f, x);
-    r = fmaf(k, -3.13916473e-07f, r);
-    r = fmaf(k, -5.39030253e-15f, r);
-    float sr = __sinf(r), cr = __cosf(r);
-    const int qd = (int)k;
-    if (qd & 1) {
-        const float t = sr;
-        sr = cr;
-        cr = -t;
-    }
-    if (qd & 2) {
-        sr = -sr;
-        cr = -cr;
-    }
-    *s = sr;
-    *c = cr;
-}
-
-template <typename T> __device__ __forceinline__ T to16(float v);
-template <> __device__ __forceinline__ __nv_bfloat16 to16<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half to16<__half>(float v) { return __float2half_rn(v); }
 
 template <int HEADS> struct LatSmem {
     static constexpr size_t c_bytes = (size_t)(LD_MAX_RANK / LD_CHUNK) * LD_KEYS * LD_CHUNK * 2;
@@ -529,12 +478,19 @@ int heads_per_block(const CuCtx *c, int batch, int nh, int key_blocks) {
 
 template <typename T, int HEADS>
 xo_status launch(CuCtx *c, const LatP &p, int batch) {
-    const int groups = (p.nh + HEADS - 1) / HEADS;
-    const size_t smem = LatSmem<HEADS>::total;
-    cudaError_t e = cudaFuncSetAttribute(k_latent_decode<T, HEADS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (e != cudaSuccess) return cu_check(c, e, "latent decode attention (shared memory)");
-    cu_launch(c, k_latent_decode<T, HEADS>, dim3((unsigned)groups, (unsigned)p.nsplit, (unsigned)batch), LD_THREADS, smem, p);
-    xo_status rc = cu_check_launch(c, "latent decode attention");
+    xo_status rc;
+    /* 4 heads per block (the long contexts) on Hopper's warpgroup tensor cores where the build
+     * and the GPU have them (latent_decode_hopper.cu): the same partial results for the merge */
+    if (HEADS == 4 && cu_latent_decode_hopper_fits(c)) {
+        rc = cu_latent_decode_hopper(c, p, batch, std::is_same<T, __nv_bfloat16>::value ? XO_BF16 : XO_F16);
+    } else {
+        const int groups = (p.nh + HEADS - 1) / HEADS;
+        const size_t smem = LatSmem<HEADS>::total;
+        cudaError_t e = cudaFuncSetAttribute(k_latent_decode<T, HEADS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess) return cu_check(c, e, "latent decode attention (shared memory)");
+        cu_launch(c, k_latent_decode<T, HEADS>, dim3((unsigned)groups, (unsigned)p.nsplit, (unsigned)batch), LD_THREADS, smem, p);
+        rc = cu_check_launch(c, "latent decode attention");
+    }
     if (rc != XO_OK) return rc;
     cu_launch(c, k_latent_combine<T>, dim3((unsigned)p.nh, (unsigned)((batch + LC_ROWS - 1) / LC_ROWS)), LC_THREADS, 0, p,
               batch);

@@ -1,7 +1,8 @@
-/* The Hopper primitives the sm_90a kernels share (attention_hopper.cu, grouped_gemm_hopper.cu):
- * shared-memory matrix descriptors, the fences and waits around wgmma.mma_async, mbarriers, and
- * the bulk and tensor (TMA) copies that complete on them. Defined only in the sm_90a image
- * (__CUDA_ARCH_FEAT_SM90_ALL); kernels that use them guard their bodies the same way.
+/* The Hopper primitives the sm_90a kernels share (attention_hopper.cu, grouped_gemm_hopper.cu,
+ * latent_decode_hopper.cu): shared-memory matrix descriptors, the fences and waits around
+ * wgmma.mma_async, mbarriers, and the bulk and tensor (TMA) copies that complete on them.
+ * Defined only in the sm_90a image (__CUDA_ARCH_FEAT_SM90_ALL); kernels that use them guard
+ * their bodies the same way.
  *
  * A descriptor: bits 0-13 start address >> 4, 16-29 LBO >> 4, 32-45 SBO >> 4, 49-51 base offset
  * 0, 62-63 the layout (0 none, 1 128-byte swizzle). Without swizzle LBO is the byte stride
@@ -30,6 +31,10 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N> __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
+/* this thread's earlier writes to shared memory through the generic proxy (stores, cp.async)
+ * ordered before later reads through the async proxy (wgmma operands); a barrier after it then
+ * orders every thread's writes before the wgmma of any */
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 /* an accumulator register is redefined here, so no read of it moves above the wait before */
 __device__ __forceinline__ void reg_fence(float &x) { asm volatile("" : "+f"(x)::"memory"); }
 
