@@ -58,7 +58,9 @@ V = CONFIG["vocab_size"]
 T0 = time.time()
 BUDGET = 400.0
 # the sampling settings measured beside greedy decoding (item 6 of issue 12: within 10% of it)
-SAMPLINGS = {"sample": dict(top_k=50, top_p=0.9), "sample_minp": dict(temperature=0.7, top_k=64, min_p=0.05)}
+SAMPLINGS = {"sample": dict(top_k=50, top_p=0.9), "sample_minp": dict(temperature=0.7, top_k=64, min_p=0.05),
+             # no top-k: the whole row's nucleus, and plain temperature sampling
+             "sample_nucleus": dict(top_k=0, top_p=0.9), "sample_plain": dict(top_k=0, top_p=1.0, temperature=0.8)}
 VARIANTS = {  # model options (xoron.option_table())
     "moe_host": {"cuda_moe": "host"},            # per-expert cuBLASLt GEMMs sized from host-read counts
     "attn_rows": {"cuda_attention": "rows"},     # the row-wise attention kernel for prefill too

@@ -437,7 +437,11 @@ def test_gpu_sampling_top_k_1_is_greedy_and_seeds_reproduce():
 @pytest.mark.parametrize("kw", [dict(top_k=5, top_p=1.0, temperature=1.0), dict(top_k=40, top_p=0.7, temperature=1.5),
                                 dict(top_k=97, top_p=0.9, temperature=3.0),
                                 dict(top_k=97, top_p=1.0, temperature=3.0, min_p=0.3),
-                                dict(top_k=200, top_p=0.95, temperature=2.0, min_p=0.1)])
+                                dict(top_k=200, top_p=0.95, temperature=2.0, min_p=0.1),
+                                # no top-k: the whole row (k_sample_whole)
+                                dict(top_k=0, top_p=1.0, temperature=1.0), dict(top_k=0, top_p=0.8, temperature=1.5),
+                                dict(top_k=0, top_p=1.0, temperature=2.0, min_p=0.2),
+                                dict(top_k=0, top_p=0.95, temperature=3.0, min_p=0.05)])
 def test_gpu_sampling_follows_the_filtered_distribution(kw):
     m, cfg, _ = build(seed=6)
     p = ids_for(cfg, 1, 4, seed=2)
@@ -555,7 +559,8 @@ def test_grouped_weights_are_cpu_only(dtype):
 
 NAN_OVER = dict(MOE, tie_word_embeddings=False)  # an embedding row then poisons only its token
 NAN_VOCAB = BASE["vocab_size"]
-DRAWS = {"greedy": dict(do_sample=False), "sampled": dict(do_sample=True, top_k=20, top_p=0.9, temperature=1.5, seed=5)}
+DRAWS = {"greedy": dict(do_sample=False), "sampled": dict(do_sample=True, top_k=20, top_p=0.9, temperature=1.5, seed=5),
+         "sampled_whole_row": dict(do_sample=True, top_k=0, top_p=0.9, temperature=1.5, seed=5)}
 
 
 def _nan_case(device, draw):

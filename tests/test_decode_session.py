@@ -123,6 +123,11 @@ def test_gpu_sampling_in_session_is_reproducible(dtype):
     b = m.model.generate(p, seed=7, **kw)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, m.model.generate(p, seed=8, **kw))
+    # without a top-k the draw takes the whole row, in the session too
+    whole = dict(max_new_tokens=100, do_sample=True, top_k=0, top_p=0.95, temperature=3.0)
+    c = m.model.generate(p, seed=7, **whole)
+    np.testing.assert_array_equal(c, m.model.generate(p, seed=7, **whole))
+    assert not np.array_equal(c, m.model.generate(p, seed=8, **whole))
     # top_k=1 draws the argmax
     greedy = m.model.generate(p, max_new_tokens=100, do_sample=False)
     np.testing.assert_array_equal(m.model.generate(p, max_new_tokens=100, do_sample=True, top_k=1, seed=3), greedy)

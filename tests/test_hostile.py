@@ -356,7 +356,7 @@ def test_nan_logits_are_an_error(do_sample):
 
 @pytest.mark.parametrize("top_k", [0, 50])
 def test_tiny_temperature_generate_is_greedy(device, top_k):
-    # on a GPU top_k >= 1 draws with the device sampler
+    # on a GPU both draw with the device sampler (top_k 0: over the whole row)
     b = make_model(seed=0)
     m = b.model.to(device)
     ids = b.ids(2, 5, seed=4)

@@ -14,8 +14,6 @@
 
 typedef struct xo_backend xo_backend;
 
-enum { XO_DEVICE_TOP_K_MAX = 1024 };
-
 /* The latent and router norms use a fixed epsilon whatever the config says (SPEC 3). */
 #define XO_LATENT_NORM_EPS 1e-6f
 #define XO_ROUTER_NORM_EPS 1e-6f
@@ -222,9 +220,9 @@ typedef struct {
     /* out[r] = argmax of logits row r, lower index on ties */
     xo_status (*argmax_rows)(xo_backend *be, int32_t *out, const float *logits, int rows, int cols);
     /* optional (NULL: sampling runs on the host): out[r] = a token drawn from row r after
-     * temperature, top-k (1 <= top_k <= XO_DEVICE_TOP_K_MAX), nucleus (SPEC 7) and min-p
-     * filtering (as xo_sample_row), from a counter-based generator keyed by (seed, step, r); step
-     * is read from step_device when that is not NULL */
+     * temperature, top-k (0: none), nucleus (SPEC 7) and min-p filtering (as xo_sample_row), from
+     * a counter-based generator keyed by (seed, step, r); step is read from step_device when that
+     * is not NULL */
     xo_status (*sample_rows)(xo_backend *be, int32_t *out, const float *logits, int rows, int cols,
                              float temperature, int top_k, float top_p, float min_p, uint64_t seed, uint64_t step,
                              const int32_t *step_device);

@@ -181,8 +181,7 @@ xo_status xo_generate(xo_model *m, const xo_generate_args *a) {
                           a->should_stop || a->stops.num || a->bans.num_bad || a->bans.no_repeat_ngram_size;
     const int plain_greedy = !a->sampling.do_sample && !host_work;
     /* Sampling on the device: the same filters, drawn where the logits are (no logits copy). */
-    const int device_draw = a->sampling.do_sample && !host_work && m->be->ops.sample_rows && !m->be->host_memory &&
-                            a->sampling.top_k >= 1 && a->sampling.top_k <= XO_DEVICE_TOP_K_MAX;
+    const int device_draw = a->sampling.do_sample && !host_work && m->be->ops.sample_rows && !m->be->host_memory;
     struct xo_device_draw draw = { a->sampling.temperature, a->sampling.top_p, a->sampling.min_p, a->sampling.top_k,
                                    a->seed, 0 };
     const int fast = plain_greedy || device_draw;

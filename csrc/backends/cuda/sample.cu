@@ -1,6 +1,7 @@
 /* Next-token draws on the GPU (SPEC section 7): temperature, top-k, nucleus, min-p, draw, so that
  * sampling needs no copy of the logits to the host. Keys are the floats mapped to unsigned
- * integers of the same order (+0 above -0). A row is spread over many blocks, two launches:
+ * integers of the same order (+0 above -0). With 1 <= top_k <= TOP_K_CANDIDATES a row is spread
+ * over many blocks, two launches:
  * 1. k_sample_part, block (part, row), a slice of the row: one read keeps each thread's four
  *    largest keys; the k-th largest of that pool, found by radix select, is at most the slice's
  *    k-th largest key (0 when the pool holds fewer than k). A second read of the slice gathers
@@ -18,12 +19,16 @@
  * the nucleus keeps the top-1 and the token that crosses top_p. The cut is by key, so when it
  * falls on +0 the -0 entries beside it are dropped. A NaN is reported with the row's lowest NaN
  * index. The generator is counter-based (seed, step, row), so a seed gives the same draws on
- * the GPU every time (they differ from the CPU's stream). */
+ * the GPU every time (they differ from the CPU's stream). Without a top-k (top_k 0), or above
+ * TOP_K_CANDIDATES, k_sample_whole draws from the whole row in one block (further below). */
+#include <float.h>
+
 #include "backends/cuda/common.h"
 
 enum {
+    TOP_K_CANDIDATES = 1024,  /* the largest top_k drawn from candidates; above, and without one, the whole row */
     SAMPLE_CAP = 2048,        /* survivors kept */
-    ABOVE_CAP = XO_DEVICE_TOP_K_MAX, /* survivors above the cut's value: fewer than k */
+    ABOVE_CAP = TOP_K_CANDIDATES, /* survivors above the cut's value: fewer than k */
     FINAL_THREADS = 1024,
     PART_THREADS = 256,       /* k <= PART_THREADS; else PART_THREADS_WIDE: the pool stays several times k */
     PART_THREADS_WIDE = 1024,
@@ -454,14 +459,652 @@ __global__ __launch_bounds__(FINAL_THREADS) void k_sample_final(int32_t *out, Pa
     if (tid == 0) out[blockIdx.x] = idx[pick_at == NO_INDEX ? kept - 1 : pick_at];
 }
 
+/* ---- The whole-row draw: top_k 0 (off) or above TOP_K_CANDIDATES ----
+ * A row is split into slices by its width alone (so the draw's order of float64 sums, and its
+ * tokens, are the same on any GPU and in any batch), one block each, read by a chain of launches
+ * (stages).
+ * Each stage's blocks add their slices' histograms into the row's (integer sums: the same in any
+ * order); the last block of the stage to finish reads the row's histogram and records the stage's
+ * decision, which the next launch reads. The stages:
+ *   MAX: the row's maximum (NaN left out) and its first NaN (reported);
+ *   KSELECT (a top-k, four 8-bit passes): the k-th largest key, counted as block_select counts;
+ *     survivors are the keys at or above it;
+ *   DIST, MSELECT (top_p < 1, one pass and four): the nucleus as a weighted select. A survivor's
+ *     weight w = exp of its tempered distance (x - max) * (1 / temperature), in float32
+ *     (weight_exp), is a fixed-point mass E = floor(w 2^S), S as large as the row's total allows
+ *     in 62 bits. The kept prefix of the sorted survivors (value descending, index ascending) ends
+ *     at the value T with A(T) <= L < A(T) + C_T E_T, L = floor(top_p * total), A(T) the mass
+ *     strictly above T and C_T its ties: the top-1 and the token crossing top_p stay, as in
+ *     xo_sample_row. DIST finds the distance bin (256 over the row's span) holding T, MSELECT
+ *     T's key by four 8-bit passes over that bin's keys. Of T's ties the lowest-index
+ *     floor((L - A) / E_T) + 1 stay;
+ *   TIES (when some of T's ties go): the index of the last tie kept;
+ *   DRAW: min-p on w, each slice's sum of kept weights in float64, in a fixed order (below); the
+ *     last block scans the slices, takes the one holding u * total and walks it.
+ * The order of the draw's sums: a thread takes indices beg + t, beg + t + nt, .. of its slice in
+ * turn, each warp adds its lanes' sums in lane order, the slice its warps' in warp order, the row
+ * its slices' in order; the token is the first whose running sum passes u * total along that order
+ * (each the last with a positive weight that starts at or below it, should rounding leave none). */
+enum { WHOLE_THREADS = 256, WHOLE_WARPS = WHOLE_THREADS / 32, DIST_BINS = 256, WHOLE_SPAN_MIN = 4096, WHOLE_MAX_PARTS = 64 };
+/* distances past this many units weigh nothing in 62 bits (e^-44 2^62 < 1): no bins for them */
+constexpr float MAX_BIN_SPAN = 44.0f;
+enum { ST_MAX, ST_KSELECT, ST_DIST, ST_MSELECT, ST_TIES, ST_DRAW };
+enum { WHOLE_LAUNCHES = 12 }; /* the most a call makes: MAX, 4 KSELECT, DIST, 4 MSELECT, TIES, DRAW */
+
+/* exp(v), v <= 0, from float multiplies and adds alone (no fma, no hardware approximation), so
+ * that a host reference reproduces every weight bit for bit: y = v log2(e) = n + f, |f| <= 1/2,
+ * 2^n times the degree-6 Taylor polynomial of 2^f (relative error about 1e-7, plus |y| 2^-24 from
+ * rounding y); 0 below 2^-125 */
+__device__ __forceinline__ float weight_exp(float v) {
+    const float y = __fmul_rn(v, 0x1.715476p+0f);
+    if (!(y >= -125.0f)) return 0.0f;
+    const float n = rintf(y), f = __fsub_rn(y, n);
+    float p = 0x1.430912p-13f;
+    p = __fadd_rn(__fmul_rn(p, f), 0x1.5d87fep-10f);
+    p = __fadd_rn(__fmul_rn(p, f), 0x1.3b2ab6p-7f);
+    p = __fadd_rn(__fmul_rn(p, f), 0x1.c6b08ep-5f);
+    p = __fadd_rn(__fmul_rn(p, f), 0x1.ebfbe0p-3f);
+    p = __fadd_rn(__fmul_rn(p, f), 0x1.62e430p-1f);
+    p = __fadd_rn(__fmul_rn(p, f), 1.0f);
+    return __fmul_rn(p, __int_as_float(((int)n + 127) << 23));
+}
+
+/* a survivor's tempered distance to the row's maximum, its weight and its mass */
+struct Tempered {
+    float mx, inv_t, scale; /* scale = 2^S */
+    float bins_per_unit;    /* distance bins spread over the row's span of distances (at most MAX_BIN_SPAN) */
+    bool inf_max;           /* the maximum is +-inf: its ties weigh 1, the rest 0 */
+    __device__ __forceinline__ float v(float x) const {
+        if (inf_max) return x == mx ? 0.0f : -INFINITY;
+        const float d = __fsub_rn(x, mx);
+        return d == 0.0f ? 0.0f : __fmul_rn(d, inv_t); /* 0 * inf would be NaN where 1 / temperature overflows */
+    }
+    __device__ __forceinline__ float weight(float x) const { return weight_exp(v(x)); }
+    __device__ __forceinline__ unsigned long long mass(float w) const { return w > 0.0f ? __float2ull_rz(w * scale) : 0ull; }
+    /* distance bin: 0 holds the maximum; ordered as the values, ties together (where they fall
+     * only decides how fast the select runs, never what it finds) */
+    __device__ __forceinline__ unsigned bin(float x) const {
+        return (unsigned)fminf(__fmul_rn(-v(x), bins_per_unit), (float)(DIST_BINS - 1));
+    }
+};
+
+/* floor(p * total) exactly, 0 < p < 1 a float (its 24-bit mantissa times a power of two) */
+__device__ __forceinline__ unsigned long long scaled_floor(float p, unsigned long long total) {
+    const unsigned bits = __float_as_uint(p), ex = (bits >> 23) & 0xffu;
+    const unsigned long long m = ex ? (bits & 0x7fffffu) | 0x800000u : bits & 0x7fffffu;
+    const int shift = ex ? 150 - (int)ex : 149; /* p = m / 2^shift, shift >= 24 */
+    const unsigned long long lo = m * total, hi = __umul64hi(m, total);
+    if (shift >= 128) return 0;
+    if (shift >= 64) return hi >> (shift - 64);
+    return (lo >> shift) | (hi << (64 - shift));
+}
+
+/* a row's decisions so far, written by each stage's last block */
+struct WholeRow {
+    unsigned max_key, cut, k_prefix, k_remaining;
+    unsigned nan_rank; /* 0: no NaN; else 2^31 - the first NaN's index (atomicMax keeps the first) */
+    unsigned min_key_inv; /* ~ the smallest finite key (atomicMax from 0) */
+    int k_found, m_found, tie_limit; /* tie_limit -1: TIES finds it */
+    unsigned dist_bin, bin_lo, bin_hi, m_prefix, tie_count;
+    unsigned long long limit, above, tie_mass, keep_ties;
+    unsigned done[WHOLE_LAUNCHES];
+};
+
+struct WholeArgs {
+    int32_t *out;
+    const float *logits;
+    int cols, k, parts, span;
+    float temperature, top_p, min_p, mass_scale;
+    uint64_t seed, step;
+    const int32_t *step_dev;
+    CuFault *fault;
+    WholeRow *rows;                /* [rows] */
+    unsigned long long *hist_mass; /* [rows][WHOLE_LAUNCHES][DIST_BINS] */
+    unsigned *hist_count;          /* [rows][WHOLE_LAUNCHES][DIST_BINS] */
+    unsigned *part_ties;           /* [rows][parts] */
+    double *part_sum;              /* [rows][parts] */
+};
+
+__device__ __forceinline__ unsigned long long warp_sum(unsigned long long x) {
+#pragma unroll
+    for (int o = 16; o; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+/* the warp's own histogram += (m, 1) for each counted lane; one add when the whole warp falls in
+ * one bin (a row of equal values would otherwise queue every lane on one address). Every lane of
+ * the warp calls it. */
+__device__ __forceinline__ void warp_hist_add(unsigned long long *mass, unsigned *count, unsigned bin,
+                                              unsigned long long m, bool counted) {
+    const unsigned first = __shfl_sync(0xffffffffu, bin, 0);
+    if (__all_sync(0xffffffffu, counted && bin == first)) {
+        const unsigned long long sum = warp_sum(m);
+        if ((threadIdx.x & 31) == 0) {
+            mass[bin] += sum;
+            count[bin] += 32u;
+        }
+    } else if (counted) {
+        atomicAdd(&mass[bin], m);
+        atomicAdd(&count[bin], 1u);
+    }
+    __syncwarp();
+}
+
+/* counts alone (the top-k select): lanes of one bin counted together, since keys crowd a few bins */
+__device__ __forceinline__ void warp_count_add(unsigned *count, unsigned bin, bool counted) {
+    if (!__any_sync(0xffffffffu, counted)) return;
+    const unsigned peers = __match_any_sync(0xffffffffu, counted ? bin : 0xffffffffu);
+    if (counted && (threadIdx.x & 31) == __ffs(peers) - 1) count[bin] += (unsigned)__popc(peers);
+    __syncwarp();
+}
+
+/* block merge of the warps' histograms into the row's; the caller synchronised the block */
+__device__ __forceinline__ void merge_hist(unsigned long long (*wmass)[DIST_BINS], unsigned (*wcount)[DIST_BINS],
+                                           unsigned long long *gmass, unsigned *gcount, bool with_mass) {
+    for (int i = threadIdx.x; i < DIST_BINS; i += WHOLE_THREADS) {
+        unsigned long long m = 0;
+        unsigned n = 0;
+        for (int w = 0; w < WHOLE_WARPS; w++) {
+            if (with_mass) m += wmass[w][i];
+            n += wcount[w][i];
+        }
+        if (m) atomicAdd(&gmass[i], m);
+        if (n) atomicAdd(&gcount[i], n);
+    }
+}
+
+/* the first bin along bin(0), bin(1), .. whose mass takes the running sum from *above past limit:
+ * *above gains the bins before it; -1 when none does (a row of NaNs). Warp 0 of the last block. */
+template <typename Bin>
+__device__ int crossing_bin(const unsigned long long *mass, unsigned long long *above, unsigned long long limit, Bin bin) {
+    const int lane = threadIdx.x & 31;
+    unsigned long long c[8], sum = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        c[j] = __ldcg(&mass[bin(8 * lane + j)]);
+        sum += c[j];
+    }
+    unsigned long long incl = sum;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const unsigned long long t = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += t;
+    }
+    const unsigned long long base = *above;
+    const unsigned reach = __ballot_sync(0xffffffffu, base + incl > limit);
+    int found = -1;
+    unsigned long long cum = 0;
+    if (reach && lane == __ffs(reach) - 1) {
+        cum = base + incl - sum;
+        int j = 0;
+        while (j < 7 && cum + c[j] <= limit) cum += c[j++];
+        found = bin(8 * lane + j);
+    }
+    const int src = reach ? __ffs(reach) - 1 : 0;
+    cum = __shfl_sync(0xffffffffu, cum, src);
+    found = __shfl_sync(0xffffffffu, found, src);
+    if (found >= 0) *above = cum;
+    return found;
+}
+
+/* the k-th largest by counts (block_select's pass): bins 255 down to 0; -1 when fewer than remaining */
+__device__ int counted_bin(const unsigned *count, unsigned *remaining) {
+    const int lane = threadIdx.x & 31;
+    unsigned c[8], sum = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        c[j] = __ldcg(&count[255 - 8 * lane - j]);
+        sum += c[j];
+    }
+    unsigned incl = sum;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const unsigned t = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += t;
+    }
+    const unsigned rem = *remaining, reach = __ballot_sync(0xffffffffu, incl >= rem);
+    int found = -1;
+    unsigned left = rem;
+    if (reach && lane == __ffs(reach) - 1) {
+        unsigned cum = incl - sum;
+        int j = 0;
+        while (j < 7 && cum + c[j] < rem) cum += c[j++];
+        left = rem - cum;
+        found = 255 - 8 * lane - j;
+    }
+    const int src = reach ? __ffs(reach) - 1 : 0;
+    found = __shfl_sync(0xffffffffu, found, src);
+    left = __shfl_sync(0xffffffffu, left, src);
+    if (found >= 0) *remaining = left;
+    return found;
+}
+
+/* 1 in the block that finishes a stage last (its writes, and every other block's, visible to it) */
+__device__ __forceinline__ bool last_block(unsigned *done, int parts) {
+    __shared__ unsigned ticket;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) ticket = atomicAdd(done, 1u);
+    __syncthreads();
+    const bool last = ticket == (unsigned)parts - 1;
+    if (last) __threadfence();
+    return last;
+}
+
+/* the weights of the draw: 0 for a token not kept */
+struct Kept {
+    Tempered tp;
+    unsigned cut, tie_key;
+    int tie_limit;
+    bool cut_ties;
+    float min_p;
+    __device__ __forceinline__ float weight(float x, int j) const {
+        const unsigned key = order_key(x);
+        if (!(key >= cut)) return 0.0f;
+        if (cut_ties) {
+            const unsigned vk = value_key(key);
+            if (vk < tie_key || (vk == tie_key && j > tie_limit)) return 0.0f;
+        }
+        const float w = tp.weight(x);
+        if (!(w > 0.0f) || (min_p > 0.0f && !(w >= min_p))) return 0.0f;
+        return w;
+    }
+};
+
+/* the sum of the kept weights of a slice in the draw's order; with walk, also each thread's sum
+ * before its own, from `start` (the slice's first: the sum before the slice) */
+__device__ double slice_sums(const Kept &kp, const float *z, int beg, int end, double start, double *own_out,
+                             double *pre_out) {
+    __shared__ double lane_sum[WHOLE_THREADS], warp_pre[WHOLE_WARPS + 1];
+    const int tid = threadIdx.x;
+    double own = 0.0;
+    int j = beg + tid;
+    for (; j + 3 * WHOLE_THREADS < end; j += 4 * WHOLE_THREADS) { /* four loads in flight, added in order */
+        const float x0 = z[j], x1 = z[j + WHOLE_THREADS], x2 = z[j + 2 * WHOLE_THREADS], x3 = z[j + 3 * WHOLE_THREADS];
+        own += (double)kp.weight(x0, j);
+        own += (double)kp.weight(x1, j + WHOLE_THREADS);
+        own += (double)kp.weight(x2, j + 2 * WHOLE_THREADS);
+        own += (double)kp.weight(x3, j + 3 * WHOLE_THREADS);
+    }
+    for (; j < end; j += WHOLE_THREADS) own += (double)kp.weight(z[j], j);
+    lane_sum[tid] = own;
+    __syncthreads();
+    if (tid == 0) {
+        double acc = start;
+        for (int w = 0; w < WHOLE_WARPS; w++) {
+            double wt = 0.0;
+            for (int l = 0; l < 32; l++) wt += lane_sum[32 * w + l];
+            warp_pre[w] = acc;
+            acc += wt;
+        }
+        warp_pre[WHOLE_WARPS] = acc;
+    }
+    __syncthreads();
+    if (pre_out) {
+        const int w = tid >> 5;
+        double acc = warp_pre[w];
+        for (int l = 0; l < (tid & 31); l++) acc += lane_sum[32 * w + l];
+        *pre_out = acc;
+    }
+    *own_out = own;
+    const double total = warp_pre[WHOLE_WARPS];
+    __syncthreads();
+    return total;
+}
+
+__global__ __launch_bounds__(WHOLE_THREADS) void k_sample_whole(WholeArgs a, int stage, int launch, int shift) {
+    CU_PDL_ENTRY();
+    __shared__ unsigned long long wmass[WHOLE_WARPS][DIST_BINS];
+    __shared__ unsigned wcount[WHOLE_WARPS][DIST_BINS];
+    __shared__ int first_nan_s, pick_s;
+    __shared__ unsigned max_s, min_inv_s, ties_s, warp_n[WHOLE_WARPS];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, part = blockIdx.x, r = blockIdx.y;
+    const float *z = a.logits + (size_t)r * a.cols;
+    const int parts = a.parts, span = a.span;
+    const int beg = part * span, end = min(a.cols, beg + span);
+    WholeRow &row = a.rows[r];
+    unsigned long long *gmass = a.hist_mass + ((size_t)r * WHOLE_LAUNCHES + launch) * DIST_BINS;
+    unsigned *gcount = a.hist_count + ((size_t)r * WHOLE_LAUNCHES + launch) * DIST_BINS;
+
+    if (stage == ST_MAX) {
+        unsigned kmax = 0, kmin_inv = 0;
+        int nan_at = NO_INDEX;
+        for_span(z, beg, end, [&](float x, int j, bool valid) {
+            if (!valid) return;
+            if (x != x) nan_at = min(nan_at, j);
+            else kmax = max(kmax, order_key(x));
+            if (fabsf(x) <= FLT_MAX) kmin_inv = max(kmin_inv, ~order_key(x));
+        });
+#pragma unroll
+        for (int o = 16; o; o >>= 1) {
+            kmax = max(kmax, __shfl_xor_sync(0xffffffffu, kmax, o));
+            kmin_inv = max(kmin_inv, __shfl_xor_sync(0xffffffffu, kmin_inv, o));
+            nan_at = min(nan_at, __shfl_xor_sync(0xffffffffu, nan_at, o));
+        }
+        if (tid == 0) {
+            max_s = 0;
+            min_inv_s = 0;
+            first_nan_s = NO_INDEX;
+        }
+        __syncthreads();
+        if (lane == 0) {
+            atomicMax(&max_s, kmax);
+            atomicMax(&min_inv_s, kmin_inv);
+            atomicMin(&first_nan_s, nan_at);
+        }
+        __syncthreads();
+        if (tid == 0) {
+            atomicMax(&row.max_key, max_s);
+            atomicMax(&row.min_key_inv, min_inv_s);
+            if (first_nan_s != NO_INDEX) atomicMax(&row.nan_rank, 0x80000000u - (unsigned)first_nan_s);
+            if (part == 0) { /* the later stages' starting state (only they read it) */
+                row.cut = 0;
+                row.k_prefix = 0;
+                row.k_remaining = (unsigned)a.k;
+                row.k_found = a.k > 0;
+                row.m_found = 0;
+                row.m_prefix = 0;
+                row.tie_limit = a.cols;
+                row.above = 0;
+            }
+        }
+        if (last_block(&row.done[launch], parts) && tid == 0) {
+            const unsigned nan = __ldcg(&row.nan_rank);
+            if (nan) cu_report_fault(a.fault, CU_FAULT_NAN_LOGIT, r, (int)(0x80000000u - nan));
+        }
+        return;
+    }
+
+    Tempered tp;
+    tp.mx = key_value(row.max_key);
+    tp.inf_max = isinf(tp.mx);
+    tp.inv_t = 1.0f / a.temperature;
+    tp.scale = a.mass_scale;
+    {
+        const float span = row.min_key_inv ? (tp.mx - key_value(~row.min_key_inv)) * tp.inv_t : 0.0f;
+        tp.bins_per_unit = tp.inf_max ? 1.0f : span > 0.0f ? (float)(DIST_BINS - 1) / fminf(span, MAX_BIN_SPAN) : 0.0f;
+    }
+    const unsigned cut = row.cut;
+
+    if (stage == ST_KSELECT || stage == ST_DIST || stage == ST_MSELECT) {
+        if (stage == ST_KSELECT && !row.k_found) return;
+        if (stage == ST_MSELECT && !row.m_found) return;
+        for (int i = tid; i < WHOLE_WARPS * DIST_BINS; i += WHOLE_THREADS) {
+            wmass[i / DIST_BINS][i % DIST_BINS] = 0;
+            wcount[i / DIST_BINS][i % DIST_BINS] = 0;
+        }
+        __syncthreads();
+        unsigned long long *wm = wmass[warp];
+        unsigned *wc = wcount[warp];
+        if (stage == ST_KSELECT) {
+            const unsigned prefix = row.k_prefix;
+            for_span(z, beg, end, [&](float x, int, bool valid) {
+                const unsigned key = order_key(x);
+                const bool counted = valid && (shift == 24 || (key >> (shift + 8)) == prefix);
+                warp_count_add(wc, (key >> shift) & 255u, counted);
+            });
+        } else if (stage == ST_DIST) {
+            for_span(z, beg, end, [&](float x, int, bool valid) {
+                const unsigned long long m = valid && order_key(x) >= cut ? tp.mass(tp.weight(x)) : 0ull;
+                warp_hist_add(wm, wc, tp.bin(x), m, m != 0);
+            });
+        } else {
+            const unsigned prefix = row.m_prefix, db = row.dist_bin, lo = row.bin_lo, hi = row.bin_hi;
+            unsigned in_lo = 0xffffffffu, in_hi = 0;
+            for_span(z, beg, end, [&](float x, int, bool valid) {
+                const unsigned key = order_key(x), vk = value_key(key);
+                /* the crossing bin's survivors: by their distance the first time, then by the keys that held */
+                bool counted = valid && key >= cut;
+                if (shift == 24) {
+                    counted = counted && tp.bin(x) == db;
+                    if (counted) {
+                        in_lo = min(in_lo, key);
+                        in_hi = max(in_hi, key);
+                    }
+                } else {
+                    counted = counted && key >= lo && key <= hi && (vk >> (shift + 8)) == prefix;
+                }
+                unsigned long long m = 0;
+                if (counted) {
+                    m = tp.mass(tp.weight(x));
+                    counted = m != 0;
+                }
+                warp_hist_add(wm, wc, (vk >> shift) & 255u, m, counted);
+            });
+            if (shift == 24) {
+#pragma unroll
+                for (int o = 16; o; o >>= 1) {
+                    in_lo = min(in_lo, __shfl_xor_sync(0xffffffffu, in_lo, o));
+                    in_hi = max(in_hi, __shfl_xor_sync(0xffffffffu, in_hi, o));
+                }
+                if (lane == 0 && in_lo <= in_hi) {
+                    atomicMin(&row.bin_lo, in_lo);
+                    atomicMax(&row.bin_hi, in_hi);
+                }
+            }
+        }
+        __syncthreads();
+        merge_hist(wmass, wcount, gmass, gcount, stage != ST_KSELECT);
+        if (!last_block(&row.done[launch], parts) || warp != 0) return;
+        if (stage == ST_KSELECT) {
+            unsigned rem = row.k_remaining;
+            const int b = counted_bin(gcount, &rem);
+            if (lane == 0) {
+                row.k_found = b >= 0;
+                row.k_remaining = rem;
+                row.k_prefix = (row.k_prefix << 8) | (unsigned)(b & 255);
+                if (shift == 0) row.cut = b >= 0 ? row.k_prefix : 0u;
+            }
+        } else if (stage == ST_DIST) {
+            unsigned long long total = 0;
+            for (int i = lane; i < DIST_BINS; i += 32) total += __ldcg(&gmass[i]);
+#pragma unroll
+            for (int o = 16; o; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+            const unsigned long long limit = scaled_floor(a.top_p, total);
+            unsigned long long above = 0;
+            const int b = crossing_bin(gmass, &above, limit, [](int i) { return i; });
+            if (lane == 0) {
+                row.limit = limit;
+                row.above = above;
+                row.m_found = b >= 0;
+                row.dist_bin = (unsigned)b;
+                row.bin_lo = 0xffffffffu;
+                row.bin_hi = 0;
+            }
+        } else {
+            unsigned long long above = row.above;
+            const int b = crossing_bin(gmass, &above, row.limit, [](int i) { return 255 - i; }); /* keys descending */
+            if (lane == 0) {
+                row.m_found = b >= 0;
+                row.above = above;
+                row.m_prefix = (row.m_prefix << 8) | (unsigned)(b & 255);
+                if (shift == 0 && b >= 0) {
+                    const unsigned n = __ldcg(&gcount[b]);
+                    const unsigned long long each = __ldcg(&gmass[b]) / n, keep = (row.limit - above) / each + 1;
+                    row.tie_count = n;
+                    row.tie_mass = each;
+                    row.keep_ties = keep < n ? keep : n;
+                    row.tie_limit = keep < n ? -1 : a.cols;
+                }
+            }
+        }
+        return;
+    }
+
+    const bool cut_ties = a.top_p < 1.0f && row.m_found;
+    const unsigned tie_key = row.m_prefix;
+    if (stage == ST_TIES) {
+        if (!cut_ties || row.tie_limit >= 0) return;
+        auto is_tie = [&](float x) {
+            const unsigned key = order_key(x);
+            return key >= cut && value_key(key) == tie_key;
+        };
+        unsigned n = 0;
+        for (int j = beg + tid; j < end; j += WHOLE_THREADS) n += is_tie(z[j]);
+#pragma unroll
+        for (int o = 16; o; o >>= 1) n += __shfl_xor_sync(0xffffffffu, n, o);
+        if (tid == 0) ties_s = 0;
+        __syncthreads();
+        if (lane == 0) atomicAdd(&ties_s, n);
+        __syncthreads();
+        if (tid == 0) a.part_ties[(size_t)r * a.parts + part] = ties_s;
+        if (!last_block(&row.done[launch], parts)) return;
+        /* the slice holding the keep_ties-th tie, then that tie in index order */
+        if (tid == 0) {
+            unsigned long long before = 0;
+            int p = 0;
+            for (; p < parts; p++) {
+                const unsigned long long t = __ldcg(&a.part_ties[(size_t)r * a.parts + p]);
+                if (before + t >= row.keep_ties) break;
+                before += t;
+            }
+            pick_s = p;
+            ties_s = (unsigned)(row.keep_ties - before); /* the rank wanted inside slice p */
+        }
+        __syncthreads();
+        const int pb = pick_s * span, pe = min(a.cols, pb + span);
+        unsigned seen = 0;
+        for (int base = pb; base < pe && seen < ties_s; base += WHOLE_THREADS) {
+            const int j = base + tid;
+            const bool t = j < pe && is_tie(z[j]);
+            const unsigned ballot = __ballot_sync(0xffffffffu, t);
+            if (lane == 0) warp_n[warp] = (unsigned)__popc(ballot);
+            __syncthreads();
+            unsigned off = seen;
+            for (int w = 0; w < warp; w++) off += warp_n[w];
+            const unsigned rank = off + (unsigned)__popc(ballot & lanes_below()) + 1;
+            if (t && rank == ties_s) row.tie_limit = j;
+            for (int w = 0; w < WHOLE_WARPS; w++) seen += warp_n[w];
+            __syncthreads();
+        }
+        return;
+    }
+
+    /* ST_DRAW */
+    Kept kp;
+    kp.tp = tp;
+    kp.cut = cut;
+    kp.tie_key = tie_key;
+    kp.tie_limit = row.tie_limit;
+    kp.cut_ties = cut_ties;
+    kp.min_p = a.min_p;
+    double own;
+    const double sum = slice_sums(kp, z, beg, end, 0.0, &own, nullptr);
+    if (tid == 0) a.part_sum[(size_t)r * a.parts + part] = sum;
+    if (!last_block(&row.done[launch], parts)) return;
+    __shared__ double start_s, u_s;
+    if (tid == 0) {
+        const uint64_t step = a.step_dev ? (uint64_t)*a.step_dev : a.step;
+        double acc = 0.0, pick_start = 0.0;
+        int pick = -1;
+        for (int p = 0; p < parts; p++) {
+            const double t = __ldcg(&a.part_sum[(size_t)r * a.parts + p]);
+            acc += t; /* the row's total: pre of the slices are its prefixes */
+        }
+        const uint64_t rr = mix64(mix64(a.seed ^ 0x9e3779b97f4a7c15ULL) + step * 0xd1b54a32d192ed03ULL + (uint64_t)r);
+        const double u = (double)(rr >> 11) * (1.0 / 9007199254740992.0) * acc;
+        double pre = 0.0;
+        for (int p = 0; p < parts; p++) {
+            const double t = __ldcg(&a.part_sum[(size_t)r * a.parts + p]);
+            if (t > 0.0 && pre <= u) {
+                pick = p;
+                pick_start = pre;
+            }
+            pre += t;
+        }
+        pick_s = pick;
+        start_s = pick_start;
+        u_s = u;
+    }
+    __syncthreads();
+    const int pick = pick_s;
+    if (pick < 0) { /* no weight anywhere: a row of NaNs (reported) */
+        if (tid == 0) a.out[r] = row.nan_rank ? (int)(0x80000000u - row.nan_rank) : 0;
+        return;
+    }
+    const int pb = pick * span, pe = min(a.cols, pb + span);
+    double pre;
+    slice_sums(kp, z, pb, pe, start_s, &own, &pre);
+    const double u = u_s;
+    if (tid == 0) pick_s = -1;
+    __syncthreads();
+    if (own > 0.0 && pre <= u) atomicMax(&pick_s, tid);
+    __syncthreads();
+    if (tid == pick_s) {
+        double cum = pre;
+        int last = -1, hit = -1;
+        for (int j = pb + tid; j < pe; j += WHOLE_THREADS) {
+            const float w = kp.weight(z[j], j);
+            if (!(w > 0.0f)) continue;
+            cum += (double)w;
+            last = j;
+            if (u < cum) {
+                hit = j;
+                break;
+            }
+        }
+        a.out[r] = hit >= 0 ? hit : last;
+    }
+}
+
+/* the whole-row draw's launches (k 0: no top-k) */
+static xo_status whole_row(CuCtx *c, int32_t *out, const float *logits, int rows, int cols, int k, float temperature,
+                           float top_p, float min_p, uint64_t seed, uint64_t step, const int32_t *step_dev) {
+    int parts = (cols + WHOLE_SPAN_MIN - 1) / WHOLE_SPAN_MIN;
+    if (parts > WHOLE_MAX_PARTS) parts = WHOLE_MAX_PARTS;
+    const int span = ((cols + parts - 1) / parts + 3) & ~3;
+    parts = (cols + span - 1) / span;
+    int bits = 0;
+    while (bits < 31 && (1L << bits) < (long)cols) bits++;
+    const size_t per_row = sizeof(WholeRow) + (size_t)WHOLE_LAUNCHES * DIST_BINS * 12 + (size_t)parts * 12;
+    char *buf = (char *)cu_alloc(c, (size_t)rows * per_row); /* zero-filled: the counters and histograms */
+    if (!buf) return cu_fail_more(c, XO_ENOMEM, "device sampling (%d rows)", rows);
+    WholeArgs a;
+    a.out = out;
+    a.logits = logits;
+    a.cols = cols;
+    a.k = k;
+    a.parts = parts;
+    a.span = span;
+    a.temperature = temperature;
+    a.top_p = top_p;
+    a.min_p = min_p;
+    a.mass_scale = ldexpf(1.0f, 62 - bits); /* a row's masses sum below 2^62 */
+    a.seed = seed;
+    a.step = step;
+    a.step_dev = step_dev;
+    a.fault = c->fault_dev;
+    a.hist_mass = (unsigned long long *)buf;
+    a.part_sum = (double *)(a.hist_mass + (size_t)rows * WHOLE_LAUNCHES * DIST_BINS);
+    a.rows = (WholeRow *)(a.part_sum + (size_t)rows * parts);
+    a.hist_count = (unsigned *)(a.rows + rows);
+    a.part_ties = a.hist_count + (size_t)rows * WHOLE_LAUNCHES * DIST_BINS;
+    const dim3 grid((unsigned)parts, (unsigned)rows);
+    int launch = 0;
+    cu_launch(c, k_sample_whole, grid, WHOLE_THREADS, 0, a, (int)ST_MAX, launch++, 0);
+    for (int shift = 24; k > 0 && shift >= 0; shift -= 8)
+        cu_launch(c, k_sample_whole, grid, WHOLE_THREADS, 0, a, (int)ST_KSELECT, launch++, shift);
+    if (top_p < 1.0f) {
+        cu_launch(c, k_sample_whole, grid, WHOLE_THREADS, 0, a, (int)ST_DIST, launch++, 0);
+        for (int shift = 24; shift >= 0; shift -= 8)
+            cu_launch(c, k_sample_whole, grid, WHOLE_THREADS, 0, a, (int)ST_MSELECT, launch++, shift);
+        cu_launch(c, k_sample_whole, grid, WHOLE_THREADS, 0, a, (int)ST_TIES, launch++, 0);
+    }
+    cu_launch(c, k_sample_whole, grid, WHOLE_THREADS, 0, a, (int)ST_DRAW, launch++, 0);
+    cu_free(c, buf);
+    return cu_check_launch(c, "sample_rows");
+}
+
+
 xo_status cu_sample_rows(xo_backend *be, int32_t *out, const float *logits, int rows, int cols, float temperature,
                          int top_k, float top_p, float min_p, uint64_t seed, uint64_t step, const int32_t *step_dev) {
     CuCtx *c = cu_ctx(be);
     if (rows <= 0 || cols <= 0) return XO_OK;
-    if (top_k < 1 || top_k > XO_DEVICE_TOP_K_MAX || !(temperature > 0.0f) || !(min_p >= 0.0f && min_p <= 1.0f))
-        return cu_fail(c, XO_EINVAL, "device sampling needs 1 <= top_k <= %d, temperature > 0 and 0 <= min_p <= 1",
-                       XO_DEVICE_TOP_K_MAX);
+    if (top_k < 0 || !(temperature > 0.0f) || !(top_p >= 0.0f && top_p <= 1.0f) || !(min_p >= 0.0f && min_p <= 1.0f))
+        return cu_fail(c, XO_EINVAL, "device sampling needs top_k >= 0, temperature > 0, 0 <= top_p <= 1 and 0 <= min_p <= 1");
     if (rows > 65535) return cu_fail(c, XO_EINVAL, "device sampling takes at most 65535 rows at once (got %d)", rows);
+    if (top_k == 0 || top_k > TOP_K_CANDIDATES) return whole_row(c, out, logits, rows, cols, top_k < cols ? top_k : 0,
+                                                               temperature, top_p, min_p, seed, step, step_dev);
     const int k = top_k < cols ? top_k : cols;
     /* parts of PART_SPAN_MIN columns at least, enough to spread a few rows over the GPU (more rows
      * fill it themselves), few enough that their candidates (about k each) fit the final block */
