@@ -220,85 +220,14 @@ __global__ __launch_bounds__(LD_THREADS, 1) void k_latent_decode(LatP p) {
             }
         }
         __syncthreads();
-        /* online softmax of head `warp`; P (as hi + lo in T, as the product takes it) transposed into Pt, Ptl */
-        if (warp < nvalid) {
-            float sv[4], bm = -INFINITY;
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int key = lane + 32 * i;
-                sv[i] = vis[key] ? S[warp * LD_KEYS + key] : -INFINITY;
-                bm = fmaxf(bm, sv[i]);
-            }
-#pragma unroll
-            for (int o = 16; o; o >>= 1) bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, o));
-            const float mn = fmaxf(m_run, bm);
-            float cr = 1.0f, ps = 0.0f;
-            if (mn != -INFINITY) cr = m_run == -INFINITY ? 0.0f : expf(m_run - mn);
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const float pe = sv[i] == -INFINITY ? 0.0f : expf(sv[i] - mn);
-                const T hi = to16<T>(pe);
-                const T lo = to16<T>(pe - (float)hi);
-                Pt[warp * LD_PT_LD + lane + 32 * i] = hi;
-                Ptl[warp * LD_PT_LD + lane + 32 * i] = lo;
-                ps += (float)hi + (float)lo;
-            }
-#pragma unroll
-            for (int o = 16; o; o >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, o);
-            l_run = l_run * cr + ps;
-            m_run = mn;
-            if (lane == 0) corr[warp] = cr;
-        }
+        ld_softmax(S, vis, Pt, Ptl, corr, nvalid, m_run, l_run);
         __syncthreads();
-        /* acc_o[cd, head] += C_block[:, cd]^T @ P[:, head], warp w over latent dims w*64 .. w*64+63 */
-        if (warp < nch) {
-            const float c0 = corr[gc], c1 = corr[gc + 1];
-#pragma unroll
-            for (int mt = 0; mt < 4; mt++) {
-                acc_o[mt][0] *= c0;
-                acc_o[mt][1] *= c1;
-                acc_o[mt][2] *= c0;
-                acc_o[mt][3] *= c1;
-            }
-            const T *Cw = Cs + warp * LD_KEYS * LD_CHUNK;
-#pragma unroll
-            for (int ks = 0; ks < LD_KEYS / 16; ks++) {
-                if (ks * 16 >= nkeys) break;
-                const T *pp = Pt + gr * LD_PT_LD + ks * 16 + gc, *pl = pp + 8 * LD_PT_LD;
-                const uint32_t b0 = *(const uint32_t *)pp, b1 = *(const uint32_t *)(pp + 8);
-                const uint32_t l0 = *(const uint32_t *)pl, l1 = *(const uint32_t *)(pl + 8);
-#pragma unroll
-                for (int mt = 0; mt < 4; mt++) {
-                    uint32_t af[4];
-                    ldsm_x4_t(af, Cw + swz(ks * 16 + (lane & 7) + ((lane >> 4) << 3), mt * 2 + ((lane >> 3) & 1)));
-                    mma<T>(acc_o[mt], af, b0, b1);
-                    mma<T>(acc_o[mt], af, l0, l1);
-                }
-            }
-        }
+        ld_accumulate(acc_o, Cs, Pt, Ptl, corr, nch, nkeys);
         __syncthreads();
     }
     cp_wait<0>();
 
-    /* this split's (max, sum, acc) per head; an empty split writes (-inf, 0, 0) */
-    const size_t rowh = (size_t)b * p.nh + h0;
-    if (warp < nvalid && lane == 0) {
-        float *ml = p.part_ml + ((rowh + warp) * p.nsplit + split) * 2;
-        ml[0] = m_run;
-        ml[1] = l_run;
-    }
-    if (warp < nch) {
-#pragma unroll
-        for (int mt = 0; mt < 4; mt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int hcol = gc + (e & 1);
-                if (hcol < nvalid) {
-                    const int cd = warp * 64 + mt * 16 + gr + 8 * (e >> 1);
-                    p.part_acc[((rowh + hcol) * p.nsplit + split) * rank + cd] = acc_o[mt][e];
-                }
-            }
-    }
+    ld_write_partials(p, b, h0, split, nvalid, nch, m_run, l_run, acc_o);
 }
 
 constexpr int LC_ROWS = 8;                    /* batch rows per combine block */

@@ -115,6 +115,40 @@ struct SelectScratch {
     int found;
 };
 
+/* one 8-bit pass of the k-th largest by counts, warp-wide: lane l holds bins 255 - 8 l down to
+ * 248 - 8 l; the first bin the count from the top takes to *remaining, which becomes what is
+ * left to find inside it; -1 (and *remaining kept) when the bins hold fewer */
+template <typename Count> __device__ int counted_bin(Count count, unsigned *remaining) {
+    const int lane = threadIdx.x & 31;
+    unsigned c[8], sum = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        c[j] = count(255 - 8 * lane - j);
+        sum += c[j];
+    }
+    unsigned incl = sum;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const unsigned t = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += t;
+    }
+    const unsigned rem = *remaining, reach = __ballot_sync(0xffffffffu, incl >= rem);
+    int found = -1;
+    unsigned left = rem;
+    if (reach && lane == __ffs(reach) - 1) {
+        unsigned cum = incl - sum;
+        int j = 0;
+        while (j < 7 && cum + c[j] < rem) cum += c[j++];
+        left = rem - cum;
+        found = 255 - 8 * lane - j;
+    }
+    const int src = reach ? __ffs(reach) - 1 : 0;
+    found = __shfl_sync(0xffffffffu, found, src);
+    left = __shfl_sync(0xffffffffu, left, src);
+    if (found >= 0) *remaining = left;
+    return found;
+}
+
 /* The k-th largest of the keys the block's threads hand in, 8 bits a pass; 0 when there are fewer
  * than k. for_keys(f) calls f(key, valid) the same number of times in every thread. */
 template <typename ForKeys> __device__ unsigned block_select(ForKeys for_keys, unsigned k, SelectScratch &s) {
@@ -134,27 +168,15 @@ template <typename ForKeys> __device__ unsigned block_select(ForKeys for_keys, u
             if (counted && lane == __ffs(peers) - 1) atomicAdd(&s.hist[bin], (unsigned)__popc(peers));
         });
         __syncthreads();
-        if (tid < 32) { /* lane l: bins 255 - 8 l down to 248 - 8 l; the first bin the count from the top reaches */
-            unsigned c[8], sum = 0;
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                c[j] = s.hist[255 - 8 * lane - j];
-                sum += c[j];
-            }
-            unsigned incl = sum;
-#pragma unroll
-            for (int off = 1; off < 32; off <<= 1) {
-                const unsigned t = __shfl_up_sync(0xffffffffu, incl, off);
-                if (lane >= off) incl += t;
-            }
-            const unsigned rem = s.remaining, reach = __ballot_sync(0xffffffffu, incl >= rem);
-            if (lane == 0) s.found = reach != 0;
-            if (reach && lane == __ffs(reach) - 1) {
-                unsigned cum = incl - sum;
-                int j = 0;
-                while (j < 7 && cum + c[j] < rem) cum += c[j++];
-                s.remaining = rem - cum;
-                s.prefix = (prefix << 8) | (unsigned)(255 - 8 * lane - j);
+        if (tid < 32) {
+            unsigned rem = s.remaining;
+            const int b = counted_bin([&](int i) { return s.hist[i]; }, &rem);
+            if (lane == 0) {
+                s.found = b >= 0;
+                if (b >= 0) {
+                    s.remaining = rem;
+                    s.prefix = (prefix << 8) | (unsigned)b;
+                }
             }
         }
         __syncthreads();
@@ -647,38 +669,6 @@ __device__ int crossing_bin(const unsigned long long *mass, unsigned long long *
     return found;
 }
 
-/* the k-th largest by counts (block_select's pass): bins 255 down to 0; -1 when fewer than remaining */
-__device__ int counted_bin(const unsigned *count, unsigned *remaining) {
-    const int lane = threadIdx.x & 31;
-    unsigned c[8], sum = 0;
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-        c[j] = __ldcg(&count[255 - 8 * lane - j]);
-        sum += c[j];
-    }
-    unsigned incl = sum;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-        const unsigned t = __shfl_up_sync(0xffffffffu, incl, off);
-        if (lane >= off) incl += t;
-    }
-    const unsigned rem = *remaining, reach = __ballot_sync(0xffffffffu, incl >= rem);
-    int found = -1;
-    unsigned left = rem;
-    if (reach && lane == __ffs(reach) - 1) {
-        unsigned cum = incl - sum;
-        int j = 0;
-        while (j < 7 && cum + c[j] < rem) cum += c[j++];
-        left = rem - cum;
-        found = 255 - 8 * lane - j;
-    }
-    const int src = reach ? __ffs(reach) - 1 : 0;
-    found = __shfl_sync(0xffffffffu, found, src);
-    left = __shfl_sync(0xffffffffu, left, src);
-    if (found >= 0) *remaining = left;
-    return found;
-}
-
 /* 1 in the block that finishes a stage last (its writes, and every other block's, visible to it) */
 __device__ __forceinline__ bool last_block(unsigned *done, int parts) {
     __shared__ unsigned ticket;
@@ -888,7 +878,7 @@ __global__ __launch_bounds__(WHOLE_THREADS) void k_sample_whole(WholeArgs a, int
         if (!last_block(&row.done[launch], parts) || warp != 0) return;
         if (stage == ST_KSELECT) {
             unsigned rem = row.k_remaining;
-            const int b = counted_bin(gcount, &rem);
+            const int b = counted_bin([&](int i) { return __ldcg(&gcount[i]); }, &rem);
             if (lane == 0) {
                 row.k_found = b >= 0;
                 row.k_remaining = rem;
