@@ -553,6 +553,27 @@ def test_whole_row_of_equal_values(lib, top_p):
 
 @needs_gpu
 @pytest.mark.cuda
+@pytest.mark.parametrize("top_p", [0.5, 0.97])
+def test_whole_row_crowded_crossing_bin(lib, top_p):
+    """the nucleus ends inside a distance bin of more survivors than the kernel gathers (8192):
+    that row's select reads the row itself, beside rows whose crossing bin is gathered"""
+    rng = np.random.default_rng(11)
+    rows = []
+    for crowd in (6000, 12000, 30000):
+        row = np.full(VOCAB, -60.0, np.float32)  # the span is capped, so the crowd shares one bin
+        row[rng.choice(VOCAB, crowd, replace=False)] = (5.0 + 0.05 * rng.random(crowd)).astype(np.float32)
+        rows.append(row)
+    rows.append(random_rows(1, VOCAB, seed=12)[0])
+    logits = np.stack(rows)
+    got = assert_whole_draws_equal(lib, logits, draws=48, top_k=0, top_p=top_p)
+    for r in range(3):
+        w = whole_weights(logits[r], 0, top_p=top_p)
+        assert 0 < np.count_nonzero(w) < np.count_nonzero(logits[r] > 0)  # the cut is inside the crowd
+        assert set(got[:, r]) <= set(np.flatnonzero(w > 0))
+
+
+@needs_gpu
+@pytest.mark.cuda
 @pytest.mark.parametrize("positive_zeros", [1045, 1020])  # a top-k cut at +0 (-0 dropped), at -0 (every zero)
 def test_whole_row_signed_zeros_at_the_cut(lib, positive_zeros):
     rng = np.random.default_rng(positive_zeros)

@@ -491,15 +491,17 @@ __global__ __launch_bounds__(FINAL_THREADS) void k_sample_final(int32_t *out, Pa
  *   MAX: the row's maximum (NaN left out) and its first NaN (reported);
  *   KSELECT (a top-k, four 8-bit passes): the k-th largest key, counted as block_select counts;
  *     survivors are the keys at or above it;
- *   DIST, MSELECT (top_p < 1, one pass and four): the nucleus as a weighted select. A survivor's
+ *   DIST, SELECT (top_p < 1, a pass each): the nucleus as a weighted select. A survivor's
  *     weight w = exp of its tempered distance (x - max) * (1 / temperature), in float32
  *     (weight_exp), is a fixed-point mass E = floor(w 2^S), S as large as the row's total allows
  *     in 62 bits. The kept prefix of the sorted survivors (value descending, index ascending) ends
  *     at the value T with A(T) <= L < A(T) + C_T E_T, L = floor(top_p * total), A(T) the mass
  *     strictly above T and C_T its ties: the top-1 and the token crossing top_p stay, as in
- *     xo_sample_row. DIST finds the distance bin (256 over the row's span) holding T, MSELECT
- *     T's key by four 8-bit passes over that bin's keys. Of T's ties the lowest-index
- *     floor((L - A) / E_T) + 1 stay;
+ *     xo_sample_row. DIST finds the distance bin (256 over the row's span) holding T, SELECT
+ *     gathers that bin's survivors (value key and mass) and its last block finds T's key among
+ *     them by four 8-bit passes (or among the row itself when more than the buffer holds crowd
+ *     the bin, as in a row of equal values). Of T's ties the lowest-index floor((L - A) / E_T) + 1
+ *     stay;
  *   TIES (when some of T's ties go): the index of the last tie kept;
  *   DRAW: min-p on w, each slice's sum of kept weights in float64, in a fixed order (below); the
  *     last block scans the slices, takes the one holding u * total and walks it.
@@ -510,8 +512,12 @@ __global__ __launch_bounds__(FINAL_THREADS) void k_sample_final(int32_t *out, Pa
 enum { WHOLE_THREADS = 256, WHOLE_WARPS = WHOLE_THREADS / 32, DIST_BINS = 256, WHOLE_SPAN_MIN = 4096, WHOLE_MAX_PARTS = 64 };
 /* distances past this many units weigh nothing in 62 bits (e^-44 2^62 < 1): no bins for them */
 constexpr float MAX_BIN_SPAN = 44.0f;
-enum { ST_MAX, ST_KSELECT, ST_DIST, ST_MSELECT, ST_TIES, ST_DRAW };
-enum { WHOLE_LAUNCHES = 12 }; /* the most a call makes: MAX, 4 KSELECT, DIST, 4 MSELECT, TIES, DRAW */
+enum { ST_MAX, ST_KSELECT, ST_DIST, ST_SELECT, ST_TIES, ST_DRAW };
+enum { WHOLE_LAUNCHES = 9 }; /* the most a call makes: MAX, 4 KSELECT, DIST, SELECT, TIES, DRAW */
+/* the crossing bin's survivors a row gathers at most (fewer in very wide batches, to bound the
+ * buffer): more, and SELECT's last block reads the row itself */
+enum { GATHER_CAP = 8192, GATHER_CAP_MIN = 256, GATHER_LOADS = 8 };
+constexpr size_t GATHER_BYTES = (size_t)64 << 20;
 
 /* exp(v), v <= 0, from float multiplies and adds alone (no fma, no hardware approximation), so
  * that a host reference reproduces every weight bit for bit: y = v log2(e) = n + f, |f| <= 1/2,
@@ -567,7 +573,9 @@ struct WholeRow {
     unsigned nan_rank; /* 0: no NaN; else 2^31 - the first NaN's index (atomicMax keeps the first) */
     unsigned min_key_inv; /* ~ the smallest finite key (atomicMax from 0) */
     int k_found, m_found, tie_limit; /* tie_limit -1: TIES finds it */
-    unsigned dist_bin, bin_lo, bin_hi, m_prefix, tie_count;
+    unsigned dist_bin, m_prefix, tie_count;
+    int gather;        /* 1: the crossing bin's survivors fit the row's candidate buffer */
+    unsigned gather_n; /* how many SELECT gathered */
     unsigned long long limit, above, tie_mass, keep_ties;
     unsigned done[WHOLE_LAUNCHES];
 };
@@ -585,6 +593,9 @@ struct WholeArgs {
     unsigned *hist_count;          /* [rows][WHOLE_LAUNCHES][DIST_BINS] */
     unsigned *part_ties;           /* [rows][parts] */
     double *part_sum;              /* [rows][parts] */
+    unsigned *cand_key;            /* [rows][cand_cap] the crossing bin's survivors: value keys */
+    unsigned long long *cand_mass; /* [rows][cand_cap] and masses */
+    int cand_cap;
 };
 
 __device__ __forceinline__ unsigned long long warp_sum(unsigned long long x) {
@@ -598,6 +609,7 @@ __device__ __forceinline__ unsigned long long warp_sum(unsigned long long x) {
  * the warp calls it. */
 __device__ __forceinline__ void warp_hist_add(unsigned long long *mass, unsigned *count, unsigned bin,
                                               unsigned long long m, bool counted) {
+    if (!__any_sync(0xffffffffu, counted)) return;
     const unsigned first = __shfl_sync(0xffffffffu, bin, 0);
     if (__all_sync(0xffffffffu, counted && bin == first)) {
         const unsigned long long sum = warp_sum(m);
@@ -635,15 +647,16 @@ __device__ __forceinline__ void merge_hist(unsigned long long (*wmass)[DIST_BINS
     }
 }
 
-/* the first bin along bin(0), bin(1), .. whose mass takes the running sum from *above past limit:
- * *above gains the bins before it; -1 when none does (a row of NaNs). Warp 0 of the last block. */
-template <typename Bin>
-__device__ int crossing_bin(const unsigned long long *mass, unsigned long long *above, unsigned long long limit, Bin bin) {
+/* the first position i of 0 .. DIST_BINS - 1 whose mass mass_at(i) takes the running sum from
+ * *above past limit: *above gains the positions before it; -1 when none does (a row of NaNs).
+ * One warp. */
+template <typename MassAt>
+__device__ int crossing_bin(MassAt mass_at, unsigned long long *above, unsigned long long limit) {
     const int lane = threadIdx.x & 31;
     unsigned long long c[8], sum = 0;
 #pragma unroll
     for (int j = 0; j < 8; j++) {
-        c[j] = __ldcg(&mass[bin(8 * lane + j)]);
+        c[j] = mass_at(8 * lane + j);
         sum += c[j];
     }
     unsigned long long incl = sum;
@@ -658,9 +671,15 @@ __device__ int crossing_bin(const unsigned long long *mass, unsigned long long *
     unsigned long long cum = 0;
     if (reach && lane == __ffs(reach) - 1) {
         cum = base + incl - sum;
-        int j = 0;
-        while (j < 7 && cum + c[j] <= limit) cum += c[j++];
-        found = bin(8 * lane + j);
+        int j = 0; /* the first of the lane's 8 that passes (constant indices: c stays in registers) */
+#pragma unroll
+        for (int t = 0; t < 7; t++) {
+            if (j == t && cum + c[t] <= limit) {
+                cum += c[t];
+                j = t + 1;
+            }
+        }
+        found = 8 * lane + j;
     }
     const int src = reach ? __ffs(reach) - 1 : 0;
     cum = __shfl_sync(0xffffffffu, cum, src);
@@ -679,6 +698,86 @@ __device__ __forceinline__ bool last_block(unsigned *done, int parts) {
     const bool last = ticket == (unsigned)parts - 1;
     if (last) __threadfence();
     return last;
+}
+
+/* T, the value at which the nucleus ends, among the crossing bin's survivors: four 8-bit passes
+ * over their value keys, from the top byte, each a histogram of masses among those matching the
+ * bytes found so far (keys descending), and of T's ties the ones kept. The whole last block;
+ * for_cand(f) calls f(value key, mass, counted) the same number of times in every thread. */
+template <typename ForCand>
+__device__ __forceinline__ void select_crossing(WholeRow &row, unsigned long long (*wmass)[DIST_BINS], unsigned (*wcount)[DIST_BINS],
+                                int cols, ForCand for_cand) {
+    __shared__ unsigned long long above_s;
+    __shared__ unsigned prefix_s;
+    __shared__ int found_s;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    if (tid == 0) {
+        above_s = row.above;
+        prefix_s = 0;
+        found_s = 1;
+    }
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = tid; i < WHOLE_WARPS * DIST_BINS; i += WHOLE_THREADS) {
+            wmass[i / DIST_BINS][i % DIST_BINS] = 0;
+            wcount[i / DIST_BINS][i % DIST_BINS] = 0;
+        }
+        __syncthreads();
+        const unsigned prefix = prefix_s;
+        for_cand([&](unsigned vk, unsigned long long m, bool counted) {
+            counted = counted && (shift == 24 || (vk >> (shift + 8)) == prefix);
+            warp_hist_add(wmass[warp], wcount[warp], (vk >> shift) & 255u, m, counted);
+        });
+        __syncthreads();
+        for (int i = tid; i < DIST_BINS; i += WHOLE_THREADS) {
+            for (int w = 1; w < WHOLE_WARPS; w++) {
+                wmass[0][i] += wmass[w][i];
+                wcount[0][i] += wcount[w][i];
+            }
+        }
+        __syncthreads();
+        if (warp == 0) {
+            unsigned long long above = above_s;
+            const int p = crossing_bin([&](int i) { return wmass[0][DIST_BINS - 1 - i]; }, &above, row.limit);
+            const unsigned b = (unsigned)(DIST_BINS - 1 - p);
+            if (lane == 0) {
+                if (p < 0) {
+                    found_s = 0;
+                } else {
+                    above_s = above;
+                    prefix_s = (prefix << 8) | b;
+                    if (shift == 0) {
+                        const unsigned n = wcount[0][b];
+                        const unsigned long long each = wmass[0][b] / n, keep = (row.limit - above) / each + 1;
+                        row.tie_count = n;
+                        row.tie_mass = each;
+                        row.keep_ties = keep < n ? keep : n;
+                        row.tie_limit = keep < n ? -1 : cols;
+                    }
+                }
+            }
+        }
+        __syncthreads();
+        if (!found_s) break;
+    }
+    if (tid == 0) {
+        row.m_found = found_s;
+        row.above = above_s;
+        row.m_prefix = prefix_s;
+    }
+}
+
+/* select_crossing among the crossing bin's survivors read from the row itself, each pass (more than
+ * the buffer holds crowd the bin); apart, so that its registers do not weigh on the common path */
+__device__ __noinline__ void select_crossing_in_row(WholeRow &row, unsigned long long (*wmass)[DIST_BINS],
+                                                    unsigned (*wcount)[DIST_BINS], const float *z, int cols,
+                                                    const Tempered &tp, unsigned cut, unsigned db) {
+    select_crossing(row, wmass, wcount, cols, [&](auto f) {
+        for_span(z, 0, cols, [&](float x, int, bool valid) {
+            const bool in = valid && order_key(x) >= cut && tp.bin(x) == db;
+            const unsigned long long m = in ? tp.mass(tp.weight(x)) : 0ull;
+            f(value_key(order_key(x)), m, m != 0);
+        });
+    });
 }
 
 /* the weights of the draw: 0 for a token not kept */
@@ -816,9 +915,8 @@ __global__ __launch_bounds__(WHOLE_THREADS) void k_sample_whole(WholeArgs a, int
     }
     const unsigned cut = row.cut;
 
-    if (stage == ST_KSELECT || stage == ST_DIST || stage == ST_MSELECT) {
+    if (stage == ST_KSELECT || stage == ST_DIST) {
         if (stage == ST_KSELECT && !row.k_found) return;
-        if (stage == ST_MSELECT && !row.m_found) return;
         for (int i = tid; i < WHOLE_WARPS * DIST_BINS; i += WHOLE_THREADS) {
             wmass[i / DIST_BINS][i % DIST_BINS] = 0;
             wcount[i / DIST_BINS][i % DIST_BINS] = 0;
@@ -833,45 +931,11 @@ __global__ __launch_bounds__(WHOLE_THREADS) void k_sample_whole(WholeArgs a, int
                 const bool counted = valid && (shift == 24 || (key >> (shift + 8)) == prefix);
                 warp_count_add(wc, (key >> shift) & 255u, counted);
             });
-        } else if (stage == ST_DIST) {
+        } else {
             for_span(z, beg, end, [&](float x, int, bool valid) {
                 const unsigned long long m = valid && order_key(x) >= cut ? tp.mass(tp.weight(x)) : 0ull;
                 warp_hist_add(wm, wc, tp.bin(x), m, m != 0);
             });
-        } else {
-            const unsigned prefix = row.m_prefix, db = row.dist_bin, lo = row.bin_lo, hi = row.bin_hi;
-            unsigned in_lo = 0xffffffffu, in_hi = 0;
-            for_span(z, beg, end, [&](float x, int, bool valid) {
-                const unsigned key = order_key(x), vk = value_key(key);
-                /* the crossing bin's survivors: by their distance the first time, then by the keys that held */
-                bool counted = valid && key >= cut;
-                if (shift == 24) {
-                    counted = counted && tp.bin(x) == db;
-                    if (counted) {
-                        in_lo = min(in_lo, key);
-                        in_hi = max(in_hi, key);
-                    }
-                } else {
-                    counted = counted && key >= lo && key <= hi && (vk >> (shift + 8)) == prefix;
-                }
-                unsigned long long m = 0;
-                if (counted) {
-                    m = tp.mass(tp.weight(x));
-                    counted = m != 0;
-                }
-                warp_hist_add(wm, wc, (vk >> shift) & 255u, m, counted);
-            });
-            if (shift == 24) {
-#pragma unroll
-                for (int o = 16; o; o >>= 1) {
-                    in_lo = min(in_lo, __shfl_xor_sync(0xffffffffu, in_lo, o));
-                    in_hi = max(in_hi, __shfl_xor_sync(0xffffffffu, in_hi, o));
-                }
-                if (lane == 0 && in_lo <= in_hi) {
-                    atomicMin(&row.bin_lo, in_lo);
-                    atomicMax(&row.bin_hi, in_hi);
-                }
-            }
         }
         __syncthreads();
         merge_hist(wmass, wcount, gmass, gcount, stage != ST_KSELECT);
@@ -885,38 +949,66 @@ __global__ __launch_bounds__(WHOLE_THREADS) void k_sample_whole(WholeArgs a, int
                 row.k_prefix = (row.k_prefix << 8) | (unsigned)(b & 255);
                 if (shift == 0) row.cut = b >= 0 ? row.k_prefix : 0u;
             }
-        } else if (stage == ST_DIST) {
+        } else {
             unsigned long long total = 0;
             for (int i = lane; i < DIST_BINS; i += 32) total += __ldcg(&gmass[i]);
 #pragma unroll
             for (int o = 16; o; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
             const unsigned long long limit = scaled_floor(a.top_p, total);
             unsigned long long above = 0;
-            const int b = crossing_bin(gmass, &above, limit, [](int i) { return i; });
+            const int b = crossing_bin([&](int i) { return __ldcg(&gmass[i]); }, &above, limit);
             if (lane == 0) {
                 row.limit = limit;
                 row.above = above;
                 row.m_found = b >= 0;
                 row.dist_bin = (unsigned)b;
-                row.bin_lo = 0xffffffffu;
-                row.bin_hi = 0;
+                row.gather = b >= 0 && __ldcg(&gcount[b]) <= (unsigned)a.cand_cap;
             }
-        } else {
-            unsigned long long above = row.above;
-            const int b = crossing_bin(gmass, &above, row.limit, [](int i) { return 255 - i; }); /* keys descending */
-            if (lane == 0) {
-                row.m_found = b >= 0;
-                row.above = above;
-                row.m_prefix = (row.m_prefix << 8) | (unsigned)(b & 255);
-                if (shift == 0 && b >= 0) {
-                    const unsigned n = __ldcg(&gcount[b]);
-                    const unsigned long long each = __ldcg(&gmass[b]) / n, keep = (row.limit - above) / each + 1;
-                    row.tie_count = n;
-                    row.tie_mass = each;
-                    row.keep_ties = keep < n ? keep : n;
-                    row.tie_limit = keep < n ? -1 : a.cols;
+        }
+        return;
+    }
+
+    if (stage == ST_SELECT) {
+        if (!row.m_found) return;
+        const unsigned db = row.dist_bin;
+        /* the mass of a survivor in the crossing bin, as DIST counted them; 0 for any other */
+        auto bin_mass = [&](float x, bool valid) {
+            return valid && order_key(x) >= cut && tp.bin(x) == db ? tp.mass(tp.weight(x)) : 0ull;
+        };
+        unsigned *ck = a.cand_key + (size_t)r * a.cand_cap;
+        unsigned long long *cm = a.cand_mass + (size_t)r * a.cand_cap;
+        const bool gather = row.gather;
+        if (gather) {
+            for_span(z, beg, end, [&](float x, int, bool valid) {
+                const unsigned long long m = bin_mass(x, valid);
+                const bool want = m != 0;
+                if (!__any_sync(0xffffffffu, want)) return;
+                const unsigned slot = warp_append(want, &row.gather_n);
+                if (want && slot < (unsigned)a.cand_cap) { /* DIST counted at most cand_cap of them */
+                    ck[slot] = value_key(order_key(x));
+                    cm[slot] = m;
                 }
-            }
+            });
+        }
+        if (!last_block(&row.done[launch], parts)) return;
+        if (gather) {
+            const int n = (int)min(__ldcg(&row.gather_n), (unsigned)a.cand_cap);
+            select_crossing(row, wmass, wcount, a.cols, [&](auto f) {
+                for (int base = 0; base < n; base += GATHER_LOADS * WHOLE_THREADS) {
+                    unsigned key[GATHER_LOADS];
+                    unsigned long long mass[GATHER_LOADS];
+#pragma unroll
+                    for (int u = 0; u < GATHER_LOADS; u++) { /* in flight together: a pass is a few round trips */
+                        const int i = base + u * WHOLE_THREADS + tid;
+                        key[u] = i < n ? __ldcg(&ck[i]) : 0u;
+                        mass[u] = i < n ? __ldcg(&cm[i]) : 0ull;
+                    }
+#pragma unroll
+                    for (int u = 0; u < GATHER_LOADS; u++) f(key[u], mass[u], base + u * WHOLE_THREADS + tid < n);
+                }
+            });
+        } else {
+            select_crossing_in_row(row, wmass, wcount, z, a.cols, tp, cut, db);
         }
         return;
     }
@@ -982,20 +1074,19 @@ __global__ __launch_bounds__(WHOLE_THREADS) void k_sample_whole(WholeArgs a, int
     const double sum = slice_sums(kp, z, beg, end, 0.0, &own, nullptr);
     if (tid == 0) a.part_sum[(size_t)r * a.parts + part] = sum;
     if (!last_block(&row.done[launch], parts)) return;
-    __shared__ double start_s, u_s;
+    __shared__ double start_s, u_s, part_s[WHOLE_MAX_PARTS];
+    if (tid < parts) part_s[tid] = __ldcg(&a.part_sum[(size_t)r * a.parts + tid]); /* one round trip, not one a slice */
+    __syncthreads();
     if (tid == 0) {
         const uint64_t step = a.step_dev ? (uint64_t)*a.step_dev : a.step;
         double acc = 0.0, pick_start = 0.0;
         int pick = -1;
-        for (int p = 0; p < parts; p++) {
-            const double t = __ldcg(&a.part_sum[(size_t)r * a.parts + p]);
-            acc += t; /* the row's total: pre of the slices are its prefixes */
-        }
+        for (int p = 0; p < parts; p++) acc += part_s[p]; /* the row's total: pre of the slices are its prefixes */
         const uint64_t rr = mix64(mix64(a.seed ^ 0x9e3779b97f4a7c15ULL) + step * 0xd1b54a32d192ed03ULL + (uint64_t)r);
         const double u = (double)(rr >> 11) * (1.0 / 9007199254740992.0) * acc;
         double pre = 0.0;
         for (int p = 0; p < parts; p++) {
-            const double t = __ldcg(&a.part_sum[(size_t)r * a.parts + p]);
+            const double t = part_s[p];
             if (t > 0.0 && pre <= u) {
                 pick = p;
                 pick_start = pre;
@@ -1069,6 +1160,24 @@ static xo_status whole_row(CuCtx *c, int32_t *out, const float *logits, int rows
     a.rows = (WholeRow *)(a.part_sum + (size_t)rows * parts);
     a.hist_count = (unsigned *)(a.rows + rows);
     a.part_ties = a.hist_count + (size_t)rows * WHOLE_LAUNCHES * DIST_BINS;
+    a.cand_key = nullptr;
+    a.cand_mass = nullptr;
+    a.cand_cap = 0;
+    char *cand = nullptr;
+    if (top_p < 1.0f) {
+        size_t cap = GATHER_BYTES / 12 / (size_t)rows;
+        if (cap > GATHER_CAP) cap = GATHER_CAP;
+        if (cap < GATHER_CAP_MIN) cap = GATHER_CAP_MIN;
+        if (cap > (size_t)cols) cap = (size_t)cols;
+        cand = (char *)cu_alloc_raw(c, (size_t)rows * cap * 12);
+        if (!cand) {
+            cu_free(c, buf);
+            return cu_fail_more(c, XO_ENOMEM, "device sampling (%d rows)", rows);
+        }
+        a.cand_mass = (unsigned long long *)cand;
+        a.cand_key = (unsigned *)(a.cand_mass + (size_t)rows * cap);
+        a.cand_cap = (int)cap;
+    }
     const dim3 grid((unsigned)parts, (unsigned)rows);
     int launch = 0;
     cu_launch(c, k_sample_whole, grid, WHOLE_THREADS, 0, a, (int)ST_MAX, launch++, 0);
@@ -1076,11 +1185,11 @@ static xo_status whole_row(CuCtx *c, int32_t *out, const float *logits, int rows
         cu_launch(c, k_sample_whole, grid, WHOLE_THREADS, 0, a, (int)ST_KSELECT, launch++, shift);
     if (top_p < 1.0f) {
         cu_launch(c, k_sample_whole, grid, WHOLE_THREADS, 0, a, (int)ST_DIST, launch++, 0);
-        for (int shift = 24; shift >= 0; shift -= 8)
-            cu_launch(c, k_sample_whole, grid, WHOLE_THREADS, 0, a, (int)ST_MSELECT, launch++, shift);
+        cu_launch(c, k_sample_whole, grid, WHOLE_THREADS, 0, a, (int)ST_SELECT, launch++, 0);
         cu_launch(c, k_sample_whole, grid, WHOLE_THREADS, 0, a, (int)ST_TIES, launch++, 0);
     }
     cu_launch(c, k_sample_whole, grid, WHOLE_THREADS, 0, a, (int)ST_DRAW, launch++, 0);
+    if (cand) cu_free(c, cand);
     cu_free(c, buf);
     return cu_check_launch(c, "sample_rows");
 }
