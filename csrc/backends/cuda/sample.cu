@@ -576,6 +576,7 @@ struct WholeRow {
     unsigned dist_bin, m_prefix, tie_count;
     int gather;        /* 1: the crossing bin's survivors fit the row's candidate buffer */
     unsigned gather_n; /* how many SELECT gathered */
+    unsigned gather_lo_inv, gather_hi; /* ~ their smallest value key, their largest (atomicMax from 0) */
     unsigned long long limit, above, tie_mass, keep_ties;
     unsigned done[WHOLE_LAUNCHES];
 };
@@ -706,17 +707,20 @@ __device__ __forceinline__ bool last_block(unsigned *done, int parts) {
  * for_cand(f) calls f(value key, mass, counted) the same number of times in every thread. */
 template <typename ForCand>
 __device__ __forceinline__ void select_crossing(WholeRow &row, unsigned long long (*wmass)[DIST_BINS], unsigned (*wcount)[DIST_BINS],
-                                int cols, ForCand for_cand) {
+                                int cols, unsigned lo, unsigned hi, ForCand for_cand) {
     __shared__ unsigned long long above_s;
     __shared__ unsigned prefix_s;
     __shared__ int found_s;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    /* every candidate's key lies in [lo, hi]: the top bytes they share need no pass (it would find
+     * that byte with no mass above it); the last pass always runs, for T's ties */
+    const int known = __clz((int)(lo ^ hi)) / 8, first_shift = known >= 3 ? 0 : 24 - 8 * known;
     if (tid == 0) {
         above_s = row.above;
-        prefix_s = 0;
+        prefix_s = first_shift == 24 ? 0u : lo >> (first_shift + 8);
         found_s = 1;
     }
-    for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int shift = first_shift; shift >= 0; shift -= 8) {
         for (int i = tid; i < WHOLE_WARPS * DIST_BINS; i += WHOLE_THREADS) {
             wmass[i / DIST_BINS][i % DIST_BINS] = 0;
             wcount[i / DIST_BINS][i % DIST_BINS] = 0;
@@ -771,7 +775,7 @@ __device__ __forceinline__ void select_crossing(WholeRow &row, unsigned long lon
 __device__ __noinline__ void select_crossing_in_row(WholeRow &row, unsigned long long (*wmass)[DIST_BINS],
                                                     unsigned (*wcount)[DIST_BINS], const float *z, int cols,
                                                     const Tempered &tp, unsigned cut, unsigned db) {
-    select_crossing(row, wmass, wcount, cols, [&](auto f) {
+    select_crossing(row, wmass, wcount, cols, 0u, 0xffffffffu, [&](auto f) {
         for_span(z, 0, cols, [&](float x, int, bool valid) {
             const bool in = valid && order_key(x) >= cut && tp.bin(x) == db;
             const unsigned long long m = in ? tp.mass(tp.weight(x)) : 0ull;
@@ -804,7 +808,7 @@ struct Kept {
  * before its own, from `start` (the slice's first: the sum before the slice) */
 __device__ double slice_sums(const Kept &kp, const float *z, int beg, int end, double start, double *own_out,
                              double *pre_out) {
-    __shared__ double lane_sum[WHOLE_THREADS], warp_pre[WHOLE_WARPS + 1];
+    __shared__ double lane_sum[WHOLE_THREADS], warp_sum_s[WHOLE_WARPS], warp_pre[WHOLE_WARPS + 1];
     const int tid = threadIdx.x;
     double own = 0.0;
     int j = beg + tid;
@@ -818,13 +822,17 @@ __device__ double slice_sums(const Kept &kp, const float *z, int beg, int end, d
     for (; j < end; j += WHOLE_THREADS) own += (double)kp.weight(z[j], j);
     lane_sum[tid] = own;
     __syncthreads();
+    if ((tid & 31) == 0) { /* each warp's lanes in lane order, the warps side by side */
+        double wt = 0.0;
+        for (int l = 0; l < 32; l++) wt += lane_sum[tid + l];
+        warp_sum_s[tid >> 5] = wt;
+    }
+    __syncthreads();
     if (tid == 0) {
         double acc = start;
         for (int w = 0; w < WHOLE_WARPS; w++) {
-            double wt = 0.0;
-            for (int l = 0; l < 32; l++) wt += lane_sum[32 * w + l];
             warp_pre[w] = acc;
-            acc += wt;
+            acc += warp_sum_s[w];
         }
         warp_pre[WHOLE_WARPS] = acc;
     }
@@ -979,21 +987,36 @@ __global__ __launch_bounds__(WHOLE_THREADS) void k_sample_whole(WholeArgs a, int
         unsigned long long *cm = a.cand_mass + (size_t)r * a.cand_cap;
         const bool gather = row.gather;
         if (gather) {
+            unsigned lo_inv = 0, hi = 0;
             for_span(z, beg, end, [&](float x, int, bool valid) {
                 const unsigned long long m = bin_mass(x, valid);
                 const bool want = m != 0;
                 if (!__any_sync(0xffffffffu, want)) return;
-                const unsigned slot = warp_append(want, &row.gather_n);
+                const unsigned slot = warp_append(want, &row.gather_n), vk = value_key(order_key(x));
+                if (want) {
+                    lo_inv = max(lo_inv, ~vk);
+                    hi = max(hi, vk);
+                }
                 if (want && slot < (unsigned)a.cand_cap) { /* DIST counted at most cand_cap of them */
-                    ck[slot] = value_key(order_key(x));
+                    ck[slot] = vk;
                     cm[slot] = m;
                 }
             });
+#pragma unroll
+            for (int o = 16; o; o >>= 1) {
+                lo_inv = max(lo_inv, __shfl_xor_sync(0xffffffffu, lo_inv, o));
+                hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+            }
+            if (lane == 0 && hi) {
+                atomicMax(&row.gather_lo_inv, lo_inv);
+                atomicMax(&row.gather_hi, hi);
+            }
         }
         if (!last_block(&row.done[launch], parts)) return;
         if (gather) {
             const int n = (int)min(__ldcg(&row.gather_n), (unsigned)a.cand_cap);
-            select_crossing(row, wmass, wcount, a.cols, [&](auto f) {
+            const unsigned lo = ~__ldcg(&row.gather_lo_inv), hi = __ldcg(&row.gather_hi);
+            select_crossing(row, wmass, wcount, a.cols, lo, hi, [&](auto f) {
                 for (int base = 0; base < n; base += GATHER_LOADS * WHOLE_THREADS) {
                     unsigned key[GATHER_LOADS];
                     unsigned long long mass[GATHER_LOADS];
